@@ -1,0 +1,393 @@
+"""The `mner` command line: maps each command to one stage entry function, nothing else.
+
+Imports of the stages happen inside the commands so that `mner --help` is instant and a text-only
+command never imports the vision stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _user_errors(fn):
+    """Turn a ValueError from a stage (bad input, refused cache) into a clean click error: no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as err:
+            raise click.ClickException(str(err)) from err
+
+    return wrapper
+
+
+def _data_options(fn):
+    """--data-dir DIR | --dataset NAME --data-root DIR, shared by every command that reads a data folder."""
+    fn = click.option(
+        "--image-dir",
+        type=click.Path(file_okay=False),
+        help="Image folder (default: DATA_DIR/images or DATA_DIR/<name>_images).",
+    )(fn)
+    fn = click.option(
+        "--data-root", type=click.Path(file_okay=False), help="Folder holding the named --dataset."
+    )(fn)
+    fn = click.option(
+        "--dataset", help="A dataset named in configs/datasets (twitter2015, twitter2017, newsmkg)."
+    )(fn)
+    fn = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False),
+        help="Folder with train.txt, valid.txt, test.txt and an image folder.",
+    )(fn)
+    return fn
+
+
+def _data_kwargs(data_dir, dataset, data_root, image_dir) -> dict:
+    return {"data_dir": data_dir, "dataset": dataset, "data_root": data_root, "image_dir": image_dir}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="mner-cache")
+def main():
+    """Two-stage multimodal NER: extract image tokens once into a cache, then train from the cache.
+
+    \b
+    Example (the embedded demo, untrained tiny vision models):
+      mner demo-data --out demo_out/data
+      mner extract-features --data-dir demo_out/data --clip tiny-clip --detector tiny-frcnn --out demo_out/cache
+      mner train-from-cache --cache demo_out/cache --data-dir demo_out/data --out demo_out/runs/full
+      mner evaluate demo_out/runs/full --split test
+    """
+
+
+@main.command("extract-features", context_settings=CONTEXT)
+@_data_options
+@click.option(
+    "--clip",
+    default="tiny-clip",
+    show_default=True,
+    help="Local Hugging Face CLIP or CLIP-vision folder, or the untrained preset tiny-clip.",
+)
+@click.option(
+    "--detector",
+    default="tiny-frcnn",
+    show_default=True,
+    help="fasterrcnn_resnet50_fpn | fasterrcnn_resnet50_fpn_v2 | fasterrcnn_mobilenet_v3_large_fpn | "
+    "fasterrcnn_mobilenet_v3_large_320_fpn | tiny-frcnn (untrained preset).",
+)
+@click.option(
+    "--detector-ckpt",
+    type=click.Path(dir_okay=False),
+    help="torchvision state_dict file for --detector (required except for tiny-frcnn).",
+)
+@click.option(
+    "--region-features",
+    type=click.Choice(["frcnn", "clip-crop"]),
+    default="frcnn",
+    show_default=True,
+    help="Region token: the detector's box-head feature, or CLIP on the box crop.",
+)
+@click.option("--topk", type=int, default=20, show_default=True, help="Regions kept per image.")
+@click.option(
+    "--score-thr",
+    type=float,
+    default=None,
+    help="Detector score threshold [default: 0.2; 0.0 for tiny-frcnn].",
+)
+@click.option("--nms-iou", type=float, default=0.5, show_default=True, help="NMS IoU threshold.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder to write.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True, help="Image decoding workers.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--shard-size", type=int, default=512, show_default=True, help="Images per HDF5 shard.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with a different configuration.")
+@_user_errors
+def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
+    """Stage one: run CLIP and Faster R-CNN once over every image; write HDF5 shards + manifest.
+
+    Re-running the same command skips completed shards; under `torchrun` each rank extracts its own
+    shards and rank 0 writes the manifest.
+
+    \b
+    Example:
+      mner extract-features --dataset twitter2015 --data-root /data --clip /models/clip-vit-base-patch32 \\
+          --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
+    """
+    from extract.config import ExtractConfig
+    from extract.run import extract_features
+
+    if opts["score_thr"] is None:
+        opts.pop("score_thr")
+    cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
+    out = extract_features(cfg)
+    click.echo(f"cache written to {out}")
+
+
+@main.group(context_settings=CONTEXT)
+def cache():
+    """Inspect, show and verify a feature cache."""
+
+
+@cache.command("inspect", context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_user_errors
+def cache_inspect(cache_dir, as_json):
+    """Images per status, shards, token shapes, fingerprint, models, region histogram, top labels, size.
+
+    \b
+    Example:
+      mner cache inspect demo_out/cache --json
+    """
+    from cache.inspect import format_inspection, inspect_cache
+
+    info = inspect_cache(cache_dir)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
+
+
+@cache.command("show", context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--id", "key", required=True, help="Image key (the IMGID, or the image path).")
+@click.option("--png", type=click.Path(dir_okay=False), help="Draw the stored boxes on the image into this PNG.")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Image file to draw on.")
+@_user_errors
+def cache_show(cache_dir, key, png, image_path):
+    """Print one cached record; with --png draw its boxes with label names and scores.
+
+    \b
+    Example:
+      mner cache show demo_out/cache --id demo_00003 --png demo_00003.png
+    """
+    from cache.inspect import show_record
+
+    info = show_record(cache_dir, key, png=png, image_path=image_path)
+    click.echo(json.dumps(info, indent=2))
+
+
+@cache.command("verify", context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
+@_data_options
+@_user_errors
+def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
+    """Check shard checksums, counts, NaN/inf, boxes in [0, 1], and (with a data folder) the image ids.
+
+    Exits non-zero with a report on any problem.
+
+    \b
+    Example:
+      mner cache verify demo_out/cache --data-dir demo_out/data
+    """
+    from cache.datasets import resolve_data
+    from cache.verify import verify_cache
+
+    data = None
+    if data_dir or dataset:
+        data = resolve_data(**_data_kwargs(data_dir, dataset, data_root, image_dir))
+    report = verify_cache(cache_dir, data)
+    for problem in report.problems:
+        click.echo(f"PROBLEM: {problem}")
+    if not report.ok:
+        raise click.ClickException(f"{cache_dir}: {len(report.problems)} problem(s) found")
+    click.echo(f"{cache_dir}: OK ({json.dumps(report.checked)})")
+
+
+def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume):
+    from train.config import RunConfig, load_run_config
+
+    overrides = list(overrides)
+    if text_encoder:
+        overrides.append(f"model.text_encoder={json.dumps(text_encoder)}")
+    if text_only:
+        overrides.append("model.text_only=true")
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    model_cfg, train_cfg = load_run_config(config_file=config_file, overrides=overrides)
+    return RunConfig(
+        model=model_cfg, train=train_cfg, cache_dir=cache_dir, data=data, out_dir=out, resume=resume
+    )
+
+
+@main.command("train-from-cache", context_settings=CONTEXT)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    help="Feature cache from extract-features (not needed with --text-only).",
+)
+@_data_options
+@click.option("--text-encoder", help="minilm (default, bundled) | tiny-bert | a local Hugging Face folder.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML config diff over configs/train/base.toml.",
+)
+@click.option("--set", "overrides", multiple=True, help="Override: section.key=value (repeatable).")
+@click.option("--text-only", is_flag=True, help="Train without the image; never opens the cache.")
+@click.option("--epochs", type=int, help="Number of epochs [default: from config].")
+@click.option("--seed", type=int, help="Random seed [default: from config].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
+@_user_errors
+def train_from_cache_cmd(
+    cache_dir,
+    data_dir,
+    dataset,
+    data_root,
+    image_dir,
+    text_encoder,
+    config_file,
+    overrides,
+    text_only,
+    epochs,
+    seed,
+    out,
+    resume,
+):
+    """Stage two: train text encoder + query-guided fusion + CRF from cached tokens.
+
+    The best epoch is chosen on dev F1; valid/test predictions and P/R/F1 go into the run folder.
+
+    \b
+    Example:
+      mner train-from-cache --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --set model.qfnet_layers=1 --seed 1 --out runs/tw15_qf1
+    """
+    from train.loop import train_from_cache
+
+    data = _data_kwargs(data_dir, dataset, data_root, image_dir)
+    cfg = _run_config(
+        cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
+    )
+    run_dir = train_from_cache(cfg)
+    click.echo(f"run written to {run_dir}")
+
+
+@main.command("evaluate", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default="test", show_default=True, help="train | valid | test")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Cache [default: the run's].")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder [default: the run's].")
+@_user_errors
+def evaluate_cmd(run_dir, split, cache_dir, data_dir):
+    """Score a run on a split (conlleval semantics); writes results_<split>.json and pred_<split>.conll.
+
+    Refuses a cache whose fingerprint differs from the one the run was trained on.
+
+    \b
+    Example:
+      mner evaluate runs/tw15_qf1 --split test
+    """
+    from train.evaluate import evaluate_run
+
+    evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+
+
+@main.command("predict", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--input", "input_file", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--image-dir", type=click.Path(file_okay=False), help="Images of the new posts.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
+@_user_errors
+def predict_cmd(run_dir, input_file, image_dir, out_file):
+    """Tag new posts (IMGID-CoNLL, tags optional); writes CoNLL and JSON spans.
+
+    A multimodal run re-extracts the new images with the extractor recorded in the run (same local weights).
+
+    \b
+    Example:
+      mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
+    """
+    from train.predict import predict
+
+    out = predict(run_dir, input_file, image_dir, out_file)
+    click.echo(f"predictions written to {out}")
+
+
+@main.command("ablate", context_settings=CONTEXT)
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Feature cache (reused, never re-extracted).")
+@_data_options
+@click.option(
+    "--exp",
+    "experiments",
+    multiple=True,
+    required=True,
+    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | a config-diff TOML (repeatable).",
+)
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
+@click.option("--text-encoder", help="minilm (default) | tiny-bert | a local Hugging Face folder.")
+@click.option("--epochs", type=int, help="Epochs per run [default: from config].")
+@click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
+@_user_errors
+def ablate_cmd(cache_dir, data_dir, dataset, data_root, image_dir, experiments, seeds, text_encoder, epochs, overrides, out):
+    """Run named ablations x seeds on one cache; write ablation.csv and ablation.md (mean ± std).
+
+    \b
+    Example:
+      mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --exp full --exp no_region --exp text_only --seeds 3 --out ablations/tw15
+    """
+    from train.ablate import AblationConfig, run_ablation
+
+    cfg = AblationConfig(
+        cache_dir=cache_dir,
+        data=_data_kwargs(data_dir, dataset, data_root, image_dir),
+        text_encoder=text_encoder,
+        experiments=list(experiments),
+        seeds=seeds,
+        out_dir=out,
+        overrides=list(overrides),
+        epochs=epochs,
+    )
+    path = run_ablation(cfg)
+    click.echo(Path(path).read_text() if Path(path).is_file() else f"ablation written to {path}")
+
+
+@main.command("demo-data", context_settings=CONTEXT)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the demo data set.")
+@click.option("--seed", type=int, default=13, show_default=True)
+@_user_errors
+def demo_data_cmd(out, seed):
+    """Build the embedded demo data set (IMGID-CoNLL + images), deterministically from a seed.
+
+    An entity's type can be told only from its post's image.
+
+    \b
+    Example:
+      mner demo-data --out demo_out/data
+    """
+    from demo.build import DemoConfig, build_demo
+
+    path = build_demo(DemoConfig(out_dir=out, seed=seed))
+    click.echo(f"demo data at {path}")
+
+
+@main.command("results", context_settings=CONTEXT)
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default="test", show_default=True)
+@_user_errors
+def results_cmd(run_dirs, split):
+    """Print a table of micro P/R/F1 (percent) for one or more run folders.
+
+    \b
+    Example:
+      mner results runs/text_only runs/full --split test
+    """
+    from train.evaluate import results_table
+
+    click.echo(results_table(list(run_dirs), split=split))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
