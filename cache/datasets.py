@@ -1,0 +1,335 @@
+"""Dataset readers: IMGID-CoNLL (Twitter-2015/2017) and image-path CoNLL (NewsMKG), data-folder
+resolution, and image paths that cannot escape their folder.
+
+`imgid` format (one post):
+
+    IMGID:1015799
+    George<TAB>B-PER
+    Zimmerman<TAB>I-PER
+    got<TAB>O
+    <blank line>
+
+`image-path` format: the same with `IMAGE:<path relative to the data folder>` as the first line.
+Both tolerate CRLF, trailing whitespace, runs of blank lines, a UTF-8 BOM and a missing final blank
+line. Everything else that is off is a `DatasetError` naming the file and line, because a silently
+skipped post changes the scores.
+"""
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import configs
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("imgid", "image-path")
+SPLITS = ("train", "valid", "test")
+# The line that opens a post, per format.
+_HEADERS = {"imgid": "IMGID:", "image-path": "IMAGE:"}
+# What the header carries, per format, for messages.
+_KEY_NAMES = {"imgid": "id", "image-path": "path"}
+# BIO only: `B-`/`I-` followed by any type name (PER, LOC, ORG, OTHER, MISC, ...).
+_TAG = re.compile(r"O|[BI]-\S+")
+
+
+class DatasetError(ValueError):
+    """A malformed dataset file; the message reads f"{path}:{line}: {what}"."""
+
+    def __init__(self, path: Path, line: int, what: str):
+        super().__init__(f"{path}:{line}: {what}")
+        self.path = path
+        self.line = line
+        self.what = what
+
+    def __reduce__(self):
+        # The default rebuilds from self.args (the message alone), which would fail in a worker process.
+        return type(self), (self.path, self.line, self.what)
+
+
+@dataclass(frozen=True)
+class Post:
+    key: str  # image key: the IMGID (Twitter) or the relative image path (NewsMKG); cache key
+    words: tuple[str, ...]  # the post's tokens, as in the file
+    tags: tuple[str, ...]  # same length as words; all "O" when the file has no tags (predict input)
+    line: int  # 1-based line of the post's IMGID/IMAGE line
+
+
+@dataclass
+class Split:
+    name: str  # "train" | "valid" | "test" | file stem
+    path: Path  # the file it was read from
+    fmt: str  # "imgid" | "image-path"
+    posts: list[Post]  # in file order
+    orphan_i: int  # I- tags with no B-/I- of the same type before them (kept, counted)
+
+
+def read_split(
+    path: str | Path, fmt: str = "imgid", name: str | None = None, require_tags: bool = True
+) -> Split:
+    """Read one split file.
+
+    Args:
+        path: the text file.
+        fmt: "imgid" (`IMGID:<id>` lines) or "image-path" (`IMAGE:<relative path>` lines).
+        name: split name; defaults to the file stem.
+        require_tags: False for predict input, where a line may be a bare token (its tag becomes "O").
+    Returns:
+        Split with the posts in file order.
+    Raises:
+        ValueError if the file is missing or fmt unknown; DatasetError (a ValueError) naming the file
+        and line for anything malformed.
+    """
+    _check_format(fmt)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: dataset file not found")
+    lines = _decode_lines(path, path.read_bytes())
+    if not any(line.strip() for line in lines):
+        raise DatasetError(path, 1, "file is empty")
+
+    header = _HEADERS[fmt]
+    posts: list[Post] = []
+    first_line: dict[str, int] = {}  # key -> line of its header, to name both lines of a duplicate
+    draft: _Draft | None = None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            if draft is not None:
+                posts.append(draft.finish(path))
+                draft = None
+        elif line.startswith(header):
+            if draft is not None:
+                posts.append(draft.finish(path))
+            key = line[len(header) :].strip()
+            _check_key(path, number, fmt, key)
+            if key in first_line:
+                raise DatasetError(
+                    path,
+                    number,
+                    f"duplicate image {_KEY_NAMES[fmt]} {key!r} (first at line {first_line[key]})",
+                )
+            first_line[key] = number
+            draft = _Draft(key=key, line=number)
+        elif draft is None:
+            raise DatasetError(
+                path, number, f"token line outside a post: expected a '{header}' line before it"
+            )
+        else:
+            word, tag = _parse_token_line(path, number, line, require_tags)
+            draft.words.append(word)
+            draft.tags.append(tag)
+    if draft is not None:
+        posts.append(draft.finish(path))
+
+    orphan_i = sum(_count_orphan_i(post.tags) for post in posts)
+    return Split(name=name or path.stem, path=path, fmt=fmt, posts=posts, orphan_i=orphan_i)
+
+
+def label_names(split: Split) -> list[str]:
+    """["O"], then "B-<type>", "I-<type>" for each type seen in the split's tags, types sorted."""
+    types = sorted({tag[2:] for post in split.posts for tag in post.tags if tag != "O"})
+    return ["O"] + [f"{prefix}-{t}" for t in types for prefix in ("B", "I")]
+
+
+@dataclass
+class DataSource:
+    name: str  # dataset name (config name, or the data folder's name)
+    data_dir: Path  # folder holding train.txt / valid.txt / test.txt
+    image_dir: Path  # folder the image keys are relative to (may not exist: every image is then missing)
+    fmt: str  # "imgid" | "image-path"
+
+    def __post_init__(self):
+        _check_format(self.fmt)
+        self.data_dir = Path(self.data_dir)
+        self.image_dir = Path(self.image_dir)
+
+    def split_path(self, split: str) -> Path:
+        """The text file of a split: data_dir / f"{split}.txt"."""
+        return self.data_dir / f"{split}.txt"
+
+    def read(self, split: str, require_tags: bool = True) -> Split:
+        """Read a split of this source (see `read_split`)."""
+        return read_split(self.split_path(split), self.fmt, name=split, require_tags=require_tags)
+
+    def image_path(self, key: str) -> Path:
+        """Where the image of a post lies: image_dir / f"{key}.jpg" (imgid) or image_dir / key (image-path).
+
+        Raises ValueError naming the key if it could reach outside image_dir: a `..` component, an
+        absolute path, a backslash, a NUL byte, or a symlink that resolves outside.
+        """
+        reason = _unsafe_key_reason(key)
+        if reason:
+            raise ValueError(f"image key {key!r} refused: {reason}")
+        candidate = self.image_dir / (f"{key}.jpg" if self.fmt == "imgid" else key)
+        if not candidate.resolve().is_relative_to(self.image_dir.resolve()):
+            raise ValueError(
+                f"image key {key!r} refused: it resolves outside {self.image_dir} through a symlink"
+            )
+        return candidate
+
+
+def resolve_data(
+    data_dir: str | Path | None = None,
+    dataset: str | None = None,
+    data_root: str | Path | None = None,
+    image_dir: str | Path | None = None,
+) -> DataSource:
+    """Find a dataset's folder, format and image folder.
+
+    Either `data_dir` (a folder with train.txt, valid.txt, test.txt; the format is read from the first
+    post line) or `dataset` (a name with configs/datasets/<name>.toml) with `data_root` (the folder
+    holding the dataset's `subdir`). The image folder is `image_dir` if given, else the first that
+    exists of: the config's image_dir, `<data>/images`, `<data>/<data name>_images` and, for the imgid
+    layout, the sibling `<data>/../<data name>_images`. When none exists the first is returned anyway
+    and every image will be recorded as missing.
+    """
+    if data_dir is not None and dataset is not None:
+        raise ValueError("give either data_dir or dataset (with data_root), not both")
+    if data_dir is None and dataset is None:
+        raise ValueError("give data_dir, or dataset with data_root")
+    if dataset is not None:
+        cfg = _dataset_config(dataset)
+        if data_root is None:
+            raise ValueError(f"dataset {dataset!r} needs data_root: the folder that holds {cfg['subdir']}/")
+        folder = Path(data_root).expanduser() / cfg["subdir"]
+        name, fmt, configured = dataset, cfg["format"], [folder / cfg["image_dir"]]
+    else:
+        if data_root is not None:
+            raise ValueError("data_root goes with dataset; with data_dir, leave it out")
+        folder = Path(data_dir).expanduser()
+        name, fmt, configured = folder.name, None, []
+    if not folder.is_dir():
+        raise ValueError(f"data folder {folder} does not exist")
+    fmt = fmt or _sniff_format(folder)
+
+    if image_dir is not None:
+        return DataSource(name=name, data_dir=folder, image_dir=Path(image_dir).expanduser(), fmt=fmt)
+    if fmt == "image-path":
+        candidates = configured + [folder]
+    else:
+        candidates = configured + [
+            folder / "images",
+            folder / f"{folder.name}_images",
+            folder.parent / f"{folder.name}_images",
+        ]
+    candidates = list(dict.fromkeys(candidates))  # the config's folder may also be a default one
+    found = next((c for c in candidates if c.is_dir()), None)
+    if found is None:
+        found = candidates[0]
+        looked = ", ".join(str(c) for c in candidates)
+        log.warning("no image folder for %s (looked in %s); every image will be missing", folder, looked)
+    return DataSource(name=name, data_dir=folder, image_dir=found, fmt=fmt)
+
+
+@dataclass
+class _Draft:
+    """A post while its token lines are being read."""
+
+    key: str
+    line: int
+    words: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+    def finish(self, path: Path) -> Post:
+        if not self.words:
+            raise DatasetError(path, self.line, f"post {self.key!r} has no tokens")
+        return Post(key=self.key, words=tuple(self.words), tags=tuple(self.tags), line=self.line)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _decode_lines(path: Path, data: bytes) -> list[str]:
+    """UTF-8 lines without line endings or trailing whitespace; a bad byte is an error at its line."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip())
+        except UnicodeDecodeError as e:
+            raise DatasetError(
+                path, number, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            ) from None
+    return lines
+
+
+def _parse_token_line(path: Path, number: int, line: str, require_tags: bool) -> tuple[str, str]:
+    # Tab-separated as the Twitter files are; whitespace-separated when there is no tab. A token may
+    # itself be whitespace (Twitter-2015 valid has a lone U+00A0 token), so a tab line is not stripped.
+    fields = line.split("\t") if "\t" in line else line.split()
+    word = fields[0]
+    if not word:
+        raise DatasetError(path, number, "token is empty")
+    if len(fields) == 1:
+        if require_tags:
+            raise DatasetError(path, number, f"token {word!r} has no tag (expected 'token<TAB>tag')")
+        return word, "O"
+    # Extra CoNLL columns (POS, chunk) may sit in between; the tag is the last one.
+    tag = fields[-1].strip()
+    if not _TAG.fullmatch(tag):
+        raise DatasetError(path, number, f"tag {tag!r} is not BIO (expected O, B-<type> or I-<type>)")
+    return word, tag
+
+
+def _count_orphan_i(tags: tuple[str, ...]) -> int:
+    orphans, previous = 0, "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            orphans += 1
+        previous = tag
+    return orphans
+
+
+def _check_key(path: Path, number: int, fmt: str, key: str) -> None:
+    what = _KEY_NAMES[fmt]
+    if not key:
+        raise DatasetError(path, number, f"{_HEADERS[fmt]} line has an empty {what}")
+    reason = _unsafe_key_reason(key)
+    if reason:
+        raise DatasetError(path, number, f"image {what} {key!r} refused: {reason}")
+
+
+def _unsafe_key_reason(key: str) -> str:
+    """Why a key could name a file outside its image folder by its text alone; "" when it cannot."""
+    if not key:
+        return "it is empty"
+    if "\x00" in key:
+        return "it contains a NUL byte"
+    if "\\" in key:
+        return "it contains a backslash"
+    if key.startswith("/") or re.match(r"[A-Za-z]:", key):
+        return "it is an absolute path"
+    if ".." in PurePosixPath(key).parts:
+        return "it has a '..' component"
+    return ""
+
+
+def _sniff_format(folder: Path) -> str:
+    """'image-path' when the first post line of the first split file found is `IMAGE:`, else 'imgid'."""
+    for split in SPLITS:
+        file = folder / f"{split}.txt"
+        if file.is_file():
+            with file.open("rb") as f:
+                for raw in f:
+                    line = raw.removeprefix(b"\xef\xbb\xbf").strip()
+                    if line:
+                        return "image-path" if line.startswith(b"IMAGE:") else "imgid"
+    return "imgid"
+
+
+def _dataset_config(name: str) -> dict:
+    """configs/datasets/<name>.toml, checked: {"format", "subdir", "image_dir"}."""
+    if name not in configs.dataset_names():
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(configs.dataset_names())}")
+    file = configs.path("datasets", f"{name}.toml")
+    cfg = configs.load_toml(file)
+    for key in ("format", "subdir", "image_dir"):
+        if not isinstance(cfg.get(key), str):
+            raise ValueError(f"{file}: '{key}' must be a string")
+    if cfg["format"] not in FORMATS:
+        raise ValueError(f"{file}: format {cfg['format']!r} is not one of {', '.join(FORMATS)}")
+    return cfg

@@ -1,0 +1,373 @@
+"""Tests for cache/datasets.py and the configs helpers it reads dataset descriptions through."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+import configs
+from cache.datasets import (
+    DatasetError,
+    DataSource,
+    Post,
+    label_names,
+    read_split,
+    resolve_data,
+)
+
+TWO_POSTS = "IMGID:101\nGeorge\tB-PER\nZimmerman\tI-PER\nshot\tO\n\nIMGID:O_996\nParis\tB-LOC\nrocks\tO\n"
+
+
+def write(folder: Path, name: str, text: str | bytes) -> Path:
+    """Write a split file (str as UTF-8 without newline translation, bytes as is)."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return path
+
+
+def make_data_dir(root: Path, name: str = "twitter2015", text: str = TWO_POSTS) -> Path:
+    """A data folder with train/valid/test holding the same small text."""
+    folder = root / name
+    for split in ("train", "valid", "test"):
+        write(folder, f"{split}.txt", text)
+    return folder
+
+
+def reference_parse(text: str) -> list[tuple[str, list[str], list[str]]]:
+    """A second, deliberately naive reader for well-formed input: blocks split on blank lines."""
+    posts = []
+    for block in text.replace("\r\n", "\n").strip().split("\n\n"):
+        rows = [r.rstrip() for r in block.strip().split("\n") if r.strip()]
+        if not rows:
+            continue
+        key = rows[0].split(":", 1)[1].strip()
+        pairs = [r.split("\t") for r in rows[1:]]
+        posts.append((key, [p[0] for p in pairs], [p[1] for p in pairs]))
+    return posts
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_reads_posts_in_order(tmp_path):
+    split = read_split(write(tmp_path, "train.txt", TWO_POSTS))
+    assert split.name == "train" and split.fmt == "imgid" and split.orphan_i == 0
+    assert split.posts == [
+        Post(key="101", words=("George", "Zimmerman", "shot"), tags=("B-PER", "I-PER", "O"), line=1),
+        Post(key="O_996", words=("Paris", "rocks"), tags=("B-LOC", "O"), line=6),
+    ]
+
+
+def test_crlf_trailing_space_blank_runs_bom_and_no_final_blank_match_reference(tmp_path):
+    clean = TWO_POSTS + "\nIMGID:17_06_1\n#\tO\nNBA\tB-ORG\n"
+    messy = "\ufeff" + clean.replace("\n\n", "\n\n\n\n").replace("\n", "  \r\n").rstrip("\r\n ")
+    split = read_split(write(tmp_path, "messy.txt", messy), name="train")
+    got = [(p.key, list(p.words), list(p.tags)) for p in split.posts]
+    assert got == reference_parse(clean)
+    assert [p.line for p in split.posts] == [1, 8, 14]
+    assert [i + 1 for i, row in enumerate(messy.split("\n")) if "IMGID" in row] == [1, 8, 14]
+    assert split.name == "train"
+
+
+def test_whitespace_token_is_kept(tmp_path):
+    # Twitter-2015 valid has a lone U+00A0 token; stripping it would shift every later tag.
+    split = read_split(write(tmp_path, "valid.txt", "IMGID:1\n\u00a0\tO\nParis\tB-LOC\n"))
+    assert split.posts[0].words == ("\u00a0", "Paris")
+
+
+def test_space_separated_and_extra_columns(tmp_path):
+    split = read_split(write(tmp_path, "t.txt", "IMGID:1\nParis B-LOC\nrocks NN B-NP O\n"))
+    assert split.posts[0].tags == ("B-LOC", "O")
+
+
+def test_any_type_names(tmp_path):
+    text = "IMGID:1\nBlackburn\tB-MISC\nFest\tI-MISC\nx\tB-OTHER\n"
+    split = read_split(write(tmp_path, "t.txt", text))
+    assert label_names(split) == ["O", "B-MISC", "I-MISC", "B-OTHER", "I-OTHER"]
+
+
+def test_orphan_i_is_kept_and_counted(tmp_path):
+    text = (
+        "IMGID:1\nWater\tI-OTHER\nx\tO\nDriving\tI-ORG\n\n"  # after O, and at the start: 2 orphans
+        "IMGID:2\nNew\tB-LOC\nYork\tI-PER\nCity\tI-PER\n\n"  # I-PER after B-LOC: 1 (then I-PER after I-PER: 0)
+        "IMGID:3\nNew\tB-LOC\nYork\tI-LOC\n"  # well formed: 0
+    )
+    split = read_split(write(tmp_path, "t.txt", text))
+    assert split.orphan_i == 3
+    assert split.posts[0].tags == ("I-OTHER", "O", "I-ORG")
+    # brute force over the flat tag list, resetting at post starts
+    brute = 0
+    for post in split.posts:
+        for i, tag in enumerate(post.tags):
+            before = post.tags[i - 1] if i else "O"
+            brute += tag.startswith("I-") and before not in (f"B-{tag[2:]}", f"I-{tag[2:]}")
+    assert brute == split.orphan_i
+    assert "B-OTHER" in label_names(split) and "I-OTHER" in label_names(split)
+
+
+def test_label_names_order(tmp_path):
+    text = "IMGID:1\na\tB-PER\nb\tB-ORG\nc\tB-LOC\nd\tI-LOC\ne\tB-OTHER\n"
+    split = read_split(write(tmp_path, "t.txt", text))
+    assert label_names(split) == [
+        "O",
+        "B-LOC",
+        "I-LOC",
+        "B-ORG",
+        "I-ORG",
+        "B-OTHER",
+        "I-OTHER",
+        "B-PER",
+        "I-PER",
+    ]
+
+
+def test_predict_input_without_tags(tmp_path):
+    text = "IMGID:1\nParis\nrocks\tO\nhere\n"
+    split = read_split(write(tmp_path, "input.txt", text), require_tags=False)
+    assert split.posts[0].tags == ("O", "O", "O")
+    assert split.name == "input"
+    with pytest.raises(DatasetError, match=r"input\.txt:2: token 'Paris' has no tag"):
+        read_split(tmp_path / "input.txt")
+
+
+def test_image_path_format(tmp_path):
+    text = "IMAGE:imgs/a/0001.jpg\nObama\tB-PER\n\r\nIMAGE: imgs/b/0002.png \r\nUN\tB-ORG\r\n"
+    split = read_split(write(tmp_path, "train.txt", text), fmt="image-path")
+    assert [p.key for p in split.posts] == ["imgs/a/0001.jpg", "imgs/b/0002.png"]
+    assert split.fmt == "image-path"
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("IMGID:1\nParis\n", r"t\.txt:2: token 'Paris' has no tag"),
+        ("IMGID:1\nParis\t\n", r"t\.txt:2: token 'Paris' has no tag"),
+        ("IMGID:1\nok\tO\nParis\tX-PER\n", r"t\.txt:3: tag 'X-PER' is not BIO"),
+        ("IMGID:1\nParis\tB-\n", r"t\.txt:2: tag 'B-' is not BIO"),
+        ("IMGID:1\nParis\tfoo\n", r"t\.txt:2: tag 'foo' is not BIO"),
+        ("IMGID:1\nParis\tS-LOC\n", r"t\.txt:2: tag 'S-LOC' is not BIO"),
+        ("IMGID:1\n\tO\n", r"t\.txt:2: token is empty"),
+        (
+            "IMGID:1\na\tO\n\nIMGID:2\nb\tO\n\nIMGID:1\nc\tO\n",
+            r"t\.txt:7: duplicate image id '1' \(first at line 1\)",
+        ),
+        ("", r"t\.txt:1: file is empty"),
+        ("\n \r\n\n", r"t\.txt:1: file is empty"),
+        ("\nParis\tB-LOC\nIMGID:1\n", r"t\.txt:2: token line outside a post: expected a 'IMGID:' line"),
+        ("IMGID:1\na\tO\n\nstray\tO\n", r"t\.txt:4: token line outside a post"),
+        ("IMGID:  \na\tO\n", r"t\.txt:1: IMGID: line has an empty id"),
+        ("IMGID:1\na\tO\n\nIMGID:2\n\nIMGID:3\nb\tO\n", r"t\.txt:4: post '2' has no tokens"),
+        ("IMGID:1\nIMGID:2\nb\tO\n", r"t\.txt:1: post '1' has no tokens"),
+        ("IMGID:1\na\tO\nIMGID:2\n", r"t\.txt:3: post '2' has no tokens"),
+        (
+            "IMGID:../../etc/passwd\na\tO\n",
+            r"t\.txt:1: image id '\.\./\.\./etc/passwd' refused: it has a '\.\.' component",
+        ),
+        ("IMGID:/etc/passwd\na\tO\n", r"t\.txt:1: image id '/etc/passwd' refused: it is an absolute path"),
+    ],
+)
+def test_malformed_files(tmp_path, text, match):
+    path = write(tmp_path, "t.txt", text)
+    with pytest.raises(DatasetError, match=match) as info:
+        read_split(path)
+    assert str(info.value).startswith(f"{path}:")
+
+
+def test_image_path_format_errors(tmp_path):
+    path = write(tmp_path, "t.txt", "IMAGE:\na\tO\n")
+    with pytest.raises(DatasetError, match=r"t\.txt:1: IMAGE: line has an empty path"):
+        read_split(path, fmt="image-path")
+    path = write(tmp_path, "t.txt", "IMAGE:a.jpg\nx\tO\n\nIMAGE:a.jpg\ny\tO\n")
+    with pytest.raises(DatasetError, match=r"t\.txt:4: duplicate image path 'a\.jpg' \(first at line 1\)"):
+        read_split(path, fmt="image-path")
+    # an imgid file read as image-path has no post lines at all
+    path = write(tmp_path, "t.txt", TWO_POSTS)
+    with pytest.raises(DatasetError, match=r"t\.txt:1: token line outside a post: expected a 'IMAGE:' line"):
+        read_split(path, fmt="image-path")
+
+
+def test_non_utf8_names_the_line_of_the_bad_byte(tmp_path):
+    data = TWO_POSTS.encode() + b"\nIMGID:3\ncaf\xe9\tO\n"
+    path = write(tmp_path, "t.txt", data)
+    with pytest.raises(DatasetError, match=r"t\.txt:11: not valid UTF-8 \(byte 0xe9 at column 4\)"):
+        read_split(path)
+    assert data.split(b"\n")[10] == b"caf\xe9\tO"  # line 11 really is the bad one
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(ValueError, match=r"nope\.txt: dataset file not found"):
+        read_split(tmp_path / "nope.txt")
+    path = write(tmp_path, "t.txt", TWO_POSTS)
+    with pytest.raises(
+        ValueError, match=r"unknown dataset format 'conll'; expected one of imgid, image-path"
+    ):
+        read_split(path, fmt="conll")
+    with pytest.raises(ValueError, match=r"unknown dataset format 'conll'"):
+        DataSource(name="x", data_dir=tmp_path, image_dir=tmp_path, fmt="conll")
+
+
+def test_dataset_error_is_a_value_error_that_survives_pickling(tmp_path):
+    with pytest.raises(ValueError) as info:
+        read_split(write(tmp_path, "t.txt", "IMGID:1\nParis\tfoo\n"))
+    copy = pickle.loads(pickle.dumps(info.value))  # as it crosses from a DataLoader worker
+    assert type(copy) is DatasetError and str(copy) == str(info.value)
+    assert (copy.path, copy.line) == (tmp_path / "t.txt", 2)
+
+
+# ---------------------------------------------------------------- safe image paths
+
+
+def test_image_path_for_both_formats(tmp_path):
+    imgid = DataSource(name="t", data_dir=str(tmp_path), image_dir=str(tmp_path / "images"), fmt="imgid")
+    assert imgid.image_path("O_996") == tmp_path / "images" / "O_996.jpg"
+    assert imgid.split_path("valid") == tmp_path / "valid.txt"
+    news = DataSource(name="n", data_dir=tmp_path, image_dir=tmp_path, fmt="image-path")
+    assert news.image_path("imgs/a/1.png") == tmp_path / "imgs" / "a" / "1.png"
+
+
+@pytest.mark.parametrize(
+    "key, reason",
+    [
+        ("../secret", r"it has a '\.\.' component"),
+        ("a/../../secret", r"it has a '\.\.' component"),
+        ("/etc/passwd", "it is an absolute path"),
+        ("C:/Windows/x", "it is an absolute path"),
+        ("..\\..\\secret", "it contains a backslash"),
+        ("a\x00b", "it contains a NUL byte"),
+        ("", "it is empty"),
+    ],
+)
+def test_image_path_refuses_escapes(tmp_path, key, reason):
+    for fmt in ("imgid", "image-path"):
+        source = DataSource(name="t", data_dir=tmp_path, image_dir=tmp_path / "images", fmt=fmt)
+        with pytest.raises(ValueError, match=rf"image key .* refused: {reason}"):
+            source.image_path(key)
+
+
+def test_image_path_refuses_symlink_out(tmp_path):
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.jpg").write_bytes(b"")
+    os.symlink(outside / "x.jpg", images / "leak.jpg")
+    os.symlink(outside, images / "sub")
+    os.symlink(images / "ok_target.jpg", images / "inside.jpg")  # a link that stays inside is fine
+    source = DataSource(name="t", data_dir=tmp_path / "data", image_dir=images, fmt="imgid")
+    with pytest.raises(
+        ValueError, match=r"image key 'leak' refused: it resolves outside .* through a symlink"
+    ):
+        source.image_path("leak")
+    with pytest.raises(ValueError, match=r"image key 'sub/x' refused: it resolves outside"):
+        source.image_path("sub/x")
+    assert source.image_path("inside") == images / "inside.jpg"
+
+
+def test_image_folder_that_is_itself_a_symlink_is_fine(tmp_path):
+    real = tmp_path / "big_disk" / "imgs"
+    real.mkdir(parents=True)
+    os.symlink(real, tmp_path / "images")
+    source = DataSource(name="t", data_dir=tmp_path, image_dir=tmp_path / "images", fmt="imgid")
+    assert source.image_path("17_06_1") == tmp_path / "images" / "17_06_1.jpg"
+
+
+# ---------------------------------------------------------------- resolve_data
+
+
+def test_resolve_data_dir_prefers_images_then_named_then_sibling(tmp_path):
+    folder = make_data_dir(tmp_path, "twitter2017")
+    # nothing exists: the preferred folder is still returned, images will be recorded missing
+    assert resolve_data(data_dir=folder).image_dir == folder / "images"
+    (tmp_path / "twitter2017_images").mkdir()
+    assert resolve_data(data_dir=folder).image_dir == tmp_path / "twitter2017_images"
+    (folder / "twitter2017_images").mkdir()
+    assert resolve_data(data_dir=folder).image_dir == folder / "twitter2017_images"
+    (folder / "images").mkdir()
+    source = resolve_data(data_dir=str(folder))
+    assert source == DataSource(name="twitter2017", data_dir=folder, image_dir=folder / "images", fmt="imgid")
+    assert resolve_data(data_dir=folder, image_dir=tmp_path / "elsewhere").image_dir == tmp_path / "elsewhere"
+
+
+def test_resolve_data_sniffs_image_path_format(tmp_path):
+    folder = make_data_dir(tmp_path, "news", "\ufeff\nIMAGE:a/1.jpg\nObama\tB-PER\n")
+    (folder / "images").mkdir()  # not used: image-path keys are relative to the data folder
+    source = resolve_data(data_dir=folder)
+    assert (source.fmt, source.image_dir) == ("image-path", folder)
+    assert source.read("test").posts[0].key == "a/1.jpg"
+
+
+def test_resolve_dataset_through_configs(tmp_path):
+    folder = make_data_dir(tmp_path, "twitter2015")
+    source = resolve_data(dataset="twitter2015", data_root=tmp_path)
+    assert source == DataSource(
+        name="twitter2015", data_dir=folder, image_dir=folder / "twitter2015_images", fmt="imgid"
+    )
+    (tmp_path / "twitter2015_images").mkdir()  # the UMT sibling layout
+    assert (
+        resolve_data(dataset="twitter2015", data_root=tmp_path).image_dir == tmp_path / "twitter2015_images"
+    )
+    assert [p.key for p in source.read("valid").posts] == ["101", "O_996"]
+
+    news = make_data_dir(tmp_path, "NewsMKG", "IMAGE:x/1.jpg\nUN\tB-ORG\n")
+    source = resolve_data(dataset="newsmkg", data_root=str(tmp_path))
+    assert source == DataSource(name="newsmkg", data_dir=news, image_dir=news, fmt="image-path")
+
+
+def test_resolve_data_errors(tmp_path):
+    make_data_dir(tmp_path)
+    with pytest.raises(ValueError, match="give either data_dir or dataset \\(with data_root\\), not both"):
+        resolve_data(data_dir=tmp_path, dataset="twitter2015", data_root=tmp_path)
+    with pytest.raises(ValueError, match="give data_dir, or dataset with data_root"):
+        resolve_data()
+    with pytest.raises(
+        ValueError, match="unknown dataset 'twitter2099'; known: newsmkg, twitter2015, twitter2017"
+    ):
+        resolve_data(dataset="twitter2099", data_root=tmp_path)
+    with pytest.raises(
+        ValueError, match="dataset 'twitter2017' needs data_root: the folder that holds twitter2017/"
+    ):
+        resolve_data(dataset="twitter2017")
+    with pytest.raises(ValueError, match=r"data folder .*twitter2017 does not exist"):
+        resolve_data(dataset="twitter2017", data_root=tmp_path)
+    with pytest.raises(ValueError, match=r"data folder .*nowhere does not exist"):
+        resolve_data(data_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="data_root goes with dataset; with data_dir, leave it out"):
+        resolve_data(data_dir=tmp_path, data_root=tmp_path)
+
+
+def test_resolve_data_reports_a_broken_dataset_config(tmp_path, monkeypatch):
+    (tmp_path / "datasets").mkdir()
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    (tmp_path / "datasets" / "nofmt.toml").write_text('subdir = "x"\nimage_dir = "images"\n')
+    with pytest.raises(ValueError, match=r"nofmt\.toml: 'format' must be a string"):
+        resolve_data(dataset="nofmt", data_root=tmp_path)
+    (tmp_path / "datasets" / "badfmt.toml").write_text('format = "xml"\nsubdir = "x"\nimage_dir = "i"\n')
+    with pytest.raises(ValueError, match=r"badfmt\.toml: format 'xml' is not one of imgid, image-path"):
+        resolve_data(dataset="badfmt", data_root=tmp_path)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_shipped_dataset_configs():
+    assert configs.dataset_names() == ["newsmkg", "twitter2015", "twitter2017"]
+    for name in configs.dataset_names():
+        cfg = configs.load_toml(configs.path("datasets", f"{name}.toml"))
+        assert set(cfg) == {"format", "subdir", "image_dir"}
+        assert (
+            configs.path("datasets", f"{name}.toml").read_text().startswith("# ")
+        )  # says where it comes from
+
+
+def test_load_toml_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"missing\.toml: config file not found"):
+        configs.load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("format = \n")
+    with pytest.raises(ValueError, match=r"bad\.toml: invalid TOML: "):
+        configs.load_toml(bad)
