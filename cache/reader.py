@@ -1,0 +1,235 @@
+"""Random access to cached image tokens by image key; lazy, fork-safe and fast.
+
+Speed comes from doing the per-image HDF5 work once: when a shard is first opened its small
+per-image arrays (keys, status, sizes, region labels/scores/boxes, counts) are loaded into numpy,
+and each token tensor is then fetched with one raw chunk read (`read_direct_chunk`, one image per
+chunk, uncompressed), which skips h5py's selection machinery. Compressed shards fall back to
+ordinary indexing. See benchmarks/bench_cache.py for the numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cache.shards import (
+    STATUS_NAMES,
+    TOKEN_DATASETS,
+    Record,
+    TokenSpec,
+    open_shard,
+    read_manifest,
+)
+
+# Small per-image datasets loaded whole when a shard is opened.
+_META_DATASETS = (
+    "keys",
+    "status",
+    "image_size",
+    "num_regions",
+    "region_labels",
+    "region_scores",
+    "region_boxes",
+)
+
+
+class _Shard:
+    """One shard's data in the process that opened it: metadata in numpy, tokens on disk or in RAM."""
+
+    def __init__(
+        self, path: Path, spec: TokenSpec, fingerprint: str, expected_keys: list[str], in_memory: bool
+    ):
+        if not path.is_file():
+            raise ValueError(
+                f"{path}: shard listed in manifest.json is missing; re-run `mner extract-features`"
+            )
+        self.file = open_shard(path)
+        try:
+            found = self.file.attrs.get("fingerprint")
+            if found != fingerprint:
+                raise ValueError(
+                    f"{path}: shard fingerprint {found} differs from the manifest's {fingerprint}; "
+                    "the folder mixes two extractions, re-run `mner extract-features`"
+                )
+            meta = {name: self.file[name][:] for name in _META_DATASETS}
+            keys = [key.decode("utf-8") for key in meta["keys"]]
+            if keys != expected_keys:
+                raise ValueError(
+                    f"{path}: image keys differ from manifest.json; re-run `mner extract-features`"
+                )
+            self.keys = keys
+            self.status = meta["status"]  # (N,) uint8
+            self.image_size = meta["image_size"]  # (N, 2) width, height
+            self.num_regions = meta["num_regions"]  # (N,)
+            self.region_labels = meta["region_labels"]  # (N, K)
+            self.region_scores = meta["region_scores"]  # (N, K)
+            self.region_boxes = meta["region_boxes"]  # (N, K, 4)
+            shapes = spec.shapes()
+            if in_memory:
+                self.tokens = {name: _RamTokens(self.file[name][:]) for name in TOKEN_DATASETS}
+                self.file.close()
+                self.file = None
+            else:
+                self.tokens = {name: _DiskTokens(self.file[name], shapes[name]) for name in TOKEN_DATASETS}
+        except BaseException:
+            if self.file is not None:
+                self.file.close()
+            raise
+
+    def record(self, row: int, error: str) -> Record:
+        count = int(self.num_regions[row])
+        return Record(
+            key=self.keys[row],
+            status=STATUS_NAMES[self.status[row]],
+            width=int(self.image_size[row, 0]),
+            height=int(self.image_size[row, 1]),
+            num_regions=count,
+            patch_tokens=self.tokens["patch_tokens"].read(row),
+            global_embed=self.tokens["global_embed"].read(row),
+            region_feats=self.tokens["region_feats"].read(row),
+            region_labels=self.region_labels[row].copy(),
+            region_scores=self.region_scores[row].copy(),
+            region_boxes=self.region_boxes[row].copy(),
+            error=error,
+        )
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _RamTokens:
+    """Rows of a token tensor held in RAM; copies so callers cannot modify the cache."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array  # (N, ...) the whole dataset
+
+    def read(self, row: int) -> np.ndarray:
+        return self.array[row].copy()
+
+
+class _DiskTokens:
+    """Rows of a token dataset (N, *shape) on disk: one raw chunk read per row when possible."""
+
+    def __init__(self, dset, shape: tuple[int, ...]):
+        self.dset, self.dsid, self.dtype, self.shape = dset, dset.id, dset.dtype, shape
+        self.offset = (0,) * len(shape)
+        # Compressed (or not one image per chunk): HDF5 must decode, so use ordinary indexing.
+        self.raw = dset.chunks == (1, *shape) and dset.id.get_create_plist().get_nfilters() == 0
+
+    def read(self, row: int) -> np.ndarray:
+        if not self.raw:
+            return self.dset[row]
+        _, raw = self.dsid.read_direct_chunk((row, *self.offset))
+        # bytes are immutable; the copy gives callers an ordinary writable array.
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).copy()
+
+
+class CacheReader:
+    """Read records from a cache folder by image key.
+
+    No HDF5 file is opened in __init__: each process (DataLoader workers included) opens the shards
+    it needs on its first get(), and a reader used across os.fork() reopens them in the child.
+    in_memory=True loads every shard into RAM once in __init__ (and closes the files).
+
+    Attributes: fingerprint (str), config (dict, the extraction config), models (dict),
+    spec (TokenSpec), keys (list[str], manifest order), cache_dir (Path).
+    """
+
+    def __init__(self, cache_dir, in_memory: bool = False):
+        self.cache_dir = Path(cache_dir)
+        manifest = read_manifest(self.cache_dir)
+        self.fingerprint: str = manifest["fingerprint"]
+        self.config: dict = manifest["config"]
+        self.models: dict = manifest["models"]
+        self.spec = TokenSpec.from_dict(manifest["spec"])
+        self.in_memory = in_memory
+        self._shard_files = [shard["file"] for shard in manifest["shards"]]
+        number = {name: i for i, name in enumerate(self._shard_files)}
+        self._shard_keys: list[list[str]] = [[] for _ in self._shard_files]
+        self._index: dict[str, tuple[int, int]] = {}
+        self._status: dict[str, str] = {}
+        self._errors: dict[str, str] = {}
+        for image in manifest["images"]:
+            key = image["key"]
+            if image["shard"] not in number:
+                raise ValueError(
+                    f"{self.cache_dir}/manifest.json: image {key!r} names unknown shard {image['shard']}"
+                )
+            shard = number[image["shard"]]
+            if image["row"] != len(self._shard_keys[shard]):
+                raise ValueError(
+                    f"{self.cache_dir}/manifest.json: image {key!r} has row {image['row']} out of order"
+                )
+            self._shard_keys[shard].append(key)
+            self._index[key] = (shard, image["row"])
+            self._status[key] = image["status"]
+            if image.get("error"):
+                self._errors[key] = image["error"]
+        self.keys: list[str] = [image["key"] for image in manifest["images"]]
+        self._pid: int | None = None
+        self._shards: list[_Shard | None] = [None] * len(self._shard_files)
+        if in_memory:
+            self._shards = [self._load(i) for i in range(len(self._shard_files))]
+
+    def _load(self, shard: int) -> _Shard:
+        path = self.cache_dir / self._shard_files[shard]
+        return _Shard(path, self.spec, self.fingerprint, self._shard_keys[shard], self.in_memory)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key) -> bool:
+        return key in self._index
+
+    def _locate(self, key: str) -> tuple[int, int]:
+        try:
+            return self._index[key]
+        except (KeyError, TypeError):
+            raise ValueError(f"image key {key!r} is not in the cache {self.cache_dir}") from None
+
+    def status(self, key: str) -> str:
+        """ "ok", "missing" or "corrupt" (from the manifest; opens no file)."""
+        self._locate(key)
+        return self._status[key]
+
+    def get(self, key: str) -> Record:
+        """The record of image `key`: patch_tokens (P, Dp), global_embed (Dg,), region_* (K, ...)."""
+        shard, row = self._locate(key)
+        if not self.in_memory and self._pid != os.getpid():
+            # First call in this process, or we are a forked child holding the parent's handles:
+            # never use an HDF5 handle across fork, open our own.
+            self._shards = [None] * len(self._shard_files)
+            self._pid = os.getpid()
+        opened = self._shards[shard]
+        if opened is None:
+            opened = self._shards[shard] = self._load(shard)
+        return opened.record(row, self._errors.get(key, ""))
+
+    def close(self) -> None:
+        """Close open shard files (a later get() reopens them)."""
+        if not self.in_memory:
+            for shard in self._shards:
+                if shard is not None:
+                    shard.close()
+            self._shards = [None] * len(self._shard_files)
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # HDF5 handles cannot be pickled; the receiving process opens its own on first get().
+        state = self.__dict__.copy()
+        if not self.in_memory:
+            state["_shards"] = [None] * len(self._shard_files)
+            state["_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"CacheReader({str(self.cache_dir)!r}, images={len(self)}, in_memory={self.in_memory})"

@@ -1,0 +1,536 @@
+"""The HDF5 shard layout, the atomic shard writer, the manifest and the cache fingerprint.
+
+This is the only module that writes the on-disk layout (see the "Cache" section of docs/design.md).
+A shard holds N images at fixed, padded shapes; the three token tensors are stored one image per
+chunk so a reader fetches one image with one chunk read. A shard is written to `<name>.tmp` and
+renamed only once every row is written, so a file named `shard-*.h5` is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+STATUS_NAMES = ("ok", "missing", "corrupt")
+STATUS_CODES = {name: code for code, name in enumerate(STATUS_NAMES)}
+MANIFEST_NAME = "manifest.json"
+CONFIG_NAME = "extract_config.json"
+SHARD_GLOB = "shard-*.h5"
+COMPRESSIONS = (None, "gzip")
+
+# The largest finite float16; anything larger becomes inf when cast.
+FP16_MAX = 65504.0
+# Chunk size for hashing files: large enough to amortise Python overhead, small enough for RAM.
+_HASH_BLOCK = 1 << 20
+# Attributes the caller passes to ShardWriter; the writer adds schema_version, spec_json, complete.
+REQUIRED_ATTRS = ("fingerprint", "config_json", "shard_index")
+# The three token tensors, stored one image per chunk; everything else is small per-image metadata.
+TOKEN_DATASETS = ("patch_tokens", "global_embed", "region_feats")
+# Per-region arrays; rows >= num_regions are zero padding.
+REGION_DATASETS = ("region_feats", "region_labels", "region_scores", "region_boxes")
+# The array fields of a Record, in shard order.
+RECORD_ARRAYS = (
+    "patch_tokens",
+    "global_embed",
+    "region_feats",
+    "region_labels",
+    "region_scores",
+    "region_boxes",
+)
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """Shapes of the cached tokens and where they came from; one spec per cache."""
+
+    num_patches: int  # P: patch tokens per image (CLS first when the encoder has one)
+    patch_dim: int  # Dp: width of a patch token
+    global_dim: int  # Dg: width of the global image embedding
+    max_regions: int  # K: detector regions kept per image; shorter lists are zero-padded
+    region_dim: int  # Dr: width of a region feature
+    patch_source: str  # e.g. "vision_model.last_hidden_state (CLS first)"
+    global_source: str  # e.g. "image_embeds (visual_projection)" or "pooler_output"
+    region_source: str  # "frcnn_box_head" | "clip_crop"
+
+    def __post_init__(self):
+        for name in ("num_patches", "patch_dim", "global_dim", "max_regions", "region_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"TokenSpec.{name} must be a positive integer, got {value!r}")
+        for name in ("patch_source", "global_source", "region_source"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"TokenSpec.{name} must be a non-empty string, got {value!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (what the manifest and the `spec_json` attribute hold)."""
+        return {field.name: _plain(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TokenSpec:
+        """Inverse of `to_dict`; unknown or missing fields raise ValueError."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(names - set(data))
+        if unknown or missing:
+            raise ValueError(f"token spec has unknown fields {unknown} and missing fields {missing}")
+        return cls(**data)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image shape of every shard dataset (the shard shape is (N, *shape))."""
+        K = self.max_regions
+        return {
+            "keys": (),
+            "status": (),
+            "image_size": (2,),
+            "patch_tokens": (self.num_patches, self.patch_dim),
+            "global_embed": (self.global_dim,),
+            "region_feats": (K, self.region_dim),
+            "region_labels": (K,),
+            "region_scores": (K,),
+            "region_boxes": (K, 4),
+            "num_regions": (),
+        }
+
+
+# dtype of every dataset except `keys`, whose fixed-length bytes width depends on the shard.
+DTYPES = {
+    "status": np.dtype(np.uint8),
+    "image_size": np.dtype(np.int32),
+    "patch_tokens": np.dtype(np.float16),
+    "global_embed": np.dtype(np.float16),
+    "region_feats": np.dtype(np.float16),
+    "region_labels": np.dtype(np.int32),
+    "region_scores": np.dtype(np.float32),
+    "region_boxes": np.dtype(np.float32),
+    "num_regions": np.dtype(np.int32),
+}
+
+
+@dataclass
+class Record:
+    """One image's cached tokens, at the padded shapes of a TokenSpec."""
+
+    key: str  # image key (IMGID or relative image path)
+    status: str  # one of STATUS_NAMES
+    width: int  # original image width in pixels; 0 when status != "ok"
+    height: int  # original image height in pixels; 0 when status != "ok"
+    num_regions: int  # detected regions kept, in [0, K]
+    patch_tokens: np.ndarray  # (P, Dp) float16
+    global_embed: np.ndarray  # (Dg,) float16
+    region_feats: np.ndarray  # (K, Dr) float16, rows >= num_regions are zero
+    region_labels: np.ndarray  # (K,) int32 COCO category id, 0 on padding
+    region_scores: np.ndarray  # (K,) float32
+    region_boxes: np.ndarray  # (K, 4) float32 xyxy in [0, 1] of the original width/height
+    error: str = ""  # why status != ok (kept in the manifest, not in the shard)
+
+
+def empty_record(key: str, spec: TokenSpec, status: str, error: str = "") -> Record:
+    """A record with zeroed tokens and no regions, for images that could not be read.
+
+    Returns a Record with patch_tokens (P, Dp), global_embed (Dg,), region tensors (K, ...) all zero.
+    """
+    if status not in STATUS_NAMES:
+        raise ValueError(f"image {key!r}: unknown status {status!r}; expected one of {STATUS_NAMES}")
+    shapes = spec.shapes()
+    return Record(
+        key=key,
+        status=status,
+        width=0,
+        height=0,
+        num_regions=0,
+        **{name: np.zeros(shapes[name], DTYPES[name]) for name in RECORD_ARRAYS},
+        error=error,
+    )
+
+
+def compute_fingerprint(parts: dict) -> str:
+    """sha256 hex digest of the canonical JSON of `parts` (sorted keys, no whitespace).
+
+    Equal dicts give equal fingerprints whatever their key order; tuples count as lists and paths
+    as strings. Values JSON cannot express (objects, NaN) raise ValueError.
+    """
+    if not isinstance(parts, dict):
+        raise ValueError(f"compute_fingerprint expects a dict, got {type(parts).__name__}")
+    return hashlib.sha256(_canonical_json(parts).encode("utf-8")).hexdigest()
+
+
+def _canonical_json(value) -> str:
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_plain
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"cannot fingerprint/serialise config: {err}") from err
+
+
+def _plain(value):
+    """JSON fallback for the few non-JSON types configs may hold (paths, numpy scalars)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TypeError(f"value {value!r} of type {type(value).__name__} is not JSON serialisable")
+
+
+def shard_path(cache_dir, index: int) -> Path:
+    """cache_dir / "shard-00000.h5" for index 0."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"shard index must be a non-negative integer, got {index!r}")
+    return Path(cache_dir) / f"shard-{int(index):05d}.h5"
+
+
+def tmp_path(path) -> Path:
+    """Where ShardWriter writes `path` until commit()."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def open_shard(path) -> h5py.File:
+    """Open a shard read-only. locking=False: readers never write, and HDF5 file locks fail on some
+    network filesystems and across DataLoader workers."""
+    return h5py.File(path, "r", locking=False)
+
+
+class ShardWriter:
+    """Writes one shard: fixed-shape padded datasets in `<path>.tmp`, renamed to `path` on commit().
+
+    Use as a context manager or call commit()/abort() yourself:
+
+        with ShardWriter(shard_path(cache_dir, 0), spec, keys, attrs) as writer:
+            for row, record in enumerate(records):
+                writer.write(row, record)
+            writer.commit()
+
+    Leaving the `with` block without commit() (or with an exception) removes the tmp file.
+    """
+
+    def __init__(self, path, spec: TokenSpec, keys, attrs: dict, compression: str | None = None):
+        """
+        Args:
+            path: final shard path (normally `shard_path(cache_dir, index)`).
+            spec: token shapes; every record written must match them.
+            keys: the N image keys of this shard, in row order (unique, non-empty strings).
+            attrs: shard attributes: "fingerprint" (str), "config_json" (str, or a dict that is
+                stored as canonical JSON) and "shard_index" (int) are required; other plain values
+                are stored as given. The writer sets schema_version, spec_json and complete.
+            compression: None (default: fastest reads, see benchmarks/bench_cache.py) or "gzip".
+        """
+        if not isinstance(spec, TokenSpec):
+            raise ValueError(f"spec must be a TokenSpec, got {type(spec).__name__}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        keys = list(keys)
+        if not keys:
+            raise ValueError(f"shard {path}: no keys to write")
+        for key in keys:
+            if not isinstance(key, str) or not key or "\0" in key:
+                raise ValueError(
+                    f"shard {path}: image keys must be non-empty strings without NUL, got {key!r}"
+                )
+        duplicates = sorted(key for key, count in Counter(keys).items() if count > 1)
+        if duplicates:
+            raise ValueError(f"shard {path}: duplicate image keys {duplicates[:5]}")
+        missing = [name for name in REQUIRED_ATTRS if name not in attrs]
+        if missing:
+            raise ValueError(f"shard {path}: attrs is missing {missing} (required: {list(REQUIRED_ATTRS)})")
+        for name in ("schema_version", "spec_json", "complete"):
+            if name in attrs:
+                raise ValueError(f"shard {path}: attr {name!r} is set by ShardWriter, do not pass it")
+
+        self.path = Path(path)
+        self.tmp_path = tmp_path(self.path)
+        self.spec = spec
+        self.keys = keys
+        self.compression = compression
+        self._written = np.zeros(len(keys), dtype=bool)
+        self._file = h5py.File(self.tmp_path, "w")
+        try:
+            self._create_datasets()
+            self._write_attrs(attrs)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create_datasets(self) -> None:
+        N = len(self.keys)
+        encoded = [key.encode("utf-8") for key in self.keys]
+        # Fixed-length bytes (S<maxlen>) tagged UTF-8 in HDF5, so other tools decode non-ASCII keys.
+        key_dtype = h5py.string_dtype("utf-8", max(len(key) for key in encoded))
+        self._file.create_dataset("keys", data=np.array(encoded, dtype=key_dtype))
+        self._tokens = {}
+        self._meta = {}
+        for name, shape in self.spec.shapes().items():
+            if name in TOKEN_DATASETS:
+                # One image per chunk: a reader fetches an image's tensor with one chunk read.
+                self._tokens[name] = self._file.create_dataset(
+                    name,
+                    shape=(N, *shape),
+                    dtype=DTYPES[name],
+                    chunks=(1, *shape),
+                    compression=self.compression,
+                )
+            elif name != "keys":
+                # Small per-image metadata, contiguous on disk (readers load it whole); buffered in
+                # RAM and written once at commit, since one small HDF5 write per row is slow.
+                self._meta[name] = np.zeros((N, *shape), DTYPES[name])
+
+    def _write_attrs(self, attrs: dict) -> None:
+        for name, value in attrs.items():
+            if name == "config_json" and not isinstance(value, str):
+                value = _canonical_json(value)
+            self._file.attrs[name] = value
+        self._file.attrs["schema_version"] = SCHEMA_VERSION
+        self._file.attrs["spec_json"] = _canonical_json(self.spec.to_dict())
+        self._file.attrs["complete"] = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is not None:
+            self.abort()
+
+    def write(self, row: int, record: Record) -> None:
+        """Write `record` at `row`; its key must be keys[row] and its shapes must match the spec."""
+        if self._file is None:
+            raise ValueError(f"shard {self.path}: write() after commit() or abort()")
+        if not 0 <= row < len(self.keys):
+            raise ValueError(f"shard {self.path}: row {row} out of range [0, {len(self.keys)})")
+        if record.key != self.keys[row]:
+            raise ValueError(
+                f"shard {self.path}: row {row} is image {self.keys[row]!r}, got record {record.key!r}"
+            )
+        arrays = _checked_arrays(record, self.spec)
+        for name, array in arrays.items():
+            if name in TOKEN_DATASETS:
+                self._tokens[name][row] = array
+            else:
+                self._meta[name][row] = array
+        self._meta["status"][row] = STATUS_CODES[record.status]
+        self._meta["image_size"][row] = (record.width, record.height)
+        self._meta["num_regions"][row] = record.num_regions
+        self._written[row] = True
+
+    def commit(self) -> Path:
+        """Mark complete, flush, fsync and atomically rename to the final path; returns it."""
+        if self._file is None:
+            raise ValueError(f"shard {self.path}: commit() after commit() or abort()")
+        unwritten = np.flatnonzero(~self._written)
+        if unwritten.size:
+            first = [self.keys[i] for i in unwritten[:5]]
+            raise ValueError(
+                f"shard {self.path}: {unwritten.size} rows were never written (first keys: {first})"
+            )
+        for name, array in self._meta.items():
+            self._file.create_dataset(name, data=array)
+        self._file.attrs["complete"] = True
+        self._file.flush()
+        self._file.close()
+        self._file = None
+        _fsync(self.tmp_path)
+        os.replace(self.tmp_path, self.path)
+        _fsync(self.path.parent)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the tmp file; the final path is left untouched."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def _checked_arrays(record: Record, spec: TokenSpec) -> dict[str, np.ndarray]:
+    """Validate a record against the spec; returns its arrays cast to the shard dtypes."""
+    key = record.key
+    if record.status not in STATUS_NAMES:
+        raise ValueError(f"image {key!r}: unknown status {record.status!r}; expected one of {STATUS_NAMES}")
+    K = spec.max_regions
+    if not 0 <= record.num_regions <= K:
+        raise ValueError(f"image {key!r}: num_regions {record.num_regions} outside [0, {K}]")
+    shapes = spec.shapes()
+    arrays = {}
+    for name in RECORD_ARRAYS:
+        array = np.asarray(getattr(record, name))
+        if array.shape != shapes[name]:
+            raise ValueError(f"image {key!r}: {name} has shape {array.shape}, the spec needs {shapes[name]}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"image {key!r}: {name} contains NaN or inf")
+        if name in TOKEN_DATASETS:
+            peak = float(np.abs(array).max(initial=0.0))
+            if peak > FP16_MAX:
+                raise ValueError(
+                    f"image {key!r}: {name} has |value| {peak:g} > {FP16_MAX:g}, which overflows float16; "
+                    "normalise the features before caching"
+                )
+        arrays[name] = array.astype(DTYPES[name], copy=False)
+
+    n = record.num_regions
+    for name in REGION_DATASETS:
+        if np.any(arrays[name][n:]):
+            raise ValueError(f"image {key!r}: {name} rows >= num_regions ({n}) must be zero padding")
+    boxes = arrays["region_boxes"][:n]  # (n, 4) xyxy
+    if np.any(boxes < 0) or np.any(boxes > 1):
+        raise ValueError(f"image {key!r}: region_boxes must lie in [0, 1] (normalised by image width/height)")
+    if np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
+        raise ValueError(f"image {key!r}: region_boxes must be xyxy with x2 >= x1 and y2 >= y1")
+    if record.status == "ok":
+        if record.width < 1 or record.height < 1:
+            raise ValueError(
+                f"image {key!r}: status ok needs width and height >= 1, got {record.width}x{record.height}"
+            )
+    elif record.width or record.height or n or any(np.any(array) for array in arrays.values()):
+        raise ValueError(
+            f"image {key!r}: status {record.status} must have zero size, regions and tokens (use empty_record)"
+        )
+    return arrays
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file, or a directory to make a rename in it durable (the entry lives in its inode)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def completed_shard(path, fingerprint: str) -> bool:
+    """True only if `path` exists, opens, is marked complete and carries `fingerprint`.
+
+    Extraction calls this to skip shards already written by an earlier (interrupted) run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with open_shard(path) as f:
+            return (
+                bool(f.attrs.get("complete", False))
+                and f.attrs.get("fingerprint") == fingerprint
+                and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION
+            )
+    except OSError:
+        return False
+
+
+def file_sha256(path) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    cache_dir, fingerprint: str, config: dict, models: dict, spec: TokenSpec, shard_files, errors
+) -> Path:
+    """Write manifest.json (and extract_config.json) describing the committed shards.
+
+    Args:
+        cache_dir: the cache folder holding the shards.
+        fingerprint: the cache fingerprint every shard must carry.
+        config: the full resolved extraction config (JSON-ready dict).
+        models: {"clip": {...}, "detector": {..., "categories": [names by COCO id]}}.
+        spec: the token spec of every shard.
+        shard_files: committed shard paths (or names inside cache_dir), in order.
+        errors: {key: message} for images whose status is not ok.
+    Returns the manifest path. The per-image rows are read back from the shards, so the manifest
+    describes what is on disk, not what the caller meant to write.
+    """
+    cache_dir = Path(cache_dir)
+    shards, images, seen = [], [], {}
+    for shard_file in shard_files:
+        path = cache_dir / Path(shard_file).name
+        if not completed_shard(path, fingerprint):
+            raise ValueError(
+                f"{path} is not a complete shard with fingerprint {fingerprint}; cannot write the manifest"
+            )
+        with open_shard(path) as f:
+            keys = [key.decode("utf-8") for key in f["keys"][:]]
+            status = f["status"][:]
+            sizes = f["image_size"][:]  # (N, 2) width, height
+            num_regions = f["num_regions"][:]
+        for row, key in enumerate(keys):
+            if key in seen:
+                raise ValueError(f"image key {key!r} is in both {seen[key]} and {path.name}")
+            seen[key] = path.name
+            images.append(
+                {
+                    "key": key,
+                    "shard": path.name,
+                    "row": row,
+                    "status": STATUS_NAMES[status[row]],
+                    "width": int(sizes[row, 0]),
+                    "height": int(sizes[row, 1]),
+                    "num_regions": int(num_regions[row]),
+                    "error": str(errors.get(key, "")),
+                }
+            )
+        shards.append({"file": path.name, "rows": len(keys), "sha256": file_sha256(path)})
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint,
+        "config": config,
+        "models": models,
+        "spec": spec.to_dict(),
+        "shards": shards,
+        "images": images,
+    }
+    # extract_config.json first: manifest.json is the marker of a finished cache.
+    _write_json_atomic(cache_dir / CONFIG_NAME, config)
+    return _write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
+
+
+def _write_json_atomic(path: Path, data) -> Path:
+    tmp = tmp_path(path)
+    text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_plain)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def read_manifest(cache_dir) -> dict:
+    """Load and check CACHE_DIR/manifest.json; ValueError when the folder is not a usable cache."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{cache_dir} is not a feature cache: no manifest.json; run `mner extract-features` first"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-run `mner extract-features`") from err
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION}); "
+            "re-run `mner extract-features`"
+        )
+    missing = [
+        name
+        for name in ("fingerprint", "config", "models", "spec", "shards", "images")
+        if name not in manifest
+    ]
+    if missing:
+        raise ValueError(f"{path}: missing fields {missing}; re-run `mner extract-features`")
+    return manifest

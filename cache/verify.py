@@ -1,0 +1,296 @@
+"""Check a cache folder against its manifest, its own invariants and (optionally) the data files.
+
+verify_cache reads every byte once: file checksums, then the shards in blocks of rows. Problems
+are collected, not raised, so one run lists everything that is wrong; each message names the
+shard file and, where there is one, the row and image key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache.datasets import SPLITS, DataSource
+from cache.shards import (
+    DTYPES,
+    RECORD_ARRAYS,
+    REGION_DATASETS,
+    SCHEMA_VERSION,
+    SHARD_GLOB,
+    STATUS_NAMES,
+    TOKEN_DATASETS,
+    TokenSpec,
+    file_sha256,
+    open_shard,
+    read_manifest,
+)
+
+# Rows read at once when scanning token tensors (bounded memory for B/32-size shards).
+_BLOCK_ROWS = 256
+# Messages kept per (file, check); the rest are counted in one summary line.
+_MAX_PER_CHECK = 20
+
+
+@dataclass
+class VerifyReport:
+    ok: bool  # True when no problem was found
+    problems: list[str] = field(default_factory=list)  # one readable line per problem
+    checked: dict = field(default_factory=dict)  # what was looked at: counts of shards, rows, bytes, keys
+
+
+class _Problems:
+    """Collects messages, keeping at most _MAX_PER_CHECK per (file, check) so a shard full of NaN
+    gives a readable report, not one line per row."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.dropped: dict[tuple[str, str], int] = defaultdict(int)
+        self.kept: dict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, where: str, check: str, message: str) -> None:
+        if self.kept[where, check] < _MAX_PER_CHECK:
+            self.kept[where, check] += 1
+            self.lines.append(message)
+        else:
+            self.dropped[where, check] += 1
+
+    def finish(self) -> list[str]:
+        extra = [
+            f"{where}: ... and {n} more '{check}' problems" for (where, check), n in self.dropped.items()
+        ]
+        return self.lines + extra
+
+
+def verify_cache(cache_dir, data: DataSource | None = None) -> VerifyReport:
+    """Check a cache folder; returns a VerifyReport (raises ValueError only if it is not a cache).
+
+    Checks: every manifest shard exists and matches its sha256; no stray or .tmp shard; shard
+    attributes, dataset shapes/dtypes, row counts, keys and per-image status/size/counts agree with
+    the manifest; status codes valid; num_regions in [0, K]; region padding zero; no NaN/inf; boxes
+    in [0, 1] with x2 >= x1, y2 >= y1; non-ok images have zero tokens. With `data`, every image key
+    of each split file present (train/valid/test) is in the cache and every cache key is in a split.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    spec = TokenSpec.from_dict(manifest["spec"])
+    problems = _Problems()
+    checked = {"shards": 0, "rows": 0, "images": len(manifest["images"]), "bytes_hashed": 0}
+
+    listed = [shard["file"] for shard in manifest["shards"]]
+    for path in sorted(cache_dir.iterdir()):
+        if path.name.endswith(".tmp"):
+            problems.add(
+                path.name,
+                "tmp",
+                f"{path.name}: leftover temporary file of an interrupted extraction; delete it",
+            )
+        elif fnmatch.fnmatch(path.name, SHARD_GLOB) and path.name not in listed:
+            problems.add(path.name, "stray", f"{path.name}: stray shard, not listed in manifest.json")
+
+    images_by_shard: dict[str, list[dict]] = defaultdict(list)
+    seen: set[str] = set()
+    for image in manifest["images"]:
+        where = image["shard"]
+        if image["key"] in seen:
+            problems.add(where, "duplicate", f"manifest.json: image key {image['key']!r} is listed twice")
+        seen.add(image["key"])
+        if where not in listed:
+            problems.add(
+                where, "unknown shard", f"manifest.json: image {image['key']!r} names unlisted shard {where}"
+            )
+        images_by_shard[where].append(image)
+
+    for shard in manifest["shards"]:
+        name, path = shard["file"], cache_dir / shard["file"]
+        if not path.is_file():
+            problems.add(name, "missing", f"{name}: shard listed in manifest.json is missing")
+            continue
+        checked["shards"] += 1
+        checked["bytes_hashed"] += path.stat().st_size
+        if file_sha256(path) != shard["sha256"]:
+            problems.add(
+                name, "sha256", f"{name}: sha256 differs from manifest.json (the file changed or is corrupt)"
+            )
+        try:
+            with open_shard(path) as f:
+                checked["rows"] += _check_shard(
+                    f, name, shard["rows"], images_by_shard[name], manifest, spec, problems
+                )
+        except (OSError, KeyError, ValueError, RuntimeError, TypeError) as err:
+            # Flipped bytes can break HDF5 structures in many ways; each surfaces as one of these.
+            problems.add(name, "unreadable", f"{name}: cannot be read by HDF5 ({type(err).__name__}: {err})")
+
+    if data is not None:
+        checked.update(_check_data(data, images_by_shard, problems))
+
+    lines = problems.finish()
+    return VerifyReport(ok=not lines, problems=lines, checked=checked)
+
+
+def _check_shard(
+    f, name: str, rows: int, images: list[dict], manifest: dict, spec: TokenSpec, problems: _Problems
+) -> int:
+    """Check one open shard; returns the rows it holds."""
+    attrs = f.attrs
+    if not bool(attrs.get("complete", False)):
+        problems.add(name, "attrs", f"{name}: attribute complete is not True (shard was never committed)")
+    if attrs.get("fingerprint") != manifest["fingerprint"]:
+        problems.add(
+            name, "attrs", f"{name}: fingerprint {attrs.get('fingerprint')} differs from manifest.json"
+        )
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        problems.add(
+            name, "attrs", f"{name}: schema_version {attrs.get('schema_version')} is not {SCHEMA_VERSION}"
+        )
+
+    n = f["keys"].shape[0] if "keys" in f else 0
+    layout_ok = True
+    for dataset, shape in spec.shapes().items():
+        if dataset not in f:
+            problems.add(name, "layout", f"{name}: dataset {dataset} is missing")
+            layout_ok = False
+            continue
+        found = f[dataset]
+        dtype_ok = found.dtype.kind == "S" if dataset == "keys" else found.dtype == DTYPES[dataset]
+        if found.shape != (n, *shape) or not dtype_ok:
+            problems.add(
+                name,
+                "layout",
+                f"{name}: dataset {dataset} is {found.shape} {found.dtype}, expected {(n, *shape)} "
+                f"{'bytes' if dataset == 'keys' else DTYPES[dataset]}",
+            )
+            layout_ok = False
+    if n != rows or len(images) != rows:
+        problems.add(
+            name,
+            "rows",
+            f"{name}: holds {n} rows; manifest.json says {rows} rows and lists {len(images)} images",
+        )
+    if not layout_ok:
+        return n
+
+    keys = [key.decode("utf-8", errors="replace") for key in f["keys"][:]]
+    status = f["status"][:]
+    sizes = f["image_size"][:]  # (N, 2) width, height
+    counts = f["num_regions"][:]
+    for image in images:
+        row = image["row"]
+        if not 0 <= row < n:
+            problems.add(
+                name,
+                "rows",
+                f"{name}: manifest.json puts {image['key']!r} at row {row}, the shard has {n} rows",
+            )
+            continue
+        where = f"{name} row {row} (key {keys[row]!r})"
+        if keys[row] != image["key"]:
+            problems.add(name, "manifest", f"{where}: manifest.json says key {image['key']!r}")
+            continue
+        on_disk = {
+            "status": STATUS_NAMES[status[row]] if status[row] < len(STATUS_NAMES) else int(status[row]),
+            "width": int(sizes[row, 0]),
+            "height": int(sizes[row, 1]),
+            "num_regions": int(counts[row]),
+        }
+        for what, value in on_disk.items():
+            if image.get(what) != value:
+                problems.add(
+                    name, "manifest", f"{where}: {what} is {value!r}, manifest.json says {image.get(what)!r}"
+                )
+
+    for start in range(0, n, _BLOCK_ROWS):
+        _check_block(f, name, keys, status, counts, slice(start, min(n, start + _BLOCK_ROWS)), spec, problems)
+    return n
+
+
+def _check_block(f, name, keys, status, counts, rows: slice, spec: TokenSpec, problems: _Problems) -> None:
+    """Content checks on rows [rows.start, rows.stop) of one shard, vectorised over the block."""
+    K = spec.max_regions
+    arrays = {dataset: f[dataset][rows] for dataset in RECORD_ARRAYS}  # each (B, ...)
+    codes, count = status[rows], counts[rows]  # (B,), (B,)
+    B = len(codes)
+    padding = np.arange(K)[None, :] >= np.clip(count, 0, K)[:, None]  # (B, K) True on padding rows
+    boxes = arrays["region_boxes"]  # (B, K, 4) xyxy
+    outside = ((boxes < 0) | (boxes > 1)).any(axis=2) & ~padding  # (B, K)
+    inverted = ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])) & ~padding  # (B, K)
+    tokens_set = np.zeros(B, dtype=bool)
+    for dataset in TOKEN_DATASETS:
+        tokens_set |= arrays[dataset].reshape(B, -1).any(axis=1)
+
+    checks = [
+        (
+            "status",
+            codes >= len(STATUS_NAMES),
+            lambda i: f"status code {codes[i]} is not one of 0..{len(STATUS_NAMES) - 1}",
+        ),
+        ("num_regions", (count < 0) | (count > K), lambda i: f"num_regions {count[i]} outside [0, {K}]"),
+    ]
+    for dataset in RECORD_ARRAYS:
+        finite = np.isfinite(arrays[dataset].reshape(B, -1)).all(axis=1)
+        checks.append((f"nan {dataset}", ~finite, lambda i, d=dataset: f"{d} contains NaN or inf"))
+    for dataset in REGION_DATASETS:
+        set_rows = arrays[dataset].reshape(B, K, -1).any(axis=2)  # (B, K)
+        checks.append(
+            (
+                f"padding {dataset}",
+                (set_rows & padding).any(axis=1),
+                lambda i, d=dataset: f"{d} rows >= num_regions ({count[i]}) are not zero",
+            )
+        )
+    checks += [
+        ("boxes", outside.any(axis=1), lambda i: "region_boxes outside [0, 1]"),
+        ("boxes", inverted.any(axis=1), lambda i: "region_boxes with x2 < x1 or y2 < y1"),
+        (
+            "not ok tokens",
+            (codes != 0) & tokens_set,
+            lambda i: "status is not ok but its tokens are not zero",
+        ),
+    ]
+    for check, bad, message in checks:
+        for i in np.flatnonzero(bad):
+            row = rows.start + int(i)
+            problems.add(name, check, f"{name} row {row} (key {keys[row]!r}): {message(i)}")
+
+
+def _check_data(data: DataSource, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:
+    """Every split key in the cache, every cache key in some split; returns counts for `checked`."""
+    location = {
+        image["key"]: f"{shard} row {image['row']}"
+        for shard, images in images_by_shard.items()
+        for image in images
+    }
+    in_splits: set[str] = set()
+    counted = {}
+    for split in SPLITS:
+        path = data.split_path(split)
+        if not path.is_file():
+            continue
+        try:
+            posts = data.read(split, require_tags=False).posts
+        except ValueError as err:
+            problems.add(path.name, "read", f"{path.name}: cannot be read ({err})")
+            continue
+        counted[split] = len(posts)
+        for post in posts:
+            in_splits.add(post.key)
+            if post.key not in location:
+                problems.add(
+                    path.name, "not cached", f"{path}:{post.line}: image key {post.key!r} is not in the cache"
+                )
+    if not counted:
+        problems.add(
+            str(data.data_dir),
+            "splits",
+            f"{data.data_dir}: no readable {'/'.join(SPLITS)}.txt to check against",
+        )
+        return {"splits": counted}
+    for key in sorted(set(location) - in_splits):
+        where = location[key]
+        problems.add(
+            where.split()[0], "not in data", f"{where} (key {key!r}): in no split of {data.data_dir}"
+        )
+    return {"splits": counted, "data_keys": len(in_splits)}
