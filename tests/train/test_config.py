@@ -1,0 +1,176 @@
+"""Stage-two configs: base.toml, experiment diffs, --set overrides, validation messages."""
+
+import dataclasses
+import re
+
+import pytest
+
+import configs
+from train.config import ModelConfig, RunConfig, TrainConfig, base_config_path, load_run_config
+
+
+def write(tmp_path, text: str, name: str = "diff.toml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_base_toml_restates_every_default():
+    assert load_run_config() == (ModelConfig(), TrainConfig())
+    data = configs.load_toml(base_config_path())
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        assert list(data[section]) == [f.name for f in dataclasses.fields(cls)]
+
+
+def test_base_toml_has_a_comment_above_every_key():
+    lines = base_config_path().read_text(encoding="utf-8").splitlines()
+    keys = [i for i, line in enumerate(lines) if re.match(r"^\w+ = ", line)]
+    assert len(keys) == len(dataclasses.fields(ModelConfig)) + len(dataclasses.fields(TrainConfig))
+    for i in keys:
+        assert lines[i - 1].startswith("#"), lines[i]
+
+
+def test_diff_file_changes_only_its_keys(tmp_path):
+    diff = write(tmp_path, "[model]\nqfnet_layers = 1\nfusion = 'gated'\n[train]\nepochs = 3\n")
+    model, train = load_run_config(config_file=diff)
+    assert model == dataclasses.replace(ModelConfig(), qfnet_layers=1, fusion="gated")
+    assert train == dataclasses.replace(TrainConfig(), epochs=3)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in configs.path("experiments").glob("*.toml")))
+def test_shipped_experiments_load(name):
+    model, _ = load_run_config(config_file=configs.path("experiments", f"{name}.toml"))
+    assert model != ModelConfig()
+
+
+def test_overrides_parse_toml_literals_and_bare_strings(tmp_path):
+    diff = write(tmp_path, "[model]\nqfnet_layers = 3\n")
+    model, train = load_run_config(
+        config_file=diff,
+        overrides=[
+            "model.qfnet_layers=1",  # later than the file: wins
+            "model.adaptive_gate=false",
+            "model.alignment_loss_weight=1",  # an integer is a fine float
+            "model.text_encoder=/models/bert-base",  # bare string
+            "train.device='cuda:1'",
+            "train.lr_crf = 1e-2",
+        ],
+    )
+    assert (model.qfnet_layers, model.adaptive_gate, model.text_encoder) == (1, False, "/models/bert-base")
+    assert model.alignment_loss_weight == 1.0 and isinstance(model.alignment_loss_weight, float)
+    assert (train.device, train.lr_crf) == ("cuda:1", 0.01)
+
+
+def test_unknown_section_and_key_name_the_file(tmp_path):
+    diff = write(tmp_path, "[modle]\nqfnet_layers = 1\n")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{diff}: unknown section [modle]; expected [model], [train]")
+    ):
+        load_run_config(config_file=diff)
+    diff = write(tmp_path, "[model]\nqfnet_layer = 1\n")
+    with pytest.raises(ValueError, match=re.escape(f"{diff}: unknown key model.qfnet_layer; known keys: ")):
+        load_run_config(config_file=diff)
+    diff = write(tmp_path, "fusion = 'qgf'\n")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{diff}: key 'fusion' is outside a table; put it under [model]")
+    ):
+        load_run_config(config_file=diff)
+    base = write(tmp_path, "[train]\nnope = 1\n", name="base.toml")
+    with pytest.raises(ValueError, match=re.escape(f"{base}: unknown key train.nope")):
+        load_run_config(base_toml=base)
+
+
+def test_unknown_override_key_names_the_override():
+    with pytest.raises(ValueError, match=re.escape("--set model.nope=1: unknown key model.nope")):
+        load_run_config(overrides=["model.nope=1"])
+    with pytest.raises(ValueError, match=re.escape("--set data.x=1: unknown section [data]")):
+        load_run_config(overrides=["data.x=1"])
+
+
+@pytest.mark.parametrize("text", ["model.qfnet_layers", "qfnet_layers=1", "=1", "model.=1"])
+def test_malformed_override(text):
+    with pytest.raises(ValueError, match=re.escape(f"--set {text}: expected section.key=value")):
+        load_run_config(overrides=[text])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ValueError, match="config file not found"):
+        load_run_config(config_file=tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.qfnet_layers=two", "model.qfnet_layers must be an integer, got 'two'"),
+        ("model.qfnet_layers=true", "model.qfnet_layers must be an integer, got True"),
+        ("model.qfnet_layers=1.5", "model.qfnet_layers must be an integer, got 1.5"),
+        ("model.adaptive_gate=1", "model.adaptive_gate must be true or false, got 1"),
+        ("model.dropout=high", "model.dropout must be a number, got 'high'"),
+        ("model.text_encoder=3", "model.text_encoder must be a string, got 3"),
+        (
+            "model.text_encoder=''",
+            "model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''",
+        ),
+        ("model.fusion=mlp", "model.fusion must be one of qgf, adaptive, concat, gated; got 'mlp'"),
+        ("model.qfnet_layers=0", "model.qfnet_layers must be >= 1, got 0"),
+        ("model.qfnet_heads=0", "model.qfnet_heads must be >= 1, got 0"),
+        ("model.slots_per_type=0", "model.slots_per_type must be >= 1, got 0"),
+        ("model.alignment_loss_weight=-0.1", "model.alignment_loss_weight must be >= 0, got -0.1"),
+        ("model.alignment_temperature=0", "model.alignment_temperature must be > 0, got 0.0"),
+        ("model.image_dropout=1.0", "model.image_dropout must be in [0, 1), got 1.0"),
+        ("model.dropout=-0.1", "model.dropout must be in [0, 1), got -0.1"),
+        ("model.max_length=2", "model.max_length must be >= 3, got 2"),
+        ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.patience=0", "train.patience must be >= 1, got 0"),
+        ("train.lr_encoder=0", "train.lr_encoder must be > 0, got 0.0"),
+        ("train.lr_fusion=-1e-4", "train.lr_fusion must be > 0, got -0.0001"),
+        ("train.lr_crf=0", "train.lr_crf must be > 0, got 0.0"),
+        ("train.max_grad_norm=0", "train.max_grad_norm must be > 0, got 0.0"),
+        ("train.weight_decay=-1", "train.weight_decay must be >= 0, got -1.0"),
+        ("train.warmup_ratio=1", "train.warmup_ratio must be in [0, 1), got 1.0"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("train.num_workers=-1", "train.num_workers must be >= 0, got -1"),
+        ("train.device=gpu", "train.device must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
+        ("train.amp=fp8", "train.amp must be one of auto, off, fp16, bf16; got 'fp8'"),
+    ],
+)
+def test_invalid_values(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(overrides=[override])
+
+
+def test_no_visual_tokens_without_text_only():
+    message = "model.use_patches and model.use_regions are both false"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(use_patches=False, use_regions=False)
+    assert ModelConfig(use_patches=False, use_regions=False, text_only=True).text_only
+
+
+def test_dict_round_trips(tmp_path):
+    model = ModelConfig(fusion="concat", qfnet_layers=1)
+    train = TrainConfig(epochs=2, device="cpu")
+    assert ModelConfig.from_dict(model.to_dict()) == model
+    assert TrainConfig.from_dict(train.to_dict()) == train
+    run = RunConfig(model, train, cache_dir="/c", data={"data_dir": "/d"}, out_dir=str(tmp_path), resume=True)
+    assert RunConfig.from_dict(run.to_dict()) == run
+    assert ModelConfig.from_dict({"qfnet_layers": 3}) == ModelConfig(qfnet_layers=3)
+
+
+def test_from_dict_errors(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("run/config.json: unknown key model.heads; known keys:")):
+        ModelConfig.from_dict({"heads": 2}, source="run/config.json")
+    data = RunConfig(ModelConfig(), TrainConfig(), "/c", {}, "out").to_dict()
+    with pytest.raises(ValueError, match=re.escape("x.json: unknown run config keys ['extra']")):
+        RunConfig.from_dict({**data, "extra": 1}, source="x.json")
+    del data["out_dir"]
+    with pytest.raises(ValueError, match=re.escape("x.json: run config is missing ['out_dir']")):
+        RunConfig.from_dict(data, source="x.json")
+
+
+def test_run_config_errors():
+    with pytest.raises(ValueError, match=re.escape("cache_dir is required unless model.text_only is true")):
+        RunConfig(ModelConfig(), TrainConfig(), None, {}, "out")
+    assert RunConfig(ModelConfig(text_only=True), TrainConfig(), None, {}, "out").cache_dir is None
+    with pytest.raises(ValueError, match=re.escape("out_dir must name the run folder, got ''")):
+        RunConfig(ModelConfig(), TrainConfig(), "/c", {}, "")

@@ -1,0 +1,115 @@
+"""Fusion registry, output shapes, and the rule that a masked image contributes exactly nothing."""
+
+import pytest
+import torch
+from torch import nn
+
+from tests.train.factories import make_batch, make_posts, tiny_config, tiny_model
+from train.config import FUSION_NAMES
+from train.fusion import FUSIONS, QueryGuidedFusion, build_fusion, masked_attention
+
+
+def fused(model, batch) -> torch.Tensor:
+    """The fusion output (B, T, D) of a batch, through the model's public pieces."""
+    words = model.encode_text(batch)
+    visual, visual_mask = model.encode_visual(batch)
+    pooled = (
+        model.visual.encode_global(batch, batch["image_mask"])
+        if model.visual.global_proj is not None
+        else None
+    )
+    return model.fusion(words, batch["word_mask"], visual, visual_mask, pooled)
+
+
+def scramble_image(batch: dict, row: int, seed: int) -> dict:
+    """A copy of batch whose post `row` has different random cached tokens (its masks unchanged)."""
+    g = torch.Generator().manual_seed(seed)
+    changed = dict(batch)
+    for key in ("patch_tokens", "global_embed", "region_feats", "region_scores", "region_boxes"):
+        changed[key] = batch[key].clone()
+        changed[key][row] = torch.rand(batch[key][row].shape, generator=g) * 100
+    changed["region_labels"] = batch["region_labels"].clone()
+    changed["region_labels"][row] = torch.randint(0, 91, batch["region_labels"][row].shape, generator=g)
+    return changed
+
+
+def test_registry_names_match_the_config():
+    assert tuple(FUSIONS) == FUSION_NAMES
+
+
+@pytest.mark.parametrize("name", FUSION_NAMES)
+def test_output_shape(name):
+    model = tiny_model(fusion=name).eval()
+    batch = make_batch(make_posts(3), statuses={"img1": "missing"})
+    out = fused(model, batch)
+    B, T = batch["word_mask"].shape
+    assert out.shape == (B, T, model.encoder.config.hidden_size)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", FUSION_NAMES)
+def test_masked_image_contributes_exactly_nothing(name):
+    """The post's output does not move when its masked image's tokens change (bitwise)."""
+    model = tiny_model(fusion=name).eval()
+    posts = make_posts(4, seed=3)
+    batch = make_batch(posts, statuses={"img1": "missing"})
+    # The cached tokens of a missing image are zero; give it garbage instead, twice, and with its
+    # patch/region masks switched on: only image_mask says the image must be ignored.
+    batch["patch_mask"][1] = True
+    batch["region_mask"][1] = True
+    first, second = scramble_image(batch, 1, seed=0), scramble_image(batch, 1, seed=1)
+    with torch.no_grad():
+        reference, a, b = fused(model, batch), fused(model, first), fused(model, second)
+        assert torch.equal(a[1], reference[1]) and torch.equal(b[1], reference[1])
+        # A post whose image IS used does change when its tokens change.
+        assert not torch.equal(fused(model, scramble_image(batch, 0, seed=2))[0], reference[0])
+        # And the whole model agrees: same emissions-driven decode and same loss for the masked post.
+        assert model.decode(first)[1] == model.decode(second)[1]
+
+
+@pytest.mark.parametrize("name", FUSION_NAMES)
+def test_masked_image_gets_no_gradient(name):
+    model = tiny_model(fusion=name, dropout=0.0, image_dropout=0.0).train()
+    batch = make_batch(make_posts(3), statuses={"img0": "corrupt"})
+    for key in ("patch_tokens", "global_embed", "region_feats"):
+        batch[key].requires_grad_(True)
+    model(batch)["loss"].backward()
+    for key in ("patch_tokens", "global_embed", "region_feats"):
+        grad = batch[key].grad
+        assert grad is None or (not grad[0].any() and torch.isfinite(grad).all()), key
+
+
+def test_masked_attention_of_an_all_masked_row_is_zero_with_finite_gradients():
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    query = torch.randn(2, 3, 8, requires_grad=True)
+    keys = torch.randn(2, 4, 8, requires_grad=True)
+    key_mask = torch.tensor([[True, False, True, False], [False, False, False, False]])
+    out = masked_attention(attention, query, keys, key_mask)
+    assert torch.equal(out[1], torch.zeros(3, 8)) and out[0].abs().sum() > 0
+    out.sum().backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(keys.grad).all()
+    assert not keys.grad[1].any()
+
+
+def test_adaptive_gate_switch():
+    types = ["LOC", "PER"]
+    assert build_fusion(tiny_config(adaptive_gate=False), 32, types).gate is None
+    assert isinstance(build_fusion(tiny_config(adaptive_gate=True), 32, types).gate, nn.Linear)
+    # "adaptive" is QGF with the gate forced on, whatever adaptive_gate says.
+    adaptive = build_fusion(tiny_config(fusion="adaptive", adaptive_gate=False), 32, types)
+    assert isinstance(adaptive, QueryGuidedFusion) and adaptive.gate is not None
+
+
+def test_qgf_has_slots_per_type_and_layers():
+    fusion = build_fusion(tiny_config(slots_per_type=3, qfnet_layers=2), 32, ["LOC", "ORG", "PER"])
+    assert fusion.slots.shape == (9, 32) and len(fusion.layers) == 2
+    assert build_fusion(tiny_config(fusion="gated", qfnet_layers=3), 32, ["X"]).layers.__len__() == 3
+
+
+def test_gated_fusion_leaves_image_less_words_untouched():
+    model = tiny_model(fusion="gated").eval()
+    batch = make_batch(make_posts(3), statuses={"img2": "missing"})
+    with torch.no_grad():
+        words = model.encode_text(batch)
+        out = fused(model, batch)
+    assert torch.equal(out[2], words[2]) and not torch.equal(out[0], words[0])

@@ -1,0 +1,207 @@
+"""MNERModel: contract shapes, text-only mode, truncation, losses, parameter groups, a loss regression."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cache.datasets import Post
+from tests.train.factories import LABELS, make_batch, make_posts, tiny_model, tiny_spec, tiny_tokenizer
+from train.config import ModelConfig, TrainConfig
+from train.metrics import entity_scores
+from train.model import MNERModel, entity_types
+
+# First-step training loss of tiny_model(seed=0) on make_batch(make_posts(4, seed=0)) after
+# torch.manual_seed(0), recorded with torch 2.14.1 / transformers 5.23.0 on CPU.
+FIRST_LOSS = 10.87751579284668
+
+
+def test_first_step_loss_regression_and_one_batch_overfits():
+    model = tiny_model(seed=0).train()
+    batch = make_batch(make_posts(4, seed=0))
+    torch.manual_seed(0)
+    out = model(batch)
+    assert out["loss"].item() == pytest.approx(FIRST_LOSS, abs=1e-4)
+    assert out["loss"].item() == pytest.approx(
+        out["crf_loss"].item() + 0.1 * out["align_loss"].item(), abs=1e-5
+    )
+    optimizer = torch.optim.AdamW(
+        model.param_groups(TrainConfig(lr_encoder=1e-3, lr_fusion=1e-3, lr_crf=1e-2))
+    )
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_shapes_of_the_public_methods():
+    model = tiny_model().eval()
+    batch = make_batch(make_posts(3))
+    B, T = batch["word_mask"].shape
+    D = model.encoder.config.hidden_size
+    spec = tiny_spec()
+    assert model.encode_text(batch).shape == (B, T, D)
+    visual, mask = model.encode_visual(batch)
+    assert visual.shape == (B, spec.num_patches + spec.max_regions, D) and mask.shape == visual.shape[:2]
+    paths = model.decode(batch)
+    assert [len(p) for p in paths] == batch["num_words"].tolist()
+    assert all(0 <= i < len(LABELS) for p in paths for i in p)
+    out = model(batch)
+    assert set(out) == {"loss", "crf_loss", "align_loss"} and all(v.dim() == 0 for v in out.values())
+
+
+def test_word_states_come_from_the_first_sub_word():
+    model = tiny_model().eval()
+    posts = [Post(key="a", words=("tokenization", "kaggle", "paris"), tags=("O", "O", "B-LOC"), line=1)]
+    batch = make_batch(posts, with_visual=False)
+    encoded = tiny_tokenizer()(list(posts[0].words), is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model.encoder(**encoded).last_hidden_state[0]  # (S, D)
+        words = model.encode_text(batch)[0]  # (T, D)
+    firsts = [encoded.word_ids().index(w) for w in range(3)]
+    assert firsts == [1, 3, 5]
+    assert torch.allclose(words, states[firsts], atol=1e-6)
+
+
+def test_patch_and_region_switches():
+    spec = tiny_spec()
+    batch = make_batch(make_posts(2))
+    only_regions = tiny_model(use_patches=False).eval()
+    assert not hasattr(only_regions.visual, "patch_proj")
+    assert only_regions.encode_visual(batch)[0].shape[1] == spec.max_regions
+    only_patches = tiny_model(use_regions=False).eval()
+    assert not hasattr(only_patches.visual, "region_proj") and not hasattr(only_patches.visual, "label_embed")
+    assert only_patches.encode_visual(batch)[0].shape[1] == spec.num_patches
+
+
+def test_text_only_builds_no_visual_modules():
+    model = tiny_model(text_only=True)
+    assert model.visual is None and model.fusion is None
+    names = [name for name, _ in model.named_parameters()]
+    assert not [n for n in names if n.startswith(("visual.", "fusion."))]
+    assert {n.split(".")[0] for n in names} == {"encoder", "emission", "crf"}
+    batch = make_batch(make_posts(3), with_visual=False)
+    out = model(batch)
+    assert out["align_loss"].item() == 0.0 and out["loss"].item() == out["crf_loss"].item()
+    assert [len(p) for p in model.eval().decode(batch)] == batch["num_words"].tolist()
+    with pytest.raises(ValueError, match=r"this model is text-only"):
+        model.encode_visual(batch)
+
+
+def test_truncated_words_are_predicted_o_and_still_scored():
+    model = tiny_model().eval()
+    words = ("obama",) + ("tokenization",) * 6 + ("london",)
+    tags = ("B-PER",) + ("O",) * 6 + ("B-LOC",)
+    post = Post(key="img0", words=words, tags=tags, line=1)
+    batch = make_batch([post], max_length=8)
+    seen = int(batch["word_mask"].sum())
+    assert seen == 4 and batch["num_truncated"].tolist() == [len(words) - seen]
+    (path,) = model.decode(batch)
+    assert len(path) == len(words) and path[seen:] == [LABELS.index("O")] * (len(words) - seen)
+    predicted = [LABELS[i] for i in path]
+    scores = entity_scores([list(tags)], [predicted])
+    # The LOC entity past the limit stays in the gold support and cannot be found.
+    assert scores["per_type"]["LOC"]["support"] == 1 and scores["per_type"]["LOC"]["correct"] == 0
+
+
+def test_alignment_loss_is_infonce_over_posts_with_an_image():
+    model = tiny_model(dropout=0.0, image_dropout=0.0, alignment_loss_weight=0.5).eval()
+    batch = make_batch(make_posts(5, seed=2), statuses={"img3": "missing"})
+    with torch.no_grad():
+        out = model(batch)
+        words, word_mask = model.encode_text(batch), batch["word_mask"]
+        visual, visual_mask = model.encode_visual(batch)
+    rows = [0, 1, 2, 4]
+    text = torch.stack([words[b][word_mask[b]].mean(0) for b in rows])
+    image = torch.stack([visual[b][visual_mask[b]].mean(0) for b in rows])
+    logits = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T / 0.07
+    target = torch.arange(4)
+    expected = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    assert out["align_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["crf_loss"].item() + 0.5 * expected.item(), rel=1e-5)
+    off = tiny_model(alignment_loss_weight=0.0).eval()
+    assert off(batch)["align_loss"].item() == 0.0
+
+
+def test_image_dropout_masks_images_in_training_only():
+    model = tiny_model(dropout=0.0, image_dropout=0.999, alignment_loss_weight=0.0)
+    batch = make_batch(make_posts(3))
+    no_images = dict(batch, image_mask=torch.zeros_like(batch["image_mask"]))
+    model.train()
+    model.encoder.eval()  # the encoder's own dropout (its config's) would blur the comparison
+    torch.manual_seed(0)
+    dropped = model(batch)["loss"]
+    with torch.no_grad():
+        assert dropped.item() == pytest.approx(model.eval()(no_images)["loss"].item(), abs=1e-6)
+        assert model(batch)["loss"].item() != pytest.approx(dropped.item(), abs=1e-6)
+
+
+def test_param_groups():
+    model = tiny_model()
+    train_cfg = TrainConfig(lr_encoder=1e-5, lr_fusion=2e-4, lr_crf=3e-3, weight_decay=0.05)
+    groups = model.param_groups(train_cfg)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"encoder", "encoder_no_decay", "fusion", "fusion_no_decay", "crf", "crf_no_decay"}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(set(grouped)) == len(grouped)
+    lrs = {"encoder": 1e-5, "fusion": 2e-4, "crf": 3e-3}
+    for g in groups:
+        assert g["lr"] == lrs[g["name"].split("_")[0]]
+        assert g["weight_decay"] == (0.0 if g["name"].endswith("_no_decay") else 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["name"].endswith("_no_decay") for p in g["params"]}
+    decay = {names[id(p)] for g in groups if not g["name"].endswith("_no_decay") for p in g["params"]}
+    layer_norms = {
+        f"{module_name}.{param_name}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for param_name, _ in module.named_parameters()
+    }
+    biases = {n for n in names.values() if n.endswith("bias")}  # MultiheadAttention has in_proj_bias
+    assert layer_norms and biases and layer_norms | biases <= no_decay
+    assert no_decay - layer_norms - biases == {"crf.crf.start_transitions", "crf.crf.end_transitions"}
+    assert "crf.crf.transitions" in decay and "emission.weight" in decay
+    assert {names[id(p)] for p in by_name["crf"]["params"] + by_name["crf_no_decay"]["params"]} == {
+        "crf.crf.transitions", "crf.crf.start_transitions", "crf.crf.end_transitions",
+    }  # fmt: skip
+    # Optimisers accept the groups as they are.
+    torch.optim.AdamW(groups)
+
+
+def test_heads_must_divide_the_width():
+    with pytest.raises(ValueError, match=r"text encoder's width 32 is not divisible by model.qfnet_heads=3"):
+        tiny_model(qfnet_heads=3)
+
+
+def test_multimodal_model_needs_a_spec():
+    with pytest.raises(ValueError, match=r"a multimodal model needs the cache's TokenSpec"):
+        MNERModel(ModelConfig(text_encoder="tiny-bert", qfnet_heads=2), LABELS, None, "tiny-bert")
+
+
+def test_region_labels_outside_the_detector_classes():
+    model = tiny_model().eval()
+    batch = make_batch(make_posts(2))
+    batch["region_labels"][0, 0] = 91
+    with pytest.raises(ValueError, match=r"region label ids must lie in \[0, 91\)"):
+        model.decode(batch)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (["B-PER", "O"], "label names must start with 'O'"),
+        (["O", "PER"], "label names must be 'O', 'B-<type>' or 'I-<type>'; got ['PER']"),
+        (["O", "B-"], "label names must be 'O', 'B-<type>' or 'I-<type>'; got ['B-']"),
+        (["O", "B-X", "B-X"], "label names repeat"),
+        (["O"], "the label set has no entity type"),
+    ],
+)
+def test_label_name_errors(labels, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        entity_types(labels)
+    assert entity_types(LABELS) == ["LOC", "PER"]

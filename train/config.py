@@ -1,0 +1,281 @@
+"""Stage-two configs: the model, the training run, and how they are read from TOML.
+
+A run's settings come from three layers, later ones winning:
+
+    configs/train/base.toml                 every field, with a comment each
+    an experiment file (configs/experiments/no_align.toml, ...)   only the keys it changes
+    --set model.qfnet_layers=1 ...          command-line overrides
+
+`load_run_config` merges them and returns validated `ModelConfig` and `TrainConfig` objects. The
+knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `qfnet_heads`,
+`slots_per_type`, `alignment_loss_weight`, `alignment_temperature`; MANGO: `image_dropout`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import configs
+
+# Names the fusion registry (train/fusion.py) maps to builders; the model's registry must match.
+FUSION_NAMES = ("qgf", "adaptive", "concat", "gated")
+# "auto": bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU.
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+# "auto": the first CUDA device when there is one, else the CPU.
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Readable names of the value types a config field may hold, for error messages.
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class _Config:
+    """Shared helpers of the flat configs: type checks, dict round trip."""
+
+    SECTION = ""  # the TOML table this config is read from
+
+    def _check_types(self) -> None:
+        # TOML and JSON hand us plain values; a wrong type must fail here, not deep in the model.
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), type(f.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+            elif isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                raise ValueError(f"{self.SECTION}.{f.name} must be {_TYPE_NAMES[expected]}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON/TOML-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict"):
+        """Build from a dict holding some or all fields (missing ones keep their defaults).
+
+        Raises ValueError naming `source` and the key for a key that is not a field.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                raise ValueError(
+                    f"{source}: unknown key {cls.SECTION}.{key}; known keys: {', '.join(sorted(names))}"
+                )
+        return cls(**data)
+
+
+@dataclass
+class ModelConfig(_Config):
+    """The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> CRF."""
+
+    SECTION = "model"
+
+    text_encoder: str = (
+        "minilm"  # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
+    )
+    fusion: str = "qgf"  # registry name: qgf | adaptive | concat | gated (train/fusion.py)
+    qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
+    qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
+    slots_per_type: int = 4  # learnable query slots per entity type (QGF)
+    adaptive_gate: bool = True  # per-word sigmoid gate between text states and fused states (AFDVQF)
+    use_patches: bool = True  # visual tokens include the CLIP patch tokens
+    use_regions: bool = True  # visual tokens include the detector region tokens
+    text_only: bool = False  # no image at all: no visual modules are built, the cache is never read
+    alignment_loss_weight: float = 0.1  # weight of the text-image InfoNCE loss; 0 turns it off
+    alignment_temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
+    image_dropout: float = (
+        0.1  # training only: drop all visual tokens of a post with this probability (MANGO)
+    )
+    dropout: float = 0.1  # dropout in the fusion, the visual tokens and before the emission layer
+    bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
+    max_length: int = (
+        128  # sub-words per post given to the encoder, specials included; later words are predicted O
+    )
+
+    def __post_init__(self):
+        self._check_types()
+        if not self.text_encoder:
+            raise ValueError("model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''")
+        if self.fusion not in FUSION_NAMES:
+            raise ValueError(f"model.fusion must be one of {', '.join(FUSION_NAMES)}; got {self.fusion!r}")
+        for name in ("qfnet_layers", "qfnet_heads", "slots_per_type"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.text_only and not (self.use_patches or self.use_regions):
+            raise ValueError(
+                "model.use_patches and model.use_regions are both false: there would be no visual tokens; "
+                "set model.text_only = true for a text-only model"
+            )
+        if self.alignment_loss_weight < 0:
+            raise ValueError(f"model.alignment_loss_weight must be >= 0, got {self.alignment_loss_weight}")
+        if self.alignment_temperature <= 0:
+            raise ValueError(f"model.alignment_temperature must be > 0, got {self.alignment_temperature}")
+        for name in ("image_dropout", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_length < 3:
+            # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
+            raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig(_Config):
+    """The optimisation: schedule, learning rates, early stopping, hardware."""
+
+    SECTION = "train"
+
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 16  # posts per step
+    lr_encoder: float = 3e-5  # AdamW learning rate of the text encoder
+    lr_fusion: float = 1e-4  # learning rate of the visual token builder, fusion and emission layer
+    lr_crf: float = 5e-3  # learning rate of the CRF transitions (they start at zero and need to move fast)
+    weight_decay: float = 0.01  # AdamW weight decay on matrices; none on biases and LayerNorm
+    warmup_ratio: float = 0.1  # fraction of all steps spent in linear warm-up, then linear decay to 0
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
+    patience: int = 3  # stop after this many epochs without a better valid F1
+    seed: int = 42  # seeds Python, NumPy and torch (model init, shuffling, dropout, image dropout)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # mixed precision: auto | off | fp16 | bf16
+    num_workers: int = 0  # DataLoader worker processes (the cache reader is fork-safe)
+    cache_in_memory: bool = False  # load the whole feature cache into RAM before training
+
+    def __post_init__(self):
+        self._check_types()
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_encoder", "lr_fusion", "lr_crf", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("seed", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"train.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"train.amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved whole as the run folder's config.json."""
+
+    model: ModelConfig  # the model
+    train: TrainConfig  # the optimisation
+    cache_dir: str | None  # the feature cache folder; None only for a text-only model
+    data: (
+        dict  # keyword arguments of cache.datasets.resolve_data (data_dir, or dataset + data_root, image_dir)
+    )
+    out_dir: str  # the run folder to create (or resume)
+    resume: bool = False  # continue from out_dir/checkpoint instead of starting fresh
+
+    def __post_init__(self):
+        if not self.out_dir:
+            raise ValueError("out_dir must name the run folder, got ''")
+        if self.cache_dir is None and not self.model.text_only:
+            raise ValueError("cache_dir is required unless model.text_only is true")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict, nested by section."""
+        return {
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "cache_dir": self.cache_dir,
+            "data": dict(self.data),
+            "out_dir": self.out_dir,
+            "resume": self.resume,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> RunConfig:
+        """Inverse of `to_dict`; raises ValueError naming `source` for unknown or missing keys."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: unknown run config keys {unknown}; known keys: {', '.join(names)}")
+        missing = [name for name in ("model", "train", "cache_dir", "data", "out_dir") if name not in data]
+        if missing:
+            raise ValueError(f"{source}: run config is missing {missing}")
+        return cls(
+            model=ModelConfig.from_dict(data["model"], source),
+            train=TrainConfig.from_dict(data["train"], source),
+            cache_dir=data["cache_dir"],
+            data=dict(data["data"]),
+            out_dir=data["out_dir"],
+            resume=data.get("resume", False),
+        )
+
+
+# The TOML tables a config file may hold, and the config each one builds.
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def base_config_path() -> Path:
+    """configs/train/base.toml: the commented base every run starts from."""
+    return configs.path("train", "base.toml")
+
+
+def load_run_config(
+    base_toml: str | Path | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[ModelConfig, TrainConfig]:
+    """Merge the base TOML, an experiment diff and `--set` overrides into validated configs.
+
+    Args:
+        base_toml: the base file; None means configs/train/base.toml.
+        config_file: an optional diff over the base (only the keys it sets), e.g.
+            configs/experiments/no_align.toml.
+        overrides: "section.key=value" strings; value is a TOML literal (1, 0.5, true, "x") or a
+            bare string (`model.text_encoder=/models/bert`).
+    Returns:
+        (ModelConfig, TrainConfig).
+    Raises:
+        ValueError naming the file (or the override) and the key for an unknown table or key, a
+        malformed override, a value of the wrong type or out of range.
+    """
+    merged: dict[str, dict] = {name: {} for name in SECTIONS}
+    base = Path(base_toml) if base_toml is not None else base_config_path()
+    for path in [base] + ([Path(config_file)] if config_file is not None else []):
+        _merge(merged, configs.load_toml(path), str(path))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        _merge(merged, {section: {key: value}}, f"--set {text}")
+    return ModelConfig(**merged["model"]), TrainConfig(**merged["train"])
+
+
+def _merge(merged: dict[str, dict], data: dict, source: str) -> None:
+    """Copy `data`'s [model]/[train] keys into `merged`, refusing any name the configs do not have."""
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{source}: key {section!r} is outside a table; put it under [model] or [train]")
+        if section not in SECTIONS:
+            raise ValueError(
+                f"{source}: unknown section [{section}]; expected {', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in table.items():
+            if key not in names:
+                raise ValueError(
+                    f"{source}: unknown key {section}.{key}; known keys: {', '.join(sorted(names))}"
+                )
+            merged[section][key] = value
+
+
+def _parse_override(text: str) -> tuple[str, str, object]:
+    """'model.qfnet_layers=1' -> ("model", "qfnet_layers", 1)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ValueError(f"--set {text}: expected section.key=value, e.g. model.qfnet_layers=1")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        # Not a TOML literal: take it as a bare string (paths, names) rather than make users quote.
+        value = raw
+    return section, key, value

@@ -1,0 +1,98 @@
+"""Linear-chain CRF over word emissions with BIO-constrained Viterbi decoding.
+
+The likelihood is torchcrf's (pytorch-crf). Decoding is our own Viterbi so that transitions BIO
+forbids can be masked out: with `bio_constraints`, O -> I-X, B-X -> I-Y, I-X -> I-Y (Y != X) and
+start -> I-X get -inf, so a decoded path is always a valid BIO sequence whatever the emissions.
+The constraints apply at decode only; training sees the unconstrained CRF, whose learned
+transitions already make illegal moves unlikely (as in AllenNLP's `allowed_transitions`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchcrf
+from torch import nn
+
+
+def allowed_transitions(label_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BIO legality of tag moves.
+
+    Returns:
+        allowed (L, L) bool, allowed[i, j] = whether tag j may follow tag i;
+        start (L,) bool, whether a post may begin with tag j.
+    I-X may only follow B-X or I-X, and may not begin a post; every other move is legal.
+    """
+    L = len(label_names)
+    allowed = torch.ones(L, L, dtype=torch.bool)
+    start = torch.ones(L, dtype=torch.bool)
+    for j, tag in enumerate(label_names):
+        if not tag.startswith("I-"):
+            continue
+        start[j] = False
+        for i, previous in enumerate(label_names):
+            allowed[i, j] = previous[:2] in ("B-", "I-") and previous[2:] == tag[2:]
+    return allowed, start
+
+
+class CRF(nn.Module):
+    """CRF over label ids; `nll` for training, `decode` (Viterbi) for prediction."""
+
+    def __init__(self, label_names: Sequence[str], bio_constraints: bool = True):
+        super().__init__()
+        self.crf = torchcrf.CRF(len(label_names), batch_first=True)
+        allowed, start = allowed_transitions(label_names)
+        if not bio_constraints:
+            allowed, start = torch.ones_like(allowed), torch.ones_like(start)
+        # Derived from the labels, so not saved in checkpoints (persistent=False).
+        self.register_buffer("allowed", allowed, persistent=False)
+        self.register_buffer("allowed_start", start, persistent=False)
+
+    def nll(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of the gold tags, per post.
+
+        Args:
+            emissions: (B, T, L) scores; tags: (B, T) label ids (any valid id where mask is False);
+            mask: (B, T) bool, a prefix of True per post with mask[:, 0] all True.
+        Returns:
+            (B,) -log p(tags | emissions).
+        """
+        return -self.crf(emissions, tags, mask=mask, reduction="none")
+
+    @torch.no_grad()
+    def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """Viterbi: the best (BIO-legal, when constrained) tag path of each post.
+
+        Args:
+            emissions: (B, T, L); mask: (B, T) bool, a prefix of True per post (mask[:, 0] may be False
+                for a post with no word; it decodes to []).
+        Returns:
+            B lists of label ids, each as long as the post's True mask prefix.
+        """
+        B, T, L = emissions.shape
+        forbid = torch.tensor(float("-inf"), dtype=emissions.dtype, device=emissions.device)
+        transitions = torch.where(self.allowed, self.crf.transitions, forbid)  # (L, L)
+        start = torch.where(self.allowed_start, self.crf.start_transitions, forbid)  # (L,)
+        score = start + emissions[:, 0]  # (B, L)
+        backpointers = []
+        for t in range(1, T):
+            # candidates[b, i, j]: best path ending in i at t-1, then moving to j at t.
+            candidates = score[:, :, None] + transitions[None] + emissions[:, t, None, :]  # (B, L, L)
+            best, previous = candidates.max(dim=1)  # (B, L)
+            score = torch.where(mask[:, t, None], best, score)
+            backpointers.append(previous)
+        score = score + self.crf.end_transitions  # (B, L)
+        lengths = mask.sum(dim=1).tolist()
+        last = score.argmax(dim=1).tolist()
+        # One transfer, then plain lists: backtracking is sequential and cheap on the CPU.
+        history = (
+            torch.stack(backpointers, dim=1).tolist() if backpointers else [[] for _ in range(B)]
+        )  # (B, T-1, L)
+        paths = []
+        for b in range(B):
+            path = [last[b]]
+            for t in range(lengths[b] - 1, 0, -1):
+                path.append(history[b][t - 1][path[-1]])
+            paths.append(path[::-1][: lengths[b]])
+        return paths

@@ -1,0 +1,230 @@
+"""Posts + cached image tokens -> the batch dict of docs/design.md ("Stage two batches").
+
+`PostDataset` pairs each post with its cached record (read through `cache.reader.CacheReader`,
+which opens its HDF5 files lazily in whichever process calls it, so DataLoader workers are safe).
+A post whose image is not in the cache, or whose status is not "ok", gets zero tokens and
+`image_mask` False: the model then ignores its image entirely. Nothing is ever substituted for a
+missing image (AFNER's `no_images.jpg` fallback would teach the model a fake picture).
+
+`make_collate` tokenises the pre-split words, keeps each word's FIRST sub-word (labels live on
+words, not sub-words) and records what truncation cut: words whose first sub-word does not fit in
+`max_length` get `word_mask` False, are predicted O and still count against recall when scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache.datasets import Post, Split
+from cache.reader import CacheReader
+from cache.shards import Record, TokenSpec, empty_record
+from train.config import ModelConfig, TrainConfig
+
+# Label id of positions that are not words (padding); ignored by every loss.
+IGNORE_INDEX = -100
+# Record arrays copied into a dataset item, and the dtype each becomes in the batch.
+_VISUAL_ARRAYS = {
+    "patch_tokens": torch.float32,
+    "global_embed": torch.float32,
+    "region_feats": torch.float32,
+    "region_labels": torch.long,
+    "region_scores": torch.float32,
+    "region_boxes": torch.float32,
+}
+
+
+class PostDataset(Dataset):
+    """Posts with (optionally) their cached image tokens.
+
+    Each item is a dict: "key", "line", "words" (list[str]), "tags" (list[str]) and, when a reader is
+    given, "image_ok" (bool), "num_regions" (int) and the record arrays "patch_tokens" (P, Dp),
+    "global_embed" (Dg,), "region_feats" (K, Dr), "region_labels" (K,), "region_scores" (K,),
+    "region_boxes" (K, 4) as numpy arrays (float16 tokens stay float16 until collation).
+    """
+
+    def __init__(
+        self, posts: Sequence[Post], reader: CacheReader | None = None, spec: TokenSpec | None = None
+    ):
+        """
+        Args:
+            posts: the posts, in the order items are returned.
+            reader: the feature cache; None for a text-only model (no cache is touched).
+            spec: the token shapes the model was built for; defaults to the reader's. A reader whose
+                spec differs raises ValueError (a cache made with other encoders).
+        """
+        self.posts = list(posts)
+        self.reader = reader
+        if reader is not None and spec is not None and reader.spec != spec:
+            raise ValueError(
+                f"cache {reader.cache_dir} holds tokens {reader.spec}, but the model was built for {spec}; "
+                "use the cache the model was trained with"
+            )
+        self.spec = spec if spec is not None else getattr(reader, "spec", None)
+
+    def __len__(self) -> int:
+        return len(self.posts)
+
+    def __getitem__(self, index: int) -> dict:
+        post = self.posts[index]
+        item = {"key": post.key, "line": post.line, "words": list(post.words), "tags": list(post.tags)}
+        if self.reader is not None:
+            item.update(self._image(post.key))
+        return item
+
+    def _image(self, key: str) -> dict:
+        if key in self.reader:
+            record: Record = self.reader.get(key)
+        else:
+            record = empty_record(key, self.spec, "missing")
+        # Non-ok records are already zero (cache.shards.empty_record); image_ok is what masks them.
+        arrays = {name: getattr(record, name) for name in _VISUAL_ARRAYS}
+        return {"image_ok": record.status == "ok", "num_regions": record.num_regions, **arrays}
+
+
+class Collate:
+    """Callable that turns a list of `PostDataset` items into the batch dict of docs/design.md.
+
+    Besides the contract keys it adds "num_truncated" (B,): words of each post whose first sub-word
+    did not fit in max_length. It travels with the batch, so the count is right with worker processes.
+    """
+
+    def __init__(self, tokenizer, label_names: Sequence[str], max_length: int, with_visual: bool):
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.label_ids = {name: i for i, name in enumerate(self.label_names)}
+        self.max_length = max_length
+        self.with_visual = with_visual
+
+    def __call__(self, items: list[dict]) -> dict:
+        words = self._encodable_words(items)
+        encoded = self.tokenizer(
+            words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        B, S = encoded["input_ids"].shape
+        T = max(len(post) for post in words)
+        word_index = torch.full((B, S), -1, dtype=torch.long)
+        first_subword = torch.zeros((B, T), dtype=torch.long)
+        word_mask = torch.zeros((B, T), dtype=torch.bool)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for b, item in enumerate(items):
+            previous = None
+            for s, word in enumerate(encoded.word_ids(b)):
+                if word is not None and word != previous:
+                    word_index[b, s] = word
+                    first_subword[b, word] = s
+                    word_mask[b, word] = True
+                previous = word
+            labels[b, : len(item["tags"])] = torch.tensor(self._label_ids(item))
+        num_words = torch.tensor([len(post) for post in words], dtype=torch.long)
+        seen = word_mask.sum(1)  # (B,)
+        # Truncation drops a suffix of words: the seen words must be exactly the first `seen`.
+        assert torch.equal(word_mask, torch.arange(T)[None, :] < seen[:, None])
+        batch = {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "word_index": word_index,
+            "first_subword": first_subword,
+            "word_mask": word_mask,
+            "labels": labels,
+            "num_words": num_words,
+            "num_truncated": num_words - seen,
+        }
+        if self.with_visual:
+            batch.update(_collate_visual(items))
+        return batch
+
+    def _encodable_words(self, items: list[dict]) -> list[list[str]]:
+        """Words, with those the tokenizer maps to no sub-word at all replaced by its unknown token.
+
+        Such words exist in real data (Twitter-2015 valid has a lone U+00A0 token; zero-width and
+        control characters also vanish) and would otherwise look like words cut by truncation.
+        """
+        flat = [word for item in items for word in item["words"]]
+        pieces = self.tokenizer(flat, add_special_tokens=False)["input_ids"]
+        empty = {word for word, ids in zip(flat, pieces) if not ids}
+        if not empty:
+            return [item["words"] for item in items]
+        unk = self.tokenizer.unk_token
+        assert unk is not None, "tokenizer has no unknown token to stand in for empty words"
+        return [[unk if word in empty else word for word in item["words"]] for item in items]
+
+    def _label_ids(self, item: dict) -> list[int]:
+        try:
+            return [self.label_ids[tag] for tag in item["tags"]]
+        except KeyError as err:
+            raise ValueError(
+                f"post {item['key']!r} (line {item['line']}): tag {err.args[0]!r} is not one of the model's "
+                f"labels ({', '.join(self.label_names)})"
+            ) from None
+
+
+def _collate_visual(items: list[dict]) -> dict:
+    """Stack the cached arrays of a batch and build the patch/region/image masks."""
+    if "image_ok" not in items[0]:
+        raise ValueError("the collate function wants visual tokens, but the dataset has no cache reader")
+    batch = {
+        name: torch.from_numpy(np.stack([item[name] for item in items])).to(dtype)
+        for name, dtype in _VISUAL_ARRAYS.items()
+    }
+    image_ok = torch.tensor([item["image_ok"] for item in items], dtype=torch.bool)  # (B,)
+    num_regions = torch.tensor([item["num_regions"] for item in items], dtype=torch.long)  # (B,)
+    P, K = batch["patch_tokens"].shape[1], batch["region_feats"].shape[1]
+    batch["patch_mask"] = image_ok[:, None].expand(-1, P).clone()  # (B, P)
+    batch["region_mask"] = (torch.arange(K)[None, :] < num_regions[:, None]) & image_ok[:, None]  # (B, K)
+    batch["image_mask"] = image_ok
+    return batch
+
+
+def make_collate(tokenizer, label_names: Sequence[str], max_length: int, with_visual: bool) -> Collate:
+    """The DataLoader collate_fn for a model: see `Collate`.
+
+    Args:
+        tokenizer: a fast tokenizer (train.text.load_tokenizer).
+        label_names: the model's labels; a post tag outside them raises ValueError naming the post.
+        max_length: sub-words per post, special tokens included.
+        with_visual: add the visual keys (False for a text-only model).
+    """
+    return Collate(tokenizer, label_names, max_length, with_visual)
+
+
+def make_loader(
+    split: Split,
+    reader: CacheReader | None,
+    tokenizer,
+    label_names: Sequence[str],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    shuffle: bool,
+    sampler=None,
+) -> DataLoader:
+    """A DataLoader over a split's posts, batched as the model expects.
+
+    A text-only model never reads the cache, even when a reader is given. Shuffling draws from a
+    generator seeded with train_cfg.seed, so the order of a run is reproducible.
+    """
+    with_visual = not model_cfg.text_only
+    if with_visual and reader is None:
+        raise ValueError("model.text_only is false, so the loader needs the feature cache (a CacheReader)")
+    if shuffle and sampler is not None:
+        raise ValueError("give shuffle=True or a sampler, not both (the sampler decides the order)")
+    dataset = PostDataset(split.posts, reader if with_visual else None)
+    generator = torch.Generator().manual_seed(train_cfg.seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=train_cfg.batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=train_cfg.num_workers,
+        collate_fn=make_collate(tokenizer, label_names, model_cfg.max_length, with_visual),
+        generator=generator,
+        persistent_workers=train_cfg.num_workers > 0,
+    )

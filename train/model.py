@@ -1,0 +1,209 @@
+"""The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> CRF.
+
+Training loss = CRF negative log-likelihood (mean over posts)
+              + alignment_loss_weight * symmetric InfoNCE between each post's mean word state and
+                its mean visual token (AFDVQF's alignment loss; CLIP's contrastive objective).
+Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
+training, so the model also learns to tag posts whose image is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cache.shards import TokenSpec
+from train.config import ModelConfig, TrainConfig
+from train.crf import CRF
+from train.fusion import build_fusion
+from train.text import load_encoder
+from train.visual import VisualTokenBuilder
+
+
+def entity_types(label_names: Sequence[str]) -> list[str]:
+    """Entity types of a BIO label list, sorted; ValueError when the list is not O + B-/I- labels."""
+    if not label_names or label_names[0] != "O":
+        raise ValueError(f"label names must start with 'O', got {list(label_names)[:3]}")
+    bad = [name for name in label_names[1:] if name[:2] not in ("B-", "I-") or len(name) < 3]
+    if bad:
+        raise ValueError(f"label names must be 'O', 'B-<type>' or 'I-<type>'; got {bad}")
+    if len(set(label_names)) != len(label_names):
+        raise ValueError(f"label names repeat: {list(label_names)}")
+    types = sorted({name[2:] for name in label_names[1:]})
+    if not types:
+        raise ValueError("the label set has no entity type (only 'O'); the training split has no entities")
+    return types
+
+
+class MNERModel(nn.Module):
+    """Multimodal NER tagger over cached image tokens (text-only when cfg.text_only)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        label_names: Sequence[str],
+        spec: TokenSpec | None,
+        encoder_dir: str | Path,
+        num_detector_classes: int = 91,
+    ):
+        """
+        Args:
+            cfg: the model config.
+            label_names: ["O", "B-X", "I-X", ...] as cache.datasets.label_names gives them.
+            spec: the token shapes of the cache (None only when cfg.text_only).
+            encoder_dir: the text encoder folder or preset name (train.text.resolve_text_encoder).
+            num_detector_classes: region label ids lie in [0, this) (91 for torchvision's COCO).
+        """
+        super().__init__()
+        self.cfg = cfg
+        self.label_names = list(label_names)
+        self.types = entity_types(self.label_names)
+        self.outside = self.label_names.index("O")
+        self.encoder = load_encoder(encoder_dir)
+        width = self.encoder.config.hidden_size
+        if width % cfg.qfnet_heads:
+            raise ValueError(
+                f"the text encoder's width {width} is not divisible by model.qfnet_heads={cfg.qfnet_heads}; "
+                "pick a head count that divides it"
+            )
+        if cfg.text_only:
+            self.visual = self.fusion = None
+        else:
+            if spec is None:
+                raise ValueError(
+                    "a multimodal model needs the cache's TokenSpec; pass spec or set model.text_only"
+                )
+            self.visual = VisualTokenBuilder(cfg, spec, width, num_detector_classes)
+            self.fusion = build_fusion(cfg, width, self.types)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.emission = nn.Linear(width, len(self.label_names))
+        self.crf = CRF(self.label_names, cfg.bio_constraints)
+
+    def encode_text(self, batch: dict) -> torch.Tensor:
+        """Word states (B, T, D): the encoder state of each word's first sub-word.
+
+        Words cut by truncation get the first sub-word's slot 0 ([CLS]); word_mask hides them.
+        """
+        states = self.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state  # (B, S, D)
+        index = batch["first_subword"][..., None].expand(-1, -1, states.shape[-1])  # (B, T, D)
+        return states.gather(1, index)  # (B, T, D)
+
+    def encode_visual(
+        self, batch: dict, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens (B, V, D) and their mask (B, V); all masked for a post whose image is masked.
+
+        image_mask (B,) defaults to batch["image_mask"]; forward passes the image-dropped one.
+        """
+        if self.visual is None:
+            raise ValueError("this model is text-only (model.text_only = true): it has no visual tokens")
+        return self.visual(batch, batch["image_mask"] if image_mask is None else image_mask)
+
+    def _emissions(self, batch: dict, image_mask: torch.Tensor | None):
+        """Emissions (B, T, L), word states (B, T, D) before fusion, and the visual tokens (B, V, D)
+        with their mask (B, V) (both None for a text-only model), for the given image mask."""
+        words = self.encode_text(batch)  # (B, T, D)
+        visual = visual_mask = None
+        fused = words
+        if self.fusion is not None:
+            visual, visual_mask = self.encode_visual(batch, image_mask)  # (B, V, D), (B, V)
+            pooled = (
+                self.visual.encode_global(batch, image_mask) if self.visual.global_proj is not None else None
+            )
+            fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
+        # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
+        emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
+        return emissions, words, visual, visual_mask
+
+    def forward(self, batch: dict) -> dict:
+        """Training losses: {"loss", "crf_loss", "align_loss"}, scalars (align_loss 0 when unused)."""
+        image_mask = None
+        if self.fusion is not None:
+            image_mask = batch["image_mask"]  # (B,)
+            if self.training and self.cfg.image_dropout > 0:
+                keep = torch.rand(image_mask.shape, device=image_mask.device) >= self.cfg.image_dropout
+                image_mask = image_mask & keep
+        emissions, words, visual, visual_mask = self._emissions(
+            batch, image_mask
+        )  # (B, T, L), (B, T, D), ...
+        word_mask = batch["word_mask"]  # (B, T)
+        # Padded positions carry -100; the CRF indexes with every tag, so give them a real (ignored) id.
+        tags = torch.where(word_mask, batch["labels"], self.outside)  # (B, T)
+        crf_loss = self.crf.nll(emissions, tags, word_mask).mean()
+        align_loss = emissions.new_zeros(())
+        if visual is not None and self.cfg.alignment_loss_weight > 0:
+            align_loss = self._alignment_loss(words, word_mask, visual, visual_mask)
+        loss = crf_loss + self.cfg.alignment_loss_weight * align_loss
+        return {"loss": loss, "crf_loss": crf_loss, "align_loss": align_loss}
+
+    def _alignment_loss(self, words, word_mask, visual, visual_mask) -> torch.Tensor:
+        """Symmetric InfoNCE over the posts that have an image: post i's text should match image i."""
+        has_image = visual_mask.any(dim=1)  # (B,)
+        if int(has_image.sum()) < 2:
+            # One pair has no negative to contrast with; the loss would be a constant 0.
+            return words.new_zeros(())
+        text = _masked_mean(words, word_mask)[has_image]  # (N, D)
+        image = _masked_mean(visual, visual_mask)[has_image]  # (N, D)
+        logits = (
+            F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T / self.cfg.alignment_temperature
+        )  # (N, N)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    @torch.no_grad()
+    def decode(self, batch: dict) -> list[list[int]]:
+        """A label id per word (len == num_words); words cut by truncation are predicted O.
+
+        Uses batch["image_mask"] as given (no image dropout), whatever the module's mode.
+        """
+        image_mask = batch["image_mask"] if self.fusion is not None else None
+        emissions = self._emissions(batch, image_mask)[0]  # (B, T, L)
+        paths = self.crf.decode(emissions, batch["word_mask"])
+        return [
+            path + [self.outside] * (n - len(path)) for path, n in zip(paths, batch["num_words"].tolist())
+        ]
+
+    def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
+        """AdamW parameter groups: encoder at lr_encoder, visual/fusion/emission at lr_fusion, CRF at lr_crf.
+
+        Matrices are weight-decayed; vectors (biases, LayerNorm weights, CRF start/end scores) are not
+        (the nanoGPT rule: decay what multiplies, not what shifts or rescales). Empty groups are left out.
+        Each group has "name", "params", "lr" and "weight_decay".
+        """
+        parts = {
+            "encoder": ([], train_cfg.lr_encoder),
+            "fusion": ([], train_cfg.lr_fusion),
+            "crf": ([], train_cfg.lr_crf),
+        }
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = (
+                "encoder" if name.startswith("encoder.") else "crf" if name.startswith("crf.") else "fusion"
+            )
+            parts[part][0].append(param)
+        groups = []
+        for part, (params, lr) in parts.items():
+            decay = [p for p in params if p.dim() >= 2]
+            no_decay = [p for p in params if p.dim() < 2]
+            for suffix, chosen, weight_decay in (
+                ("", decay, train_cfg.weight_decay),
+                ("_no_decay", no_decay, 0.0),
+            ):
+                if chosen:
+                    groups.append(
+                        {"name": part + suffix, "params": chosen, "lr": lr, "weight_decay": weight_decay}
+                    )
+        return groups
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, N, D) over positions where mask (B, N) is True -> (B, D); zero for an empty row."""
+    weights = mask.to(x.dtype)[..., None]  # (B, N, 1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
