@@ -1,0 +1,138 @@
+"""Tiny data folders, caches and run configs for the entry-function tests (loop, evaluate, predict, ablate).
+
+data_dir, posts = make_data(tmp_path)                 # train/valid/test.txt, 10/4/4 posts
+cache_dir = make_cache(tmp_path, posts)               # tests.train.factories.make_cache
+cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=2)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache.datasets import Post
+from train.config import ModelConfig, RunConfig, TrainConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Autouse in the modules that import it: torch on one thread. The tiny models gain nothing from
+    more, and on a small shared machine extra threads only contend (a 2-thread Linear ran 20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# Learning rates high enough that 1-2 epochs on 10 posts move the tiny model.
+FAST_LR = {"lr_encoder": 1e-3, "lr_fusion": 3e-3, "lr_crf": 5e-2}
+
+
+def make_posts_learnable(n: int, prefix: str, offset: int = 0) -> list[Post]:
+    """n posts where the tag is a function of the word (paris/london LOC, obama/george PER)."""
+    vocabulary = [
+        ("paris", "LOC"),
+        ("london", "LOC"),
+        ("obama", "PER"),
+        ("george", "PER"),
+        ("the", None),
+        ("game", None),
+    ]
+    posts = []
+    for i in range(n):
+        words, tags = [], []
+        for j in range(3 + (i + offset) % 4):
+            word, kind = vocabulary[(i * 7 + j * 3 + offset) % len(vocabulary)]
+            words.append(word)
+            tags.append("O" if kind is None else f"B-{kind}")
+        posts.append(Post(key=f"{prefix}{i}", words=tuple(words), tags=tuple(tags), line=1))
+    return posts
+
+
+def write_split(path: Path, posts: list[Post], header: str = "IMGID:") -> Path:
+    """An IMGID-CoNLL file: header line, `word<TAB>tag` lines, a blank line after each post."""
+    lines = []
+    for post in posts:
+        lines.append(f"{header}{post.key}")
+        lines.extend(f"{word}\t{tag}" for word, tag in zip(post.words, post.tags))
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def make_data(
+    tmp_path: Path, n_train: int = 10, n_valid: int = 4, n_test: int | None = 4
+) -> tuple[Path, list[Post]]:
+    """A data folder tmp_path/"data" with train/valid(/test).txt; returns it and every post written.
+
+    Keys are "tr0".., "va0".., "te0"..; n_test None writes no test.txt.
+    """
+    data_dir = Path(tmp_path) / "data"
+    data_dir.mkdir(parents=True)
+    everything = []
+    for name, n, prefix in (("train", n_train, "tr"), ("valid", n_valid, "va"), ("test", n_test, "te")):
+        if n is None:
+            continue
+        posts = make_posts_learnable(n, prefix, offset=len(everything))
+        write_split(data_dir / f"{name}.txt", posts)
+        everything.extend(posts)
+    return data_dir, everything
+
+
+def run_config(
+    out_dir: Path,
+    cache_dir,
+    data_dir,
+    epochs: int = 2,
+    seed: int = 0,
+    resume: bool = False,
+    train=None,
+    **model,
+) -> RunConfig:
+    """RunConfig on tiny-bert (2 heads, 2 slots per type, 32 sub-words), batch 4, CPU."""
+    model_cfg = ModelConfig(
+        **{"text_encoder": "tiny-bert", "qfnet_heads": 2, "slots_per_type": 2, "max_length": 32, **model}
+    )
+    train_cfg = TrainConfig(
+        **{
+            "epochs": epochs,
+            "batch_size": 4,
+            "seed": seed,
+            "device": "cpu",
+            "patience": 5,
+            **FAST_LR,
+            **(train or {}),
+        }
+    )
+    return RunConfig(
+        model=model_cfg,
+        train=train_cfg,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        data={"data_dir": str(data_dir)},
+        out_dir=str(out_dir),
+        resume=resume,
+    )
+
+
+def make_images(image_dir: Path, keys, size: tuple[int, int] = (40, 32)) -> Path:
+    """A solid-colour JPEG `<key>.jpg` per key (colour cycles with the key's position)."""
+    from PIL import Image
+
+    colours = [(220, 30, 30), (30, 160, 40), (40, 60, 210), (240, 200, 20)]
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for i, key in enumerate(keys):
+        Image.new("RGB", size, colours[i % len(colours)]).save(image_dir / f"{key}.jpg")
+    return image_dir
+
+
+def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
+    """A real cache of data_dir's images through extract_features with the tiny-clip / tiny-frcnn presets."""
+    from extract.config import ExtractConfig
+    from extract.run import extract_features
+
+    cfg = ExtractConfig(
+        data_dir=str(data_dir), out=str(Path(tmp_path) / "cache"), num_workers=0, device="cpu", topk=4
+    )
+    return extract_features(cfg)

@@ -1,0 +1,200 @@
+"""run_ablation: experiments x seeds from one cache, resumable, and a mean ± std table checked by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import statistics
+
+import pandas as pd
+import pytest
+
+import train.ablate as ablate
+from tests.train.factories import make_cache
+from tests.train.run_factories import FAST_LR, make_data, single_thread  # noqa: F401 (autouse fixture)
+from train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
+from train.config import load_run_config
+
+# Small, fast runs for every experiment.
+OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + [
+    f"train.{k}={v}" for k, v in FAST_LR.items()
+]
+
+
+def test_every_registry_experiment_changes_one_documented_key():
+    base_model, base_train = load_run_config()
+    assert experiment_file("full") is None
+    changed = {}
+    for name in ABLATIONS:
+        if name == "full":
+            continue
+        path = experiment_file(name)
+        assert path.read_text().startswith(f"# {name}: ")
+        model_cfg, train_cfg = load_run_config(config_file=path)
+        assert train_cfg == base_train
+        changed[name] = {
+            f.name: getattr(model_cfg, f.name)
+            for f in dataclasses.fields(model_cfg)
+            if getattr(model_cfg, f.name) != getattr(base_model, f.name)
+        }
+    assert changed == {
+        "no_align": {"alignment_loss_weight": 0.0},
+        "no_adapt": {"adaptive_gate": False},
+        "no_region": {"use_regions": False},
+        "no_patch": {"use_patches": False},
+        "text_only": {"text_only": True},
+        "qfnet1": {"qfnet_layers": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ablate")
+    data_dir, posts = make_data(tmp)
+    cache_dir = make_cache(tmp, posts)
+    custom = tmp / "two_slots.toml"
+    custom.write_text("# two_slots: two query slots per type\n[model]\nslots_per_type = 2\n")
+    cfg = AblationConfig(
+        cache_dir=str(cache_dir),
+        data={"data_dir": str(data_dir)},
+        text_encoder="tiny-bert",
+        experiments=["full", "text_only", str(custom)],
+        seeds=2,
+        out_dir=str(tmp / "out"),
+        overrides=OVERRIDES,
+        epochs=1,
+    )
+    return cfg, run_ablation(cfg)
+
+
+def _results(cfg: AblationConfig, name: str, seed: int) -> dict:
+    return json.loads((ablate.Path(cfg.out_dir) / name / f"seed{seed}" / "results.json").read_text())
+
+
+def test_runs_land_in_experiment_seed_folders_with_their_config(ablation):
+    cfg, md_path = ablation
+    assert md_path.name == "ablation.md"
+    for name in ("full", "text_only", "two_slots"):
+        for seed in (1, 2):
+            record = json.loads((md_path.parent / name / f"seed{seed}" / "config.json").read_text())
+            assert record["train"]["seed"] == seed and record["train"]["epochs"] == 1
+            assert record["model"]["text_encoder"] == "tiny-bert"
+            assert record["model"]["text_only"] == (name == "text_only")
+            assert record["model"]["slots_per_type"] == (2 if name == "two_slots" else 4)
+            assert (record["cache"] is None) == (name == "text_only")
+
+
+def test_csv_has_one_row_per_run_with_results_in_percent(ablation):
+    cfg, md_path = ablation
+    table = pd.read_csv(md_path.parent / "ablation.csv")
+    assert list(zip(table["experiment"], table["seed"])) == [
+        (name, seed) for name in ("full", "text_only", "two_slots") for seed in (1, 2)
+    ]
+    for row in table.itertuples():
+        results = _results(cfg, row.experiment, row.seed)
+        assert row.split == "test"
+        assert row.f1 == pytest.approx(100 * results["test"]["micro"]["f1"])
+        assert row.precision == pytest.approx(100 * results["test"]["micro"]["precision"])
+        assert row.f1_PER == pytest.approx(100 * results["test"]["per_type"]["PER"]["f1"])
+        assert row.dev_f1 == pytest.approx(100 * results["valid"]["micro"]["f1"])
+
+
+def test_markdown_gives_mean_and_sample_std_computed_by_hand(ablation):
+    cfg, md_path = ablation
+    lines = md_path.read_text().splitlines()
+    assert lines[2] == "| experiment | seeds | P | R | F1 | LOC F1 | PER F1 |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:]}
+    assert list(rows) == ["full", "text_only", "two_slots"]
+    for name, line in rows.items():
+        runs = [_results(cfg, name, seed)["test"] for seed in (1, 2)]
+        values = [
+            [100 * run["micro"]["precision"] for run in runs],
+            [100 * run["micro"]["recall"] for run in runs],
+            [100 * run["micro"]["f1"] for run in runs],
+            [100 * run["per_type"]["LOC"]["f1"] for run in runs],
+            [100 * run["per_type"]["PER"]["f1"] for run in runs],
+        ]
+        cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values]
+        assert line == "| " + " | ".join([name, "2", *cells]) + " |"
+
+
+def test_rerun_skips_finished_runs_and_redoes_only_the_missing_one(ablation, monkeypatch):
+    cfg, md_path = ablation
+    before = md_path.read_text()
+    trained = []
+    real = ablate.train_from_cache
+
+    def counting(run_cfg):
+        trained.append(run_cfg.out_dir)
+        return real(run_cfg)
+
+    monkeypatch.setattr(ablate, "train_from_cache", counting)
+    run_ablation(cfg)
+    assert trained == []
+    assert md_path.read_text() == before
+
+    killed = md_path.parent / "text_only" / "seed2"
+    (killed / "results.json").unlink()
+    run_ablation(cfg)
+    assert trained == [str(killed)]
+    # Same seed, same config: the redone run reproduces its numbers, so the table is unchanged.
+    assert md_path.read_text() == before
+
+
+def test_single_seed_shows_the_mean_only():
+    table = pd.DataFrame(
+        [
+            {
+                "experiment": "full",
+                "seed": 1,
+                "split": "valid",
+                "precision": 50.0,
+                "recall": 25.0,
+                "f1": 100 / 3,
+                "f1_PER": 40.0,
+            }
+        ]
+    )
+    assert ablate.summary_markdown(table).splitlines()[-1] == "| full | 1 | 50.00 | 25.00 | 33.33 | 40.00 |"
+
+
+def _config(**changes) -> AblationConfig:
+    fields = {
+        "cache_dir": None,
+        "data": {"data_dir": "d"},
+        "text_encoder": None,
+        "experiments": ["full"],
+        "seeds": 1,
+        "out_dir": "o",
+    }
+    return AblationConfig(**{**fields, **changes})
+
+
+def test_config_validation_and_seeds():
+    assert _config(seeds=3).seed_list() == [1, 2, 3]
+    assert _config(seeds=[7, 0]).seed_list() == [7, 0]
+    with pytest.raises(
+        ValueError, match=re.escape("unknown experiment 'no_such': use one of full, no_align")
+    ):
+        _config(experiments=["no_such"])
+    with pytest.raises(ValueError, match="no experiments given"):
+        _config(experiments=[])
+    with pytest.raises(ValueError, match=re.escape("experiments ['qfnet1'] are given more than once")):
+        _config(experiments=["qfnet1", str(experiment_file("qfnet1"))])
+    with pytest.raises(ValueError, match="seeds must be at least 1, got 0"):
+        _config(seeds=0)
+    with pytest.raises(
+        ValueError,
+        match=re.escape("seeds must be a non-empty list of distinct non-negative integers, got [1, 1]"),
+    ):
+        _config(seeds=[1, 1])
+    with pytest.raises(ValueError, match="epochs must be a positive integer or None, got 0"):
+        _config(epochs=0)
+
+
+def test_override_of_a_key_the_experiment_sets_is_refused(tmp_path):
+    cfg = _config(experiments=["qfnet1"], overrides=["model.qfnet_layers=3"], out_dir=str(tmp_path))
+    expected = f"override 'model.qfnet_layers=3' sets model.qfnet_layers, which experiment qfnet1 ({experiment_file('qfnet1')}) changes"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        run_ablation(cfg)

@@ -1,0 +1,141 @@
+"""evaluate_run and results_table: rebuilt model reproduces the run's scores; other caches are refused."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from cache.reader import CacheReader
+from tests.train.factories import make_cache, tiny_spec
+from tests.train.run_factories import make_data, run_config, single_thread  # noqa: F401 (autouse fixture)
+from train.evaluate import cache_differences, evaluate_run, results_table
+from train.loop import train_from_cache
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A multimodal and a text-only run on the same data and cache."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    data_dir, posts = make_data(tmp)
+    cache_dir = make_cache(tmp, posts)
+    multimodal = train_from_cache(run_config(tmp / "mm", cache_dir, data_dir, epochs=1))
+    text_only = train_from_cache(run_config(tmp / "text", None, data_dir, epochs=1, text_only=True))
+    return {
+        "tmp": tmp,
+        "data": data_dir,
+        "posts": posts,
+        "cache": cache_dir,
+        "mm": multimodal,
+        "text": text_only,
+    }
+
+
+@pytest.mark.parametrize("kind", ["mm", "text"])
+def test_evaluate_reproduces_the_runs_test_scores(runs, kind):
+    run_dir = runs[kind]
+    trained = json.loads((run_dir / "results.json").read_text())
+    predictions = (run_dir / "pred_test.conll").read_text()
+    (run_dir / "pred_test.conll").unlink()
+    scores = evaluate_run(run_dir, split="test")
+    assert scores == trained["test"]
+    assert json.loads((run_dir / "results_test.json").read_text()) == trained["test"]
+    assert (run_dir / "pred_test.conll").read_text() == predictions
+
+
+def test_evaluate_reads_another_data_folder(runs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    # The valid posts as this folder's test split: the scores must be the run's valid scores.
+    shutil.copy(runs["data"] / "valid.txt", other / "test.txt")
+    scores = evaluate_run(runs["mm"], split="test", data_dir=other)
+    assert scores == json.loads((runs["mm"] / "results.json").read_text())["valid"]
+
+
+def test_evaluate_refuses_a_cache_with_another_fingerprint(runs, tmp_path):
+    other = make_cache(tmp_path, runs["posts"], spec=tiny_spec(max_regions=6))
+    trained_on = CacheReader(runs["cache"]).fingerprint
+    found = CacheReader(other).fingerprint
+    expected = (
+        f"cache at {other} has fingerprint {found} but run {runs['mm']} was trained on {trained_on}; "
+        "differs: config.max_regions: cache 6, run 4; spec.max_regions: cache 6, run 4"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected) + "$"):
+        evaluate_run(runs["mm"], split="test", cache_dir=other)
+
+
+def test_text_only_run_ignores_the_cache_argument(runs, tmp_path):
+    scores = evaluate_run(runs["text"], split="valid", cache_dir=tmp_path / "no-such-cache")
+    assert scores == json.loads((runs["text"] / "results.json").read_text())["valid"]
+
+
+def test_evaluate_errors(runs, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path} is not a run folder: no config.json")):
+        evaluate_run(tmp_path)
+    data_dir = runs["data"]
+    with pytest.raises(
+        ValueError, match=re.escape(f"{data_dir / 'nosuch.txt'}: there is no nosuch split to evaluate")
+    ):
+        evaluate_run(runs["text"], split="nosuch")
+
+
+def test_cache_differences_compares_only_fingerprinted_parts_when_recorded():
+    spec = tiny_spec().to_dict()
+    run = {
+        "config": {"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}},
+        "models": {},
+        "spec": spec,
+    }
+    cache = {
+        "config": {"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}},
+        "models": {},
+        "spec": spec,
+    }
+    assert cache_differences(cache, run) == [
+        'models.clip.sha256: cache "y", run "x"',
+        "topk: cache 10, run 20",
+    ]
+    assert cache_differences(cache, run, ignore=("topk",)) == ['models.clip.sha256: cache "y", run "x"']
+
+
+def test_results_table_lists_micro_scores_in_percent(runs):
+    table = results_table([runs["mm"], runs["text"]], split="valid")
+    lines = table.splitlines()
+    assert lines[0].split() == ["run", "P", "R", "F1", "support"]
+    for line, run_dir in zip(lines[1:], [runs["mm"], runs["text"]]):
+        micro = json.loads((run_dir / "results.json").read_text())["valid"]["micro"]
+        expected = (
+            [str(run_dir)]
+            + [f"{micro[k] * 100:.2f}" for k in ("precision", "recall", "f1")]
+            + [str(micro["support"])]
+        )
+        assert line.split() == expected
+
+
+def test_results_table_without_the_split_says_how_to_get_it(runs, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(runs["text"], run_dir)
+    (run_dir / "results_test.json").unlink(missing_ok=True)
+    results = json.loads((run_dir / "results.json").read_text())
+    del results["test"]
+    (run_dir / "results.json").write_text(json.dumps(results))
+    with pytest.raises(
+        ValueError, match=re.escape(f"{run_dir}: no test results; run `mner evaluate {run_dir} --split test`")
+    ):
+        results_table([run_dir], split="test")
+
+
+def test_unfinished_run_is_named(runs, tmp_path):
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(runs["text"], run_dir)
+    (run_dir / "results.json").unlink()
+    (run_dir / "results_valid.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=re.escape(f"{run_dir}: no results.json; the run has not finished")):
+        results_table([run_dir], split="valid")
+    (run_dir / "model.safetensors").unlink()
+    with pytest.raises(
+        ValueError, match=re.escape(f"{run_dir}: no model.safetensors; the run has not finished an epoch")
+    ):
+        evaluate_run(run_dir, split="valid")

@@ -1,0 +1,245 @@
+"""train_from_cache: the run folder, best-on-dev selection, determinism, resume, text-only isolation."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from seqeval.metrics import f1_score, precision_score, recall_score
+
+import train.loop as loop
+from cache.datasets import read_split
+from cache.reader import CacheReader
+from tests.train.factories import make_cache
+from tests.train.run_factories import make_data, run_config, single_thread  # noqa: F401 (autouse fixture)
+from train.loop import open_cache, resolve_runtime, train_from_cache
+from train.text import load_tokenizer
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock field."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def _conll(path: Path) -> list[list[tuple[str, str, str]]]:
+    posts, current = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line:
+            current.append(tuple(line.split(" ")))
+        elif current:
+            posts.append(current)
+            current = []
+    return posts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 2-epoch multimodal run shared by the read-only tests below."""
+    tmp = tmp_path_factory.mktemp("loop")
+    data_dir, posts = make_data(tmp)
+    cache_dir = make_cache(tmp, posts, statuses={"tr1": "missing", "va0": "corrupt"})
+    return train_from_cache(run_config(tmp / "run", cache_dir, data_dir, epochs=2)), data_dir, cache_dir
+
+
+def test_run_folder_has_every_artifact(trained):
+    run_dir, data_dir, cache_dir = trained
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "metrics.jsonl",
+        "pred_valid.conll",
+        "pred_test.conll",
+        "results.json",
+    ):
+        assert (run_dir / name).is_file(), name
+    record = json.loads((run_dir / "config.json").read_text())
+    reader = CacheReader(cache_dir)
+    assert record["cache"]["fingerprint"] == reader.fingerprint
+    assert record["cache"]["spec"] == reader.spec.to_dict()
+    assert record["cache"]["config"] == reader.config
+    assert record["label_names"] == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert record["model"]["text_encoder"] == "tiny-bert" and record["train"]["epochs"] == 2
+    assert Path(record["encoder_dir"]).is_dir()
+    assert record["truncated_words"] == {"train": 0, "valid": 0, "test": 0}
+
+    lines = _metrics(run_dir)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert set(lines[0]) == {"epoch", "train_loss", "dev_precision", "dev_recall", "dev_f1", "best"}
+
+    # The checkpoint holds tensors and plain values only.
+    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 2
+    assert (
+        load_file(run_dir / "checkpoint" / "model.safetensors").keys()
+        == load_file(run_dir / "model.safetensors").keys()
+    )
+
+
+def test_results_match_predictions_scored_by_seqeval(trained):
+    run_dir, data_dir, _ = trained
+    results = json.loads((run_dir / "results.json").read_text())
+    for split in ("valid", "test"):
+        rows = _conll(run_dir / f"pred_{split}.conll")
+        gold_posts = read_split(data_dir / f"{split}.txt").posts
+        assert [[(w, g) for w, g, _ in post] for post in rows] == [
+            list(zip(p.words, p.tags)) for p in gold_posts
+        ]
+        gold = [[g for _, g, _ in post] for post in rows]
+        pred = [[p for _, _, p in post] for post in rows]
+        micro = results[split]["micro"]
+        assert micro["f1"] == pytest.approx(f1_score(gold, pred))
+        assert micro["precision"] == pytest.approx(precision_score(gold, pred))
+        assert micro["recall"] == pytest.approx(recall_score(gold, pred))
+
+
+def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
+    """Scripted dev F1s 0.5, 0.9, 0.2, 0.1 with patience 2: stop after epoch 4, keep epoch 2."""
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    scripted = iter([0.5, 0.9, 0.2, 0.1])
+    real_scores = loop.entity_scores
+    calls = []
+
+    def fake_scores(gold, pred):
+        calls.append(len(gold))
+        scores = real_scores(gold, pred)
+        f1 = next(scripted, None)
+        if f1 is not None:
+            scores["micro"]["f1"] = f1
+        return scores
+
+    monkeypatch.setattr(loop, "entity_scores", fake_scores)
+    cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=6, train={"patience": 2})
+    run_dir = train_from_cache(cfg)
+    assert [line["dev_f1"] for line in _metrics(run_dir)] == [0.5, 0.9, 0.2, 0.1]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["best_epoch"] == 2 and results["epochs_run"] == 4
+    # Dev only while training (4 valid scorings of 4 posts), then valid and test once each at the end.
+    assert calls == [4, 4, 4, 4, 4, 4]
+    best = load_file(run_dir / "model.safetensors")
+    last = load_file(run_dir / "checkpoint" / "model.safetensors")
+    assert any(not torch.equal(best[name], last[name]) for name in best)
+
+
+def test_same_seed_same_run_and_other_seed_differs(tmp_path):
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    runs = [
+        train_from_cache(run_config(tmp_path / name, cache_dir, data_dir, epochs=2, seed=3)) for name in "ab"
+    ]
+    other = train_from_cache(run_config(tmp_path / "c", cache_dir, data_dir, epochs=1, seed=4))
+    a, b, c = (_metrics(run) for run in [*runs, other])
+    assert a == b
+    assert a[0]["train_loss"] != c[0]["train_loss"]
+    weights_a, weights_b = load_file(runs[0] / "model.safetensors"), load_file(runs[1] / "model.safetensors")
+    assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_equals_straight_run(tmp_path, monkeypatch):
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    straight = train_from_cache(run_config(tmp_path / "straight", cache_dir, data_dir, epochs=2))
+
+    # Kill during epoch 2's bookkeeping: its metrics line and best weights are written, its checkpoint is not.
+    real_save = loop._save_checkpoint
+
+    def save_then_die(folder, model, optimizer, scheduler, scaler, progress, device):
+        if progress.epoch == 2:
+            raise _Killed
+        real_save(folder, model, optimizer, scheduler, scaler, progress, device)
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_from_cache(run_config(tmp_path / "killed", cache_dir, data_dir, epochs=2))
+    assert len(_metrics(tmp_path / "killed")) == 2
+    monkeypatch.setattr(loop, "_save_checkpoint", real_save)
+    resumed = train_from_cache(run_config(tmp_path / "killed", cache_dir, data_dir, epochs=2, resume=True))
+
+    assert _metrics(resumed) == _metrics(straight)
+    assert json.loads((resumed / "results.json").read_text()) == json.loads(
+        (straight / "results.json").read_text()
+    )
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):
+        x, y = load_file(straight / name), load_file(resumed / name)
+        assert all(torch.equal(x[key], y[key]) for key in x), name
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path):
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    with pytest.raises(ValueError, match=r"run already holds a run \(config\.json\); pass --resume"):
+        train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    changed = run_config(
+        tmp_path / "run", cache_dir, data_dir, epochs=1, resume=True, train={"batch_size": 2}
+    )
+    with pytest.raises(
+        ValueError, match=r"cannot resume .*run: it was started with a different train; use another --out"
+    ):
+        train_from_cache(changed)
+
+
+def test_text_only_never_opens_the_cache(tmp_path, monkeypatch):
+    data_dir, _ = make_data(tmp_path, n_test=None)
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a text-only run opened the cache")
+
+    monkeypatch.setattr(loop, "CacheReader", no_cache)
+    cfg = run_config(tmp_path / "run", tmp_path / "does-not-exist", data_dir, epochs=1, text_only=True)
+    run_dir = train_from_cache(cfg)
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["cache"] is None
+    results = json.loads((run_dir / "results.json").read_text())
+    assert "test" not in results and not (run_dir / "pred_test.conll").exists()
+    # cache_dir may also be None.
+    train_from_cache(run_config(tmp_path / "run2", None, data_dir, epochs=1, text_only=True))
+
+
+def test_multimodal_run_needs_a_cache():
+    with pytest.raises(ValueError, match="a multimodal run needs a feature cache"):
+        open_cache(None, text_only=False)
+
+
+def test_truncated_words_are_counted_and_predicted_o(tmp_path):
+    data_dir, posts = make_data(tmp_path, n_test=None)
+    max_length = 6
+    cfg = run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True, max_length=max_length)
+    run_dir = train_from_cache(cfg)
+
+    # Reference: [CLS] takes position 0 and [SEP] the last, so a word fits when its first piece
+    # lands at a position <= max_length - 2.
+    tokenizer = load_tokenizer("tiny-bert")
+    expected = {}
+    for split in ("train", "valid"):
+        cut = 0
+        for post in read_split(data_dir / f"{split}.txt").posts:
+            position = 1
+            for word in post.words:
+                cut += position > max_length - 2
+                position += len(tokenizer.tokenize(word))
+        expected[split] = cut
+    assert expected["valid"] > 0
+    assert json.loads((run_dir / "config.json").read_text())["truncated_words"] == expected
+    for post in _conll(run_dir / "pred_valid.conll"):
+        assert all(pred == "O" for _, _, pred in post[max_length - 2 :])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(ValueError, match=re.escape("device 'cuda' asked for, but torch sees no CUDA device")):
+        resolve_runtime("cuda", "auto")
+
+
+def test_runtime_uses_autocast_on_cuda_only():
+    assert resolve_runtime("cpu", "bf16").amp_dtype is None
+    assert resolve_runtime("cpu", "auto").device == torch.device("cpu")
