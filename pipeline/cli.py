@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -107,6 +108,13 @@ def main():
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Image decoding workers.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option(
+    "--amp",
+    type=click.Choice(["off", "fp16", "bf16"]),
+    default="off",
+    show_default=True,
+    help="Autocast the extractors on CUDA (tokens are stored as float16 either way).",
+)
 @click.option("--shard-size", type=int, default=512, show_default=True, help="Images per HDF5 shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with a different configuration.")
 @_user_errors
@@ -122,13 +130,14 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
           --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
     """
     from extract.config import ExtractConfig
-    from extract.run import extract_features
+    from extract.run import extract_features, summarize
 
     if opts["score_thr"] is None:
         opts.pop("score_thr")
     cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
+    started = time.perf_counter()
     out = extract_features(cfg)
-    click.echo(f"cache written to {out}")
+    click.echo(summarize(out, seconds=time.perf_counter() - started))
 
 
 @main.group(context_settings=CONTEXT)
@@ -156,7 +165,9 @@ def cache_inspect(cache_dir, as_json):
 @cache.command("show", context_settings=CONTEXT)
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--id", "key", required=True, help="Image key (the IMGID, or the image path).")
-@click.option("--png", type=click.Path(dir_okay=False), help="Draw the stored boxes on the image into this PNG.")
+@click.option(
+    "--png", type=click.Path(dir_okay=False), help="Draw the stored boxes on the image into this PNG."
+)
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Image file to draw on.")
 @_user_errors
 def cache_show(cache_dir, key, png, image_path):
@@ -315,7 +326,12 @@ def predict_cmd(run_dir, input_file, image_dir, out_file):
 
 
 @main.command("ablate", context_settings=CONTEXT)
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Feature cache (reused, never re-extracted).")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    help="Feature cache (reused, never re-extracted).",
+)
 @_data_options
 @click.option(
     "--exp",
@@ -330,7 +346,19 @@ def predict_cmd(run_dir, input_file, image_dir, out_file):
 @click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
 @_user_errors
-def ablate_cmd(cache_dir, data_dir, dataset, data_root, image_dir, experiments, seeds, text_encoder, epochs, overrides, out):
+def ablate_cmd(
+    cache_dir,
+    data_dir,
+    dataset,
+    data_root,
+    image_dir,
+    experiments,
+    seeds,
+    text_encoder,
+    epochs,
+    overrides,
+    out,
+):
     """Run named ablations x seeds on one cache; write ablation.csv and ablation.md (mean ± std).
 
     \b

@@ -1,0 +1,101 @@
+"""The extraction config: which data, which models, how regions are chosen, where the cache goes."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# Registry names understood by `extract.models.build_detector`; the four torchvision ones need an explicit
+# checkpoint file, "tiny-frcnn" is the seeded random preset for tests and demos.
+DETECTORS = (
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "tiny-frcnn",
+)
+TINY_CLIP = "tiny-clip"
+TINY_FRCNN = "tiny-frcnn"
+REGION_FEATURES = ("frcnn", "clip-crop")
+AMP_MODES = ("off", "fp16", "bf16")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that decides the tokens in a cache, plus how to run the extraction.
+
+    Data fields are passed unchanged to `cache.datasets.resolve_data`.
+    """
+
+    data_dir: str | None = None  # data folder holding train.txt / valid.txt / test.txt and the images
+    dataset: str | None = None  # dataset name with a configs/datasets/<name>.toml (used with data_root)
+    data_root: str | None = None  # folder holding one sub-folder per named dataset
+    image_dir: str | None = None  # image folder when it is not the data folder's images/ (optional)
+    out: str = ""  # cache folder to write (manifest.json + shard-*.h5)
+    clip: str = TINY_CLIP  # "tiny-clip" (seeded random preset) or a local HF CLIP / CLIP-vision folder
+    detector: str = TINY_FRCNN  # detector registry name, one of DETECTORS
+    detector_ckpt: str | None = None  # detector state-dict file; required for every detector but tiny-frcnn
+    region_features: str = (
+        "frcnn"  # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
+    )
+    topk: int = 20  # regions kept per image (highest scores after threshold and NMS); K in the shards
+    score_thr: float = 0.2  # minimum detection score; the tiny-frcnn preset forces 0.0 so it returns regions
+    nms_iou: float = 0.5  # IoU above which roi_heads' per-class NMS drops the lower-scoring box
+    batch_size: int = 16  # images per model forward; batches are fixed per shard so values are reproducible
+    num_workers: int = 2  # DataLoader workers decoding and preprocessing images (0: in the main process)
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
+    amp: str = "off"  # autocast on CUDA: "off" (fp32), "fp16" or "bf16"; tokens are stored as float16 anyway
+    shard_size: int = 512  # images per shard file; shard i holds the same keys whatever the world size
+    overwrite: bool = False  # replace a cache made with a different configuration instead of refusing
+    splits: tuple[str, ...] = (
+        "train",
+        "valid",
+        "test",
+    )  # splits whose images are extracted (those that exist)
+
+    def __post_init__(self) -> None:
+        for name in ("data_dir", "data_root", "image_dir", "out", "detector_ckpt"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                setattr(self, name, str(value))
+        self.splits = tuple(self.splits)
+        if not self.out:
+            raise ValueError("out (the cache folder to write) is required")
+        if not self.clip:
+            raise ValueError("clip must be 'tiny-clip' or a local CLIP model folder")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; known: {', '.join(DETECTORS)}")
+        if self.region_features not in REGION_FEATURES:
+            raise ValueError(
+                f"region_features must be one of {', '.join(REGION_FEATURES)}, got {self.region_features!r}"
+            )
+        if self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if not 0.0 <= self.score_thr <= 1.0:
+            raise ValueError(f"score_thr must be in [0, 1], got {self.score_thr}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not _DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if not self.splits:
+            raise ValueError("splits must name at least one split")
+        if self.detector == TINY_FRCNN:
+            # A random detector scores every class near 1/91; any positive threshold would leave no regions.
+            self.score_thr = 0.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able copy (splits as a list)."""
+        out = dataclasses.asdict(self)
+        out["splits"] = list(self.splits)
+        return out

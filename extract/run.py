@@ -1,0 +1,601 @@
+"""Stage one: every image of a dataset -> CLIP patch tokens, a global embedding and detector region tokens,
+written as HDF5 shards through `cache/`.
+
+Shard i always holds keys[i * shard_size : (i + 1) * shard_size] (keys sorted and deduplicated across
+splits) cut into the same fixed batches, so its values depend neither on the world size nor on which run
+was interrupted: rank r of W extracts shards r, r + W, ..., a re-run skips completed shards, and a shard
+that was being written when the process died is simply done again. A DataLoader decodes and preprocesses
+images in worker processes, the main process runs the models, and a writer thread writes HDF5, so
+decoding, compute and IO overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import h5py
+import numpy as np
+import PIL
+import torch
+import torch.distributed as dist
+import torchvision
+import transformers
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+from cache.datasets import DataSource, resolve_data
+from cache.shards import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SHARD_GLOB,
+    Record,
+    ShardWriter,
+    TokenSpec,
+    completed_shard,
+    compute_fingerprint,
+    empty_record,
+    open_shard,
+    read_manifest,
+    shard_path,
+    tmp_path,
+    write_manifest,
+)
+from extract.config import ExtractConfig
+from extract.images import load_image
+from extract.models import (
+    ClipEncoder,
+    RegionDetector,
+    build_detector,
+    load_clip,
+    model_info,
+    preprocess_for_clip,
+    preprocess_for_detector,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+# Model-info fields that say where a file lies rather than what it holds; the sha256s identify the
+# weights, so moving a model folder or checkpoint does not invalidate a cache.
+_LOCATION_FIELDS = ("path", "ckpt")
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Batches the writer thread may hold before the model loop waits for it.
+_WRITE_QUEUE_BATCHES = 8
+
+
+def extract_features(cfg: ExtractConfig) -> Path:
+    """Extract every image of the configured splits into the cache folder `cfg.out`; returns it.
+
+    Under torchrun (WORLD_SIZE > 1) each rank extracts its share of the shards and rank 0 writes the
+    manifest once all are done. Raises ValueError when `cfg.out` holds a cache made with another
+    configuration (unless cfg.overwrite), or when the data or the models cannot be found.
+    """
+    start = time.perf_counter()
+    source = resolve_data(cfg.data_dir, cfg.dataset, cfg.data_root, cfg.image_dir)
+    keys = collect_keys(source, cfg.splits)
+    # Resolving every path up front turns an unsafe key into an error before any model work.
+    paths = {key: source.image_path(key) for key in keys}
+    rank, world, owns_group = _init_distributed(cfg.device)
+    try:
+        device = _rank_device(cfg.device, world)
+        if cfg.amp != "off" and device.type != "cuda":
+            raise ValueError(
+                f"amp={cfg.amp} needs a CUDA device, but extraction runs on {device}; use amp='off'"
+            )
+        clip = load_clip(cfg.clip, device)
+        detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(device)
+        models = model_info(clip, detector)
+        for role, info in models.items():
+            if info["untrained"]:
+                log.warning(
+                    "%s %s has untrained random weights: its tokens are for tests and demos only",
+                    role,
+                    getattr(cfg, role),
+                )
+        spec = token_spec(clip, detector, cfg)
+        parts = fingerprint_parts(cfg, models, spec, keys)
+        fingerprint = compute_fingerprint(parts)
+        out = Path(cfg.out).expanduser()
+        known_errors = _check_existing(out, fingerprint, parts, cfg.overwrite)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite:
+                _remove_cache_files(out)
+        _barrier(world)
+
+        config = {**cfg.to_dict(), "fingerprint_parts": parts}
+        shard_keys = [keys[i : i + cfg.shard_size] for i in range(0, len(keys), cfg.shard_size)]
+        mine = list(range(rank, len(shard_keys), world))
+        for index in mine:
+            tmp_path(shard_path(out, index)).unlink(missing_ok=True)  # left by a killed run
+        todo = [index for index in mine if not completed_shard(shard_path(out, index), fingerprint)]
+        if len(todo) < len(mine):
+            log.info(
+                "re-running the same command skips completed shards: %d of %d done",
+                len(mine) - len(todo),
+                len(mine),
+            )
+        errors = _extract_shards(
+            cfg, clip, detector, spec, out, todo, shard_keys, paths, fingerprint, config, rank, device
+        )
+        errors = {**known_errors, **_gather_errors(errors, world)}
+        if rank == 0:
+            files = [shard_path(out, index) for index in range(len(shard_keys))]
+            _write_manifest(out, fingerprint, config, models, spec, files, errors, paths)
+            log.info(summarize(out, time.perf_counter() - start))
+        _barrier(world)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    return out
+
+
+def collect_keys(source: DataSource, splits: tuple[str, ...]) -> list[str]:
+    """Sorted unique image keys of the given splits that exist in `source` (tags are not needed here)."""
+    present = [name for name in splits if source.split_path(name).is_file()]
+    if not present:
+        wanted = ", ".join(str(source.split_path(name)) for name in splits)
+        raise ValueError(f"no split file found in {source.data_dir}: looked for {wanted}")
+    keys = {post.key for name in present for post in source.read(name, require_tags=False).posts}
+    return sorted(keys)
+
+
+def token_spec(clip: ClipEncoder, detector: RegionDetector, cfg: ExtractConfig) -> TokenSpec:
+    """Shapes and sources of the tokens this configuration writes."""
+    crops = cfg.region_features == "clip-crop"
+    return TokenSpec(
+        num_patches=clip.num_patches,
+        patch_dim=clip.patch_dim,
+        global_dim=clip.global_dim,
+        max_regions=cfg.topk,
+        region_dim=clip.global_dim if crops else detector.region_dim,
+        patch_source=clip.patch_source,
+        global_source=clip.global_source,
+        region_source="clip_crop" if crops else "frcnn_box_head",
+    )
+
+
+def fingerprint_parts(cfg: ExtractConfig, models: dict, spec: TokenSpec, keys: list[str]) -> dict:
+    """Everything that decides the values in the cache; its canonical hash is the cache fingerprint."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "models": {
+            role: {name: value for name, value in info.items() if name not in _LOCATION_FIELDS}
+            for role, info in models.items()
+        },
+        "spec": spec.to_dict(),
+        "topk": cfg.topk,
+        "score_thr": cfg.score_thr,
+        "nms_iou": cfg.nms_iou,
+        "region_features": cfg.region_features,
+        "dtype": {"compute": "float32" if cfg.amp == "off" else cfg.amp, "stored": "float16"},
+        # Detector batches are padded to their largest image, so values depend on batch composition.
+        "batch_size": cfg.batch_size,
+        "shard_size": cfg.shard_size,
+        "keys_sha256": hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest(),
+        "num_images": len(keys),
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "transformers": transformers.__version__,
+            "h5py": h5py.__version__,
+            "pillow": PIL.__version__,
+        },
+    }
+
+
+def summarize(cache_dir: str | Path, seconds: float | None = None) -> str:
+    """One line about a finished cache: status counts, size on disk and (optionally) the time taken."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    counts = Counter(image["status"] for image in manifest["images"])
+    size = sum(path.stat().st_size for path in cache_dir.iterdir() if path.is_file())
+    text = (
+        f"{len(manifest['images'])} images (ok {counts['ok']}, missing {counts['missing']}, "
+        f"corrupt {counts['corrupt']}) in {cache_dir}: {size / 2**20:.1f} MiB on disk"
+    )
+    return text if seconds is None else f"{text}, {seconds:.1f} s"
+
+
+# ------------------------------------------------------------------------------------ existing cache
+
+
+def _check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) -> dict[str, str]:
+    """Refuse a cache folder made with another configuration.
+
+    Returns the error messages of a matching earlier manifest ({key: message}), which a re-run that
+    skips those images' shards would otherwise not know.
+    """
+    if overwrite or not out.is_dir():
+        return {}
+    old_fp, old_config, manifest = None, None, {}
+    if (out / MANIFEST_NAME).is_file():
+        try:
+            manifest = read_manifest(out)
+            old_fp, old_config = manifest["fingerprint"], manifest["config"]
+        except ValueError:
+            old_fp = "unreadable manifest"
+    if old_fp in (None, fingerprint):
+        for path in sorted(out.glob(SHARD_GLOB)):
+            # Shards are renamed into place only when complete, so a mismatch means another configuration.
+            if not completed_shard(path, fingerprint):
+                old_fp, old_config = _shard_fingerprint(path)
+                break
+    if old_fp is None or old_fp == fingerprint:
+        return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
+    differs = _differences((old_config or {}).get("fingerprint_parts"), parts)
+    raise ValueError(
+        f"cache at {out} was made with a different configuration (fingerprint {old_fp[:12]} != "
+        f"{fingerprint[:12]}); use --overwrite to replace it" + (f"; differs: {differs}" if differs else "")
+    )
+
+
+def _shard_fingerprint(path: Path) -> tuple[str, dict | None]:
+    try:
+        with open_shard(path) as handle:
+            return str(handle.attrs.get("fingerprint", "none")), json.loads(
+                handle.attrs.get("config_json", "null")
+            )
+    except (OSError, ValueError):
+        return f"unreadable shard {path.name}", None
+
+
+def _differences(old: dict | None, new: dict) -> str:
+    """ "topk 20 -> 10, models.clip.sha256.model.safetensors" for the leaves that differ."""
+    if not isinstance(old, dict):
+        return ""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    names = sorted(
+        name for name in old_flat.keys() | new_flat.keys() if old_flat.get(name) != new_flat.get(name)
+    )
+    shown = []
+    for name in names[:8]:
+        before, after = json.dumps(old_flat.get(name)), json.dumps(new_flat.get(name))
+        short = len(before) + len(after) <= 60
+        shown.append(f"{name} {before} -> {after}" if short else name)
+    return ", ".join(shown) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _remove_cache_files(out: Path) -> None:
+    for pattern in (SHARD_GLOB, SHARD_GLOB + ".tmp", MANIFEST_NAME + "*", CONFIG_NAME + "*"):
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------- extraction
+
+
+class _Images(Dataset):
+    """Decodes one image and prepares both model inputs; runs in DataLoader workers."""
+
+    def __init__(self, items: list[tuple[str, Path]], processor, detector_transform, keep_original: bool):
+        self.items = items  # (key, path) in extraction order
+        self.processor = processor  # the CLIPImageProcessor saved with the encoder
+        self.detector_transform = detector_transform  # the detector's GeneralizedRCNNTransform (eval mode)
+        self.keep_original = keep_original  # clip-crop mode crops regions from the original pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        key, path = self.items[index]
+        loaded = load_image(path)
+        item = {"key": key, "status": loaded.status, "width": loaded.width, "height": loaded.height}
+        item.update(error=loaded.error, pixel_values=None, detector_input=None, original=None)
+        if loaded.status == "ok":
+            item["pixel_values"] = preprocess_for_clip(self.processor, [loaded.image])[0]  # (3, S, S)
+            pixels = pil_to_tensor(loaded.image)  # (3, H, W) uint8
+            item["detector_input"] = preprocess_for_detector(self.detector_transform, pixels.float() / 255.0)
+            if self.keep_original:
+                item["original"] = pixels
+        return item
+
+
+def _collate(items: list[dict]) -> dict:
+    ok = [item for item in items if item["status"] == "ok"]
+    return {
+        "items": [
+            {name: item[name] for name in ("key", "status", "width", "height", "error")} for item in items
+        ],
+        "pixel_values": torch.stack([item["pixel_values"] for item in ok]) if ok else None,  # (B_ok, 3, S, S)
+        "detector_inputs": [item["detector_input"] for item in ok],  # (3, h, w) each
+        "originals": [item["original"] for item in ok],  # (3, H, W) uint8 each, or None
+    }
+
+
+def _extract_shards(
+    cfg: ExtractConfig,
+    clip: ClipEncoder,
+    detector: RegionDetector,
+    spec: TokenSpec,
+    out: Path,
+    todo: list[int],
+    shard_keys: list[list[str]],
+    paths: dict[str, Path],
+    fingerprint: str,
+    config: dict,
+    rank: int,
+    device: torch.device,
+) -> dict[str, str]:
+    """Extract shards `todo`; returns {key: error} for the images that were not ok."""
+    items, batches, where = [], [], []
+    for index in todo:
+        keys = shard_keys[index]
+        for start in range(0, len(keys), cfg.batch_size):
+            rows = range(start, min(start + cfg.batch_size, len(keys)))
+            batches.append([len(items) + row - start for row in rows])
+            where.append((index, rows))
+            items.extend((keys[row], paths[keys[row]]) for row in rows)
+    if not items:
+        return {}
+    dataset = _Images(items, clip.processor, detector.transform, cfg.region_features == "clip-crop")
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
+    sink = _ShardSink(
+        out,
+        spec,
+        {index: shard_keys[index] for index in todo},
+        {"fingerprint": fingerprint, "config_json": config},
+    )
+    errors = {}
+    show = rank == 0 and sys.stderr.isatty()
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[cfg.amp])
+        if cfg.amp != "off"
+        else contextlib.nullcontext()
+    )
+    try:
+        with tqdm(total=len(items), unit="img", desc="extract", disable=not show) as progress, autocast:
+            for batch, (index, rows) in zip(loader, where):
+                records = _encode_batch(batch, clip, detector, spec, cfg, device)
+                errors.update({record.key: record.error for record in records if record.status != "ok"})
+                sink.put(index, list(zip(rows, records)))
+                progress.update(len(records))
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    return errors
+
+
+def _encode_batch(
+    batch: dict,
+    clip: ClipEncoder,
+    detector: RegionDetector,
+    spec: TokenSpec,
+    cfg: ExtractConfig,
+    device: torch.device,
+) -> list[Record]:
+    """Run both models on the ok images of a batch; missing/corrupt images get zeroed records."""
+    metas = batch["items"]
+    ok = [meta for meta in metas if meta["status"] == "ok"]
+    if not ok:
+        return [empty_record(meta["key"], spec, meta["status"], meta["error"]) for meta in metas]
+    pixel_values = batch["pixel_values"].to(device, non_blocking=True)  # (B_ok, 3, S, S)
+    patches, globals_ = clip.encode(pixel_values)  # (B_ok, P, Dp), (B_ok, Dg)
+    crops = cfg.region_features == "clip-crop"
+    regions = detector.detect(
+        [image.to(device, non_blocking=True) for image in batch["detector_inputs"]],
+        [(meta["height"], meta["width"]) for meta in ok],
+        with_features=not crops,
+    )
+    if crops:
+        region_feats = _crop_embeddings(clip, batch["originals"], [r.pixel_boxes for r in regions], device)
+    else:
+        region_feats = [r.feats for r in regions]
+    patches = patches.float().cpu().numpy()
+    globals_ = globals_.float().cpu().numpy()
+    found = iter(range(len(ok)))
+    records = []
+    for meta in metas:
+        if meta["status"] != "ok":
+            records.append(empty_record(meta["key"], spec, meta["status"], meta["error"]))
+            continue
+        i = next(found)
+        records.append(_record(meta, patches[i], globals_[i], regions[i], region_feats[i], spec))
+    return records
+
+
+def _record(
+    meta: dict, patch: np.ndarray, global_embed: np.ndarray, regions, feats: torch.Tensor, spec: TokenSpec
+) -> Record:
+    """Pad one image's outputs to the spec's K regions."""
+    K, n = spec.max_regions, len(regions.scores)
+    region_feats = np.zeros((K, spec.region_dim), np.float16)
+    region_feats[:n] = feats.float().cpu().numpy()
+    labels = np.zeros(K, np.int32)
+    labels[:n] = regions.labels.cpu().numpy()
+    scores = np.zeros(K, np.float32)
+    scores[:n] = regions.scores.float().cpu().numpy()
+    boxes = np.zeros((K, 4), np.float32)
+    boxes[:n] = regions.boxes.float().cpu().numpy()
+    return Record(
+        key=meta["key"],
+        status="ok",
+        width=meta["width"],
+        height=meta["height"],
+        num_regions=n,
+        patch_tokens=patch.astype(np.float16),
+        global_embed=global_embed.astype(np.float16),
+        region_feats=region_feats,
+        region_labels=labels,
+        region_scores=scores,
+        region_boxes=boxes,
+    )
+
+
+def _crop_embeddings(
+    clip: ClipEncoder, originals: list[torch.Tensor], pixel_boxes: list[torch.Tensor], device: torch.device
+) -> list[torch.Tensor]:
+    """CLIP global embedding of each box crop of the original image; (R_i, Dg) per image."""
+    crops, counts = [], []
+    for image, boxes in zip(originals, pixel_boxes):
+        height, width = image.shape[-2:]
+        for x0, y0, x1, y1 in boxes.tolist():
+            # Whole pixels covering the box, at least one pixel wide and inside the image.
+            left, top = min(int(x0), width - 1), min(int(y0), height - 1)
+            right, bottom = (
+                max(min(int(np.ceil(x1)), width), left + 1),
+                max(min(int(np.ceil(y1)), height), top + 1),
+            )
+            crops.append(image[:, top:bottom, left:right])  # (3, h, w) uint8
+        counts.append(len(boxes))
+    if not crops:
+        return [torch.zeros(0, clip.global_dim) for _ in originals]
+    _, embeds = clip.encode(clip.preprocess(crops).to(device))  # (sum R, Dg)
+    return list(embeds.split(counts))
+
+
+class _ShardSink:
+    """Writes records on a background thread so HDF5 IO overlaps the next forward pass.
+
+    Batches arrive shard by shard in row order; a shard is committed (renamed into place) as soon as its
+    last row is written.
+    """
+
+    def __init__(self, out: Path, spec: TokenSpec, shard_keys: dict[int, list[str]], attrs: dict):
+        self.out, self.spec, self.shard_keys, self.attrs = out, spec, shard_keys, attrs
+        self.queue: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, index: int, rows: list[tuple[int, Record]]) -> None:
+        self._raise()
+        self.queue.put((index, rows))
+
+    def close(self) -> None:
+        """Wait for every queued batch to be written; re-raises a writer error."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop without committing the shard in progress (its .tmp file is removed)."""
+        self.stopping = True
+        self.queue.put(None)
+        self.thread.join()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error  # its own type: a ValueError from ShardWriter stays a ValueError
+
+    def _run(self) -> None:
+        writer, index, written = None, None, 0
+        try:
+            while (item := self.queue.get()) is not None and not self.stopping:
+                if self.error is not None:
+                    continue  # drain so the model loop never blocks on a full queue
+                shard, rows = item
+                if shard != index:
+                    assert writer is None, f"shard {index} was left unfinished"
+                    attrs = {**self.attrs, "shard_index": shard}
+                    writer = ShardWriter(
+                        shard_path(self.out, shard), self.spec, self.shard_keys[shard], attrs
+                    )
+                    index, written = shard, 0
+                for row, record in rows:
+                    writer.write(row, record)
+                written += len(rows)
+                if written == len(self.shard_keys[shard]):
+                    writer.commit()
+                    writer = None
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread by put()/close()
+            self.error = err
+            while self.queue.get() is not None:
+                pass
+        finally:
+            if writer is not None:
+                writer.abort()
+
+
+# --------------------------------------------------------------------------------------- distributed
+
+
+def _init_distributed(device_name: str) -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
+    return dist.get_rank(), world, True
+
+
+def _rank_device(device_name: str, world: int) -> torch.device:
+    device = resolve_device(device_name)
+    if device.type == "cuda" and device.index is None and world > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _gather_errors(errors: dict[str, str], world: int) -> dict[str, str]:
+    if world <= 1:
+        return errors
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, errors)
+    return {key: message for part in gathered for key, message in part.items()}
+
+
+def _write_manifest(
+    out: Path,
+    fingerprint: str,
+    config: dict,
+    models: dict,
+    spec: TokenSpec,
+    files: list[Path],
+    errors: dict[str, str],
+    paths: dict[str, Path],
+) -> Path:
+    """write_manifest, then recover messages for failed images of shards an earlier, killed run finished."""
+    manifest = write_manifest(out, fingerprint, config, models, spec, files, errors)
+    lacking = [
+        image["key"]
+        for image in read_manifest(out)["images"]
+        if image["status"] != "ok" and not image["error"]
+    ]
+    if not lacking:
+        return manifest
+    # Failures are cheap to reproduce (missing files, or decoders that stop early), and deterministic.
+    errors = {**errors, **{key: load_image(paths[key]).error for key in lacking}}
+    return write_manifest(out, fingerprint, config, models, spec, files, errors)

@@ -1,0 +1,214 @@
+"""CLIP and detector loading, and region tokens checked against torchvision's own forward pass."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import detection
+from torchvision.models.detection.transform import resize_boxes
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+
+from extract.config import ExtractConfig
+from extract.models import (
+    build_detector,
+    load_clip,
+    materialise_tiny_clip,
+    materialise_tiny_frcnn,
+    one_thread,
+    sha256_file,
+)
+
+VISION = dict(
+    image_size=32,
+    patch_size=16,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+)
+
+
+def config(**changes) -> ExtractConfig:
+    return ExtractConfig(data_dir="unused", out="unused", **changes)
+
+
+def save_clip(folder, kind: str, crop: int = 32, image_mean=None):
+    """A tiny random HF folder: "full" CLIPModel or "vision" CLIPVisionModel, with its processor."""
+    torch.manual_seed(1)
+    if kind == "full":
+        text = dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+        )
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=8))
+    else:
+        model = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    model.save_pretrained(folder)
+    extra = {"image_mean": image_mean} if image_mean else {}
+    CLIPImageProcessor(
+        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, **extra
+    ).save_pretrained(folder)
+    return model.eval()
+
+
+def some_images():
+    """Two noise pictures of different sizes (flat ones would tie every proposal's score)."""
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in [(40, 56, 3), (50, 30, 3)]
+    ]
+
+
+def test_tiny_clip_preset_matches_the_saved_model(preset_dir):
+    clip = load_clip("tiny-clip")
+    folder = materialise_tiny_clip()
+    assert folder.parent == preset_dir
+    assert (clip.num_patches, clip.patch_dim, clip.global_dim) == (17, 32, 32)  # 1 + (64 / 16)^2 tokens
+    assert clip.info["untrained"] is True
+    assert clip.info["sha256"] == {"model.safetensors": sha256_file(folder / "model.safetensors")}
+    assert clip.info["processor"]["crop_size"] == {"height": 64, "width": 64}
+    pixel_values = clip.preprocess(some_images())
+    assert pixel_values.shape == (2, 3, 64, 64)
+    patches, global_embed = clip.encode(pixel_values)
+    reference = CLIPVisionModelWithProjection.from_pretrained(folder).eval()(pixel_values=pixel_values)
+    torch.testing.assert_close(patches, reference.last_hidden_state)
+    torch.testing.assert_close(global_embed, reference.image_embeds)
+    assert clip.global_source == "image_embeds (visual_projection)"
+
+
+def test_full_clip_folder_uses_vision_tower_and_projection(tmp_path):
+    reference = save_clip(tmp_path, "full", image_mean=[0.1, 0.2, 0.3])
+    clip = load_clip(str(tmp_path))
+    assert clip.info["class"] == "CLIPModel" and clip.info["untrained"] is False
+    # The processor comes from the same folder: its (unusual) normalisation is the one used.
+    assert clip.info["processor"]["image_mean"] == [0.1, 0.2, 0.3]
+    pixel_values = clip.preprocess(some_images())  # (2, 3, 32, 32)
+    patches, global_embed = clip.encode(pixel_values)
+    assert patches.shape == (2, 5, 16) and global_embed.shape == (2, 8)
+    with torch.no_grad():
+        features = reference.get_image_features(pixel_values=pixel_values)
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output
+    torch.testing.assert_close(global_embed, features)
+
+
+def test_vision_folder_without_projection_stores_pooler_output(tmp_path):
+    reference = save_clip(tmp_path, "vision")
+    clip = load_clip(str(tmp_path))
+    assert clip.info["class"] == "CLIPVisionModel" and clip.global_source == "pooler_output"
+    pixel_values = clip.preprocess(some_images())
+    patches, global_embed = clip.encode(pixel_values)
+    with torch.no_grad():
+        out = reference(pixel_values=pixel_values)
+    torch.testing.assert_close(patches, out.last_hidden_state)
+    torch.testing.assert_close(global_embed, out.pooler_output)
+    assert global_embed.shape == (2, 16)
+
+
+def test_clip_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="CLIP model folder not found or has no config.json: .*nowhere"):
+        load_clip(str(tmp_path / "nowhere"))
+    save_clip(tmp_path / "noproc", "vision")
+    (tmp_path / "noproc" / "preprocessor_config.json").unlink()
+    with pytest.raises(
+        ValueError,
+        match="has no preprocessor_config.json; the image processor must come from the same folder",
+    ):
+        load_clip(str(tmp_path / "noproc"))
+    save_clip(tmp_path / "crop", "vision", crop=48)
+    with pytest.raises(
+        ValueError, match="processor crop_size .*48.* does not match the encoder's image_size 32"
+    ):
+        load_clip(str(tmp_path / "crop"))
+    save_clip(tmp_path / "bert", "vision")
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="has model_type 'bert'; expected 'clip' or 'clip_vision_model'"):
+        load_clip(str(tmp_path / "bert"))
+
+
+def test_detector_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="--detector-ckpt is required for fasterrcnn_resnet50_fpn"):
+        build_detector("fasterrcnn_resnet50_fpn", None, config())
+    with pytest.raises(ValueError, match=f"detector checkpoint not found: {tmp_path / 'gone.pt'}"):
+        build_detector("fasterrcnn_resnet50_fpn", str(tmp_path / "gone.pt"), config())
+    with pytest.raises(ValueError, match="does not fit fasterrcnn_mobilenet_v3_large_320_fpn"):
+        build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", str(materialise_tiny_frcnn()), config())
+    with pytest.raises(ValueError, match="unknown detector 'yolo'; known: fasterrcnn_resnet50_fpn, "):
+        build_detector("yolo", None, config())
+
+
+def test_torchvision_detector_loads_the_given_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    saved = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=91
+    )
+    ckpt = tmp_path / "mobilenet.pt"
+    torch.save(saved.state_dict(), ckpt)
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    det = build_detector(
+        name, str(ckpt), config(detector=name, detector_ckpt=str(ckpt), score_thr=0.3, nms_iou=0.4, topk=7)
+    )
+    for name, value in saved.state_dict().items():
+        assert torch.equal(det.model.state_dict()[name], value), name
+    heads = det.model.roi_heads
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.3, 0.4, 7)
+    assert det.region_dim == 1024
+    assert det.info["sha256"] == sha256_file(ckpt) and det.info["untrained"] is False
+    assert len(det.info["categories"]) == 91 and det.info["categories"][1] == "person"
+
+
+def raw_tensors():
+    return [
+        torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in some_images()
+    ]  # (3, H, W)
+
+
+def test_tiny_detector_detections_equal_torchvision_forward():
+    det = build_detector("tiny-frcnn", None, config(topk=5))
+    assert det.model.roi_heads.score_thresh == 0.0 and det.info["untrained"] is True
+    images = raw_tensors()
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    regions = det.detect([det.preprocess(im) for im in images], sizes)
+    with torch.no_grad(), one_thread():  # preprocessing runs single-threaded in `detect` too
+        reference = det.model(images)  # torchvision's own end-to-end forward
+    wide = build_detector("tiny-frcnn", None, config(topk=50))
+    wider = wide.detect([wide.preprocess(im) for im in images], sizes)
+    for got, ref, more, (height, width) in zip(regions, reference, wider, sizes):
+        assert len(got.scores) == 5
+        torch.testing.assert_close(got.pixel_boxes, ref["boxes"])
+        torch.testing.assert_close(got.scores, ref["scores"])
+        assert torch.equal(got.labels, ref["labels"])
+        # top-k keeps the best-scoring boxes of a longer list.
+        torch.testing.assert_close(got.scores, more.scores[:5])
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        assert got.boxes.min() >= 0 and got.boxes.max() <= 1
+        torch.testing.assert_close(got.boxes * scale, ref["boxes"].clamp(min=0), rtol=0, atol=1e-4)
+
+
+def test_region_feature_is_box_head_pooled_on_the_stored_box():
+    det = build_detector("tiny-frcnn", None, config(topk=6))
+    model = det.model
+    images = raw_tensors()
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    regions = det.detect([det.preprocess(im) for im in images], sizes)
+    with torch.no_grad(), one_thread():
+        batch, _ = model.transform(images)  # torchvision's own normalise + resize + pad
+        features = model.backbone(batch.tensors)
+        features = {"0": features} if isinstance(features, torch.Tensor) else features
+        for i, got in enumerate(regions):
+            boxes = resize_boxes(got.pixel_boxes, sizes[i], batch.image_sizes[i])  # back to the resized frame
+            pooled = model.roi_heads.box_roi_pool(
+                features, [boxes if j == i else boxes[:0] for j in range(2)], batch.image_sizes
+            )
+            expected = model.roi_heads.box_head(pooled)  # (R, Dr)
+            assert got.feats.shape == (6, 64)
+            torch.testing.assert_close(got.feats, expected, rtol=1e-4, atol=1e-5)
+    # Different boxes of one image give different features: the pooling really follows the box.
+    assert not torch.allclose(regions[0].feats[0], regions[0].feats[-1])

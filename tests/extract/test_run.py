@@ -1,0 +1,292 @@
+"""End-to-end extraction: images -> shards -> CacheReader, resuming, refusing foreign caches, torchrun."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract.run
+from cache.reader import CacheReader
+from cache.shards import read_manifest
+from extract.config import ExtractConfig
+from extract.models import build_detector, load_clip
+from extract.run import extract_features, summarize
+
+# Used by the subprocess tests: extraction as a user runs it, configured by one JSON argument.
+RUNNER = """
+import json, sys
+from extract.config import ExtractConfig
+from extract.run import extract_features
+extract_features(ExtractConfig(**json.loads(sys.argv[1])))
+"""
+# Small shards so the subprocess data set spans many of them (kill mid-way, split across two ranks).
+SHARED = dict(shard_size=3, batch_size=2, num_workers=0)
+
+
+def assert_same_cache(got: Path, want: Path) -> None:
+    """Every record value, status, size, error and the shard layout are identical."""
+    a, b = CacheReader(got), CacheReader(want)
+    assert (a.keys, a.fingerprint, a.spec) == (b.keys, b.fingerprint, b.spec)
+    for key in a.keys:
+        x, y = a.get(key), b.get(key)
+        for name, value in vars(x).items():
+            other = getattr(y, name)
+            if isinstance(value, np.ndarray):
+                assert value.dtype == other.dtype and np.array_equal(value, other), (key, name)
+            else:
+                assert value == other, (key, name)
+    assert read_manifest(got)["images"] == read_manifest(want)["images"]
+
+
+def run_subprocess(data_dir: Path, out: Path, **changes) -> subprocess.Popen:
+    cfg = {"data_dir": str(data_dir), "out": str(out), **SHARED, **changes}
+    # One thread: the same floating-point reduction order in every process we compare.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, json.dumps(cfg)], env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(process: subprocess.Popen) -> None:
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def shared_data(image_dataset, tmp_path_factory):
+    return image_dataset(tmp_path_factory.mktemp("shared"), n=40, missing=2, corrupt=2)
+
+
+@pytest.fixture(scope="session")
+def reference_cache(shared_data, preset_dir, tmp_path_factory):
+    """The uninterrupted single-process extraction of `shared_data`."""
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    finish(run_subprocess(shared_data.data_dir, out))
+    return out
+
+
+def test_extract_end_to_end(image_dataset, tmp_path):
+    ds = image_dataset(tmp_path, n=12, missing=1, corrupt=1)
+    cfg = ExtractConfig(
+        data_dir=str(ds.data_dir), out=str(tmp_path / "cache"), shard_size=5, batch_size=3, num_workers=2
+    )
+    out = extract_features(cfg)
+    reader = CacheReader(out)
+    assert reader.keys == ds.keys  # deduplicated across splits, sorted
+    assert reader.spec.num_patches == 17 and reader.spec.max_regions == 20 and reader.spec.region_dim == 64
+    assert reader.models["clip"]["untrained"] and reader.models["detector"]["untrained"]
+    assert [shard["rows"] for shard in read_manifest(out)["shards"]] == [5, 5, 2]
+    records = {key: reader.get(key) for key in ds.keys}
+    for key, record in records.items():
+        assert record.status == ds.status[key]
+    missing = next(key for key in ds.keys if ds.status[key] == "missing")
+    corrupt = next(key for key in ds.keys if ds.status[key] == "corrupt")
+    assert records[missing].error == f"image not found: {ds.data_dir / 'images' / missing}.jpg"
+    assert records[corrupt].error.startswith(
+        f"cannot decode {ds.data_dir / 'images' / corrupt}.jpg: UnidentifiedImageError"
+    )
+    for key in (missing, corrupt):
+        assert not records[key].patch_tokens.any() and records[key].num_regions == 0
+
+    # Each image's tokens are its own: computed again, one image at a time, with independently loaded models.
+    clip = load_clip("tiny-clip")
+    detector = build_detector("tiny-frcnn", None, cfg)
+    ok = [key for key in ds.keys if ds.status[key] == "ok"]
+    for key in ok:
+        record = records[key]
+        image = Image.open(ds.data_dir / "images" / f"{key}.jpg").convert("RGB")
+        assert (record.width, record.height) == image.size == (48, 40)
+        patches, global_embed = clip.encode(clip.preprocess([image]))
+        np.testing.assert_allclose(record.patch_tokens, patches[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(record.global_embed, global_embed[0].numpy(), rtol=2e-3, atol=2e-3)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255  # (3, H, W)
+        [regions] = detector.detect([detector.preprocess(pixels)], [(40, 48)])
+        n = record.num_regions
+        assert n == len(regions.scores) == 20
+        np.testing.assert_allclose(record.region_boxes[:n], regions.boxes.numpy(), atol=1e-5)
+        np.testing.assert_allclose(record.region_feats[:n], regions.feats.numpy(), rtol=2e-3, atol=2e-3)
+        assert np.array_equal(record.region_labels[:n], regions.labels.numpy())
+        assert record.region_boxes.min() >= 0 and record.region_boxes.max() <= 1
+
+    # Same picture -> the same tokens (up to the last bits: batches of different sizes take other
+    # kernels); different pictures -> clearly different tokens.
+    # The random box head's features are small (|x| < 0.2), hence its lower bar for "different".
+    different = {"patch_tokens": 0.05, "global_embed": 0.05, "region_feats": 0.01, "region_boxes": 0.01}
+    for a in ok:
+        for b in ok:
+            for name, bar in different.items():
+                gap = np.abs(getattr(records[a], name).astype(np.float32) - getattr(records[b], name)).max()
+                assert (gap < 2e-3) if ds.colour[a] == ds.colour[b] else (gap > bar), (a, b, name, gap)
+
+    # Decoding in the main process gives the same cache as decoding in workers.
+    in_main = ExtractConfig(**{**cfg.to_dict(), "out": str(tmp_path / "workers0"), "num_workers": 0})
+    assert_same_cache(extract_features(in_main), out)
+    assert summarize(out).startswith(f"12 images (ok 10, missing 1, corrupt 1) in {out}: ")
+
+
+def test_clip_crop_regions_embed_the_crop(image_dataset, tmp_path):
+    ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0, solid=True)
+    cfg = ExtractConfig(
+        data_dir=str(ds.data_dir),
+        out=str(tmp_path / "cache"),
+        region_features="clip-crop",
+        topk=4,
+        num_workers=0,
+    )
+    reader = CacheReader(extract_features(cfg))
+    assert reader.spec.region_source == "clip_crop" and reader.spec.region_dim == reader.spec.global_dim == 32
+    for key in reader.keys:
+        record = reader.get(key)
+        assert record.num_regions == 4
+        # Any crop of a solid-colour picture is the same solid picture after CLIP's resize + centre crop,
+        # so every region embedding equals the whole image's embedding.
+        for feat in record.region_feats:
+            np.testing.assert_allclose(feat, record.global_embed, rtol=2e-3, atol=2e-3)
+
+
+def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, monkeypatch):
+    ds = image_dataset(tmp_path, n=12)
+    base = dict(data_dir=str(ds.data_dir), shard_size=4, batch_size=2, num_workers=0)
+    reference = extract_features(ExtractConfig(out=str(tmp_path / "reference"), **base))
+    out = tmp_path / "crashed"
+    cfg = ExtractConfig(out=str(out), **base)
+    real_encode = extract.run._encode_batch
+    calls, crashed = [], []
+
+    def crash_on_fourth_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 and not crashed:
+            crashed.append(1)
+            raise RuntimeError("simulated crash")
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(extract.run, "_encode_batch", crash_on_fourth_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_features(cfg)
+    assert sorted(path.name for path in out.iterdir()) == ["shard-00000.h5"]  # shard 1 aborted, tmp removed
+    (out / "shard-00001.h5.tmp").write_bytes(b"half a shard from a killed run")
+    calls.clear()
+    extract_features(cfg)
+    assert len(calls) == 6 - 2  # 3 shards of 2 batches; shard 0 was skipped
+    assert not list(out.glob("*.tmp"))
+    assert_same_cache(out, reference)
+    # Killed after the last shard but before the manifest: nothing is extracted again, and the
+    # manifest's messages for the failed images are recovered by decoding just those again.
+    (out / "manifest.json").unlink()
+    calls.clear()
+    extract_features(cfg)
+    assert not calls
+    assert_same_cache(out, reference)
+
+
+def test_kill_9_then_rerun_equals_uninterrupted_run(shared_data, reference_cache, tmp_path):
+    out = tmp_path / "killed"
+    process = run_subprocess(shared_data.data_dir, out)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.h5")):
+        assert process.poll() is None, "extraction ended before its first shard appeared"
+        assert time.monotonic() < deadline, "no shard after 120 s"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    done = list(out.glob("shard-*.h5"))
+    assert not (out / "manifest.json").exists() and len(done) < 14, (
+        "the kill came too late to interrupt anything"
+    )
+    finish(run_subprocess(shared_data.data_dir, out))
+    assert_same_cache(out, reference_cache)
+
+
+def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path):
+    script = tmp_path / "run_extract.py"
+    script.write_text(RUNNER)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two"
+    cfg = {"data_dir": str(shared_data.data_dir), "out": str(out), **SHARED}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    result = subprocess.run(
+        [*command, str(script), json.dumps(cfg)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_cache(out, reference_cache)
+
+
+def test_different_configuration_is_refused_and_overwrite_replaces(image_dataset, tmp_path):
+    ds = image_dataset(tmp_path, n=4, missing=0, corrupt=0)
+    base = dict(data_dir=str(ds.data_dir), out=str(tmp_path / "cache"), shard_size=2, num_workers=0)
+    out = extract_features(ExtractConfig(**base))
+    old = CacheReader(out).fingerprint
+    refused = r"cache at .*cache was made with a different configuration \(fingerprint \w{12} != \w{12}\); use --overwrite to replace it; differs: "
+    with pytest.raises(ValueError, match=refused + ".*topk 20 -> 5"):
+        extract_features(ExtractConfig(**base, topk=5))
+    # Without the manifest the shards' own attributes still tell.
+    (out / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=refused + ".*topk 20 -> 5"):
+        extract_features(ExtractConfig(**base, topk=5))
+    extract_features(ExtractConfig(**base, topk=5, overwrite=True))
+    reader = CacheReader(out)
+    assert reader.spec.max_regions == 5 and reader.fingerprint != old
+    assert sorted(path.name for path in out.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
+
+
+def test_extract_errors(image_dataset, tmp_path):
+    ds = image_dataset(tmp_path, n=3)
+    with pytest.raises(
+        ValueError, match="amp=fp16 needs a CUDA device, but extraction runs on cpu; use amp='off'"
+    ):
+        extract_features(
+            ExtractConfig(data_dir=str(ds.data_dir), out=str(tmp_path / "c"), device="cpu", amp="fp16")
+        )
+    with pytest.raises(ValueError, match=f"no split file found in {ds.data_dir}: looked for .*dev.txt"):
+        extract_features(ExtractConfig(data_dir=str(ds.data_dir), out=str(tmp_path / "c"), splits=("dev",)))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(out=""), "out \\(the cache folder to write\\) is required"),
+        (
+            dict(detector="yolo"),
+            "unknown detector 'yolo'; known: fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, ",
+        ),
+        (dict(region_features="pixels"), "region_features must be one of frcnn, clip-crop, got 'pixels'"),
+        (dict(topk=0), "topk must be >= 1, got 0"),
+        (dict(score_thr=1.5), "score_thr must be in \\[0, 1\\], got 1.5"),
+        (dict(nms_iou=0.0), "nms_iou must be in \\(0, 1\\], got 0.0"),
+        (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+        (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
+        (dict(device="gpu"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        (dict(amp="fp8"), "amp must be one of off, fp16, bf16, got 'fp8'"),
+        (dict(shard_size=0), "shard_size must be >= 1, got 0"),
+        (dict(splits=()), "splits must name at least one split"),
+        (dict(clip=""), "clip must be 'tiny-clip' or a local CLIP model folder"),
+    ],
+)
+def test_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ExtractConfig(**{"data_dir": "d", "out": "o", **changes})
+
+
+def test_config_thresholds_and_dict():
+    assert ExtractConfig(data_dir="d", out="o", detector="tiny-frcnn", score_thr=0.5).score_thr == 0.0
+    real = ExtractConfig(
+        data_dir=Path("d"), out="o", detector="fasterrcnn_resnet50_fpn", detector_ckpt="x.pt"
+    )
+    assert real.score_thr == 0.2 and real.data_dir == "d"
+    assert json.loads(json.dumps(real.to_dict()))["splits"] == ["train", "valid", "test"]
