@@ -39,8 +39,8 @@ def test_diff_file_changes_only_its_keys(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in configs.path("experiments").glob("*.toml")))
 def test_shipped_experiments_load(name):
-    model, _ = load_run_config(config_file=configs.path("experiments", f"{name}.toml"))
-    assert model != ModelConfig()
+    model, train = load_run_config(config_file=configs.path("experiments", f"{name}.toml"))
+    assert (model, train) != (ModelConfig(), TrainConfig())
 
 
 def test_overrides_parse_toml_literals_and_bare_strings(tmp_path):
