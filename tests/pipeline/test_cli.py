@@ -1,0 +1,426 @@
+"""Tests for pipeline/cli.py: every command's --help, user errors as clean click errors, and every command
+run end to end on a tiny IMGID data folder with the untrained presets (tiny-clip, tiny-frcnn, tiny-bert).
+
+The stages themselves are tested in tests/extract, tests/cache and tests/train; here the question is
+whether each command reaches its stage with the right arguments and reports back what the stage did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from cache.datasets import read_split
+from cache.shards import read_manifest
+from demo.build import DemoConfig
+from pipeline.cli import main
+from tests.train.run_factories import make_data, make_images
+from train.ablate import ABLATIONS
+from train.config import ModelConfig
+
+# Every leaf command, as the words typed after `mner`.
+COMMANDS = [
+    ("extract-features",),
+    ("cache", "inspect"),
+    ("cache", "show"),
+    ("cache", "verify"),
+    ("train-from-cache",),
+    ("evaluate",),
+    ("predict",),
+    ("ablate",),
+    ("demo-data",),
+    ("results",),
+]
+# Options whose default is None in click but which say in their help what None means.
+DOCUMENTED_NONE_DEFAULTS = {
+    ("extract-features",): ["--score-thr FLOAT Detector score threshold [default: 0.2; 0.0 for tiny-frcnn]"],
+    ("train-from-cache",): [
+        "--epochs INTEGER Number of epochs [default: from config]",
+        "--seed INTEGER Random seed [default: from config]",
+    ],
+    ("evaluate",): [
+        "--cache DIRECTORY Cache [default: the run's].",
+        "--data-dir DIRECTORY Data folder [default: the run's].",
+    ],
+    ("ablate",): ["--epochs INTEGER Epochs per run [default: from config]"],
+}
+# Shards of 8 images: the 18 images of the data folder make three shards (8, 8, 2).
+SHARD_SIZE = 8
+TOPK = 4
+
+
+def invoke(*args) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def ok(*args) -> Result:
+    """Run `mner ARGS` and require exit code 0."""
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def user_error(*args) -> str:
+    """Run `mner ARGS`, which must fail as a clean click error; returns its last stderr line."""
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    # click turned the error into SystemExit(1) after printing it: no exception escaped, no traceback.
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result.stderr.strip().splitlines()[-1]
+
+
+def one_line(text: str) -> str:
+    """Help text on one line, so that wrapping at any terminal width is irrelevant: click's wrapper
+    also breaks after a hyphen ("tiny-" / "frcnn"), which is joined back without a space."""
+    return " ".join(re.sub(r"-\n\s+", "-", text).split())
+
+
+def command_at(path: tuple[str, ...]) -> click.Command:
+    command = main
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+# ------------------------------------------------------------------------------------------------ help
+
+
+@pytest.mark.parametrize("path", [(), *COMMANDS], ids=lambda path: " ".join(path) or "mner")
+def test_help_shows_an_example_and_the_defaults(path):
+    command = command_at(path)
+    text = one_line(ok(*path, "--help").output)
+    assert "Example" in text
+    assert one_line(command.help.split("\n\n")[0]) in text  # what the command does
+    shown = 0
+    for param in command.params:
+        # A flag's default (off) goes without saying; every option with a value default must show it.
+        # (No default is None in older click and a sentinel object in click >= 8.3.)
+        default = param.default
+        if isinstance(param, click.Option) and isinstance(default, str | int | float) and not param.is_flag:
+            assert f"[default: {default}]" in text, param.name
+            shown += 1
+    for documented in DOCUMENTED_NONE_DEFAULTS.get(path, []):
+        assert documented in text
+    # These commands have value defaults: the loop above must have checked some (not skipped them all).
+    if path in (("extract-features",), ("evaluate",), ("ablate",), ("demo-data",), ("results",)):
+        assert shown > 0
+
+
+def test_cache_group_help_lists_its_commands():
+    text = ok("cache", "--help").output
+    for name in ("inspect", "show", "verify"):
+        assert re.search(rf"^\s+{name}\s+\S", text, re.MULTILINE), name
+
+
+def test_version_is_the_package_version():
+    assert importlib.metadata.version("mner-cache") in ok("--version").output
+
+
+def test_python_m_pipeline_and_the_console_script_both_work(tmp_path):
+    """Run from an unrelated folder: both entry points come from the installed package."""
+    script = Path(sys.executable).parent / "mner"
+    for argv in ([sys.executable, "-m", "pipeline", "--help"], [str(script), "--help"]):
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("Usage: mner [OPTIONS] COMMAND [ARGS]...")
+        for name in ("extract-features", "train-from-cache", "ablate", "demo-data"):
+            assert name in done.stdout
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def extract_args(data_dir: Path, cache_dir: Path, topk: int = TOPK) -> list:
+    return [
+        "extract-features",
+        "--data-dir", data_dir,
+        "--clip", "tiny-clip",
+        "--detector", "tiny-frcnn",
+        "--num-workers", "0",
+        "--topk", topk,
+        "--shard-size", SHARD_SIZE,
+        "--out", cache_dir,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A data folder of 10/4/4 posts with 40x32 solid-colour JPEGs (the last test post has none),
+    extracted through `mner extract-features`."""
+    root = tmp_path_factory.mktemp("cli")
+    data_dir, posts = make_data(root)
+    keys = [post.key for post in posts]
+    make_images(data_dir / "images", keys[:-1])
+    cache_dir = root / "cache"
+    extracted = ok(*extract_args(data_dir, cache_dir))
+    return SimpleNamespace(
+        root=root,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        keys=keys,
+        missing=keys[-1],
+        extract_output=extracted.stdout,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    """A multimodal and a text-only run (tiny-bert, one epoch) through `mner train-from-cache`."""
+    full, text = workspace.root / "runs" / "full", workspace.root / "runs" / "text"
+    common = ["--data-dir", workspace.data_dir, "--text-encoder", "tiny-bert", "--epochs", "1"]
+    common += ["--set", "train.batch_size=4"]
+    outputs = [
+        ok("train-from-cache", "--cache", workspace.cache_dir, *common, "--out", full).stdout,
+        ok("train-from-cache", "--text-only", *common, "--out", text).stdout,
+    ]
+    return SimpleNamespace(full=full, text=text, outputs=outputs)
+
+
+def test_extract_features_writes_the_cache_and_a_summary(workspace):
+    manifest = read_manifest(workspace.cache_dir)
+    assert sorted(image["key"] for image in manifest["images"]) == sorted(workspace.keys)
+    status = {image["key"]: image["status"] for image in manifest["images"]}
+    assert status == {key: "missing" if key == workspace.missing else "ok" for key in workspace.keys}
+    assert [shard["rows"] for shard in manifest["shards"]] == [8, 8, 2]
+    assert manifest["config"]["topk"] == TOPK
+    assert f"18 images (ok 17, missing 1, corrupt 0) in {workspace.cache_dir}" in workspace.extract_output
+
+
+def test_cache_verify_inspect_and_show(workspace, tmp_path):
+    cache_dir, data_dir = workspace.cache_dir, workspace.data_dir
+    verified = ok("cache", "verify", cache_dir, "--data-dir", data_dir).stdout.strip().splitlines()
+    assert verified[-1].startswith(f"{cache_dir}: OK (")
+    assert not any(line.startswith("PROBLEM") for line in verified)
+
+    manifest = read_manifest(cache_dir)
+    info = json.loads(ok("cache", "inspect", cache_dir, "--json").stdout)
+    assert info["fingerprint"] == manifest["fingerprint"]
+    assert info["images"] == 18
+    assert info["status"] == {"ok": 17, "missing": 1, "corrupt": 0}
+    assert info["shards"] == {"count": 3, "rows": 18, "rows_per_shard": [8, 8, 2]}
+    # The histogram of regions per ok image, recounted from the manifest (JSON keys are strings).
+    recount = Counter(image["num_regions"] for image in manifest["images"] if image["status"] == "ok")
+    assert info["region_histogram"] == {str(k): recount.get(k, 0) for k in range(TOPK + 1)}
+    assert info["spec"]["max_regions"] == TOPK
+    assert info["models"]["detector"] == {"name": "tiny-frcnn", "untrained": True}
+    assert info["models"]["clip"]["untrained"] is True
+    assert ok("cache", "inspect", cache_dir).stdout.count("(UNTRAINED)") == 2
+
+    key = workspace.keys[0]
+    png = tmp_path / "shown" / f"{key}.png"
+    image = data_dir / "images" / f"{key}.jpg"
+    shown = json.loads(ok("cache", "show", cache_dir, "--id", key, "--png", png, "--image", image).stdout)
+    entry = next(image for image in manifest["images"] if image["key"] == key)
+    assert (shown["key"], shown["status"], shown["size"]) == (key, "ok", [40, 32])
+    assert shown["num_regions"] == entry["num_regions"] == len(shown["regions"])
+    assert shown["background"] == str(image)
+    with Image.open(png) as drawn:
+        assert (drawn.format, drawn.size) == ("PNG", (40, 32))
+
+
+def test_show_refuses_to_draw_an_image_that_is_missing(workspace, tmp_path):
+    missing = workspace.missing
+    line = user_error("cache", "show", workspace.cache_dir, "--id", missing, "--png", tmp_path / "x.png")
+    assert line.startswith(f"Error: image {missing!r} has status missing (")
+    assert line.endswith("); there is nothing to draw")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cache_verify_fails_on_a_damaged_shard(workspace, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workspace.cache_dir, damaged)
+    with open(damaged / "shard-00001.h5", "ab") as shard:
+        shard.write(b"\0")  # the file no longer matches the sha256 in the manifest
+    result = invoke("cache", "verify", damaged)
+    assert result.exit_code == 1, result.output
+    problems = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM: ")]
+    assert problems and all("shard-00001.h5" in line for line in problems)
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {damaged}: {len(problems)} problem(s) found"
+
+
+def test_second_extract_reuses_the_completed_shards(workspace):
+    shards = sorted(workspace.cache_dir.glob("shard-*.h5"))
+    before = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in shards}
+    fingerprint = read_manifest(workspace.cache_dir)["fingerprint"]
+    output = ok(*extract_args(workspace.data_dir, workspace.cache_dir)).stdout
+    # A rewritten shard would be a new file renamed into place: a new inode and a new mtime.
+    after = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in shards}
+    assert after == before
+    assert read_manifest(workspace.cache_dir)["fingerprint"] == fingerprint
+    assert "18 images (ok 17, missing 1, corrupt 0)" in output
+
+
+def test_extract_with_another_topk_into_the_same_folder_is_refused(workspace):
+    shards = sorted(workspace.cache_dir.glob("shard-*.h5"))
+    before = {path.name: path.stat().st_mtime_ns for path in shards}
+    old = read_manifest(workspace.cache_dir)["fingerprint"][:12]
+    line = user_error(*extract_args(workspace.data_dir, workspace.cache_dir, topk=TOPK - 1))
+    pattern = (
+        rf"Error: cache at {re.escape(str(workspace.cache_dir))} was made with a different configuration "
+        rf"\(fingerprint {old} != [0-9a-f]{{12}}\); use --overwrite to replace it; differs: .*"
+    )
+    assert re.fullmatch(pattern, line), line
+    assert f"topk {TOPK} -> {TOPK - 1}" in line
+    assert {path.name: path.stat().st_mtime_ns for path in shards} == before
+
+
+def test_train_from_cache_multimodal_and_text_only(workspace, runs):
+    manifest = read_manifest(workspace.cache_dir)
+    full = json.loads((runs.full / "config.json").read_text())
+    text = json.loads((runs.text / "config.json").read_text())
+    assert full["model"]["text_only"] is False and text["model"]["text_only"] is True
+    assert full["model"]["text_encoder"] == text["model"]["text_encoder"] == "tiny-bert"
+    assert full["train"]["epochs"] == text["train"]["epochs"] == 1
+    assert full["train"]["batch_size"] == 4  # from --set
+    assert full["cache"]["fingerprint"] == manifest["fingerprint"]
+    assert text["cache"] is None  # a text-only run records no cache
+    for run_dir, output in zip((runs.full, runs.text), runs.outputs):
+        assert f"run written to {run_dir}" in output
+        assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 1
+
+
+def test_evaluate_and_results(runs):
+    output = ok("evaluate", runs.full, "--split", "test").stdout
+    assert "micro" in output
+    evaluated = json.loads((runs.full / "results_test.json").read_text())
+    # The best model scored again on test: what training recorded for the same model and split.
+    trained = json.loads((runs.full / "results.json").read_text())["test"]
+    assert evaluated["micro"] == pytest.approx(trained["micro"])
+
+    table = ok("results", runs.text, runs.full).stdout.splitlines()
+    assert table[0].split() == ["run", "P", "R", "F1", "support"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert set(rows) == {str(runs.text), str(runs.full)}
+    assert rows[str(runs.full)][3] == f"{100 * evaluated['micro']['f1']:.2f}"
+    text_f1 = json.loads((runs.text / "results.json").read_text())["test"]["micro"]["f1"]
+    assert rows[str(runs.text)][3] == f"{100 * text_f1:.2f}"
+
+
+def test_predict_tags_new_posts_as_training_tagged_the_test_split(workspace, runs, tmp_path):
+    source = workspace.data_dir / "test.txt"
+    out = tmp_path / "pred" / "test.conll"
+    output = ok(
+        "predict", runs.full, "--input", source, "--image-dir", workspace.data_dir / "images", "--out", out
+    ).stdout
+    assert f"predictions written to {out}" in output
+    gold, tagged = read_split(source), read_split(out)
+    assert [post.key for post in tagged.posts] == [post.key for post in gold.posts]
+    assert [post.words for post in tagged.posts] == [post.words for post in gold.posts]
+    # predict re-extracts the images with the run's extractor, so it must tag what training's own
+    # decoding of the test split wrote into pred_test.conll (`token gold pred`).
+    blocks = (runs.full / "pred_test.conll").read_text().strip().split("\n\n")
+    trained = [tuple(line.split()[-1] for line in block.splitlines()) for block in blocks]
+    assert [post.tags for post in tagged.posts] == trained
+    spans = [json.loads(line) for line in Path(f"{out}.json").read_text().splitlines()]
+    assert [line["key"] for line in spans] == [post.key for post in gold.posts]
+
+
+def test_ablate_runs_every_experiment_and_prints_the_table(workspace, tmp_path):
+    out = tmp_path / "ablation"
+    output = ok(
+        "ablate", "--cache", workspace.cache_dir, "--data-dir", workspace.data_dir,
+        "--exp", "full", "--exp", "text_only", "--seeds", "1", "--epochs", "1",
+        "--text-encoder", "tiny-bert", "--set", "train.batch_size=4", "--out", out,
+    ).stdout  # fmt: skip
+    table = pd.read_csv(out / "ablation.csv")
+    assert list(zip(table["experiment"], table["seed"])) == [("full", 1), ("text_only", 1)]
+    assert output.strip() == (out / "ablation.md").read_text().strip()
+    for name in ("full", "text_only"):
+        assert re.search(rf"^\| {name} \| 1 \|", output, re.MULTILINE), name
+        record = json.loads((out / name / "seed1" / "config.json").read_text())
+        assert record["model"]["text_only"] is (name == "text_only")
+        assert record["train"]["epochs"] == 1
+
+
+def test_demo_data_builds_the_demo_from_the_given_seed(tmp_path):
+    out = tmp_path / "demo"
+    assert f"demo data at {out}" in ok("demo-data", "--out", out, "--seed", 5).stdout
+    meta = json.loads((out / "demo.json").read_text())
+    expected = dataclasses.asdict(DemoConfig(out_dir=str(out), seed=5))
+    assert meta["config"] == {name: value for name, value in expected.items() if name != "out_dir"}
+    for split, keys in meta["splits"].items():
+        assert [post.key for post in read_split(out / f"{split}.txt").posts] == keys
+
+
+# --------------------------------------------------------------------------------------- user errors
+
+
+def test_missing_data_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    line = user_error("extract-features", "--data-dir", missing, "--out", tmp_path / "cache")
+    assert line == f"Error: data folder {missing} does not exist"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_inspect_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    line = user_error("cache", "inspect", tmp_path)
+    assert (
+        line
+        == f"Error: {tmp_path} is not a feature cache: no manifest.json; run `mner extract-features` first"
+    )
+
+
+def test_torchvision_detector_without_a_checkpoint(workspace, tmp_path):
+    out = tmp_path / "cache"
+    args = ["extract-features", "--data-dir", workspace.data_dir, "--num-workers", "0", "--out", out]
+    line = user_error(*args, "--detector", "fasterrcnn_resnet50_fpn")
+    assert line == (
+        "Error: --detector-ckpt is required for fasterrcnn_resnet50_fpn: "
+        "give a local state-dict file (weights are never downloaded)"
+    )
+    assert not out.exists()
+
+
+def test_unknown_set_key(workspace, tmp_path):
+    out = tmp_path / "run"
+    known = ", ".join(sorted(field.name for field in dataclasses.fields(ModelConfig)))
+    line = user_error(
+        "train-from-cache",
+        "--text-only",
+        "--data-dir",
+        workspace.data_dir,
+        "--set",
+        "model.nope=1",
+        "--out",
+        out,
+    )
+    assert line == f"Error: --set model.nope=1: unknown key model.nope; known keys: {known}"
+    assert not out.exists()
+
+
+def test_multimodal_training_without_a_cache(workspace, tmp_path):
+    line = user_error("train-from-cache", "--data-dir", workspace.data_dir, "--out", tmp_path / "run")
+    assert line == "Error: cache_dir is required unless model.text_only is true"
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):
+    line = user_error("evaluate", tmp_path)
+    assert (
+        line
+        == f"Error: {tmp_path} is not a run folder: no config.json (train one with `mner train-from-cache`)"
+    )
+
+
+def test_ablate_refuses_an_unknown_experiment(workspace, tmp_path):
+    line = user_error(
+        "ablate", "--data-dir", workspace.data_dir, "--exp", "no_such", "--out", tmp_path / "ablation"
+    )
+    assert line == (
+        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)} "
+        "or the path of an existing config-diff .toml file"
+    )
