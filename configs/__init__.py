@@ -4,9 +4,8 @@
 the commented training base and `experiments/<name>.toml` are small diffs over it.
 """
 
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent
 

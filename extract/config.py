@@ -18,6 +18,8 @@ DETECTORS = (
 )
 TINY_CLIP = "tiny-clip"
 TINY_FRCNN = "tiny-frcnn"
+# Weak detections still carry context and the model sees each region's score, so keep the bar low.
+DEFAULT_SCORE_THR = 0.2
 REGION_FEATURES = ("frcnn", "clip-crop")
 AMP_MODES = ("off", "fp16", "bf16")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -42,7 +44,7 @@ class ExtractConfig:
         "frcnn"  # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
     )
     topk: int = 20  # regions kept per image (highest scores after threshold and NMS); K in the shards
-    score_thr: float = 0.2  # minimum detection score; the tiny-frcnn preset forces 0.0 so it returns regions
+    score_thr: float | None = None  # minimum detection score; None: 0.2, or 0.0 for tiny-frcnn (see below)
     nms_iou: float = 0.5  # IoU above which roi_heads' per-class NMS drops the lower-scoring box
     batch_size: int = 16  # images per model forward; batches are fixed per shard so values are reproducible
     num_workers: int = 2  # DataLoader workers decoding and preprocessing images (0: in the main process)
@@ -74,6 +76,9 @@ class ExtractConfig:
             )
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.score_thr is None:
+            # A random detector scores every class near 1/91; any positive threshold would leave no regions.
+            self.score_thr = 0.0 if self.detector == TINY_FRCNN else DEFAULT_SCORE_THR
         if not 0.0 <= self.score_thr <= 1.0:
             raise ValueError(f"score_thr must be in [0, 1], got {self.score_thr}")
         if not 0.0 < self.nms_iou <= 1.0:
@@ -90,9 +95,12 @@ class ExtractConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if not self.splits:
             raise ValueError("splits must name at least one split")
-        if self.detector == TINY_FRCNN:
-            # A random detector scores every class near 1/91; any positive threshold would leave no regions.
-            self.score_thr = 0.0
+        if self.detector != TINY_FRCNN and not self.detector_ckpt:
+            # Checked here, before any data is read or model loaded, with the loader's own message.
+            raise ValueError(
+                f"--detector-ckpt is required for {self.detector}: give a local state-dict file "
+                "(weights are never downloaded)"
+            )
 
     def to_dict(self) -> dict:
         """Plain JSON-able copy (splits as a list)."""

@@ -105,7 +105,9 @@ def main():
 )
 @click.option("--nms-iou", type=float, default=0.5, show_default=True, help="NMS IoU threshold.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder to write.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=16, show_default=True, help="Images per model forward (fingerprinted)."
+)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Image decoding workers.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option(
@@ -132,8 +134,6 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
     from extract.config import ExtractConfig
     from extract.run import extract_features, summarize
 
-    if opts["score_thr"] is None:
-        opts.pop("score_thr")
     cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
     started = time.perf_counter()
     out = extract_features(cfg)
@@ -142,7 +142,12 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
 
 @main.group(context_settings=CONTEXT)
 def cache():
-    """Inspect, show and verify a feature cache."""
+    """Inspect, show and verify a feature cache.
+
+    \b
+    Example:
+      mner cache inspect demo_out/cache
+    """
 
 
 @cache.command("inspect", context_settings=CONTEXT)
@@ -299,9 +304,10 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir):
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from train.evaluate import evaluate_run
+    from train.evaluate import evaluate_run, format_scores
 
-    evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+    scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+    click.echo(f"{run_dir} on {split}:\n{format_scores(scores)}")
 
 
 @main.command("predict", context_settings=CONTEXT)

@@ -177,7 +177,9 @@ class RunConfig:
         if not self.out_dir:
             raise ValueError("out_dir must name the run folder, got ''")
         if self.cache_dir is None and not self.model.text_only:
-            raise ValueError("cache_dir is required unless model.text_only is true")
+            raise ValueError(
+                "cache_dir is required unless model.text_only is true (pass --cache DIR, or --text-only)"
+            )
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict, nested by section."""

@@ -76,7 +76,6 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
     )
     write_conll(run_dir / f"pred_{split}.conll", data.posts, predictions)
     write_json(run_dir / f"results_{split}.json", scores)
-    print(f"{run_dir} on {split} ({data.path}):\n{format_scores(scores)}")
     return scores
 
 

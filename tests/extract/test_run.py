@@ -283,8 +283,17 @@ def test_config_validation(changes, message):
         ExtractConfig(**{"data_dir": "d", "out": "o", **changes})
 
 
+def test_config_requires_a_checkpoint_before_reading_anything():
+    with pytest.raises(
+        ValueError, match=r"^--detector-ckpt is required for fasterrcnn_resnet50_fpn: give a local"
+    ):
+        ExtractConfig(data_dir="does/not/exist", out="o", detector="fasterrcnn_resnet50_fpn")
+
+
 def test_config_thresholds_and_dict():
-    assert ExtractConfig(data_dir="d", out="o", detector="tiny-frcnn", score_thr=0.5).score_thr == 0.0
+    # The untrained preset defaults to 0.0 (else it returns no regions); an explicit value is kept.
+    assert ExtractConfig(data_dir="d", out="o", detector="tiny-frcnn").score_thr == 0.0
+    assert ExtractConfig(data_dir="d", out="o", detector="tiny-frcnn", score_thr=0.5).score_thr == 0.5
     real = ExtractConfig(
         data_dir=Path("d"), out="o", detector="fasterrcnn_resnet50_fpn", detector_ckpt="x.pt"
     )

@@ -405,7 +405,10 @@ def test_unknown_set_key(workspace, tmp_path):
 
 def test_multimodal_training_without_a_cache(workspace, tmp_path):
     line = user_error("train-from-cache", "--data-dir", workspace.data_dir, "--out", tmp_path / "run")
-    assert line == "Error: cache_dir is required unless model.text_only is true"
+    assert (
+        line
+        == "Error: cache_dir is required unless model.text_only is true (pass --cache DIR, or --text-only)"
+    )
 
 
 def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):
