@@ -115,18 +115,22 @@ def format_inspection(info: dict) -> str:
     return "\n".join(lines)
 
 
-def show_record(cache_dir, key: str, png=None, image_path=None) -> dict:
+def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1.0) -> dict:
     """One image's record: {key, status, error, size [w, h], num_regions, regions, and the shapes of
     patch_tokens (P, Dp), global_embed (Dg,), region_feats (K, Dr)}; regions are
     [{label, name, score, box [x1, y1, x2, y2] in [0, 1]}].
 
-    With png, draws the boxes with "name score" on the original image (image_path, when given and
-    readable; resized to the recorded size if it differs) or on a grey canvas of the recorded size,
-    and saves it there.
+    With png, draws the boxes with "name score" on the original image (image_path, else the image the
+    cache was extracted from, when readable; resized to the recorded size if it differs) or on a grey
+    canvas of the recorded size, enlarged `scale` times (tweet thumbnails are small), and saves it there.
     """
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
     with CacheReader(cache_dir) as reader:
         record = reader.get(key)
         names = _category_names(reader.models)
+        if image_path is None:
+            image_path = _source_image(reader.config, key)
     regions = [
         {
             "label": int(record.region_labels[i]),
@@ -152,9 +156,24 @@ def show_record(cache_dir, key: str, png=None, image_path=None) -> dict:
             raise ValueError(
                 f"image {key!r} has status {record.status} ({record.error}); there is nothing to draw"
             )
-        info["background"] = _draw(record.width, record.height, regions, Path(png), image_path)
+        size = (round(record.width * scale), round(record.height * scale))
+        info["background"] = _draw(*size, regions, Path(png), image_path)
         info["png"] = str(png)
     return info
+
+
+def _source_image(config: dict, key: str) -> Path | None:
+    """The image file `key` was extracted from, found through the data folder in the extraction
+    config; None when that folder is gone or the key is refused (the drawing falls back to grey)."""
+    from cache.datasets import resolve_data
+
+    try:
+        source = resolve_data(
+            **{name: config.get(name) for name in ("data_dir", "dataset", "data_root", "image_dir")}
+        )
+        return source.image_path(key)
+    except ValueError:
+        return None
 
 
 def _draw(width: int, height: int, regions: list[dict], png: Path, image_path) -> str:

@@ -173,18 +173,24 @@ def cache_inspect(cache_dir, as_json):
 @click.option(
     "--png", type=click.Path(dir_okay=False), help="Draw the stored boxes on the image into this PNG."
 )
-@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Image file to draw on.")
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(dir_okay=False),
+    help="Image file to draw on [default: the image the cache was extracted from].",
+)
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Enlarge the PNG this many times.")
 @_user_errors
-def cache_show(cache_dir, key, png, image_path):
+def cache_show(cache_dir, key, png, image_path, scale):
     """Print one cached record; with --png draw its boxes with label names and scores.
 
     \b
     Example:
-      mner cache show demo_out/cache --id demo_00003 --png demo_00003.png
+      mner cache show demo_out/cache --id demo_00003 --png demo_00003.png --scale 4
     """
     from cache.inspect import show_record
 
-    info = show_record(cache_dir, key, png=png, image_path=image_path)
+    info = show_record(cache_dir, key, png=png, image_path=image_path, scale=scale)
     click.echo(json.dumps(info, indent=2))
 
 

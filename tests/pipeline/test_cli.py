@@ -232,6 +232,13 @@ def test_cache_verify_inspect_and_show(workspace, tmp_path):
     with Image.open(png) as drawn:
         assert (drawn.format, drawn.size) == ("PNG", (40, 32))
 
+    # Without --image the picture is found through the data folder recorded at extraction; --scale enlarges.
+    shown = json.loads(ok("cache", "show", cache_dir, "--id", key, "--png", png, "--scale", "3").stdout)
+    drawn_on, note = shown["background"].split(" (", 1)
+    assert Path(drawn_on).resolve() == image.resolve() and note == "resized from 40x32)"
+    with Image.open(png) as drawn:
+        assert drawn.size == (120, 96)
+
 
 def test_show_refuses_to_draw_an_image_that_is_missing(workspace, tmp_path):
     missing = workspace.missing
