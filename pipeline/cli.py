@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -67,6 +67,8 @@ def main():
       mner train-from-cache --cache demo_out/cache --data-dir demo_out/data --out demo_out/runs/full
       mner evaluate demo_out/runs/full --split test
     """
+    # The stages report progress (skipped shards, epochs, reused data, summaries) through logging.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
 @main.command("extract-features", context_settings=CONTEXT)
@@ -132,12 +134,10 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
           --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
     """
     from extract.config import ExtractConfig
-    from extract.run import extract_features, summarize
+    from extract.run import extract_features
 
     cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
-    started = time.perf_counter()
-    out = extract_features(cfg)
-    click.echo(summarize(out, seconds=time.perf_counter() - started))
+    extract_features(cfg)  # logs its closing summary: status counts, size on disk, time
 
 
 @main.group(context_settings=CONTEXT)
