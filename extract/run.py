@@ -135,7 +135,7 @@ def extract_features(cfg: ExtractConfig) -> Path:
         if rank == 0:
             files = [shard_path(out, index) for index in range(len(shard_keys))]
             _write_manifest(out, fingerprint, config, models, spec, files, errors, paths)
-            log.info(summarize(out, time.perf_counter() - start))
+            log.debug(summarize(out, time.perf_counter() - start))  # the CLI prints it on stdout
         _barrier(world)
     finally:
         if owns_group:

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -134,10 +135,12 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
           --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
     """
     from extract.config import ExtractConfig
-    from extract.run import extract_features
+    from extract.run import extract_features, summarize
 
     cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
-    extract_features(cfg)  # logs its closing summary: status counts, size on disk, time
+    started = time.perf_counter()
+    out = extract_features(cfg)
+    click.echo(summarize(out, seconds=time.perf_counter() - started))
 
 
 @main.group(context_settings=CONTEXT)
