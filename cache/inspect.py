@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from cache.reader import CacheReader
-from cache.shards import STATUS_NAMES, TokenSpec, open_shard, read_manifest
+from cache.shards import STATUS_NAMES, TokenSpec, open_shard_checked, read_manifest
 
 # Box colours, picked by label id so one class keeps one colour across images.
 _PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6")
@@ -43,7 +43,7 @@ def inspect_cache(cache_dir) -> dict:
     labels: Counter = Counter()
     tokens = {}
     for shard in manifest["shards"]:
-        with open_shard(cache_dir / shard["file"]) as f:
+        with open_shard_checked(cache_dir / shard["file"]) as f:
             counts = f["num_regions"][:]  # (N,)
             found = f["region_labels"][:]  # (N, K)
             valid = np.arange(spec.max_regions)[None, :] < counts[:, None]  # (N, K)

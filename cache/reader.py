@@ -19,7 +19,7 @@ from cache.shards import (
     TOKEN_DATASETS,
     Record,
     TokenSpec,
-    open_shard,
+    open_shard_checked,
     read_manifest,
 )
 
@@ -45,7 +45,7 @@ class _Shard:
             raise ValueError(
                 f"{path}: shard listed in manifest.json is missing; re-run `mner extract-features`"
             )
-        self.file = open_shard(path)
+        self.file = open_shard_checked(path)
         try:
             found = self.file.attrs.get("fingerprint")
             if found != fingerprint:

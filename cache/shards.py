@@ -205,6 +205,15 @@ def open_shard(path) -> h5py.File:
     return h5py.File(path, "r", locking=False)
 
 
+def open_shard_checked(path) -> h5py.File:
+    """`open_shard` for readers that face the user: an unreadable (truncated, overwritten) shard is a
+    ValueError naming the file and the remedy rather than h5py's bare OSError."""
+    try:
+        return open_shard(path)
+    except OSError as err:
+        raise ValueError(f"{path}: unreadable shard ({err}); run `mner cache verify` on its folder") from err
+
+
 class ShardWriter:
     """Writes one shard: fixed-shape padded datasets in `<path>.tmp`, renamed to `path` on commit().
 

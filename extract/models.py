@@ -138,6 +138,23 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu") -> ClipEnco
         )
     model_type = json.loads(config_file.read_text()).get("model_type")
     load = {"local_files_only": True, "dtype": torch.float32}
+    try:
+        vision, projection, class_name = _load_clip_tower(folder, config_file, model_type, load)
+        processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+    except OSError as err:  # transformers' word for missing/unreadable weight or processor files
+        raise ValueError(f"CLIP folder {folder} cannot be loaded: {err}") from err
+    vision_cfg = vision.config
+    crop = processor.crop_size or {}
+    if processor.do_center_crop and (crop.get("height"), crop.get("width")) != (vision_cfg.image_size,) * 2:
+        raise ValueError(
+            f"CLIP folder {folder}: processor crop_size {crop} does not match the encoder's image_size "
+            f"{vision_cfg.image_size}"
+        )
+    return _finish_clip(name_or_path, folder, vision, projection, class_name, processor, device)
+
+
+def _load_clip_tower(folder, config_file, model_type, load):
+    """(vision tower, visual projection or None, class name) from a CLIP or CLIP-vision folder."""
     if model_type == "clip":
         full = CLIPModel.from_pretrained(folder, **load)
         vision, projection, class_name = full.vision_model, full.visual_projection, "CLIPModel"
@@ -153,14 +170,12 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu") -> ClipEnco
         raise ValueError(
             f"{config_file} has model_type {model_type!r}; expected 'clip' or 'clip_vision_model'"
         )
-    processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
+    return vision, projection, class_name
+
+
+def _finish_clip(name_or_path, folder, vision, projection, class_name, processor, device) -> ClipEncoder:
+    """Wrap a loaded vision tower + processor as a frozen ClipEncoder with its manifest info."""
     vision_cfg = vision.config
-    crop = processor.crop_size or {}
-    if processor.do_center_crop and (crop.get("height"), crop.get("width")) != (vision_cfg.image_size,) * 2:
-        raise ValueError(
-            f"CLIP folder {folder}: processor crop_size {crop} does not match the encoder's image_size "
-            f"{vision_cfg.image_size}"
-        )
     vision.eval()
     if projection is not None:
         projection.eval()
@@ -397,7 +412,13 @@ def build_detector(name: str, ckpt: str | None, cfg: ExtractConfig) -> RegionDet
         model = _tiny_frcnn(**heads)
     else:
         model = _TORCHVISION_DETECTORS[name](weights=None, weights_backbone=None, num_classes=91, **heads)
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load on a non-checkpoint raises Unpickling/Key/EOF/Runtime errors alike
+        raise ValueError(
+            f"detector checkpoint {ckpt_path} is not a torchvision state_dict file readable with "
+            f"torch.load(weights_only=True): {err}"
+        ) from err
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:

@@ -73,7 +73,10 @@ def load_tokenizer(name_or_path: str | Path):
     Raises ValueError when only a slow tokenizer exists (no `word_ids()`).
     """
     folder = resolve_text_encoder(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"text encoder folder {folder}: cannot load its tokenizer: {err}") from err
     if not tokenizer.is_fast:
         raise ValueError(
             f"text encoder {folder} has no fast tokenizer (tokenizer.json); words are aligned to sub-words "
@@ -86,7 +89,11 @@ def load_tokenizer(name_or_path: str | Path):
 
 def load_encoder(name_or_path: str | Path) -> torch.nn.Module:
     """The encoder's base model (AutoModel), which maps (B, S) ids to last_hidden_state (B, S, D)."""
-    return AutoModel.from_pretrained(resolve_text_encoder(name_or_path), local_files_only=True)
+    folder = resolve_text_encoder(name_or_path)
+    try:
+        return AutoModel.from_pretrained(folder, local_files_only=True)
+    except OSError as err:  # transformers' word for missing/unreadable weight files
+        raise ValueError(f"text encoder folder {folder} cannot be loaded: {err}") from err
 
 
 def load_text_encoder(name_or_path: str | Path):

@@ -49,6 +49,15 @@ def records():
     return make_records([f"img{i:03d}" for i in range(12)])
 
 
+def test_unreadable_shard_is_a_value_error_naming_it(cache_dir, records):
+    shard = cache_dir / "shard-00000.h5"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, e.g. a disk that filled up
+    with pytest.raises(
+        ValueError, match=f"^{shard}: unreadable shard .*; run `mner cache verify` on its folder"
+    ):
+        CacheReader(cache_dir).get(records[0].key)
+
+
 def test_reader_opens_nothing_before_get(cache_dir):
     before = open_hdf5_files()
     reader = CacheReader(cache_dir)

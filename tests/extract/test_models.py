@@ -131,6 +131,11 @@ def test_clip_folder_errors(tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="has model_type 'bert'; expected 'clip' or 'clip_vision_model'"):
         load_clip(str(tmp_path / "bert"))
+    save_clip(tmp_path / "noweights", "vision")
+    for weights in (tmp_path / "noweights").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ValueError, match=f"^CLIP folder {tmp_path / 'noweights'} cannot be loaded: "):
+        load_clip(str(tmp_path / "noweights"))
 
 
 def test_detector_checkpoint_errors(tmp_path):
@@ -140,6 +145,10 @@ def test_detector_checkpoint_errors(tmp_path):
         build_detector("fasterrcnn_resnet50_fpn", str(tmp_path / "gone.pt"), config())
     with pytest.raises(ValueError, match="does not fit fasterrcnn_mobilenet_v3_large_320_fpn"):
         build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", str(materialise_tiny_frcnn()), config())
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=f"^detector checkpoint {junk} is not a torchvision state_dict file"):
+        build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", str(junk), config())
     with pytest.raises(ValueError, match="unknown detector 'yolo'; known: fasterrcnn_resnet50_fpn, "):
         build_detector("yolo", None, config())
 

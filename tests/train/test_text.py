@@ -92,6 +92,9 @@ def test_local_folder_errors(tmp_path):
         resolve_text_encoder("bert-base")
     with pytest.raises(ValueError, match=r"has no config.json; expected a Hugging Face model folder"):
         resolve_text_encoder(tmp_path)
+    (tmp_path / "config.json").write_text((text.minilm_dir() / "config.json").read_text())
+    with pytest.raises(ValueError, match=f"^text encoder folder {tmp_path} cannot be loaded: "):
+        text.load_encoder(tmp_path)
 
 
 def test_slow_tokenizer_is_refused(monkeypatch):
