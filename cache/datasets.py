@@ -169,6 +169,17 @@ class DataSource:
         return candidate
 
 
+def recorded_data(config: dict) -> DataSource | None:
+    """The data folder an artifact's config recorded (data_dir / dataset / data_root / image_dir), or
+    None when it can no longer be resolved (moved, deleted): callers then skip what needs it."""
+    try:
+        return resolve_data(
+            **{name: config.get(name) for name in ("data_dir", "dataset", "data_root", "image_dir")}
+        )
+    except ValueError:
+        return None
+
+
 def resolve_data(
     data_dir: str | Path | None = None,
     dataset: str | None = None,

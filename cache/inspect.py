@@ -165,13 +165,11 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
 def _source_image(config: dict, key: str) -> Path | None:
     """The image file `key` was extracted from, found through the data folder in the extraction
     config; None when that folder is gone or the key is refused (the drawing falls back to grey)."""
-    from cache.datasets import resolve_data
+    from cache.datasets import recorded_data
 
+    source = recorded_data(config)
     try:
-        source = resolve_data(
-            **{name: config.get(name) for name in ("data_dir", "dataset", "data_root", "image_dir")}
-        )
-        return source.image_path(key)
+        return None if source is None else source.image_path(key)
     except ValueError:
         return None
 

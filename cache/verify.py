@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.datasets import SPLITS, DataSource
+from cache.datasets import SPLITS, DataSource, recorded_data
 from cache.shards import (
     DTYPES,
     RECORD_ARRAYS,
@@ -40,6 +40,7 @@ class VerifyReport:
     ok: bool  # True when no problem was found
     problems: list[str] = field(default_factory=list)  # one readable line per problem
     checked: dict = field(default_factory=dict)  # what was looked at: counts of shards, rows, bytes, keys
+    count: int = 0  # problems found, including those summarised as "... and N more"
 
 
 class _Problems:
@@ -57,6 +58,9 @@ class _Problems:
             self.lines.append(message)
         else:
             self.dropped[where, check] += 1
+
+    def total(self) -> int:
+        return len(self.lines) + sum(self.dropped.values())
 
     def finish(self) -> list[str]:
         extra = [
@@ -124,11 +128,15 @@ def verify_cache(cache_dir, data: DataSource | None = None) -> VerifyReport:
             # Flipped bytes can break HDF5 structures in many ways; each surfaces as one of these.
             problems.add(name, "unreadable", f"{name}: cannot be read by HDF5 ({type(err).__name__}: {err})")
 
+    if data is None:  # the data folder the cache was extracted from, when it is still there
+        data = recorded_data(manifest["config"])
     if data is not None:
         checked.update(_check_data(data, images_by_shard, problems))
+    else:
+        checked["data"] = "data folder not given and the recorded one is gone: image ids not checked"
 
     lines = problems.finish()
-    return VerifyReport(ok=not lines, problems=lines, checked=checked)
+    return VerifyReport(ok=not lines, problems=lines, checked=checked, count=problems.total())
 
 
 def _check_shard(

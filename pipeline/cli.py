@@ -220,7 +220,7 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
     for problem in report.problems:
         click.echo(f"PROBLEM: {problem}")
     if not report.ok:
-        raise click.ClickException(f"{cache_dir}: {len(report.problems)} problem(s) found")
+        raise click.ClickException(f"{cache_dir}: {report.count} problem(s) found")
     click.echo(f"{cache_dir}: OK ({json.dumps(report.checked)})")
 
 

@@ -155,6 +155,8 @@ def test_repeated_problems_are_capped(tmp_path):
     nan_lines = only(report, "patch_tokens contains NaN")
     assert len(nan_lines) == 20
     assert "shard-00000.h5: ... and 10 more 'nan patch_tokens' problems" in report.problems
+    # 30 NaN rows (20 listed, 10 summarised) + the changed sha256: the CLI says "31 problem(s) found".
+    assert report.count == 31
 
 
 def write_data(folder, splits: dict[str, list[str]]):
@@ -175,6 +177,18 @@ def test_keys_checked_against_the_data_folder(tmp_path):
         f"shard-00001.h5 row 0 (key 'e'): in no split of {tmp_path / 'tw'}",
     ]
     assert report.checked["splits"] == {"train": 2, "valid": 1, "test": 1}
+
+
+def test_without_data_the_recorded_data_folder_is_checked(tmp_path):
+    cache_dir = make_cache(tmp_path, keys=["a", "b"], statuses={})
+    assert verify_cache(cache_dir).checked["data"].startswith("data folder not given and the recorded one")
+    write_data(tmp_path / "tw", {"train": ["a"], "test": ["d"]})
+    manifest_file = cache_dir / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["config"]["data_dir"] = str(tmp_path / "tw")  # as extraction records it
+    manifest_file.write_text(json.dumps(manifest))
+    report = verify_cache(cache_dir)
+    assert f"{tmp_path / 'tw' / 'test.txt'}:1: image key 'd' is not in the cache" in report.problems
 
 
 def test_data_folder_that_matches(tmp_path):
