@@ -59,10 +59,14 @@ class ExtractConfig:
     )  # splits whose images are extracted (those that exist)
 
     def __post_init__(self) -> None:
+        # Absolute paths: the config is recorded in the manifest and re-used by `mner predict` and
+        # `mner cache verify/show`, which may run from another folder.
         for name in ("data_dir", "data_root", "image_dir", "out", "detector_ckpt"):
             value = getattr(self, name)
-            if isinstance(value, Path):
-                setattr(self, name, str(value))
+            if value:
+                setattr(self, name, str(Path(value).expanduser().absolute()))
+        if self.clip and self.clip != TINY_CLIP:
+            self.clip = str(Path(self.clip).expanduser().absolute())
         self.splits = tuple(self.splits)
         if not self.out:
             raise ValueError("out (the cache folder to write) is required")

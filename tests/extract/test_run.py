@@ -297,5 +297,11 @@ def test_config_thresholds_and_dict():
     real = ExtractConfig(
         data_dir=Path("d"), out="o", detector="fasterrcnn_resnet50_fpn", detector_ckpt="x.pt"
     )
-    assert real.score_thr == 0.2 and real.data_dir == "d"
+    assert real.score_thr == 0.2
+    # Paths are recorded absolute (predict, verify and show may run from another folder).
+    assert real.data_dir == str(Path("d").absolute()) and real.detector_ckpt == str(Path("x.pt").absolute())
+    assert ExtractConfig(data_dir="d", out="o", clip="models/clip").clip == str(
+        Path("models/clip").absolute()
+    )
+    assert ExtractConfig(data_dir="d", out="o").clip == "tiny-clip"
     assert json.loads(json.dumps(real.to_dict()))["splits"] == ["train", "valid", "test"]
