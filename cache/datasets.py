@@ -229,7 +229,8 @@ def resolve_data(
     if found is None:
         found = candidates[0]
         looked = ", ".join(str(c) for c in candidates)
-        log.warning("no image folder for %s (looked in %s); every image will be missing", folder, looked)
+        # Only extraction needs the images (it warns); text-only training and evaluation do not.
+        log.debug("no image folder for %s (looked in %s)", folder, looked)
     return DataSource(name=name, data_dir=folder, image_dir=found, fmt=fmt)
 
 

@@ -85,6 +85,8 @@ def extract_features(cfg: ExtractConfig) -> Path:
     """
     start = time.perf_counter()
     source = resolve_data(cfg.data_dir, cfg.dataset, cfg.data_root, cfg.image_dir)
+    if not source.image_dir.is_dir():
+        log.warning("no image folder %s: every image will be recorded as missing", source.image_dir)
     keys = collect_keys(source, cfg.splits)
     # Resolving every path up front turns an unsafe key into an error before any model work.
     paths = {key: source.image_path(key) for key in keys}
