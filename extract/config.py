@@ -40,9 +40,8 @@ class ExtractConfig:
     clip: str = TINY_CLIP  # "tiny-clip" (seeded random preset) or a local HF CLIP / CLIP-vision folder
     detector: str = TINY_FRCNN  # detector registry name, one of DETECTORS
     detector_ckpt: str | None = None  # detector state-dict file; required for every detector but tiny-frcnn
-    region_features: str = (
-        "frcnn"  # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
-    )
+    # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
+    region_features: str = "frcnn"
     topk: int = 20  # regions kept per image (highest scores after threshold and NMS); K in the shards
     score_thr: float | None = None  # minimum detection score; None: 0.2, or 0.0 for tiny-frcnn (see below)
     nms_iou: float = 0.5  # IoU above which roi_heads' per-class NMS drops the lower-scoring box

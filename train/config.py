@@ -70,9 +70,8 @@ class ModelConfig(_Config):
 
     SECTION = "model"
 
-    text_encoder: str = (
-        "minilm"  # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
-    )
+    # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
+    text_encoder: str = "minilm"
     fusion: str = "qgf"  # registry name: qgf | adaptive | concat | gated (train/fusion.py)
     qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
@@ -83,14 +82,12 @@ class ModelConfig(_Config):
     text_only: bool = False  # no image at all: no visual modules are built, the cache is never read
     alignment_loss_weight: float = 0.1  # weight of the text-image InfoNCE loss; 0 turns it off
     alignment_temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
-    image_dropout: float = (
-        0.1  # training only: drop all visual tokens of a post with this probability (MANGO)
-    )
+    # training only: drop all visual tokens of a post with this probability (MANGO)
+    image_dropout: float = 0.1
     dropout: float = 0.1  # dropout in the fusion, the visual tokens and before the emission layer
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
-    max_length: int = (
-        128  # sub-words per post given to the encoder, specials included; later words are predicted O
-    )
+    # sub-words per post given to the encoder, specials included; later words are predicted O
+    max_length: int = 128
 
     def __post_init__(self):
         self._check_types()
@@ -167,9 +164,8 @@ class RunConfig:
     model: ModelConfig  # the model
     train: TrainConfig  # the optimisation
     cache_dir: str | None  # the feature cache folder; None only for a text-only model
-    data: (
-        dict  # keyword arguments of cache.datasets.resolve_data (data_dir, or dataset + data_root, image_dir)
-    )
+    # keyword arguments of cache.datasets.resolve_data (data_dir, or dataset + data_root, image_dir)
+    data: dict
     out_dir: str  # the run folder to create (or resume)
     resume: bool = False  # continue from out_dir/checkpoint instead of starting fresh
 
