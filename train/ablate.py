@@ -37,6 +37,12 @@ ABLATIONS: dict[str, str | None] = {
 }
 
 
+# Per-type scores in ablation.csv: results.json metric -> column prefix (column `<prefix>_<TYPE>`).
+_TYPE_METRICS = (("precision", "p"), ("recall", "r"), ("f1", "f1"))
+# Column prefix -> ablation.md header suffix.
+_TYPE_HEADERS = {"p": "P", "r": "R", "f1": "F1"}
+
+
 @dataclass
 class AblationConfig:
     """What to run: experiments x seeds on one cache and one data set."""
@@ -169,7 +175,7 @@ def _refuse_conflicting_overrides(name: str, diff: Path | None, overrides: list[
 
 
 def _table_row(name: str, seed: int, run_dir: Path) -> dict:
-    """One ablation.csv row: micro P/R/F1 and per-type F1 (percent) on test, or valid without a test split."""
+    """One ablation.csv row: micro and per-type P/R/F1 (percent) on test, or valid without a test split."""
     results = read_results(run_dir)
     split = "test" if "test" in results else "valid"
     scores = results[split]
@@ -178,7 +184,8 @@ def _table_row(name: str, seed: int, run_dir: Path) -> dict:
     for metric in ("precision", "recall", "f1"):
         row[metric] = scores["micro"][metric] * PERCENT
     for entity_type, type_scores in sorted(scores["per_type"].items()):
-        row[f"f1_{entity_type}"] = type_scores["f1"] * PERCENT
+        for metric, prefix in _TYPE_METRICS:
+            row[f"{prefix}_{entity_type}"] = type_scores[metric] * PERCENT
     row["run_dir"] = str(run_dir)
     return row
 
@@ -187,13 +194,20 @@ def summary_markdown(table: pd.DataFrame) -> str:
     """Markdown table: per experiment (in the given order), mean ± sample std over seeds, percent.
 
     Args:
-        table: ablation.csv rows: experiment, seed, split, precision, recall, f1, f1_<TYPE>...
+        table: ablation.csv rows: experiment, seed, split, precision, recall, f1, and per type
+            p_<TYPE>, r_<TYPE>, f1_<TYPE>.
+    Per-type columns come after the micro ones, type by type (sorted), as P, R, F1.
     """
-    metrics = ["precision", "recall", "f1"] + sorted(c for c in table.columns if c.startswith("f1_"))
-    headers = ["experiment", "seeds", "P", "R", "F1"] + [f"{c[3:]} F1" for c in metrics[3:]]
+    types = sorted(c[len("f1_") :] for c in table.columns if c.startswith("f1_"))
+    metrics = ["precision", "recall", "f1"]
+    headers = ["experiment", "seeds", "P", "R", "F1"]
+    for entity_type in types:
+        for _, prefix in _TYPE_METRICS:
+            metrics.append(f"{prefix}_{entity_type}")
+            headers.append(f"{entity_type} {_TYPE_HEADERS[prefix]}")
     splits = sorted(set(table["split"]))
     lines = [
-        f"Micro P/R/F1 and per-type F1 on {'/'.join(splits)}, percent, mean ± sample std over seeds.",
+        f"Micro and per-type P/R/F1 on {'/'.join(splits)}, percent, mean ± sample std over seeds.",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",

@@ -22,6 +22,7 @@ from train.loop import (
     WEIGHTS_FILE,
     Runtime,
     build_model,
+    check_cache_keys,
     decode_and_score,
     open_cache,
     resolve_runtime,
@@ -50,7 +51,7 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
         `entity_scores` dict: {"micro": {"precision", "recall", "f1", "support"}, "per_type": {...}}.
     Raises:
         ValueError if the cache's fingerprint differs from the run's (the message lists what
-        differs), or the split file does not exist.
+        differs), the split file does not exist, or a post's image key is not in the cache.
     Runs on a GPU when there is one, else on the CPU, whatever the run was trained on.
     """
     run_dir = Path(run_dir)
@@ -69,6 +70,8 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
             f"{source.split_path(split)}: there is no {split} split to evaluate in {source.data_dir}"
         )
     data = source.read(split)
+    if reader is not None:
+        check_cache_keys([data], reader)
     runtime = resolve_runtime("auto", cfg.train.amp)
     model, tokenizer = load_run_model(run_dir, record, runtime)
     predictions, scores = decode_and_score(

@@ -6,7 +6,7 @@ weights are reloaded at the end to write the valid/test predictions and results.
 
 Run folder:
     config.json         full resolved RunConfig + labels, encoder folder, cache fingerprint/config/spec,
-                        counts of words cut by the encoder's length limit
+                        counts of words cut by the encoder's length limit and of orphan I- tags, per split
     model.safetensors   the best epoch's weights
     checkpoint/         the last finished epoch (weights, optimiser, scheduler, counters, RNG) for resume
     metrics.jsonl       one line per epoch
@@ -118,8 +118,9 @@ def train_from_cache(cfg: RunConfig) -> Path:
     Returns:
         The run folder (`cfg.out_dir`).
     Raises:
-        ValueError when the cache is missing for a multimodal run, the folder already holds a run and
-        resume is off, or a resumed folder was made with a different config.
+        ValueError when the cache is missing for a multimodal run or lacks a post's image key, a
+        valid/test tag does not occur in train, the folder already holds a run and resume is off, or
+        a resumed folder was made with a different config.
     """
     # Seeded first: the CUDA determinism setting must be in place before any CUDA context exists.
     seed_everything(cfg.train.seed)
@@ -138,7 +139,11 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     if source.split_path("test").is_file():
         splits["test"] = source.read("test")
     labels = label_names(splits["train"])
+    # Checked before anything is built: a tag unknown to the model would only fail after a full epoch.
+    check_tags(splits, labels)
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
+    if reader is not None:
+        check_cache_keys(list(splits.values()), reader)
     encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
     tokenizer = load_tokenizer(encoder_dir)
 
@@ -153,6 +158,11 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
         "words past the encoder's %d sub-word limit (predicted O, still scored): %s",
         cfg.model.max_length,
         record["truncated_words"],
+    )
+    record["orphan_i"] = {name: split.orphan_i for name, split in splits.items()}
+    log.info(
+        "I- tags with no B- before them (kept, counted as entity starts as conlleval does): %s",
+        ", ".join(f"{name} {count}" for name, count in record["orphan_i"].items()),
     )
 
     model = build_model(record, encoder_dir).to(runtime.device)
@@ -341,6 +351,43 @@ def open_cache(cache_dir, text_only: bool, in_memory: bool = False) -> CacheRead
     if cache_dir is None:
         raise ValueError("a multimodal run needs a feature cache (cache_dir); pass --cache, or --text-only")
     return CacheReader(cache_dir, in_memory=in_memory)
+
+
+def check_tags(splits: dict[str, Split], labels: list[str]) -> None:
+    """Refuse a valid/test tag the model cannot predict: the label set is read from train alone.
+
+    Args:
+        splits: split name -> Split; "train" (where `labels` came from) is not checked.
+        labels: the run's label names (`label_names` of train).
+    """
+    known, train_file = set(labels), splits["train"].path.name
+    for name, split in splits.items():
+        if name == "train":
+            continue
+        for post in split.posts:
+            for tag in post.tags:
+                if tag not in known:
+                    raise ValueError(
+                        f"{split.path}:{post.line}: tag {tag!r} does not occur in {train_file}; "
+                        "the label set comes from the training file"
+                    )
+
+
+def check_cache_keys(splits: list[Split], reader: CacheReader) -> None:
+    """Refuse a cache extracted from other data.
+
+    Extraction writes a record for every key of its data, missing and unreadable images included,
+    so a key absent from the cache means the wrong cache, whose posts would all train image-masked.
+    """
+    absent = [(split, post) for split in splits for post in split.posts if post.key not in reader]
+    if absent:
+        split, post = absent[0]
+        total = sum(len(split.posts) for split in splits)
+        raise ValueError(
+            f"{split.path}:{post.line}: image key {post.key!r} is not in the cache at {reader.cache_dir} "
+            f"({len(absent)} of {total} posts' keys are absent); the cache was extracted from other data "
+            "— re-run `mner extract-features` on this data folder"
+        )
 
 
 def build_model(record: dict, encoder_dir: Path) -> MNERModel:

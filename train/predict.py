@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from cache.datasets import Split, read_split
@@ -25,6 +27,8 @@ from cache.reader import CacheReader
 from train.evaluate import cache_differences, load_run_model, read_record, run_config
 from train.loop import decode_split, resolve_runtime
 from train.metrics import entities
+
+log = logging.getLogger(__name__)
 
 # The header line that opens a post, per dataset format (as in cache.datasets).
 _HEADERS = {"imgid": "IMGID:", "image-path": "IMAGE:"}
@@ -46,8 +50,9 @@ def predict(run_dir, input_file, image_dir, out_file) -> Path:
     Returns:
         out_file as a Path.
     Raises:
-        ValueError when a multimodal run gets no image_dir, a weight file recorded in the run is
-        missing here, or the extractor here differs from the run's (weights, settings, versions).
+        ValueError when a multimodal run gets no image_dir or one that does not exist, a weight file
+        recorded in the run is missing here, or the extractor here differs from the run's (weights,
+        settings, versions).
     Runs on a GPU when there is one, else on the CPU, whatever the run was trained on.
     """
     run_dir, out_file = Path(run_dir), Path(out_file)
@@ -55,6 +60,9 @@ def predict(run_dir, input_file, image_dir, out_file) -> Path:
     cfg = run_config(record)
     fmt = record["data_source"]["fmt"]
     split = read_split(input_file, fmt=fmt, require_tags=False)
+    if not cfg.model.text_only:
+        # Checked before the model loads: without the images every post would be tagged image-masked.
+        image_dir = _image_dir(run_dir, split, image_dir)
     runtime = resolve_runtime("auto", cfg.train.amp)
     model, tokenizer = load_run_model(run_dir, record, runtime)
     with tempfile.TemporaryDirectory(prefix="mner-predict-") as tmp:
@@ -89,7 +97,20 @@ def _write_tagged(path: Path, split: Split, predictions: list[list[str]]) -> Non
             f.write("\n")
 
 
-def _extract(record: dict, run_dir: Path, split: Split, image_dir, tmp: Path) -> CacheReader:
+def _image_dir(run_dir: Path, split: Split, image_dir) -> Path:
+    """The folder of the posts' images: as given, or the input's folder for the image-path format."""
+    if image_dir is None:
+        if split.fmt != "image-path":
+            raise ValueError(
+                f"run {run_dir} uses images: pass --image-dir, the folder with the posts' <IMGID>.jpg files"
+            )
+        image_dir = split.path.parent
+    if not Path(image_dir).is_dir():
+        raise ValueError(f"--image-dir {image_dir} does not exist")
+    return Path(image_dir)
+
+
+def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Path) -> CacheReader:
     """Extract the posts' images with the run's recorded extractor into tmp/cache.
 
     The new cache's fingerprint cannot equal the run's, because the fingerprint also covers which
@@ -106,12 +127,6 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir, tmp: Path) ->
             f"run {run_dir} was trained on a cache that records no extraction settings "
             f"({record['cache']['dir']}); predict can only re-extract images for runs on `mner extract-features` caches"
         )
-    if image_dir is None:
-        if split.fmt != "image-path":
-            raise ValueError(
-                f"run {run_dir} uses images: pass image_dir, the folder with the posts' <IMGID>.jpg files"
-            )
-        image_dir = split.path.parent
     for name in ("clip", "detector_ckpt"):
         value = recorded.get(name)
         if value and value != TINY_CLIP and not Path(value).expanduser().exists():
@@ -138,6 +153,14 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir, tmp: Path) ->
         device="auto",  # not fingerprinted: the training machine's device need not exist here
     )
     reader = CacheReader(extract_features(ExtractConfig(**settings)))
+    counts = Counter(reader.status(key) for key in reader.keys)
+    log.info(
+        "images of the %d posts: %d ok, %d missing, %d corrupt (missing and corrupt ones are masked)",
+        len(reader),
+        counts["ok"],
+        counts["missing"],
+        counts["corrupt"],
+    )
     found = {"config": reader.config, "models": reader.models, "spec": reader.spec.to_dict()}
     differences = cache_differences(found, record["cache"], ignore=_DATA_PARTS)
     if differences:

@@ -96,24 +96,27 @@ def test_csv_has_one_row_per_run_with_results_in_percent(ablation):
         assert row.split == "test"
         assert row.f1 == pytest.approx(100 * results["test"]["micro"]["f1"])
         assert row.precision == pytest.approx(100 * results["test"]["micro"]["precision"])
-        assert row.f1_PER == pytest.approx(100 * results["test"]["per_type"]["PER"]["f1"])
+        for entity_type in ("LOC", "PER"):
+            type_scores = results["test"]["per_type"][entity_type]
+            for prefix, metric in (("p", "precision"), ("r", "recall"), ("f1", "f1")):
+                column = getattr(row, f"{prefix}_{entity_type}")
+                assert column == pytest.approx(100 * type_scores[metric])
         assert row.dev_f1 == pytest.approx(100 * results["valid"]["micro"]["f1"])
 
 
 def test_markdown_gives_mean_and_sample_std_computed_by_hand(ablation):
     cfg, md_path = ablation
     lines = md_path.read_text().splitlines()
-    assert lines[2] == "| experiment | seeds | P | R | F1 | LOC F1 | PER F1 |"
+    assert lines[2] == "| experiment | seeds | P | R | F1 | LOC P | LOC R | LOC F1 | PER P | PER R | PER F1 |"
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:]}
     assert list(rows) == ["full", "text_only", "two_slots"]
     for name, line in rows.items():
         runs = [_results(cfg, name, seed)["test"] for seed in (1, 2)]
-        values = [
-            [100 * run["micro"]["precision"] for run in runs],
-            [100 * run["micro"]["recall"] for run in runs],
-            [100 * run["micro"]["f1"] for run in runs],
-            [100 * run["per_type"]["LOC"]["f1"] for run in runs],
-            [100 * run["per_type"]["PER"]["f1"] for run in runs],
+        values = [[100 * run["micro"][metric] for run in runs] for metric in ("precision", "recall", "f1")]
+        values += [
+            [100 * run["per_type"][entity_type][metric] for run in runs]
+            for entity_type in ("LOC", "PER")
+            for metric in ("precision", "recall", "f1")
         ]
         cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values]
         assert line == "| " + " | ".join([name, "2", *cells]) + " |"
@@ -152,11 +155,16 @@ def test_single_seed_shows_the_mean_only():
                 "precision": 50.0,
                 "recall": 25.0,
                 "f1": 100 / 3,
+                "p_PER": 60.0,
+                "r_PER": 30.0,
                 "f1_PER": 40.0,
             }
         ]
     )
-    assert ablate.summary_markdown(table).splitlines()[-1] == "| full | 1 | 50.00 | 25.00 | 33.33 | 40.00 |"
+    assert (
+        ablate.summary_markdown(table).splitlines()[-1]
+        == "| full | 1 | 50.00 | 25.00 | 33.33 | 60.00 | 30.00 | 40.00 |"
+    )
 
 
 def _config(**changes) -> AblationConfig:

@@ -8,9 +8,16 @@ import shutil
 
 import pytest
 
+from cache.datasets import read_split
 from cache.reader import CacheReader
 from tests.train.factories import make_cache, tiny_spec
-from tests.train.run_factories import make_data, run_config, single_thread  # noqa: F401 (autouse fixture)
+from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
+    make_data,
+    make_posts_learnable,
+    run_config,
+    single_thread,
+    write_split,
+)
 from train.evaluate import cache_differences, evaluate_run, results_table
 from train.loop import train_from_cache
 
@@ -64,6 +71,21 @@ def test_evaluate_refuses_a_cache_with_another_fingerprint(runs, tmp_path):
     )
     with pytest.raises(ValueError, match=re.escape(expected) + "$"):
         evaluate_run(runs["mm"], split="test", cache_dir=other)
+
+
+def test_evaluate_refuses_data_whose_images_are_not_in_the_cache(runs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    # Two known keys and two the run's cache never saw: evaluating them would mask every image.
+    posts = runs["posts"][-2:] + make_posts_learnable(2, "new")
+    write_split(other / "test.txt", posts)
+    expected = (
+        f"{other / 'test.txt'}:{read_split(other / 'test.txt').posts[2].line}: image key 'new0' is not in "
+        f"the cache at {runs['cache']} (2 of 4 posts' keys are absent); the cache was extracted from "
+        "other data — re-run `mner extract-features` on this data folder"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        evaluate_run(runs["mm"], split="test", data_dir=other)
 
 
 def test_text_only_run_ignores_the_cache_argument(runs, tmp_path):

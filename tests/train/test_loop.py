@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -12,10 +13,15 @@ from safetensors.torch import load_file
 from seqeval.metrics import f1_score, precision_score, recall_score
 
 import train.loop as loop
-from cache.datasets import read_split
+from cache.datasets import Post, read_split
 from cache.reader import CacheReader
 from tests.train.factories import make_cache
-from tests.train.run_factories import make_data, run_config, single_thread  # noqa: F401 (autouse fixture)
+from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
+    make_data,
+    run_config,
+    single_thread,
+    write_split,
+)
 from train.loop import open_cache, resolve_runtime, train_from_cache
 from train.text import load_tokenizer
 
@@ -66,6 +72,7 @@ def test_run_folder_has_every_artifact(trained):
     assert record["model"]["text_encoder"] == "tiny-bert" and record["train"]["epochs"] == 2
     assert Path(record["encoder_dir"]).is_dir()
     assert record["truncated_words"] == {"train": 0, "valid": 0, "test": 0}
+    assert record["orphan_i"] == {"train": 0, "valid": 0, "test": 0}
 
     lines = _metrics(run_dir)
     assert [line["epoch"] for line in lines] == [1, 2]
@@ -243,3 +250,60 @@ def test_cuda_without_a_gpu_is_refused():
 def test_runtime_uses_autocast_on_cuda_only():
     assert resolve_runtime("cpu", "bf16").amp_dtype is None
     assert resolve_runtime("cpu", "auto").device == torch.device("cpu")
+
+
+def test_cache_of_other_data_is_refused_before_training(tmp_path):
+    data_dir, posts = make_data(tmp_path)
+    # A cache that lacks two of the 18 keys: extraction writes every key, so it was made from other data.
+    cache_dir = make_cache(tmp_path, posts, absent=("va1", "te2"))
+    first = read_split(data_dir / "valid.txt").posts[1]
+    assert first.key == "va1"
+    expected = (
+        f"{data_dir / 'valid.txt'}:{first.line}: image key 'va1' is not in the cache at {cache_dir} "
+        "(2 of 18 posts' keys are absent); the cache was extracted from other data "
+        "— re-run `mner extract-features` on this data folder"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_valid_or_test_tag_absent_from_train_is_refused_up_front(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    test = read_split(data_dir / "test.txt").posts
+    # The third test post gets an ORG entity; train has LOC and PER only.
+    edited = [
+        post if i != 2 else Post(post.key, post.words, ("B-ORG",) + post.tags[1:], 1)
+        for i, post in enumerate(test)
+    ]
+    write_split(data_dir / "test.txt", edited)
+    expected = (
+        f"{data_dir / 'test.txt'}:{test[2].line}: tag 'B-ORG' does not occur in train.txt; "
+        "the label set comes from the training file"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
+    assert not (tmp_path / "run").exists()
+
+
+def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
+    data_dir, _ = make_data(tmp_path, n_test=None)
+    # Orphans counted by hand: an I- after O, at the start, or after another type's tag; I- after
+    # B-/I- of its own type is not one.
+    orphans = {
+        "train": [("I-LOC", "O", "I-PER"), ("B-LOC", "I-LOC", "I-LOC", "I-PER")],  # 2 + 1
+        "valid": [("O", "B-PER", "I-PER"), ("I-PER", "I-PER", "O")],  # 0 + 1
+    }
+    for name, tag_rows in orphans.items():
+        extra = [
+            Post(f"{name}-x{i}", tuple(f"w{j}" for j in range(len(tags))), tags, 1)
+            for i, tags in enumerate(tag_rows)
+        ]
+        write_split(data_dir / f"{name}.txt", [*read_split(data_dir / f"{name}.txt").posts, *extra])
+    with caplog.at_level(logging.INFO, logger="train.loop"):
+        run_dir = train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
+    assert json.loads((run_dir / "config.json").read_text())["orphan_i"] == {"train": 3, "valid": 1}
+    assert (
+        "I- tags with no B- before them (kept, counted as entity starts as conlleval does): train 3, valid 1"
+        in caplog.messages
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -78,8 +79,30 @@ def test_predict_writes_json_spans_of_the_predicted_tags(runs, tmp_path):
 
 
 def test_multimodal_predict_needs_an_image_folder(runs, tmp_path):
-    with pytest.raises(ValueError, match=re.escape(f"run {runs['mm']} uses images: pass image_dir")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"run {runs['mm']} uses images: pass --image-dir, the folder with the posts' <IMGID>.jpg files"
+        ),
+    ):
         predict(runs["mm"], runs["data"] / "valid.txt", None, tmp_path / "out.conll")
+    gone = tmp_path / "no-such-images"
+    with pytest.raises(ValueError, match=f"^{re.escape(f'--image-dir {gone} does not exist')}$"):
+        predict(runs["mm"], runs["data"] / "valid.txt", gone, tmp_path / "out.conll")
+    assert not (tmp_path / "out.conll").exists()
+
+
+def test_predict_logs_how_many_images_were_ok_missing_or_corrupt(runs, tmp_path, caplog):
+    images = tmp_path / "images"
+    shutil.copytree(runs["data"] / "images", images)
+    (images / "va0.jpg").unlink()
+    (images / "va1.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.INFO, logger="train.predict"):
+        predict(runs["mm"], runs["data"] / "valid.txt", images, tmp_path / "out.conll")
+    assert (
+        "images of the 4 posts: 2 ok, 1 missing, 1 corrupt (missing and corrupt ones are masked)"
+        in caplog.messages
+    )
 
 
 def test_predict_names_a_missing_weight_file(runs, tmp_path):
