@@ -6,11 +6,8 @@ are seeded random models written to disk first and then loaded through the same 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import os
-import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +28,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from cache.shards import file_sha256
+from configs.presets import materialise, preset_dir
 from extract.config import DETECTORS, TINY_CLIP, TINY_FRCNN, ExtractConfig
 
-PRESET_DIR_ENV = "MNER_PRESET_DIR"  # where presets are materialised; default ~/.cache/mner/presets
 PRESET_MARKER = "mner_preset.json"  # written beside a preset's weights: {"preset": NAME, "untrained": true}
 # Part of every preset's file name: bump it when a preset's recipe changes, so a folder written by an
 # older recipe is never mistaken for the current one (presets are written once and then reused).
@@ -53,11 +51,6 @@ _TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
 assert set(_TORCHVISION_DETECTORS) | {TINY_FRCNN} == set(DETECTORS)
 
 
-def preset_dir() -> Path:
-    """Folder where the tiny presets are written (env MNER_PRESET_DIR, else ~/.cache/mner/presets)."""
-    return Path(os.environ.get(PRESET_DIR_ENV, "~/.cache/mner/presets")).expanduser()
-
-
 def resolve_device(name: str) -> torch.device:
     """ "auto" -> cuda when available else cpu; otherwise torch.device(name), refusing absent CUDA."""
     if name == "auto":
@@ -66,14 +59,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
     return device
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
@@ -186,7 +171,7 @@ def _finish_clip(name_or_path, folder, vision, projection, class_name, processor
         "name": TINY_CLIP if name_or_path == TINY_CLIP else folder.resolve().name,
         "path": str(folder.resolve()),
         "class": class_name,
-        "sha256": {p.name: sha256_file(p) for p in _weight_files(folder)},
+        "sha256": {p.name: file_sha256(p) for p in _weight_files(folder)},
         "untrained": bool(marker.get("untrained", False)),
         "processor": json.loads(processor.to_json_string()),
         "image_size": vision_cfg.image_size,
@@ -231,7 +216,7 @@ def materialise_tiny_clip(root: Path | None = None) -> Path:
         )
         (folder / PRESET_MARKER).write_text(json.dumps({"preset": TINY_CLIP, "untrained": True}))
 
-    return _materialise((root or preset_dir()) / f"{TINY_CLIP}.v{PRESET_VERSION}", write, is_dir=True)
+    return materialise((root or preset_dir()) / f"{TINY_CLIP}.v{PRESET_VERSION}", write, is_dir=True)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -258,23 +243,6 @@ def _weight_names(folder: Path) -> set[str]:
 def _read_marker(folder: Path) -> dict:
     marker = folder / PRESET_MARKER
     return json.loads(marker.read_text()) if marker.is_file() else {}
-
-
-def _materialise(target: Path, write: Callable[[Path], None], is_dir: bool) -> Path:
-    """Write a preset once, atomically: concurrent ranks each write a private copy and one rename wins."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    if is_dir:
-        tmp.mkdir()
-    write(tmp)
-    if target.exists():
-        # Another process won the race; its seeded copy is identical to ours.
-        shutil.rmtree(tmp) if is_dir else tmp.unlink()
-    else:
-        os.replace(tmp, target)
-    return target
 
 
 # ------------------------------------------------------------------------------------------- Detector
@@ -427,7 +395,7 @@ def build_detector(name: str, ckpt: str | None, cfg: ExtractConfig) -> RegionDet
     info = {
         "name": name,
         "ckpt": str(ckpt_path.resolve()),
-        "sha256": sha256_file(ckpt_path),
+        "sha256": file_sha256(ckpt_path),
         "untrained": untrained,
         "categories": COCO_CATEGORIES,
         "score_thresh": cfg.score_thr,
@@ -454,7 +422,7 @@ def materialise_tiny_frcnn(root: Path | None = None) -> Path:
         torch.save(model.state_dict(), buffer)
         path.write_bytes(buffer.getvalue())
 
-    return _materialise((root or preset_dir()) / f"{TINY_FRCNN}.v{PRESET_VERSION}.pt", write, is_dir=False)
+    return materialise((root or preset_dir()) / f"{TINY_FRCNN}.v{PRESET_VERSION}.pt", write, is_dir=False)
 
 
 def _tiny_frcnn(**heads) -> FasterRCNN:

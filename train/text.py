@@ -7,13 +7,13 @@ tokenizer must be a fast one, because words are aligned to sub-words through `wo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from configs.presets import materialise, preset_dir
 
 # Presets resolved by name rather than as folders.
 PRESETS = ("minilm", "tiny-bert")
@@ -23,11 +23,6 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
 TINY_BERT_SEED = 0
 # The tokenizer files tiny-bert borrows from MiniLM (same uncased WordPiece vocabulary).
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def preset_dir() -> Path:
-    """Where presets are materialised: $MNER_PRESET_DIR, else ~/.cache/mner/presets."""
-    return Path(os.environ.get("MNER_PRESET_DIR", "~/.cache/mner/presets")).expanduser()
 
 
 def minilm_dir() -> Path:
@@ -110,29 +105,17 @@ def _byte_level(tokenizer) -> bool:
 
 def _tiny_bert() -> Path:
     """Materialise the tiny-bert preset once (atomically, so parallel processes agree) and return it."""
-    folder = preset_dir() / "tiny-bert"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
     source = minilm_dir()
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-bert-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the preset is a shared cache
-    try:
+
+    def write(folder: Path) -> None:
         for name in _TOKENIZER_FILES:
-            shutil.copy2(source / name, staging / name)
+            shutil.copy2(source / name, folder / name)
         vocab_size = sum(1 for _ in (source / "vocab.txt").open(encoding="utf-8"))
         config = BertConfig(vocab_size=vocab_size, **TINY_BERT)
         # Seed a private RNG stream: materialising the preset must not move the caller's random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_BERT_SEED)
             model = BertModel(config)
-        model.save_pretrained(staging)
-        try:
-            os.rename(staging, folder)
-        except OSError:
-            # Another process finished first; its folder holds the same seeded weights.
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+        model.save_pretrained(folder)
+
+    return materialise(preset_dir() / "tiny-bert", write, is_dir=True)
