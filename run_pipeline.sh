@@ -6,22 +6,27 @@
 #   ./run_pipeline.sh DATASET --data-root DIR --clip PATH --detector-ckpt FILE [--detector NAME]
 #                     [--text-encoder PATH] [--out DIR] [--epochs N]
 #                              the real pipeline on twitter2015 | twitter2017 | newsmkg
-# Environment: MNER_VENV (default .venv), MNER_DEMO_OUT (default demo_out).
+# Environment: PYTHON (the interpreter that creates the venv; default python3), MNER_VENV (default .venv),
+#              MNER_DEMO_OUT (default demo_out).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${MNER_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
-    echo "== creating virtual environment $VENV"
-    python3 -m venv "$VENV"
+    echo "== creating virtual environment $VENV with $PYTHON ($("$PYTHON" --version 2>&1))"
+    "$PYTHON" -m venv "$VENV"
   fi
   local stamp="$VENV/.mner-installed"
   if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     echo "== installing the project into $VENV"
+    # First a current pip: the one an interpreter bundles (Debian 12's python3: pip 23.0.1) can fail to
+    # build sdists under a newer setuptools, so the install must not depend on which python3 made the venv.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     # These exact versions install from local disk; an unpinned torch would download several GB of CUDA wheels.
-    "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
     touch "$stamp"
   else
     echo "== reusing virtual environment $VENV"
@@ -34,6 +39,7 @@ run_tests() {
   setup
   echo "== ruff"
   ruff check .
+  ruff format --check .
   echo "== pytest"
   python -m pytest -q tests "$@"
 }

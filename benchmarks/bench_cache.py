@@ -20,8 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.reader import CacheReader
-from cache.shards import (
+from mner.cache.reader import CacheReader
+from mner.cache.shards import (
     STATUS_NAMES,
     Record,
     ShardWriter,

@@ -29,10 +29,10 @@ from PIL import Image
 from torchvision.models import detection
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from extract.config import ExtractConfig
-from extract.images import load_image
-from extract.models import build_detector, load_clip, model_info, resolve_device
-from extract.run import extract_features
+from mner.extract.config import ExtractConfig
+from mner.extract.images import load_image
+from mner.extract.models import build_detector, load_clip, model_info, resolve_device
+from mner.extract.run import extract_features
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

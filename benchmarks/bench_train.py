@@ -53,19 +53,19 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 from transformers import get_linear_schedule_with_warmup
 
-from cache.datasets import DataSource, Split, label_names, resolve_data
-from cache.reader import CacheReader
-from cache.shards import TokenSpec, read_manifest
-from demo.build import DemoConfig, build_demo
-from extract.config import ExtractConfig
-from extract.images import load_image
-from extract.models import build_detector, load_clip, preprocess_for_clip, preprocess_for_detector
-from extract.run import extract_features, token_spec
-from train.config import ModelConfig, TrainConfig
-from train.data import PostDataset, make_collate, make_loader
-from train.loop import resolve_runtime, seed_everything, to_device
-from train.model import MNERModel
-from train.text import load_tokenizer, resolve_text_encoder
+from mner.cache.datasets import DataSource, Split, label_names, resolve_data
+from mner.cache.reader import CacheReader
+from mner.cache.shards import TokenSpec, read_manifest
+from mner.demo.build import DemoConfig, build_demo
+from mner.extract.config import ExtractConfig
+from mner.extract.images import load_image
+from mner.extract.models import build_detector, load_clip, preprocess_for_clip, preprocess_for_detector
+from mner.extract.run import extract_features, token_spec
+from mner.train.config import ModelConfig, TrainConfig
+from mner.train.data import PostDataset, make_collate, make_loader
+from mner.train.loop import resolve_runtime, seed_everything, to_device
+from mner.train.model import MNERModel
+from mner.train.text import load_tokenizer, resolve_text_encoder
 
 TARGET_OVERHEAD = 1.25  # issue "Stage two" section 6: cached step <= 1.25 x text-only step
 POSTS_PER_EPOCH = 64  # the demo's train posts are repeated up to this many per epoch

@@ -3,10 +3,10 @@
 The only package that knows the HDF5 layout; see the "Cache" section of docs/design.md.
 """
 
-from cache.datasets import DatasetError, DataSource, Post, Split, label_names, read_split, resolve_data
-from cache.inspect import format_inspection, inspect_cache, show_record
-from cache.reader import CacheReader
-from cache.shards import (
+from mner.cache.datasets import DatasetError, DataSource, Post, Split, label_names, read_split, resolve_data
+from mner.cache.inspect import format_inspection, inspect_cache, show_record
+from mner.cache.reader import CacheReader
+from mner.cache.shards import (
     SCHEMA_VERSION,
     STATUS_NAMES,
     Record,
@@ -19,7 +19,7 @@ from cache.shards import (
     shard_path,
     write_manifest,
 )
-from cache.verify import VerifyReport, verify_cache
+from mner.cache.verify import VerifyReport, verify_cache
 
 __all__ = [
     "SCHEMA_VERSION",

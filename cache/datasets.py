@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import configs
+from mner import configs
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from cache.reader import CacheReader
-from cache.shards import STATUS_NAMES, TokenSpec, open_shard_checked, read_manifest
+from mner.cache.reader import CacheReader
+from mner.cache.shards import STATUS_NAMES, TokenSpec, open_shard_checked, read_manifest
 
 # Box colours, picked by label id so one class keeps one colour across images.
 _PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6")
@@ -165,7 +165,7 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
 def _source_image(config: dict, key: str) -> Path | None:
     """The image file `key` was extracted from, found through the data folder in the extraction
     config; None when that folder is gone or the key is refused (the drawing falls back to grey)."""
-    from cache.datasets import recorded_data
+    from mner.cache.datasets import recorded_data
 
     source = recorded_data(config)
     try:

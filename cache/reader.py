@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.shards import (
+from mner.cache.shards import (
     STATUS_NAMES,
     TOKEN_DATASETS,
     Record,

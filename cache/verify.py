@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.datasets import SPLITS, DataSource, recorded_data
-from cache.shards import (
+from mner.cache.datasets import SPLITS, DataSource, recorded_data
+from mner.cache.shards import (
     DTYPES,
     RECORD_ARRAYS,
     REGION_DATASETS,

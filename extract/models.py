@@ -28,9 +28,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from cache.shards import file_sha256
-from configs.presets import materialise, preset_dir
-from extract.config import DETECTORS, TINY_CLIP, TINY_FRCNN, ExtractConfig
+from mner.cache.shards import file_sha256
+from mner.configs.presets import materialise, preset_dir
+from mner.extract.config import DETECTORS, TINY_CLIP, TINY_FRCNN, ExtractConfig
 
 PRESET_MARKER = "mner_preset.json"  # written beside a preset's weights: {"preset": NAME, "untrained": true}
 # Part of every preset's file name: bump it when a preset's recipe changes, so a folder written by an

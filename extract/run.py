@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from cache.datasets import DataSource, resolve_data
-from cache.shards import (
+from mner.cache.datasets import DataSource, resolve_data
+from mner.cache.shards import (
     CONFIG_NAME,
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -53,9 +53,9 @@ from cache.shards import (
     tmp_path,
     write_manifest,
 )
-from extract.config import ExtractConfig
-from extract.images import load_image
-from extract.models import (
+from mner.extract.config import ExtractConfig
+from mner.extract.images import load_image
+from mner.extract.models import (
     ClipEncoder,
     RegionDetector,
     build_detector,

@@ -1,5 +1,5 @@
-"""`python -m pipeline` is the same as the `mner` console script."""
+"""`python -m mner` is the same as the `mner` console script."""
 
-from pipeline.cli import main
+from mner.cli import main
 
 main(prog_name="mner")

@@ -134,8 +134,8 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
       mner extract-features --dataset twitter2015 --data-root /data --clip /models/clip-vit-base-patch32 \\
           --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
     """
-    from extract.config import ExtractConfig
-    from extract.run import extract_features, summarize
+    from mner.extract.config import ExtractConfig
+    from mner.extract.run import extract_features, summarize
 
     cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
     started = time.perf_counter()
@@ -164,7 +164,7 @@ def cache_inspect(cache_dir, as_json):
     Example:
       mner cache inspect demo_out/cache --json
     """
-    from cache.inspect import format_inspection, inspect_cache
+    from mner.cache.inspect import format_inspection, inspect_cache
 
     info = inspect_cache(cache_dir)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))
@@ -191,7 +191,7 @@ def cache_show(cache_dir, key, png, image_path, scale):
     Example:
       mner cache show demo_out/cache --id demo_00003 --png demo_00003.png --scale 4
     """
-    from cache.inspect import show_record
+    from mner.cache.inspect import show_record
 
     info = show_record(cache_dir, key, png=png, image_path=image_path, scale=scale)
     click.echo(json.dumps(info, indent=2))
@@ -210,8 +210,8 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
     Example:
       mner cache verify demo_out/cache --data-dir demo_out/data
     """
-    from cache.datasets import resolve_data
-    from cache.verify import verify_cache
+    from mner.cache.datasets import resolve_data
+    from mner.cache.verify import verify_cache
 
     data = None
     if data_dir or dataset:
@@ -225,7 +225,7 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
 
 
 def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume):
-    from train.config import RunConfig, load_run_config
+    from mner.train.config import RunConfig, load_run_config
 
     overrides = list(overrides)
     if text_encoder:
@@ -288,7 +288,7 @@ def train_from_cache_cmd(
       mner train-from-cache --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --set model.qfnet_layers=1 --seed 1 --out runs/tw15_qf1
     """
-    from train.loop import train_from_cache
+    from mner.train.loop import train_from_cache
 
     data = _data_kwargs(data_dir, dataset, data_root, image_dir)
     cfg = _run_config(
@@ -313,7 +313,7 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir):
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from train.evaluate import evaluate_run, format_scores
+    from mner.train.evaluate import evaluate_run, format_scores
 
     scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
     click.echo(f"{run_dir} on {split}:\n{format_scores(scores)}")
@@ -334,7 +334,7 @@ def predict_cmd(run_dir, input_file, image_dir, out_file):
     Example:
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
     """
-    from train.predict import predict
+    from mner.train.predict import predict
 
     out = predict(run_dir, input_file, image_dir, out_file)
     click.echo(f"predictions written to {out}")
@@ -381,7 +381,7 @@ def ablate_cmd(
       mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --exp full --exp no_region --exp text_only --seeds 3 --out ablations/tw15
     """
-    from train.ablate import AblationConfig, run_ablation
+    from mner.train.ablate import AblationConfig, run_ablation
 
     cfg = AblationConfig(
         cache_dir=cache_dir,
@@ -410,7 +410,7 @@ def demo_data_cmd(out, seed):
     Example:
       mner demo-data --out demo_out/data
     """
-    from demo.build import DemoConfig, build_demo
+    from mner.demo.build import DemoConfig, build_demo
 
     path = build_demo(DemoConfig(out_dir=out, seed=seed))
     click.echo(f"demo data at {path}")
@@ -427,7 +427,7 @@ def results_cmd(run_dirs, split):
     Example:
       mner results runs/text_only runs/full --split test
     """
-    from train.evaluate import results_table
+    from mner.train.evaluate import results_table
 
     click.echo(results_table(list(run_dirs), split=split))
 

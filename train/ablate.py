@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
-import configs
-from train.config import RunConfig, load_run_config
-from train.evaluate import PERCENT, read_results
-from train.loop import train_from_cache
+from mner import configs
+from mner.train.config import RunConfig, load_run_config
+from mner.train.evaluate import PERCENT, read_results
+from mner.train.loop import train_from_cache
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import configs
+from mner import configs
 
 # Names the fusion registry (train/fusion.py) maps to builders; the model's registry must match.
 FUSION_NAMES = ("qgf", "adaptive", "concat", "gated")

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache.datasets import Post, Split
-from cache.reader import CacheReader
-from cache.shards import Record, TokenSpec, empty_record
-from train.config import ModelConfig, TrainConfig
+from mner.cache.datasets import Post, Split
+from mner.cache.reader import CacheReader
+from mner.cache.shards import Record, TokenSpec, empty_record
+from mner.train.config import ModelConfig, TrainConfig
 
 # Label id of positions that are not words (padding); ignored by every loss.
 IGNORE_INDEX = -100

@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 from safetensors.torch import load_model
 
-from cache.datasets import resolve_data
-from cache.reader import CacheReader
-from train.config import RunConfig
-from train.loop import (
+from mner.cache.datasets import resolve_data
+from mner.cache.reader import CacheReader
+from mner.train.config import RunConfig
+from mner.train.loop import (
     CONFIG_FILE,
     RESULTS_FILE,
     WEIGHTS_FILE,
@@ -28,9 +28,9 @@ from train.loop import (
     resolve_runtime,
     write_json,
 )
-from train.metrics import write_conll
-from train.model import MNERModel
-from train.text import load_tokenizer, resolve_text_encoder
+from mner.train.metrics import write_conll
+from mner.train.model import MNERModel
+from mner.train.text import load_tokenizer, resolve_text_encoder
 
 # Scores are fractions in results files; tables print percent.
 PERCENT = 100.0

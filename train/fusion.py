@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from train.config import FUSION_NAMES, ModelConfig
+from mner.train.config import FUSION_NAMES, ModelConfig
 
 
 def masked_attention(attention: nn.MultiheadAttention, query, keys, key_mask) -> torch.Tensor:

@@ -40,14 +40,14 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from cache.datasets import DataSource, Split, label_names, resolve_data
-from cache.reader import CacheReader
-from cache.shards import TokenSpec
-from train.config import ModelConfig, RunConfig
-from train.data import PostDataset, make_collate, make_loader
-from train.metrics import entity_scores, write_conll
-from train.model import MNERModel
-from train.text import load_tokenizer, resolve_text_encoder
+from mner.cache.datasets import DataSource, Split, label_names, resolve_data
+from mner.cache.reader import CacheReader
+from mner.cache.shards import TokenSpec
+from mner.train.config import ModelConfig, RunConfig
+from mner.train.data import PostDataset, make_collate, make_loader
+from mner.train.metrics import entity_scores, write_conll
+from mner.train.model import MNERModel
+from mner.train.text import load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cache.shards import TokenSpec
-from train.config import ModelConfig, TrainConfig
-from train.crf import CRF
-from train.fusion import build_fusion
-from train.text import load_encoder
-from train.visual import VisualTokenBuilder
+from mner.cache.shards import TokenSpec
+from mner.train.config import ModelConfig, TrainConfig
+from mner.train.crf import CRF
+from mner.train.fusion import build_fusion
+from mner.train.text import load_encoder
+from mner.train.visual import VisualTokenBuilder
 
 
 def entity_types(label_names: Sequence[str]) -> list[str]:

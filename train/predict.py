@@ -22,11 +22,11 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from cache.datasets import Split, read_split
-from cache.reader import CacheReader
-from train.evaluate import cache_differences, load_run_model, read_record, run_config
-from train.loop import decode_split, resolve_runtime
-from train.metrics import entities
+from mner.cache.datasets import Split, read_split
+from mner.cache.reader import CacheReader
+from mner.train.evaluate import cache_differences, load_run_model, read_record, run_config
+from mner.train.loop import decode_split, resolve_runtime
+from mner.train.metrics import entities
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Pa
     weight hashes, token spec, thresholds, batch size, library versions).
     """
     # Imported here: a text-only prediction never loads the vision stack.
-    from extract.config import TINY_CLIP, ExtractConfig
-    from extract.run import extract_features
+    from mner.extract.config import TINY_CLIP, ExtractConfig
+    from mner.extract.run import extract_features
 
     recorded = record["cache"]["config"]
     if "fingerprint_parts" not in recorded:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-from configs.presets import materialise, preset_dir
+from mner.configs.presets import materialise, preset_dir
 
 # Presets resolved by name rather than as folders.
 PRESETS = ("minilm", "tiny-bert")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cache.shards import TokenSpec
-from train.config import ModelConfig
+from mner.cache.shards import TokenSpec
+from mner.train.config import ModelConfig
 
 # Type ids of the visual tokens (rows of VisualTokenBuilder.type_embed).
 PATCH, REGION = 0, 1

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import configs
-from cache.datasets import (
+from mner import configs
+from mner.cache.datasets import (
     DatasetError,
     DataSource,
     Post,

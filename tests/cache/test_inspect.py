@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.inspect import format_inspection, inspect_cache, show_record
+from mner.cache.inspect import format_inspection, inspect_cache, show_record
 from tests.cache.factories import CATEGORIES, TINY_SPEC, make_cache, make_records
 
 KEYS = [f"img{i:03d}" for i in range(14)]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache.reader import CacheReader
-from cache.shards import read_manifest
+from mner.cache.reader import CacheReader
+from mner.cache.shards import read_manifest
 from tests.cache.factories import (
     TINY_SPEC,
     assert_same_record,

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.reader import CacheReader
-from cache.shards import (
+from mner.cache.reader import CacheReader
+from mner.cache.shards import (
     SCHEMA_VERSION,
     Record,
     ShardWriter,
@@ -146,12 +146,13 @@ def test_abort_and_failed_block_leave_no_shard(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_crashed_writer_leaves_only_an_incomplete_tmp(tmp_path):
     """A process killed before commit() leaves `.tmp`; neither name counts as a completed shard."""
     script = (
         "import os, sys\n"
         "from tests.cache.factories import make_records, TINY_SPEC\n"
-        "from cache.shards import ShardWriter\n"
+        "from mner.cache.shards import ShardWriter\n"
         "w = ShardWriter(sys.argv[1], TINY_SPEC, ['a', 'b'], {'fingerprint': 'x', 'config_json': '{}', 'shard_index': 0})\n"
         "for row, r in enumerate(make_records(['a', 'b'], statuses={})):\n"
         "    w.write(row, r)\n"

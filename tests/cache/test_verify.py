@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.datasets import resolve_data
-from cache.verify import verify_cache
+from mner.cache.datasets import resolve_data
+from mner.cache.verify import verify_cache
 from tests.cache.factories import make_cache, make_records
 
 

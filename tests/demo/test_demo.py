@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.datasets import label_names, read_split, resolve_data
-from demo import DemoConfig, build_demo
-from demo.build import NAMES, TYPES
+from mner.cache.datasets import label_names, read_split, resolve_data
+from mner.demo import DemoConfig, build_demo
+from mner.demo.build import NAMES, TYPES
 
 
 def small(out_dir: Path, **changes) -> DemoConfig:
@@ -48,7 +48,7 @@ def test_two_builds_are_byte_identical(tmp_path):
 
 def test_reuse_and_rebuild(tmp_path, caplog):
     out = tmp_path / "demo"
-    caplog.set_level(logging.INFO, logger="demo.build")
+    caplog.set_level(logging.INFO, logger="mner.demo.build")
     assert build_demo(small(out)) == out
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     (out / "notes.txt").write_text("not the demo's")  # a file the demo does not own survives rebuilds

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from extract.images import load_image
+from mner.extract.images import load_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

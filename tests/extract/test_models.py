@@ -18,8 +18,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from extract.config import ExtractConfig
-from extract.models import (
+from mner.extract.config import ExtractConfig
+from mner.extract.models import (
     build_detector,
     load_clip,
     materialise_tiny_clip,

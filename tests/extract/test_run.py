@@ -14,18 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-import extract.run
-from cache.reader import CacheReader
-from cache.shards import read_manifest
-from extract.config import ExtractConfig
-from extract.models import build_detector, load_clip
-from extract.run import extract_features, summarize
+import mner.extract.run
+from mner.cache.reader import CacheReader
+from mner.cache.shards import read_manifest
+from mner.extract.config import ExtractConfig
+from mner.extract.models import build_detector, load_clip
+from mner.extract.run import extract_features, summarize
 
 # Used by the subprocess tests: extraction as a user runs it, configured by one JSON argument.
 RUNNER = """
 import json, sys
-from extract.config import ExtractConfig
-from extract.run import extract_features
+from mner.extract.config import ExtractConfig
+from mner.extract.run import extract_features
 extract_features(ExtractConfig(**json.loads(sys.argv[1])))
 """
 # Small shards so the subprocess data set spans many of them (kill mid-way, split across two ranks).
@@ -159,7 +159,7 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
     reference = extract_features(ExtractConfig(out=str(tmp_path / "reference"), **base))
     out = tmp_path / "crashed"
     cfg = ExtractConfig(out=str(out), **base)
-    real_encode = extract.run._encode_batch
+    real_encode = mner.extract.run._encode_batch
     calls, crashed = [], []
 
     def crash_on_fourth_batch(*args, **kwargs):
@@ -169,7 +169,7 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
             raise RuntimeError("simulated crash")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(extract.run, "_encode_batch", crash_on_fourth_batch)
+    monkeypatch.setattr(mner.extract.run, "_encode_batch", crash_on_fourth_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_features(cfg)
     assert sorted(path.name for path in out.iterdir()) == ["shard-00000.h5"]  # shard 1 aborted, tmp removed
@@ -188,6 +188,7 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
     assert_same_cache(out, reference)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_equals_uninterrupted_run(shared_data, reference_cache, tmp_path):
     out = tmp_path / "killed"
     process = run_subprocess(shared_data.data_dir, out)
@@ -207,6 +208,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(shared_data, reference_cache
     assert_same_cache(out, reference_cache)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path):
     script = tmp_path / "run_extract.py"
     script.write_text(RUNNER)

@@ -17,16 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.datasets import resolve_data
-from cache.reader import CacheReader
-from demo.build import DemoConfig, build_demo
-from extract.config import ExtractConfig
-from extract.run import extract_features
-from train.config import ModelConfig, RunConfig, TrainConfig
-from train.data import make_loader
-from train.evaluate import load_run_model, read_record, run_config
-from train.loop import resolve_runtime, train_from_cache
-from train.metrics import entity_scores
+from mner.cache.datasets import resolve_data
+from mner.cache.reader import CacheReader
+from mner.demo.build import DemoConfig, build_demo
+from mner.extract.config import ExtractConfig
+from mner.extract.run import extract_features
+from mner.train.config import ModelConfig, RunConfig, TrainConfig
+from mner.train.data import make_loader
+from mner.train.evaluate import load_run_model, read_record, run_config
+from mner.train.loop import resolve_runtime, train_from_cache
+from mner.train.metrics import entity_scores
+
+# Subprocess / end-to-end: outside the `pytest -m "not slow"` inner loop.
+pytestmark = pytest.mark.slow
 
 DEMO = {"n_train": 120, "n_valid": 40, "n_test": 40, "image_size": 48}
 # Identical for both models; only model.text_only differs. Learning rates high enough that ten short

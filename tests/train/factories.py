@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from cache.datasets import Post
-from cache.shards import Record, TokenSpec
+from mner.cache.datasets import Post
+from mner.cache.shards import Record, TokenSpec
+from mner.train.config import ModelConfig
+from mner.train.data import PostDataset, make_collate
+from mner.train.model import MNERModel
+from mner.train.text import load_tokenizer
 from tests.cache.factories import CATEGORIES, TINY_SPEC, make_records, write_cache
-from train.config import ModelConfig
-from train.data import PostDataset, make_collate
-from train.model import MNERModel
-from train.text import load_tokenizer
 
 # The label set of every factory post: what cache.datasets.label_names gives for LOC and PER.
 LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]

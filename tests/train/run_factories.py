@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.datasets import Post
-from train.config import ModelConfig, RunConfig, TrainConfig
+from mner.cache.datasets import Post
+from mner.train.config import ModelConfig, RunConfig, TrainConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,8 +129,8 @@ def make_images(image_dir: Path, keys, size: tuple[int, int] = (40, 32)) -> Path
 
 def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
     """A real cache of data_dir's images through extract_features with the tiny-clip / tiny-frcnn presets."""
-    from extract.config import ExtractConfig
-    from extract.run import extract_features
+    from mner.extract.config import ExtractConfig
+    from mner.extract.run import extract_features
 
     cfg = ExtractConfig(
         data_dir=str(data_dir), out=str(Path(tmp_path) / "cache"), num_workers=0, device="cpu", topk=4

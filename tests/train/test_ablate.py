@@ -10,11 +10,11 @@ import statistics
 import pandas as pd
 import pytest
 
-import train.ablate as ablate
+import mner.train.ablate as ablate
+from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
+from mner.train.config import load_run_config
 from tests.train.factories import make_cache
 from tests.train.run_factories import FAST_LR, make_data, single_thread  # noqa: F401 (autouse fixture)
-from train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
-from train.config import load_run_config
 
 # Small, fast runs for every experiment.
 OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + [

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-import configs
-from train.config import ModelConfig, RunConfig, TrainConfig, base_config_path, load_run_config
+from mner import configs
+from mner.train.config import ModelConfig, RunConfig, TrainConfig, base_config_path, load_run_config
 
 
 def write(tmp_path, text: str, name: str = "diff.toml"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchcrf
 
-from train.crf import CRF, allowed_transitions
+from mner.train.crf import CRF, allowed_transitions
 
 BIO = ["O", "B-X", "I-X", "B-Y", "I-Y"]
 

@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-from cache.datasets import Post, Split
-from cache.reader import CacheReader
+from mner.cache.datasets import Post, Split
+from mner.cache.reader import CacheReader
+from mner.train.config import TrainConfig
+from mner.train.data import IGNORE_INDEX, PostDataset, make_collate, make_loader
 from tests.train.factories import (
     LABELS,
     make_batch,
@@ -17,8 +19,6 @@ from tests.train.factories import (
     tiny_spec,
     tiny_tokenizer,
 )
-from train.config import TrainConfig
-from train.data import IGNORE_INDEX, PostDataset, make_collate, make_loader
 
 VISUAL_KEYS = {
     "patch_tokens", "patch_mask", "global_embed", "region_feats", "region_labels", "region_scores",

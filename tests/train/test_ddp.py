@@ -8,16 +8,22 @@ import socket
 import subprocess
 import sys
 
-from cache.datasets import read_split
+import pytest
+
+from mner.cache.datasets import read_split
+from mner.train.metrics import entities, entity_scores
 from tests.train.factories import make_cache
 from tests.train.run_factories import make_data, run_config
-from train.metrics import entities, entity_scores
+
+# Subprocess / end-to-end: outside the `pytest -m "not slow"` inner loop.
+pytestmark = pytest.mark.slow
 
 # Each rank rebuilds the RunConfig from JSON and calls the entry function, as the CLI would.
 SCRIPT = """
 import json, sys
-from train.config import RunConfig
-from train.loop import train_from_cache
+from mner.train.config import RunConfig
+from mner.train.loop import train_from_cache
+
 cfg = RunConfig.from_dict(json.load(open(sys.argv[1])))
 train_from_cache(cfg)
 """

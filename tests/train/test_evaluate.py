@@ -8,8 +8,10 @@ import shutil
 
 import pytest
 
-from cache.datasets import read_split
-from cache.reader import CacheReader
+from mner.cache.datasets import read_split
+from mner.cache.reader import CacheReader
+from mner.train.evaluate import cache_differences, evaluate_run, results_table
+from mner.train.loop import train_from_cache
 from tests.train.factories import make_cache, tiny_spec
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
     make_data,
@@ -18,8 +20,6 @@ from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fi
     single_thread,
     write_split,
 )
-from train.evaluate import cache_differences, evaluate_run, results_table
-from train.loop import train_from_cache
 
 
 @pytest.fixture(scope="module")

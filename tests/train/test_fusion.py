@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from mner.train.config import FUSION_NAMES
+from mner.train.fusion import FUSIONS, QueryGuidedFusion, build_fusion, masked_attention
 from tests.train.factories import make_batch, make_posts, tiny_config, tiny_model
-from train.config import FUSION_NAMES
-from train.fusion import FUSIONS, QueryGuidedFusion, build_fusion, masked_attention
 
 
 def fused(model, batch) -> torch.Tensor:

@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-import train.loop as loop
-from cache.datasets import Post, read_split
-from cache.reader import CacheReader
+import mner.train.loop as loop
+from mner.cache.datasets import Post, read_split
+from mner.cache.reader import CacheReader
+from mner.train.loop import open_cache, resolve_runtime, train_from_cache
+from mner.train.text import load_tokenizer
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
     make_data,
@@ -22,8 +24,6 @@ from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fi
     single_thread,
     write_split,
 )
-from train.loop import open_cache, resolve_runtime, train_from_cache
-from train.text import load_tokenizer
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -300,7 +300,7 @@ def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
             for i, tags in enumerate(tag_rows)
         ]
         write_split(data_dir / f"{name}.txt", [*read_split(data_dir / f"{name}.txt").posts, *extra])
-    with caplog.at_level(logging.INFO, logger="train.loop"):
+    with caplog.at_level(logging.INFO, logger="mner.train.loop"):
         run_dir = train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
     assert json.loads((run_dir / "config.json").read_text())["orphan_i"] == {"train": 3, "valid": 1}
     assert (

@@ -5,9 +5,9 @@ import random
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from cache.datasets import Post
+from mner.cache.datasets import Post
+from mner.train.metrics import entities, entity_scores, write_conll
 from tests.train.factories import random_tags
-from train.metrics import entities, entity_scores, write_conll
 
 
 def test_conlleval_chunking_by_hand():

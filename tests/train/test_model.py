@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.datasets import Post
+from mner.cache.datasets import Post
+from mner.train.config import ModelConfig, TrainConfig
+from mner.train.metrics import entity_scores
+from mner.train.model import MNERModel, entity_types
 from tests.train.factories import LABELS, make_batch, make_posts, tiny_model, tiny_spec, tiny_tokenizer
-from train.config import ModelConfig, TrainConfig
-from train.metrics import entity_scores
-from train.model import MNERModel, entity_types
 
 # First-step training loss of tiny_model(seed=0) on make_batch(make_posts(4, seed=0)) after
 # torch.manual_seed(0), recorded with torch 2.14.1 / transformers 5.23.0 on CPU.

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from seqeval.metrics.sequence_labeling import get_entities
 
-from cache.datasets import read_split
+from mner.cache.datasets import read_split
+from mner.train.loop import train_from_cache
+from mner.train.predict import predict
 from tests.train.run_factories import extract_cache, make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
-from train.loop import train_from_cache
-from train.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_predict_logs_how_many_images_were_ok_missing_or_corrupt(runs, tmp_path,
     shutil.copytree(runs["data"] / "images", images)
     (images / "va0.jpg").unlink()
     (images / "va1.jpg").write_bytes(b"not a jpeg")
-    with caplog.at_level(logging.INFO, logger="train.predict"):
+    with caplog.at_level(logging.INFO, logger="mner.train.predict"):
         predict(runs["mm"], runs["data"] / "valid.txt", images, tmp_path / "out.conll")
     assert (
         "images of the 4 posts: 2 ok, 1 missing, 1 corrupt (missing and corrupt ones are masked)"

@@ -7,12 +7,12 @@ from safetensors.torch import load_file
 from tokenizers import ByteLevelBPETokenizer
 from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
-from cache.datasets import Post
+from mner.cache.datasets import Post
+from mner.train import text
+from mner.train.data import PostDataset, make_collate
+from mner.train.model import MNERModel
+from mner.train.text import TINY_BERT, load_text_encoder, load_tokenizer, resolve_text_encoder
 from tests.train.factories import LABELS, make_batch, make_posts, make_reader, tiny_config, tiny_spec
-from train import text
-from train.data import PostDataset, make_collate
-from train.model import MNERModel
-from train.text import TINY_BERT, load_text_encoder, load_tokenizer, resolve_text_encoder
 
 
 def make_roberta_folder(folder):
