@@ -121,6 +121,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
     # Checked for every experiment before the first run, not after hours of the earlier ones.
     for experiment in cfg.experiments:
         _refuse_conflicting_overrides(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
+        _refuse_noop_experiment(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
     rows = []
     for experiment in cfg.experiments:
         name, diff = experiment_name(experiment), experiment_file(experiment)
@@ -172,6 +173,23 @@ def _refuse_conflicting_overrides(name: str, diff: Path | None, overrides: list[
                 f"override {override!r} sets {key}, which experiment {name} ({diff}) changes; "
                 "drop the override or write a new experiment file"
             )
+
+
+def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str]) -> None:
+    """An experiment whose diff resolves to the base config would train `full` again under its name.
+
+    (Configs refuse a switch that does nothing, such as adaptive_gate on a fusion without a gate, so
+    an unchanged config is the one way an ablation could be a silent no-op.)
+    """
+    if diff is None:
+        return
+    if load_run_config(config_file=diff, overrides=list(overrides)) == load_run_config(
+        overrides=list(overrides)
+    ):
+        raise ValueError(
+            f"experiment {name} ({diff}) changes nothing: the base config with these overrides already "
+            "holds every value it sets; drop the experiment or change the base"
+        )
 
 
 def _table_row(name: str, seed: int, run_dir: Path) -> dict:

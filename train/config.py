@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mner import configs
+from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 
-# Names the fusion registry (train/fusion.py) maps to builders; the model's registry must match.
-FUSION_NAMES = ("qgf", "adaptive", "concat", "gated")
 # "auto": bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU.
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 # "auto": the first CUDA device when there is one, else the CPU.
@@ -66,17 +65,24 @@ class _Config:
 
 @dataclass
 class ModelConfig(_Config):
-    """The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> CRF."""
+    """The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> head.
+
+    task, fusion and head are names in the registries of train/registry.py; each auxiliary loss
+    there has its own weight field here (alignment_loss_weight), 0 turning it off.
+    """
 
     SECTION = "model"
 
     # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
     text_encoder: str = "minilm"
-    fusion: str = "qgf"  # registry name: qgf | adaptive | concat | gated (train/fusion.py)
+    task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/tasks.py)
+    fusion: str = "qgf"  # registry name: qgf | concat | gated (train/fusion.py)
     qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
-    adaptive_gate: bool = True  # per-word sigmoid gate between text states and fused states (AFDVQF)
+    # per-word sigmoid gate between text states and QGF's fused states (AFDVQF's adaptive fusion);
+    # the one switch of the gate, so it must be false for a fusion that has none
+    adaptive_gate: bool = True
     use_patches: bool = True  # visual tokens include the CLIP patch tokens
     use_regions: bool = True  # visual tokens include the detector region tokens
     text_only: bool = False  # no image at all: no visual modules are built, the cache is never read
@@ -85,6 +91,7 @@ class ModelConfig(_Config):
     # training only: drop all visual tokens of a post with this probability (MANGO)
     image_dropout: float = 0.1
     dropout: float = 0.1  # dropout in the fusion, the visual tokens and before the emission layer
+    head: str = "crf"  # registry name: crf (train/heads.py); must be one the task allows
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
     max_length: int = 128
@@ -93,8 +100,21 @@ class ModelConfig(_Config):
         self._check_types()
         if not self.text_encoder:
             raise ValueError("model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''")
-        if self.fusion not in FUSION_NAMES:
-            raise ValueError(f"model.fusion must be one of {', '.join(FUSION_NAMES)}; got {self.fusion!r}")
+        TASKS.check(self.task)
+        FUSIONS.check(self.fusion)
+        HEADS.check(self.head)
+        task_heads = TASKS.get(self.task).heads
+        if self.head not in task_heads:
+            raise ValueError(
+                f"model.head {self.head!r} does not fit model.task {self.task!r}; "
+                f"its heads are {', '.join(task_heads)}"
+            )
+        if self.adaptive_gate and self.fusion != "qgf":
+            # A switch that does nothing would make an ablation that flips it (no_adapt) a silent no-op.
+            raise ValueError(
+                f"model.adaptive_gate = true gates query-guided fusion only, but model.fusion is "
+                f"{self.fusion!r}; set model.adaptive_gate = false"
+            )
         for name in ("qfnet_layers", "qfnet_heads", "slots_per_type"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -103,8 +123,9 @@ class ModelConfig(_Config):
                 "model.use_patches and model.use_regions are both false: there would be no visual tokens; "
                 "set model.text_only = true for a text-only model"
             )
-        if self.alignment_loss_weight < 0:
-            raise ValueError(f"model.alignment_loss_weight must be >= 0, got {self.alignment_loss_weight}")
+        for name in AUX_LOSSES.weights.values():
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         if self.alignment_temperature <= 0:
             raise ValueError(f"model.alignment_temperature must be > 0, got {self.alignment_temperature}")
         for name in ("image_dropout", "dropout"):
@@ -113,6 +134,22 @@ class ModelConfig(_Config):
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> ModelConfig:
+        """Build from a dict (a run's config.json "model" section); missing keys keep their defaults.
+
+        A record without `head` was written before the registries (issue 9) and is read as the model
+        it built then: fusion "adaptive" was QGF with the gate forced on, and adaptive_gate was
+        ignored by the fusions that have no gate.
+        """
+        if "head" not in data:
+            data = dict(data)
+            if data.get("fusion") == "adaptive":
+                data.update(fusion="qgf", adaptive_gate=True)
+            elif data.get("fusion") in ("concat", "gated"):
+                data["adaptive_gate"] = False
+        return super().from_dict(data, source)
 
 
 @dataclass

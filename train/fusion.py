@@ -1,4 +1,4 @@
-"""Fusion of word states with visual tokens; a registry maps ModelConfig.fusion to a builder.
+"""Fusion of word states with visual tokens; registry.FUSIONS maps ModelConfig.fusion to a class here.
 
 Every fusion maps word states (B, T, D) to fused word states (B, T, D) and obeys one rule: a post
 with no usable visual token (image missing, corrupt or dropped) gets exactly the output the model
@@ -6,8 +6,10 @@ gives with no image. Attention over an all-masked key set would softmax over not
 `masked_attention` lets such rows see one dummy key and then replaces their output by zeros.
 
 - qgf (AFDVQF query-guided fusion): learnable query slots per entity type; in each layer the slots
-  read the text, then the visual tokens, then the words read the slots. Optional adaptive gate.
-- adaptive: qgf with the adaptive gate always on (AFDVQF's "optional adaptive fusion after QGF").
+  read the text, then the visual tokens, then the words read the slots. Then, when
+  model.adaptive_gate, AFDVQF's "optional adaptive fusion after QGF": a per-word gate between the
+  text and the fused states. (Until issue 9 a fusion "adaptive" forced that gate on whatever
+  adaptive_gate said, so the no_adapt ablation was a silent no-op over it; the gate now has one switch.)
 - concat (BertResNet): the pooled image vector concatenated to every word, projected back to D.
 - gated (MANGO GatedConcatFusion): words attend to the visual tokens; a learned relevance and a
   sigmoid gate scale what is added back to the words.
@@ -15,12 +17,16 @@ gives with no image. Attention over an all-masked key set would softmax over not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from mner.train.config import FUSION_NAMES, ModelConfig
+from mner.train.registry import FUSIONS
+
+if TYPE_CHECKING:
+    from mner.train.config import ModelConfig
 
 
 def masked_attention(attention: nn.MultiheadAttention, query, keys, key_mask) -> torch.Tensor:
@@ -60,9 +66,12 @@ class QueryGuidedLayer(nn.Module):
 
 
 class QueryGuidedFusion(nn.Module):
-    """AFDVQF query-guided fusion: slots_per_type query slots per entity type, qfnet_layers layers."""
+    """AFDVQF query-guided fusion: slots_per_type query slots per entity type, qfnet_layers layers,
+    then the adaptive gate when cfg.adaptive_gate."""
 
-    def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str], gate: bool):
+    uses_pooled = False  # reads no pooled image vector (VisualTokenBuilder builds none)
+
+    def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str]):
         super().__init__()
         num_slots = len(entity_types) * cfg.slots_per_type
         assert num_slots > 0, "query-guided fusion needs at least one entity type"
@@ -71,7 +80,7 @@ class QueryGuidedFusion(nn.Module):
         self.layers = nn.ModuleList(
             QueryGuidedLayer(width, cfg.qfnet_heads, cfg.dropout) for _ in range(cfg.qfnet_layers)
         )
-        self.gate = nn.Linear(2 * width, width) if gate else None
+        self.gate = nn.Linear(2 * width, width) if cfg.adaptive_gate else None
 
     def forward(self, text, text_mask, visual, visual_mask, pooled=None) -> torch.Tensor:
         """text (B, T, D), text_mask (B, T), visual (B, V, D), visual_mask (B, V) -> (B, T, D)."""
@@ -89,7 +98,9 @@ class QueryGuidedFusion(nn.Module):
 class ConcatFusion(nn.Module):
     """BertResNet: [word; pooled image] -> Linear -> residual + LayerNorm."""
 
-    def __init__(self, cfg: ModelConfig, width: int):
+    uses_pooled = True  # VisualTokenBuilder builds the global-embedding projection for it
+
+    def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str] = ()):
         super().__init__()
         self.proj = nn.Linear(2 * width, width)
         self.norm = nn.LayerNorm(width)
@@ -131,7 +142,9 @@ class GatedLayer(nn.Module):
 class GatedFusion(nn.Module):
     """qfnet_layers stacked GatedLayers."""
 
-    def __init__(self, cfg: ModelConfig, width: int):
+    uses_pooled = False
+
+    def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str] = ()):
         super().__init__()
         self.layers = nn.ModuleList(
             GatedLayer(width, cfg.qfnet_heads, cfg.dropout) for _ in range(cfg.qfnet_layers)
@@ -144,36 +157,10 @@ class GatedFusion(nn.Module):
         return text
 
 
-def _qgf(cfg: ModelConfig, width: int, entity_types: Sequence[str]) -> nn.Module:
-    return QueryGuidedFusion(cfg, width, entity_types, gate=cfg.adaptive_gate)
-
-
-def _adaptive(cfg: ModelConfig, width: int, entity_types: Sequence[str]) -> nn.Module:
-    return QueryGuidedFusion(cfg, width, entity_types, gate=True)
-
-
-def _concat(cfg: ModelConfig, width: int, entity_types: Sequence[str]) -> nn.Module:
-    return ConcatFusion(cfg, width)
-
-
-def _gated(cfg: ModelConfig, width: int, entity_types: Sequence[str]) -> nn.Module:
-    return GatedFusion(cfg, width)
-
-
-# name -> builder(cfg, width, entity_types); the names are train.config.FUSION_NAMES.
-FUSIONS: dict[str, Callable[[ModelConfig, int, Sequence[str]], nn.Module]] = {
-    "qgf": _qgf,
-    "adaptive": _adaptive,
-    "concat": _concat,
-    "gated": _gated,
-}
-assert tuple(FUSIONS) == FUSION_NAMES
-
-
 def build_fusion(cfg: ModelConfig, width: int, entity_types: Sequence[str]) -> nn.Module:
-    """The fusion module named by cfg.fusion, at text width `width`.
+    """The fusion module registry.FUSIONS names as cfg.fusion, at text width `width`.
 
     Its forward is (text (B, T, D), text_mask (B, T), visual (B, V, D), visual_mask (B, V),
     pooled (B, D) or None) -> (B, T, D).
     """
-    return FUSIONS[cfg.fusion](cfg, width, entity_types)
+    return FUSIONS.get(cfg.fusion)(cfg, width, entity_types)

@@ -1,8 +1,11 @@
-"""The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> CRF.
+"""The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> head.
 
-Training loss = CRF negative log-likelihood (mean over posts)
-              + alignment_loss_weight * symmetric InfoNCE between each post's mean word state and
-                its mean visual token (AFDVQF's alignment loss; CLIP's contrastive objective).
+The fusion, the head, the auxiliary losses and the task are entries of train/registry.py named in
+the ModelConfig.
+
+Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
+              + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/losses.py:
+                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token).
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
 """
@@ -13,30 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig, TrainConfig
-from mner.train.crf import CRF
 from mner.train.fusion import build_fusion
+from mner.train.heads import Head
+from mner.train.losses import LossInputs
+from mner.train.registry import AUX_LOSSES, HEADS, TASKS
 from mner.train.text import load_encoder
 from mner.train.visual import VisualTokenBuilder
-
-
-def entity_types(label_names: Sequence[str]) -> list[str]:
-    """Entity types of a BIO label list, sorted; ValueError when the list is not O + B-/I- labels."""
-    if not label_names or label_names[0] != "O":
-        raise ValueError(f"label names must start with 'O', got {list(label_names)[:3]}")
-    bad = [name for name in label_names[1:] if name[:2] not in ("B-", "I-") or len(name) < 3]
-    if bad:
-        raise ValueError(f"label names must be 'O', 'B-<type>' or 'I-<type>'; got {bad}")
-    if len(set(label_names)) != len(label_names):
-        raise ValueError(f"label names repeat: {list(label_names)}")
-    types = sorted({name[2:] for name in label_names[1:]})
-    if not types:
-        raise ValueError("the label set has no entity type (only 'O'); the training split has no entities")
-    return types
 
 
 class MNERModel(nn.Module):
@@ -61,7 +50,8 @@ class MNERModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.label_names = list(label_names)
-        self.types = entity_types(self.label_names)
+        self.task = TASKS.get(cfg.task)
+        self.types = self.task.check_labels(self.label_names)
         self.outside = self.label_names.index("O")
         self.encoder = load_encoder(encoder_dir)
         width = self.encoder.config.hidden_size
@@ -81,7 +71,21 @@ class MNERModel(nn.Module):
             self.fusion = build_fusion(cfg, width, self.types)
         self.dropout = nn.Dropout(cfg.dropout)
         self.emission = nn.Linear(width, len(self.label_names))
-        self.crf = CRF(self.label_names, cfg.bio_constraints)
+        # Registered under its registry name, so checkpoint keys name the head that made them
+        # (crf.crf.transitions, as before the registry) and another head's weights fail to load.
+        self._head_attr = cfg.head.replace("-", "_")
+        self.add_module(self._head_attr, HEADS.get(cfg.head)(cfg, self.label_names))
+        # Only the losses that are on are built: weight > 0, and an image if the loss needs one.
+        self.aux_losses = nn.ModuleDict()
+        for name, weight in AUX_LOSSES.weights.items():
+            loss = AUX_LOSSES.get(name)
+            if getattr(cfg, weight) > 0 and not (loss.needs_image and cfg.text_only):
+                self.aux_losses[name] = loss(cfg, width)
+
+    @property
+    def head(self) -> Head:
+        """The head named by cfg.head (train/heads.py)."""
+        return getattr(self, self._head_attr)
 
     def encode_text(self, batch: dict) -> torch.Tensor:
         """Word states (B, T, D): the encoder state of each word's first sub-word.
@@ -122,7 +126,8 @@ class MNERModel(nn.Module):
         return emissions, words, visual, visual_mask
 
     def forward(self, batch: dict) -> dict:
-        """Training losses: {"loss", "crf_loss", "align_loss"}, scalars (align_loss 0 when unused)."""
+        """Training losses, scalars: "loss" (the total), "<head>_loss" ("crf_loss") and "<name>_loss" for
+        every auxiliary loss ("align_loss"), 0 for one that is off."""
         image_mask = None
         if self.fusion is not None:
             image_mask = batch["image_mask"]  # (B,)
@@ -132,29 +137,18 @@ class MNERModel(nn.Module):
         emissions, words, visual, visual_mask = self._emissions(
             batch, image_mask
         )  # (B, T, L), (B, T, D), ...
-        word_mask = batch["word_mask"]  # (B, T)
-        # Padded positions carry -100; the CRF indexes with every tag, so give them a real (ignored) id.
-        tags = torch.where(word_mask, batch["labels"], self.outside)  # (B, T)
-        crf_loss = self.crf.nll(emissions, tags, word_mask).mean()
-        align_loss = emissions.new_zeros(())
-        if visual is not None and self.cfg.alignment_loss_weight > 0:
-            align_loss = self._alignment_loss(words, word_mask, visual, visual_mask)
-        loss = crf_loss + self.cfg.alignment_loss_weight * align_loss
-        return {"loss": loss, "crf_loss": crf_loss, "align_loss": align_loss}
-
-    def _alignment_loss(self, words, word_mask, visual, visual_mask) -> torch.Tensor:
-        """Symmetric InfoNCE over the posts that have an image: post i's text should match image i."""
-        has_image = visual_mask.any(dim=1)  # (B,)
-        if int(has_image.sum()) < 2:
-            # One pair has no negative to contrast with; the loss would be a constant 0.
-            return words.new_zeros(())
-        text = _masked_mean(words, word_mask)[has_image]  # (N, D)
-        image = _masked_mean(visual, visual_mask)[has_image]  # (N, D)
-        logits = (
-            F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T / self.cfg.alignment_temperature
-        )  # (N, N)
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        tags, word_mask = self.task.targets(batch, self.outside)  # (B, T), (B, T)
+        head_loss = self.head.loss(emissions, tags, word_mask).mean()
+        losses = {f"{self._head_attr}_loss": head_loss}
+        loss = head_loss
+        inputs = LossInputs(words, word_mask, emissions, visual, visual_mask)
+        for name, weight in AUX_LOSSES.weights.items():
+            if name in self.aux_losses:
+                losses[f"{name}_loss"] = self.aux_losses[name](inputs)
+                loss = loss + getattr(self.cfg, weight) * losses[f"{name}_loss"]
+            else:
+                losses[f"{name}_loss"] = emissions.new_zeros(())
+        return {"loss": loss, **losses}
 
     @torch.no_grad()
     def decode(self, batch: dict) -> list[list[int]]:
@@ -164,7 +158,7 @@ class MNERModel(nn.Module):
         """
         image_mask = batch["image_mask"] if self.fusion is not None else None
         emissions = self._emissions(batch, image_mask)[0]  # (B, T, L)
-        paths = self.crf.decode(emissions, batch["word_mask"])
+        paths = self.head.decode(emissions, batch["word_mask"])
         return [
             path + [self.outside] * (n - len(path)) for path, n in zip(paths, batch["num_words"].tolist())
         ]
@@ -201,9 +195,3 @@ class MNERModel(nn.Module):
                         {"name": part + suffix, "params": chosen, "lr": lr, "weight_decay": weight_decay}
                     )
         return groups
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x (B, N, D) over positions where mask (B, N) is True -> (B, D); zero for an empty row."""
-    weights = mask.to(x.dtype)[..., None]  # (B, N, 1)
-    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

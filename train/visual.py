@@ -16,6 +16,7 @@ from torch import nn
 
 from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig
+from mner.train.registry import FUSIONS
 
 # Type ids of the visual tokens (rows of VisualTokenBuilder.type_embed).
 PATCH, REGION = 0, 1
@@ -25,7 +26,7 @@ class VisualTokenBuilder(nn.Module):
     """Projects a batch's cached tokens to (B, V, D) visual tokens with a (B, V) mask.
 
     V = P (if use_patches) + K (if use_regions), patches first. `encode_global` gives the projected
-    global image embedding (B, D), built only for the "concat" fusion that uses it.
+    global image embedding (B, D), built only for a fusion that reads it (its `uses_pooled`).
     """
 
     def __init__(self, cfg: ModelConfig, spec: TokenSpec, width: int, num_detector_classes: int = 91):
@@ -45,7 +46,9 @@ class VisualTokenBuilder(nn.Module):
         self.norm = nn.LayerNorm(D)
         self.dropout = nn.Dropout(cfg.dropout)
         self.global_proj = (
-            nn.Sequential(nn.Linear(spec.global_dim, D), nn.LayerNorm(D)) if cfg.fusion == "concat" else None
+            nn.Sequential(nn.Linear(spec.global_dim, D), nn.LayerNorm(D))
+            if FUSIONS.get(cfg.fusion).uses_pooled
+            else None
         )
 
     def forward(self, batch: dict, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +93,6 @@ class VisualTokenBuilder(nn.Module):
 
     def encode_global(self, batch: dict, image_mask: torch.Tensor) -> torch.Tensor:
         """The projected global image embedding (B, D); exactly zero where image_mask is False."""
-        assert self.global_proj is not None, "encode_global is built for the concat fusion only"
+        assert self.global_proj is not None, "encode_global is built for a fusion that uses_pooled only"
         pooled = self.global_proj(batch["global_embed"])  # (B, D)
         return pooled.masked_fill(~image_mask[:, None], 0.0)

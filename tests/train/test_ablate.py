@@ -206,3 +206,24 @@ def test_override_of_a_key_the_experiment_sets_is_refused(tmp_path):
     expected = f"override 'model.qfnet_layers=3' sets model.qfnet_layers, which experiment qfnet1 ({experiment_file('qfnet1')}) changes"
     with pytest.raises(ValueError, match=re.escape(expected)):
         run_ablation(cfg)
+
+
+def test_an_experiment_that_changes_nothing_is_refused(tmp_path):
+    same = tmp_path / "same_layers.toml"
+    same.write_text("# same_layers: the base's layer count again\n[model]\nqfnet_layers = 2\n")
+    cfg = _config(experiments=["full", str(same)], out_dir=str(tmp_path / "out"))
+    expected = (
+        f"experiment same_layers ({same}) changes nothing: the base config with these overrides already"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        run_ablation(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_adapt_cannot_be_silent_over_a_fusion_without_a_gate(tmp_path):
+    # Before issue 9, fusion "adaptive" (or "gated") ignored adaptive_gate, so no_adapt trained the base.
+    cfg = _config(experiments=["no_adapt"], overrides=["model.fusion=gated"], out_dir=str(tmp_path))
+    with pytest.raises(
+        ValueError, match=re.escape("model.adaptive_gate = true gates query-guided fusion only")
+    ):
+        run_ablation(cfg)

@@ -31,9 +31,11 @@ def test_base_toml_has_a_comment_above_every_key():
 
 
 def test_diff_file_changes_only_its_keys(tmp_path):
-    diff = write(tmp_path, "[model]\nqfnet_layers = 1\nfusion = 'gated'\n[train]\nepochs = 3\n")
+    diff = write(
+        tmp_path, "[model]\nqfnet_layers = 1\nfusion = 'gated'\nadaptive_gate = false\n[train]\nepochs = 3\n"
+    )
     model, train = load_run_config(config_file=diff)
-    assert model == dataclasses.replace(ModelConfig(), qfnet_layers=1, fusion="gated")
+    assert model == dataclasses.replace(ModelConfig(), qfnet_layers=1, fusion="gated", adaptive_gate=False)
     assert train == dataclasses.replace(TrainConfig(), epochs=3)
 
 
@@ -111,7 +113,15 @@ def test_missing_config_file(tmp_path):
             "model.text_encoder=''",
             "model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''",
         ),
-        ("model.fusion=mlp", "model.fusion must be one of qgf, adaptive, concat, gated; got 'mlp'"),
+        ("model.fusion=mlp", "model.fusion must be one of qgf, concat, gated; got 'mlp'"),
+        ("model.fusion=adaptive", "model.fusion must be one of qgf, concat, gated; got 'adaptive'"),
+        (
+            "model.fusion=gated",
+            "model.adaptive_gate = true gates query-guided fusion only, but model.fusion is 'gated'; "
+            "set model.adaptive_gate = false",
+        ),
+        ("model.head=svm", "model.head must be one of crf; got 'svm'"),
+        ("model.task=parsing", "model.task must be one of tagging; got 'parsing'"),
         ("model.qfnet_layers=0", "model.qfnet_layers must be >= 1, got 0"),
         ("model.qfnet_heads=0", "model.qfnet_heads must be >= 1, got 0"),
         ("model.slots_per_type=0", "model.slots_per_type must be >= 1, got 0"),
@@ -148,7 +158,7 @@ def test_no_visual_tokens_without_text_only():
 
 
 def test_dict_round_trips(tmp_path):
-    model = ModelConfig(fusion="concat", qfnet_layers=1)
+    model = ModelConfig(fusion="concat", adaptive_gate=False, qfnet_layers=1)
     train = TrainConfig(epochs=2, device="cpu")
     assert ModelConfig.from_dict(model.to_dict()) == model
     assert TrainConfig.from_dict(train.to_dict()) == train
@@ -174,3 +184,43 @@ def test_run_config_errors():
     assert RunConfig(ModelConfig(text_only=True), TrainConfig(), None, {}, "out").cache_dir is None
     with pytest.raises(ValueError, match=re.escape("out_dir must name the run folder, got ''")):
         RunConfig(ModelConfig(), TrainConfig(), "/c", {}, "")
+
+
+# The "model" section of a run's config.json as written before the registries (issue 9): no task,
+# no head, and fusion "adaptive" still a name. Copied from a demo run's config.json of that code.
+OLD_MODEL_RECORD = {
+    "text_encoder": "minilm", "fusion": "qgf", "qfnet_layers": 2, "qfnet_heads": 4, "slots_per_type": 4,
+    "adaptive_gate": True, "use_patches": True, "use_regions": True, "text_only": False,
+    "alignment_loss_weight": 0.1, "alignment_temperature": 0.07, "image_dropout": 0.1, "dropout": 0.1,
+    "bio_constraints": True, "max_length": 128,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({}, {}),
+        # "adaptive" was QGF with the gate forced on, whatever adaptive_gate said.
+        ({"fusion": "adaptive", "adaptive_gate": False}, {"fusion": "qgf", "adaptive_gate": True}),
+        ({"fusion": "adaptive"}, {"fusion": "qgf", "adaptive_gate": True}),
+        # The fusions without a gate ignored adaptive_gate = true.
+        ({"fusion": "gated"}, {"fusion": "gated", "adaptive_gate": False}),
+        ({"fusion": "concat"}, {"fusion": "concat", "adaptive_gate": False}),
+        ({"adaptive_gate": False}, {"adaptive_gate": False}),
+    ],
+)
+def test_old_run_records_load_as_the_model_they_built(tmp_path, changes, expected):
+    old = {**OLD_MODEL_RECORD, **changes}
+    model = ModelConfig.from_dict(old, source="run/config.json")
+    assert model == dataclasses.replace(ModelConfig(), **expected)
+    assert (model.task, model.head) == ("tagging", "crf")
+    run = {"model": old, "train": TrainConfig().to_dict(), "cache_dir": "/c", "data": {}, "out_dir": "o"}
+    assert RunConfig.from_dict(run).model == model
+    # A record written now keeps what it says (no upgrade once `head` is there).
+    assert ModelConfig.from_dict(model.to_dict()) == model
+
+
+def test_records_written_now_are_not_upgraded():
+    record = {**ModelConfig().to_dict(), "fusion": "adaptive"}
+    with pytest.raises(ValueError, match=re.escape("model.fusion must be one of qgf, concat, gated")):
+        ModelConfig.from_dict(record)

@@ -4,9 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from mner.train.config import FUSION_NAMES
-from mner.train.fusion import FUSIONS, QueryGuidedFusion, build_fusion, masked_attention
+from mner.train.fusion import QueryGuidedFusion, build_fusion, masked_attention
+from mner.train.registry import FUSIONS
 from tests.train.factories import make_batch, make_posts, tiny_config, tiny_model
+
+
+def with_fusion(name: str, **changes) -> dict:
+    """Config changes for fusion `name`: the adaptive gate stays on where there is one (QGF)."""
+    return {"fusion": name, "adaptive_gate": name == "qgf", **changes}
 
 
 def fused(model, batch) -> torch.Tensor:
@@ -33,13 +38,15 @@ def scramble_image(batch: dict, row: int, seed: int) -> dict:
     return changed
 
 
-def test_registry_names_match_the_config():
-    assert tuple(FUSIONS) == FUSION_NAMES
+@pytest.mark.parametrize("name", FUSIONS.names)
+def test_every_entry_builds_its_registered_class(name):
+    fusion = build_fusion(tiny_config(**with_fusion(name)), 32, ["LOC", "PER"])
+    assert type(fusion) is FUSIONS.get(name) and isinstance(type(fusion).uses_pooled, bool)
 
 
-@pytest.mark.parametrize("name", FUSION_NAMES)
+@pytest.mark.parametrize("name", FUSIONS.names)
 def test_output_shape(name):
-    model = tiny_model(fusion=name).eval()
+    model = tiny_model(**with_fusion(name)).eval()
     batch = make_batch(make_posts(3), statuses={"img1": "missing"})
     out = fused(model, batch)
     B, T = batch["word_mask"].shape
@@ -47,10 +54,10 @@ def test_output_shape(name):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", FUSION_NAMES)
+@pytest.mark.parametrize("name", FUSIONS.names)
 def test_masked_image_contributes_exactly_nothing(name):
     """The post's output does not move when its masked image's tokens change (bitwise)."""
-    model = tiny_model(fusion=name).eval()
+    model = tiny_model(**with_fusion(name)).eval()
     posts = make_posts(4, seed=3)
     batch = make_batch(posts, statuses={"img1": "missing"})
     # The cached tokens of a missing image are zero; give it garbage instead, twice, and with its
@@ -67,9 +74,9 @@ def test_masked_image_contributes_exactly_nothing(name):
         assert model.decode(first)[1] == model.decode(second)[1]
 
 
-@pytest.mark.parametrize("name", FUSION_NAMES)
+@pytest.mark.parametrize("name", FUSIONS.names)
 def test_masked_image_gets_no_gradient(name):
-    model = tiny_model(fusion=name, dropout=0.0, image_dropout=0.0).train()
+    model = tiny_model(**with_fusion(name, dropout=0.0, image_dropout=0.0)).train()
     batch = make_batch(make_posts(3), statuses={"img0": "corrupt"})
     for key in ("patch_tokens", "global_embed", "region_feats"):
         batch[key].requires_grad_(True)
@@ -94,20 +101,18 @@ def test_masked_attention_of_an_all_masked_row_is_zero_with_finite_gradients():
 def test_adaptive_gate_switch():
     types = ["LOC", "PER"]
     assert build_fusion(tiny_config(adaptive_gate=False), 32, types).gate is None
-    assert isinstance(build_fusion(tiny_config(adaptive_gate=True), 32, types).gate, nn.Linear)
-    # "adaptive" is QGF with the gate forced on, whatever adaptive_gate says.
-    adaptive = build_fusion(tiny_config(fusion="adaptive", adaptive_gate=False), 32, types)
-    assert isinstance(adaptive, QueryGuidedFusion) and adaptive.gate is not None
+    gated = build_fusion(tiny_config(adaptive_gate=True), 32, types)
+    assert isinstance(gated, QueryGuidedFusion) and isinstance(gated.gate, nn.Linear)
 
 
 def test_qgf_has_slots_per_type_and_layers():
     fusion = build_fusion(tiny_config(slots_per_type=3, qfnet_layers=2), 32, ["LOC", "ORG", "PER"])
     assert fusion.slots.shape == (9, 32) and len(fusion.layers) == 2
-    assert build_fusion(tiny_config(fusion="gated", qfnet_layers=3), 32, ["X"]).layers.__len__() == 3
+    assert len(build_fusion(tiny_config(**with_fusion("gated", qfnet_layers=3)), 32, ["X"]).layers) == 3
 
 
 def test_gated_fusion_leaves_image_less_words_untouched():
-    model = tiny_model(fusion="gated").eval()
+    model = tiny_model(**with_fusion("gated")).eval()
     batch = make_batch(make_posts(3), statuses={"img2": "missing"})
     with torch.no_grad():
         words = model.encode_text(batch)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from mner.cache.datasets import Post
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.metrics import entity_scores
-from mner.train.model import MNERModel, entity_types
+from mner.train.model import MNERModel
+from mner.train.tasks import TOKEN_TAGGING
 from tests.train.factories import LABELS, make_batch, make_posts, tiny_model, tiny_spec, tiny_tokenizer
 
 # First-step training loss of tiny_model(seed=0) on make_batch(make_posts(4, seed=0)) after
@@ -203,5 +204,7 @@ def test_region_labels_outside_the_detector_classes():
 )
 def test_label_name_errors(labels, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        entity_types(labels)
-    assert entity_types(LABELS) == ["LOC", "PER"]
+        MNERModel(
+            ModelConfig(text_encoder="tiny-bert", qfnet_heads=2, text_only=True), labels, None, "tiny-bert"
+        )
+    assert TOKEN_TAGGING.check_labels(LABELS) == ["LOC", "PER"]
