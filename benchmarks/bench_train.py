@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 from transformers import get_linear_schedule_with_warmup
 
-from mner.cache.datasets import DataSource, Split, label_names, resolve_data
+from mner.cache.datasets import DataConfig, DataSource, Split, label_names, resolve_data
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, read_manifest
 from mner.demo.build import DemoConfig, build_demo
@@ -80,7 +80,12 @@ def make_data(work: Path, images: int, device: str, full: bool) -> dict:
     data = build_demo(
         DemoConfig(out_dir=str(work / "data"), n_train=images, n_valid=1, n_test=1, image_size=500)
     )
-    common = {"data_dir": str(data), "splits": ("train",), "num_workers": 0, "device": device}
+    common = {
+        "data": DataConfig(data_dir=str(data)),
+        "splits": ("train",),
+        "num_workers": 0,
+        "device": device,
+    }
     caches = {"tiny": ExtractConfig(out=str(work / "cache-tiny"), **common)}
     if full:
         clip_dir, ckpt = make_full_models(work)
@@ -203,10 +208,8 @@ class ModeRun:
         self.extractors = self.reference = None
         if mode == "e2e":
             manifest = read_manifest(cache_dir)
-            fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-            cfg = ExtractConfig(
-                **{name: value for name, value in manifest["config"].items() if name in fields}
-            )
+            recorded = manifest["config"]
+            cfg = ExtractConfig.from_dict({k: v for k, v in recorded.items() if k != "fingerprint_parts"})
             clip = load_clip(cfg.clip, runtime.device)
             detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(runtime.device)
             self.spec = token_spec(clip, detector, cfg)

@@ -52,8 +52,10 @@ def _data_options(fn):
     return fn
 
 
-def _data_kwargs(data_dir, dataset, data_root, image_dir) -> dict:
-    return {"data_dir": data_dir, "dataset": dataset, "data_root": data_root, "image_dir": image_dir}
+def _data_config(data_dir, dataset, data_root, image_dir):
+    from mner.cache.datasets import DataConfig
+
+    return DataConfig(data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir)
 
 
 @click.group(context_settings=CONTEXT)
@@ -137,7 +139,7 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
     from mner.extract.config import ExtractConfig
     from mner.extract.run import extract_features, summarize
 
-    cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
+    cfg = ExtractConfig(data=_data_config(data_dir, dataset, data_root, image_dir), **opts)
     started = time.perf_counter()
     out = extract_features(cfg)
     click.echo(summarize(out, seconds=time.perf_counter() - started))
@@ -210,12 +212,11 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
     Example:
       mner cache verify demo_out/cache --data-dir demo_out/data
     """
-    from mner.cache.datasets import resolve_data
     from mner.cache.verify import verify_cache
 
     data = None
     if data_dir or dataset:
-        data = resolve_data(**_data_kwargs(data_dir, dataset, data_root, image_dir))
+        data = _data_config(data_dir, dataset, data_root, image_dir).resolve()
     report = verify_cache(cache_dir, data)
     for problem in report.problems:
         click.echo(f"PROBLEM: {problem}")
@@ -290,7 +291,7 @@ def train_from_cache_cmd(
     """
     from mner.train.loop import train_from_cache
 
-    data = _data_kwargs(data_dir, dataset, data_root, image_dir)
+    data = _data_config(data_dir, dataset, data_root, image_dir)
     cfg = _run_config(
         cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
@@ -385,7 +386,7 @@ def ablate_cmd(
 
     cfg = AblationConfig(
         cache_dir=cache_dir,
-        data=_data_kwargs(data_dir, dataset, data_root, image_dir),
+        data=_data_config(data_dir, dataset, data_root, image_dir),
         text_encoder=text_encoder,
         experiments=list(experiments),
         seeds=seeds,

@@ -40,7 +40,7 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mner.cache.datasets import DataSource, Split, label_names, resolve_data
+from mner.cache.datasets import DataSource, Split, label_names
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig, RunConfig
@@ -113,7 +113,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
 
     Args:
         cfg: the resolved run config. `cfg.cache_dir` is required unless `cfg.model.text_only`, in
-            which case it is never opened. `cfg.data` holds `resolve_data` keyword arguments.
+            which case it is never opened. `cfg.data` says where the posts are.
             `cfg.resume` continues from `out_dir/checkpoint/` when it exists.
     Returns:
         The run folder (`cfg.out_dir`).
@@ -134,7 +134,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
 
 def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     run_dir = Path(cfg.out_dir)
-    source = resolve_data(**cfg.data)
+    source = cfg.data.resolve()
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
         splits["test"] = source.read("test")
