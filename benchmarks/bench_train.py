@@ -62,7 +62,7 @@ from mner.extract.images import load_image
 from mner.extract.models import build_detector, load_clip, preprocess_for_clip, preprocess_for_detector
 from mner.extract.run import extract_features, token_spec
 from mner.train.config import ModelConfig, TrainConfig
-from mner.train.data import PostDataset, make_collate, make_loader
+from mner.train.data import Collate, PostDataset, make_loader
 from mner.train.loop import resolve_runtime, seed_everything, to_device
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
@@ -121,7 +121,7 @@ class ImageCollate:
     workers when num_workers > 0), as stage one's DataLoader prepares them."""
 
     def __init__(self, text_collate, source: DataSource, clip_processor, detector_transform):
-        self.text_collate = text_collate  # train.data.make_collate(..., with_visual=False)
+        self.text_collate = text_collate  # train.data.Collate(..., with_visual=False)
         self.source = source  # resolves image keys to files
         self.clip_processor = clip_processor  # the CLIPImageProcessor saved with the encoder
         self.detector_transform = detector_transform  # the detector's GeneralizedRCNNTransform (eval)
@@ -221,7 +221,7 @@ class ModeRun:
             # The first e2e batch is checked against the cache (fp32 only: the cache was made without amp).
             self.reference = CacheReader(cache_dir) if runtime.amp_dtype is None else None
             collate = ImageCollate(
-                make_collate(tokenizer, labels, model_cfg.max_length, with_visual=False),
+                Collate(tokenizer, labels, model_cfg.max_length, with_visual=False),
                 source,
                 clip.processor,
                 detector.transform,

@@ -44,7 +44,7 @@ from mner.cache.datasets import DataSource, Split, label_names
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig, RunConfig
-from mner.train.data import PostDataset, make_collate, make_loader
+from mner.train.data import Collate, PostDataset, make_loader
 from mner.train.metrics import entity_scores, write_conll
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
@@ -408,7 +408,7 @@ def count_truncated(split: Split, tokenizer, labels: list[str], max_length: int)
 
     Counted by the training collate itself, on text alone, so the number is the one the model sees.
     """
-    collate = make_collate(tokenizer, labels, max_length, with_visual=False)
+    collate = Collate(tokenizer, labels, max_length, with_visual=False)
     posts = PostDataset(split.posts)
     cut = 0
     for start in range(0, len(posts), _COUNT_CHUNK):
