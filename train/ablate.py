@@ -52,8 +52,8 @@ class AblationConfig:
     data: DataConfig  # the posts every run trains on: data folder, or dataset + data_root; image folder
     text_encoder: str | None  # encoder name or folder for every run; None keeps the config's
     experiments: list[str]  # registry names (see ABLATIONS) or paths to config-diff .toml files
-    seeds: int | list[int]  # N -> seeds 1..N; or an explicit list of seeds
     out_dir: str  # ablation folder: <out>/<experiment>/seed<k>/, ablation.csv, ablation.md
+    seeds: int | list[int] = 3  # N -> seeds 1..N; or an explicit list of seeds
     overrides: list[str] = field(
         default_factory=list
     )  # "section.key=value" for every run; not a key an experiment sets
