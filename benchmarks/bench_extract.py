@@ -29,6 +29,7 @@ from PIL import Image
 from torchvision.models import detection
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from mner.cache.datasets import DataConfig
 from mner.extract.config import ExtractConfig
 from mner.extract.images import load_image
 from mner.extract.models import build_detector, load_clip, model_info, resolve_device
@@ -128,7 +129,7 @@ def bench(
     amps = ["off", "fp16", "bf16"] if args.amp else ["off"]
     for amp in amps:
         cfg = ExtractConfig(
-            data_dir=str(data),
+            data=DataConfig(data_dir=str(data)),
             out=str(work / f"cache-{name}-{amp}"),
             clip=clip,
             detector=detector,

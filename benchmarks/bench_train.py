@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.functional import pil_to_tensor
 from transformers import get_linear_schedule_with_warmup
 
-from mner.cache.datasets import DataSource, Split, label_names, resolve_data
+from mner.cache.datasets import DataConfig, DataSource, Split, label_names, resolve_data
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, read_manifest
 from mner.demo.build import DemoConfig, build_demo
@@ -62,7 +62,7 @@ from mner.extract.images import load_image
 from mner.extract.models import build_detector, load_clip, preprocess_for_clip, preprocess_for_detector
 from mner.extract.run import extract_features, token_spec
 from mner.train.config import ModelConfig, TrainConfig
-from mner.train.data import PostDataset, make_collate, make_loader
+from mner.train.data import Collate, PostDataset, make_loader
 from mner.train.loop import resolve_runtime, seed_everything, to_device
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
@@ -80,7 +80,12 @@ def make_data(work: Path, images: int, device: str, full: bool) -> dict:
     data = build_demo(
         DemoConfig(out_dir=str(work / "data"), n_train=images, n_valid=1, n_test=1, image_size=500)
     )
-    common = {"data_dir": str(data), "splits": ("train",), "num_workers": 0, "device": device}
+    common = {
+        "data": DataConfig(data_dir=str(data)),
+        "splits": ("train",),
+        "num_workers": 0,
+        "device": device,
+    }
     caches = {"tiny": ExtractConfig(out=str(work / "cache-tiny"), **common)}
     if full:
         clip_dir, ckpt = make_full_models(work)
@@ -116,7 +121,7 @@ class ImageCollate:
     workers when num_workers > 0), as stage one's DataLoader prepares them."""
 
     def __init__(self, text_collate, source: DataSource, clip_processor, detector_transform):
-        self.text_collate = text_collate  # train.data.make_collate(..., with_visual=False)
+        self.text_collate = text_collate  # train.data.Collate(..., with_visual=False)
         self.source = source  # resolves image keys to files
         self.clip_processor = clip_processor  # the CLIPImageProcessor saved with the encoder
         self.detector_transform = detector_transform  # the detector's GeneralizedRCNNTransform (eval)
@@ -203,10 +208,8 @@ class ModeRun:
         self.extractors = self.reference = None
         if mode == "e2e":
             manifest = read_manifest(cache_dir)
-            fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-            cfg = ExtractConfig(
-                **{name: value for name, value in manifest["config"].items() if name in fields}
-            )
+            recorded = manifest["config"]
+            cfg = ExtractConfig.from_dict({k: v for k, v in recorded.items() if k != "fingerprint_parts"})
             clip = load_clip(cfg.clip, runtime.device)
             detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(runtime.device)
             self.spec = token_spec(clip, detector, cfg)
@@ -218,7 +221,7 @@ class ModeRun:
             # The first e2e batch is checked against the cache (fp32 only: the cache was made without amp).
             self.reference = CacheReader(cache_dir) if runtime.amp_dtype is None else None
             collate = ImageCollate(
-                make_collate(tokenizer, labels, model_cfg.max_length, with_visual=False),
+                Collate(tokenizer, labels, model_cfg.max_length, with_visual=False),
                 source,
                 clip.processor,
                 detector.transform,

@@ -1,5 +1,6 @@
-"""Dataset readers: IMGID-CoNLL (Twitter-2015/2017) and image-path CoNLL (NewsMKG), data-folder
-resolution, and image paths that cannot escape their folder.
+"""Dataset files: the reader and writer of IMGID-CoNLL (Twitter-2015/2017) and image-path CoNLL
+(NewsMKG), the data-folder config every stage shares (`DataConfig`) and its resolution, and image paths
+that cannot escape their folder.
 
 `imgid` format (one post):
 
@@ -12,11 +13,17 @@ resolution, and image paths that cannot escape their folder.
 `image-path` format: the same with `IMAGE:<path relative to the data folder>` as the first line.
 Both tolerate CRLF, trailing whitespace, runs of blank lines, a UTF-8 BOM and a missing final blank
 line. Everything else that is off is a `DatasetError` naming the file and line, because a silently
-skipped post changes the scores.
+skipped post changes the scores. `write_split` writes the same format back, and refuses a post that
+would not read back as itself (a tab or newline in a word, a word that looks like a header line, ...).
 """
 
+from __future__ import annotations
+
+import dataclasses
 import logging
+import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -53,7 +60,7 @@ class Post:
     key: str  # image key: the IMGID (Twitter) or the relative image path (NewsMKG); cache key
     words: tuple[str, ...]  # the post's tokens, as in the file
     tags: tuple[str, ...]  # same length as words; all "O" when the file has no tags (predict input)
-    line: int  # 1-based line of the post's IMGID/IMAGE line
+    line: int  # 1-based line of the post's IMGID/IMAGE line; 0 for a post not read from a file
 
 
 @dataclass
@@ -126,6 +133,37 @@ def read_split(
     return Split(name=name or path.stem, path=path, fmt=fmt, posts=posts, orphan_i=orphan_i)
 
 
+def write_split(
+    path: str | Path, posts: Iterable[Post], fmt: str = "imgid", blank_after_last: bool = True
+) -> Path:
+    """Write posts in the format `read_split` reads: the header line, then `word<TAB>tag` lines.
+
+    Args:
+        path: the text file (UTF-8, "\\n" line ends).
+        posts: their key, words and tags are written (`line` is not: the reader counts lines itself).
+        fmt: "imgid" (`IMGID:<key>`) or "image-path" (`IMAGE:<key>`).
+        blank_after_last: a blank line after every post (True), or only between posts (False).
+    Returns:
+        path as a Path.
+    Raises:
+        ValueError naming the post when it would not read back as itself: an unsafe or padded key, no
+        words, words and tags of different lengths, a word that is empty, holds a tab or a newline or
+        starts like a header line, a tag that is not BIO.
+    """
+    _check_format(fmt)
+    header = _HEADERS[fmt]
+    blocks = []
+    for post in posts:
+        _check_writable(post, fmt)
+        rows = [f"{header}{post.key}"] + [f"{word}\t{tag}" for word, tag in zip(post.words, post.tags)]
+        blocks.append("\n".join(rows) + "\n")
+    path = Path(path)
+    path.write_text(
+        "\n".join(blocks) + ("\n" if blank_after_last and blocks else ""), encoding="utf-8", newline="\n"
+    )
+    return path
+
+
 def label_names(split: Split) -> list[str]:
     """["O"], then "B-<type>", "I-<type>" for each type seen in the split's tags, types sorted."""
     types = sorted({tag[2:] for post in split.posts for tag in post.tags if tag != "O"})
@@ -169,15 +207,106 @@ class DataSource:
         return candidate
 
 
-def recorded_data(config: dict) -> DataSource | None:
-    """The data folder an artifact's config recorded (data_dir / dataset / data_root / image_dir), or
-    None when it can no longer be resolved (moved, deleted): callers then skip what needs it."""
-    try:
-        return resolve_data(
-            **{name: config.get(name) for name in ("data_dir", "dataset", "data_root", "image_dir")}
-        )
-    except ValueError:
-        return None
+# DataConfig's fields, as artifacts record them: under "data" in a run's config.json, at the top level
+# of a cache manifest's config.
+DATA_FIELDS = ("data_dir", "dataset", "data_root", "image_dir")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data a stage reads: a data folder, or a named dataset under a root folder; and the images.
+
+    Shared by extraction (`ExtractConfig.data`), training (`RunConfig.data`) and ablations. Paths are
+    kept as given; `absolute()` makes them independent of the working folder.
+    """
+
+    data_dir: str | None = None  # folder with train.txt / valid.txt / test.txt (the format is sniffed)
+    dataset: str | None = None  # a name with configs/datasets/<name>.toml; goes with data_root
+    data_root: str | None = None  # folder holding the named dataset's sub-folder
+    image_dir: str | None = None  # image folder when it is not found next to the data (optional)
+
+    def __post_init__(self):
+        for name in DATA_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            elif value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a path or None, got {value!r}")
+        if self.data_dir is not None and self.dataset is not None:
+            raise ValueError("give either data_dir or dataset (with data_root), not both")
+        if self.data_dir is None and self.dataset is None:
+            raise ValueError("give data_dir, or dataset with data_root")
+        if self.data_dir is not None and self.data_root is not None:
+            raise ValueError("data_root goes with dataset; with data_dir, leave it out")
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> DataConfig:
+        """Build from a dict of some or all fields (a run's recorded "data"); ValueError for other keys."""
+        unknown = sorted(set(data) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"{source}: unknown data keys {unknown}; known keys: {', '.join(DATA_FIELDS)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """Every field, None included, in field order."""
+        return dataclasses.asdict(self)
+
+    def absolute(self) -> DataConfig:
+        """The same config with its paths expanded (~) and absolute, for an artifact read from elsewhere."""
+        paths = {
+            name: str(Path(getattr(self, name)).expanduser().absolute())
+            for name in ("data_dir", "data_root", "image_dir")
+            if getattr(self, name)
+        }
+        return dataclasses.replace(self, **paths)
+
+    def resolve(self) -> DataSource:
+        """Find the dataset's folder, format and image folder.
+
+        `data_dir` is a folder with train.txt, valid.txt, test.txt (the format is read from the first
+        post line); `dataset` names a configs/datasets/<name>.toml whose `subdir` lies in `data_root`.
+        The image folder is `image_dir` if given, else the first that exists of: the dataset config's
+        image_dir, `<data>/images`, `<data>/<data name>_images` and, for the imgid layout, the sibling
+        `<data>/../<data name>_images`. When none exists the first is returned anyway and every image
+        will be recorded as missing.
+
+        Raises ValueError for an unknown dataset, a dataset without data_root, or a missing data folder.
+        """
+        if self.dataset is not None:
+            cfg = _dataset_config(self.dataset)
+            if self.data_root is None:
+                raise ValueError(
+                    f"dataset {self.dataset!r} needs data_root: the folder that holds {cfg['subdir']}/"
+                )
+            folder = Path(self.data_root).expanduser() / cfg["subdir"]
+            name, fmt, configured = self.dataset, cfg["format"], [folder / cfg["image_dir"]]
+        else:
+            folder = Path(self.data_dir).expanduser()
+            name, fmt, configured = folder.name, None, []
+        if not folder.is_dir():
+            raise ValueError(f"data folder {folder} does not exist")
+        fmt = fmt or _sniff_format(folder)
+
+        if self.image_dir is not None:
+            return DataSource(
+                name=name, data_dir=folder, image_dir=Path(self.image_dir).expanduser(), fmt=fmt
+            )
+        if fmt == "image-path":
+            candidates = configured + [folder]
+        else:
+            candidates = configured + [
+                folder / "images",
+                folder / f"{folder.name}_images",
+                folder.parent / f"{folder.name}_images",
+            ]
+        candidates = list(dict.fromkeys(candidates))  # the config's folder may also be a default one
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            found = candidates[0]
+            looked = ", ".join(str(c) for c in candidates)
+            # Only extraction needs the images (it warns); text-only training and evaluation do not.
+            log.debug("no image folder for %s (looked in %s)", folder, looked)
+        return DataSource(name=name, data_dir=folder, image_dir=found, fmt=fmt)
 
 
 def resolve_data(
@@ -186,52 +315,17 @@ def resolve_data(
     data_root: str | Path | None = None,
     image_dir: str | Path | None = None,
 ) -> DataSource:
-    """Find a dataset's folder, format and image folder.
+    """`DataConfig(data_dir, dataset, data_root, image_dir).resolve()`: see `DataConfig.resolve`."""
+    return DataConfig(data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir).resolve()
 
-    Either `data_dir` (a folder with train.txt, valid.txt, test.txt; the format is read from the first
-    post line) or `dataset` (a name with configs/datasets/<name>.toml) with `data_root` (the folder
-    holding the dataset's `subdir`). The image folder is `image_dir` if given, else the first that
-    exists of: the config's image_dir, `<data>/images`, `<data>/<data name>_images` and, for the imgid
-    layout, the sibling `<data>/../<data name>_images`. When none exists the first is returned anyway
-    and every image will be recorded as missing.
-    """
-    if data_dir is not None and dataset is not None:
-        raise ValueError("give either data_dir or dataset (with data_root), not both")
-    if data_dir is None and dataset is None:
-        raise ValueError("give data_dir, or dataset with data_root")
-    if dataset is not None:
-        cfg = _dataset_config(dataset)
-        if data_root is None:
-            raise ValueError(f"dataset {dataset!r} needs data_root: the folder that holds {cfg['subdir']}/")
-        folder = Path(data_root).expanduser() / cfg["subdir"]
-        name, fmt, configured = dataset, cfg["format"], [folder / cfg["image_dir"]]
-    else:
-        if data_root is not None:
-            raise ValueError("data_root goes with dataset; with data_dir, leave it out")
-        folder = Path(data_dir).expanduser()
-        name, fmt, configured = folder.name, None, []
-    if not folder.is_dir():
-        raise ValueError(f"data folder {folder} does not exist")
-    fmt = fmt or _sniff_format(folder)
 
-    if image_dir is not None:
-        return DataSource(name=name, data_dir=folder, image_dir=Path(image_dir).expanduser(), fmt=fmt)
-    if fmt == "image-path":
-        candidates = configured + [folder]
-    else:
-        candidates = configured + [
-            folder / "images",
-            folder / f"{folder.name}_images",
-            folder.parent / f"{folder.name}_images",
-        ]
-    candidates = list(dict.fromkeys(candidates))  # the config's folder may also be a default one
-    found = next((c for c in candidates if c.is_dir()), None)
-    if found is None:
-        found = candidates[0]
-        looked = ", ".join(str(c) for c in candidates)
-        # Only extraction needs the images (it warns); text-only training and evaluation do not.
-        log.debug("no image folder for %s (looked in %s)", folder, looked)
-    return DataSource(name=name, data_dir=folder, image_dir=found, fmt=fmt)
+def recorded_data(config: dict) -> DataSource | None:
+    """The data folder an artifact's config recorded (data_dir / dataset / data_root / image_dir at its
+    top level), or None when it can no longer be resolved (moved, deleted): callers then skip what needs it."""
+    try:
+        return DataConfig(**{name: config.get(name) for name in DATA_FIELDS}).resolve()
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -247,6 +341,27 @@ class _Draft:
         if not self.words:
             raise DatasetError(path, self.line, f"post {self.key!r} has no tokens")
         return Post(key=self.key, words=tuple(self.words), tags=tuple(self.tags), line=self.line)
+
+
+def _check_writable(post: Post, fmt: str) -> None:
+    """Refuse what `read_split` would read back differently (or not at all)."""
+    what = f"post {post.key!r}"
+    reason = _unsafe_key_reason(post.key)
+    if reason:
+        raise ValueError(f"{what}: image {_KEY_NAMES[fmt]} refused: {reason}")
+    if post.key != post.key.strip() or "\n" in post.key:
+        raise ValueError(f"{what}: image {_KEY_NAMES[fmt]} has surrounding whitespace or a newline")
+    if not post.words:
+        raise ValueError(f"{what} has no words")
+    if len(post.words) != len(post.tags):
+        raise ValueError(f"{what} has {len(post.words)} words but {len(post.tags)} tags")
+    for word, tag in zip(post.words, post.tags):
+        if not word or "\t" in word or "\n" in word:
+            raise ValueError(f"{what}: word {word!r} is empty or holds a tab or a newline")
+        if word.startswith(_HEADERS[fmt]):
+            raise ValueError(f"{what}: word {word!r} would read as a {_HEADERS[fmt]} line")
+        if not _TAG.fullmatch(tag):
+            raise ValueError(f"{what}: tag {tag!r} is not BIO (expected O, B-<type> or I-<type>)")
 
 
 def _check_format(fmt: str) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mner.cache.datasets import Post, write_split
+
 log = logging.getLogger(__name__)
 
 # Bump when the generator changes what it writes, so old demo folders are rebuilt instead of reused.
@@ -134,7 +136,9 @@ def build_demo(cfg: DemoConfig) -> Path:
     (staging / "images").mkdir(parents=True)
     try:
         for name, split_posts in splits.items():
-            _write_split(staging / f"{name}.txt", split_posts)
+            # No blank line after the last post: the layout every demo build so far has written.
+            posts_only = [Post(key=p.key, words=p.words, tags=p.tags, line=0) for p in split_posts]
+            write_split(staging / f"{name}.txt", posts_only, "imgid", blank_after_last=False)
         for post in posts:
             path = staging / "images" / f"{post.key}.jpg"
             if post.key == corrupt:
@@ -220,14 +224,6 @@ def _make_post(key: str, entity_type: str, rng: np.random.Generator) -> _DemoPos
             words.append(word)
             tags.append("O")
     return _DemoPost(key=key, type=entity_type, words=tuple(words), tags=tuple(tags))
-
-
-def _write_split(path: Path, posts: list[_DemoPost]) -> None:
-    blocks = []
-    for post in posts:
-        rows = [f"IMGID:{post.key}"] + [f"{w}\t{t}" for w, t in zip(post.words, post.tags)]
-        blocks.append("\n".join(rows) + "\n")
-    path.write_text("\n".join(blocks), encoding="utf-8", newline="\n")
 
 
 def _draw(entity_type: str, rng: np.random.Generator, image_size: int) -> Image.Image:

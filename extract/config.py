@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mner.cache.datasets import DATA_FIELDS, DataConfig
+
 # Registry names understood by `extract.models.build_detector`; the four torchvision ones need an explicit
 # checkpoint file, "tiny-frcnn" is the seeded random preset for tests and demos.
 DETECTORS = (
@@ -29,13 +31,10 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class ExtractConfig:
     """Everything that decides the tokens in a cache, plus how to run the extraction.
 
-    Data fields are passed unchanged to `cache.datasets.resolve_data`.
+    Recorded in the cache manifest as `to_dict()`: the data fields flat at the top level, beside the rest.
     """
 
-    data_dir: str | None = None  # data folder holding train.txt / valid.txt / test.txt and the images
-    dataset: str | None = None  # dataset name with a configs/datasets/<name>.toml (used with data_root)
-    data_root: str | None = None  # folder holding one sub-folder per named dataset
-    image_dir: str | None = None  # image folder when it is not the data folder's images/ (optional)
+    data: DataConfig  # the posts whose images are extracted: data folder or named dataset, image folder
     out: str = ""  # cache folder to write (manifest.json + shard-*.h5)
     clip: str = TINY_CLIP  # "tiny-clip" (seeded random preset) or a local HF CLIP / CLIP-vision folder
     detector: str = TINY_FRCNN  # detector registry name, one of DETECTORS
@@ -60,7 +59,10 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         # Absolute paths: the config is recorded in the manifest and re-used by `mner predict` and
         # `mner cache verify/show`, which may run from another folder.
-        for name in ("data_dir", "data_root", "image_dir", "out", "detector_ckpt"):
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"data must be a DataConfig, got {self.data!r}")
+        self.data = self.data.absolute()
+        for name in ("out", "detector_ckpt"):
             value = getattr(self, name)
             if value:
                 setattr(self, name, str(Path(value).expanduser().absolute()))
@@ -106,7 +108,19 @@ class ExtractConfig:
             )
 
     def to_dict(self) -> dict:
-        """Plain JSON-able copy (splits as a list)."""
-        out = dataclasses.asdict(self)
+        """Plain JSON-able copy: the data fields first and flat (as manifests have always held them),
+        then every other field in order, splits as a list."""
+        out = {**self.data.to_dict(), **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        del out["data"]
         out["splits"] = list(self.splits)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> ExtractConfig:
+        """Inverse of `to_dict`; raises ValueError naming `source` for a key that is not a field."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"data"}
+        unknown = sorted(set(data) - names - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"{source}: unknown extraction config keys {unknown}")
+        settings = {name: value for name, value in data.items() if name in names}
+        return cls(data=DataConfig(**{name: data[name] for name in DATA_FIELDS if name in data}), **settings)

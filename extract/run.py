@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from mner.cache.datasets import DataSource, resolve_data
+from mner.cache.datasets import DataSource
 from mner.cache.shards import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -84,7 +84,7 @@ def extract_features(cfg: ExtractConfig) -> Path:
     configuration (unless cfg.overwrite), or when the data or the models cannot be found.
     """
     start = time.perf_counter()
-    source = resolve_data(cfg.data_dir, cfg.dataset, cfg.data_root, cfg.image_dir)
+    source = cfg.data.resolve()
     if not source.image_dir.is_dir():
         log.warning("no image folder %s: every image will be recorded as missing", source.image_dir)
     keys = collect_keys(source, cfg.splits)

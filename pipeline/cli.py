@@ -1,7 +1,10 @@
 """The `mner` command line: maps each command to one stage entry function, nothing else.
 
 Imports of the stages happen inside the commands so that `mner --help` is instant and a text-only
-command never imports the vision stack.
+command never imports the vision stack. So the option defaults and choice lists are written out here
+rather than read from the stage configs at import time; tests/pipeline/test_cli.py walks every option
+and checks each against its dataclass field or entry-function default and each list against its
+registry (ExtractConfig, DataConfig, RunConfig, AblationConfig, DemoConfig, DETECTORS, ABLATIONS, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import time
 from pathlib import Path
 
 import click
+
+from mner import configs
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -42,7 +47,7 @@ def _data_options(fn):
         "--data-root", type=click.Path(file_okay=False), help="Folder holding the named --dataset."
     )(fn)
     fn = click.option(
-        "--dataset", help="A dataset named in configs/datasets (twitter2015, twitter2017, newsmkg)."
+        "--dataset", help=f"A dataset named in configs/datasets ({', '.join(configs.dataset_names())})."
     )(fn)
     fn = click.option(
         "--data-dir",
@@ -52,8 +57,10 @@ def _data_options(fn):
     return fn
 
 
-def _data_kwargs(data_dir, dataset, data_root, image_dir) -> dict:
-    return {"data_dir": data_dir, "dataset": dataset, "data_root": data_root, "image_dir": image_dir}
+def _data_config(data_dir, dataset, data_root, image_dir):
+    from mner.cache.datasets import DataConfig
+
+    return DataConfig(data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir)
 
 
 @click.group(context_settings=CONTEXT)
@@ -137,7 +144,7 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
     from mner.extract.config import ExtractConfig
     from mner.extract.run import extract_features, summarize
 
-    cfg = ExtractConfig(**_data_kwargs(data_dir, dataset, data_root, image_dir), **opts)
+    cfg = ExtractConfig(data=_data_config(data_dir, dataset, data_root, image_dir), **opts)
     started = time.perf_counter()
     out = extract_features(cfg)
     click.echo(summarize(out, seconds=time.perf_counter() - started))
@@ -210,12 +217,11 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
     Example:
       mner cache verify demo_out/cache --data-dir demo_out/data
     """
-    from mner.cache.datasets import resolve_data
     from mner.cache.verify import verify_cache
 
     data = None
     if data_dir or dataset:
-        data = resolve_data(**_data_kwargs(data_dir, dataset, data_root, image_dir))
+        data = _data_config(data_dir, dataset, data_root, image_dir).resolve()
     report = verify_cache(cache_dir, data)
     for problem in report.problems:
         click.echo(f"PROBLEM: {problem}")
@@ -250,7 +256,9 @@ def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only
     help="Feature cache from extract-features (not needed with --text-only).",
 )
 @_data_options
-@click.option("--text-encoder", help="minilm (default, bundled) | tiny-bert | a local Hugging Face folder.")
+@click.option(
+    "--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: from config, minilm]."
+)
 @click.option(
     "--config",
     "config_file",
@@ -290,7 +298,7 @@ def train_from_cache_cmd(
     """
     from mner.train.loop import train_from_cache
 
-    data = _data_kwargs(data_dir, dataset, data_root, image_dir)
+    data = _data_config(data_dir, dataset, data_root, image_dir)
     cfg = _run_config(
         cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
@@ -356,7 +364,9 @@ def predict_cmd(run_dir, input_file, image_dir, out_file):
     help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | a config-diff TOML (repeatable).",
 )
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
-@click.option("--text-encoder", help="minilm (default) | tiny-bert | a local Hugging Face folder.")
+@click.option(
+    "--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: from config, minilm]."
+)
 @click.option("--epochs", type=int, help="Epochs per run [default: from config].")
 @click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
@@ -385,7 +395,7 @@ def ablate_cmd(
 
     cfg = AblationConfig(
         cache_dir=cache_dir,
-        data=_data_kwargs(data_dir, dataset, data_root, image_dir),
+        data=_data_config(data_dir, dataset, data_root, image_dir),
         text_encoder=text_encoder,
         experiments=list(experiments),
         seeds=seeds,
@@ -418,7 +428,7 @@ def demo_data_cmd(out, seed):
 
 @main.command("results", context_settings=CONTEXT)
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default="test", show_default=True, help="train | valid | test")
 @_user_errors
 def results_cmd(run_dirs, split):
     """Print a table of micro P/R/F1 (percent) for one or more run folders.

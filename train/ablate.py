@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from mner import configs
+from mner.cache.datasets import DataConfig
 from mner.train.config import RunConfig, load_run_config
 from mner.train.evaluate import PERCENT, read_results
 from mner.train.loop import train_from_cache
@@ -48,17 +49,19 @@ class AblationConfig:
     """What to run: experiments x seeds on one cache and one data set."""
 
     cache_dir: str | None  # the shared feature cache (read only); None only if every run is text-only
-    data: dict  # resolve_data kwargs: data_dir, or dataset + data_root; image_dir
+    data: DataConfig  # the posts every run trains on: data folder, or dataset + data_root; image folder
     text_encoder: str | None  # encoder name or folder for every run; None keeps the config's
     experiments: list[str]  # registry names (see ABLATIONS) or paths to config-diff .toml files
-    seeds: int | list[int]  # N -> seeds 1..N; or an explicit list of seeds
     out_dir: str  # ablation folder: <out>/<experiment>/seed<k>/, ablation.csv, ablation.md
+    seeds: int | list[int] = 3  # N -> seeds 1..N; or an explicit list of seeds
     overrides: list[str] = field(
         default_factory=list
     )  # "section.key=value" for every run; not a key an experiment sets
     epochs: int | None = None  # epochs per run; None keeps the config's
 
     def __post_init__(self):
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"data must be a DataConfig, got {self.data!r}")
         if not self.experiments:
             raise ValueError(
                 f"no experiments given; choose from {', '.join(ABLATIONS)} or config-diff .toml files"
@@ -152,7 +155,7 @@ def _run_config(cfg: AblationConfig, diff: Path | None, seed: int, run_dir: Path
         model=model_cfg,
         train=train_cfg,
         cache_dir=cfg.cache_dir,
-        data=dict(cfg.data),
+        data=cfg.data,
         out_dir=str(run_dir),
         resume=True,
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mner import configs
+from mner.cache.datasets import DataConfig
 from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 
 # "auto": bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU.
@@ -201,12 +202,13 @@ class RunConfig:
     model: ModelConfig  # the model
     train: TrainConfig  # the optimisation
     cache_dir: str | None  # the feature cache folder; None only for a text-only model
-    # keyword arguments of cache.datasets.resolve_data (data_dir, or dataset + data_root, image_dir)
-    data: dict
+    data: DataConfig  # the posts: data folder, or dataset + data_root; image folder
     out_dir: str  # the run folder to create (or resume)
     resume: bool = False  # continue from out_dir/checkpoint instead of starting fresh
 
     def __post_init__(self):
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"data must be a DataConfig, got {self.data!r}")
         if not self.out_dir:
             raise ValueError("out_dir must name the run folder, got ''")
         if self.cache_dir is None and not self.model.text_only:
@@ -220,14 +222,17 @@ class RunConfig:
             "model": self.model.to_dict(),
             "train": self.train.to_dict(),
             "cache_dir": self.cache_dir,
-            "data": dict(self.data),
+            "data": self.data.to_dict(),
             "out_dir": self.out_dir,
             "resume": self.resume,
         }
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "dict") -> RunConfig:
-        """Inverse of `to_dict`; raises ValueError naming `source` for unknown or missing keys."""
+        """Inverse of `to_dict`; raises ValueError naming `source` for unknown or missing keys.
+
+        A "data" table may hold only some of DataConfig's keys (runs made before it listed all four).
+        """
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
@@ -239,7 +244,7 @@ class RunConfig:
             model=ModelConfig.from_dict(data["model"], source),
             train=TrainConfig.from_dict(data["train"], source),
             cache_dir=data["cache_dir"],
-            data=dict(data["data"]),
+            data=DataConfig.from_dict(data["data"], source),
             out_dir=data["out_dir"],
             resume=data.get("resume", False),
         )

@@ -6,7 +6,7 @@ A post whose image is not in the cache, or whose status is not "ok", gets zero t
 `image_mask` False: the model then ignores its image entirely. Nothing is ever substituted for a
 missing image (AFNER's `no_images.jpg` fallback would teach the model a fake picture).
 
-`make_collate` tokenises the pre-split words, keeps each word's FIRST sub-word (labels live on
+`Collate` tokenises the pre-split words, keeps each word's FIRST sub-word (labels live on
 words, not sub-words) and records what truncation cut: words whose first sub-word does not fit in
 `max_length` get `word_mask` False, are predicted O and still count against recall when scored.
 """
@@ -93,6 +93,13 @@ class Collate:
     """
 
     def __init__(self, tokenizer, label_names: Sequence[str], max_length: int, with_visual: bool):
+        """
+        Args:
+            tokenizer: a fast tokenizer (train.text.load_tokenizer).
+            label_names: the model's labels; a post tag outside them raises ValueError naming the post.
+            max_length: sub-words per post, special tokens included.
+            with_visual: add the visual keys (False for a text-only model).
+        """
         self.tokenizer = tokenizer
         self.label_names = list(label_names)
         self.label_ids = {name: i for i, name in enumerate(self.label_names)}
@@ -109,9 +116,8 @@ class Collate:
             padding=True,
             return_tensors="pt",
         )
-        B, S = encoded["input_ids"].shape
+        B = encoded["input_ids"].shape[0]
         T = max(len(post) for post in words)
-        word_index = torch.full((B, S), -1, dtype=torch.long)
         first_subword = torch.zeros((B, T), dtype=torch.long)
         word_mask = torch.zeros((B, T), dtype=torch.bool)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
@@ -119,7 +125,6 @@ class Collate:
             previous = None
             for s, word in enumerate(encoded.word_ids(b)):
                 if word is not None and word != previous:
-                    word_index[b, s] = word
                     first_subword[b, word] = s
                     word_mask[b, word] = True
                 previous = word
@@ -131,7 +136,6 @@ class Collate:
         batch = {
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
-            "word_index": word_index,
             "first_subword": first_subword,
             "word_mask": word_mask,
             "labels": labels,
@@ -184,18 +188,6 @@ def _collate_visual(items: list[dict]) -> dict:
     return batch
 
 
-def make_collate(tokenizer, label_names: Sequence[str], max_length: int, with_visual: bool) -> Collate:
-    """The DataLoader collate_fn for a model: see `Collate`.
-
-    Args:
-        tokenizer: a fast tokenizer (train.text.load_tokenizer).
-        label_names: the model's labels; a post tag outside them raises ValueError naming the post.
-        max_length: sub-words per post, special tokens included.
-        with_visual: add the visual keys (False for a text-only model).
-    """
-    return Collate(tokenizer, label_names, max_length, with_visual)
-
-
 def make_loader(
     split: Split,
     reader: CacheReader | None,
@@ -224,7 +216,7 @@ def make_loader(
         shuffle=shuffle,
         sampler=sampler,
         num_workers=train_cfg.num_workers,
-        collate_fn=make_collate(tokenizer, label_names, model_cfg.max_length, with_visual),
+        collate_fn=Collate(tokenizer, label_names, model_cfg.max_length, with_visual),
         generator=generator,
         persistent_workers=train_cfg.num_workers > 0,
     )

@@ -40,11 +40,11 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mner.cache.datasets import DataSource, Split, label_names, resolve_data
+from mner.cache.datasets import DataSource, Split, label_names
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig, RunConfig
-from mner.train.data import PostDataset, make_collate, make_loader
+from mner.train.data import Collate, PostDataset, make_loader
 from mner.train.metrics import entity_scores, write_conll
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
@@ -113,7 +113,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
 
     Args:
         cfg: the resolved run config. `cfg.cache_dir` is required unless `cfg.model.text_only`, in
-            which case it is never opened. `cfg.data` holds `resolve_data` keyword arguments.
+            which case it is never opened. `cfg.data` says where the posts are.
             `cfg.resume` continues from `out_dir/checkpoint/` when it exists.
     Returns:
         The run folder (`cfg.out_dir`).
@@ -134,7 +134,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
 
 def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     run_dir = Path(cfg.out_dir)
-    source = resolve_data(**cfg.data)
+    source = cfg.data.resolve()
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
         splits["test"] = source.read("test")
@@ -408,7 +408,7 @@ def count_truncated(split: Split, tokenizer, labels: list[str], max_length: int)
 
     Counted by the training collate itself, on text alone, so the number is the one the model sees.
     """
-    collate = make_collate(tokenizer, labels, max_length, with_visual=False)
+    collate = Collate(tokenizer, labels, max_length, with_visual=False)
     posts = PostDataset(split.posts)
     cut = 0
     for start in range(0, len(posts), _COUNT_CHUNK):

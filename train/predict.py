@@ -22,7 +22,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from mner.cache.datasets import Split, read_split
+from mner.cache.datasets import DataConfig, Split, read_split, write_split
 from mner.cache.reader import CacheReader
 from mner.train.evaluate import cache_differences, load_run_model, read_record, run_config
 from mner.train.loop import decode_split, resolve_runtime
@@ -30,8 +30,6 @@ from mner.train.metrics import entities
 
 log = logging.getLogger(__name__)
 
-# The header line that opens a post, per dataset format (as in cache.datasets).
-_HEADERS = {"imgid": "IMGID:", "image-path": "IMAGE:"}
 # Name of the split the posts are extracted as, inside the temporary data folder.
 _PREDICT_SPLIT = "predict"
 # Fingerprint parts that describe which images a cache holds, not how their tokens were made.
@@ -88,13 +86,9 @@ def predict(run_dir, input_file, image_dir, out_file) -> Path:
 
 
 def _write_tagged(path: Path, split: Split, predictions: list[list[str]]) -> None:
-    header = _HEADERS[split.fmt]
-    with open(path, "w", encoding="utf-8") as f:
-        for post, tags in zip(split.posts, predictions):
-            f.write(f"{header}{post.key}\n")
-            for word, tag in zip(post.words, tags):
-                f.write(f"{word}\t{tag}\n")
-            f.write("\n")
+    """The split's posts in its own format, each with its predicted tags."""
+    tagged = [dataclasses.replace(post, tags=tuple(tags)) for post, tags in zip(split.posts, predictions)]
+    write_split(path, tagged, split.fmt)
 
 
 def _image_dir(run_dir: Path, split: Split, image_dir) -> Path:
@@ -143,10 +137,7 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Pa
     fields = {f.name for f in dataclasses.fields(ExtractConfig)}
     settings = {name: value for name, value in recorded.items() if name in fields}
     settings.update(
-        data_dir=str(data_dir),
-        dataset=None,
-        data_root=None,
-        image_dir=str(image_dir),
+        data=DataConfig(data_dir=str(data_dir), image_dir=str(image_dir)),
         out=str(tmp / "cache"),
         splits=(_PREDICT_SPLIT,),
         overwrite=False,

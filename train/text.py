@@ -91,11 +91,6 @@ def load_encoder(name_or_path: str | Path) -> torch.nn.Module:
         raise ValueError(f"text encoder folder {folder} cannot be loaded: {err}") from err
 
 
-def load_text_encoder(name_or_path: str | Path):
-    """(tokenizer, encoder) of a preset name or a local folder; see `resolve_text_encoder`."""
-    return load_tokenizer(name_or_path), load_encoder(name_or_path)
-
-
 def _byte_level(tokenizer) -> bool:
     """Whether the tokenizer pre-splits with ByteLevel (directly or inside a Sequence)."""
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}

@@ -2,18 +2,23 @@
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 
 from mner import configs
 from mner.cache.datasets import (
+    DATA_FIELDS,
+    DataConfig,
     DatasetError,
     DataSource,
     Post,
     label_names,
     read_split,
+    recorded_data,
     resolve_data,
+    write_split,
 )
 
 TWO_POSTS = "IMGID:101\nGeorge\tB-PER\nZimmerman\tI-PER\nshot\tO\n\nIMGID:O_996\nParis\tB-LOC\nrocks\tO\n"
@@ -139,6 +144,78 @@ def test_image_path_format(tmp_path):
     assert split.fmt == "image-path"
 
 
+# ---------------------------------------------------------------- writing
+
+
+def as_written(posts: list[Post]) -> list[tuple]:
+    """What a round trip must keep: key, words and tags of every post, in order."""
+    return [(p.key, p.words, p.tags) for p in posts]
+
+
+EDGE_POSTS = [
+    # A lone U+00A0 token (Twitter-2015 valid), a word with inner and trailing spaces, an orphan I-.
+    Post(key="17_06_1", words=("\u00a0", "New York ", "a b"), tags=("O", "B-LOC", "I-ORG"), line=0),
+    Post(key="O_996", words=("#", "IMAGE:x", "caf\u00e9"), tags=("O", "O", "B-OTHER"), line=0),
+    Post(key="3", words=("x",), tags=("O",), line=0),
+]
+
+
+@pytest.mark.parametrize("blank_after_last", [True, False])
+def test_write_then_read_gives_the_same_imgid_posts(tmp_path, blank_after_last):
+    path = write_split(tmp_path / "train.txt", EDGE_POSTS, "imgid", blank_after_last=blank_after_last)
+    split = read_split(path)
+    assert as_written(split.posts) == as_written(EDGE_POSTS)
+    assert [p.line for p in split.posts] == [1, 6, 11]  # header, 3 words, blank line: 5 lines a post
+    assert path.read_bytes().endswith(b"x\tO\n\n" if blank_after_last else b"x\tO\n")
+
+
+def test_write_then_read_gives_the_same_image_path_posts(tmp_path):
+    posts = [
+        Post(key="imgs/a/0001.jpg", words=("Obama", "IMGID:2"), tags=("B-PER", "O"), line=0),
+        Post(key="imgs/b/0002 x.png", words=("UN",), tags=("B-ORG",), line=0),
+    ]
+    path = write_split(tmp_path / "test.txt", posts, "image-path")
+    assert path.read_text(encoding="utf-8").startswith("IMAGE:imgs/a/0001.jpg\nObama\tB-PER\n")
+    assert as_written(read_split(path, fmt="image-path").posts) == as_written(posts)
+
+
+def test_written_split_matches_the_reference_parser(tmp_path):
+    posts = read_split(write(tmp_path, "in.txt", TWO_POSTS)).posts
+    text = write_split(tmp_path / "out.txt", posts).read_text(encoding="utf-8")
+    assert text == TWO_POSTS + "\n"  # the reader's own example file, with a blank line after the last post
+    assert reference_parse(text) == [(p.key, list(p.words), list(p.tags)) for p in posts]
+
+
+def test_predict_input_without_tags_is_written_with_o_tags(tmp_path):
+    split = read_split(write(tmp_path, "new.txt", "IMGID:1\nParis\nrocks\t\n"), require_tags=False)
+    path = write_split(tmp_path / "tagged.txt", split.posts)
+    assert path.read_text(encoding="utf-8") == "IMGID:1\nParis\tO\nrocks\tO\n\n"
+
+
+@pytest.mark.parametrize(
+    "post, message",
+    [
+        (Post("../x", ("a",), ("O",), 0), "post '../x': image id refused: it has a '..' component"),
+        (Post("", ("a",), ("O",), 0), "post '': image id refused: it is empty"),
+        (Post(" 1", ("a",), ("O",), 0), "post ' 1': image id has surrounding whitespace or a newline"),
+        (Post("1\n2", ("a",), ("O",), 0), "post '1\\n2': image id has surrounding whitespace or a newline"),
+        (Post("1", (), (), 0), "post '1' has no words"),
+        (Post("1", ("a", "b"), ("O",), 0), "post '1' has 2 words but 1 tags"),
+        (Post("1", ("",), ("O",), 0), "post '1': word '' is empty or holds a tab or a newline"),
+        (Post("1", ("a\tb",), ("O",), 0), "post '1': word 'a\\tb' is empty or holds a tab or a newline"),
+        (Post("1", ("a\nb",), ("O",), 0), "post '1': word 'a\\nb' is empty or holds a tab or a newline"),
+        (Post("1", ("IMGID:2",), ("O",), 0), "post '1': word 'IMGID:2' would read as a IMGID: line"),
+        (
+            Post("1", ("a",), ("S-LOC",), 0),
+            "post '1': tag 'S-LOC' is not BIO (expected O, B-<type> or I-<type>)",
+        ),
+    ],
+)
+def test_write_refuses_what_would_not_read_back(tmp_path, post, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        write_split(tmp_path / "t.txt", [post])
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -207,6 +284,8 @@ def test_missing_file_and_unknown_format(tmp_path):
         ValueError, match=r"unknown dataset format 'conll'; expected one of imgid, image-path"
     ):
         read_split(path, fmt="conll")
+    with pytest.raises(ValueError, match=r"unknown dataset format 'conll'"):
+        write_split(tmp_path / "out.txt", EDGE_POSTS, "conll")
     with pytest.raises(ValueError, match=r"unknown dataset format 'conll'"):
         DataSource(name="x", data_dir=tmp_path, image_dir=tmp_path, fmt="conll")
 
@@ -349,6 +428,67 @@ def test_resolve_data_reports_a_broken_dataset_config(tmp_path, monkeypatch):
     (tmp_path / "datasets" / "badfmt.toml").write_text('format = "xml"\nsubdir = "x"\nimage_dir = "i"\n')
     with pytest.raises(ValueError, match=r"badfmt\.toml: format 'xml' is not one of imgid, image-path"):
         resolve_data(dataset="badfmt", data_root=tmp_path)
+
+
+# ---------------------------------------------------------------- DataConfig
+
+
+def test_data_config_resolves_as_resolve_data(tmp_path):
+    folder = make_data_dir(tmp_path, "twitter2017")
+    assert DataConfig(data_dir=str(folder)).resolve() == resolve_data(data_dir=folder)
+    assert DataConfig(dataset="twitter2017", data_root=tmp_path).resolve() == resolve_data(
+        dataset="twitter2017", data_root=tmp_path
+    )
+
+
+def test_data_config_keeps_paths_as_given_until_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(data_dir=Path("data"), image_dir="~/imgs")
+    assert cfg.to_dict() == {"data_dir": "data", "dataset": None, "data_root": None, "image_dir": "~/imgs"}
+    assert list(cfg.to_dict()) == list(DATA_FIELDS)
+    absolute = cfg.absolute()
+    assert absolute.data_dir == str(tmp_path / "data")
+    assert absolute.image_dir == str(Path("~/imgs").expanduser())
+    assert DataConfig(dataset="newsmkg", data_root="root").absolute().data_root == str(tmp_path / "root")
+
+
+def test_data_config_from_dict_reads_old_and_new_records():
+    assert DataConfig.from_dict({"data_dir": "/d"}) == DataConfig(
+        data_dir="/d"
+    )  # runs made before DataConfig
+    full = DataConfig(dataset="twitter2015", data_root="/r", image_dir="/i")
+    assert DataConfig.from_dict(full.to_dict()) == full
+    with pytest.raises(
+        ValueError,
+        match=re.escape("run/config.json: unknown data keys ['root']; known keys: " + ", ".join(DATA_FIELDS)),
+    ):
+        DataConfig.from_dict({"data_dir": "/d", "root": "/r"}, source="run/config.json")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"data_dir": "d", "dataset": "twitter2015"},
+            "give either data_dir or dataset (with data_root), not both",
+        ),
+        ({}, "give data_dir, or dataset with data_root"),
+        ({"image_dir": "i"}, "give data_dir, or dataset with data_root"),
+        ({"data_dir": "d", "data_root": "r"}, "data_root goes with dataset; with data_dir, leave it out"),
+        ({"data_dir": 3}, "data_dir must be a path or None, got 3"),
+    ],
+)
+def test_data_config_errors(fields, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        DataConfig(**fields)
+
+
+def test_recorded_data_is_none_once_the_folder_is_gone(tmp_path):
+    folder = make_data_dir(tmp_path, "tw")
+    config = {**DataConfig(data_dir=str(folder)).to_dict(), "out": "/cache", "topk": 20}
+    assert recorded_data(config) == resolve_data(data_dir=folder)
+    assert recorded_data({**config, "data_dir": str(tmp_path / "moved")}) is None
+    assert recorded_data({"out": "/cache"}) is None
 
 
 # ---------------------------------------------------------------- configs

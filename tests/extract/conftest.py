@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mner.cache.datasets import Post, write_split
+
 # Four well-separated colours; image i gets COLOURS[i % 4], so several images share a colour.
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 210), (240, 200, 20)]
 
@@ -59,9 +61,10 @@ def make_image_dataset(
         "valid": [key for i, key in enumerate(keys) if i % 3 == 2],
         "test": [keys[0], keys[-1]],
     }
+    words, tags = ("Visit", "Paris", "with", "Anna"), ("O", "B-LOC", "O", "B-PER")
     for split, split_keys in splits.items():
-        posts = [f"IMGID:{key}\nVisit\tO\nParis\tB-LOC\nwith\tO\nAnna\tB-PER\n" for key in split_keys]
-        (folder / f"{split}.txt").write_text("\n".join(posts))
+        posts = [Post(key=key, words=words, tags=tags, line=0) for key in split_keys]
+        write_split(folder / f"{split}.txt", posts, blank_after_last=False)
     return ImageDataset(folder, keys, status, colour)
 
 

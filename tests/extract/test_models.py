@@ -18,6 +18,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from mner.cache.datasets import DataConfig
 from mner.extract.config import ExtractConfig
 from mner.extract.models import (
     build_detector,
@@ -43,7 +44,7 @@ def sha256_of(path) -> str:
 
 
 def config(**changes) -> ExtractConfig:
-    return ExtractConfig(data_dir="unused", out="unused", **changes)
+    return ExtractConfig(data=DataConfig(data_dir="unused"), out="unused", **changes)
 
 
 def save_clip(folder, kind: str, crop: int = 32, image_mean=None):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 import mner.extract.run
+from mner.cache.datasets import DataConfig
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
 from mner.extract.config import ExtractConfig
@@ -26,7 +28,7 @@ RUNNER = """
 import json, sys
 from mner.extract.config import ExtractConfig
 from mner.extract.run import extract_features
-extract_features(ExtractConfig(**json.loads(sys.argv[1])))
+extract_features(ExtractConfig.from_dict(json.loads(sys.argv[1])))
 """
 # Small shards so the subprocess data set spans many of them (kill mid-way, split across two ranks).
 SHARED = dict(shard_size=3, batch_size=2, num_workers=0)
@@ -77,7 +79,11 @@ def reference_cache(shared_data, preset_dir, tmp_path_factory):
 def test_extract_end_to_end(image_dataset, tmp_path):
     ds = image_dataset(tmp_path, n=12, missing=1, corrupt=1)
     cfg = ExtractConfig(
-        data_dir=str(ds.data_dir), out=str(tmp_path / "cache"), shard_size=5, batch_size=3, num_workers=2
+        data=DataConfig(data_dir=str(ds.data_dir)),
+        out=str(tmp_path / "cache"),
+        shard_size=5,
+        batch_size=3,
+        num_workers=2,
     )
     out = extract_features(cfg)
     reader = CacheReader(out)
@@ -128,7 +134,7 @@ def test_extract_end_to_end(image_dataset, tmp_path):
                 assert (gap < 2e-3) if ds.colour[a] == ds.colour[b] else (gap > bar), (a, b, name, gap)
 
     # Decoding in the main process gives the same cache as decoding in workers.
-    in_main = ExtractConfig(**{**cfg.to_dict(), "out": str(tmp_path / "workers0"), "num_workers": 0})
+    in_main = ExtractConfig.from_dict({**cfg.to_dict(), "out": str(tmp_path / "workers0"), "num_workers": 0})
     assert_same_cache(extract_features(in_main), out)
     assert summarize(out).startswith(f"12 images (ok 10, missing 1, corrupt 1) in {out}: ")
 
@@ -136,7 +142,7 @@ def test_extract_end_to_end(image_dataset, tmp_path):
 def test_clip_crop_regions_embed_the_crop(image_dataset, tmp_path):
     ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0, solid=True)
     cfg = ExtractConfig(
-        data_dir=str(ds.data_dir),
+        data=DataConfig(data_dir=str(ds.data_dir)),
         out=str(tmp_path / "cache"),
         region_features="clip-crop",
         topk=4,
@@ -155,7 +161,7 @@ def test_clip_crop_regions_embed_the_crop(image_dataset, tmp_path):
 
 def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, monkeypatch):
     ds = image_dataset(tmp_path, n=12)
-    base = dict(data_dir=str(ds.data_dir), shard_size=4, batch_size=2, num_workers=0)
+    base = dict(data=DataConfig(data_dir=str(ds.data_dir)), shard_size=4, batch_size=2, num_workers=0)
     reference = extract_features(ExtractConfig(out=str(tmp_path / "reference"), **base))
     out = tmp_path / "crashed"
     cfg = ExtractConfig(out=str(out), **base)
@@ -231,7 +237,9 @@ def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path
 
 def test_different_configuration_is_refused_and_overwrite_replaces(image_dataset, tmp_path):
     ds = image_dataset(tmp_path, n=4, missing=0, corrupt=0)
-    base = dict(data_dir=str(ds.data_dir), out=str(tmp_path / "cache"), shard_size=2, num_workers=0)
+    base = dict(
+        data=DataConfig(data_dir=str(ds.data_dir)), out=str(tmp_path / "cache"), shard_size=2, num_workers=0
+    )
     out = extract_features(ExtractConfig(**base))
     old = CacheReader(out).fingerprint
     refused = r"cache at .*cache was made with a different configuration \(fingerprint \w{12} != \w{12}\); use --overwrite to replace it; differs: "
@@ -253,10 +261,16 @@ def test_extract_errors(image_dataset, tmp_path):
         ValueError, match="amp=fp16 needs a CUDA device, but extraction runs on cpu; use amp='off'"
     ):
         extract_features(
-            ExtractConfig(data_dir=str(ds.data_dir), out=str(tmp_path / "c"), device="cpu", amp="fp16")
+            ExtractConfig(
+                data=DataConfig(data_dir=str(ds.data_dir)), out=str(tmp_path / "c"), device="cpu", amp="fp16"
+            )
         )
     with pytest.raises(ValueError, match=f"no split file found in {ds.data_dir}: looked for .*dev.txt"):
-        extract_features(ExtractConfig(data_dir=str(ds.data_dir), out=str(tmp_path / "c"), splits=("dev",)))
+        extract_features(
+            ExtractConfig(
+                data=DataConfig(data_dir=str(ds.data_dir)), out=str(tmp_path / "c"), splits=("dev",)
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -278,32 +292,47 @@ def test_extract_errors(image_dataset, tmp_path):
         (dict(shard_size=0), "shard_size must be >= 1, got 0"),
         (dict(splits=()), "splits must name at least one split"),
         (dict(clip=""), "clip must be 'tiny-clip' or a local CLIP model folder"),
+        (dict(data={"data_dir": "d"}), "data must be a DataConfig, got {'data_dir': 'd'}"),
     ],
 )
 def test_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):
-        ExtractConfig(**{"data_dir": "d", "out": "o", **changes})
+        ExtractConfig(**{"data": DataConfig(data_dir="d"), "out": "o", **changes})
 
 
 def test_config_requires_a_checkpoint_before_reading_anything():
     with pytest.raises(
         ValueError, match=r"^--detector-ckpt is required for fasterrcnn_resnet50_fpn: give a local"
     ):
-        ExtractConfig(data_dir="does/not/exist", out="o", detector="fasterrcnn_resnet50_fpn")
+        ExtractConfig(data=DataConfig(data_dir="does/not/exist"), out="o", detector="fasterrcnn_resnet50_fpn")
 
 
 def test_config_thresholds_and_dict():
+    D = DataConfig(data_dir="d")
     # The untrained preset defaults to 0.0 (else it returns no regions); an explicit value is kept.
-    assert ExtractConfig(data_dir="d", out="o", detector="tiny-frcnn").score_thr == 0.0
-    assert ExtractConfig(data_dir="d", out="o", detector="tiny-frcnn", score_thr=0.5).score_thr == 0.5
+    assert ExtractConfig(data=D, out="o", detector="tiny-frcnn").score_thr == 0.0
+    assert ExtractConfig(data=D, out="o", detector="tiny-frcnn", score_thr=0.5).score_thr == 0.5
     real = ExtractConfig(
-        data_dir=Path("d"), out="o", detector="fasterrcnn_resnet50_fpn", detector_ckpt="x.pt"
+        data=DataConfig(data_dir=Path("d")), out="o", detector="fasterrcnn_resnet50_fpn", detector_ckpt="x.pt"
     )
     assert real.score_thr == 0.2
     # Paths are recorded absolute (predict, verify and show may run from another folder).
-    assert real.data_dir == str(Path("d").absolute()) and real.detector_ckpt == str(Path("x.pt").absolute())
-    assert ExtractConfig(data_dir="d", out="o", clip="models/clip").clip == str(
-        Path("models/clip").absolute()
+    assert real.data.data_dir == str(Path("d").absolute()) and real.detector_ckpt == str(
+        Path("x.pt").absolute()
     )
-    assert ExtractConfig(data_dir="d", out="o").clip == "tiny-clip"
+    assert ExtractConfig(data=D, out="o", clip="models/clip").clip == str(Path("models/clip").absolute())
+    assert ExtractConfig(data=D, out="o").clip == "tiny-clip"
     assert json.loads(json.dumps(real.to_dict()))["splits"] == ["train", "valid", "test"]
+
+
+def test_config_dict_keeps_the_manifest_layout():
+    cfg = ExtractConfig(data=DataConfig(dataset="twitter2015", data_root="r"), out="o", topk=5)
+    record = cfg.to_dict()
+    # The data fields sit flat at the top of the manifest's config, as every cache so far records them.
+    assert list(record)[:6] == ["data_dir", "dataset", "data_root", "image_dir", "out", "clip"]
+    assert (record["dataset"], record["data_root"]) == ("twitter2015", str(Path("r").absolute()))
+    assert ExtractConfig.from_dict(json.loads(json.dumps(record))) == cfg
+    with pytest.raises(
+        ValueError, match=re.escape("manifest.json: unknown extraction config keys ['fingerprint_parts']")
+    ):
+        ExtractConfig.from_dict({**record, "fingerprint_parts": {}}, source="manifest.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import json
 import re
 import shutil
@@ -24,12 +25,20 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from mner.cache.datasets import read_split
+from mner import configs
+from mner.cache.datasets import SPLITS, DataConfig, read_split
+from mner.cache.inspect import inspect_cache, show_record
 from mner.cache.shards import read_manifest
+from mner.cache.verify import verify_cache
 from mner.cli import main
 from mner.demo.build import DemoConfig
-from mner.train.ablate import ABLATIONS
-from mner.train.config import ModelConfig
+from mner.extract.config import AMP_MODES as EXTRACT_AMP_MODES
+from mner.extract.config import DETECTORS, REGION_FEATURES, ExtractConfig
+from mner.train.ablate import ABLATIONS, AblationConfig
+from mner.train.config import ModelConfig, RunConfig, load_run_config
+from mner.train.evaluate import evaluate_run, results_table
+from mner.train.predict import predict
+from mner.train.text import PRESETS
 from tests.train.run_factories import make_data, make_images
 
 # Every leaf command, as the words typed after `mner`.
@@ -119,6 +128,101 @@ def test_help_shows_an_example_and_the_defaults(path):
     # These commands have value defaults: the loop above must have checked some (not skipped them all).
     if path in (("extract-features",), ("evaluate",), ("ablate",), ("demo-data",), ("results",)):
         assert shown > 0
+
+
+# Where each command's option defaults come from: dataclasses (their fields) and entry functions (their
+# parameters), searched in order; `RENAMED` maps an option to its field when the names differ.
+DEFAULT_SOURCES = {
+    ("extract-features",): [ExtractConfig, DataConfig],
+    ("cache", "inspect"): [inspect_cache],
+    ("cache", "show"): [show_record],
+    ("cache", "verify"): [DataConfig, verify_cache],
+    ("train-from-cache",): [RunConfig, ModelConfig, DataConfig, load_run_config],
+    ("evaluate",): [evaluate_run],
+    ("predict",): [predict],
+    ("ablate",): [AblationConfig, DataConfig],
+    ("demo-data",): [DemoConfig],
+    ("results",): [results_table],
+}
+RENAMED = {"out": "out_dir"}
+# Options with no field or parameter behind them (the output format).
+NO_COUNTERPART = {("cache", "inspect"): {"as_json"}}
+# Options whose None means "what the TOML config says", which their help must say (checked below).
+FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
+# click.Choice options and the registry each must list exactly.
+CHOICES = {
+    ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
+}
+# Free-text options (the stage gives the error message) whose help must list a registry, in order.
+LISTED = {
+    ("extract-features",): {"detector": " | ".join(DETECTORS)},
+    ("train-from-cache",): {"text_encoder": " | ".join(PRESETS)},
+    ("evaluate",): {"split": " | ".join(SPLITS)},
+    ("ablate",): {"text_encoder": " | ".join(PRESETS), "experiments": " | ".join(ABLATIONS)},
+    ("results",): {"split": " | ".join(SPLITS)},
+}
+DATA_COMMANDS = [("extract-features",), ("cache", "verify"), ("train-from-cache",), ("ablate",)]
+
+
+def source_defaults(sources) -> dict:
+    """name -> default of every field / parameter of the sources (the first source naming it wins);
+    MISSING for one without a default."""
+    found = {}
+    for source in sources:
+        if dataclasses.is_dataclass(source):
+            for f in dataclasses.fields(source):
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:
+                    default = dataclasses.MISSING
+                found.setdefault(f.name, default)
+        else:
+            for name, parameter in inspect.signature(source).parameters.items():
+                empty = parameter.default is inspect.Parameter.empty
+                found.setdefault(name, dataclasses.MISSING if empty else parameter.default)
+    return found
+
+
+def click_default(command: click.Command, param: click.Option):
+    default = param.get_default(click.Context(command))
+    if not isinstance(default, str | int | float | bool | tuple | list):
+        default = None  # no default: None in older click, a sentinel object in click >= 8.3
+    return tuple(default or ()) if param.multiple else default
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_option_defaults_and_choices_are_the_configs(path):
+    """Every option's default is its dataclass field's (or entry function's) default, and every choice
+    list is its registry, so the command line cannot drift from the stages it calls."""
+    command = command_at(path)
+    defaults = source_defaults(DEFAULT_SOURCES[path])
+    checked = 0
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name == "help":
+            continue
+        name = RENAMED.get(param.name, param.name) if RENAMED.get(param.name) in defaults else param.name
+        skipped = NO_COUNTERPART.get(path, set()) | FROM_CONFIG.get(path, set())
+        if param.name not in skipped:
+            assert name in defaults, f"{param.name} has no field or parameter behind it"
+            want, got = defaults[name], click_default(command, param)
+            # A field without a default is required by its config; the CLI may leave it to it (None).
+            if want is not dataclasses.MISSING and not param.required:
+                assert got == (tuple(want) if param.multiple else want), param.name
+                checked += 1
+        if isinstance(param.type, click.Choice):
+            assert tuple(param.type.choices) == CHOICES[path][param.name], param.name
+        if param.name in LISTED.get(path, {}):
+            assert LISTED[path][param.name] in one_line(param.help), param.name
+    for name in FROM_CONFIG.get(path, set()):
+        param = next(p for p in command.params if p.name == name)
+        assert click_default(command, param) is None and "[default: from config" in param.help, name
+    if path in DATA_COMMANDS:
+        dataset = next(p for p in command.params if p.name == "dataset")
+        assert f"({', '.join(configs.dataset_names())})" in dataset.help
+    if path in (("extract-features",), ("cache", "show"), ("ablate",), ("demo-data",), ("results",)):
+        assert checked > 0  # commands with value defaults were really compared
 
 
 def test_cache_group_help_lists_its_commands():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mner.cache.datasets import resolve_data
+from mner.cache.datasets import DataConfig, resolve_data
 from mner.cache.reader import CacheReader
 from mner.demo.build import DemoConfig, build_demo
 from mner.extract.config import ExtractConfig
@@ -57,7 +57,13 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     data_dir = build_demo(DemoConfig(out_dir=str(root / "data"), **DEMO))
     cache_dir = extract_features(
-        ExtractConfig(data_dir=str(data_dir), out=str(root / "cache"), num_workers=0, device="cpu", topk=8)
+        ExtractConfig(
+            data=DataConfig(data_dir=str(data_dir)),
+            out=str(root / "cache"),
+            num_workers=0,
+            device="cpu",
+            topk=8,
+        )
     )  # topk 8 instead of 20: fewer region tokens, same signal, a faster test
     return data_dir, cache_dir
 
@@ -68,7 +74,7 @@ def train(out_dir: Path, data_dir: Path, cache_dir: Path | None, seed: int) -> P
         model=ModelConfig(**MODEL, text_only=cache_dir is None),
         train=TrainConfig(**TRAIN, seed=seed),
         cache_dir=None if cache_dir is None else str(cache_dir),
-        data={"data_dir": str(data_dir)},
+        data=DataConfig(data_dir=str(data_dir)),
         out_dir=str(out_dir),
     )
     return train_from_cache(cfg)

@@ -20,7 +20,7 @@ import torch
 from mner.cache.datasets import Post
 from mner.cache.shards import Record, TokenSpec
 from mner.train.config import ModelConfig
-from mner.train.data import PostDataset, make_collate
+from mner.train.data import Collate, PostDataset
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer
 from tests.cache.factories import CATEGORIES, TINY_SPEC, make_records, write_cache
@@ -154,7 +154,7 @@ def make_batch(
     posts = make_posts(4, seed) if posts is None else posts
     reader = make_reader(posts, spec, seed, statuses, absent) if with_visual else None
     dataset = PostDataset(posts, reader)
-    collate = make_collate(tiny_tokenizer(), labels, max_length, with_visual)
+    collate = Collate(tiny_tokenizer(), labels, max_length, with_visual)
     return collate([dataset[i] for i in range(len(dataset))])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mner.cache.datasets import Post
+from mner.cache.datasets import DataConfig, Post, write_split
 from mner.train.config import ModelConfig, RunConfig, TrainConfig
 
 
@@ -49,17 +49,6 @@ def make_posts_learnable(n: int, prefix: str, offset: int = 0) -> list[Post]:
             tags.append("O" if kind is None else f"B-{kind}")
         posts.append(Post(key=f"{prefix}{i}", words=tuple(words), tags=tuple(tags), line=1))
     return posts
-
-
-def write_split(path: Path, posts: list[Post], header: str = "IMGID:") -> Path:
-    """An IMGID-CoNLL file: header line, `word<TAB>tag` lines, a blank line after each post."""
-    lines = []
-    for post in posts:
-        lines.append(f"{header}{post.key}")
-        lines.extend(f"{word}\t{tag}" for word, tag in zip(post.words, post.tags))
-        lines.append("")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def make_data(
@@ -110,7 +99,7 @@ def run_config(
         model=model_cfg,
         train=train_cfg,
         cache_dir=None if cache_dir is None else str(cache_dir),
-        data={"data_dir": str(data_dir)},
+        data=DataConfig(data_dir=str(data_dir)),
         out_dir=str(out_dir),
         resume=resume,
     )
@@ -133,6 +122,10 @@ def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
     from mner.extract.run import extract_features
 
     cfg = ExtractConfig(
-        data_dir=str(data_dir), out=str(Path(tmp_path) / "cache"), num_workers=0, device="cpu", topk=4
+        data=DataConfig(data_dir=str(data_dir)),
+        out=str(Path(tmp_path) / "cache"),
+        num_workers=0,
+        device="cpu",
+        topk=4,
     )
     return extract_features(cfg)

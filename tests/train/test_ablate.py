@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import mner.train.ablate as ablate
+from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
@@ -57,7 +58,7 @@ def ablation(tmp_path_factory):
     custom.write_text("# two_slots: two query slots per type\n[model]\nslots_per_type = 2\n")
     cfg = AblationConfig(
         cache_dir=str(cache_dir),
-        data={"data_dir": str(data_dir)},
+        data=DataConfig(data_dir=str(data_dir)),
         text_encoder="tiny-bert",
         experiments=["full", "text_only", str(custom)],
         seeds=2,
@@ -170,7 +171,7 @@ def test_single_seed_shows_the_mean_only():
 def _config(**changes) -> AblationConfig:
     fields = {
         "cache_dir": None,
-        "data": {"data_dir": "d"},
+        "data": DataConfig(data_dir="d"),
         "text_encoder": None,
         "experiments": ["full"],
         "seeds": 1,
@@ -199,6 +200,8 @@ def test_config_validation_and_seeds():
         _config(seeds=[1, 1])
     with pytest.raises(ValueError, match="epochs must be a positive integer or None, got 0"):
         _config(epochs=0)
+    with pytest.raises(ValueError, match=re.escape("data must be a DataConfig, got {'data_dir': 'd'}")):
+        _config(data={"data_dir": "d"})
 
 
 def test_override_of_a_key_the_experiment_sets_is_refused(tmp_path):

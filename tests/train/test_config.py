@@ -6,6 +6,7 @@ import re
 import pytest
 
 from mner import configs
+from mner.cache.datasets import DataConfig
 from mner.train.config import ModelConfig, RunConfig, TrainConfig, base_config_path, load_run_config
 
 
@@ -157,12 +158,17 @@ def test_no_visual_tokens_without_text_only():
     assert ModelConfig(use_patches=False, use_regions=False, text_only=True).text_only
 
 
+DATA = DataConfig(data_dir="/d")
+
+
 def test_dict_round_trips(tmp_path):
     model = ModelConfig(fusion="concat", adaptive_gate=False, qfnet_layers=1)
     train = TrainConfig(epochs=2, device="cpu")
     assert ModelConfig.from_dict(model.to_dict()) == model
     assert TrainConfig.from_dict(train.to_dict()) == train
-    run = RunConfig(model, train, cache_dir="/c", data={"data_dir": "/d"}, out_dir=str(tmp_path), resume=True)
+    run = RunConfig(
+        model, train, cache_dir="/c", data=DataConfig(data_dir="/d"), out_dir=str(tmp_path), resume=True
+    )
     assert RunConfig.from_dict(run.to_dict()) == run
     assert ModelConfig.from_dict({"qfnet_layers": 3}) == ModelConfig(qfnet_layers=3)
 
@@ -170,7 +176,7 @@ def test_dict_round_trips(tmp_path):
 def test_from_dict_errors(tmp_path):
     with pytest.raises(ValueError, match=re.escape("run/config.json: unknown key model.heads; known keys:")):
         ModelConfig.from_dict({"heads": 2}, source="run/config.json")
-    data = RunConfig(ModelConfig(), TrainConfig(), "/c", {}, "out").to_dict()
+    data = RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "out").to_dict()
     with pytest.raises(ValueError, match=re.escape("x.json: unknown run config keys ['extra']")):
         RunConfig.from_dict({**data, "extra": 1}, source="x.json")
     del data["out_dir"]
@@ -180,10 +186,10 @@ def test_from_dict_errors(tmp_path):
 
 def test_run_config_errors():
     with pytest.raises(ValueError, match=re.escape("cache_dir is required unless model.text_only is true")):
-        RunConfig(ModelConfig(), TrainConfig(), None, {}, "out")
-    assert RunConfig(ModelConfig(text_only=True), TrainConfig(), None, {}, "out").cache_dir is None
+        RunConfig(ModelConfig(), TrainConfig(), None, DATA, "out")
+    assert RunConfig(ModelConfig(text_only=True), TrainConfig(), None, DATA, "out").cache_dir is None
     with pytest.raises(ValueError, match=re.escape("out_dir must name the run folder, got ''")):
-        RunConfig(ModelConfig(), TrainConfig(), "/c", {}, "")
+        RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "")
 
 
 # The "model" section of a run's config.json as written before the registries (issue 9): no task,
@@ -214,7 +220,13 @@ def test_old_run_records_load_as_the_model_they_built(tmp_path, changes, expecte
     model = ModelConfig.from_dict(old, source="run/config.json")
     assert model == dataclasses.replace(ModelConfig(), **expected)
     assert (model.task, model.head) == ("tagging", "crf")
-    run = {"model": old, "train": TrainConfig().to_dict(), "cache_dir": "/c", "data": {}, "out_dir": "o"}
+    run = {
+        "model": old,
+        "train": TrainConfig().to_dict(),
+        "cache_dir": "/c",
+        "data": {"data_dir": "/d"},
+        "out_dir": "o",
+    }
     assert RunConfig.from_dict(run).model == model
     # A record written now keeps what it says (no upgrade once `head` is there).
     assert ModelConfig.from_dict(model.to_dict()) == model
@@ -224,3 +236,15 @@ def test_records_written_now_are_not_upgraded():
     record = {**ModelConfig().to_dict(), "fusion": "adaptive"}
     with pytest.raises(ValueError, match=re.escape("model.fusion must be one of qgf, concat, gated")):
         ModelConfig.from_dict(record)
+        RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "")
+
+
+def test_a_run_recorded_before_data_config_still_reads():
+    """Old config.json files hold only the data keys that were given; the missing ones are None."""
+    old = RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "out").to_dict()
+    old["data"] = {"data_dir": "/d"}
+    run = RunConfig.from_dict(old, source="config.json")
+    assert run.data == DataConfig(data_dir="/d")
+    assert run.to_dict()["data"] == {"data_dir": "/d", "dataset": None, "data_root": None, "image_dir": None}
+    with pytest.raises(ValueError, match=re.escape("data must be a DataConfig, got {'data_dir': '/d'}")):
+        RunConfig(ModelConfig(), TrainConfig(), "/c", {"data_dir": "/d"}, "out")

@@ -8,7 +8,7 @@ from torch.utils.data import SequentialSampler
 from mner.cache.datasets import Post, Split
 from mner.cache.reader import CacheReader
 from mner.train.config import TrainConfig
-from mner.train.data import IGNORE_INDEX, PostDataset, make_collate, make_loader
+from mner.train.data import IGNORE_INDEX, Collate, PostDataset, make_loader
 from tests.train.factories import (
     LABELS,
     make_batch,
@@ -24,7 +24,7 @@ VISUAL_KEYS = {
     "patch_tokens", "patch_mask", "global_embed", "region_feats", "region_labels", "region_scores",
     "region_boxes", "region_mask", "image_mask",
 }  # fmt: skip
-TEXT_KEYS = {"input_ids", "attention_mask", "word_index", "first_subword", "word_mask", "labels", "num_words"}
+TEXT_KEYS = {"input_ids", "attention_mask", "first_subword", "word_mask", "labels", "num_words"}
 
 
 def split_of(posts) -> Split:
@@ -58,14 +58,13 @@ def test_batch_matches_the_contract():
     for key in (
         "input_ids",
         "attention_mask",
-        "word_index",
         "first_subword",
         "labels",
         "num_words",
         "region_labels",
     ):
         assert batch[key].dtype == torch.long, key
-    assert batch["input_ids"].shape == batch["word_index"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
     assert batch["num_words"].tolist() == [len(p.words) for p in posts]
 
 
@@ -80,7 +79,6 @@ def test_words_and_labels_use_the_first_sub_word():
     # [CLS] obama token ##ization ka ##ggle ! [SEP]
     assert word_ids == [None, 0, 1, 1, 2, 2, 3, None]
     assert batch["first_subword"][0].tolist() == [1, 2, 4, 6]
-    assert batch["word_index"][0].tolist() == [-1, 0, 1, -1, 2, -1, 3, -1]
     assert batch["labels"][0].tolist() == [LABELS.index(t) for t in posts[0].tags]
     assert batch["word_mask"][0].all() and batch["num_truncated"].tolist() == [0]
 
@@ -94,7 +92,6 @@ def test_padding():
     assert batch["labels"][0].tolist() == [LABELS.index("B-LOC"), IGNORE_INDEX, IGNORE_INDEX]
     assert batch["word_mask"][0].tolist() == [True, False, False]
     assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0]
-    assert batch["word_index"][0].tolist() == [-1, 0, -1, -1, -1, -1]
 
 
 def test_truncated_words_are_masked_counted_and_keep_their_labels():
@@ -170,7 +167,7 @@ def test_real_cache_reader_gives_the_same_batch(tmp_path):
     posts = make_posts(5)
     statuses = {"img2": "corrupt"}
     cache_dir = make_cache(tmp_path, posts, statuses=statuses, absent=("img4",))
-    collate = make_collate(tiny_tokenizer(), LABELS, 32, with_visual=True)
+    collate = Collate(tiny_tokenizer(), LABELS, 32, with_visual=True)
     with CacheReader(cache_dir) as reader:
         dataset = PostDataset(posts, reader, spec=tiny_spec())
         from_cache = collate([dataset[i] for i in range(len(dataset))])
@@ -227,7 +224,7 @@ def test_loader_errors():
             shuffle=True,
             sampler=SequentialSampler(split.posts),
         )
-    collate = make_collate(tok, LABELS, 32, with_visual=True)
+    collate = Collate(tok, LABELS, 32, with_visual=True)
     with pytest.raises(
         ValueError, match=r"the collate function wants visual tokens, but the dataset has no cache reader"
     ):

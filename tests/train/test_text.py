@@ -9,9 +9,9 @@ from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
 from mner.cache.datasets import Post
 from mner.train import text
-from mner.train.data import PostDataset, make_collate
+from mner.train.data import Collate, PostDataset
 from mner.train.model import MNERModel
-from mner.train.text import TINY_BERT, load_text_encoder, load_tokenizer, resolve_text_encoder
+from mner.train.text import TINY_BERT, load_tokenizer, resolve_text_encoder
 from tests.train.factories import LABELS, make_batch, make_posts, make_reader, tiny_config, tiny_spec
 
 
@@ -48,7 +48,7 @@ def test_minilm_loads_and_runs_a_forward():
     posts = make_posts(2, max_words=4)
     model = MNERModel(tiny_config(text_encoder="minilm", qfnet_heads=4), LABELS, tiny_spec(), "minilm").eval()
     assert model.encoder.config.hidden_size == 384
-    collate = make_collate(load_tokenizer("minilm"), LABELS, 32, with_visual=True)
+    collate = Collate(load_tokenizer("minilm"), LABELS, 32, with_visual=True)
     dataset = PostDataset(posts, make_reader(posts))
     batch = collate([dataset[0], dataset[1]])
     with torch.no_grad():
@@ -64,8 +64,9 @@ def test_tiny_bert_is_materialised_once_and_deterministic(tmp_path, monkeypatch)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG did not move
     assert folder == tmp_path / "a" / "tiny-bert"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["tiny-bert"]  # no staging folder left behind
-    tokenizer, encoder = load_text_encoder("tiny-bert")
-    config = encoder.config
+    # Loaded as training loads them: the tokenizer from the folder, the encoder inside the model.
+    tokenizer = load_tokenizer(folder)
+    config = MNERModel(tiny_config(text_only=True), LABELS, None, folder).encoder.config
     assert (
         config.hidden_size,
         config.num_hidden_layers,
@@ -108,7 +109,7 @@ def test_slow_tokenizer_is_refused(monkeypatch):
 
 def test_roberta_folder_gets_prefix_spaces_and_aligns_words(tmp_path):
     folder = make_roberta_folder(tmp_path / "roberta")
-    tokenizer, encoder = load_text_encoder(folder)
+    tokenizer = load_tokenizer(folder)
     assert tokenizer.add_prefix_space
     words = ["George", "Zimmerman", "visited", "Florida"]
     encoded = tokenizer(words, is_split_into_words=True)
@@ -119,7 +120,7 @@ def test_roberta_folder_gets_prefix_spaces_and_aligns_words(tmp_path):
     assert tokenizer.convert_tokens_to_string(tokens[1:-1]).split() == words
     labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     post = Post(key="a", words=tuple(words), tags=("B-PER", "I-PER", "O", "B-LOC"), line=1)
-    batch = make_collate(tokenizer, labels, 32, with_visual=False)([PostDataset([post])[0]])
+    batch = Collate(tokenizer, labels, 32, with_visual=False)([PostDataset([post])[0]])
     assert batch["first_subword"][0].tolist() == firsts and batch["word_mask"].all()
     model = MNERModel(tiny_config(text_encoder=str(folder), text_only=True), labels, None, folder)
     assert model.encode_text(batch).shape == (1, 4, 16)
