@@ -46,12 +46,11 @@ def ok_record(key="img000", seed=1, spec=TINY_SPEC) -> Record:
             return record
 
 
-@pytest.mark.parametrize("compression", [None, "gzip"])
-def test_round_trip_is_exact(tmp_path, compression):
+def test_round_trip_is_exact(tmp_path):
     keys = [f"img{i:03d}" for i in range(12)] + ["naïve/ü.jpg"]
     records = make_records(keys, seed=3)
     assert {r.status for r in records} == {"ok", "missing", "corrupt"}
-    cache_dir = write_cache(tmp_path / "c", records, shard_size=5, compression=compression)
+    cache_dir = write_cache(tmp_path / "c", records, shard_size=5)
 
     reader = CacheReader(cache_dir)
     assert reader.keys == keys and len(reader) == len(keys)
@@ -263,8 +262,6 @@ def test_invalid_records_are_rejected(tmp_path, changes, message):
 def test_writer_usage_errors(tmp_path):
     path = tmp_path / "shard-00000.h5"
     record = ok_record("a")
-    with pytest.raises(ValueError, match=r"compression must be one of \(None, 'gzip'\), got 'lzf'"):
-        ShardWriter(path, TINY_SPEC, ["a"], ATTRS, compression="lzf")
     with pytest.raises(ValueError, match=r"duplicate image keys \['a'\]"):
         ShardWriter(path, TINY_SPEC, ["a", "b", "a"], ATTRS)
     with pytest.raises(ValueError, match="no keys to write"):
