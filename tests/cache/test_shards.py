@@ -13,7 +13,9 @@ import pytest
 
 from mner.cache.reader import CacheReader
 from mner.cache.shards import (
+    RECORD_ARRAYS,
     SCHEMA_VERSION,
+    STATUS_NAMES,
     Record,
     ShardWriter,
     TokenSpec,
@@ -21,6 +23,7 @@ from mner.cache.shards import (
     compute_fingerprint,
     empty_record,
     read_manifest,
+    row_problems,
     shard_path,
     write_manifest,
 )
@@ -257,6 +260,61 @@ def test_invalid_records_are_rejected(tmp_path, changes, message):
     with ShardWriter(tmp_path / "s.h5", TINY_SPEC, ["img000"], ATTRS) as writer:
         with pytest.raises(ValueError, match=message):
             writer.write(0, record)
+
+
+def stacked(records: list[Record]) -> dict[str, np.ndarray]:
+    """The block row_problems takes, as verify reads it from a shard: (B, ...) arrays."""
+    block = {name: np.stack([getattr(r, name) for r in records]) for name in RECORD_ARRAYS}
+    block["status"] = np.array([STATUS_NAMES.index(r.status) for r in records], np.uint8)
+    block["image_size"] = np.array([(r.width, r.height) for r in records], np.int32)
+    block["num_regions"] = np.array([r.num_regions for r in records], np.int32)
+    return block
+
+
+def test_row_problems_states_each_rule_for_the_writer_and_for_verify():
+    records = make_records(
+        [f"img{i:03d}" for i in range(6)], statuses={"img004": "missing", "img005": "corrupt"}
+    )
+    assert row_problems(stacked(records), TINY_SPEC) == []
+    no_size = _replace(ok_record(), width=0)
+    rows = [
+        _replace(ok_record(), region_boxes=_set((0, 2), 1.5)),
+        records[1],
+        no_size,
+        records[3],
+        dataclasses.replace(records[4], width=3),
+        _replace(records[5], patch_tokens=_set((0, 0), 1.0)),
+    ]
+    block = stacked(rows)
+    block["status"][3] = 9  # what verify may find on disk; the writer only takes status names
+    block["global_embed"][3, 1] = np.inf
+    found = [
+        (p.check, list(p.rows), p.rule(p.rows[0]), p.found(p.rows[0])) for p in row_problems(block, TINY_SPEC)
+    ]
+    not_empty = "must have zero size, regions and tokens (use empty_record)"
+    assert found == [
+        ("status", [3], "status code 9 is not one of 0..2", "status code 9 is not one of 0..2"),
+        ("nan global_embed", [3], "global_embed contains NaN or inf", "global_embed contains NaN or inf"),
+        (
+            "boxes",
+            [0],
+            "region_boxes must lie in [0, 1] (normalised by image width/height)",
+            "region_boxes outside [0, 1]",
+        ),
+        (
+            "ok size",
+            [2],
+            f"status ok needs width and height >= 1, got 0x{no_size.height}",
+            f"status ok needs width and height >= 1, got 0x{no_size.height}",
+        ),
+        ("not ok tokens", [3, 5], f"status 9 {not_empty}", "status is not ok but its tokens are not zero"),
+        (
+            "not ok size",
+            [3, 4],
+            f"status 9 {not_empty}",
+            "status is not ok but its size or num_regions is not zero",
+        ),
+    ]
 
 
 def test_writer_usage_errors(tmp_path):
