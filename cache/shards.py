@@ -164,6 +164,36 @@ def compute_fingerprint(parts: dict) -> str:
     return hashlib.sha256(_canonical_json(parts).encode("utf-8")).hexdigest()
 
 
+def fingerprint_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Dotted path -> (old value, new value) for every leaf where two fingerprint descriptions differ.
+
+    E.g. {"models.clip.sha256": ("ab12", "cd34"), "topk": (20, 10)}, sorted by path. A key missing
+    on one side counts as None; where only one side holds a dict, its path is one difference.
+    `ignore` names top-level parts to leave out. Extraction words this for a refused cache folder,
+    evaluate and predict for a cache other than a run's.
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        raise ValueError(
+            f"fingerprint_diff compares two dicts, got {type(old).__name__} and {type(new).__name__}"
+        )
+    old, new = ({key: value for key, value in side.items() if key not in ignore} for side in (old, new))
+    return dict(sorted(_leaf_diff(old, new, "").items()))
+
+
+def _leaf_diff(a, b, path: str) -> dict[str, tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = {}
+        for key in a.keys() | b.keys():
+            found.update(_leaf_diff(a.get(key), b.get(key), f"{path}.{key}" if path else key))
+        return found
+    return {} if a == b else {path: (a, b)}
+
+
+def h5py_version() -> str:
+    """The version of the h5py that writes the shards (extraction fingerprints it with the others)."""
+    return h5py.__version__
+
+
 def _canonical_json(value) -> str:
     try:
         return json.dumps(
