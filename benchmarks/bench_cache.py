@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from mner.cache.reader import CacheReader
@@ -27,6 +26,7 @@ from mner.cache.shards import (
     ShardWriter,
     TokenSpec,
     compute_fingerprint,
+    open_shard,
     read_manifest,
     shard_path,
     write_manifest,
@@ -99,7 +99,7 @@ def naive_reads(cache_dir: Path, order: list[str], cached_handles: bool) -> floa
     code); True keeps the Dataset objects, so only h5py's per-read selection overhead remains.
     """
     manifest = read_manifest(cache_dir)
-    files = {s["file"]: h5py.File(cache_dir / s["file"], "r", locking=False) for s in manifest["shards"]}
+    files = {s["file"]: open_shard(cache_dir / s["file"]) for s in manifest["shards"]}
     where = {image["key"]: (image["shard"], image["row"]) for image in manifest["images"]}
     names = [name for name in next(iter(files.values())) if name != "keys"]
     handles = {shard: {name: f[name] for name in names} for shard, f in files.items()}
