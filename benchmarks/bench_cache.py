@@ -1,12 +1,12 @@
-"""Cache read speed and size: CacheReader vs naive h5py indexing, lazy vs in_memory, gzip vs none.
+"""Cache read speed and size: CacheReader vs naive h5py indexing, lazy vs in_memory.
 
     python benchmarks/bench_cache.py                      # 2000 tiny + 500 B/32-size records
     python benchmarks/bench_cache.py --n-tiny 20000 --n-b32 2000 --workdir /scratch/bench
 
 Every number is measured in this run, in one process, reading full records in a random order.
-The tokens are random normals cast to float16 and regions are zero-padded to K, so the gzip
-numbers show what padding and float16 exponents give; real features compress about as badly as
-random ones.
+The tokens are random normals cast to float16 and regions are zero-padded to K. Shards are
+uncompressed: an earlier version of this benchmark measured gzip at 0.77-0.89x the size but 2.5-9x
+slower lazy reads, missing both read targets (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from mner.cache.reader import CacheReader
@@ -27,6 +26,7 @@ from mner.cache.shards import (
     ShardWriter,
     TokenSpec,
     compute_fingerprint,
+    open_shard,
     read_manifest,
     shard_path,
     write_manifest,
@@ -74,21 +74,17 @@ def random_records(spec: TokenSpec, n: int, rng: np.random.Generator) -> list[Re
     return records
 
 
-def build_cache(
-    cache_dir: Path, spec: TokenSpec, records: list[Record], shard_size: int, compression
-) -> float:
+def build_cache(cache_dir: Path, spec: TokenSpec, records: list[Record], shard_size: int) -> float:
     """Write a cache; returns records/s written."""
     cache_dir.mkdir(parents=True)
-    config = {"bench": True, "compression": compression}
+    config = {"bench": True}
     fingerprint = compute_fingerprint({"config": config, "spec": spec.to_dict()})
     start = time.perf_counter()
     files = []
     for index, first in enumerate(range(0, len(records), shard_size)):
         chunk = records[first : first + shard_size]
         attrs = {"fingerprint": fingerprint, "config_json": config, "shard_index": index}
-        with ShardWriter(
-            shard_path(cache_dir, index), spec, [r.key for r in chunk], attrs, compression
-        ) as writer:
+        with ShardWriter(shard_path(cache_dir, index), spec, [r.key for r in chunk], attrs) as writer:
             for row, record in enumerate(chunk):
                 writer.write(row, record)
             files.append(writer.commit())
@@ -103,7 +99,7 @@ def naive_reads(cache_dir: Path, order: list[str], cached_handles: bool) -> floa
     code); True keeps the Dataset objects, so only h5py's per-read selection overhead remains.
     """
     manifest = read_manifest(cache_dir)
-    files = {s["file"]: h5py.File(cache_dir / s["file"], "r", locking=False) for s in manifest["shards"]}
+    files = {s["file"]: open_shard(cache_dir / s["file"]) for s in manifest["shards"]}
     where = {image["key"]: (image["shard"], image["row"]) for image in manifest["images"]}
     names = [name for name in next(iter(files.values())) if name != "keys"]
     handles = {shard: {name: f[name] for name in names} for shard, f in files.items()}
@@ -163,36 +159,27 @@ def bench(name: str, n: int, workdir: Path, seed: int) -> None:
         f"K={spec.max_regions}x{spec.region_dim}, shards of {shard_size} =="
     )
     payload = payload_bytes(spec)
-    results = {}
-    for compression in (None, "gzip"):
-        label = compression or "none"
-        cache_dir = workdir / f"{name}-{label}"
-        write_rate = build_cache(cache_dir, spec, records, shard_size, compression)
-        size = disk_bytes(cache_dir)
-        lazy, lazy_open = reader_reads(cache_dir, order, in_memory=False)
-        ram, ram_open = reader_reads(cache_dir, order, in_memory=True)
-        results[label] = (size, lazy)
-        verdict = "meets" if lazy >= TARGETS[name] else "MISSES"
+    cache_dir = workdir / name
+    write_rate = build_cache(cache_dir, spec, records, shard_size)
+    size = disk_bytes(cache_dir)
+    lazy, lazy_open = reader_reads(cache_dir, order, in_memory=False)
+    ram, ram_open = reader_reads(cache_dir, order, in_memory=True)
+    verdict = "meets" if lazy >= TARGETS[name] else "MISSES"
+    print(
+        f"write {write_rate:,.0f} rec/s; disk {size / n:,.0f} B/image "
+        f"(raw padded payload {payload:,} B; ratio {size / n / payload:.3f})"
+    )
+    print(
+        f"CacheReader lazy      {lazy:>10,.0f} rec/s  (construct + first open {lazy_open * 1e3:.1f} ms; "
+        f"{verdict} the {TARGETS[name]:,} target)"
+    )
+    print(f"CacheReader in_memory {ram:>10,.0f} rec/s  (construct + load {ram_open * 1e3:.1f} ms)")
+    for cached, what in ((False, "h5py f[name][row]     "), (True, "h5py cached dset[row] ")):
+        naive = naive_reads(cache_dir, order, cached_handles=cached)
         print(
-            f"[{label}] write {write_rate:,.0f} rec/s; disk {size / n:,.0f} B/image "
-            f"(raw padded payload {payload:,} B; ratio {size / n / payload:.3f})"
+            f"baseline {what}{naive:>10,.0f} rec/s  -> lazy is {lazy / naive:.1f}x, "
+            f"in_memory {ram / naive:.1f}x"
         )
-        print(
-            f"[{label}] CacheReader lazy      {lazy:>10,.0f} rec/s  (construct + first open {lazy_open * 1e3:.1f} ms; "
-            f"{verdict} the {TARGETS[name]:,} target)"
-        )
-        print(
-            f"[{label}] CacheReader in_memory {ram:>10,.0f} rec/s  (construct + load {ram_open * 1e3:.1f} ms)"
-        )
-        if compression is None:
-            for cached, what in ((False, "h5py f[name][row]     "), (True, "h5py cached dset[row] ")):
-                naive = naive_reads(cache_dir, order, cached_handles=cached)
-                print(
-                    f"[{label}] baseline {what}{naive:>10,.0f} rec/s  -> lazy is {lazy / naive:.1f}x, "
-                    f"in_memory {ram / naive:.1f}x"
-                )
-    (none_size, none_rate), (gzip_size, gzip_rate) = results["none"], results["gzip"]
-    print(f"gzip vs none: size {gzip_size / none_size:.3f}x, lazy read speed {gzip_rate / none_rate:.3f}x")
 
 
 def main() -> None:

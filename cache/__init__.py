@@ -1,10 +1,13 @@
-"""Tokens on disk: dataset readers, the HDF5 shard layout, the cache reader, verification and inspection.
+"""Tokens on disk: dataset readers, the HDF5 shard layout, the cache reader, verification, inspection
+and an extraction's dealings with its folder (reuse, refuse, clear, background writes).
 
-The only package that knows the HDF5 layout; see the "Cache" section of docs/design.md.
+The only package that knows the HDF5 layout and the only one that imports h5py; see the "Cache"
+section of docs/design.md.
 """
 
 from mner.cache.datasets import DatasetError, DataSource, Post, Split, label_names, read_split, resolve_data
 from mner.cache.inspect import format_inspection, inspect_cache, show_record
+from mner.cache.lifecycle import ShardSink, check_existing, clear_cache, shards_to_write
 from mner.cache.reader import CacheReader
 from mner.cache.shards import (
     SCHEMA_VERSION,
@@ -15,7 +18,10 @@ from mner.cache.shards import (
     completed_shard,
     compute_fingerprint,
     empty_record,
+    fingerprint_diff,
+    h5py_version,
     read_manifest,
+    row_problems,
     shard_path,
     write_manifest,
 )
@@ -29,20 +35,27 @@ __all__ = [
     "DatasetError",
     "Post",
     "Record",
+    "ShardSink",
     "ShardWriter",
     "Split",
     "TokenSpec",
     "VerifyReport",
+    "check_existing",
+    "clear_cache",
     "completed_shard",
     "compute_fingerprint",
     "empty_record",
+    "fingerprint_diff",
     "format_inspection",
+    "h5py_version",
     "inspect_cache",
     "label_names",
     "read_manifest",
     "read_split",
     "resolve_data",
+    "row_problems",
     "shard_path",
+    "shards_to_write",
     "show_record",
     "verify_cache",
     "write_manifest",

@@ -3,8 +3,9 @@
 Speed comes from doing the per-image HDF5 work once: when a shard is first opened its small
 per-image arrays (keys, status, sizes, region labels/scores/boxes, counts) are loaded into numpy,
 and each token tensor is then fetched with one raw chunk read (`read_direct_chunk`, one image per
-chunk, uncompressed), which skips h5py's selection machinery. Compressed shards fall back to
-ordinary indexing. See benchmarks/bench_cache.py for the numbers.
+chunk, uncompressed), which skips h5py's selection machinery. A shard whose token chunks are
+filtered or laid out otherwise (say, repacked with h5repack) is read by ordinary indexing instead.
+See benchmarks/bench_cache.py for the numbers.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class _DiskTokens:
     def __init__(self, dset, shape: tuple[int, ...]):
         self.dset, self.dsid, self.dtype, self.shape = dset, dset.id, dset.dtype, shape
         self.offset = (0,) * len(shape)
-        # Compressed (or not one image per chunk): HDF5 must decode, so use ordinary indexing.
+        # Filtered (e.g. repacked with gzip) or not one image per chunk: HDF5 must decode, so index.
         self.raw = dset.chunks == (1, *shape) and dset.id.get_create_plist().get_nfilters() == 0
 
     def read(self, row: int) -> np.ndarray:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ STATUS_CODES = {name: code for code, name in enumerate(STATUS_NAMES)}
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "extract_config.json"
 SHARD_GLOB = "shard-*.h5"
-COMPRESSIONS = (None, "gzip")
 
 # The largest finite float16; anything larger becomes inf when cast.
 FP16_MAX = 65504.0
@@ -164,6 +164,36 @@ def compute_fingerprint(parts: dict) -> str:
     return hashlib.sha256(_canonical_json(parts).encode("utf-8")).hexdigest()
 
 
+def fingerprint_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Dotted path -> (old value, new value) for every leaf where two fingerprint descriptions differ.
+
+    E.g. {"models.clip.sha256": ("ab12", "cd34"), "topk": (20, 10)}, sorted by path. A key missing
+    on one side counts as None; where only one side holds a dict, its path is one difference.
+    `ignore` names top-level parts to leave out. Extraction words this for a refused cache folder,
+    evaluate and predict for a cache other than a run's.
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        raise ValueError(
+            f"fingerprint_diff compares two dicts, got {type(old).__name__} and {type(new).__name__}"
+        )
+    old, new = ({key: value for key, value in side.items() if key not in ignore} for side in (old, new))
+    return dict(sorted(_leaf_diff(old, new, "").items()))
+
+
+def _leaf_diff(a, b, path: str) -> dict[str, tuple]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        found = {}
+        for key in a.keys() | b.keys():
+            found.update(_leaf_diff(a.get(key), b.get(key), f"{path}.{key}" if path else key))
+        return found
+    return {} if a == b else {path: (a, b)}
+
+
+def h5py_version() -> str:
+    """The version of the h5py that writes the shards (extraction fingerprints it with the others)."""
+    return h5py.__version__
+
+
 def _canonical_json(value) -> str:
     try:
         return json.dumps(
@@ -227,7 +257,7 @@ class ShardWriter:
     Leaving the `with` block without commit() (or with an exception) removes the tmp file.
     """
 
-    def __init__(self, path, spec: TokenSpec, keys, attrs: dict, compression: str | None = None):
+    def __init__(self, path, spec: TokenSpec, keys, attrs: dict):
         """
         Args:
             path: final shard path (normally `shard_path(cache_dir, index)`).
@@ -236,12 +266,11 @@ class ShardWriter:
             attrs: shard attributes: "fingerprint" (str), "config_json" (str, or a dict that is
                 stored as canonical JSON) and "shard_index" (int) are required; other plain values
                 are stored as given. The writer sets schema_version, spec_json and complete.
-            compression: None (default: fastest reads, see benchmarks/bench_cache.py) or "gzip".
+        Shards are uncompressed: gzip saved 11-23% of the size but made random reads 2.5-9x slower
+        (benchmarks/README.md).
         """
         if not isinstance(spec, TokenSpec):
             raise ValueError(f"spec must be a TokenSpec, got {type(spec).__name__}")
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         keys = list(keys)
         if not keys:
             raise ValueError(f"shard {path}: no keys to write")
@@ -264,7 +293,6 @@ class ShardWriter:
         self.tmp_path = tmp_path(self.path)
         self.spec = spec
         self.keys = keys
-        self.compression = compression
         self._written = np.zeros(len(keys), dtype=bool)
         # HDF5 1.10 format: chunked datasets of fixed size get a fixed-array chunk index (~8 bytes a
         # chunk instead of a B-tree), which keeps small-token shards within a few percent of the raw
@@ -293,7 +321,6 @@ class ShardWriter:
                     shape=(N, *shape),
                     dtype=DTYPES[name],
                     chunks=(1, *shape),
-                    compression=self.compression,
                 )
             elif name != "keys":
                 # Small per-image metadata, contiguous on disk (readers load it whole); buffered in
@@ -371,45 +398,139 @@ def _checked_arrays(record: Record, spec: TokenSpec) -> dict[str, np.ndarray]:
     key = record.key
     if record.status not in STATUS_NAMES:
         raise ValueError(f"image {key!r}: unknown status {record.status!r}; expected one of {STATUS_NAMES}")
-    K = spec.max_regions
-    if not 0 <= record.num_regions <= K:
-        raise ValueError(f"image {key!r}: num_regions {record.num_regions} outside [0, {K}]")
     shapes = spec.shapes()
-    arrays = {}
+    given = {}
     for name in RECORD_ARRAYS:
         array = np.asarray(getattr(record, name))
         if array.shape != shapes[name]:
             raise ValueError(f"image {key!r}: {name} has shape {array.shape}, the spec needs {shapes[name]}")
-        if not np.all(np.isfinite(array)):
-            raise ValueError(f"image {key!r}: {name} contains NaN or inf")
-        if name in TOKEN_DATASETS:
-            peak = float(np.abs(array).max(initial=0.0))
-            if peak > FP16_MAX:
-                raise ValueError(
-                    f"image {key!r}: {name} has |value| {peak:g} > {FP16_MAX:g}, which overflows float16; "
-                    "normalise the features before caching"
-                )
-        arrays[name] = array.astype(DTYPES[name], copy=False)
+        given[name] = array
+    # The values as given, before the cast: a float32 token above FP16_MAX must not pass as inf.
+    block = {name: array[None] for name, array in given.items()}  # (1, ...) each
+    block["status"] = np.array([STATUS_CODES[record.status]])  # (1,)
+    block["image_size"] = np.array([[record.width, record.height]])  # (1, 2)
+    block["num_regions"] = np.array([record.num_regions])  # (1,)
+    problems = row_problems(block, spec)
+    if problems:
+        raise ValueError(f"image {key!r}: {problems[0].rule(0)}")
+    return {name: array.astype(DTYPES[name], copy=False) for name, array in given.items()}
 
-    n = record.num_regions
-    for name in REGION_DATASETS:
-        if np.any(arrays[name][n:]):
-            raise ValueError(f"image {key!r}: {name} rows >= num_regions ({n}) must be zero padding")
-    boxes = arrays["region_boxes"][:n]  # (n, 4) xyxy
-    if np.any(boxes < 0) or np.any(boxes > 1):
-        raise ValueError(f"image {key!r}: region_boxes must lie in [0, 1] (normalised by image width/height)")
-    if np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
-        raise ValueError(f"image {key!r}: region_boxes must be xyxy with x2 >= x1 and y2 >= y1")
-    if record.status == "ok":
-        if record.width < 1 or record.height < 1:
-            raise ValueError(
-                f"image {key!r}: status ok needs width and height >= 1, got {record.width}x{record.height}"
-            )
-    elif record.width or record.height or n or any(np.any(array) for array in arrays.values()):
-        raise ValueError(
-            f"image {key!r}: status {record.status} must have zero size, regions and tokens (use empty_record)"
+
+@dataclass(frozen=True)
+class RowProblem:
+    """The rows of a block that break one rule of the shard layout, and the two ways to say so."""
+
+    check: str  # the rule's short name, e.g. "boxes" or "nan patch_tokens"
+    rows: np.ndarray  # (M,) indices into the block of the rows that break it
+    rule: Callable[[int], str]  # for block row i: the rule, as ShardWriter tells its caller
+    found: Callable[[int], str]  # for block row i: what is wrong, as verify_cache reports a stored row
+
+
+def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProblem]:
+    """Check B rows against what every shard row must satisfy; returns the broken rules in order.
+
+    Args:
+        block: "status" (B,) status codes, "image_size" (B, 2) width and height, "num_regions" (B,),
+            and each of RECORD_ARRAYS at (B, *shape) for the spec's shapes (any real dtype).
+    ShardWriter raises the first problem of the record it is given (B = 1); verify_cache lists every
+    problem of each block of stored rows. The shapes are the caller's to check.
+    """
+    K = spec.max_regions
+    codes, count = block["status"], block["num_regions"]  # (B,), (B,)
+    width, height = block["image_size"][:, 0], block["image_size"][:, 1]  # (B,), (B,)
+    B = len(codes)
+    flat = {name: block[name].reshape(B, -1) for name in RECORD_ARRAYS}  # (B, size) each
+    padding = np.arange(K)[None, :] >= np.clip(count, 0, K)[:, None]  # (B, K) True on padding rows
+    boxes = block["region_boxes"]  # (B, K, 4) xyxy
+    not_ok = codes != STATUS_CODES["ok"]  # (B,)
+
+    def same(message):
+        return message, message
+
+    def status_name(i) -> str:
+        return STATUS_NAMES[codes[i]] if codes[i] < len(STATUS_NAMES) else str(codes[i])
+
+    def not_empty(i) -> str:
+        return f"status {status_name(i)} must have zero size, regions and tokens (use empty_record)"
+
+    # (check, bad rows (B,), rule message, found message) in the order ShardWriter reports them.
+    rules = [
+        (
+            "status",
+            codes >= len(STATUS_NAMES),
+            *same(lambda i: f"status code {codes[i]} is not one of 0..{len(STATUS_NAMES) - 1}"),
+        ),
+        (
+            "num_regions",
+            (count < 0) | (count > K),
+            *same(lambda i: f"num_regions {count[i]} outside [0, {K}]"),
+        ),
+    ]
+    finite = {name: np.isfinite(values) for name, values in flat.items()}  # (B, size) each
+    for name in RECORD_ARRAYS:
+        rules.append(
+            (f"nan {name}", ~finite[name].all(axis=1), *same(lambda i, d=name: f"{d} contains NaN or inf"))
         )
-    return arrays
+    for name in TOKEN_DATASETS:
+        peak = np.abs(np.where(finite[name], flat[name], 0)).max(axis=1, initial=0.0)  # (B,)
+        rules.append(
+            (
+                f"overflow {name}",
+                peak > FP16_MAX,
+                *same(
+                    lambda i, d=name, peak=peak: (
+                        f"{d} has |value| {peak[i]:g} > {FP16_MAX:g}, which overflows float16; "
+                        "normalise the features before caching"
+                    )
+                ),
+            )
+        )
+    for name in REGION_DATASETS:
+        set_rows = block[name].reshape(B, K, -1).any(axis=2)  # (B, K)
+        rules.append(
+            (
+                f"padding {name}",
+                (set_rows & padding).any(axis=1),
+                lambda i, d=name: f"{d} rows >= num_regions ({count[i]}) must be zero padding",
+                lambda i, d=name: f"{d} rows >= num_regions ({count[i]}) are not zero",
+            )
+        )
+    outside = ((boxes < 0) | (boxes > 1)).any(axis=2) & ~padding  # (B, K)
+    inverted = ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])) & ~padding  # (B, K)
+    rules += [
+        (
+            "boxes",
+            outside.any(axis=1),
+            lambda i: "region_boxes must lie in [0, 1] (normalised by image width/height)",
+            lambda i: "region_boxes outside [0, 1]",
+        ),
+        (
+            "boxes",
+            inverted.any(axis=1),
+            lambda i: "region_boxes must be xyxy with x2 >= x1 and y2 >= y1",
+            lambda i: "region_boxes with x2 < x1 or y2 < y1",
+        ),
+        (
+            "ok size",
+            ~not_ok & ((width < 1) | (height < 1)),
+            *same(lambda i: f"status ok needs width and height >= 1, got {width[i]}x{height[i]}"),
+        ),
+        (
+            "not ok tokens",
+            not_ok & np.any([flat[name].any(axis=1) for name in TOKEN_DATASETS], axis=0),
+            not_empty,
+            lambda i: "status is not ok but its tokens are not zero",
+        ),
+        (
+            "not ok size",
+            not_ok & ((width != 0) | (height != 0) | (count != 0)),
+            not_empty,
+            lambda i: "status is not ok but its size or num_regions is not zero",
+        ),
+    ]
+    return [
+        RowProblem(check, np.flatnonzero(bad), rule, found) for check, bad, rule, found in rules if bad.any()
+    ]
 
 
 def _fsync(path: Path) -> None:

@@ -12,21 +12,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from mner.cache.datasets import SPLITS, DataSource, recorded_data
 from mner.cache.shards import (
     DTYPES,
     RECORD_ARRAYS,
-    REGION_DATASETS,
     SCHEMA_VERSION,
     SHARD_GLOB,
     STATUS_NAMES,
-    TOKEN_DATASETS,
     TokenSpec,
     file_sha256,
     open_shard,
     read_manifest,
+    row_problems,
 )
 
 # Rows read at once when scanning token tensors (bounded memory for B/32-size shards).
@@ -74,9 +71,11 @@ def verify_cache(cache_dir, data: DataSource | None = None) -> VerifyReport:
 
     Checks: every manifest shard exists and matches its sha256; no stray or .tmp shard; shard
     attributes, dataset shapes/dtypes, row counts, keys and per-image status/size/counts agree with
-    the manifest; status codes valid; num_regions in [0, K]; region padding zero; no NaN/inf; boxes
-    in [0, 1] with x2 >= x1, y2 >= y1; non-ok images have zero tokens. With `data`, every image key
-    of each split file present (train/valid/test) is in the cache and every cache key is in a split.
+    the manifest; and every row keeps the rules ShardWriter enforces (`row_problems`): status codes
+    valid; num_regions in [0, K]; region padding zero; no NaN/inf; boxes in [0, 1] with x2 >= x1,
+    y2 >= y1; ok images have a size; non-ok images have zero size, regions and tokens. With `data`,
+    every image key of each split file present (train/valid/test) is in the cache and every cache
+    key is in a split.
     """
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
@@ -211,57 +210,21 @@ def _check_shard(
                 )
 
     for start in range(0, n, _BLOCK_ROWS):
-        _check_block(f, name, keys, status, counts, slice(start, min(n, start + _BLOCK_ROWS)), spec, problems)
+        block = slice(start, min(n, start + _BLOCK_ROWS))
+        _check_block(f, name, keys, status, sizes, counts, block, spec, problems)
     return n
 
 
-def _check_block(f, name, keys, status, counts, rows: slice, spec: TokenSpec, problems: _Problems) -> None:
-    """Content checks on rows [rows.start, rows.stop) of one shard, vectorised over the block."""
-    K = spec.max_regions
-    arrays = {dataset: f[dataset][rows] for dataset in RECORD_ARRAYS}  # each (B, ...)
-    codes, count = status[rows], counts[rows]  # (B,), (B,)
-    B = len(codes)
-    padding = np.arange(K)[None, :] >= np.clip(count, 0, K)[:, None]  # (B, K) True on padding rows
-    boxes = arrays["region_boxes"]  # (B, K, 4) xyxy
-    outside = ((boxes < 0) | (boxes > 1)).any(axis=2) & ~padding  # (B, K)
-    inverted = ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1])) & ~padding  # (B, K)
-    tokens_set = np.zeros(B, dtype=bool)
-    for dataset in TOKEN_DATASETS:
-        tokens_set |= arrays[dataset].reshape(B, -1).any(axis=1)
-
-    checks = [
-        (
-            "status",
-            codes >= len(STATUS_NAMES),
-            lambda i: f"status code {codes[i]} is not one of 0..{len(STATUS_NAMES) - 1}",
-        ),
-        ("num_regions", (count < 0) | (count > K), lambda i: f"num_regions {count[i]} outside [0, {K}]"),
-    ]
-    for dataset in RECORD_ARRAYS:
-        finite = np.isfinite(arrays[dataset].reshape(B, -1)).all(axis=1)
-        checks.append((f"nan {dataset}", ~finite, lambda i, d=dataset: f"{d} contains NaN or inf"))
-    for dataset in REGION_DATASETS:
-        set_rows = arrays[dataset].reshape(B, K, -1).any(axis=2)  # (B, K)
-        checks.append(
-            (
-                f"padding {dataset}",
-                (set_rows & padding).any(axis=1),
-                lambda i, d=dataset: f"{d} rows >= num_regions ({count[i]}) are not zero",
-            )
-        )
-    checks += [
-        ("boxes", outside.any(axis=1), lambda i: "region_boxes outside [0, 1]"),
-        ("boxes", inverted.any(axis=1), lambda i: "region_boxes with x2 < x1 or y2 < y1"),
-        (
-            "not ok tokens",
-            (codes != 0) & tokens_set,
-            lambda i: "status is not ok but its tokens are not zero",
-        ),
-    ]
-    for check, bad, message in checks:
-        for i in np.flatnonzero(bad):
+def _check_block(
+    f, name, keys, status, sizes, counts, rows: slice, spec: TokenSpec, problems: _Problems
+) -> None:
+    """Content checks on rows [rows.start, rows.stop) of one shard: ShardWriter's rules, over the block."""
+    block = {dataset: f[dataset][rows] for dataset in RECORD_ARRAYS}  # each (B, ...)
+    block.update(status=status[rows], image_size=sizes[rows], num_regions=counts[rows])
+    for problem in row_problems(block, spec):
+        for i in problem.rows:
             row = rows.start + int(i)
-            problems.add(name, check, f"{name} row {row} (key {keys[row]!r}): {message(i)}")
+            problems.add(name, problem.check, f"{name} row {row} (key {keys[row]!r}): {problem.found(i)}")
 
 
 def _check_data(data: DataSource, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:

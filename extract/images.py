@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-STATUSES = ("ok", "missing", "corrupt")
-
 
 @dataclass
 class LoadedImage:
     """One decoded image, or why there is none."""
 
     image: Image.Image | None  # RGB, EXIF orientation applied; None unless status is "ok"
-    status: str  # "ok" | "missing" | "corrupt"
+    status: str  # "ok" | "missing" | "corrupt" (cache.shards.STATUS_NAMES)
     width: int  # after EXIF rotation; 0 unless status is "ok"
     height: int  # after EXIF rotation; 0 unless status is "ok"
     error: str = ""  # why status is not "ok"

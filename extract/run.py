@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
-import h5py
 import numpy as np
 import PIL
 import torch
@@ -36,21 +32,16 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from mner.cache.datasets import DataSource
+from mner.cache.lifecycle import ShardSink, check_existing, clear_cache, shards_to_write
 from mner.cache.shards import (
-    CONFIG_NAME,
-    MANIFEST_NAME,
     SCHEMA_VERSION,
-    SHARD_GLOB,
     Record,
-    ShardWriter,
     TokenSpec,
-    completed_shard,
     compute_fingerprint,
     empty_record,
-    open_shard,
+    h5py_version,
     read_manifest,
     shard_path,
-    tmp_path,
     write_manifest,
 )
 from mner.extract.config import ExtractConfig
@@ -72,8 +63,6 @@ log = logging.getLogger(__name__)
 # weights, so moving a model folder or checkpoint does not invalidate a cache.
 _LOCATION_FIELDS = ("path", "ckpt")
 _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# Batches the writer thread may hold before the model loop waits for it.
-_WRITE_QUEUE_BATCHES = 8
 
 
 def extract_features(cfg: ExtractConfig) -> Path:
@@ -111,19 +100,17 @@ def extract_features(cfg: ExtractConfig) -> Path:
         parts = fingerprint_parts(cfg, models, spec, keys)
         fingerprint = compute_fingerprint(parts)
         out = Path(cfg.out).expanduser()
-        known_errors = _check_existing(out, fingerprint, parts, cfg.overwrite)
+        known_errors = check_existing(out, fingerprint, parts, cfg.overwrite)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             if cfg.overwrite:
-                _remove_cache_files(out)
+                clear_cache(out)
         _barrier(world)
 
         config = {**cfg.to_dict(), "fingerprint_parts": parts}
         shard_keys = [keys[i : i + cfg.shard_size] for i in range(0, len(keys), cfg.shard_size)]
         mine = list(range(rank, len(shard_keys), world))
-        for index in mine:
-            tmp_path(shard_path(out, index)).unlink(missing_ok=True)  # left by a killed run
-        todo = [index for index in mine if not completed_shard(shard_path(out, index), fingerprint)]
+        todo = shards_to_write(out, mine, fingerprint)
         if len(todo) < len(mine):
             log.info(
                 "re-running the same command skips completed shards: %d of %d done",
@@ -193,7 +180,7 @@ def fingerprint_parts(cfg: ExtractConfig, models: dict, spec: TokenSpec, keys: l
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
             "transformers": transformers.__version__,
-            "h5py": h5py.__version__,
+            "h5py": h5py_version(),
             "pillow": PIL.__version__,
         },
     }
@@ -210,81 +197,6 @@ def summarize(cache_dir: str | Path, seconds: float | None = None) -> str:
         f"corrupt {counts['corrupt']}) in {cache_dir}: {size / 2**20:.1f} MiB on disk"
     )
     return text if seconds is None else f"{text}, {seconds:.1f} s"
-
-
-# ------------------------------------------------------------------------------------ existing cache
-
-
-def _check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) -> dict[str, str]:
-    """Refuse a cache folder made with another configuration.
-
-    Returns the error messages of a matching earlier manifest ({key: message}), which a re-run that
-    skips those images' shards would otherwise not know.
-    """
-    if overwrite or not out.is_dir():
-        return {}
-    old_fp, old_config, manifest = None, None, {}
-    if (out / MANIFEST_NAME).is_file():
-        try:
-            manifest = read_manifest(out)
-            old_fp, old_config = manifest["fingerprint"], manifest["config"]
-        except ValueError:
-            old_fp = "unreadable manifest"
-    if old_fp in (None, fingerprint):
-        for path in sorted(out.glob(SHARD_GLOB)):
-            # Shards are renamed into place only when complete, so a mismatch means another configuration.
-            if not completed_shard(path, fingerprint):
-                old_fp, old_config = _shard_fingerprint(path)
-                break
-    if old_fp is None or old_fp == fingerprint:
-        return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
-    differs = _differences((old_config or {}).get("fingerprint_parts"), parts)
-    raise ValueError(
-        f"cache at {out} was made with a different configuration (fingerprint {old_fp[:12]} != "
-        f"{fingerprint[:12]}); use --overwrite to replace it" + (f"; differs: {differs}" if differs else "")
-    )
-
-
-def _shard_fingerprint(path: Path) -> tuple[str, dict | None]:
-    try:
-        with open_shard(path) as handle:
-            return str(handle.attrs.get("fingerprint", "none")), json.loads(
-                handle.attrs.get("config_json", "null")
-            )
-    except (OSError, ValueError):
-        return f"unreadable shard {path.name}", None
-
-
-def _differences(old: dict | None, new: dict) -> str:
-    """ "topk 20 -> 10, models.clip.sha256.model.safetensors" for the leaves that differ."""
-    if not isinstance(old, dict):
-        return ""
-    old_flat, new_flat = _flatten(old), _flatten(new)
-    names = sorted(
-        name for name in old_flat.keys() | new_flat.keys() if old_flat.get(name) != new_flat.get(name)
-    )
-    shown = []
-    for name in names[:8]:
-        before, after = json.dumps(old_flat.get(name)), json.dumps(new_flat.get(name))
-        short = len(before) + len(after) <= 60
-        shown.append(f"{name} {before} -> {after}" if short else name)
-    return ", ".join(shown) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
-
-
-def _remove_cache_files(out: Path) -> None:
-    for pattern in (SHARD_GLOB, SHARD_GLOB + ".tmp", MANIFEST_NAME + "*", CONFIG_NAME + "*"):
-        for path in out.glob(pattern):
-            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------- extraction
@@ -362,7 +274,7 @@ def _extract_shards(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers else None,
     )
-    sink = _ShardSink(
+    sink = ShardSink(
         out,
         spec,
         {index: shard_keys[index] for index in todo},
@@ -475,70 +387,6 @@ def _crop_embeddings(
         return [torch.zeros(0, clip.global_dim) for _ in originals]
     _, embeds = clip.encode(clip.preprocess(crops).to(device))  # (sum R, Dg)
     return list(embeds.split(counts))
-
-
-class _ShardSink:
-    """Writes records on a background thread so HDF5 IO overlaps the next forward pass.
-
-    Batches arrive shard by shard in row order; a shard is committed (renamed into place) as soon as its
-    last row is written.
-    """
-
-    def __init__(self, out: Path, spec: TokenSpec, shard_keys: dict[int, list[str]], attrs: dict):
-        self.out, self.spec, self.shard_keys, self.attrs = out, spec, shard_keys, attrs
-        self.queue: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE_BATCHES)
-        self.error: BaseException | None = None
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, index: int, rows: list[tuple[int, Record]]) -> None:
-        self._raise()
-        self.queue.put((index, rows))
-
-    def close(self) -> None:
-        """Wait for every queued batch to be written; re-raises a writer error."""
-        self.queue.put(None)
-        self.thread.join()
-        self._raise()
-
-    def abort(self) -> None:
-        """Stop without committing the shard in progress (its .tmp file is removed)."""
-        self.stopping = True
-        self.queue.put(None)
-        self.thread.join()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error  # its own type: a ValueError from ShardWriter stays a ValueError
-
-    def _run(self) -> None:
-        writer, index, written = None, None, 0
-        try:
-            while (item := self.queue.get()) is not None and not self.stopping:
-                if self.error is not None:
-                    continue  # drain so the model loop never blocks on a full queue
-                shard, rows = item
-                if shard != index:
-                    assert writer is None, f"shard {index} was left unfinished"
-                    attrs = {**self.attrs, "shard_index": shard}
-                    writer = ShardWriter(
-                        shard_path(self.out, shard), self.spec, self.shard_keys[shard], attrs
-                    )
-                    index, written = shard, 0
-                for row, record in rows:
-                    writer.write(row, record)
-                written += len(rows)
-                if written == len(self.shard_keys[shard]):
-                    writer.commit()
-                    writer = None
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread by put()/close()
-            self.error = err
-            while self.queue.get() is not None:
-                pass
-        finally:
-            if writer is not None:
-                writer.abort()
 
 
 # --------------------------------------------------------------------------------------- distributed

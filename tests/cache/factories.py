@@ -103,9 +103,7 @@ def synthetic_models() -> dict:
     }
 
 
-def write_cache(
-    cache_dir, records: list[Record], spec: TokenSpec | None = None, shard_size: int = 5, compression=None
-) -> Path:
+def write_cache(cache_dir, records: list[Record], spec: TokenSpec | None = None, shard_size: int = 5) -> Path:
     """Write `records` (in order) through ShardWriter + write_manifest; returns cache_dir."""
     spec = spec or TINY_SPEC
     cache_dir = Path(cache_dir)
@@ -123,7 +121,7 @@ def write_cache(
         chunk = records[start : start + shard_size]
         attrs = {"fingerprint": fingerprint, "config_json": config, "shard_index": index}
         path = shard_path(cache_dir, index)
-        with ShardWriter(path, spec, [r.key for r in chunk], attrs, compression=compression) as writer:
+        with ShardWriter(path, spec, [r.key for r in chunk], attrs) as writer:
             for row, record in enumerate(chunk):
                 writer.write(row, record)
             shard_files.append(writer.commit())

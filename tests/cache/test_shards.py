@@ -13,14 +13,18 @@ import pytest
 
 from mner.cache.reader import CacheReader
 from mner.cache.shards import (
+    RECORD_ARRAYS,
     SCHEMA_VERSION,
+    STATUS_NAMES,
     Record,
     ShardWriter,
     TokenSpec,
     completed_shard,
     compute_fingerprint,
     empty_record,
+    fingerprint_diff,
     read_manifest,
+    row_problems,
     shard_path,
     write_manifest,
 )
@@ -46,12 +50,11 @@ def ok_record(key="img000", seed=1, spec=TINY_SPEC) -> Record:
             return record
 
 
-@pytest.mark.parametrize("compression", [None, "gzip"])
-def test_round_trip_is_exact(tmp_path, compression):
+def test_round_trip_is_exact(tmp_path):
     keys = [f"img{i:03d}" for i in range(12)] + ["naïve/ü.jpg"]
     records = make_records(keys, seed=3)
     assert {r.status for r in records} == {"ok", "missing", "corrupt"}
-    cache_dir = write_cache(tmp_path / "c", records, shard_size=5, compression=compression)
+    cache_dir = write_cache(tmp_path / "c", records, shard_size=5)
 
     reader = CacheReader(cache_dir)
     assert reader.keys == keys and len(reader) == len(keys)
@@ -260,11 +263,64 @@ def test_invalid_records_are_rejected(tmp_path, changes, message):
             writer.write(0, record)
 
 
+def stacked(records: list[Record]) -> dict[str, np.ndarray]:
+    """The block row_problems takes, as verify reads it from a shard: (B, ...) arrays."""
+    block = {name: np.stack([getattr(r, name) for r in records]) for name in RECORD_ARRAYS}
+    block["status"] = np.array([STATUS_NAMES.index(r.status) for r in records], np.uint8)
+    block["image_size"] = np.array([(r.width, r.height) for r in records], np.int32)
+    block["num_regions"] = np.array([r.num_regions for r in records], np.int32)
+    return block
+
+
+def test_row_problems_states_each_rule_for_the_writer_and_for_verify():
+    records = make_records(
+        [f"img{i:03d}" for i in range(6)], statuses={"img004": "missing", "img005": "corrupt"}
+    )
+    assert row_problems(stacked(records), TINY_SPEC) == []
+    no_size = _replace(ok_record(), width=0)
+    rows = [
+        _replace(ok_record(), region_boxes=_set((0, 2), 1.5)),
+        records[1],
+        no_size,
+        records[3],
+        dataclasses.replace(records[4], width=3),
+        _replace(records[5], patch_tokens=_set((0, 0), 1.0)),
+    ]
+    block = stacked(rows)
+    block["status"][3] = 9  # what verify may find on disk; the writer only takes status names
+    block["global_embed"][3, 1] = np.inf
+    found = [
+        (p.check, list(p.rows), p.rule(p.rows[0]), p.found(p.rows[0])) for p in row_problems(block, TINY_SPEC)
+    ]
+    not_empty = "must have zero size, regions and tokens (use empty_record)"
+    assert found == [
+        ("status", [3], "status code 9 is not one of 0..2", "status code 9 is not one of 0..2"),
+        ("nan global_embed", [3], "global_embed contains NaN or inf", "global_embed contains NaN or inf"),
+        (
+            "boxes",
+            [0],
+            "region_boxes must lie in [0, 1] (normalised by image width/height)",
+            "region_boxes outside [0, 1]",
+        ),
+        (
+            "ok size",
+            [2],
+            f"status ok needs width and height >= 1, got 0x{no_size.height}",
+            f"status ok needs width and height >= 1, got 0x{no_size.height}",
+        ),
+        ("not ok tokens", [3, 5], f"status 9 {not_empty}", "status is not ok but its tokens are not zero"),
+        (
+            "not ok size",
+            [3, 4],
+            f"status 9 {not_empty}",
+            "status is not ok but its size or num_regions is not zero",
+        ),
+    ]
+
+
 def test_writer_usage_errors(tmp_path):
     path = tmp_path / "shard-00000.h5"
     record = ok_record("a")
-    with pytest.raises(ValueError, match=r"compression must be one of \(None, 'gzip'\), got 'lzf'"):
-        ShardWriter(path, TINY_SPEC, ["a"], ATTRS, compression="lzf")
     with pytest.raises(ValueError, match=r"duplicate image keys \['a'\]"):
         ShardWriter(path, TINY_SPEC, ["a", "b", "a"], ATTRS)
     with pytest.raises(ValueError, match="no keys to write"):
@@ -343,6 +399,110 @@ def test_fingerprint_is_sha256_of_canonical_json():
         compute_fingerprint({"model": object()})
     with pytest.raises(ValueError, match="compute_fingerprint expects a dict, got list"):
         compute_fingerprint([1])
+
+
+def reference_cache_differences(found: dict, recorded: dict, ignore=()) -> list[str]:
+    """train/evaluate.py's `cache_differences` and `_diff` at commit 049bece, kept as the reference."""
+
+    def diff(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            out = {}
+            for key in sorted(set(a) | set(b)):
+                out.update(diff(a.get(key), b.get(key), f"{prefix}{key}."))
+            return out
+        return {} if a == b else {prefix.rstrip("."): (a, b)}
+
+    def short(value):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
+    if parts[0] is not None and parts[1] is not None:
+        a, b = parts
+    else:
+        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
+    a, b = ({key: value for key, value in side.items() if key not in ignore} for side in (a, b))
+    return [f"{key}: cache {short(x)}, run {short(y)}" for key, (x, y) in sorted(diff(a, b).items())]
+
+
+def cache_differences(found: dict, recorded: dict, ignore=()) -> list[str]:
+    """What train/ words on top of fingerprint_diff (the replacement for the reference above)."""
+    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
+    if parts[0] is not None and parts[1] is not None:
+        a, b = parts
+    else:
+        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
+
+    def short(value):
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [
+        f"{key}: cache {short(x)}, run {short(y)}" for key, (x, y) in fingerprint_diff(a, b, ignore).items()
+    ]
+
+
+def test_fingerprint_diff_names_each_differing_leaf():
+    old = {"topk": 20, "models": {"clip": {"sha256": "x", "untrained": False}}, "gone": 1, "same": [1, 2]}
+    new = {
+        "topk": 10,
+        "models": {"clip": {"sha256": "y", "untrained": False}},
+        "new": {"a": 1},
+        "same": [1, 2],
+    }
+    assert fingerprint_diff(old, new) == {
+        "gone": (1, None),
+        "models.clip.sha256": ("x", "y"),
+        "new": (None, {"a": 1}),
+        "topk": (20, 10),
+    }
+    assert list(fingerprint_diff(old, new)) == ["gone", "models.clip.sha256", "new", "topk"]
+    assert fingerprint_diff(old, new, ignore=("topk", "new")) == {
+        "gone": (1, None),
+        "models.clip.sha256": ("x", "y"),
+    }
+    assert fingerprint_diff(old, old) == {}
+    assert fingerprint_diff({"a": {}}, {}) == {"a": ({}, None)}  # their fingerprints differ as well
+    # Paths sort as strings, not level by level ("-" sorts before ".").
+    assert list(fingerprint_diff({"a": {"z": 1}, "a-b": 1}, {"a": {"z": 2}, "a-b": 2})) == ["a-b", "a.z"]
+    with pytest.raises(ValueError, match="fingerprint_diff compares two dicts, got NoneType and dict"):
+        fingerprint_diff(None, new)
+
+
+def side(config: dict, **changes) -> dict:
+    """A {"config", "models", "spec"} cache description, as evaluate and predict build them."""
+    return {"config": config, "models": synthetic_models(), "spec": TINY_SPEC.to_dict(), **changes}
+
+
+@pytest.mark.parametrize(
+    "found, recorded, ignore",
+    [
+        (
+            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
+            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
+            (),
+        ),
+        (
+            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
+            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
+            ("topk",),
+        ),
+        (  # no parts recorded: config, models and spec are compared, long values cut at 60 characters
+            side({"out": "/b", "topk": 10}, spec={**TINY_SPEC.to_dict(), "patch_source": "p" * 80}),
+            side({"out": "/a", "topk": 20}),
+            (),
+        ),
+        (
+            side({"fingerprint_parts": {"versions": {"torch": "2.4"}, "keys_sha256": "k", "x": {"y": 1}}}),
+            side({"fingerprint_parts": {"keys_sha256": "j", "x": 5, "a-b": [1]}}),
+            ("keys_sha256",),
+        ),
+    ],
+)
+def test_fingerprint_diff_words_as_the_old_cache_differences(found, recorded, ignore):
+    expected = reference_cache_differences(found, recorded, ignore)
+    assert expected  # each case differs somewhere
+    assert cache_differences(found, recorded, ignore) == expected
 
 
 def test_shard_path():

@@ -110,6 +110,16 @@ def test_tokens_of_a_missing_image(cache_dir):
     ]
 
 
+def test_sizes_that_the_writer_refuses(cache_dir):
+    edit(cache_dir, "shard-00000.h5", "image_size", 0, [0, 7])  # img000 is ok
+    edit(cache_dir, "shard-00000.h5", "image_size", 4, [3, 0])  # img004 is missing
+    report = verify_cache(cache_dir)
+    assert only(report, "status") == [
+        "shard-00000.h5 row 0 (key 'img000'): status ok needs width and height >= 1, got 0x7",
+        "shard-00000.h5 row 4 (key 'img004'): status is not ok but its size or num_regions is not zero",
+    ]
+
+
 def test_missing_stray_and_tmp_shards(cache_dir):
     (cache_dir / "shard-00001.h5").unlink()
     shutil.copy(cache_dir / "shard-00000.h5", cache_dir / "shard-00007.h5")
