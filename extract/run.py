@@ -11,11 +11,9 @@ decoding, compute and IO overlap.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -63,15 +61,14 @@ from mner.extract.models import (
     model_info,
     preprocess_for_clip,
     preprocess_for_detector,
-    resolve_device,
 )
+from mner.runtime import Runtime, start_runtime
 
 log = logging.getLogger(__name__)
 
 # Model-info fields that say where a file lies rather than what it holds; the sha256s identify the
 # weights, so moving a model folder or checkpoint does not invalidate a cache.
 _LOCATION_FIELDS = ("path", "ckpt")
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Batches the writer thread may hold before the model loop waits for it.
 _WRITE_QUEUE_BATCHES = 8
 
@@ -90,10 +87,12 @@ def extract_features(cfg: ExtractConfig) -> Path:
     keys = collect_keys(source, cfg.splits)
     # Resolving every path up front turns an unsafe key into an error before any model work.
     paths = {key: source.image_path(key) for key in keys}
-    rank, world, owns_group = _init_distributed(cfg.device)
+    # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
+    runtime = start_runtime(cfg.device, cfg.amp, hint="--device cpu", timeout=timedelta(hours=24))
+    rank, device = runtime.rank, runtime.device
     try:
-        device = _rank_device(cfg.device, world)
-        if cfg.amp != "off" and device.type != "cuda":
+        # The fingerprint records the compute dtype, so an amp that would not autocast is refused.
+        if cfg.amp != "off" and runtime.amp_dtype is None:
             raise ValueError(
                 f"amp={cfg.amp} needs a CUDA device, but extraction runs on {device}; use amp='off'"
             )
@@ -116,11 +115,11 @@ def extract_features(cfg: ExtractConfig) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             if cfg.overwrite:
                 _remove_cache_files(out)
-        _barrier(world)
+        runtime.barrier()
 
         config = {**cfg.to_dict(), "fingerprint_parts": parts}
         shard_keys = [keys[i : i + cfg.shard_size] for i in range(0, len(keys), cfg.shard_size)]
-        mine = list(range(rank, len(shard_keys), world))
+        mine = list(range(rank, len(shard_keys), runtime.world_size))
         for index in mine:
             tmp_path(shard_path(out, index)).unlink(missing_ok=True)  # left by a killed run
         todo = [index for index in mine if not completed_shard(shard_path(out, index), fingerprint)]
@@ -131,17 +130,16 @@ def extract_features(cfg: ExtractConfig) -> Path:
                 len(mine),
             )
         errors = _extract_shards(
-            cfg, clip, detector, spec, out, todo, shard_keys, paths, fingerprint, config, rank, device
+            cfg, clip, detector, spec, out, todo, shard_keys, paths, fingerprint, config, runtime
         )
-        errors = {**known_errors, **_gather_errors(errors, world)}
+        errors = {**known_errors, **_gather_errors(errors, runtime.world_size)}
         if rank == 0:
             files = [shard_path(out, index) for index in range(len(shard_keys))]
             _write_manifest(out, fingerprint, config, models, spec, files, errors, paths)
             log.debug(summarize(out, time.perf_counter() - start))  # the CLI prints it on stdout
-        _barrier(world)
+        runtime.barrier()
     finally:
-        if owns_group:
-            dist.destroy_process_group()
+        runtime.close()
     return out
 
 
@@ -339,10 +337,10 @@ def _extract_shards(
     paths: dict[str, Path],
     fingerprint: str,
     config: dict,
-    rank: int,
-    device: torch.device,
+    runtime: Runtime,
 ) -> dict[str, str]:
     """Extract shards `todo`; returns {key: error} for the images that were not ok."""
+    device = runtime.device
     items, batches, where = [], [], []
     for index in todo:
         keys = shard_keys[index]
@@ -369,14 +367,12 @@ def _extract_shards(
         {"fingerprint": fingerprint, "config_json": config},
     )
     errors = {}
-    show = rank == 0 and sys.stderr.isatty()
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[cfg.amp])
-        if cfg.amp != "off"
-        else contextlib.nullcontext()
-    )
+    show = runtime.is_main and sys.stderr.isatty()
     try:
-        with tqdm(total=len(items), unit="img", desc="extract", disable=not show) as progress, autocast:
+        with (
+            tqdm(total=len(items), unit="img", desc="extract", disable=not show) as progress,
+            runtime.autocast(),
+        ):
             for batch, (index, rows) in zip(loader, where):
                 records = _encode_batch(batch, clip, detector, spec, cfg, device)
                 errors.update({record.key: record.error for record in records if record.status != "ok"})
@@ -542,33 +538,6 @@ class _ShardSink:
 
 
 # --------------------------------------------------------------------------------------- distributed
-
-
-def _init_distributed(device_name: str) -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    cuda = device_name != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
-    return dist.get_rank(), world, True
-
-
-def _rank_device(device_name: str, world: int) -> torch.device:
-    device = resolve_device(device_name)
-    if device.type == "cuda" and device.index is None and world > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _gather_errors(errors: dict[str, str], world: int) -> dict[str, str]:
