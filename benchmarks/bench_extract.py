@@ -32,8 +32,9 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from mner.cache.datasets import DataConfig
 from mner.extract.config import ExtractConfig
 from mner.extract.images import load_image
-from mner.extract.models import build_detector, load_clip, model_info, resolve_device
+from mner.extract.models import build_detector, load_clip, model_info
 from mner.extract.run import extract_features
+from mner.runtime import resolve_device
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -1,14 +1,16 @@
 """Stage-two training speed: what the feature cache costs and what it saves (issue "Stage two" section 6).
 
-Per-step training time (loader fetch + forward + backward + clipping + optimiser step, as
-train/loop.py runs it) of three modes:
+Per-step training time (loader fetch + `train.loop.train_step`, the training loop's own step: forward,
+backward, clipping, optimiser and schedule step; optimiser and schedule from `train.loop.build_optimizer`)
+of three modes:
 
     text     the text-only model (model.text_only), no image at all
     cached   the full multimodal model (default ModelConfig: qgf fusion, patches + regions) reading its
              tokens from a stage-one cache through cache.CacheReader and train.data.make_loader
-    e2e      the same multimodal model trained "end to end": every step decodes the JPEGs, preprocesses
-             them and runs the frozen extractors (CLIP vision + Faster R-CNN with region re-pooling,
-             extract.models) under inference_mode before the same model step
+    e2e      the same multimodal model trained "end to end": every step decodes and preprocesses the JPEGs
+             (stage one's dataset, in the loader) and runs stage one's batch encoder (extract.run: the
+             frozen CLIP vision + Faster R-CNN under inference_mode, region padding, float16 records, as
+             a cache stores them), then the training collate and the same step
 
 and, from the same run:
 
@@ -50,20 +52,18 @@ import torch
 import transformers
 from bench_extract import make_full_models  # the sibling script: benchmarks/ is sys.path[0]
 from torch.utils.data import DataLoader
-from torchvision.transforms.functional import pil_to_tensor
-from transformers import get_linear_schedule_with_warmup
 
-from mner.cache.datasets import DataConfig, DataSource, Split, label_names, resolve_data
+from mner.cache.datasets import DataConfig, DataSource, Post, Split, label_names, resolve_data
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec, read_manifest
+from mner.cache.shards import Record, TokenSpec, read_manifest
 from mner.demo.build import DemoConfig, build_demo
 from mner.extract.config import ExtractConfig
-from mner.extract.images import load_image
-from mner.extract.models import build_detector, load_clip, preprocess_for_clip, preprocess_for_detector
-from mner.extract.run import extract_features, token_spec
+from mner.extract.models import build_detector, load_clip
+from mner.extract.run import _collate, _encode_batch, _Images, extract_features, token_spec
+from mner.runtime import resolve_runtime, seed_everything
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.data import Collate, PostDataset, make_loader
-from mner.train.loop import resolve_runtime, seed_everything, to_device
+from mner.train.loop import build_optimizer, train_step
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
 
@@ -116,69 +116,39 @@ def epoch_split(source: DataSource) -> Split:
 # ---------------------------------------------------------------------------------------- end to end
 
 
-class ImageCollate:
-    """The text collate plus the extractors' inputs, decoded and preprocessed per batch (in loader
-    workers when num_workers > 0), as stage one's DataLoader prepares them."""
+class RecordReader:
+    """The records stage one's batch encoder just made, read as `train.data.PostDataset` reads a cache."""
 
-    def __init__(self, text_collate, source: DataSource, clip_processor, detector_transform):
-        self.text_collate = text_collate  # train.data.Collate(..., with_visual=False)
+    def __init__(self, records: list[Record], spec: TokenSpec):
+        self.records = {record.key: record for record in records}
+        self.spec = spec
+        self.cache_dir = "(records computed this step)"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def get(self, key: str) -> Record:
+        return self.records[key]
+
+
+class PostImages:
+    """DataLoader collate_fn of the e2e mode: a batch of posts plus their images decoded and preprocessed
+    by stage one's own dataset and collate (extract.run), in loader workers when num_workers > 0."""
+
+    def __init__(self, source: DataSource, clip_processor, detector_transform, keep_original: bool):
         self.source = source  # resolves image keys to files
         self.clip_processor = clip_processor  # the CLIPImageProcessor saved with the encoder
         self.detector_transform = detector_transform  # the detector's GeneralizedRCNNTransform (eval)
+        self.keep_original = keep_original  # clip-crop region features crop the original pixels
 
-    def __call__(self, items: list[dict]) -> dict:
-        batch = self.text_collate(items)
-        batch["keys"] = [item["key"] for item in items]
-        loaded = [load_image(self.source.image_path(item["key"])) for item in items]
-        ok = [image for image in loaded if image.status == "ok"]
-        batch["image_ok"] = torch.tensor([image.status == "ok" for image in loaded])  # (B,)
-        pixel_values = preprocess_for_clip(self.clip_processor, [image.image for image in ok]) if ok else None
-        batch["pixel_values"] = pixel_values  # (B_ok, 3, S, S)
-        batch["detector_inputs"] = [
-            preprocess_for_detector(self.detector_transform, pil_to_tensor(image.image).float() / 255.0)
-            for image in ok
-        ]  # (3, h, w) each
-        batch["original_sizes"] = [(image.height, image.width) for image in ok]
-        return batch
-
-
-def extract_tokens(batch: dict, clip, detector, spec: TokenSpec, device: torch.device) -> dict:
-    """Run the frozen extractors on a batch from ImageCollate; returns the visual keys of the batch
-    contract (float32, not rounded to float16), zero for posts whose image is not ok."""
-    image_ok = batch.pop("image_ok").to(device)  # (B,)
-    pixel_values = batch.pop("pixel_values")
-    detector_inputs = batch.pop("detector_inputs")
-    sizes = batch.pop("original_sizes")
-    B, P, K = len(image_ok), spec.num_patches, spec.max_regions
-    tokens = {
-        "patch_tokens": torch.zeros(B, P, spec.patch_dim, device=device),
-        "global_embed": torch.zeros(B, spec.global_dim, device=device),
-        "region_feats": torch.zeros(B, K, spec.region_dim, device=device),
-        "region_labels": torch.zeros(B, K, dtype=torch.long, device=device),
-        "region_scores": torch.zeros(B, K, device=device),
-        "region_boxes": torch.zeros(B, K, 4, device=device),
-    }
-    num_regions = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
-    if sizes:
-        # Both calls run under inference_mode; copying their outputs into these ordinary tensors is what
-        # lets the trained modules save them for backward.
-        patches, globals_ = clip.encode(pixel_values.to(device))  # (B_ok, P, Dp), (B_ok, Dg)
-        regions = detector.detect([image.to(device) for image in detector_inputs], sizes)
-        rows = image_ok.nonzero().squeeze(1)  # (B_ok,)
-        tokens["patch_tokens"][rows] = patches.float()
-        tokens["global_embed"][rows] = globals_.float()
-        for row, found in zip(rows.tolist(), regions):
-            n = len(found.scores)
-            tokens["region_feats"][row, :n] = found.feats.float()
-            tokens["region_labels"][row, :n] = found.labels
-            tokens["region_scores"][row, :n] = found.scores
-            tokens["region_boxes"][row, :n] = found.boxes
-            num_regions[row] = n
-    tokens["patch_mask"] = image_ok[:, None].expand(-1, P).clone()  # (B, P)
-    in_range = torch.arange(K, device=device)[None, :] < num_regions[:, None]  # (B, K)
-    tokens["region_mask"] = in_range & image_ok[:, None]  # (B, K)
-    tokens["image_mask"] = image_ok
-    return tokens
+    def __call__(self, posts: list[Post]) -> tuple[list[Post], dict]:
+        images = _Images(
+            [(post.key, self.source.image_path(post.key)) for post in posts],
+            self.clip_processor,
+            self.detector_transform,
+            self.keep_original,
+        )
+        return posts, _collate([images[i] for i in range(len(images))])
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -193,7 +163,7 @@ class ModeRun:
             mode: "text", "cached" or "e2e".
             cache_dir: the stage-one cache ("cached" reads its tokens, "e2e" its extractor settings).
             job: encoder, data_dir, batch_size, warmup, steps, num_workers, seed (see run_worker).
-            runtime: train.loop.Runtime (device and autocast).
+            runtime: mner.runtime.Runtime (device and autocast).
         """
         self.runtime = runtime
         source = resolve_data(job["data_dir"])
@@ -206,6 +176,7 @@ class ModeRun:
             batch_size=job["batch_size"], seed=job["seed"], num_workers=job["num_workers"]
         )
         self.extractors = self.reference = None
+        self.collate = Collate(tokenizer, labels, model_cfg.max_length, with_visual=True)
         if mode == "e2e":
             manifest = read_manifest(cache_dir)
             recorded = manifest["config"]
@@ -217,18 +188,15 @@ class ModeRun:
                 "e2e extractors differ from the cache's"
             )
             num_classes = len(detector.info["categories"])
-            self.extractors = (clip, detector, self.spec)
+            self.extractors = (clip, detector, self.spec, cfg)
             # The first e2e batch is checked against the cache (fp32 only: the cache was made without amp).
             self.reference = CacheReader(cache_dir) if runtime.amp_dtype is None else None
-            collate = ImageCollate(
-                Collate(tokenizer, labels, model_cfg.max_length, with_visual=False),
-                source,
-                clip.processor,
-                detector.transform,
+            collate = PostImages(
+                source, clip.processor, detector.transform, cfg.region_features == "clip-crop"
             )
-            # The same batching and shuffling as make_loader, with the image work added to the collate.
+            # The same batching and shuffling as make_loader; the posts' tokens are collated once extracted.
             loader = DataLoader(
-                PostDataset(split.posts),
+                split.posts,
                 batch_size=self.train_cfg.batch_size,
                 shuffle=True,
                 num_workers=self.train_cfg.num_workers,
@@ -245,38 +213,41 @@ class ModeRun:
         torch.manual_seed(job["seed"])  # every mode starts from the same weights where they share modules
         self.model = MNERModel(model_cfg, labels, self.spec, encoder_dir, num_classes).to(runtime.device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            self.model.param_groups(self.train_cfg), weight_decay=self.train_cfg.weight_decay
+        self.optimizer, self.scheduler, self.scaler = build_optimizer(
+            self.model, self.train_cfg, job["warmup"] + job["steps"], runtime
         )
-        total = job["warmup"] + job["steps"]
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, round(self.train_cfg.warmup_ratio * total), total
-        )
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
         self.times = {"step": [], "data": [], "extract": [], "train": []}
 
     def step(self) -> None:
-        """One training step as train/loop.py runs it, with the loader fetch and (e2e) the extractors."""
+        """One `train.loop.train_step`, with the loader fetch and (e2e) the extractors before it.
+
+        e2e: stage one's batch encoder (extract.run._encode_batch) turns the batch's images into records,
+        which the training collate then batches as it batches cached records.
+        """
         runtime = self.runtime
         start = time.perf_counter()
         batch = next(self.batches)
         fetched = time.perf_counter()
+        posts = None
         if self.extractors is not None:
+            posts, images = batch
+            clip, detector, spec, cfg = self.extractors
             with runtime.autocast():
-                batch.update(extract_tokens(batch, *self.extractors, runtime.device))
+                records = _encode_batch(images, clip, detector, spec, cfg, runtime.device)
+            dataset = PostDataset(posts, RecordReader(records, spec))
+            batch = self.collate([dataset[i] for i in range(len(dataset))])
             self._sync()
         extracted = time.perf_counter()
-        batch = to_device(batch, runtime.device)
-        with runtime.autocast():
-            loss = self.model(batch)["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        loss.item()  # the training loop reads every loss, which waits for the step to finish
+        # train_step reads the loss (.item()), which waits for the step to finish.
+        train_step(
+            self.model,
+            batch,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.train_cfg.max_grad_norm,
+            runtime,
+        )
         self._sync()
         done = time.perf_counter()
         for name, seconds in (
@@ -287,15 +258,15 @@ class ModeRun:
         ):
             self.times[name].append(seconds)
         if self.reference is not None:
-            self._check_against_cache(batch)
+            self._check_against_cache(posts, batch)
             self.reference = None
 
-    def _check_against_cache(self, batch: dict) -> None:
+    def _check_against_cache(self, posts: list[Post], batch: dict) -> None:
         """The e2e tokens of a batch equal the cached ones up to float16 rounding: the same extractors.
 
         Only the CLIP tokens are compared; region features depend on how a detector batch is padded.
         """
-        for row, key in enumerate(batch["keys"]):
+        for row, key in enumerate(post.key for post in posts):
             record = self.reference.get(key)
             assert bool(batch["image_mask"][row]) == (record.status == "ok"), f"{key}: image status differs"
             for name in ("patch_tokens", "global_embed"):

@@ -20,6 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mner.runtime import write_atomic
+
 SCHEMA_VERSION = 1
 STATUS_NAMES = ("ok", "missing", "corrupt")
 STATUS_CODES = {name: code for code, name in enumerate(STATUS_NAMES)}
@@ -631,15 +633,8 @@ def write_manifest(
 
 
 def _write_json_atomic(path: Path, data) -> Path:
-    tmp = tmp_path(path)
     text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_plain)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-    return path
+    return write_atomic(path, text + "\n")
 
 
 def read_manifest(cache_dir) -> dict:

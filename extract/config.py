@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mner.cache.datasets import DATA_FIELDS, DataConfig
+from mner.runtime import DEVICE_PATTERN
 
 # Registry names understood by `extract.models.build_detector`; the four torchvision ones need an explicit
 # checkpoint file, "tiny-frcnn" is the seeded random preset for tests and demos.
@@ -24,7 +24,6 @@ TINY_FRCNN = "tiny-frcnn"
 DEFAULT_SCORE_THR = 0.2
 REGION_FEATURES = ("frcnn", "clip-crop")
 AMP_MODES = ("off", "fp16", "bf16")
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -46,7 +45,7 @@ class ExtractConfig:
     nms_iou: float = 0.5  # IoU above which roi_heads' per-class NMS drops the lower-scoring box
     batch_size: int = 16  # images per model forward; batches are fixed per shard so values are reproducible
     num_workers: int = 2  # DataLoader workers decoding and preprocessing images (0: in the main process)
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda" or "cuda:N"
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "mps", "cuda" or "cuda:N" (mner.runtime)
     amp: str = "off"  # autocast on CUDA: "off" (fp32), "fp16" or "bf16"; tokens are stored as float16 anyway
     shard_size: int = 512  # images per shard file; shard i holds the same keys whatever the world size
     overwrite: bool = False  # replace a cache made with a different configuration instead of refusing
@@ -92,8 +91,8 @@ class ExtractConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not _DEVICE_PATTERN.match(self.device):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.shard_size < 1:

@@ -51,16 +51,6 @@ _TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
 assert set(_TORCHVISION_DETECTORS) | {TINY_FRCNN} == set(DETECTORS)
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available else cpu; otherwise torch.device(name), refusing absent CUDA."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return device
-
-
 # ----------------------------------------------------------------------------------------------- CLIP
 
 

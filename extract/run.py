@@ -11,10 +11,8 @@ decoding, compute and IO overlap.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -54,15 +52,14 @@ from mner.extract.models import (
     model_info,
     preprocess_for_clip,
     preprocess_for_detector,
-    resolve_device,
 )
+from mner.runtime import Runtime, start_runtime
 
 log = logging.getLogger(__name__)
 
 # Model-info fields that say where a file lies rather than what it holds; the sha256s identify the
 # weights, so moving a model folder or checkpoint does not invalidate a cache.
 _LOCATION_FIELDS = ("path", "ckpt")
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def extract_features(cfg: ExtractConfig) -> Path:
@@ -79,10 +76,12 @@ def extract_features(cfg: ExtractConfig) -> Path:
     keys = collect_keys(source, cfg.splits)
     # Resolving every path up front turns an unsafe key into an error before any model work.
     paths = {key: source.image_path(key) for key in keys}
-    rank, world, owns_group = _init_distributed(cfg.device)
+    # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
+    runtime = start_runtime(cfg.device, cfg.amp, hint="--device cpu", timeout=timedelta(hours=24))
+    rank, device = runtime.rank, runtime.device
     try:
-        device = _rank_device(cfg.device, world)
-        if cfg.amp != "off" and device.type != "cuda":
+        # The fingerprint records the compute dtype, so an amp that would not autocast is refused.
+        if cfg.amp != "off" and runtime.amp_dtype is None:
             raise ValueError(
                 f"amp={cfg.amp} needs a CUDA device, but extraction runs on {device}; use amp='off'"
             )
@@ -105,11 +104,11 @@ def extract_features(cfg: ExtractConfig) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             if cfg.overwrite:
                 clear_cache(out)
-        _barrier(world)
+        runtime.barrier()
 
         config = {**cfg.to_dict(), "fingerprint_parts": parts}
         shard_keys = [keys[i : i + cfg.shard_size] for i in range(0, len(keys), cfg.shard_size)]
-        mine = list(range(rank, len(shard_keys), world))
+        mine = list(range(rank, len(shard_keys), runtime.world_size))
         todo = shards_to_write(out, mine, fingerprint)
         if len(todo) < len(mine):
             log.info(
@@ -118,17 +117,16 @@ def extract_features(cfg: ExtractConfig) -> Path:
                 len(mine),
             )
         errors = _extract_shards(
-            cfg, clip, detector, spec, out, todo, shard_keys, paths, fingerprint, config, rank, device
+            cfg, clip, detector, spec, out, todo, shard_keys, paths, fingerprint, config, runtime
         )
-        errors = {**known_errors, **_gather_errors(errors, world)}
+        errors = {**known_errors, **_gather_errors(errors, runtime.world_size)}
         if rank == 0:
             files = [shard_path(out, index) for index in range(len(shard_keys))]
             _write_manifest(out, fingerprint, config, models, spec, files, errors, paths)
             log.debug(summarize(out, time.perf_counter() - start))  # the CLI prints it on stdout
-        _barrier(world)
+        runtime.barrier()
     finally:
-        if owns_group:
-            dist.destroy_process_group()
+        runtime.close()
     return out
 
 
@@ -251,10 +249,10 @@ def _extract_shards(
     paths: dict[str, Path],
     fingerprint: str,
     config: dict,
-    rank: int,
-    device: torch.device,
+    runtime: Runtime,
 ) -> dict[str, str]:
     """Extract shards `todo`; returns {key: error} for the images that were not ok."""
+    device = runtime.device
     items, batches, where = [], [], []
     for index in todo:
         keys = shard_keys[index]
@@ -281,14 +279,12 @@ def _extract_shards(
         {"fingerprint": fingerprint, "config_json": config},
     )
     errors = {}
-    show = rank == 0 and sys.stderr.isatty()
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[cfg.amp])
-        if cfg.amp != "off"
-        else contextlib.nullcontext()
-    )
+    show = runtime.is_main and sys.stderr.isatty()
     try:
-        with tqdm(total=len(items), unit="img", desc="extract", disable=not show) as progress, autocast:
+        with (
+            tqdm(total=len(items), unit="img", desc="extract", disable=not show) as progress,
+            runtime.autocast(),
+        ):
             for batch, (index, rows) in zip(loader, where):
                 records = _encode_batch(batch, clip, detector, spec, cfg, device)
                 errors.update({record.key: record.error for record in records if record.status != "ok"})
@@ -390,33 +386,6 @@ def _crop_embeddings(
 
 
 # --------------------------------------------------------------------------------------- distributed
-
-
-def _init_distributed(device_name: str) -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    cuda = device_name != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
-    return dist.get_rank(), world, True
-
-
-def _rank_device(device_name: str, world: int) -> torch.device:
-    device = resolve_device(device_name)
-    if device.type == "cuda" and device.index is None and world > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _gather_errors(errors: dict[str, str], world: int) -> dict[str, str]:

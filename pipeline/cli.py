@@ -119,7 +119,7 @@ def main():
     "--batch-size", type=int, default=16, show_default=True, help="Images per model forward (fingerprinted)."
 )
 @click.option("--num-workers", type=int, default=2, show_default=True, help="Image decoding workers.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | mps | cuda | cuda:N")
 @click.option(
     "--amp",
     type=click.Choice(["off", "fp16", "bf16"]),

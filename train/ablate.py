@@ -21,8 +21,9 @@ import pandas as pd
 from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.train.config import RunConfig, load_run_config
-from mner.train.evaluate import PERCENT, read_results
+from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
+from mner.train.runs import read_results
 
 log = logging.getLogger(__name__)
 

@@ -14,19 +14,18 @@ knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `q
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from mner import configs
 from mner.cache.datasets import DataConfig
+from mner.runtime import DEVICE_PATTERN
 from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 
 # "auto": bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU.
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 # "auto": the first CUDA device when there is one, else the CPU.
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Readable names of the value types a config field may hold, for error messages.
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -189,7 +188,7 @@ class TrainConfig(_Config):
         for name in ("seed", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not _DEVICE.fullmatch(self.device):
+        if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"train.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"train.amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")

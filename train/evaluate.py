@@ -11,31 +11,24 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from safetensors.torch import load_model
 
 from mner.cache.datasets import resolve_data
-from mner.cache.reader import CacheReader
-from mner.train.config import RunConfig
-from mner.train.loop import (
-    CONFIG_FILE,
-    RESULTS_FILE,
-    WEIGHTS_FILE,
-    Runtime,
-    build_model,
+from mner.runtime import resolve_runtime
+from mner.train.decode import decode_and_score
+from mner.train.metrics import write_conll
+from mner.train.runs import (
     check_cache_keys,
-    decode_and_score,
+    check_fingerprint,
+    load_run_model,
     open_cache,
-    resolve_runtime,
+    read_record,
+    read_results,
+    run_config,
     write_json,
 )
-from mner.train.metrics import write_conll
-from mner.train.model import MNERModel
-from mner.train.text import load_tokenizer, resolve_text_encoder
 
 # Scores are fractions in results files; tables print percent.
 PERCENT = 100.0
-# Longest value shown when listing what differs between two caches.
-_SHOWN_CHARS = 60
 
 
 def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) -> dict:
@@ -80,96 +73,6 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
     write_conll(run_dir / f"pred_{split}.conll", data.posts, predictions)
     write_json(run_dir / f"results_{split}.json", scores)
     return scores
-
-
-def read_record(run_dir) -> dict:
-    """The run's config.json; ValueError when the folder is not a finished-or-running run."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"{run_dir} is not a run folder: no {CONFIG_FILE} (train one with `mner train-from-cache`)"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def run_config(record: dict) -> RunConfig:
-    """The RunConfig part of a run record."""
-    names = ("model", "train", "cache_dir", "data", "out_dir", "resume")
-    return RunConfig.from_dict({name: record[name] for name in names}, CONFIG_FILE)
-
-
-def read_results(run_dir) -> dict:
-    """The run's results.json: best_epoch, valid and (when test.txt exists) test scores."""
-    path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"{run_dir}: no {RESULTS_FILE}; the run has not finished (continue it with --resume)"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def encoder_dir_of(record: dict) -> Path:
-    """The text encoder folder the run used; the name is resolved again when that folder is gone
-    (a preset materialised on another machine)."""
-    recorded = Path(record["encoder_dir"])
-    return recorded if recorded.is_dir() else resolve_text_encoder(record["model"]["text_encoder"])
-
-
-def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[MNERModel, object]:
-    """The run's best model on `runtime.device` in eval mode, and its tokenizer."""
-    weights = Path(run_dir) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch")
-    encoder_dir = encoder_dir_of(record)
-    model = build_model(record, encoder_dir)
-    load_model(model, str(weights))
-    return model.to(runtime.device).eval(), load_tokenizer(encoder_dir)
-
-
-def check_fingerprint(reader: CacheReader, record: dict, run_dir) -> None:
-    """Refuse a cache other than the one the run was trained on, saying what differs."""
-    trained_on = record["cache"]["fingerprint"]
-    if reader.fingerprint == trained_on:
-        return
-    found = {"config": reader.config, "models": reader.models, "spec": reader.spec.to_dict()}
-    differences = cache_differences(found, record["cache"])
-    raise ValueError(
-        f"cache at {reader.cache_dir} has fingerprint {reader.fingerprint} but run {run_dir} was trained on "
-        f"{trained_on}; differs: {'; '.join(differences) or 'nothing recorded (the tokens were re-extracted)'}"
-    )
-
-
-def cache_differences(found: dict, recorded: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Lines "key: cache X, run Y" for every setting where two cache descriptions differ.
-
-    Args:
-        found, recorded: {"config", "models", "spec"} of a cache manifest and of the run's record.
-        ignore: top-level fingerprint parts to leave out.
-    When both configs carry the extractor's "fingerprint_parts" only those are compared (paths,
-    workers and the like do not change the tokens); otherwise config, models and spec.
-    """
-    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
-    if parts[0] is not None and parts[1] is not None:
-        a, b = parts
-    else:
-        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
-    a, b = ({key: value for key, value in side.items() if key not in ignore} for side in (a, b))
-    return [f"{key}: cache {_short(x)}, run {_short(y)}" for key, (x, y) in sorted(_diff(a, b).items())]
-
-
-def _diff(a, b, prefix: str = "") -> dict[str, tuple]:
-    """Dotted key -> (value in a, value in b) for every leaf where two nested dicts differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        found = {}
-        for key in sorted(set(a) | set(b)):
-            found.update(_diff(a.get(key), b.get(key), f"{prefix}{key}."))
-        return found
-    return {} if a == b else {prefix.rstrip("."): (a, b)}
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
 def format_scores(scores: dict) -> str:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from mner.cache.datasets import DataConfig, Split, read_split, write_split
 from mner.cache.reader import CacheReader
-from mner.train.evaluate import cache_differences, load_run_model, read_record, run_config
-from mner.train.loop import decode_split, resolve_runtime
+from mner.runtime import resolve_runtime
+from mner.train.decode import decode_split
 from mner.train.metrics import entities
+from mner.train.runs import cache_differences, load_run_model, read_record, run_config
 
 log = logging.getLogger(__name__)
 

@@ -401,47 +401,6 @@ def test_fingerprint_is_sha256_of_canonical_json():
         compute_fingerprint([1])
 
 
-def reference_cache_differences(found: dict, recorded: dict, ignore=()) -> list[str]:
-    """train/evaluate.py's `cache_differences` and `_diff` at commit 049bece, kept as the reference."""
-
-    def diff(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            out = {}
-            for key in sorted(set(a) | set(b)):
-                out.update(diff(a.get(key), b.get(key), f"{prefix}{key}."))
-            return out
-        return {} if a == b else {prefix.rstrip("."): (a, b)}
-
-    def short(value):
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
-    if parts[0] is not None and parts[1] is not None:
-        a, b = parts
-    else:
-        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
-    a, b = ({key: value for key, value in side.items() if key not in ignore} for side in (a, b))
-    return [f"{key}: cache {short(x)}, run {short(y)}" for key, (x, y) in sorted(diff(a, b).items())]
-
-
-def cache_differences(found: dict, recorded: dict, ignore=()) -> list[str]:
-    """What train/ words on top of fingerprint_diff (the replacement for the reference above)."""
-    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
-    if parts[0] is not None and parts[1] is not None:
-        a, b = parts
-    else:
-        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
-
-    def short(value):
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return [
-        f"{key}: cache {short(x)}, run {short(y)}" for key, (x, y) in fingerprint_diff(a, b, ignore).items()
-    ]
-
-
 def test_fingerprint_diff_names_each_differing_leaf():
     old = {"topk": 20, "models": {"clip": {"sha256": "x", "untrained": False}}, "gone": 1, "same": [1, 2]}
     new = {
@@ -467,42 +426,6 @@ def test_fingerprint_diff_names_each_differing_leaf():
     assert list(fingerprint_diff({"a": {"z": 1}, "a-b": 1}, {"a": {"z": 2}, "a-b": 2})) == ["a-b", "a.z"]
     with pytest.raises(ValueError, match="fingerprint_diff compares two dicts, got NoneType and dict"):
         fingerprint_diff(None, new)
-
-
-def side(config: dict, **changes) -> dict:
-    """A {"config", "models", "spec"} cache description, as evaluate and predict build them."""
-    return {"config": config, "models": synthetic_models(), "spec": TINY_SPEC.to_dict(), **changes}
-
-
-@pytest.mark.parametrize(
-    "found, recorded, ignore",
-    [
-        (
-            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
-            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
-            (),
-        ),
-        (
-            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
-            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
-            ("topk",),
-        ),
-        (  # no parts recorded: config, models and spec are compared, long values cut at 60 characters
-            side({"out": "/b", "topk": 10}, spec={**TINY_SPEC.to_dict(), "patch_source": "p" * 80}),
-            side({"out": "/a", "topk": 20}),
-            (),
-        ),
-        (
-            side({"fingerprint_parts": {"versions": {"torch": "2.4"}, "keys_sha256": "k", "x": {"y": 1}}}),
-            side({"fingerprint_parts": {"keys_sha256": "j", "x": 5, "a-b": [1]}}),
-            ("keys_sha256",),
-        ),
-    ],
-)
-def test_fingerprint_diff_words_as_the_old_cache_differences(found, recorded, ignore):
-    expected = reference_cache_differences(found, recorded, ignore)
-    assert expected  # each case differs somewhere
-    assert cache_differences(found, recorded, ignore) == expected
 
 
 def test_shard_path():

@@ -287,7 +287,7 @@ def test_extract_errors(image_dataset, tmp_path):
         (dict(nms_iou=0.0), "nms_iou must be in \\(0, 1\\], got 0.0"),
         (dict(batch_size=0), "batch_size must be >= 1, got 0"),
         (dict(num_workers=-1), "num_workers must be >= 0, got -1"),
-        (dict(device="gpu"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+        (dict(device="gpu"), "device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got 'gpu'"),
         (dict(amp="fp8"), "amp must be one of off, fp16, bf16, got 'fp8'"),
         (dict(shard_size=0), "shard_size must be >= 1, got 0"),
         (dict(splits=()), "splits must name at least one split"),

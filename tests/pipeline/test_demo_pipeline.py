@@ -22,11 +22,12 @@ from mner.cache.reader import CacheReader
 from mner.demo.build import DemoConfig, build_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import extract_features
+from mner.runtime import resolve_runtime
 from mner.train.config import ModelConfig, RunConfig, TrainConfig
 from mner.train.data import make_loader
-from mner.train.evaluate import load_run_model, read_record, run_config
-from mner.train.loop import resolve_runtime, train_from_cache
+from mner.train.loop import train_from_cache
 from mner.train.metrics import entity_scores
+from mner.train.runs import load_run_model, read_record, run_config
 
 # Subprocess / end-to-end: outside the `pytest -m "not slow"` inner loop.
 pytestmark = pytest.mark.slow

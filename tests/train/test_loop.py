@@ -12,10 +12,13 @@ import torch
 from safetensors.torch import load_file
 from seqeval.metrics import f1_score, precision_score, recall_score
 
+import mner.train.decode as decode
 import mner.train.loop as loop
+import mner.train.runs as runs
 from mner.cache.datasets import Post, read_split
 from mner.cache.reader import CacheReader
-from mner.train.loop import open_cache, resolve_runtime, train_from_cache
+from mner.train.loop import train_from_cache
+from mner.train.runs import open_cache
 from mner.train.text import load_tokenizer
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
@@ -109,7 +112,7 @@ def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
     data_dir, posts = make_data(tmp_path)
     cache_dir = make_cache(tmp_path, posts)
     scripted = iter([0.5, 0.9, 0.2, 0.1])
-    real_scores = loop.entity_scores
+    real_scores = decode.entity_scores
     calls = []
 
     def fake_scores(gold, pred):
@@ -120,7 +123,7 @@ def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
             scores["micro"]["f1"] = f1
         return scores
 
-    monkeypatch.setattr(loop, "entity_scores", fake_scores)
+    monkeypatch.setattr(decode, "entity_scores", fake_scores)
     cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=6, train={"patience": 2})
     run_dir = train_from_cache(cfg)
     assert [line["dev_f1"] for line in _metrics(run_dir)] == [0.5, 0.9, 0.2, 0.1]
@@ -157,18 +160,18 @@ def test_resume_after_kill_equals_straight_run(tmp_path, monkeypatch):
     straight = train_from_cache(run_config(tmp_path / "straight", cache_dir, data_dir, epochs=2))
 
     # Kill during epoch 2's bookkeeping: its metrics line and best weights are written, its checkpoint is not.
-    real_save = loop._save_checkpoint
+    real_save = loop.save_checkpoint
 
     def save_then_die(folder, model, optimizer, scheduler, scaler, progress, device):
         if progress.epoch == 2:
             raise _Killed
         real_save(folder, model, optimizer, scheduler, scaler, progress, device)
 
-    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         train_from_cache(run_config(tmp_path / "killed", cache_dir, data_dir, epochs=2))
     assert len(_metrics(tmp_path / "killed")) == 2
-    monkeypatch.setattr(loop, "_save_checkpoint", real_save)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
     resumed = train_from_cache(run_config(tmp_path / "killed", cache_dir, data_dir, epochs=2, resume=True))
 
     assert _metrics(resumed) == _metrics(straight)
@@ -201,7 +204,7 @@ def test_text_only_never_opens_the_cache(tmp_path, monkeypatch):
     def no_cache(*args, **kwargs):
         raise AssertionError("a text-only run opened the cache")
 
-    monkeypatch.setattr(loop, "CacheReader", no_cache)
+    monkeypatch.setattr(runs, "CacheReader", no_cache)
     cfg = run_config(tmp_path / "run", tmp_path / "does-not-exist", data_dir, epochs=1, text_only=True)
     run_dir = train_from_cache(cfg)
     record = json.loads((run_dir / "config.json").read_text())
@@ -239,17 +242,6 @@ def test_truncated_words_are_counted_and_predicted_o(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["truncated_words"] == expected
     for post in _conll(run_dir / "pred_valid.conll"):
         assert all(pred == "O" for _, _, pred in post[max_length - 2 :])
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_without_a_gpu_is_refused():
-    with pytest.raises(ValueError, match=re.escape("device 'cuda' asked for, but torch sees no CUDA device")):
-        resolve_runtime("cuda", "auto")
-
-
-def test_runtime_uses_autocast_on_cuda_only():
-    assert resolve_runtime("cpu", "bf16").amp_dtype is None
-    assert resolve_runtime("cpu", "auto").device == torch.device("cpu")
 
 
 def test_cache_of_other_data_is_refused_before_training(tmp_path):

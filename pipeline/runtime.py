@@ -1,0 +1,231 @@
+"""Plumbing both stages share, in one place: where a process runs and how it writes files.
+
+- `Runtime`: this process's device, autocast dtype and place in a torchrun job.
+- `resolve_device` / `resolve_amp` / `resolve_runtime`: one set of rules for `extract-features`
+  and `train-from-cache` (auto | cpu | mps | cuda | cuda:N; off | auto | fp16 | bf16).
+- `start_runtime`: the same, joining the torchrun process group when WORLD_SIZE > 1;
+  `Runtime.close()` leaves it again.
+- `seed_everything`, `to_device`.
+- `write_atomic`: the one way a JSON or text file is replaced (manifest, run config, results).
+
+torch is imported inside the functions that need it: `cache/` writes its manifest through
+`write_atomic`, and the cache commands (`mner cache inspect/verify/show`) should not pay for
+loading torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Device names both stages accept.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # fullmatch
+# Mixed-precision modes both stages accept; "auto" is bf16 where the GPU supports it, else fp16.
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device, autocast dtype and its place in a torchrun job."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype on CUDA; None: full precision
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # this process created the torchrun process group, so close() destroys it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """torch.autocast with this runtime's dtype, or a no-op context in full precision."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group `start_runtime` created (nothing otherwise)."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def resolve_device(
+    name: str, local_rank: int = 0, world_size: int = 1, hint: str = "--device cpu"
+) -> torch.device:
+    """The torch device of this process.
+
+    Args:
+        name: "auto" (cuda:<local_rank> when CUDA is available, else cpu), "cpu", "mps", "cuda"
+            (cuda:<local_rank>) or "cuda:N". Under torchrun (world_size > 1) every rank takes its
+            own GPU, cuda:<local_rank>, even when "cuda:N" names one (logged when it differs).
+        local_rank, world_size: this process's place on its node (torchrun's LOCAL_RANK, WORLD_SIZE).
+        hint: how the user asks for the CPU instead, for the error message.
+    Raises:
+        ValueError for a name outside the list, or a device torch does not see.
+    """
+    import torch
+
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N; got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device 'mps' asked for, but torch sees no MPS device; use {hint}")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use {hint}")
+    device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    if world_size > 1 and device.index != local_rank:
+        log.warning(
+            "device %s asked for under torchrun: rank with LOCAL_RANK %d uses its own GPU, cuda:%d",
+            name,
+            local_rank,
+            local_rank,
+        )
+        device = torch.device(f"cuda:{local_rank}")
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise ValueError(f"device {device} asked for, but torch sees {count} CUDA device(s); use {hint}")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: None off CUDA or for "off"; "auto" is bf16 where supported, else fp16."""
+    import torch
+
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {amp!r}")
+    if device.type != "cuda" or amp == "off":
+        return None
+    bf16 = amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported())
+    return torch.bfloat16 if bf16 else torch.float16
+
+
+def resolve_runtime(
+    device: str, amp: str, local_rank: int = 0, world_size: int = 1, hint: str = "--device cpu"
+) -> Runtime:
+    """Device and autocast dtype of a single process (no process group); see `resolve_device`."""
+    resolved = resolve_device(device, local_rank, world_size, hint)
+    return Runtime(device=resolved, amp_dtype=resolve_amp(amp, resolved))
+
+
+def start_runtime(
+    device: str, amp: str, hint: str = "--device cpu", timeout: timedelta | None = None
+) -> Runtime:
+    """The runtime of this process; joins the torchrun process group when WORLD_SIZE > 1.
+
+    NCCL on CUDA, gloo otherwise. `timeout`: the process group's (None: torch's default). Call
+    `close()` on the result when done: it destroys the group if this call created it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    runtime = resolve_runtime(device, amp, local_rank, world_size, hint)
+    if world_size > 1:
+        cuda = runtime.device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(runtime.device)  # before the group: NCCL binds to the current device
+        if not dist.is_initialized():
+            options = {} if timeout is None else {"timeout": timeout}
+            dist.init_process_group("nccl" if cuda else "gloo", **options)
+            runtime.owns_group = True
+        runtime.rank, runtime.world_size = dist.get_rank(), dist.get_world_size()
+    return runtime
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and ask torch for deterministic kernels.
+
+    warn_only: a kernel with no deterministic version warns instead of failing the run.
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # cuBLAS needs this workspace setting for deterministic matmuls; it must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move every tensor of a batch to `device` (non-tensor values pass through)."""
+    import torch
+
+    return {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+        for key, value in batch.items()
+    }
+
+
+def write_atomic(path, text: str) -> Path:
+    """Replace the file `path` by `text` (UTF-8) so that a reader, or a kill at any instant, finds
+    the old file or the new one, never a part.
+
+    The text goes to `<name>.tmp` beside it (same filesystem), is flushed and fsynced, renamed over
+    `path` (os.replace is atomic), and the folder is fsynced so the rename survives a power cut too
+    (skipped where a folder cannot be opened, as on Windows). Returns `path` as a Path.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_file(path) -> None:
+    """Flush a written file's data to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path) -> None:
+    """Make renames inside folder `path` durable (a folder entry lives in the folder's inode)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)

@@ -1,0 +1,292 @@
+"""mner.runtime: one device/AMP rule for both stages, torchrun start-up, seeding, the atomic write.
+
+The GPU paths run here without a GPU: torch.cuda's availability, device count and bf16 support
+are monkeypatched, as is the process-group start-up, and the tests check what the resolver asks
+torch for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from mner import runtime as rt
+from mner.cache.datasets import DataConfig
+from mner.extract.config import ExtractConfig
+from mner.runtime import resolve_amp, resolve_device, resolve_runtime, start_runtime, write_atomic
+from mner.train.config import TrainConfig
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend torch sees `n` CUDA devices; returns the list of set_device calls."""
+    calls = []
+
+    def with_gpus(n: int, bf16: bool = True) -> list:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+        return calls
+
+    return with_gpus
+
+
+@pytest.fixture
+def torchrun(monkeypatch):
+    """torchrun's environment for rank `rank` of `world`, with a recorded (fake) process group."""
+    calls = []
+
+    def join(rank: int, world: int, local_rank: int | None = None) -> list:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("LOCAL_RANK", str(rank if local_rank is None else local_rank))
+        state = {"up": False}
+
+        def init(backend, **options):
+            calls.append(("init", backend, options))
+            state["up"] = True
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: state["up"])
+        monkeypatch.setattr(dist, "init_process_group", init)
+        monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: world)
+        return calls
+
+    return join
+
+
+# ------------------------------------------------------------------------------------------ device
+
+
+def test_auto_and_cpu_without_cuda(gpus):
+    gpus(0)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "local_rank", "expected"),
+    [
+        ("auto", 0, "cuda:0"),
+        ("auto", 1, "cuda:1"),
+        ("cuda", 0, "cuda:0"),
+        ("cuda", 1, "cuda:1"),
+        ("cuda:1", 0, "cuda:1"),
+        ("cpu", 1, "cpu"),
+    ],
+)
+def test_cuda_names_resolve_to_an_indexed_device(gpus, name, local_rank, expected):
+    gpus(2)
+    assert resolve_device(name, local_rank) == torch.device(expected)
+
+
+def test_explicit_gpu_under_torchrun_gives_each_rank_its_own(gpus, caplog):
+    gpus(2)
+    with caplog.at_level(logging.WARNING, logger="mner.runtime"):
+        assert resolve_device("cuda:0", local_rank=1, world_size=2) == torch.device("cuda:1")
+    assert "rank with LOCAL_RANK 1 uses its own GPU, cuda:1" in caplog.text
+    # The rank whose LOCAL_RANK is the named GPU keeps it, silently.
+    caplog.clear()
+    assert resolve_device("cuda:0", local_rank=0, world_size=2) == torch.device("cuda:0")
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize(
+    ("gpu_count", "name", "hint", "message"),
+    [
+        (
+            0,
+            "cuda",
+            "--device cpu",
+            "device 'cuda' asked for, but torch sees no CUDA device; use --device cpu",
+        ),
+        (
+            0,
+            "cuda:1",
+            "--set train.device=cpu",
+            "device 'cuda:1' asked for, but torch sees no CUDA device; use --set train.device=cpu",
+        ),
+        (
+            2,
+            "cuda:2",
+            "--device cpu",
+            "device cuda:2 asked for, but torch sees 2 CUDA device(s); use --device cpu",
+        ),
+        (1, "gpu", "--device cpu", "device must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
+    ],
+)
+def test_unusable_device_is_refused(gpus, gpu_count, name, hint, message):
+    gpus(gpu_count)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        resolve_device(name, hint=hint)
+
+
+def test_mps_needs_an_mps_device(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(
+        ValueError, match=re.escape("device 'mps' asked for, but torch sees no MPS device; use x")
+    ):
+        resolve_device("mps", hint="x")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == torch.device("mps")
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:12"])
+def test_both_stages_accept_the_same_device_names(tmp_path, name):
+    assert TrainConfig(device=name).device == name
+    assert (
+        ExtractConfig(
+            data=DataConfig(data_dir=str(tmp_path)), out=str(tmp_path / "cache"), device=name
+        ).device
+        == name
+    )
+
+
+# --------------------------------------------------------------------------------------------- amp
+
+
+@pytest.mark.parametrize("amp", ["auto", "off", "fp16", "bf16"])
+def test_no_autocast_off_cuda(amp):
+    assert resolve_amp(amp, torch.device("cpu")) is None
+    assert resolve_runtime("cpu", amp).autocast().__class__.__name__ == "nullcontext"
+
+
+@pytest.mark.parametrize(
+    ("amp", "bf16_supported", "expected"),
+    [
+        ("off", True, None),
+        ("fp16", True, torch.float16),
+        ("bf16", False, torch.bfloat16),
+        ("auto", True, torch.bfloat16),
+        ("auto", False, torch.float16),
+    ],
+)
+def test_cuda_autocast_dtype(gpus, amp, bf16_supported, expected):
+    gpus(1, bf16=bf16_supported)
+    runtime = resolve_runtime("cuda", amp)
+    assert (runtime.device, runtime.amp_dtype) == (torch.device("cuda:0"), expected)
+
+
+def test_unknown_amp_is_refused():
+    with pytest.raises(ValueError, match=re.escape("amp must be one of auto, off, fp16, bf16; got 'fp8'")):
+        resolve_amp("fp8", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------- torchrun
+
+
+def test_single_process_joins_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    runtime = start_runtime("cpu", "off")
+    assert (runtime.rank, runtime.world_size, runtime.owns_group, runtime.is_main) == (0, 1, False, True)
+    runtime.barrier()
+    runtime.close()
+
+
+def test_cpu_ranks_join_a_gloo_group_and_leave_it(torchrun, gpus):
+    gpus(0)
+    calls = torchrun(rank=1, world=2)
+    runtime = start_runtime("auto", "auto", timeout=timedelta(hours=24))
+    assert calls == [("init", "gloo", {"timeout": timedelta(hours=24)})]
+    assert (runtime.device, runtime.rank, runtime.world_size, runtime.is_main) == (
+        torch.device("cpu"),
+        1,
+        2,
+        False,
+    )
+    runtime.close()
+    runtime.close()  # a second close does nothing
+    assert calls[1:] == [("destroy",)]
+
+
+def test_gpu_ranks_bind_their_gpu_before_the_nccl_group(torchrun, gpus):
+    set_device = gpus(4)
+    calls = torchrun(rank=3, world=4, local_rank=1)  # second node: global rank 3, local rank 1
+    runtime = start_runtime("cuda:0", "off")
+    assert set_device == [("set_device", torch.device("cuda:1"))]
+    assert calls == [("init", "nccl", {})]  # no timeout given: torch's default
+    assert (runtime.device, runtime.rank) == (torch.device("cuda:1"), 3)
+
+
+def test_a_group_made_elsewhere_is_not_destroyed(torchrun, monkeypatch):
+    calls = torchrun(rank=0, world=2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    runtime = start_runtime("cpu", "off")
+    runtime.close()
+    assert calls == [] and runtime.world_size == 2
+
+
+# ------------------------------------------------------------------------------------ seed, device
+
+
+def test_seed_everything_repeats_every_generator():
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    rt.seed_everything(7)
+    first = draws()
+    rt.seed_everything(7)
+    assert draws() == first
+    rt.seed_everything(8)
+    assert draws() != first
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_to_device_moves_tensors_only():
+    batch = {"x": torch.ones(2, 3), "keys": ["a", "b"], "n": 3}
+    moved = rt.to_device(batch, torch.device("meta"))
+    assert moved["x"].device.type == "meta" and moved["x"].shape == (2, 3)
+    assert moved["keys"] is batch["keys"] and moved["n"] == 3
+
+
+# ------------------------------------------------------------------------------------ atomic write
+
+
+def test_write_atomic_replaces_the_file_and_leaves_no_tmp(tmp_path):
+    path = tmp_path / "results.json"
+    assert write_atomic(path, "old\n") == path
+    write_atomic(path, "néw\n")
+    assert path.read_bytes() == "néw\n".encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_write_atomic_fsyncs_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    tmp = tmp_path / "a.json.tmp"
+
+    def fsync(fd):
+        events.append(("fsync", "tmp written" if tmp.exists() else "tmp renamed"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "a.json", "{}")
+    assert events == [("fsync", "tmp written"), ("replace", "a.json.tmp", "a.json"), ("fsync", "tmp renamed")]
+
+
+def test_a_kill_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    write_atomic(path, "complete old text\n")
+
+    def killed(fd):
+        raise KeyboardInterrupt  # stands in for a kill between writing and the rename
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, "new text that never lands\n")
+    assert path.read_text() == "complete old text\n"

@@ -1,0 +1,138 @@
+"""The resume checkpoint of a run: the last finished epoch's weights, optimiser, scheduler, scaler,
+early-stopping counters and every RNG, so `--resume` continues exactly where a run stopped.
+
+Crash safety: a kill at any instant leaves a loadable checkpoint (the old one or the new one).
+`save_checkpoint` writes `<folder>.tmp/` completely (files fsynced), then swaps it in with two
+renames: `<folder>/` -> `<folder>.old/`, `<folder>.tmp/` -> `<folder>/`, and deletes `.old`. Only a
+complete `.tmp` is ever renamed, so `<folder>/` and `<folder>.old/` are always complete; a kill
+between the two renames leaves no `<folder>/` but a complete `<folder>.old/`, which
+`find_checkpoint` then returns. `.tmp` is never read (it may be half written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from mner.runtime import fsync_dir, fsync_file
+
+# A checkpoint folder's files; the weights have the same name as the run's best weights.
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class Progress:
+    """Early-stopping counters; saved in the checkpoint."""
+
+    epoch: int = 0  # last finished epoch
+    best_f1: float = -1.0  # best dev micro F1 so far (-1: none yet, so epoch 1 is always kept)
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the last improvement
+    stopped: bool = False  # patience ran out
+
+    def update(self, epoch: int, dev_f1: float, patience: int) -> bool:
+        """Count a finished epoch; returns whether its dev F1 is the best so far."""
+        self.epoch = epoch
+        if dev_f1 > self.best_f1:
+            self.best_f1, self.best_epoch, self.bad_epochs = dev_f1, epoch, 0
+            return True
+        self.bad_epochs += 1
+        self.stopped = self.bad_epochs >= patience
+        return False
+
+
+def _sibling(folder: Path, suffix: str) -> Path:
+    return folder.with_name(folder.name + suffix)
+
+
+def find_checkpoint(folder) -> Path | None:
+    """The complete checkpoint to resume from: `folder`, else `folder.old` (a kill between the two
+    renames of `save_checkpoint`), else None."""
+    folder = Path(folder)
+    for candidate in (folder, _sibling(folder, ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def save_checkpoint(
+    folder: Path, model, optimizer, scheduler, scaler, progress: Progress, device: torch.device
+) -> None:
+    """Write the checkpoint to `folder` by the protocol of the module docstring."""
+    tmp, old = _sibling(folder, ".tmp"), _sibling(folder, ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / WEIGHTS_FILE))
+    state = {
+        "progress": dataclasses.asdict(progress),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(device),
+    }
+    torch.save(state, tmp / STATE_FILE)
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        fsync_file(tmp / name)
+    fsync_dir(tmp)
+    if folder.exists():
+        # `folder` is complete, so a stale `.old` (a kill after an earlier swap) can go.
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> Progress:
+    """Restore everything `save_checkpoint` wrote; tensors and plain values only (weights_only)."""
+    device = next(model.parameters()).device
+    load_model(model, str(folder / WEIGHTS_FILE), device=str(device))
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], device)
+    return Progress(**state["progress"])
+
+
+def _rng_state(device: torch.device) -> dict:
+    """Every RNG the loop draws from, as tensors and plain values (no pickled numpy objects).
+
+    Only this process's CUDA device: touching the others would open a context on each of them.
+    """
+    version, mt_state, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "python": [version, list(mt_state), gauss],
+        "numpy_key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": numpy_state["state"]["pos"],
+        "numpy_gauss": [numpy_state["has_gauss"], numpy_state["gauss"]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+            "has_gauss": has_gauss,
+            "gauss": cached,
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,269 @@
+"""A run folder, and the one place that knows it: file names, the config record, rebuilding the
+model, the checks of a run's inputs (data tags, cache keys, cache fingerprint).
+
+Run folder:
+    config.json         full resolved RunConfig + labels, encoder folder, cache fingerprint/config/spec,
+                        counts of words cut by the encoder's length limit and of orphan I- tags, per split
+    model.safetensors   the best epoch's weights
+    checkpoint/         the last finished epoch (weights, optimiser, scheduler, counters, RNG) for resume;
+                        see train/checkpoint.py for how it is swapped in
+    metrics.jsonl       one line per epoch
+    pred_valid.conll    `token gold pred` (and pred_test.conll when test.txt exists)
+    results.json        micro + per-type P/R/F1 for valid and test, best epoch
+    results_<split>.json, pred_<split>.conll   written by `mner evaluate`
+    tensorboard/        event files, only when tensorboard is installed
+
+`train.loop` writes a run through these functions; `evaluate`, `predict` and `ablate` read it through
+them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_model
+
+from mner.cache.datasets import DataSource, Split
+from mner.cache.reader import CacheReader
+from mner.cache.shards import TokenSpec, fingerprint_diff
+from mner.runtime import Runtime, write_atomic
+from mner.train.checkpoint import find_checkpoint
+from mner.train.config import ModelConfig, RunConfig
+from mner.train.model import MNERModel
+from mner.train.text import load_tokenizer, resolve_text_encoder
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoint"
+TENSORBOARD_DIR = "tensorboard"
+# COCO categories of torchvision detectors (with the background and the 11 unused ids); used only when a
+# cache manifest does not list its detector's categories.
+DEFAULT_DETECTOR_CLASSES = 91
+# Longest value shown when listing what differs between two caches.
+_SHOWN_CHARS = 60
+# What must match for a folder to be resumed: the same model, training and data, not the bookkeeping.
+_RESUME_KEYS = ("model", "train", "label_names", "data_source")
+
+
+def write_json(path: Path, data) -> Path:
+    """A run folder's JSON file (config, results), replaced atomically."""
+    return write_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ record
+
+
+def make_record(cfg: RunConfig, source: DataSource, labels: list[str], encoder_dir: Path, reader) -> dict:
+    """config.json: everything needed to rebuild the model and to check a cache against the run."""
+    record = cfg.to_dict()
+    record["label_names"] = labels
+    record["encoder_dir"] = str(Path(encoder_dir).resolve())
+    record["data_source"] = {
+        "name": source.name,
+        "data_dir": str(source.data_dir.resolve()),
+        "image_dir": str(source.image_dir.resolve()),
+        "fmt": source.fmt,
+    }
+    record["cache"] = None
+    if reader is not None:
+        record["cache"] = {
+            "dir": str(reader.cache_dir.resolve()),
+            "fingerprint": reader.fingerprint,
+            "config": reader.config,
+            "models": reader.models,
+            "spec": reader.spec.to_dict(),
+        }
+    return record
+
+
+def read_record(run_dir) -> dict:
+    """The run's config.json; ValueError when the folder is not a finished-or-running run."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{run_dir} is not a run folder: no {CONFIG_FILE} (train one with `mner train-from-cache`)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_config(record: dict) -> RunConfig:
+    """The RunConfig part of a run record."""
+    names = ("model", "train", "cache_dir", "data", "out_dir", "resume")
+    return RunConfig.from_dict({name: record[name] for name in names}, CONFIG_FILE)
+
+
+def read_results(run_dir) -> dict:
+    """The run's results.json: best_epoch, valid and (when test.txt exists) test scores."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{run_dir}: no {RESULTS_FILE}; the run has not finished (continue it with --resume)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def encoder_dir_of(record: dict) -> Path:
+    """The text encoder folder the run used; the name is resolved again when that folder is gone
+    (a preset materialised on another machine)."""
+    recorded = Path(record["encoder_dir"])
+    return recorded if recorded.is_dir() else resolve_text_encoder(record["model"]["text_encoder"])
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def build_model(record: dict, encoder_dir: Path) -> MNERModel:
+    """A fresh MNERModel from a run record (config.json): labels, token widths and detector classes
+    as recorded from the train split and the cache manifest."""
+    model_cfg = ModelConfig.from_dict(record["model"], CONFIG_FILE)
+    cache = record["cache"]
+    if cache is None:
+        return MNERModel(model_cfg, record["label_names"], None, encoder_dir)
+    categories = cache["models"].get("detector", {}).get("categories")
+    num_classes = len(categories) if categories else DEFAULT_DETECTOR_CLASSES
+    spec = TokenSpec.from_dict(cache["spec"])
+    return MNERModel(model_cfg, record["label_names"], spec, encoder_dir, num_detector_classes=num_classes)
+
+
+def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[MNERModel, object]:
+    """The run's best model on `runtime.device` in eval mode, and its tokenizer."""
+    weights = Path(run_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch")
+    encoder_dir = encoder_dir_of(record)
+    model = build_model(record, encoder_dir)
+    load_model(model, str(weights))
+    return model.to(runtime.device).eval(), load_tokenizer(encoder_dir)
+
+
+# ------------------------------------------------------------------------------------------ folder
+
+
+def prepare_folder(run_dir: Path, resume: bool, record: dict, runtime: Runtime) -> bool:
+    """Create the run folder; returns True when training continues from its checkpoint."""
+    existing = run_dir / CONFIG_FILE
+    if existing.is_file() and not resume:
+        raise ValueError(
+            f"{run_dir} already holds a run ({CONFIG_FILE}); pass --resume to continue it or choose another --out"
+        )
+    resuming = resume and find_checkpoint(run_dir / CHECKPOINT_DIR) is not None
+    if resuming:
+        old = json.loads(existing.read_text(encoding="utf-8"))
+        differs = [key for key in _RESUME_KEYS if old.get(key) != record[key]]
+        if (old.get("cache") or {}).get("fingerprint") != (record["cache"] or {}).get("fingerprint"):
+            differs.append("cache fingerprint")
+        if differs:
+            raise ValueError(
+                f"cannot resume {run_dir}: it was started with a different {', '.join(differs)}; use another --out"
+            )
+    elif runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    runtime.barrier()
+    return resuming
+
+
+def append_metrics(run_dir: Path, line: dict) -> None:
+    """Add one epoch's line to metrics.jsonl."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def trim_metrics(run_dir: Path, last_epoch: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint (written before a kill, about to be redone)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def open_cache(cache_dir, text_only: bool, in_memory: bool = False) -> CacheReader | None:
+    """The run's cache reader; None (and nothing opened) for a text-only model."""
+    if text_only:
+        return None
+    if cache_dir is None:
+        raise ValueError("a multimodal run needs a feature cache (cache_dir); pass --cache, or --text-only")
+    return CacheReader(cache_dir, in_memory=in_memory)
+
+
+def check_tags(splits: dict[str, Split], labels: list[str]) -> None:
+    """Refuse a valid/test tag the model cannot predict: the label set is read from train alone.
+
+    Args:
+        splits: split name -> Split; "train" (where `labels` came from) is not checked.
+        labels: the run's label names (`label_names` of train).
+    """
+    known, train_file = set(labels), splits["train"].path.name
+    for name, split in splits.items():
+        if name == "train":
+            continue
+        for post in split.posts:
+            for tag in post.tags:
+                if tag not in known:
+                    raise ValueError(
+                        f"{split.path}:{post.line}: tag {tag!r} does not occur in {train_file}; "
+                        "the label set comes from the training file"
+                    )
+
+
+def check_cache_keys(splits: list[Split], reader: CacheReader) -> None:
+    """Refuse a cache extracted from other data.
+
+    Extraction writes a record for every key of its data, missing and unreadable images included,
+    so a key absent from the cache means the wrong cache, whose posts would all train image-masked.
+    """
+    absent = [(split, post) for split in splits for post in split.posts if post.key not in reader]
+    if absent:
+        split, post = absent[0]
+        total = sum(len(split.posts) for split in splits)
+        raise ValueError(
+            f"{split.path}:{post.line}: image key {post.key!r} is not in the cache at {reader.cache_dir} "
+            f"({len(absent)} of {total} posts' keys are absent); the cache was extracted from other data "
+            "— re-run `mner extract-features` on this data folder"
+        )
+
+
+def check_fingerprint(reader: CacheReader, record: dict, run_dir) -> None:
+    """Refuse a cache other than the one the run was trained on, saying what differs."""
+    trained_on = record["cache"]["fingerprint"]
+    if reader.fingerprint == trained_on:
+        return
+    found = {"config": reader.config, "models": reader.models, "spec": reader.spec.to_dict()}
+    differences = cache_differences(found, record["cache"])
+    raise ValueError(
+        f"cache at {reader.cache_dir} has fingerprint {reader.fingerprint} but run {run_dir} was trained on "
+        f"{trained_on}; differs: {'; '.join(differences) or 'nothing recorded (the tokens were re-extracted)'}"
+    )
+
+
+def cache_differences(found: dict, recorded: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Lines "key: cache X, run Y" for every setting where two cache descriptions differ.
+
+    Args:
+        found, recorded: {"config", "models", "spec"} of a cache manifest and of the run's record.
+        ignore: top-level fingerprint parts to leave out.
+    When both configs carry the extractor's "fingerprint_parts" only those are compared (paths,
+    workers and the like do not change the tokens); otherwise config, models and spec.
+    """
+    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
+    if parts[0] is not None and parts[1] is not None:
+        a, b = parts
+    else:
+        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
+    return [
+        f"{key}: cache {_short(x)}, run {_short(y)}" for key, (x, y) in fingerprint_diff(a, b, ignore).items()
+    ]
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
