@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mner.runtime import write_atomic
+from mner.runtime import fsync_dir, fsync_file, write_atomic
 
 SCHEMA_VERSION = 1
 STATUS_NAMES = ("ok", "missing", "corrupt")
@@ -382,9 +382,9 @@ class ShardWriter:
         self._file.flush()
         self._file.close()
         self._file = None
-        _fsync(self.tmp_path)
+        fsync_file(self.tmp_path)
         os.replace(self.tmp_path, self.path)
-        _fsync(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -533,15 +533,6 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
     return [
         RowProblem(check, np.flatnonzero(bad), rule, found) for check, bad, rule, found in rules if bad.any()
     ]
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file, or a directory to make a rename in it durable (the entry lives in its inode)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def completed_shard(path, fingerprint: str) -> bool:

@@ -8,6 +8,7 @@ test keeps every import in the project on the installed names.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def _python_files() -> list[Path]:
     return sorted(path for folder in SOURCE_FOLDERS for path in (ROOT / folder).rglob("*.py"))
 
 
+@functools.cache  # both checks walk every file; parse each once
 def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every absolute `import X` / `from X import` in a file."""
     found = []

@@ -81,12 +81,10 @@ def make_record(cfg: RunConfig, source: DataSource, labels: list[str], encoder_d
 
 def read_record(run_dir) -> dict:
     """The run's config.json; ValueError when the folder is not a finished-or-running run."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"{run_dir} is not a run folder: no {CONFIG_FILE} (train one with `mner train-from-cache`)"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_json(
+        Path(run_dir) / CONFIG_FILE,
+        f"{run_dir} is not a run folder: no {CONFIG_FILE} (train one with `mner train-from-cache`)",
+    )
 
 
 def run_config(record: dict) -> RunConfig:
@@ -97,11 +95,16 @@ def run_config(record: dict) -> RunConfig:
 
 def read_results(run_dir) -> dict:
     """The run's results.json: best_epoch, valid and (when test.txt exists) test scores."""
-    path = Path(run_dir) / RESULTS_FILE
+    return _read_json(
+        Path(run_dir) / RESULTS_FILE,
+        f"{run_dir}: no {RESULTS_FILE}; the run has not finished (continue it with --resume)",
+    )
+
+
+def _read_json(path: Path, missing: str):
+    """A run file's JSON; ValueError(`missing`) when the file is not there."""
     if not path.is_file():
-        raise ValueError(
-            f"{run_dir}: no {RESULTS_FILE}; the run has not finished (continue it with --resume)"
-        )
+        raise ValueError(missing)
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -144,6 +144,7 @@ def test_clip_folder_errors(tmp_path):
         load_clip(str(tmp_path / "noweights"))
 
 
+@pytest.mark.slow
 def test_detector_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="--detector-ckpt is required for fasterrcnn_resnet50_fpn"):
         build_detector("fasterrcnn_resnet50_fpn", None, config())
@@ -159,6 +160,7 @@ def test_detector_checkpoint_errors(tmp_path):
         build_detector("yolo", None, config())
 
 
+@pytest.mark.slow
 def test_torchvision_detector_loads_the_given_checkpoint(tmp_path):
     torch.manual_seed(3)
     saved = detection.fasterrcnn_mobilenet_v3_large_320_fpn(

@@ -76,6 +76,7 @@ def reference_cache(shared_data, preset_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_extract_end_to_end(image_dataset, tmp_path):
     ds = image_dataset(tmp_path, n=12, missing=1, corrupt=1)
     cfg = ExtractConfig(
@@ -159,6 +160,7 @@ def test_clip_crop_regions_embed_the_crop(image_dataset, tmp_path):
             np.testing.assert_allclose(feat, record.global_embed, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, monkeypatch):
     ds = image_dataset(tmp_path, n=12)
     base = dict(data=DataConfig(data_dir=str(ds.data_dir)), shard_size=4, batch_size=2, num_workers=0)

@@ -391,6 +391,7 @@ def test_extract_with_another_topk_into_the_same_folder_is_refused(workspace):
     assert {path.name: path.stat().st_mtime_ns for path in shards} == before
 
 
+@pytest.mark.slow
 def test_train_from_cache_multimodal_and_text_only(workspace, runs):
     manifest = read_manifest(workspace.cache_dir)
     full = json.loads((runs.full / "config.json").read_text())
@@ -406,6 +407,7 @@ def test_train_from_cache_multimodal_and_text_only(workspace, runs):
         assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_evaluate_and_results(runs):
     output = ok("evaluate", runs.full, "--split", "test").stdout
     assert "micro" in output
@@ -423,6 +425,7 @@ def test_evaluate_and_results(runs):
     assert rows[str(runs.text)][3] == f"{100 * text_f1:.2f}"
 
 
+@pytest.mark.slow
 def test_predict_tags_new_posts_as_training_tagged_the_test_split(workspace, runs, tmp_path):
     source = workspace.data_dir / "test.txt"
     out = tmp_path / "pred" / "test.conll"
@@ -442,6 +445,7 @@ def test_predict_tags_new_posts_as_training_tagged_the_test_split(workspace, run
     assert [line["key"] for line in spans] == [post.key for post in gold.posts]
 
 
+@pytest.mark.slow
 def test_ablate_runs_every_experiment_and_prints_the_table(workspace, tmp_path):
     out = tmp_path / "ablation"
     output = ok(
@@ -459,6 +463,7 @@ def test_ablate_runs_every_experiment_and_prints_the_table(workspace, tmp_path):
         assert record["train"]["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_demo_data_builds_the_demo_from_the_given_seed(tmp_path):
     out = tmp_path / "demo"
     assert f"demo data at {out}" in ok("demo-data", "--out", out, "--seed", 5).stdout

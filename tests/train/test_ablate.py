@@ -73,6 +73,7 @@ def _results(cfg: AblationConfig, name: str, seed: int) -> dict:
     return json.loads((ablate.Path(cfg.out_dir) / name / f"seed{seed}" / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_runs_land_in_experiment_seed_folders_with_their_config(ablation):
     cfg, md_path = ablation
     assert md_path.name == "ablation.md"
@@ -86,6 +87,7 @@ def test_runs_land_in_experiment_seed_folders_with_their_config(ablation):
             assert (record["cache"] is None) == (name == "text_only")
 
 
+@pytest.mark.slow
 def test_csv_has_one_row_per_run_with_results_in_percent(ablation):
     cfg, md_path = ablation
     table = pd.read_csv(md_path.parent / "ablation.csv")
@@ -105,6 +107,7 @@ def test_csv_has_one_row_per_run_with_results_in_percent(ablation):
         assert row.dev_f1 == pytest.approx(100 * results["valid"]["micro"]["f1"])
 
 
+@pytest.mark.slow
 def test_markdown_gives_mean_and_sample_std_computed_by_hand(ablation):
     cfg, md_path = ablation
     lines = md_path.read_text().splitlines()
@@ -123,6 +126,7 @@ def test_markdown_gives_mean_and_sample_std_computed_by_hand(ablation):
         assert line == "| " + " | ".join([name, "2", *cells]) + " |"
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_redoes_only_the_missing_one(ablation, monkeypatch):
     cfg, md_path = ablation
     before = md_path.read_text()

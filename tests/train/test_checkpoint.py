@@ -125,6 +125,7 @@ def _kill_after_the_swap(monkeypatch, run_dir):
         (_kill_after_the_swap, "checkpoint", 2),
     ],
 )
+@pytest.mark.slow
 def test_a_kill_during_the_second_save_resumes_and_keeps_metrics(
     tmp_path, monkeypatch, caplog, kill, resumed_from, resumed_after
 ):

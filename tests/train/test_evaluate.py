@@ -41,6 +41,7 @@ def runs(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mm", "text"])
 def test_evaluate_reproduces_the_runs_test_scores(runs, kind):
     run_dir = runs[kind]
@@ -53,6 +54,7 @@ def test_evaluate_reproduces_the_runs_test_scores(runs, kind):
     assert (run_dir / "pred_test.conll").read_text() == predictions
 
 
+@pytest.mark.slow
 def test_evaluate_reads_another_data_folder(runs, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -62,6 +64,7 @@ def test_evaluate_reads_another_data_folder(runs, tmp_path):
     assert scores == json.loads((runs["mm"] / "results.json").read_text())["valid"]
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_cache_with_another_fingerprint(runs, tmp_path):
     other = make_cache(tmp_path, runs["posts"], spec=tiny_spec(max_regions=6))
     trained_on = CacheReader(runs["cache"]).fingerprint
@@ -74,6 +77,7 @@ def test_evaluate_refuses_a_cache_with_another_fingerprint(runs, tmp_path):
         evaluate_run(runs["mm"], split="test", cache_dir=other)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_data_whose_images_are_not_in_the_cache(runs, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -89,11 +93,13 @@ def test_evaluate_refuses_data_whose_images_are_not_in_the_cache(runs, tmp_path)
         evaluate_run(runs["mm"], split="test", data_dir=other)
 
 
+@pytest.mark.slow
 def test_text_only_run_ignores_the_cache_argument(runs, tmp_path):
     scores = evaluate_run(runs["text"], split="valid", cache_dir=tmp_path / "no-such-cache")
     assert scores == json.loads((runs["text"] / "results.json").read_text())["valid"]
 
 
+@pytest.mark.slow
 def test_evaluate_errors(runs, tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path} is not a run folder: no config.json")):
         evaluate_run(tmp_path)
@@ -123,6 +129,7 @@ def test_cache_differences_compares_only_fingerprinted_parts_when_recorded():
     assert cache_differences(cache, run, ignore=("topk",)) == ['models.clip.sha256: cache "y", run "x"']
 
 
+@pytest.mark.slow
 def test_results_table_lists_micro_scores_in_percent(runs):
     table = results_table([runs["mm"], runs["text"]], split="valid")
     lines = table.splitlines()
@@ -137,6 +144,7 @@ def test_results_table_lists_micro_scores_in_percent(runs):
         assert line.split() == expected
 
 
+@pytest.mark.slow
 def test_results_table_without_the_split_says_how_to_get_it(runs, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(runs["text"], run_dir)
@@ -150,6 +158,7 @@ def test_results_table_without_the_split_says_how_to_get_it(runs, tmp_path):
         results_table([run_dir], split="test")
 
 
+@pytest.mark.slow
 def test_unfinished_run_is_named(runs, tmp_path):
     run_dir = tmp_path / "unfinished"
     shutil.copytree(runs["text"], run_dir)

@@ -55,6 +55,7 @@ def trained(tmp_path_factory):
     return train_from_cache(run_config(tmp / "run", cache_dir, data_dir, epochs=2)), data_dir, cache_dir
 
 
+@pytest.mark.slow
 def test_run_folder_has_every_artifact(trained):
     run_dir, data_dir, cache_dir = trained
     for name in (
@@ -90,6 +91,7 @@ def test_run_folder_has_every_artifact(trained):
     )
 
 
+@pytest.mark.slow
 def test_results_match_predictions_scored_by_seqeval(trained):
     run_dir, data_dir, _ = trained
     results = json.loads((run_dir / "results.json").read_text())
@@ -107,6 +109,7 @@ def test_results_match_predictions_scored_by_seqeval(trained):
         assert micro["recall"] == pytest.approx(recall_score(gold, pred))
 
 
+@pytest.mark.slow
 def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
     """Scripted dev F1s 0.5, 0.9, 0.2, 0.1 with patience 2: stop after epoch 4, keep epoch 2."""
     data_dir, posts = make_data(tmp_path)
@@ -136,6 +139,7 @@ def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
     assert any(not torch.equal(best[name], last[name]) for name in best)
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     data_dir, posts = make_data(tmp_path)
     cache_dir = make_cache(tmp_path, posts)
@@ -154,6 +158,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_straight_run(tmp_path, monkeypatch):
     data_dir, posts = make_data(tmp_path)
     cache_dir = make_cache(tmp_path, posts)
@@ -183,6 +188,7 @@ def test_resume_after_kill_equals_straight_run(tmp_path, monkeypatch):
         assert all(torch.equal(x[key], y[key]) for key in x), name
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_and_same_config(tmp_path):
     data_dir, posts = make_data(tmp_path)
     cache_dir = make_cache(tmp_path, posts)
@@ -198,6 +204,7 @@ def test_existing_run_needs_resume_and_same_config(tmp_path):
         train_from_cache(changed)
 
 
+@pytest.mark.slow
 def test_text_only_never_opens_the_cache(tmp_path, monkeypatch):
     data_dir, _ = make_data(tmp_path, n_test=None)
 

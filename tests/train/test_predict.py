@@ -44,6 +44,7 @@ def _edit_record(run_dir: Path, tmp_path: Path, edit) -> Path:
     return copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mm", "text"])
 def test_predict_tags_posts_as_training_did(runs, kind, tmp_path):
     """Re-extracted tokens and the rebuilt model give the run's own valid predictions."""
@@ -55,6 +56,7 @@ def test_predict_tags_posts_as_training_did(runs, kind, tmp_path):
     assert [list(p.tags) for p in tagged.posts] == _pred_column(runs[kind] / "pred_valid.conll")
 
 
+@pytest.mark.slow
 def test_predict_writes_json_spans_of_the_predicted_tags(runs, tmp_path):
     source = read_split(runs["data"] / "train.txt")
     # Predict input may carry no tags at all.
@@ -78,6 +80,7 @@ def test_predict_writes_json_spans_of_the_predicted_tags(runs, tmp_path):
     assert total > 0
 
 
+@pytest.mark.slow
 def test_multimodal_predict_needs_an_image_folder(runs, tmp_path):
     with pytest.raises(
         ValueError,
@@ -92,6 +95,7 @@ def test_multimodal_predict_needs_an_image_folder(runs, tmp_path):
     assert not (tmp_path / "out.conll").exists()
 
 
+@pytest.mark.slow
 def test_predict_logs_how_many_images_were_ok_missing_or_corrupt(runs, tmp_path, caplog):
     images = tmp_path / "images"
     shutil.copytree(runs["data"] / "images", images)
@@ -105,6 +109,7 @@ def test_predict_logs_how_many_images_were_ok_missing_or_corrupt(runs, tmp_path,
     )
 
 
+@pytest.mark.slow
 def test_predict_names_a_missing_weight_file(runs, tmp_path):
     gone = tmp_path / "gone-clip"
     run_dir = _edit_record(runs["mm"], tmp_path, lambda r: r["cache"]["config"].update(clip=str(gone)))
@@ -113,6 +118,7 @@ def test_predict_names_a_missing_weight_file(runs, tmp_path):
         predict(run_dir, runs["data"] / "valid.txt", runs["data"] / "images", tmp_path / "out.conll")
 
 
+@pytest.mark.slow
 def test_predict_refuses_another_extractor(runs, tmp_path):
     run_dir = _edit_record(
         runs["mm"],
@@ -124,6 +130,7 @@ def test_predict_refuses_another_extractor(runs, tmp_path):
         predict(run_dir, runs["data"] / "valid.txt", runs["data"] / "images", tmp_path / "out.conll")
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_cache_without_extraction_settings(runs, tmp_path):
     run_dir = _edit_record(runs["mm"], tmp_path, lambda r: r["cache"]["config"].pop("fingerprint_parts"))
     with pytest.raises(
