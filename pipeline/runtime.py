@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Device names both stages accept.
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # fullmatch
-# Mixed-precision modes both stages accept; "auto" is bf16 where the GPU supports it, else fp16.
+# Mixed-precision modes resolve_amp knows; "auto" is bf16 where the GPU supports it, else fp16. Training
+# offers them all; extraction all but "auto" (its fingerprint records the mode as given).
 AMP_MODES = ("auto", "off", "fp16", "bf16")
 
 

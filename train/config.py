@@ -20,12 +20,9 @@ from pathlib import Path
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.runtime import DEVICE_PATTERN
+from mner.runtime import AMP_MODES, DEVICE_PATTERN
 from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 
-# "auto": bf16 on a GPU that supports it, fp16 on other GPUs, off on CPU.
-AMP_MODES = ("auto", "off", "fp16", "bf16")
-# "auto": the first CUDA device when there is one, else the CPU.
 # Readable names of the value types a config field may hold, for error messages.
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
