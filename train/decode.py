@@ -13,7 +13,6 @@ from mner.cache.datasets import Split
 from mner.runtime import Runtime, to_device
 from mner.train.config import RunConfig
 from mner.train.data import Collate, PostDataset, make_loader
-from mner.train.metrics import entity_scores
 from mner.train.model import MNERModel
 
 # Posts per tokenizer call when counting truncated words.
@@ -25,12 +24,12 @@ def decode_and_score(
 ) -> tuple[list[list[str]], dict]:
     """Predict tags for every post of a split and score them against its gold tags.
 
-    Returns (predicted tags per post, `entity_scores` dict). Under torchrun each rank decodes a
+    Returns (predicted tags per post, the scores of the model's task: `entity_scores` for tagging). Under torchrun each rank decodes a
     share and every rank gets the whole list.
     """
     predictions = decode_split(model, split, reader, tokenizer, labels, cfg, runtime)
     gold = [list(post.tags) for post in split.posts]
-    return predictions, entity_scores(gold, predictions)
+    return predictions, model.task.score(gold, predictions)
 
 
 def decode_split(

@@ -23,14 +23,14 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mner.cache.datasets import label_names
 from mner.runtime import Runtime, seed_everything, start_runtime, to_device
-from mner.train.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint
+from mner.train.checkpoint import Progress, load_checkpoint, save_checkpoint
 from mner.train.config import RunConfig, TrainConfig
 from mner.train.data import make_loader
 from mner.train.decode import count_truncated, decode_and_score
 from mner.train.metrics import write_conll
 from mner.train.model import MNERModel
+from mner.train.registry import TASKS
 from mner.train.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -81,7 +81,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
         splits["test"] = source.read("test")
-    labels = label_names(splits["train"])
+    labels = TASKS.get(cfg.model.task).label_names(splits["train"])
     # Checked before anything is built: a tag unknown to the model would only fail after a full epoch.
     check_tags(splits, labels)
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
@@ -91,7 +91,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     tokenizer = load_tokenizer(encoder_dir)
 
     record = make_record(cfg, source, labels, encoder_dir, reader)
-    resuming = prepare_folder(run_dir, cfg.resume, record, runtime)
+    checkpoint = prepare_folder(run_dir, cfg.resume, record, runtime)
     record["truncated_words"] = {
         name: count_truncated(split, tokenizer, labels, cfg.model.max_length)
         for name, split in splits.items()
@@ -126,8 +126,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
         model, cfg.train, cfg.train.epochs * len(train_loader), runtime
     )
     progress = Progress()
-    if resuming:
-        checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR)
+    if checkpoint is not None:
         progress = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
         if runtime.is_main:
             trim_metrics(run_dir, progress.epoch)

@@ -145,15 +145,15 @@ def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[MNERModel, 
 # ------------------------------------------------------------------------------------------ folder
 
 
-def prepare_folder(run_dir: Path, resume: bool, record: dict, runtime: Runtime) -> bool:
-    """Create the run folder; returns True when training continues from its checkpoint."""
+def prepare_folder(run_dir: Path, resume: bool, record: dict, runtime: Runtime) -> Path | None:
+    """Create the run folder; returns the checkpoint training continues from, or None for a fresh start."""
     existing = run_dir / CONFIG_FILE
     if existing.is_file() and not resume:
         raise ValueError(
             f"{run_dir} already holds a run ({CONFIG_FILE}); pass --resume to continue it or choose another --out"
         )
-    resuming = resume and find_checkpoint(run_dir / CHECKPOINT_DIR) is not None
-    if resuming:
+    checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
+    if checkpoint is not None:
         old = json.loads(existing.read_text(encoding="utf-8"))
         differs = [key for key in _RESUME_KEYS if old.get(key) != record[key]]
         if (old.get("cache") or {}).get("fingerprint") != (record["cache"] or {}).get("fingerprint"):
@@ -167,7 +167,7 @@ def prepare_folder(run_dir: Path, resume: bool, record: dict, runtime: Runtime) 
         # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     runtime.barrier()
-    return resuming
+    return checkpoint
 
 
 def append_metrics(run_dir: Path, line: dict) -> None:

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from seqeval.metrics import f1_score, precision_score, recall_score
 
-import mner.train.decode as decode
 import mner.train.loop as loop
 import mner.train.runs as runs
+import mner.train.tasks as tasks
 from mner.cache.datasets import Post, read_split
 from mner.cache.reader import CacheReader
 from mner.train.loop import train_from_cache
@@ -115,7 +115,7 @@ def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
     data_dir, posts = make_data(tmp_path)
     cache_dir = make_cache(tmp_path, posts)
     scripted = iter([0.5, 0.9, 0.2, 0.1])
-    real_scores = decode.entity_scores
+    real_scores = tasks.entity_scores
     calls = []
 
     def fake_scores(gold, pred):
@@ -126,7 +126,7 @@ def test_final_weights_are_the_best_dev_epoch(tmp_path, monkeypatch):
             scores["micro"]["f1"] = f1
         return scores
 
-    monkeypatch.setattr(decode, "entity_scores", fake_scores)
+    monkeypatch.setattr(tasks, "entity_scores", fake_scores)
     cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=6, train={"patience": 2})
     run_dir = train_from_cache(cfg)
     assert [line["dev_f1"] for line in _metrics(run_dir)] == [0.5, 0.9, 0.2, 0.1]
