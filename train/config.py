@@ -14,6 +14,7 @@ knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `q
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,13 @@ class _Config:
         for f in dataclasses.fields(self):
             value, expected = getattr(self, f.name), type(f.default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
+                setattr(self, f.name, value := float(value))
             elif isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
                 raise ValueError(f"{self.SECTION}.{f.name} must be {_TYPE_NAMES[expected]}, got {value!r}")
+            # TOML has nan and inf literals; a range check (`lr > 0`) lets inf through and NaN
+            # compares false to everything, so a non-finite value would only fail mid-training.
+            if expected is float and not math.isfinite(value):
+                raise ValueError(f"{self.SECTION}.{f.name} must be a finite number, got {value}")
 
     def to_dict(self) -> dict:
         """Plain JSON/TOML-ready dict of every field."""
