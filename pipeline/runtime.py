@@ -314,6 +314,6 @@ def claim_folder(
         return FolderClaim(path, "ours")
     resume_hint = f", or --resume with a {what} folder this tool wrote" if resume is not None else ""
     raise ValueError(
-        f"{flag} {path} is not empty and is not a {what} folder of ours (no {marker} with "
+        f"{flag} {path} is not empty and is not one of our {what} folders (no {marker} with "
         f"{', '.join(keys)}); nothing in it was touched — choose a new or empty folder{resume_hint}"
     )

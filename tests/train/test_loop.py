@@ -371,7 +371,7 @@ def test_a_folder_that_is_not_ours_is_refused_untouched(tmp_path, resume):
     (out / "config.json").write_text('{"model": "someone else\'s"}')  # a config.json, but not ours
     before = _tree(out)
     expected = (
-        f"--out {out} is not empty and is not a run folder of ours (no config.json with model, train, "
+        f"--out {out} is not empty and is not one of our run folders (no config.json with model, train, "
         "label_names, data_source, encoder_dir, cache); nothing in it was touched — choose a new or empty "
         "folder, or --resume with a run folder this tool wrote"
     )
@@ -391,7 +391,7 @@ def test_cli_refuses_a_users_folder_with_a_non_zero_exit(tmp_path):
     args = ["train-from-cache", "--text-only", "--data-dir", str(data_dir), "--out", str(out)]
     result = CliRunner().invoke(main, [*args, "--text-encoder", "tiny-bert"])
     assert result.exit_code != 0
-    assert f"--out {out} is not empty and is not a run folder of ours" in result.output
+    assert f"--out {out} is not empty and is not one of our run folders" in result.output
     assert "choose a new or empty folder" in result.output
     assert _tree(out) == before
 
