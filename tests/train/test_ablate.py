@@ -15,7 +15,7 @@ from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
-from tests.train.run_factories import FAST_LR, make_data, single_thread  # noqa: F401 (autouse fixture)
+from tests.train.run_factories import FAST_LR, make_data, single_thread, tree  # noqa: F401 (autouse fixture)
 
 # Small, fast runs for every experiment.
 OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + [
@@ -236,12 +236,6 @@ def test_no_adapt_cannot_be_silent_over_a_fusion_without_a_gate(tmp_path):
         run_ablation(cfg)
 
 
-def _tree(folder) -> dict:
-    return {
-        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))
-    }
-
-
 def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
     from click.testing import CliRunner
 
@@ -251,7 +245,7 @@ def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
     (out / "full" / "seed1").mkdir(parents=True)
     (out / "full" / "seed1" / "results.json").write_text("the user's results")
     (out / "ablation.md").write_text("the user's table")
-    before = _tree(out)
+    before = tree(out)
     expected = (
         f"--out {out} is not empty and is not one of our ablation folders (no ablation.json with experiments, "
         "seeds, overrides, epochs, cache_dir, data); nothing in it was touched — choose a new or empty folder"
@@ -260,7 +254,7 @@ def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
         run_ablation(_config(experiments=["text_only"], out_dir=str(out)))
     result = CliRunner().invoke(main, ["ablate", "--data-dir", "d", "--exp", "text_only", "--out", str(out)])
     assert result.exit_code != 0 and f"--out {out} is not empty" in result.output
-    assert _tree(out) == before
+    assert tree(out) == before
 
 
 def test_a_seed_folder_that_is_not_a_run_of_ours_is_refused_not_skipped(tmp_path):

@@ -28,6 +28,7 @@ from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fi
     make_data,
     run_config,
     single_thread,
+    tree,
     write_split,
 )
 
@@ -347,14 +348,6 @@ def test_weight_decay_follows_the_bert_recipe(fusion):
         assert any(name.endswith("slots") for name in excluded)
 
 
-def _tree(folder: Path) -> dict[str, bytes | None]:
-    """Every path under `folder` -> its bytes (None for a folder): a snapshot to compare against."""
-    return {
-        str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes()
-        for path in sorted(folder.rglob("*"))
-    }
-
-
 def _users_folder(folder: Path) -> Path:
     """A folder of a user's files that look like a run's, but no config.json of ours."""
     (folder / "checkpoint").mkdir(parents=True)
@@ -369,7 +362,7 @@ def test_a_folder_that_is_not_ours_is_refused_untouched(tmp_path, resume):
     data_dir, _ = make_data(tmp_path)
     out = _users_folder(tmp_path / "mine")
     (out / "config.json").write_text('{"model": "someone else\'s"}')  # a config.json, but not ours
-    before = _tree(out)
+    before = tree(out)
     expected = (
         f"--out {out} is not empty and is not one of our run folders (no config.json with model, train, "
         "label_names, data_source, encoder_dir, cache); nothing in it was touched — choose a new or empty "
@@ -377,7 +370,7 @@ def test_a_folder_that_is_not_ours_is_refused_untouched(tmp_path, resume):
     )
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         train_from_cache(run_config(out, None, data_dir, epochs=1, resume=resume, text_only=True))
-    assert _tree(out) == before
+    assert tree(out) == before
 
 
 def test_cli_refuses_a_users_folder_with_a_non_zero_exit(tmp_path):
@@ -387,13 +380,13 @@ def test_cli_refuses_a_users_folder_with_a_non_zero_exit(tmp_path):
 
     data_dir, _ = make_data(tmp_path)
     out = _users_folder(tmp_path / "mine")
-    before = _tree(out)
+    before = tree(out)
     args = ["train-from-cache", "--text-only", "--data-dir", str(data_dir), "--out", str(out)]
     result = CliRunner().invoke(main, [*args, "--text-encoder", "tiny-bert"])
     assert result.exit_code != 0
     assert f"--out {out} is not empty and is not one of our run folders" in result.output
     assert "choose a new or empty folder" in result.output
-    assert _tree(out) == before
+    assert tree(out) == before
 
 
 @pytest.mark.parametrize("existing", ["absent", "empty"])
