@@ -3,7 +3,9 @@ model, the checks of a run's inputs (data tags, cache keys, cache fingerprint).
 
 Run folder:
     config.json         full resolved RunConfig + labels, encoder folder, cache fingerprint/config/spec,
-                        counts of words cut by the encoder's length limit and of orphan I- tags, per split
+                        counts of words cut by the encoder's length limit and of orphan I- tags, per split,
+                        and "precision" (fp32 | fp16 | bf16: what training ran in, which evaluate and
+                        predict reproduce unless --amp says otherwise)
     model.safetensors   the best epoch's weights
     checkpoint/         the last finished epoch (weights, optimiser, scheduler, counters, RNG) for resume;
                         see train/checkpoint.py for how it is swapped in
