@@ -306,14 +306,26 @@ def train_from_cache_cmd(
     click.echo(f"run written to {run_dir}")
 
 
+def _amp_option(fn):
+    """--amp for the commands that run a trained model (evaluate, predict)."""
+    return click.option(
+        "--amp",
+        type=click.Choice(["auto", "off", "fp16", "bf16"]),
+        default=None,
+        help="Autocast on a GPU [default: the precision the run was trained in].",
+    )(fn)
+
+
 @main.command("evaluate", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, help="train | valid | test")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Cache [default: the run's].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder [default: the run's].")
+@_amp_option
 @_user_errors
-def evaluate_cmd(run_dir, split, cache_dir, data_dir):
-    """Score a run on a split (conlleval semantics); writes results_<split>.json and pred_<split>.conll.
+def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp):
+    """Score a run on a split (conlleval semantics); writes RUN_DIR/eval/<split>-<UTC time>/results.json
+    and pred.conll, leaving the training-time results.json and pred_<split>.conll as they are.
 
     Refuses a cache whose fingerprint differs from the one the run was trained on.
 
@@ -323,7 +335,7 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir):
     """
     from mner.train.evaluate import evaluate_run, format_scores
 
-    scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+    scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir, amp=amp)
     click.echo(f"{run_dir} on {split}:\n{format_scores(scores)}")
 
 
@@ -332,8 +344,9 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir):
 @click.option("--input", "input_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--image-dir", type=click.Path(file_okay=False), help="Images of the new posts.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
+@_amp_option
 @_user_errors
-def predict_cmd(run_dir, input_file, image_dir, out_file):
+def predict_cmd(run_dir, input_file, image_dir, out_file, amp):
     """Tag new posts (IMGID-CoNLL, tags optional); writes CoNLL and JSON spans.
 
     A multimodal run re-extracts the new images with the extractor recorded in the run (same local weights).
@@ -344,7 +357,7 @@ def predict_cmd(run_dir, input_file, image_dir, out_file):
     """
     from mner.train.predict import predict
 
-    out = predict(run_dir, input_file, image_dir, out_file)
+    out = predict(run_dir, input_file, image_dir, out_file, amp=amp)
     click.echo(f"predictions written to {out}")
 
 
@@ -432,6 +445,9 @@ def demo_data_cmd(out, seed):
 @_user_errors
 def results_cmd(run_dirs, split):
     """Print a table of micro P/R/F1 (percent) for one or more run folders.
+
+    Reads each run's training-time results.json (not `mner evaluate`'s eval/ folders); a run without
+    one gets a row whose status says why, e.g. "unfinished (epoch 2/10)".
 
     \b
     Example:

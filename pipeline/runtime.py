@@ -230,3 +230,90 @@ def fsync_dir(path) -> None:
         pass  # some filesystems refuse fsync on a folder; the rename is still atomic
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------- output folders
+
+
+@dataclass
+class FolderClaim:
+    """An output folder a command may write: `state` says what it was when claimed.
+
+    "new" (absent), "empty", or "ours" (it holds our marker file). `create()` makes it; `release()`
+    removes what this command created, never anything that was there before: the folders `create()`
+    made for a "new" one, the contents of an "empty" one, nothing of "ours".
+    """
+
+    path: Path
+    state: str
+    _created: Path | None = None  # the topmost folder create() made
+
+    def create(self) -> Path:
+        if not self.path.is_dir():
+            top = self.path
+            while not top.parent.exists():
+                top = top.parent
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._created = self._created or top
+        return self.path
+
+    def release(self) -> None:
+        import shutil
+
+        if self.state == "ours":
+            return
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+            self._created = None
+        elif self.state == "empty" and self.path.is_dir():
+            for entry in self.path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def is_our_folder(path, marker: str, keys: tuple[str, ...]) -> bool:
+    """Whether `path/marker` is a JSON object holding every one of `keys` (what this tool writes)."""
+    import json
+
+    try:
+        data = json.loads((Path(path) / marker).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in keys)
+
+
+def claim_folder(
+    path, marker: str, keys: tuple[str, ...], resume: bool | None, what: str = "run", flag: str = "--out"
+) -> FolderClaim:
+    """Check that a command may write the folder `path`; nothing is created or changed here.
+
+    A folder may be written when it is absent, empty, or ours: `path/marker` is a JSON object with
+    every key of `keys` (e.g. a run's config.json with model, train, label_names, data_source).
+    Args:
+        resume: True/False for a command with --resume (ours is refused without it, since the run
+            would be overwritten); None for a command that always continues its own folder.
+        what, flag: how the message names the folder kind and the command's option.
+    Raises:
+        ValueError naming the folder, and saying to pick a new or empty one (or --resume), for a
+        file in its place, a folder of other files, or one of ours without --resume.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; choose a new or empty folder")
+    if not path.exists():
+        return FolderClaim(path, "new")
+    if not any(path.iterdir()):
+        return FolderClaim(path, "empty")
+    if is_our_folder(path, marker, keys):
+        if resume is False:
+            raise ValueError(
+                f"{path} already holds a {what} ({marker}); pass --resume to continue it or choose another {flag}"
+            )
+        return FolderClaim(path, "ours")
+    resume_hint = f", or --resume with a {what} folder this tool wrote" if resume is not None else ""
+    raise ValueError(
+        f"{flag} {path} is not empty and is not one of our {what} folders (no {marker} with "
+        f"{', '.join(keys)}); nothing in it was touched — choose a new or empty folder{resume_hint}"
+    )

@@ -5,6 +5,10 @@ configs/experiments/<name>.toml; `full` is the empty diff) or a path to a diff f
 Every run goes to <out>/<experiment>/seed<k>/ through `train_from_cache`; a run whose results.json
 exists is skipped, so a killed ablation re-run picks up where it stopped. The cache is only read,
 never re-extracted.
+
+The ablation folder must be new, empty or ours (it holds our ablation.json, the record of the
+settings); a folder of other files is refused untouched, and so is a seed folder that is not a run
+of ours. A first run that fails before anything is trained leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import pandas as pd
 
 from mner import configs
 from mner.cache.datasets import DataConfig
+from mner.runtime import FolderClaim, claim_folder, write_atomic
 from mner.train.config import RunConfig, load_run_config
 from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
-from mner.train.runs import read_results
+from mner.train.runs import RESULTS_FILE, is_run_folder, read_results, write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,10 @@ ABLATIONS: dict[str, str | None] = {
     "qfnet1": "qfnet1.toml",
 }
 
+
+# The ablation folder's record; a folder holding it with these keys is ours (mner.runtime.claim_folder).
+ABLATION_FILE = "ablation.json"
+ABLATION_KEYS = ("experiments", "seeds", "overrides", "epochs", "cache_dir", "data")
 
 # Per-type scores in ablation.csv: results.json metric -> column prefix (column `<prefix>_<TYPE>`).
 _TYPE_METRICS = (("precision", "p"), ("recall", "r"), ("f1", "f1"))
@@ -122,25 +131,52 @@ def run_ablation(cfg: AblationConfig) -> Path:
     every rank trains; rank 0 writes the tables.
     """
     out = Path(cfg.out_dir)
+    claim = claim_folder(out, ABLATION_FILE, ABLATION_KEYS, resume=None, what="ablation")
     # Checked for every experiment before the first run, not after hours of the earlier ones.
     for experiment in cfg.experiments:
         _refuse_conflicting_overrides(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
         _refuse_noop_experiment(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        claim.create()
+        write_json(out / ABLATION_FILE, _record(cfg))
+    try:
+        return _run_all(cfg, out, main)
+    except BaseException:
+        if main:
+            _release_if_nothing_trained(claim)
+        raise
+
+
+def _record(cfg: AblationConfig) -> dict:
+    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS and text_encoder)."""
+    record = {key: getattr(cfg, key) for key in ABLATION_KEYS if key != "data"}
+    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder)
+    return record
+
+
+def _release_if_nothing_trained(claim: FolderClaim) -> None:
+    """Remove the folder this ablation made when nothing but its record is in it."""
+    if claim.path.is_dir() and [p.name for p in claim.path.iterdir()] == [ABLATION_FILE]:
+        claim.release()
+
+
+def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
     rows = []
     for experiment in cfg.experiments:
         name, diff = experiment_name(experiment), experiment_file(experiment)
         for seed in cfg.seed_list():
             run_dir = out / name / f"seed{seed}"
-            if (run_dir / "results.json").is_file():
+            if is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file():
                 log.info("%s: finished earlier, skipped", run_dir)
             else:
                 train_from_cache(_run_config(cfg, diff, seed, run_dir))
             rows.append(_table_row(name, seed, run_dir))
     table = pd.DataFrame(rows)
     md_path = out / "ablation.md"
-    if int(os.environ.get("RANK", "0")) == 0:
-        table.to_csv(out / "ablation.csv", index=False)
-        md_path.write_text(summary_markdown(table), encoding="utf-8")
+    if main:
+        write_atomic(out / "ablation.csv", table.to_csv(index=False))
+        write_atomic(md_path, summary_markdown(table))
     return md_path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from mner.runtime import fsync_dir, fsync_file
@@ -93,15 +95,45 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> Progress:
-    """Restore everything `save_checkpoint` wrote; tensors and plain values only (weights_only)."""
+    """Restore everything `save_checkpoint` wrote; tensors and plain values only (weights_only).
+
+    Raises ValueError, one line naming the file, when a file is truncated, empty or not this run's.
+    """
     device = next(model.parameters()).device
-    load_model(model, str(folder / WEIGHTS_FILE), device=str(device))
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    folder = Path(folder)
+    fix = (
+        f"the checkpoint is damaged — delete {folder} and run again with --resume (training restarts "
+        "from epoch 1 in the same folder), or train into a new --out"
+    )
+    load_weights(model, folder / WEIGHTS_FILE, device, fix)
+    path = folder / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} cannot be loaded ({_reason(err, path)}); {fix}") from None
     _set_rng_state(state["rng"], device)
-    return Progress(**state["progress"])
+    return progress
+
+
+def load_weights(model, path: Path, device, fix: str) -> None:
+    """safetensors weights into `model`; ValueError, one line naming the file and saying `fix`, when
+    the file is truncated, empty or holds another model's weights."""
+    try:
+        load_model(model, str(path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{path} cannot be loaded ({_reason(err, path)}); {fix}") from None
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """A one-line cause: "empty file", else the error's first line."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty file"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return first.split(". ")[0]
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -14,6 +14,7 @@ knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `q
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,13 @@ class _Config:
         for f in dataclasses.fields(self):
             value, expected = getattr(self, f.name), type(f.default)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
+                setattr(self, f.name, value := float(value))
             elif isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
                 raise ValueError(f"{self.SECTION}.{f.name} must be {_TYPE_NAMES[expected]}, got {value!r}")
+            # TOML has nan and inf literals; a range check (`lr > 0`) lets inf through and NaN
+            # compares false to everything, so a non-finite value would only fail mid-training.
+            if expected is float and not math.isfinite(value):
+                raise ValueError(f"{self.SECTION}.{f.name} must be a finite number, got {value}")
 
     def to_dict(self) -> dict:
         """Plain JSON/TOML-ready dict of every field."""
@@ -159,8 +164,12 @@ class TrainConfig(_Config):
     batch_size: int = 16  # posts per step
     lr_encoder: float = 3e-5  # AdamW learning rate of the text encoder
     lr_fusion: float = 1e-4  # learning rate of the visual token builder, fusion and emission layer
-    lr_crf: float = 5e-3  # learning rate of the CRF transitions (they start at zero and need to move fast)
-    weight_decay: float = 0.01  # AdamW weight decay on matrices; none on biases and LayerNorm
+    # learning rate of the CRF transition scores: they start small (pytorch-crf draws them from
+    # U(-0.1, 0.1)) and must grow to several units to forbid moves, so they need a larger step
+    lr_crf: float = 5e-3
+    # AdamW weight decay on weight matrices; none on biases, LayerNorm, embeddings, the CRF's
+    # transition scores or the fusion's query slots (the BERT recipe; MNERModel.param_groups)
+    weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # fraction of all steps spent in linear warm-up, then linear decay to 0
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
     patience: int = 3  # stop after this many epochs without a better valid F1
@@ -189,6 +198,21 @@ class TrainConfig(_Config):
             raise ValueError(f"train.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"train.amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
+
+
+# Settings that change how a run is carried out, not the model it trains or the data it sees: a
+# --resume may change them (to extend a finished run: --resume --epochs N), and the run's record
+# takes the new values. Every other recorded setting must be as the run was started.
+RUNTIME_SETTINGS = frozenset(
+    {
+        "train.epochs",
+        "train.patience",
+        "train.device",
+        "train.amp",
+        "train.num_workers",
+        "train.cache_in_memory",
+    }
+)
 
 
 @dataclass

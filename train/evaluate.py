@@ -3,11 +3,16 @@
 The model is rebuilt from the run folder alone (config.json + model.safetensors). A multimodal run
 only accepts a cache with the fingerprint it was trained on: the same images through different
 models or settings give different tokens, and the scores would be meaningless.
+
+`evaluate_run` never overwrites what training wrote (results.json, pred_<split>.conll): each call
+writes its own eval/<split>-<UTC time>/ folder. `results_table` reads the training-time
+results.json only, so its numbers are the run's, whatever was evaluated since.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -17,22 +22,29 @@ from mner.runtime import resolve_runtime
 from mner.train.decode import decode_and_score
 from mner.train.metrics import write_conll
 from mner.train.runs import (
+    EVAL_DIR,
+    RESULTS_FILE,
     check_cache_keys,
     check_fingerprint,
+    inference_amp,
+    is_run_folder,
     load_run_model,
     open_cache,
+    read_metrics,
     read_record,
     read_results,
     run_config,
     write_json,
 )
 
+log = logging.getLogger(__name__)
+
 # Scores are fractions in results files; tables print percent.
 PERCENT = 100.0
 
 
-def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) -> dict:
-    """Score a run's best model on one split; writes results_<split>.json and pred_<split>.conll.
+def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None, amp: str | None = None) -> dict:
+    """Score a run's best model on one split; writes eval/<split>-<UTC time>/results.json and pred.conll.
 
     Args:
         run_dir: a run folder written by `train_from_cache`.
@@ -40,12 +52,15 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
         cache_dir: feature cache to read (default: the one the run was trained on); ignored for a
             text-only run.
         data_dir: data folder (default: the run's, as resolved when it was trained).
+        amp: autocast mode on a GPU (auto | off | fp16 | bf16); None: the precision the run was
+            trained in (runs.inference_amp).
     Returns:
         `entity_scores` dict: {"micro": {"precision", "recall", "f1", "support"}, "per_type": {...}}.
     Raises:
         ValueError if the cache's fingerprint differs from the run's (the message lists what
         differs), the split file does not exist, or a post's image key is not in the cache.
-    Runs on a GPU when there is one, else on the CPU, whatever the run was trained on.
+    Runs on a GPU when there is one, else on the CPU, whatever the run was trained on. The
+    training-time results.json and pred_<split>.conll are left as they are.
     """
     run_dir = Path(run_dir)
     record = read_record(run_dir)
@@ -65,14 +80,31 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
     data = source.read(split)
     if reader is not None:
         check_cache_keys([data], reader)
-    runtime = resolve_runtime("auto", cfg.train.amp)
+    runtime = resolve_runtime("auto", inference_amp(record, amp))
     model, tokenizer = load_run_model(run_dir, record, runtime)
     predictions, scores = decode_and_score(
         model, data, reader, tokenizer, record["label_names"], cfg, runtime
     )
-    write_conll(run_dir / f"pred_{split}.conll", data.posts, predictions)
-    write_json(run_dir / f"results_{split}.json", scores)
+    out = _eval_folder(run_dir, split)
+    write_conll(out / "pred.conll", data.posts, predictions)
+    write_json(out / "results.json", scores)
+    log.info("evaluation of %s on %s written to %s", run_dir, split, out)
     return scores
+
+
+def _eval_folder(run_dir: Path, split: str) -> Path:
+    """A new run_dir/eval/<split>-<UTC time>[-k]/ (k counts evaluations within the same second)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    parent = run_dir / EVAL_DIR
+    parent.mkdir(exist_ok=True)
+    for k in range(1, 1000):
+        out = parent / (f"{split}-{stamp}" if k == 1 else f"{split}-{stamp}-{k}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out
+    raise ValueError(f"{parent}: too many evaluations of {split} within one second")
 
 
 def format_scores(scores: dict) -> str:
@@ -91,29 +123,38 @@ def format_scores(scores: dict) -> str:
 
 
 def results_table(run_dirs: list, split: str = "test") -> str:
-    """Micro P/R/F1 (percent) of each run on `split`: results_<split>.json from `evaluate_run` if
-    present, else the run's results.json."""
+    """Micro P/R/F1 (percent) of each run on `split`, from its training-time results.json.
+
+    A run without them gets a row all the same, its status saying why: "unfinished (epoch k/N)",
+    "no <split> results", "not a run folder", or the error reading a damaged file.
+    """
     rows = []
     for run_dir in run_dirs:
-        scores = _split_scores(Path(run_dir), split)
-        micro = scores["micro"]
-        rows.append(
-            {
-                "run": str(run_dir),
-                "P": micro["precision"] * PERCENT,
-                "R": micro["recall"] * PERCENT,
-                "F1": micro["f1"] * PERCENT,
-                "support": micro["support"],
-            }
-        )
-    return pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.2f}")
+        row = {"run": str(run_dir), "P": "-", "R": "-", "F1": "-", "support": "-"}
+        try:
+            micro, status = _split_scores(Path(run_dir), split)
+        except ValueError as err:
+            micro, status = None, str(err)
+        if micro is not None:
+            row.update(
+                {
+                    name: f"{micro[key] * PERCENT:.2f}"
+                    for name, key in (("P", "precision"), ("R", "recall"), ("F1", "f1"))
+                }
+            )
+            row["support"] = str(micro["support"])
+        rows.append({**row, "status": status})
+    return pd.DataFrame(rows).to_string(index=False)
 
 
-def _split_scores(run_dir: Path, split: str) -> dict:
-    evaluated = run_dir / f"results_{split}.json"
-    if evaluated.is_file():
-        return json.loads(evaluated.read_text(encoding="utf-8"))
+def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
+    """(micro scores or None, status) of one run."""
+    if not is_run_folder(run_dir):
+        return None, "not a run folder (no config.json of ours)"
+    if not (run_dir / RESULTS_FILE).is_file():
+        epochs = read_record(run_dir)["train"]["epochs"]
+        return None, f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
     results = read_results(run_dir)
     if split not in results:
-        raise ValueError(f"{run_dir}: no {split} results; run `mner evaluate {run_dir} --split {split}`")
-    return results[split]
+        return None, f"no {split} results; run `mner evaluate {run_dir} --split {split}`"
+    return results[split]["micro"], "finished"

@@ -7,24 +7,30 @@ files are train/runs.py's, the resume checkpoint is train/checkpoint.py's.
 
 Under torchrun (WORLD_SIZE > 1) every rank trains on its DistributedSampler shard, dev/test decoding
 is split across ranks and gathered, and rank 0 alone writes files.
+
+The run folder must be new, empty, or (with --resume) one of ours; it is checked before anything is
+read, and a run that fails before its first epoch is checkpointed removes what it created. A
+non-finite loss (or, in full precision, gradient norm) stops training before the optimiser steps,
+so no NaN weights are ever saved.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mner.runtime import Runtime, seed_everything, start_runtime, to_device
-from mner.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+from mner.runtime import FolderClaim, Runtime, seed_everything, start_runtime, to_device
+from mner.train.checkpoint import Progress, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from mner.train.config import RunConfig, TrainConfig
 from mner.train.data import make_loader
 from mner.train.decode import count_truncated, decode_and_score
@@ -38,11 +44,14 @@ from mner.train.runs import (
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
     append_metrics,
+    best_weights_fix,
     build_model,
     check_cache_keys,
     check_tags,
+    claim_run_folder,
     make_record,
     open_cache,
+    precision_name,
     prepare_folder,
     trim_metrics,
     write_json,
@@ -50,6 +59,14 @@ from mner.train.runs import (
 from mner.train.text import load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(ValueError):
+    """Raised by `train_step` before the optimiser step when the loss (or gradient norm) is not finite."""
+
+    def __init__(self, what: str, value: float, step: int):
+        super().__init__(f"{what} is {value}")
+        self.what, self.value, self.step = what, value, step  # step: global, 1-based
 
 
 def train_from_cache(cfg: RunConfig) -> Path:
@@ -63,20 +80,52 @@ def train_from_cache(cfg: RunConfig) -> Path:
         The run folder (`cfg.out_dir`).
     Raises:
         ValueError when the cache is missing for a multimodal run or lacks a post's image key, a
-        valid/test tag does not occur in train, the folder already holds a run and resume is off, or
-        a resumed folder was made with a different config.
+        valid/test tag does not occur in train, the folder is neither new, empty nor ours, already
+        holds a run and resume is off, or a resumed folder was made with different settings (other
+        than config.RUNTIME_SETTINGS), or the loss becomes non-finite (naming epoch and step).
     """
+    # Checked before anything is read or built: a folder of other files is never written.
+    claim = claim_run_folder(cfg.out_dir, cfg.resume)
     # Seeded first: the CUDA determinism setting must be in place before any CUDA context exists.
     seed_everything(cfg.train.seed)
     runtime = start_runtime(cfg.train.device, cfg.train.amp, hint="--set train.device=cpu")
+    epoch_at: dict = {}  # epoch, its first global step and step count, for the non-finite message
     try:
-        return _train(cfg, runtime)
+        runtime.barrier()  # every rank has checked the folder before rank 0 creates anything in it
+        return _train(cfg, runtime, claim, epoch_at)
+    except NonFiniteLoss as err:
+        _release_unstarted(claim, runtime)
+        raise ValueError(_non_finite_message(err, epoch_at, claim.path)) from None
+    except BaseException:
+        _release_unstarted(claim, runtime)
+        raise
     finally:
         runtime.close()
 
 
-def _train(cfg: RunConfig, runtime: Runtime) -> Path:
-    run_dir = Path(cfg.out_dir)
+def _release_unstarted(claim: FolderClaim, runtime: Runtime) -> None:
+    """A run that failed before its first checkpoint leaves nothing it created (a resumable run stays)."""
+    if runtime.is_main and find_checkpoint(claim.path / CHECKPOINT_DIR) is None:
+        claim.release()
+
+
+def _non_finite_message(err: NonFiniteLoss, epoch_at: dict, run_dir: Path) -> str:
+    step = err.step - epoch_at["first_step"]
+    kept = (
+        f"the checkpoint of epoch {epoch_at['epoch'] - 1} is kept (resume from it with --resume)"
+        if epoch_at["epoch"] > 1
+        else "no epoch was finished, so nothing is kept"
+    )
+    return (
+        f"{run_dir}: training stopped at epoch {epoch_at['epoch']}, step {step} of {epoch_at['steps']}: "
+        f"the {err.what} is {err.value}; the epoch was not saved and {kept}. A corrupt feature cache "
+        "(check it with `mner cache verify`) or an unstable setting (learning rates, train.amp=fp16) "
+        "can cause this"
+    )
+
+
+def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict) -> Path:
+    run_dir = claim.path
     source = cfg.data.resolve()
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
@@ -91,7 +140,8 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     tokenizer = load_tokenizer(encoder_dir)
 
     record = make_record(cfg, source, labels, encoder_dir, reader)
-    checkpoint = prepare_folder(run_dir, cfg.resume, record, runtime)
+    record["precision"] = precision_name(runtime)  # what evaluate and predict reproduce
+    checkpoint = prepare_folder(claim, cfg.resume, record, runtime)
     record["truncated_words"] = {
         name: count_truncated(split, tokenizer, labels, cfg.model.max_length)
         for name, split in splits.items()
@@ -128,6 +178,8 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     progress = Progress()
     if checkpoint is not None:
         progress = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        # patience is a runtime setting: a resume with more patience (or epochs) continues a stopped run.
+        progress.stopped = progress.bad_epochs >= cfg.train.patience
         if runtime.is_main:
             trim_metrics(run_dir, progress.epoch)
         log.info(
@@ -148,6 +200,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
     while progress.epoch < cfg.train.epochs and not progress.stopped:
         epoch = progress.epoch + 1
         started = time.perf_counter()
+        epoch_at.update(epoch=epoch, first_step=scheduler.last_epoch, steps=len(train_loader))
         sampler.set_epoch(epoch)
         # A manual bar (not tqdm(loader)), so it is still open to show dev F1 after the epoch.
         with tqdm(
@@ -191,7 +244,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> Path:
         board.close()
 
     # The reported model is the best dev epoch, as saved, not the last one.
-    load_model(model, str(run_dir / WEIGHTS_FILE), device=str(runtime.device))
+    load_weights(model, run_dir / WEIGHTS_FILE, runtime.device, best_weights_fix(run_dir))
     results = {"best_epoch": progress.best_epoch, "epochs_run": progress.epoch}
     for name in ("valid", "test"):
         if name in splits:
@@ -226,18 +279,34 @@ def train_step(
     """One optimiser step on one batch (moved to the device here); returns the batch's loss.
 
     `model` may be the DDP wrapper; its forward returns {"loss": scalar, ...}.
+    Raises NonFiniteLoss, before the optimiser steps, when the loss is NaN or infinite on any rank,
+    or the gradient norm is in full precision (under fp16 the scaler skips such steps by design).
     """
     batch = to_device(batch, runtime.device)
     with runtime.autocast():
         loss = model(batch)["loss"]
+    _check_finite("training loss", loss.detach(), scheduler, runtime)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if not scaler.is_enabled():
+        _check_finite("gradient norm", norm, scheduler, runtime)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
     return loss.item()
+
+
+def _check_finite(what: str, value: torch.Tensor, scheduler, runtime: Runtime) -> None:
+    """NonFiniteLoss when `value` (a scalar) is not finite here or on another rank (all ranks stop together)."""
+    finite = torch.isfinite(value.float()).to(torch.int32)
+    if runtime.world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        here = value.item()
+        shown = here if not math.isfinite(here) else f"{here} here but not finite on another rank"
+        raise NonFiniteLoss(what, shown, scheduler.last_epoch + 1)
 
 
 def train_epoch(

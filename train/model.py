@@ -166,8 +166,10 @@ class MNERModel(nn.Module):
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
         """AdamW parameter groups: encoder at lr_encoder, visual/fusion/emission at lr_fusion, CRF at lr_crf.
 
-        Matrices are weight-decayed; vectors (biases, LayerNorm weights, CRF start/end scores) are not
-        (the nanoGPT rule: decay what multiplies, not what shifts or rescales). Empty groups are left out.
+        Weight decay goes to the weight matrices that multiply an input (nn.Linear, the attention
+        projections, convolutions) and nothing else: not biases or LayerNorm, not embedding tables
+        (word, position, region label, token type), not the CRF's transition scores and not the
+        fusion's query slots, as BERT fine-tuning recipes exclude them. Empty groups are left out.
         Each group has "name", "params", "lr" and "weight_decay".
         """
         parts = {
@@ -182,10 +184,11 @@ class MNERModel(nn.Module):
                 "encoder" if name.startswith("encoder.") else "crf" if name.startswith("crf.") else "fusion"
             )
             parts[part][0].append(param)
+        decayed = _decayed_parameters(self)
         groups = []
         for part, (params, lr) in parts.items():
-            decay = [p for p in params if p.dim() >= 2]
-            no_decay = [p for p in params if p.dim() < 2]
+            decay = [p for p in params if id(p) in decayed]
+            no_decay = [p for p in params if id(p) not in decayed]
             for suffix, chosen, weight_decay in (
                 ("", decay, train_cfg.weight_decay),
                 ("_no_decay", no_decay, 0.0),
@@ -195,3 +198,18 @@ class MNERModel(nn.Module):
                         {"name": part + suffix, "params": chosen, "lr": lr, "weight_decay": weight_decay}
                     )
         return groups
+
+
+# Modules whose matrices multiply an input; their >= 2-D parameters are weight-decayed.
+_DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d)
+
+
+def _decayed_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters to weight-decay: the matrices (dim >= 2) owned by a _DECAYED_MODULES module."""
+    return {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, _DECAYED_MODULES)
+        for param in module.parameters(recurse=False)
+        if param.dim() >= 2
+    }

@@ -27,7 +27,7 @@ from mner.cache.reader import CacheReader
 from mner.runtime import resolve_runtime
 from mner.train.decode import decode_split
 from mner.train.metrics import entities
-from mner.train.runs import cache_differences, load_run_model, read_record, run_config
+from mner.train.runs import cache_differences, inference_amp, load_run_model, read_record, run_config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _PREDICT_SPLIT = "predict"
 _DATA_PARTS = ("keys_sha256", "num_images")
 
 
-def predict(run_dir, input_file, image_dir, out_file) -> Path:
+def predict(run_dir, input_file, image_dir, out_file, amp: str | None = None) -> Path:
     """Tag the posts of `input_file` and write CoNLL + JSON-lines spans.
 
     Args:
@@ -46,6 +46,7 @@ def predict(run_dir, input_file, image_dir, out_file) -> Path:
         image_dir: the posts' images (`<image_dir>/<IMGID>.jpg`, or the IMAGE: paths relative to it);
             needed by multimodal runs only. For the image-path format it defaults to the input's folder.
         out_file: CoNLL output; the JSON lines go to `out_file + ".json"`.
+        amp: autocast mode on a GPU; None: the precision the run trained in (runs.inference_amp).
     Returns:
         out_file as a Path.
     Raises:
@@ -62,7 +63,7 @@ def predict(run_dir, input_file, image_dir, out_file) -> Path:
     if not cfg.model.text_only:
         # Checked before the model loads: without the images every post would be tagged image-masked.
         image_dir = _image_dir(run_dir, split, image_dir)
-    runtime = resolve_runtime("auto", cfg.train.amp)
+    runtime = resolve_runtime("auto", inference_amp(record, amp))
     model, tokenizer = load_run_model(run_dir, record, runtime)
     with tempfile.TemporaryDirectory(prefix="mner-predict-") as tmp:
         reader = None

@@ -3,15 +3,21 @@ model, the checks of a run's inputs (data tags, cache keys, cache fingerprint).
 
 Run folder:
     config.json         full resolved RunConfig + labels, encoder folder, cache fingerprint/config/spec,
-                        counts of words cut by the encoder's length limit and of orphan I- tags, per split
+                        counts of words cut by the encoder's length limit and of orphan I- tags, per split,
+                        and "precision" (fp32 | fp16 | bf16: what training ran in, which evaluate and
+                        predict reproduce unless --amp says otherwise)
     model.safetensors   the best epoch's weights
     checkpoint/         the last finished epoch (weights, optimiser, scheduler, counters, RNG) for resume;
                         see train/checkpoint.py for how it is swapped in
     metrics.jsonl       one line per epoch
     pred_valid.conll    `token gold pred` (and pred_test.conll when test.txt exists)
-    results.json        micro + per-type P/R/F1 for valid and test, best epoch
-    results_<split>.json, pred_<split>.conll   written by `mner evaluate`
+    results.json        micro + per-type P/R/F1 for valid and test, best epoch (training-time; what
+                        `mner results` and `mner ablate` read)
+    eval/<split>-<UTC time>/results.json, pred.conll   one `mner evaluate`, never over the above
     tensorboard/        event files, only when tensorboard is installed
+
+A folder is ours when its config.json is a JSON object holding every key of RECORD_KEYS; training
+writes only into a new or empty folder or, with --resume, one of ours (`claim_run_folder`).
 
 `train.loop` writes a run through these functions; `evaluate`, `predict` and `ablate` read it through
 them.
@@ -20,16 +26,15 @@ them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-
-from safetensors.torch import load_model
 
 from mner.cache.datasets import DataSource, Split
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, fingerprint_diff
-from mner.runtime import Runtime, write_atomic
-from mner.train.checkpoint import find_checkpoint
-from mner.train.config import ModelConfig, RunConfig
+from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, is_our_folder, write_atomic
+from mner.train.checkpoint import find_checkpoint, load_weights
+from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
 
@@ -39,12 +44,16 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoint"
 TENSORBOARD_DIR = "tensorboard"
+EVAL_DIR = "eval"
+# The keys of config.json that make a folder one of ours (make_record writes them all).
+RECORD_KEYS = ("model", "train", "label_names", "data_source", "encoder_dir", "cache")
 # COCO categories of torchvision detectors (with the background and the 11 unused ids); used only when a
 # cache manifest does not list its detector's categories.
 DEFAULT_DETECTOR_CLASSES = 91
 # Longest value shown when listing what differs between two caches.
 _SHOWN_CHARS = 60
-# What must match for a folder to be resumed: the same model, training and data, not the bookkeeping.
+# What must match for a folder to be resumed: the same model, training and data, not the bookkeeping
+# (and, of train, not the runtime-only settings of config.RUNTIME_SETTINGS).
 _RESUME_KEYS = ("model", "train", "label_names", "data_source")
 
 
@@ -101,11 +110,35 @@ def read_results(run_dir) -> dict:
     )
 
 
+def read_metrics(run_dir) -> list[dict]:
+    """metrics.jsonl's lines (one per finished epoch); [] when there is none yet."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [_parse_json(line, path) for line in lines]
+
+
 def _read_json(path: Path, missing: str):
-    """A run file's JSON; ValueError(`missing`) when the file is not there."""
+    """A run file's JSON; ValueError(`missing`) when the file is not there, one line naming the
+    file when it is not JSON (truncated, emptied)."""
     if not path.is_file():
         raise ValueError(missing)
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _parse_json(path.read_text(encoding="utf-8"), path)
+
+
+def _parse_json(text: str, path: Path):
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as err:
+        raise ValueError(
+            f"{path} is damaged (not valid JSON: {err}); it is written atomically, so it was changed "
+            "outside the tool — restore it, or train the run again into a new --out"
+        ) from None
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"bare {name} is not JSON")
 
 
 def encoder_dir_of(record: dict) -> Path:
@@ -134,56 +167,126 @@ def build_model(record: dict, encoder_dir: Path) -> MNERModel:
 def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[MNERModel, object]:
     """The run's best model on `runtime.device` in eval mode, and its tokenizer."""
     weights = Path(run_dir) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch")
+    check_weights_file(run_dir, weights)
     encoder_dir = encoder_dir_of(record)
     model = build_model(record, encoder_dir)
-    load_model(model, str(weights))
+    load_weights(model, weights, runtime.device, best_weights_fix(run_dir))
     return model.to(runtime.device).eval(), load_tokenizer(encoder_dir)
+
+
+def check_weights_file(run_dir, weights: Path) -> None:
+    """Refuse a run without its best weights, saying whether they were deleted or never written."""
+    if weights.is_file():
+        return
+    run_dir = Path(run_dir)
+    finished = len(read_metrics(run_dir))
+    if finished or find_checkpoint(run_dir / CHECKPOINT_DIR) is not None:
+        raise ValueError(
+            f"the weights file {weights} is missing, though the run has finished {finished} epoch(s); "
+            f"restore it, or copy {run_dir / CHECKPOINT_DIR / WEIGHTS_FILE} (the last epoch's weights, "
+            "not the best) in its place"
+        )
+    raise ValueError(
+        f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished an epoch (continue it with --resume)"
+    )
+
+
+def best_weights_fix(run_dir) -> str:
+    """What to do about damaged best weights (for `load_weights`' message)."""
+    last = Path(run_dir) / CHECKPOINT_DIR / WEIGHTS_FILE
+    return (
+        f"restore it, copy {last} (the last epoch's weights, not the best) in its place, "
+        "or train the run again into a new --out"
+    )
+
+
+# Recorded precision (config.json "precision") -> the amp mode that reproduces it.
+_PRECISION_AMP = {"fp32": "off", "fp16": "fp16", "bf16": "bf16"}
+# Autocast dtype name (str(torch dtype) without "torch.") -> recorded precision.
+_DTYPE_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}
+
+
+def precision_name(runtime: Runtime) -> str:
+    """What a run actually trained in: "fp32", "fp16" or "bf16" (train.amp=auto on a CPU is fp32)."""
+    if runtime.amp_dtype is None:
+        return "fp32"
+    return _DTYPE_PRECISION[str(runtime.amp_dtype).removeprefix("torch.")]
+
+
+def inference_amp(record: dict, requested: str | None = None) -> str:
+    """The amp mode `evaluate` and `predict` run in: `requested` (their --amp) when given, else the
+    precision the run trained in (config.json "precision"), so a run trained in fp32 (on a CPU, or
+    with amp=off) is not autocast to bf16 on a GPU by its amp=auto. A record older than that field
+    is scored in full precision, which is exact for any run."""
+    amp = _PRECISION_AMP[record.get("precision", "fp32")] if requested is None else requested
+    if amp not in AMP_MODES:
+        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}; got {amp!r}")
+    return amp
 
 
 # ------------------------------------------------------------------------------------------ folder
 
 
-def prepare_folder(run_dir: Path, resume: bool, record: dict, runtime: Runtime) -> Path | None:
+def is_run_folder(path) -> bool:
+    """Whether `path` is one of our run folders (config.json with every key of RECORD_KEYS)."""
+    return is_our_folder(path, CONFIG_FILE, RECORD_KEYS)
+
+
+def claim_run_folder(run_dir, resume: bool) -> FolderClaim:
+    """The run folder training may write: new, empty, or (with `resume`) one of ours; refused
+    otherwise before anything is read or created (mner.runtime.claim_folder)."""
+    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run")
+
+
+def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runtime) -> Path | None:
     """Create the run folder; returns the checkpoint training continues from, or None for a fresh start."""
-    existing = run_dir / CONFIG_FILE
-    if existing.is_file() and not resume:
-        raise ValueError(
-            f"{run_dir} already holds a run ({CONFIG_FILE}); pass --resume to continue it or choose another --out"
-        )
-    checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume else None
+    run_dir = claim.path
+    checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume and claim.state == "ours" else None
     if checkpoint is not None:
-        old = json.loads(existing.read_text(encoding="utf-8"))
-        differs = [key for key in _RESUME_KEYS if old.get(key) != record[key]]
-        if (old.get("cache") or {}).get("fingerprint") != (record["cache"] or {}).get("fingerprint"):
-            differs.append("cache fingerprint")
+        old = read_record(run_dir)
+        differs = resume_differences(old, record)
         if differs:
             raise ValueError(
-                f"cannot resume {run_dir}: it was started with a different {', '.join(differs)}; use another --out"
+                f"cannot resume {run_dir}: settings differ from the run's: {'; '.join(differs)}; use another "
+                f"--out, or change only {', '.join(sorted(RUNTIME_SETTINGS))}, which a resume may change"
             )
     elif runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim.create()
         # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     runtime.barrier()
     return checkpoint
 
 
+def resume_differences(old: dict, new: dict) -> list[str]:
+    """Lines "train.lr_encoder 3e-05 -> 0.001" for every recorded setting a resume may not change."""
+    a, b = ({key: record.get(key) for key in _RESUME_KEYS} for record in (old, new))
+    for side, record in ((a, old), (b, new)):
+        side["cache.fingerprint"] = (record.get("cache") or {}).get("fingerprint")
+    return [
+        f"{key} {_short(x)} -> {_short(y)}"
+        for key, (x, y) in fingerprint_diff(a, b).items()
+        if key not in RUNTIME_SETTINGS
+    ]
+
+
 def append_metrics(run_dir: Path, line: dict) -> None:
-    """Add one epoch's line to metrics.jsonl."""
+    """Add one epoch's line to metrics.jsonl; a non-finite number is written as null, so the file
+    stays strict JSON (no bare NaN or Infinity)."""
+    finite = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in line.items()
+    }
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+        f.write(json.dumps(finite, allow_nan=False) + "\n")
 
 
 def trim_metrics(run_dir: Path, last_epoch: int) -> None:
     """Drop metrics lines of epochs after the checkpoint (written before a kill, about to be redone)."""
     path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= last_epoch]
-    write_atomic(path, "".join(line + "\n" for line in kept))
+    kept = [line for line in read_metrics(run_dir) if line["epoch"] <= last_epoch]
+    if path.is_file():
+        write_atomic(path, "".join(json.dumps(line, allow_nan=False) + "\n" for line in kept))
 
 
 # ------------------------------------------------------------------------------------------ inputs

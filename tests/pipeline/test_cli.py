@@ -34,6 +34,7 @@ from mner.cli import main
 from mner.demo.build import DemoConfig
 from mner.extract.config import AMP_MODES as EXTRACT_AMP_MODES
 from mner.extract.config import DETECTORS, REGION_FEATURES, ExtractConfig
+from mner.runtime import AMP_MODES
 from mner.train.ablate import ABLATIONS, AblationConfig
 from mner.train.config import ModelConfig, RunConfig, load_run_config
 from mner.train.evaluate import evaluate_run, results_table
@@ -152,6 +153,8 @@ FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
 CHOICES = {
     ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
+    ("evaluate",): {"amp": AMP_MODES},
+    ("predict",): {"amp": AMP_MODES},
 }
 # Free-text options (the stage gives the error message) whose help must list a registry, in order.
 LISTED = {
@@ -411,13 +414,15 @@ def test_train_from_cache_multimodal_and_text_only(workspace, runs):
 def test_evaluate_and_results(runs):
     output = ok("evaluate", runs.full, "--split", "test").stdout
     assert "micro" in output
-    evaluated = json.loads((runs.full / "results_test.json").read_text())
+    # evaluate writes its own eval/test-<time>/ folder; training's results.json is left alone.
+    (evaluated_file,) = (runs.full / "eval").glob("test-*/results.json")
+    evaluated = json.loads(evaluated_file.read_text())
     # The best model scored again on test: what training recorded for the same model and split.
     trained = json.loads((runs.full / "results.json").read_text())["test"]
     assert evaluated["micro"] == pytest.approx(trained["micro"])
 
     table = ok("results", runs.text, runs.full).stdout.splitlines()
-    assert table[0].split() == ["run", "P", "R", "F1", "support"]
+    assert table[0].split() == ["run", "P", "R", "F1", "support", "status"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert set(rows) == {str(runs.text), str(runs.full)}
     assert rows[str(runs.full)][3] == f"{100 * evaluated['micro']['f1']:.2f}"

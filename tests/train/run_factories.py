@@ -105,6 +105,14 @@ def run_config(
     )
 
 
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` -> its bytes (None for a folder): a snapshot to compare against."""
+    return {
+        str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes()
+        for path in sorted(Path(folder).rglob("*"))
+    }
+
+
 def make_images(image_dir: Path, keys, size: tuple[int, int] = (40, 32)) -> Path:
     """A solid-colour JPEG `<key>.jpg` per key (colour cycles with the key's position)."""
     from PIL import Image

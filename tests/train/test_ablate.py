@@ -15,7 +15,7 @@ from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
-from tests.train.run_factories import FAST_LR, make_data, single_thread  # noqa: F401 (autouse fixture)
+from tests.train.run_factories import FAST_LR, make_data, single_thread, tree  # noqa: F401 (autouse fixture)
 
 # Small, fast runs for every experiment.
 OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + [
@@ -234,3 +234,56 @@ def test_no_adapt_cannot_be_silent_over_a_fusion_without_a_gate(tmp_path):
         ValueError, match=re.escape("model.adaptive_gate = true gates query-guided fusion only")
     ):
         run_ablation(cfg)
+
+
+def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
+    from click.testing import CliRunner
+
+    from mner.cli import main
+
+    out = tmp_path / "mine"
+    (out / "full" / "seed1").mkdir(parents=True)
+    (out / "full" / "seed1" / "results.json").write_text("the user's results")
+    (out / "ablation.md").write_text("the user's table")
+    before = tree(out)
+    expected = (
+        f"--out {out} is not empty and is not one of our ablation folders (no ablation.json with experiments, "
+        "seeds, overrides, epochs, cache_dir, data); nothing in it was touched — choose a new or empty folder"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        run_ablation(_config(experiments=["text_only"], out_dir=str(out)))
+    result = CliRunner().invoke(main, ["ablate", "--data-dir", "d", "--exp", "text_only", "--out", str(out)])
+    assert result.exit_code != 0 and f"--out {out} is not empty" in result.output
+    assert tree(out) == before
+
+
+def test_a_seed_folder_that_is_not_a_run_of_ours_is_refused_not_skipped(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    cfg = _config(
+        data=DataConfig(data_dir=str(data_dir)), experiments=["text_only"], out_dir=str(tmp_path / "out")
+    )
+    seed = tmp_path / "out" / "text_only" / "seed1"
+    seed.mkdir(parents=True)
+    (seed / "results.json").write_text('{"the user": 1}')
+    (tmp_path / "out" / "ablation.json").write_text(json.dumps(ablate._record(cfg)))
+    with pytest.raises(
+        ValueError, match=re.escape(f"--out {seed} is not empty and is not one of our run folders")
+    ):
+        run_ablation(cfg)
+    assert (seed / "results.json").read_text() == '{"the user": 1}'
+
+
+def test_an_ablation_failing_before_any_training_leaves_no_folder(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "out"
+    # tiny-bert is 32 wide: 3 heads fail when the first run builds its model.
+    cfg = _config(
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=["text_only"],
+        out_dir=str(out),
+        overrides=[*OVERRIDES, "model.qfnet_heads=3"],
+    )
+    with pytest.raises(ValueError, match="is not divisible by model.qfnet_heads=3"):
+        run_ablation(cfg)
+    assert not out.exists()

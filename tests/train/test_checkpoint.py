@@ -159,3 +159,20 @@ def test_a_kill_during_the_second_save_resumes_and_keeps_metrics(
         x, y = load_file(straight / name), load_file(run_dir / name)
         assert all(torch.equal(x[key], y[key]) for key in x), name
     assert not (run_dir / "checkpoint.old").exists() and not (run_dir / "checkpoint.tmp").exists()
+
+
+@pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_checkpoint_file_is_one_line_naming_it(tmp_path, name, damage):
+    model, optimizer, scheduler, scaler = _state(0)
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, model, optimizer, scheduler, scaler, Progress(epoch=1), torch.device("cpu"))
+    path = folder / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
+    with pytest.raises(ValueError) as raised:
+        load_checkpoint(folder, *_state(1))
+    message = str(raised.value)
+    assert message.startswith(f"{path} cannot be loaded (")
+    assert "\n" not in message and f"delete {folder} and run again with --resume" in message
+    if damage == "empty":
+        assert message.startswith(f"{path} cannot be loaded (empty file)")

@@ -151,6 +151,24 @@ def test_invalid_values(override, message):
         load_run_config(overrides=[override])
 
 
+@pytest.mark.parametrize("literal", ["nan", "inf", "-inf", "+inf", "-nan"])
+@pytest.mark.parametrize(
+    "key",
+    [f"train.{f.name}" for f in dataclasses.fields(TrainConfig) if f.type == "float"]
+    + [f"model.{f.name}" for f in dataclasses.fields(ModelConfig) if f.type == "float"],
+)
+def test_non_finite_numbers_are_refused_at_parse_time(key, literal, tmp_path):
+    """Every float setting, from --set and from a TOML file: NaN and infinities never reach a run."""
+    message = f"{key} must be a finite number, got {float(literal)}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(overrides=[f"{key}={literal}"])
+    section, name = key.split(".")
+    diff = tmp_path / "diff.toml"
+    diff.write_text(f"[{section}]\n{name} = {literal}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(config_file=diff)
+
+
 def test_no_visual_tokens_without_text_only():
     message = "model.use_patches and model.use_regions are both false"
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -47,11 +47,38 @@ def test_evaluate_reproduces_the_runs_test_scores(runs, kind):
     run_dir = runs[kind]
     trained = json.loads((run_dir / "results.json").read_text())
     predictions = (run_dir / "pred_test.conll").read_text()
-    (run_dir / "pred_test.conll").unlink()
     scores = evaluate_run(run_dir, split="test")
     assert scores == trained["test"]
-    assert json.loads((run_dir / "results_test.json").read_text()) == trained["test"]
-    assert (run_dir / "pred_test.conll").read_text() == predictions
+    (evaluated,) = _evaluations(run_dir, "test")
+    assert json.loads((evaluated / "results.json").read_text()) == trained["test"]
+    assert (evaluated / "pred.conll").read_text() == predictions
+
+
+def _evaluations(run_dir, split):
+    return sorted((run_dir / "eval").glob(f"{split}-*"))
+
+
+@pytest.mark.slow
+def test_evaluate_leaves_the_training_time_results_alone(runs, tmp_path):
+    """Evaluating on other data writes a new eval/ folder each time; results.json, pred_test.conll
+    and what `mner results` shows stay the training run's."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(runs["text"], run_dir)
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)
+    before = {
+        name: (run_dir / name).read_bytes()
+        for name in ("results.json", "pred_test.conll", "pred_valid.conll")
+    }
+    table = results_table([run_dir])
+    other = tmp_path / "other"
+    other.mkdir()
+    write_split(other / "test.txt", make_posts_learnable(3, "te", offset=5))  # other posts, other scores
+    first = evaluate_run(run_dir, split="test", data_dir=other)
+    evaluate_run(run_dir, split="test", data_dir=other)
+    assert first != json.loads(before["results.json"])["test"]
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert len(_evaluations(run_dir, "test")) == 2  # a second evaluation does not overwrite the first
+    assert results_table([run_dir]) == table
 
 
 @pytest.mark.slow
@@ -133,13 +160,13 @@ def test_cache_differences_compares_only_fingerprinted_parts_when_recorded():
 def test_results_table_lists_micro_scores_in_percent(runs):
     table = results_table([runs["mm"], runs["text"]], split="valid")
     lines = table.splitlines()
-    assert lines[0].split() == ["run", "P", "R", "F1", "support"]
+    assert lines[0].split() == ["run", "P", "R", "F1", "support", "status"]
     for line, run_dir in zip(lines[1:], [runs["mm"], runs["text"]]):
         micro = json.loads((run_dir / "results.json").read_text())["valid"]["micro"]
         expected = (
             [str(run_dir)]
             + [f"{micro[k] * 100:.2f}" for k in ("precision", "recall", "f1")]
-            + [str(micro["support"])]
+            + [str(micro["support"]), "finished"]
         )
         assert line.split() == expected
 
@@ -152,22 +179,118 @@ def test_results_table_without_the_split_says_how_to_get_it(runs, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     del results["test"]
     (run_dir / "results.json").write_text(json.dumps(results))
-    with pytest.raises(
-        ValueError, match=re.escape(f"{run_dir}: no test results; run `mner evaluate {run_dir} --split test`")
-    ):
-        results_table([run_dir], split="test")
+    (row,) = results_table([run_dir], split="test").splitlines()[1:]
+    assert row.split()[:5] == [str(run_dir), "-", "-", "-", "-"]
+    assert row.endswith(f"no test results; run `mner evaluate {run_dir} --split test`")
+
+
+def _copy(runs, tmp_path, name: str):
+    run_dir = tmp_path / name
+    shutil.copytree(runs["text"], run_dir)
+    return run_dir
 
 
 @pytest.mark.slow
-def test_unfinished_run_is_named(runs, tmp_path):
-    run_dir = tmp_path / "unfinished"
-    shutil.copytree(runs["text"], run_dir)
-    (run_dir / "results.json").unlink()
-    (run_dir / "results_valid.json").unlink(missing_ok=True)
-    with pytest.raises(ValueError, match=re.escape(f"{run_dir}: no results.json; the run has not finished")):
-        results_table([run_dir], split="valid")
+def test_results_shows_finished_runs_and_marks_the_others(runs, tmp_path):
+    unfinished = _copy(runs, tmp_path, "unfinished")
+    (unfinished / "results.json").unlink()
+    lines = [json.loads(line) for line in (unfinished / "metrics.jsonl").read_text().splitlines()]
+    epochs = json.loads((unfinished / "config.json").read_text())["train"]["epochs"]
+    damaged = _copy(runs, tmp_path, "damaged")
+    (damaged / "results.json").write_text('{"best_epoch": 1, "val')
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    table = results_table([unfinished, runs["text"], damaged, foreign], split="valid").splitlines()
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert rows[str(unfinished)].split()[1:5] == ["-", "-", "-", "-"]
+    assert rows[str(unfinished)].endswith(f"unfinished (epoch {len(lines)}/{epochs})")
+    micro = json.loads((runs["text"] / "results.json").read_text())["valid"]["micro"]
+    assert rows[str(runs["text"])].split()[3:] == [
+        f"{micro['f1'] * 100:.2f}",
+        str(micro["support"]),
+        "finished",
+    ]
+    assert f"{damaged / 'results.json'} is damaged (not valid JSON" in rows[str(damaged)]
+    assert rows[str(foreign)].endswith("not a run folder (no config.json of ours)")
+
+
+@pytest.mark.slow
+def test_a_deleted_weights_file_is_named_as_missing(runs, tmp_path):
+    run_dir = _copy(runs, tmp_path, "deleted")
     (run_dir / "model.safetensors").unlink()
+    expected = (
+        f"the weights file {run_dir / 'model.safetensors'} is missing, though the run has finished 1 epoch(s); "
+        f"restore it, or copy {run_dir / 'checkpoint' / 'model.safetensors'}"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        evaluate_run(run_dir, split="valid")
+    # A run that really never finished an epoch says so.
+    (run_dir / "metrics.jsonl").unlink()
+    shutil.rmtree(run_dir / "checkpoint")
     with pytest.raises(
         ValueError, match=re.escape(f"{run_dir}: no model.safetensors; the run has not finished an epoch")
     ):
         evaluate_run(run_dir, split="valid")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_weights_give_one_line_naming_the_file(runs, tmp_path, damage):
+    from mner.train.predict import predict
+
+    run_dir = _copy(runs, tmp_path, damage)
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100] if damage == "truncated" else b"")
+    for call in (
+        lambda: evaluate_run(run_dir, split="valid"),
+        lambda: predict(run_dir, runs["data"] / "test.txt", None, tmp_path / "pred.conll"),
+    ):
+        with pytest.raises(ValueError) as raised:
+            call()
+        message = str(raised.value)
+        assert message.startswith(f"{weights} cannot be loaded (")
+        assert "\n" not in message and "restore it" in message
+        if damage == "empty":
+            assert "(empty file)" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_checkpoint_file_is_named_on_resume(runs, tmp_path, name, damage):
+    run_dir = _copy(runs, tmp_path, f"{name}-{damage}")
+    path = run_dir / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"")
+    cfg = run_config(run_dir, None, runs["data"], epochs=2, resume=True, text_only=True)
+    with pytest.raises(ValueError) as raised:
+        train_from_cache(cfg)
+    message = str(raised.value)
+    assert message.startswith(f"{path} cannot be loaded (")
+    assert "\n" not in message
+    assert f"delete {run_dir / 'checkpoint'} and run again with --resume" in message
+    assert (run_dir / "results.json").is_file()  # the run's files are left as they were
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_run_in_the_precision_the_run_trained_in(runs, tmp_path, monkeypatch):
+    """A run trained on the CPU is fp32 whatever its train.amp says (auto): scoring it on a GPU must
+    not autocast it; --amp overrides."""
+    import mner.train.evaluate as evaluate
+    import mner.train.predict as predict_module
+    from mner.runtime import resolve_runtime
+
+    record = json.loads((runs["text"] / "config.json").read_text())
+    assert record["train"]["amp"] == "auto" and record["precision"] == "fp32"
+    asked = []
+
+    def fake_runtime(device, amp, *args, **kwargs):
+        asked.append(amp)
+        return resolve_runtime("cpu", amp)
+
+    monkeypatch.setattr(evaluate, "resolve_runtime", fake_runtime)
+    monkeypatch.setattr(predict_module, "resolve_runtime", fake_runtime)
+    evaluate_run(runs["text"], split="valid")
+    evaluate_run(runs["text"], split="valid", amp="bf16")
+    predict_module.predict(runs["text"], runs["data"] / "test.txt", None, tmp_path / "p.conll")
+    predict_module.predict(runs["text"], runs["data"] / "test.txt", None, tmp_path / "p.conll", amp="fp16")
+    assert asked == ["off", "bf16", "off", "fp16"]

@@ -17,7 +17,10 @@ import mner.train.runs as runs
 import mner.train.tasks as tasks
 from mner.cache.datasets import Post, read_split
 from mner.cache.reader import CacheReader
+from mner.train.config import TrainConfig
 from mner.train.loop import train_from_cache
+from mner.train.model import MNERModel
+from mner.train.registry import FUSIONS
 from mner.train.runs import open_cache
 from mner.train.text import load_tokenizer
 from tests.train.factories import make_cache
@@ -25,6 +28,7 @@ from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fi
     make_data,
     run_config,
     single_thread,
+    tree,
     write_split,
 )
 
@@ -199,7 +203,8 @@ def test_existing_run_needs_resume_and_same_config(tmp_path):
         tmp_path / "run", cache_dir, data_dir, epochs=1, resume=True, train={"batch_size": 2}
     )
     with pytest.raises(
-        ValueError, match=r"cannot resume .*run: it was started with a different train; use another --out"
+        ValueError,
+        match=r"cannot resume .*run: settings differ from the run's: train.batch_size 4 -> 2; use another --out",
     ):
         train_from_cache(changed)
 
@@ -306,3 +311,207 @@ def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
         "I- tags with no B- before them (kept, counted as entity starts as conlleval does): train 3, valid 1"
         in caplog.messages
     )
+
+
+def _expected_decay(name: str, param) -> bool:
+    """The BERT recipe by brute force over a parameter's name and shape: decay the weight matrices
+    that multiply an input; not biases or LayerNorm (the vectors), embedding tables, the CRF's
+    transition scores or the fusion's query slots."""
+    if param.dim() < 2:  # biases (bias, in_proj_bias), LayerNorm weights, CRF start/end scores
+        return False
+    if ".embeddings." in name or name.endswith(("label_embed.weight", "type_embed.weight")):
+        return False
+    if name.startswith("crf."):
+        return False
+    return name.rsplit(".", 1)[-1] != "slots"
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS.names))
+def test_weight_decay_follows_the_bert_recipe(fusion):
+    from mner.runtime import resolve_runtime
+    from tests.train.factories import tiny_model
+
+    model = tiny_model(fusion=fusion, adaptive_gate=fusion == "qgf")
+    train = TrainConfig(weight_decay=0.05)
+    optimizer, _, _ = loop.build_optimizer(model, train, 10, resolve_runtime("cpu", "off"))
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    names = dict(model.named_parameters())
+    assert set(decay_of) == {id(p) for p in names.values()}
+    expected = {name: 0.05 if _expected_decay(name, p) else 0.0 for name, p in names.items()}
+    assert {name: decay_of[id(p)] for name, p in names.items()} == expected
+    # Each excluded kind is present in the real model, so the check covers it.
+    excluded = {name for name, decay in expected.items() if decay == 0.0}
+    assert "crf.crf.transitions" in excluded
+    assert any(".embeddings." in name for name in excluded)
+    assert any("norm" in name.lower() for name in excluded)
+    if fusion == "qgf":
+        assert any(name.endswith("slots") for name in excluded)
+
+
+def _users_folder(folder: Path) -> Path:
+    """A folder of a user's files that look like a run's, but no config.json of ours."""
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "notes.txt").write_text("my notes")
+    for name in ("results.json", "metrics.jsonl", "pred_test.conll"):
+        (folder / name).write_text(f"the user's {name}")
+    return folder
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_that_is_not_ours_is_refused_untouched(tmp_path, resume):
+    data_dir, _ = make_data(tmp_path)
+    out = _users_folder(tmp_path / "mine")
+    (out / "config.json").write_text('{"model": "someone else\'s"}')  # a config.json, but not ours
+    before = tree(out)
+    expected = (
+        f"--out {out} is not empty and is not one of our run folders (no config.json with model, train, "
+        "label_names, data_source, encoder_dir, cache); nothing in it was touched — choose a new or empty "
+        "folder, or --resume with a run folder this tool wrote"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        train_from_cache(run_config(out, None, data_dir, epochs=1, resume=resume, text_only=True))
+    assert tree(out) == before
+
+
+def test_cli_refuses_a_users_folder_with_a_non_zero_exit(tmp_path):
+    from click.testing import CliRunner
+
+    from mner.cli import main
+
+    data_dir, _ = make_data(tmp_path)
+    out = _users_folder(tmp_path / "mine")
+    before = tree(out)
+    args = ["train-from-cache", "--text-only", "--data-dir", str(data_dir), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--text-encoder", "tiny-bert"])
+    assert result.exit_code != 0
+    assert f"--out {out} is not empty and is not one of our run folders" in result.output
+    assert "choose a new or empty folder" in result.output
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("existing", ["absent", "empty"])
+def test_a_run_failing_before_its_first_epoch_leaves_no_folder(tmp_path, existing):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "runs" / "deep" / "run"
+    if existing == "empty":
+        out.mkdir(parents=True)
+    # tiny-bert is 32 wide: 3 heads fail when the model is built, after the folder was made.
+    cfg = run_config(out, None, data_dir, epochs=1, text_only=True, qfnet_heads=3)
+    with pytest.raises(ValueError, match="is not divisible by model.qfnet_heads=3"):
+        train_from_cache(cfg)
+    if existing == "absent":
+        assert not (tmp_path / "runs").exists()  # the parents it made go too
+    else:
+        assert out.is_dir() and not any(out.iterdir())  # the user's empty folder stays, empty
+
+
+def test_metrics_lines_are_strict_json(tmp_path):
+    runs.append_metrics(tmp_path, {"epoch": 1, "train_loss": float("nan"), "dev_f1": float("inf"), "best": 0})
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in metrics.jsonl")
+
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert line == {"epoch": 1, "train_loss": None, "dev_f1": None, "best": 0}
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_training_and_is_never_saved(tmp_path, monkeypatch):
+    """Epoch 1 trains; the loss of epoch 2's second step is NaN: the run stops naming both, before
+    the optimiser steps, and epoch 1's weights (finite) stay the best and the checkpoint."""
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=3)
+    real_forward, calls = MNERModel.forward, []
+
+    def forward(self, batch):
+        out = real_forward(self, batch)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 5:  # 10 posts / batch 4 = 3 steps an epoch: epoch 2, step 2
+                out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MNERModel, "forward", forward)
+    with pytest.raises(ValueError) as raised:
+        train_from_cache(cfg)
+    message = str(raised.value)
+    assert "training stopped at epoch 2, step 2 of 3: the training loss is nan" in message
+    assert "the checkpoint of epoch 1 is kept" in message and "mner cache verify" in message
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in metrics.jsonl")
+
+    run_dir = tmp_path / "run"
+    lines = [
+        json.loads(line, parse_constant=refuse)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [line["epoch"] for line in lines] == [1]
+    best, last = (
+        load_file(run_dir / "model.safetensors"),
+        load_file(run_dir / "checkpoint" / "model.safetensors"),
+    )
+    assert all(torch.isfinite(t).all() for t in best.values())
+    assert all(torch.equal(best[name], last[name]) for name in best)
+    assert torch.load(run_dir / "checkpoint" / "state.pt", weights_only=True)["progress"]["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_nan_in_the_first_epoch_leaves_no_run_folder(tmp_path, monkeypatch):
+    data_dir, _ = make_data(tmp_path)
+    real_forward = MNERModel.forward
+
+    def forward(self, batch):
+        out = real_forward(self, batch)
+        out["loss"] = out["loss"] + float("inf")
+        return out
+
+    monkeypatch.setattr(MNERModel, "forward", forward)
+    with pytest.raises(
+        ValueError, match=r"epoch 1, step 1 of 3: the training loss is inf; .*nothing is kept"
+    ):
+        train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_names_each_changed_setting(tmp_path):
+    data_dir, _ = make_data(tmp_path, n_test=None)
+    train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
+    changed = run_config(
+        tmp_path / "run",
+        None,
+        data_dir,
+        epochs=1,
+        resume=True,
+        text_only=True,
+        train={"batch_size": 2},
+        dropout=0.2,
+    )
+    with pytest.raises(ValueError) as raised:
+        train_from_cache(changed)
+    message = str(raised.value)
+    assert message.startswith(
+        f"cannot resume {tmp_path / 'run'}: settings differ from the run's: model.dropout 0.1 -> 0.2; "
+        "train.batch_size 4 -> 2; use another --out, or change only "
+    )
+    assert "train.epochs" in message and "train.patience" in message
+
+
+@pytest.mark.slow
+def test_resume_extends_a_finished_run_and_runtime_settings_never_block(tmp_path):
+    """3 epochs, then --resume with epochs 4 (and other runtime settings changed): one more epoch,
+    continued from the checkpoint, the record holding the new values."""
+    data_dir, _ = make_data(tmp_path, n_test=None)
+    run_dir = train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=3, text_only=True))
+    first = _metrics(run_dir)
+    runtime_only = {"patience": 9, "num_workers": 1, "amp": "off", "cache_in_memory": True}
+    extended = run_config(run_dir, None, data_dir, epochs=4, resume=True, text_only=True, train=runtime_only)
+    train_from_cache(extended)
+    lines = _metrics(run_dir)
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert lines[:3] == first  # epochs 1-3 kept, not retrained
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["train"]["epochs"] == 4 and record["train"]["patience"] == 9
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 4

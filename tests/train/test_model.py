@@ -147,7 +147,8 @@ def test_param_groups():
     train_cfg = TrainConfig(lr_encoder=1e-5, lr_fusion=2e-4, lr_crf=3e-3, weight_decay=0.05)
     groups = model.param_groups(train_cfg)
     by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"encoder", "encoder_no_decay", "fusion", "fusion_no_decay", "crf", "crf_no_decay"}
+    # No "crf" group: the transition scores are not weight-decayed (tests/train/test_loop.py checks the rule).
+    assert set(by_name) == {"encoder", "encoder_no_decay", "fusion", "fusion_no_decay", "crf_no_decay"}
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters()) and len(set(grouped)) == len(grouped)
     lrs = {"encoder": 1e-5, "fusion": 2e-4, "crf": 3e-3}
@@ -165,9 +166,9 @@ def test_param_groups():
     }
     biases = {n for n in names.values() if n.endswith("bias")}  # MultiheadAttention has in_proj_bias
     assert layer_norms and biases and layer_norms | biases <= no_decay
-    assert no_decay - layer_norms - biases == {"crf.crf.start_transitions", "crf.crf.end_transitions"}
-    assert "crf.crf.transitions" in decay and "emission.weight" in decay
-    assert {names[id(p)] for p in by_name["crf"]["params"] + by_name["crf_no_decay"]["params"]} == {
+    assert {"crf.crf.start_transitions", "crf.crf.end_transitions", "crf.crf.transitions"} <= no_decay
+    assert "emission.weight" in decay
+    assert {names[id(p)] for p in by_name["crf_no_decay"]["params"]} == {
         "crf.crf.transitions", "crf.crf.start_transitions", "crf.crf.end_transitions",
     }  # fmt: skip
     # Optimisers accept the groups as they are.

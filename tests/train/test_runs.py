@@ -1,6 +1,7 @@
 """train/runs.py: the run folder's fingerprint check words the shared cache diff as it always did."""
 
 import json
+import re
 
 import pytest
 
@@ -66,3 +67,54 @@ def test_fingerprint_diff_words_as_the_old_cache_differences(found, recorded, ig
     expected = reference_cache_differences(found, recorded, ignore)
     assert expected  # each case differs somewhere
     assert cache_differences(found, recorded, ignore) == expected  # the shipped train.runs wording
+
+
+def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path):
+    """mner.runtime.claim_folder over every kind of folder, as train_from_cache calls it (claim_run_folder)."""
+    from mner.runtime import claim_folder
+    from mner.train.runs import RECORD_KEYS, claim_run_folder
+
+    assert claim_run_folder(tmp_path / "a" / "b", resume=False).state == "new"
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    assert claim_run_folder(tmp_path / "empty", resume=False).state == "empty"
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps({key: None for key in RECORD_KEYS}))
+    assert claim_run_folder(ours, resume=True).state == "ours"
+    assert claim_folder(ours, "config.json", RECORD_KEYS, resume=None).state == "ours"
+    with pytest.raises(
+        ValueError, match=re.escape(f"{ours} already holds a run (config.json); pass --resume")
+    ):
+        claim_run_folder(ours, resume=False)
+    for text in (
+        "[1, 2]",
+        "{not json",
+        json.dumps({"model": {}}),
+    ):  # not ours: other JSON, damaged, keys missing
+        (ours / "config.json").write_text(text)
+        with pytest.raises(
+            ValueError, match=re.escape(f"--out {ours} is not empty and is not one of our run")
+        ):
+            claim_run_folder(ours, resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=re.escape(f"--out {tmp_path / 'file'} is a file, not a folder")):
+        claim_run_folder(tmp_path / "file", resume=False)
+
+
+def test_release_removes_only_what_the_command_created(tmp_path):
+    from mner.train.runs import claim_run_folder
+
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "sibling.txt").write_text("the user's")
+    new = claim_run_folder(tmp_path / "keep" / "x" / "run", resume=False)
+    new.create()
+    (new.path / "config.json").write_text("{}")
+    new.release()
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["sibling.txt"]  # x/ went, keep/ stayed
+    (tmp_path / "empty").mkdir()
+    empty = claim_run_folder(tmp_path / "empty", resume=False)
+    (empty.create() / "checkpoint").mkdir()
+    (empty.path / "metrics.jsonl").write_text("")
+    empty.release()
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
