@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mner.cache.datasets import Post, Split
+from mner.cache.datasets import Post, Split, tag_line
 from mner.cache.reader import CacheReader
 from mner.cache.shards import Record, TokenSpec, empty_record
 from mner.train.config import ModelConfig, TrainConfig
@@ -162,13 +162,16 @@ class Collate:
         return [[unk if word in empty else word for word in item["words"]] for item in items]
 
     def _label_ids(self, item: dict) -> list[int]:
-        try:
-            return [self.label_ids[tag] for tag in item["tags"]]
-        except KeyError as err:
-            raise ValueError(
-                f"post {item['key']!r} (line {item['line']}): tag {err.args[0]!r} is not one of the model's "
-                f"labels ({', '.join(self.label_names)})"
-            ) from None
+        for index, tag in enumerate(item["tags"]):
+            if tag not in self.label_ids:
+                # The tag's own line (issue 10 A7); a post built in code has none, so its position.
+                line = tag_line(item["line"], index)
+                where = f"line {line}" if line else f"word {index + 1}"
+                raise ValueError(
+                    f"post {item['key']!r} ({where}): tag {tag!r} is not one of the model's "
+                    f"labels ({', '.join(self.label_names)})"
+                )
+        return [self.label_ids[tag] for tag in item["tags"]]
 
 
 def _collate_visual(items: list[dict]) -> dict:
