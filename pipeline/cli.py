@@ -238,6 +238,18 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir, columns):
     click.echo(f"{cache_dir}: OK ({json.dumps(report.checked)})")
 
 
+def _long_posts_option(fn):
+    """--long-posts, for the commands that tag posts with a trained run (evaluate, predict)."""
+    return click.option(
+        "--long-posts",
+        type=click.Choice(["truncate", "window"]),
+        default="truncate",
+        show_default=True,
+        help="Posts longer than the encoder's max_length sub-words: predict the words past it O "
+        "(truncate, as training scores), or tag every word by overlapping windows (window).",
+    )(fn)
+
+
 def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume):
     from mner.train.config import RunConfig, load_run_config
 
@@ -320,8 +332,9 @@ def train_from_cache_cmd(
 @click.option("--split", default="test", show_default=True, help="train | valid | test")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Cache [default: the run's].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder [default: the run's].")
+@_long_posts_option
 @_user_errors
-def evaluate_cmd(run_dir, split, cache_dir, data_dir):
+def evaluate_cmd(run_dir, split, cache_dir, data_dir, long_posts):
     """Score a run on a split (conlleval semantics); writes results_<split>.json and pred_<split>.conll.
 
     Refuses a cache whose fingerprint differs from the one the run was trained on.
@@ -332,7 +345,7 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir):
     """
     from mner.train.evaluate import evaluate_run, format_scores
 
-    scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+    scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir, long_posts=long_posts)
     click.echo(f"{run_dir} on {split}:\n{format_scores(scores)}")
 
 
@@ -341,8 +354,9 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir):
 @click.option("--input", "input_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--image-dir", type=click.Path(file_okay=False), help="Images of the new posts.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
+@_long_posts_option
 @_user_errors
-def predict_cmd(run_dir, input_file, image_dir, out_file):
+def predict_cmd(run_dir, input_file, image_dir, out_file, long_posts):
     """Tag new posts (IMGID-CoNLL, tags optional); writes CoNLL and JSON spans.
 
     A multimodal run re-extracts the new images with the extractor recorded in the run (same local weights).
@@ -353,7 +367,7 @@ def predict_cmd(run_dir, input_file, image_dir, out_file):
     """
     from mner.train.predict import predict
 
-    out = predict(run_dir, input_file, image_dir, out_file)
+    out = predict(run_dir, input_file, image_dir, out_file, long_posts=long_posts)
     click.echo(f"predictions written to {out}")
 
 

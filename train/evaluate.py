@@ -14,7 +14,7 @@ import pandas as pd
 
 from mner.cache.datasets import resolve_data
 from mner.runtime import resolve_runtime
-from mner.train.decode import decode_and_score
+from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.runs import (
     check_cache_keys,
@@ -31,7 +31,9 @@ from mner.train.runs import (
 PERCENT = 100.0
 
 
-def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) -> dict:
+def evaluate_run(
+    run_dir, split: str = "test", cache_dir=None, data_dir=None, long_posts: str = "truncate"
+) -> dict:
     """Score a run's best model on one split; writes results_<split>.json and pred_<split>.conll.
 
     Args:
@@ -40,6 +42,9 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
         cache_dir: feature cache to read (default: the one the run was trained on); ignored for a
             text-only run.
         data_dir: data folder (default: the run's, as resolved when it was trained).
+        long_posts: "truncate" (words past the encoder's limit are predicted O) or "window" (overlapping
+            windows tag them; train/decode.py). results_<split>.json records it and the count under
+            "long_posts" (`decode.long_post_summary`).
     Returns:
         `entity_scores` dict: {"micro": {"precision", "recall", "f1", "support"}, "per_type": {...}}.
     Raises:
@@ -57,7 +62,10 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
         )
         check_fingerprint(reader, record, run_dir)
     # Default: the folder the run resolved (absolute), so evaluation works from any working directory.
-    source = resolve_data(data_dir=data_dir if data_dir is not None else record["data_source"]["data_dir"])
+    source = resolve_data(
+        data_dir=data_dir if data_dir is not None else record["data_source"]["data_dir"],
+        columns=cfg.data.columns,
+    )
     if not source.split_path(split).is_file():
         raise ValueError(
             f"{source.split_path(split)}: there is no {split} split to evaluate in {source.data_dir}"
@@ -67,11 +75,14 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None) ->
         check_cache_keys([data], reader)
     runtime = resolve_runtime("auto", cfg.train.amp)
     model, tokenizer = load_run_model(run_dir, record, runtime)
+    cut = truncated_per_post(data, tokenizer, record["label_names"], cfg.model.max_length)
+    long = long_post_summary(cut, cfg.model.max_length, long_posts)
+    log_long_posts(split, long)
     predictions, scores = decode_and_score(
-        model, data, reader, tokenizer, record["label_names"], cfg, runtime
+        model, data, reader, tokenizer, record["label_names"], cfg, runtime, long_posts
     )
     write_conll(run_dir / f"pred_{split}.conll", data.posts, predictions)
-    write_json(run_dir / f"results_{split}.json", scores)
+    write_json(run_dir / f"results_{split}.json", {**scores, "long_posts": long})
     return scores
 
 

@@ -36,6 +36,7 @@ from mner.extract.config import AMP_MODES as EXTRACT_AMP_MODES
 from mner.extract.config import DETECTORS, REGION_FEATURES, ExtractConfig
 from mner.train.ablate import ABLATIONS, AblationConfig
 from mner.train.config import ModelConfig, RunConfig, load_run_config
+from mner.train.decode import LONG_POSTS
 from mner.train.evaluate import evaluate_run, results_table
 from mner.train.predict import predict
 from mner.train.text import PRESETS
@@ -152,6 +153,8 @@ FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
 CHOICES = {
     ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
+    ("evaluate",): {"long_posts": LONG_POSTS},
+    ("predict",): {"long_posts": LONG_POSTS},
 }
 # Free-text options (the stage gives the error message) whose help must list a registry, in order.
 LISTED = {
