@@ -319,7 +319,7 @@ class DataConfig:
                 )
             folder = Path(self.data_root).expanduser() / cfg["subdir"]
             name, fmt, configured = self.dataset, cfg["format"], [folder / cfg["image_dir"]]
-            columns = self.columns or parse_columns(cfg.get("columns"))
+            columns = self.columns or cfg["columns"]
         else:
             folder = Path(self.data_dir).expanduser()
             name, fmt, configured, columns = folder.name, None, [], self.columns
@@ -551,4 +551,8 @@ def _dataset_config(name: str) -> dict:
             raise ValueError(f"{file}: '{key}' must be a string")
     if cfg["format"] not in FORMATS:
         raise ValueError(f"{file}: format {cfg['format']!r} is not one of {', '.join(FORMATS)}")
+    try:
+        cfg["columns"] = parse_columns(cfg.get("columns"))  # optional: (word, tag) columns
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
     return cfg

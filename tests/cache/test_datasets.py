@@ -508,6 +508,24 @@ def test_resolve_data_reports_a_broken_dataset_config(tmp_path, monkeypatch):
         resolve_data(dataset="badfmt", data_root=tmp_path)
 
 
+def test_a_dataset_config_may_name_its_columns(tmp_path, monkeypatch):
+    (tmp_path / "datasets").mkdir()
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    (tmp_path / "datasets" / "four.toml").write_text(
+        'format = "imgid"\nsubdir = "four"\nimage_dir = "images"\ncolumns = [0, 3]\n'
+    )
+    write(tmp_path / "four", "train.txt", "IMGID:1\nEU\tNNP\tB-NP\tB-ORG\n")
+    source = resolve_data(dataset="four", data_root=tmp_path)
+    assert source.columns == (0, 3) and source.read("train").posts[0].tags == ("B-ORG",)
+    # the command line's columns win over the config's
+    assert resolve_data(dataset="four", data_root=tmp_path, columns="0,2").columns == (0, 2)
+    (tmp_path / "datasets" / "bad.toml").write_text(
+        'format = "imgid"\nsubdir = "four"\nimage_dir = "images"\ncolumns = [3, 3]\n'
+    )
+    with pytest.raises(ValueError, match=r"bad\.toml: columns \[3, 3\]: expected WORD,TAG"):
+        resolve_data(dataset="bad", data_root=tmp_path)
+
+
 # ---------------------------------------------------------------- DataConfig
 
 
