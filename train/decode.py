@@ -5,7 +5,7 @@ whole list back, in file order.
 Long posts (more sub-words than the encoder's `max_length`) are tagged in one of two ways:
 
 - `truncate` (the default, and what training uses): the words whose first sub-word does not fit are
-  predicted O; they are counted (`count_long_posts`) and still scored against gold.
+  predicted O; they are counted (`truncated_per_post`) and still scored against gold.
 - `window`: the post is cut into overlapping windows of whole words, each as long as fits in
   `max_length` (the first window is exactly what truncation keeps); each window is decoded as a post of
   its own (same image), and every word takes its tag from the window where its first sub-word lies
