@@ -12,8 +12,12 @@ that cannot escape their folder.
 
 `image-path` format: the same with `IMAGE:<path relative to the data folder>` as the first line.
 Both tolerate CRLF, trailing whitespace, runs of blank lines, a UTF-8 BOM and a missing final blank
-line. Everything else that is off is a `DatasetError` naming the file and line, because a silently
-skipped post changes the scores. `write_split` writes the same format back, and refuses a post that
+line. A token line is `token<TAB>tag`, or `token tag` (one run of spaces) in a file without tabs;
+a line with more fields (`Camden Street B-OTHER`, or CoNLL-2003's four columns) is an error unless
+`columns=(WORD, TAG)` (`--columns 0,3`) says which field holds the token and which the tag, because
+guessing drops a word or takes a chunk tag for the entity tag. Tag types that differ only by case
+(`B-per` beside `B-PER`) are an error. Everything else that is off is a `DatasetError` naming the
+file and line, because a silently skipped post changes the scores. `write_split` writes the same format back, and refuses a post that
 would not read back as itself (a tab or newline in a word, a word that looks like a header line, ...).
 """
 
@@ -62,6 +66,16 @@ class Post:
     tags: tuple[str, ...]  # same length as words; all "O" when the file has no tags (predict input)
     line: int  # 1-based line of the post's IMGID/IMAGE line; 0 for a post not read from a file
 
+    def tag_line(self, index: int) -> int:
+        """The 1-based line of word `index`; 0 for a post not read from a file (see `tag_line`)."""
+        return tag_line(self.line, index)
+
+
+def tag_line(header_line: int, index: int) -> int:
+    """The 1-based line of word `index` of the post whose header is at `header_line`: its token lines
+    follow the header without a gap (a blank line ends a post). 0 when header_line is 0 (no file)."""
+    return header_line + 1 + index if header_line else 0
+
 
 @dataclass
 class Split:
@@ -73,7 +87,11 @@ class Split:
 
 
 def read_split(
-    path: str | Path, fmt: str = "imgid", name: str | None = None, require_tags: bool = True
+    path: str | Path,
+    fmt: str = "imgid",
+    name: str | None = None,
+    require_tags: bool = True,
+    columns: tuple[int, int] | None = None,
 ) -> Split:
     """Read one split file.
 
@@ -82,6 +100,8 @@ def read_split(
         fmt: "imgid" (`IMGID:<id>` lines) or "image-path" (`IMAGE:<relative path>` lines).
         name: split name; defaults to the file stem.
         require_tags: False for predict input, where a line may be a bare token (its tag becomes "O").
+        columns: (word column, tag column), counted from 0, for files with more than two fields per
+            token line (CoNLL-2003: (0, 3)); None reads exactly `token<TAB>tag` or `token tag`.
     Returns:
         Split with the posts in file order.
     Raises:
@@ -89,6 +109,7 @@ def read_split(
         and line for anything malformed.
     """
     _check_format(fmt)
+    columns = parse_columns(columns)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: dataset file not found")
@@ -99,6 +120,7 @@ def read_split(
     header = _HEADERS[fmt]
     posts: list[Post] = []
     first_line: dict[str, int] = {}  # key -> line of its header, to name both lines of a duplicate
+    types: dict[str, tuple[str, int]] = {}  # casefolded type -> (its spelling, line it first appears)
     draft: _Draft | None = None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -123,7 +145,16 @@ def read_split(
                 path, number, f"token line outside a post: expected a '{header}' line before it"
             )
         else:
-            word, tag = _parse_token_line(path, number, line, require_tags)
+            word, tag = _parse_token_line(path, number, line, require_tags, columns)
+            if tag != "O":
+                spelling, seen_at = types.setdefault(tag[2:].casefold(), (tag[2:], number))
+                if spelling != tag[2:]:
+                    raise DatasetError(
+                        path,
+                        number,
+                        f"tag type {tag[2:]!r} differs only by case from {spelling!r} (first at line "
+                        f"{seen_at}); they would be two entity types: spell them one way",
+                    )
             draft.words.append(word)
             draft.tags.append(tag)
     if draft is not None:
@@ -176,6 +207,7 @@ class DataSource:
     data_dir: Path  # folder holding train.txt / valid.txt / test.txt
     image_dir: Path  # folder the image keys are relative to (may not exist: every image is then missing)
     fmt: str  # "imgid" | "image-path"
+    columns: tuple[int, int] | None = None  # (word, tag) columns of the token lines (see read_split)
 
     def __post_init__(self):
         _check_format(self.fmt)
@@ -188,7 +220,9 @@ class DataSource:
 
     def read(self, split: str, require_tags: bool = True) -> Split:
         """Read a split of this source (see `read_split`)."""
-        return read_split(self.split_path(split), self.fmt, name=split, require_tags=require_tags)
+        return read_split(
+            self.split_path(split), self.fmt, name=split, require_tags=require_tags, columns=self.columns
+        )
 
     def image_path(self, key: str) -> Path:
         """Where the image of a post lies: image_dir / f"{key}.jpg" (imgid) or image_dir / key (image-path).
@@ -209,7 +243,8 @@ class DataSource:
 
 # DataConfig's fields, as artifacts record them: under "data" in a run's config.json, at the top level
 # of a cache manifest's config.
-DATA_FIELDS = ("data_dir", "dataset", "data_root", "image_dir")
+_PATH_FIELDS = ("data_dir", "dataset", "data_root", "image_dir")
+DATA_FIELDS = (*_PATH_FIELDS, "columns")
 
 
 @dataclass(frozen=True)
@@ -224,9 +259,13 @@ class DataConfig:
     dataset: str | None = None  # a name with configs/datasets/<name>.toml; goes with data_root
     data_root: str | None = None  # folder holding the named dataset's sub-folder
     image_dir: str | None = None  # image folder when it is not found next to the data (optional)
+    # (word column, tag column) of token lines with more than two fields; "0,3" or [0, 3] are read
+    # as (0, 3). None: exactly `token<TAB>tag` (or the dataset config's `columns`)
+    columns: tuple[int, int] | None = None
 
     def __post_init__(self):
-        for name in DATA_FIELDS:
+        object.__setattr__(self, "columns", parse_columns(self.columns))
+        for name in _PATH_FIELDS:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, os.fspath(value))
@@ -280,16 +319,21 @@ class DataConfig:
                 )
             folder = Path(self.data_root).expanduser() / cfg["subdir"]
             name, fmt, configured = self.dataset, cfg["format"], [folder / cfg["image_dir"]]
+            columns = self.columns or cfg["columns"]
         else:
             folder = Path(self.data_dir).expanduser()
-            name, fmt, configured = folder.name, None, []
+            name, fmt, configured, columns = folder.name, None, [], self.columns
         if not folder.is_dir():
             raise ValueError(f"data folder {folder} does not exist")
         fmt = fmt or _sniff_format(folder)
 
         if self.image_dir is not None:
             return DataSource(
-                name=name, data_dir=folder, image_dir=Path(self.image_dir).expanduser(), fmt=fmt
+                name=name,
+                data_dir=folder,
+                image_dir=Path(self.image_dir).expanduser(),
+                fmt=fmt,
+                columns=columns,
             )
         if fmt == "image-path":
             candidates = configured + [folder]
@@ -306,7 +350,7 @@ class DataConfig:
             looked = ", ".join(str(c) for c in candidates)
             # Only extraction needs the images (it warns); text-only training and evaluation do not.
             log.debug("no image folder for %s (looked in %s)", folder, looked)
-        return DataSource(name=name, data_dir=folder, image_dir=found, fmt=fmt)
+        return DataSource(name=name, data_dir=folder, image_dir=found, fmt=fmt, columns=columns)
 
 
 def resolve_data(
@@ -314,9 +358,32 @@ def resolve_data(
     dataset: str | None = None,
     data_root: str | Path | None = None,
     image_dir: str | Path | None = None,
+    columns: str | tuple[int, int] | None = None,
 ) -> DataSource:
-    """`DataConfig(data_dir, dataset, data_root, image_dir).resolve()`: see `DataConfig.resolve`."""
-    return DataConfig(data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir).resolve()
+    """`DataConfig(data_dir, dataset, data_root, image_dir, columns).resolve()`: see `DataConfig.resolve`."""
+    return DataConfig(
+        data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir, columns=columns
+    ).resolve()
+
+
+def parse_columns(value) -> tuple[int, int] | None:
+    """(word column, tag column) from "W,T", [W, T] or (W, T); None stays None.
+
+    Raises ValueError unless it names two different column numbers >= 0.
+    """
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        numbers = tuple(int(str(part).strip()) for part in parts) if not isinstance(parts, int) else ()
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 2 or min(numbers) < 0 or numbers[0] == numbers[1]:
+        raise ValueError(
+            f"columns {value!r}: expected WORD,TAG: two different column numbers counted from 0, "
+            "the token's and the tag's (e.g. 0,3 for CoNLL-2003's four columns)"
+        )
+    return numbers
 
 
 def recorded_data(config: dict) -> DataSource | None:
@@ -384,19 +451,44 @@ def _decode_lines(path: Path, data: bytes) -> list[str]:
     return lines
 
 
-def _parse_token_line(path: Path, number: int, line: str, require_tags: bool) -> tuple[str, str]:
+# How a file names the fix for a token line with more fields than the reader can take.
+_COLUMNS_HINT = (
+    "expected 'token<TAB>tag'; if the file has more columns, pass --columns WORD,TAG (data.columns) "
+    "to say which hold the token and the tag, counted from 0 (e.g. --columns 0,3 for CoNLL-2003)"
+)
+
+
+def _parse_token_line(
+    path: Path, number: int, line: str, require_tags: bool, columns: tuple[int, int] | None
+) -> tuple[str, str]:
     # Tab-separated as the Twitter files are; whitespace-separated when there is no tab. A token may
     # itself be whitespace (Twitter-2015 valid has a lone U+00A0 token), so a tab line is not stripped.
-    fields = line.split("\t") if "\t" in line else line.split()
-    word = fields[0]
+    tabbed = "\t" in line
+    fields = line.split("\t") if tabbed else line.split()
+    if columns is None:
+        if len(fields) > 2:
+            # Guessing here dropped words ("Camden Street B-OTHER") or took a chunk tag (issue 10 A7).
+            kind = "tab-separated columns" if tabbed else "space-separated fields and no tab"
+            raise DatasetError(path, number, f"{len(fields)} {kind}; {_COLUMNS_HINT}")
+        word_at, tag_at = 0, 1
+    else:
+        word_at, tag_at = columns
+        if len(fields) > 1 and len(fields) <= max(columns):
+            raise DatasetError(
+                path,
+                number,
+                f"{len(fields)} columns, but columns {word_at},{tag_at} need at least {max(columns) + 1}",
+            )
+        if len(fields) == 1:
+            word_at = 0  # a bare token: predict input without tags
+    word = fields[word_at]
     if not word:
         raise DatasetError(path, number, "token is empty")
     if len(fields) == 1:
         if require_tags:
             raise DatasetError(path, number, f"token {word!r} has no tag (expected 'token<TAB>tag')")
         return word, "O"
-    # Extra CoNLL columns (POS, chunk) may sit in between; the tag is the last one.
-    tag = fields[-1].strip()
+    tag = fields[tag_at].strip()
     if not _TAG.fullmatch(tag):
         raise DatasetError(path, number, f"tag {tag!r} is not BIO (expected O, B-<type> or I-<type>)")
     return word, tag
@@ -459,4 +551,8 @@ def _dataset_config(name: str) -> dict:
             raise ValueError(f"{file}: '{key}' must be a string")
     if cfg["format"] not in FORMATS:
         raise ValueError(f"{file}: format {cfg['format']!r} is not one of {', '.join(FORMATS)}")
+    try:
+        cfg["columns"] = parse_columns(cfg.get("columns"))  # optional: (word, tag) columns
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
     return cfg

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from mner.cache.reader import CacheReader
 from mner.cache.shards import STATUS_NAMES, TokenSpec, open_shard_checked, read_manifest
+from mner.runtime import refuse_inputs_as_output
 
 # Box colours, picked by label id so one class keeps one colour across images.
 _PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6")
@@ -152,6 +153,13 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
         "region_feats": list(record.region_feats.shape),
     }
     if png is not None:
+        # The image drawn on and the cache's own files are inputs: never drawn over (issue 10 A8).
+        refuse_inputs_as_output(
+            png,
+            "--png",
+            files=[("the image drawn on", image_path)] if image_path is not None else [],
+            folders=[("the cache", cache_dir)],
+        )
         if record.status != "ok":
             raise ValueError(
                 f"image {key!r} has status {record.status} ({record.error}); there is nothing to draw"

@@ -39,6 +39,12 @@ def _user_errors(fn):
 def _data_options(fn):
     """--data-dir DIR | --dataset NAME --data-root DIR, shared by every command that reads a data folder."""
     fn = click.option(
+        "--columns",
+        metavar="WORD,TAG",
+        help="Columns (from 0) of the token and its tag in files with more than two per line, e.g. 0,3 "
+        "for CoNLL-2003 [default: exactly token<TAB>tag].",
+    )(fn)
+    fn = click.option(
         "--image-dir",
         type=click.Path(file_okay=False),
         help="Image folder (default: DATA_DIR/images or DATA_DIR/<name>_images).",
@@ -57,10 +63,12 @@ def _data_options(fn):
     return fn
 
 
-def _data_config(data_dir, dataset, data_root, image_dir):
+def _data_config(data_dir, dataset, data_root, image_dir, columns=None):
     from mner.cache.datasets import DataConfig
 
-    return DataConfig(data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir)
+    return DataConfig(
+        data_dir=data_dir, dataset=dataset, data_root=data_root, image_dir=image_dir, columns=columns
+    )
 
 
 @click.group(context_settings=CONTEXT)
@@ -130,7 +138,7 @@ def main():
 @click.option("--shard-size", type=int, default=512, show_default=True, help="Images per HDF5 shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with a different configuration.")
 @_user_errors
-def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
+def extract_features_cmd(data_dir, dataset, data_root, image_dir, columns, **opts):
     """Stage one: run CLIP and Faster R-CNN once over every image; write HDF5 shards + manifest.
 
     Re-running the same command skips completed shards; under `torchrun` each rank extracts its own
@@ -144,7 +152,7 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, **opts):
     from mner.extract.config import ExtractConfig
     from mner.extract.run import extract_features, summarize
 
-    cfg = ExtractConfig(data=_data_config(data_dir, dataset, data_root, image_dir), **opts)
+    cfg = ExtractConfig(data=_data_config(data_dir, dataset, data_root, image_dir, columns), **opts)
     started = time.perf_counter()
     out = extract_features(cfg)
     click.echo(summarize(out, seconds=time.perf_counter() - started))
@@ -208,7 +216,7 @@ def cache_show(cache_dir, key, png, image_path, scale):
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 @_data_options
 @_user_errors
-def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
+def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir, columns):
     """Check shard checksums, counts, NaN/inf, boxes in [0, 1], and (with a data folder) the image ids.
 
     Exits non-zero with a report on any problem.
@@ -221,13 +229,25 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir):
 
     data = None
     if data_dir or dataset:
-        data = _data_config(data_dir, dataset, data_root, image_dir).resolve()
+        data = _data_config(data_dir, dataset, data_root, image_dir, columns).resolve()
     report = verify_cache(cache_dir, data)
     for problem in report.problems:
         click.echo(f"PROBLEM: {problem}")
     if not report.ok:
         raise click.ClickException(f"{cache_dir}: {report.count} problem(s) found")
     click.echo(f"{cache_dir}: OK ({json.dumps(report.checked)})")
+
+
+def _long_posts_option(fn):
+    """--long-posts, for the commands that tag posts with a trained run (evaluate, predict)."""
+    return click.option(
+        "--long-posts",
+        type=click.Choice(["truncate", "window"]),
+        default="truncate",
+        show_default=True,
+        help="Posts longer than the encoder's max_length sub-words: predict the words past it O "
+        "(truncate, as training scores), or tag every word by overlapping windows (window).",
+    )(fn)
 
 
 def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume):
@@ -278,6 +298,7 @@ def train_from_cache_cmd(
     dataset,
     data_root,
     image_dir,
+    columns,
     text_encoder,
     config_file,
     overrides,
@@ -298,7 +319,7 @@ def train_from_cache_cmd(
     """
     from mner.train.loop import train_from_cache
 
-    data = _data_config(data_dir, dataset, data_root, image_dir)
+    data = _data_config(data_dir, dataset, data_root, image_dir, columns)
     cfg = _run_config(
         cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
@@ -322,8 +343,9 @@ def _amp_option(fn):
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), help="Cache [default: the run's].")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder [default: the run's].")
 @_amp_option
+@_long_posts_option
 @_user_errors
-def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp):
+def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts):
     """Score a run on a split (conlleval semantics); writes RUN_DIR/eval/<split>-<UTC time>/results.json
     and pred.conll, leaving the training-time results.json and pred_<split>.conll as they are.
 
@@ -335,7 +357,9 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp):
     """
     from mner.train.evaluate import evaluate_run, format_scores
 
-    scores = evaluate_run(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir, amp=amp)
+    scores = evaluate_run(
+        run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir, amp=amp, long_posts=long_posts
+    )
     click.echo(f"{run_dir} on {split}:\n{format_scores(scores)}")
 
 
@@ -345,8 +369,9 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp):
 @click.option("--image-dir", type=click.Path(file_okay=False), help="Images of the new posts.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
 @_amp_option
+@_long_posts_option
 @_user_errors
-def predict_cmd(run_dir, input_file, image_dir, out_file, amp):
+def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
     """Tag new posts (IMGID-CoNLL, tags optional); writes CoNLL and JSON spans.
 
     A multimodal run re-extracts the new images with the extractor recorded in the run (same local weights).
@@ -357,7 +382,7 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp):
     """
     from mner.train.predict import predict
 
-    out = predict(run_dir, input_file, image_dir, out_file, amp=amp)
+    out = predict(run_dir, input_file, image_dir, out_file, amp=amp, long_posts=long_posts)
     click.echo(f"predictions written to {out}")
 
 
@@ -390,6 +415,7 @@ def ablate_cmd(
     dataset,
     data_root,
     image_dir,
+    columns,
     experiments,
     seeds,
     text_encoder,
@@ -408,7 +434,7 @@ def ablate_cmd(
 
     cfg = AblationConfig(
         cache_dir=cache_dir,
-        data=_data_config(data_dir, dataset, data_root, image_dir),
+        data=_data_config(data_dir, dataset, data_root, image_dir, columns),
         text_encoder=text_encoder,
         experiments=list(experiments),
         seeds=seeds,

@@ -232,6 +232,48 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+def refuse_inputs_as_output(out, flag: str, files=(), folders=()) -> None:
+    """Refuse an output path that would overwrite one of the same command's inputs (issue 10 A8).
+
+    Args:
+        out: the path the command is about to write.
+        flag: how the user gave it ("--out", "--png"), for the message.
+        files: (what, path) pairs of input files: `out` may not be the same file, however it is spelled
+            (relative, through `..` or a symlink, or a hard link: compared with `os.path.samefile`).
+        folders: (what, path) pairs of input folders (a run folder): `out` may not be the folder itself
+            nor a file or folder that already exists inside it; a new file there is fine.
+    Raises:
+        ValueError naming the flag, the output and the input it would overwrite.
+    """
+    out = Path(out)
+    target = out.expanduser().resolve()
+    for what, path in files:
+        path = Path(path)
+        if _same_path(out, path):
+            raise ValueError(
+                f"{flag} {out} is {what} {path}: writing it would overwrite an input of this command; "
+                "choose another path"
+            )
+    for what, path in folders:
+        path = Path(path)
+        folder = path.expanduser().resolve()
+        if target == folder or (target.is_relative_to(folder) and os.path.lexists(target)):
+            raise ValueError(
+                f"{flag} {out} is in {what} {path}, an input of this command, and would replace what is "
+                "there; choose a path outside it (or a new file name)"
+            )
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether a and b name the same file (symlinks and hard links included)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
 # ------------------------------------------------------------------------------- output folders
 
 

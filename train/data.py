@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mner.cache.datasets import Post, Split
+from mner.cache.datasets import Post, Split, tag_line
 from mner.cache.reader import CacheReader
 from mner.cache.shards import Record, TokenSpec, empty_record
 from mner.train.config import ModelConfig, TrainConfig
@@ -107,7 +107,7 @@ class Collate:
         self.with_visual = with_visual
 
     def __call__(self, items: list[dict]) -> dict:
-        words = self._encodable_words(items)
+        words = encodable_words(self.tokenizer, [item["words"] for item in items])
         encoded = self.tokenizer(
             words,
             is_split_into_words=True,
@@ -146,29 +146,53 @@ class Collate:
             batch.update(_collate_visual(items))
         return batch
 
-    def _encodable_words(self, items: list[dict]) -> list[list[str]]:
-        """Words, with those the tokenizer maps to no sub-word at all replaced by its unknown token.
-
-        Such words exist in real data (Twitter-2015 valid has a lone U+00A0 token; zero-width and
-        control characters also vanish) and would otherwise look like words cut by truncation.
-        """
-        flat = [word for item in items for word in item["words"]]
-        pieces = self.tokenizer(flat, add_special_tokens=False)["input_ids"]
-        empty = {word for word, ids in zip(flat, pieces) if not ids}
-        if not empty:
-            return [item["words"] for item in items]
-        unk = self.tokenizer.unk_token
-        assert unk is not None, "tokenizer has no unknown token to stand in for empty words"
-        return [[unk if word in empty else word for word in item["words"]] for item in items]
-
     def _label_ids(self, item: dict) -> list[int]:
-        try:
-            return [self.label_ids[tag] for tag in item["tags"]]
-        except KeyError as err:
-            raise ValueError(
-                f"post {item['key']!r} (line {item['line']}): tag {err.args[0]!r} is not one of the model's "
-                f"labels ({', '.join(self.label_names)})"
-            ) from None
+        for index, tag in enumerate(item["tags"]):
+            if tag not in self.label_ids:
+                # The tag's own line (issue 10 A7); a post built in code has none, so its position.
+                line = tag_line(item["line"], index)
+                where = f"line {line}" if line else f"word {index + 1}"
+                raise ValueError(
+                    f"post {item['key']!r} ({where}): tag {tag!r} is not one of the model's "
+                    f"labels ({', '.join(self.label_names)})"
+                )
+        return [self.label_ids[tag] for tag in item["tags"]]
+
+
+def encodable_words(tokenizer, posts: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Each post's words, with those the tokenizer maps to no sub-word at all replaced by its unknown
+    token.
+
+    Such words exist in real data (Twitter-2015 valid has a lone U+00A0 token; zero-width and
+    control characters also vanish) and would otherwise look like words cut by truncation.
+    """
+    flat = [word for words in posts for word in words]
+    pieces = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    empty = {word for word, ids in zip(flat, pieces) if not ids}
+    if not empty:
+        return [list(words) for words in posts]
+    unk = tokenizer.unk_token
+    assert unk is not None, "tokenizer has no unknown token to stand in for empty words"
+    return [[unk if word in empty else word for word in words] for words in posts]
+
+
+def subword_counts(tokenizer, posts: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Sub-words of each word of each post, as `Collate` encodes them (special tokens aside, nothing
+    truncated): what a post's length against `max_length` is measured in."""
+    words = encodable_words(tokenizer, posts)
+    encoded = tokenizer(words, is_split_into_words=True, add_special_tokens=False, truncation=False)
+    counts = []
+    for b, post in enumerate(words):
+        per_word = [0] * len(post)
+        for word in encoded.word_ids(b):
+            per_word[word] += 1
+        counts.append(per_word)
+    return counts
+
+
+def subword_budget(tokenizer, max_length: int) -> int:
+    """Sub-words of the post itself that fit in `max_length` beside the special tokens ([CLS], [SEP])."""
+    return max_length - tokenizer.num_special_tokens_to_add(pair=False)
 
 
 def _collate_visual(items: list[dict]) -> dict:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from mner.cache.datasets import resolve_data
 from mner.runtime import resolve_runtime
-from mner.train.decode import decode_and_score
+from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.runs import (
     EVAL_DIR,
@@ -43,7 +43,14 @@ log = logging.getLogger(__name__)
 PERCENT = 100.0
 
 
-def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None, amp: str | None = None) -> dict:
+def evaluate_run(
+    run_dir,
+    split: str = "test",
+    cache_dir=None,
+    data_dir=None,
+    amp: str | None = None,
+    long_posts: str = "truncate",
+) -> dict:
     """Score a run's best model on one split; writes eval/<split>-<UTC time>/results.json and pred.conll.
 
     Args:
@@ -54,6 +61,9 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None, am
         data_dir: data folder (default: the run's, as resolved when it was trained).
         amp: autocast mode on a GPU (auto | off | fp16 | bf16); None: the precision the run was
             trained in (runs.inference_amp).
+        long_posts: "truncate" (words past the encoder's limit are predicted O) or "window" (overlapping
+            windows tag them; train/decode.py). The eval results.json records it and the count under
+            "long_posts" (`decode.long_post_summary`).
     Returns:
         `entity_scores` dict: {"micro": {"precision", "recall", "f1", "support"}, "per_type": {...}}.
     Raises:
@@ -72,7 +82,10 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None, am
         )
         check_fingerprint(reader, record, run_dir)
     # Default: the folder the run resolved (absolute), so evaluation works from any working directory.
-    source = resolve_data(data_dir=data_dir if data_dir is not None else record["data_source"]["data_dir"])
+    source = resolve_data(
+        data_dir=data_dir if data_dir is not None else record["data_source"]["data_dir"],
+        columns=cfg.data.columns,
+    )
     if not source.split_path(split).is_file():
         raise ValueError(
             f"{source.split_path(split)}: there is no {split} split to evaluate in {source.data_dir}"
@@ -82,12 +95,15 @@ def evaluate_run(run_dir, split: str = "test", cache_dir=None, data_dir=None, am
         check_cache_keys([data], reader)
     runtime = resolve_runtime("auto", inference_amp(record, amp))
     model, tokenizer = load_run_model(run_dir, record, runtime)
+    cut = truncated_per_post(data, tokenizer, record["label_names"], cfg.model.max_length)
+    long = long_post_summary(cut, cfg.model.max_length, long_posts)
+    log_long_posts(split, long)
     predictions, scores = decode_and_score(
-        model, data, reader, tokenizer, record["label_names"], cfg, runtime
+        model, data, reader, tokenizer, record["label_names"], cfg, runtime, long_posts
     )
     out = _eval_folder(run_dir, split)
     write_conll(out / "pred.conll", data.posts, predictions)
-    write_json(out / "results.json", scores)
+    write_json(out / "results.json", {**scores, "long_posts": long})
     log.info("evaluation of %s on %s written to %s", run_dir, split, out)
     return scores
 

@@ -10,7 +10,16 @@ Outputs:
                          IMGID:/IMAGE: line, then `token<TAB>pred` lines, a blank line after each post
                          (readable again with cache.datasets.read_split)
     out_file + ".json"   JSON lines, one per post: {"key", "words", "spans": [{"text", "type", "start",
-                         "end"}]}, word offsets with `end` exclusive
+                         "end"}], "image", "image_error", "words_past_limit", "long_posts"}, word offsets
+                         with `end` exclusive; "image" is the post's image status as extracted ("ok",
+                         "missing", "corrupt"; null for a text-only run, which reads no image) and
+                         "image_error" why it is not ok ("" when it is); "words_past_limit" counts the
+                         post's words past the encoder's max_length sub-words and "long_posts" says how
+                         they were tagged ("truncate": predicted O; "window": by overlapping windows)
+
+The log names the posts whose image is missing or corrupt (the first `NAMED_IMAGES`, then how many
+more), and counts the words past the encoder's limit. Neither output may be an input of the command
+(the input file, the posts' images, the run folder's files): that is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -22,10 +31,16 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from mner.cache.datasets import DataConfig, Split, read_split, write_split
+from mner.cache.datasets import DataConfig, DataSource, Split, read_split, write_split
 from mner.cache.reader import CacheReader
-from mner.runtime import resolve_runtime
-from mner.train.decode import decode_split
+from mner.runtime import refuse_inputs_as_output, resolve_runtime
+from mner.train.decode import (
+    LONG_POSTS,
+    decode_split,
+    log_long_posts,
+    long_post_summary,
+    truncated_per_post,
+)
 from mner.train.metrics import entities
 from mner.train.runs import cache_differences, inference_amp, load_run_model, read_record, run_config
 
@@ -35,9 +50,13 @@ log = logging.getLogger(__name__)
 _PREDICT_SPLIT = "predict"
 # Fingerprint parts that describe which images a cache holds, not how their tokens were made.
 _DATA_PARTS = ("keys_sha256", "num_images")
+# Posts with a missing or corrupt image named in the log; the rest are counted.
+NAMED_IMAGES = 10
 
 
-def predict(run_dir, input_file, image_dir, out_file, amp: str | None = None) -> Path:
+def predict(
+    run_dir, input_file, image_dir, out_file, amp: str | None = None, long_posts: str = "truncate"
+) -> Path:
     """Tag the posts of `input_file` and write CoNLL + JSON-lines spans.
 
     Args:
@@ -47,44 +66,102 @@ def predict(run_dir, input_file, image_dir, out_file, amp: str | None = None) ->
             needed by multimodal runs only. For the image-path format it defaults to the input's folder.
         out_file: CoNLL output; the JSON lines go to `out_file + ".json"`.
         amp: autocast mode on a GPU; None: the precision the run trained in (runs.inference_amp).
+        long_posts: "truncate" or "window": how words past the encoder's limit are tagged
+            (train/decode.py).
     Returns:
         out_file as a Path.
     Raises:
-        ValueError when a multimodal run gets no image_dir or one that does not exist, a weight file
+        ValueError when out_file or its .json is an input (the input file, a post's image, a file of
+        the run folder), a multimodal run gets no image_dir or one that does not exist, a weight file
         recorded in the run is missing here, or the extractor here differs from the run's (weights,
         settings, versions).
     Runs on a GPU when there is one, else on the CPU, whatever the run was trained on.
     """
+    if long_posts not in LONG_POSTS:
+        raise ValueError(f"long_posts {long_posts!r}: expected one of {', '.join(LONG_POSTS)}")
     run_dir, out_file = Path(run_dir), Path(out_file)
     record = read_record(run_dir)
     cfg = run_config(record)
     fmt = record["data_source"]["fmt"]
-    split = read_split(input_file, fmt=fmt, require_tags=False)
+    split = read_split(input_file, fmt=fmt, require_tags=False, columns=cfg.data.columns)
+    # Gold tags, if the input has any, are not predict's business: a type the run never saw is no error.
+    split = dataclasses.replace(
+        split, posts=[dataclasses.replace(p, tags=("O",) * len(p.words)) for p in split.posts]
+    )
     if not cfg.model.text_only:
         # Checked before the model loads: without the images every post would be tagged image-masked.
         image_dir = _image_dir(run_dir, split, image_dir)
+    _refuse_inputs_as_output(out_file, split, None if cfg.model.text_only else image_dir, run_dir)
     runtime = resolve_runtime("auto", inference_amp(record, amp))
     model, tokenizer = load_run_model(run_dir, record, runtime)
+    labels = record["label_names"]
+    cut = truncated_per_post(split, tokenizer, labels, cfg.model.max_length)
+    log_long_posts(str(split.path), long_post_summary(cut, cfg.model.max_length, long_posts))
+    statuses = {post.key: (None, "") for post in split.posts}
     with tempfile.TemporaryDirectory(prefix="mner-predict-") as tmp:
         reader = None
         if not cfg.model.text_only:
             reader = _extract(record, run_dir, split, image_dir, Path(tmp))
-        predictions = decode_split(model, split, reader, tokenizer, record["label_names"], cfg, runtime)
+            statuses = _image_statuses(reader, split)
+        predictions = decode_split(model, split, reader, tokenizer, labels, cfg, runtime, long_posts)
         if reader is not None:
             reader.close()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     _write_tagged(out_file, split, predictions)
     with open(Path(f"{out_file}.json"), "w", encoding="utf-8") as f:
-        for post, tags in zip(split.posts, predictions):
+        for post, tags, past_limit in zip(split.posts, predictions, cut):
             spans = [
                 {"text": " ".join(post.words[start:end]), "type": kind, "start": start, "end": end}
                 for kind, start, end in sorted(entities(tags), key=lambda span: span[1])
             ]
-            f.write(
-                json.dumps({"key": post.key, "words": list(post.words), "spans": spans}, ensure_ascii=False)
-                + "\n"
-            )
+            status, error = statuses[post.key]
+            line = {
+                "key": post.key,
+                "words": list(post.words),
+                "spans": spans,
+                "image": status,
+                "image_error": error,
+                "words_past_limit": past_limit,
+                "long_posts": long_posts,
+            }
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return out_file
+
+
+def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | None, run_dir: Path) -> None:
+    """Neither output (the CoNLL file, its .json) may overwrite the input file, an image of a post or
+    a file of the run folder (issue 10 A8)."""
+    files = [("the --input file", split.path)]
+    if image_dir is not None:
+        files.append(("--image-dir", image_dir))
+        source = DataSource(name="predict", data_dir=split.path.parent, image_dir=image_dir, fmt=split.fmt)
+        for post in split.posts:
+            try:
+                files.append((f"the image of post {post.key!r}", source.image_path(post.key)))
+            except ValueError:
+                pass  # a key that escapes the image folder: extraction records it with the reason
+    for out in (out_file, Path(f"{out_file}.json")):
+        refuse_inputs_as_output(out, "--out", files=files, folders=[("the run folder", run_dir)])
+
+
+def _image_statuses(reader: CacheReader, split: Split) -> dict[str, tuple[str, str]]:
+    """key -> (status, why it is not ok) of each post's image; logs the posts whose image is not ok."""
+    statuses = {}
+    for post in split.posts:
+        status = reader.status(post.key)
+        statuses[post.key] = (status, "" if status == "ok" else reader.get(post.key).error)
+    bad = [(key, status, error) for key, (status, error) in statuses.items() if status != "ok"]
+    if bad:
+        named = "; ".join(f"{key} ({status}: {error})" for key, status, error in bad[:NAMED_IMAGES])
+        more = f"; and {len(bad) - NAMED_IMAGES} more" if len(bad) > NAMED_IMAGES else ""
+        log.warning(
+            "%d of %d posts have no usable image (tagged from their text alone): %s%s",
+            len(bad),
+            len(split.posts),
+            named,
+            more,
+        )
+    return statuses
 
 
 def _write_tagged(path: Path, split: Split, predictions: list[list[str]]) -> None:

@@ -313,10 +313,10 @@ def check_tags(splits: dict[str, Split], labels: list[str]) -> None:
         if name == "train":
             continue
         for post in split.posts:
-            for tag in post.tags:
+            for index, tag in enumerate(post.tags):
                 if tag not in known:
                     raise ValueError(
-                        f"{split.path}:{post.line}: tag {tag!r} does not occur in {train_file}; "
+                        f"{split.path}:{post.tag_line(index)}: tag {tag!r} does not occur in {train_file}; "
                         "the label set comes from the training file"
                     )
 

@@ -82,9 +82,87 @@ def test_whitespace_token_is_kept(tmp_path):
     assert split.posts[0].words == ("\u00a0", "Paris")
 
 
-def test_space_separated_and_extra_columns(tmp_path):
-    split = read_split(write(tmp_path, "t.txt", "IMGID:1\nParis B-LOC\nrocks NN B-NP O\n"))
-    assert split.posts[0].tags == ("B-LOC", "O")
+def test_one_space_between_token_and_tag_is_read(tmp_path):
+    split = read_split(write(tmp_path, "t.txt", "IMGID:1\nParis B-LOC\nrocks  O\n"))
+    assert split.posts[0].words == ("Paris", "rocks") and split.posts[0].tags == ("B-LOC", "O")
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        # issue 10 A7: the middle field was dropped ("Street" lost) without a word
+        ("Camden Street B-OTHER", r"t\.txt:3: 3 space-separated fields and no tab"),
+        # the last of 3+ tab columns was taken as the tag, turning B-OTHER into O
+        ("Camden\tB-OTHER\tO", r"t\.txt:3: 3 tab-separated columns"),
+        ("rocks\tNN\tB-NP\tO", r"t\.txt:3: 4 tab-separated columns"),
+    ],
+)
+def test_lines_with_more_than_token_and_tag_are_errors(tmp_path, line, match):
+    path = write(tmp_path, "t.txt", f"IMGID:1\nok\tO\n{line}\n")
+    with pytest.raises(DatasetError, match=match + r".*--columns WORD,TAG") as info:
+        read_split(path)
+    assert "e.g. --columns 0,3 for CoNLL-2003" in str(info.value)
+    # predict input (tags optional) is held to the same rule
+    with pytest.raises(DatasetError, match=match):
+        read_split(path, require_tags=False)
+
+
+def test_columns_pick_the_word_and_the_tag(tmp_path):
+    conll2003 = "IMGID:1\nEU\tNNP\tB-NP\tB-ORG\nrejects VBZ B-VP O\nGerman\tJJ\tB-NP\tB-MISC\n"
+    split = read_split(write(tmp_path, "t.txt", conll2003), columns=(0, 3))
+    assert split.posts[0].words == ("EU", "rejects", "German")
+    assert split.posts[0].tags == ("B-ORG", "O", "B-MISC")
+    # the tag may come first
+    split = read_split(write(tmp_path, "u.txt", "IMGID:1\nB-LOC\tParis\n"), columns=(1, 0))
+    assert split.posts[0].words == ("Paris",) and split.posts[0].tags == ("B-LOC",)
+    # a line with fewer columns than named is an error, naming its line
+    path = write(tmp_path, "v.txt", "IMGID:1\nEU\tNNP\tB-NP\tB-ORG\nrejects\tVBZ\n")
+    with pytest.raises(DatasetError, match=r"v\.txt:3: 2 columns, but columns 0,3 need at least 4"):
+        read_split(path, columns=(0, 3))
+    # predict input: a bare token still reads as a token without a tag
+    split = read_split(write(tmp_path, "w.txt", "IMGID:1\nEU\n"), columns=(0, 3), require_tags=False)
+    assert split.posts[0].tags == ("O",)
+
+
+def test_columns_reach_the_reader_through_data_config(tmp_path):
+    text = "IMGID:1\nEU\tNNP\tB-ORG\nrejects\tVBZ\tO\n"
+    folder = make_data_dir(tmp_path, text=text)
+    with pytest.raises(DatasetError, match=r"3 tab-separated columns"):
+        DataConfig(data_dir=str(folder)).resolve().read("train")
+    for columns in ("0,2", [0, 2], (0, 2)):
+        data = DataConfig(data_dir=str(folder), columns=columns)
+        assert data.columns == (0, 2) and data.to_dict()["columns"] == (0, 2)
+        assert DataConfig.from_dict(data.to_dict()) == data
+        assert data.resolve().read("train").posts[0].tags == ("B-ORG", "O")
+    assert resolve_data(data_dir=folder, columns="0,2").read("valid").posts[0].words == ("EU", "rejects")
+    assert DataConfig.from_dict({"data_dir": "x"}).columns is None  # records written before the option
+
+
+@pytest.mark.parametrize("columns", ["0", "0,3,4", "a,b", "-1,2", "1,1", [0], 7])
+def test_bad_columns_are_refused(columns):
+    with pytest.raises(ValueError, match=r"columns .*: expected WORD,TAG: two different column numbers"):
+        DataConfig(data_dir="x", columns=columns)
+
+
+def test_types_that_differ_only_by_case_are_an_error_naming_both(tmp_path):
+    path = write(tmp_path, "t.txt", "IMGID:1\nAnn\tB-PER\nsaw\tO\n\nIMGID:2\nBob\tB-per\nran\tO\n")
+    with pytest.raises(
+        DatasetError,
+        match=r"t\.txt:6: tag type 'per' differs only by case from 'PER' \(first at line 2\)",
+    ):
+        read_split(path)
+    # the same type in I- position counts too
+    path = write(tmp_path, "u.txt", "IMGID:1\nNew\tB-LOC\nYork\tI-Loc\n")
+    with pytest.raises(DatasetError, match=r"u\.txt:3: tag type 'Loc' differs only by case from 'LOC'"):
+        read_split(path)
+
+
+def test_tag_line_is_the_line_of_the_token(tmp_path):
+    split = read_split(write(tmp_path, "t.txt", TWO_POSTS))
+    lines = write(tmp_path, "t.txt", TWO_POSTS).read_text().split("\n")
+    for post in split.posts:
+        for i, word in enumerate(post.words):
+            assert lines[post.tag_line(i) - 1].split("\t")[0] == word
 
 
 def test_any_type_names(tmp_path):
@@ -430,6 +508,24 @@ def test_resolve_data_reports_a_broken_dataset_config(tmp_path, monkeypatch):
         resolve_data(dataset="badfmt", data_root=tmp_path)
 
 
+def test_a_dataset_config_may_name_its_columns(tmp_path, monkeypatch):
+    (tmp_path / "datasets").mkdir()
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    (tmp_path / "datasets" / "four.toml").write_text(
+        'format = "imgid"\nsubdir = "four"\nimage_dir = "images"\ncolumns = [0, 3]\n'
+    )
+    write(tmp_path / "four", "train.txt", "IMGID:1\nEU\tNNP\tB-NP\tB-ORG\n")
+    source = resolve_data(dataset="four", data_root=tmp_path)
+    assert source.columns == (0, 3) and source.read("train").posts[0].tags == ("B-ORG",)
+    # the command line's columns win over the config's
+    assert resolve_data(dataset="four", data_root=tmp_path, columns="0,2").columns == (0, 2)
+    (tmp_path / "datasets" / "bad.toml").write_text(
+        'format = "imgid"\nsubdir = "four"\nimage_dir = "images"\ncolumns = [3, 3]\n'
+    )
+    with pytest.raises(ValueError, match=r"bad\.toml: columns \[3, 3\]: expected WORD,TAG"):
+        resolve_data(dataset="bad", data_root=tmp_path)
+
+
 # ---------------------------------------------------------------- DataConfig
 
 
@@ -444,7 +540,9 @@ def test_data_config_resolves_as_resolve_data(tmp_path):
 def test_data_config_keeps_paths_as_given_until_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = DataConfig(data_dir=Path("data"), image_dir="~/imgs")
-    assert cfg.to_dict() == {"data_dir": "data", "dataset": None, "data_root": None, "image_dir": "~/imgs"}
+    assert cfg.to_dict() == {
+        "data_dir": "data", "dataset": None, "data_root": None, "image_dir": "~/imgs", "columns": None
+    }  # fmt: skip
     assert list(cfg.to_dict()) == list(DATA_FIELDS)
     absolute = cfg.absolute()
     assert absolute.data_dir == str(tmp_path / "data")

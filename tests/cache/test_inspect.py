@@ -1,6 +1,8 @@
 """cache/inspect.py: summary numbers against brute force from the records; show_record and its PNG."""
 
+import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +121,17 @@ def test_show_record_errors(cache_dir, records, tmp_path):
         show_record(cache_dir, "nope")
     with pytest.raises(ValueError, match="is not a feature cache"):
         inspect_cache(tmp_path / "nowhere")
+
+
+def test_show_record_refuses_a_png_that_is_one_of_its_inputs(cache_dir, records, tmp_path):
+    """issue 10 A8: --png over the image drawn on (or a file of the cache) would destroy an input."""
+    record = next(r for r in records if r.status == "ok")
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (record.width, record.height), (10, 200, 10)).save(photo)
+    before = photo.read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"--png {photo} is the image drawn on {photo}")):
+        show_record(cache_dir, record.key, png=photo, image_path=photo)
+    assert photo.read_bytes() == before
+    manifest = Path(cache_dir) / "manifest.json"
+    with pytest.raises(ValueError, match=re.escape(f"--png {manifest} is in the cache {cache_dir}")):
+        show_record(cache_dir, record.key, png=manifest)

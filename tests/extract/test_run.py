@@ -331,7 +331,7 @@ def test_config_dict_keeps_the_manifest_layout():
     cfg = ExtractConfig(data=DataConfig(dataset="twitter2015", data_root="r"), out="o", topk=5)
     record = cfg.to_dict()
     # The data fields sit flat at the top of the manifest's config, as every cache so far records them.
-    assert list(record)[:6] == ["data_dir", "dataset", "data_root", "image_dir", "out", "clip"]
+    assert list(record)[:7] == ["data_dir", "dataset", "data_root", "image_dir", "columns", "out", "clip"]
     assert (record["dataset"], record["data_root"]) == ("twitter2015", str(Path("r").absolute()))
     assert ExtractConfig.from_dict(json.loads(json.dumps(record))) == cfg
     with pytest.raises(

@@ -37,6 +37,7 @@ from mner.extract.config import DETECTORS, REGION_FEATURES, ExtractConfig
 from mner.runtime import AMP_MODES
 from mner.train.ablate import ABLATIONS, AblationConfig
 from mner.train.config import ModelConfig, RunConfig, load_run_config
+from mner.train.decode import LONG_POSTS
 from mner.train.evaluate import evaluate_run, results_table
 from mner.train.predict import predict
 from mner.train.text import PRESETS
@@ -153,8 +154,8 @@ FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
 CHOICES = {
     ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
-    ("evaluate",): {"amp": AMP_MODES},
-    ("predict",): {"amp": AMP_MODES},
+    ("evaluate",): {"amp": AMP_MODES, "long_posts": LONG_POSTS},
+    ("predict",): {"amp": AMP_MODES, "long_posts": LONG_POSTS},
 }
 # Free-text options (the stage gives the error message) whose help must list a registry, in order.
 LISTED = {
@@ -487,6 +488,25 @@ def test_missing_data_folder(tmp_path):
     line = user_error("extract-features", "--data-dir", missing, "--out", tmp_path / "cache")
     assert line == f"Error: data folder {missing} does not exist"
     assert not (tmp_path / "cache").exists()
+
+
+def test_columns_option_reads_files_with_more_columns_and_is_recorded(tmp_path):
+    """issue 10 A7: extra columns are an error naming the file and line, unless --columns picks them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.txt").write_text("IMGID:1\nEU\tNNP\tB-ORG\nrejects\tVBZ\tO\n", encoding="utf-8")
+    args = ["extract-features", "--data-dir", data, "--num-workers", "0", "--out", tmp_path / "cache"]
+    line = user_error(*args)
+    assert line.startswith(
+        f"Error: {data / 'train.txt'}:2: 3 tab-separated columns; expected 'token<TAB>tag'"
+    )
+    assert not (tmp_path / "cache").exists()
+    line = user_error(*args, "--columns", "2,2")
+    assert line.startswith("Error: columns '2,2': expected WORD,TAG: two different column numbers")
+    ok(*args, "--columns", "0,2")
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["config"]["columns"] == [0, 2]
 
 
 def test_inspect_refuses_a_folder_that_is_not_a_cache(tmp_path):

@@ -290,3 +290,47 @@ def test_a_kill_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(path, "new text that never lands\n")
     assert path.read_text() == "complete old text\n"
+
+
+# ------------------------------------------------------------------- outputs that are inputs (A8)
+
+
+def test_an_output_that_is_an_input_file_is_refused_however_it_is_named(tmp_path, monkeypatch):
+    from mner.runtime import refuse_inputs_as_output
+
+    gold = tmp_path / "data" / "gold.txt"
+    gold.parent.mkdir()
+    gold.write_text("IMGID:1\nParis\tB-LOC\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(gold)
+    hard = tmp_path / "hard.txt"
+    os.link(gold, hard)
+    monkeypatch.chdir(tmp_path)
+    inputs = [("the --input file", gold)]
+    for out in (gold, link, hard, "data/gold.txt", "data/../data/gold.txt", "link.txt"):
+        with pytest.raises(
+            ValueError,
+            match=f"^--out {re.escape(str(out))} is the --input file {re.escape(str(gold))}: writing it "
+            "would overwrite an input of this command; choose another path$",
+        ):
+            refuse_inputs_as_output(out, "--out", files=inputs)
+    refuse_inputs_as_output(tmp_path / "data" / "new.txt", "--out", files=inputs)  # beside it is fine
+    refuse_inputs_as_output(
+        tmp_path / "not-yet" / "x.txt", "--out", files=[("the --input file", tmp_path / "gone")]
+    )
+
+
+def test_an_output_inside_an_input_folder_is_refused_where_it_would_replace_a_file(tmp_path):
+    from mner.runtime import refuse_inputs_as_output
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoint" / "state.pt").write_text("x")
+    folders = [("the run folder", run)]
+    for out in (run / "config.json", run / "checkpoint" / "state.pt", run, run / "checkpoint"):
+        with pytest.raises(
+            ValueError, match=rf"^--out {re.escape(str(out))} is in the run folder {re.escape(str(run))}"
+        ):
+            refuse_inputs_as_output(out, "--out", folders=folders)
+    refuse_inputs_as_output(run / "new.pred.conll", "--out", folders=folders)  # a new file there is fine

@@ -263,6 +263,8 @@ def test_a_run_recorded_before_data_config_still_reads():
     old["data"] = {"data_dir": "/d"}
     run = RunConfig.from_dict(old, source="config.json")
     assert run.data == DataConfig(data_dir="/d")
-    assert run.to_dict()["data"] == {"data_dir": "/d", "dataset": None, "data_root": None, "image_dir": None}
+    assert run.to_dict()["data"] == {
+        "data_dir": "/d", "dataset": None, "data_root": None, "image_dir": None, "columns": None
+    }  # fmt: skip
     with pytest.raises(ValueError, match=re.escape("data must be a DataConfig, got {'data_dir': '/d'}")):
         RunConfig(ModelConfig(), TrainConfig(), "/c", {"data_dir": "/d"}, "out")

@@ -121,11 +121,16 @@ def test_words_without_sub_words_become_unknown_not_truncated():
     assert [i == unk for i in ids] == [False, True, True, False, True]
 
 
-def test_unknown_tag_names_the_post():
-    posts = [Post(key="1015799", words=("a",), tags=("B-MISC",), line=42)]
+def test_unknown_tag_names_the_post_and_the_tag_line():
+    # issue 10 A7: the line is the tag's own (header at 42, "a" at 43, "b" at 44), not the header's.
+    posts = [Post(key="1015799", words=("a", "b"), tags=("O", "B-MISC"), line=42)]
     with pytest.raises(
-        ValueError, match=r"post '1015799' \(line 42\): tag 'B-MISC' is not one of the model's labels"
+        ValueError, match=r"post '1015799' \(line 44\): tag 'B-MISC' is not one of the model's labels"
     ):
+        make_batch(posts, with_visual=False)
+    # a post not read from a file has no line: the word is named by its position
+    posts = [Post(key="k", words=("a", "b"), tags=("O", "B-MISC"), line=0)]
+    with pytest.raises(ValueError, match=r"post 'k' \(word 2\): tag 'B-MISC' is not one of"):
         make_batch(posts, with_visual=False)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 
 import pytest
 
-from mner.cache.datasets import read_split
+from mner.cache.datasets import Post, read_split
 from mner.cache.reader import CacheReader
 from mner.train.evaluate import evaluate_run, results_table
 from mner.train.loop import train_from_cache
@@ -50,7 +51,9 @@ def test_evaluate_reproduces_the_runs_test_scores(runs, kind):
     scores = evaluate_run(run_dir, split="test")
     assert scores == trained["test"]
     (evaluated,) = _evaluations(run_dir, "test")
-    assert json.loads((evaluated / "results.json").read_text()) == trained["test"]
+    recorded = json.loads((evaluated / "results.json").read_text())
+    assert recorded.pop("long_posts") == {"mode": "truncate", "max_length": 32, "posts": 0, "words": 0}
+    assert recorded == trained["test"]
     assert (evaluated / "pred.conll").read_text() == predictions
 
 
@@ -89,6 +92,33 @@ def test_evaluate_reads_another_data_folder(runs, tmp_path):
     shutil.copy(runs["data"] / "valid.txt", other / "test.txt")
     scores = evaluate_run(runs["mm"], split="test", data_dir=other)
     assert scores == json.loads((runs["mm"] / "results.json").read_text())["valid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["truncate", "window"])
+def test_evaluate_counts_and_records_long_posts(runs, tmp_path, caplog, mode):
+    """issue 10 A6: words past the encoder's limit are counted, logged and recorded, in either mode."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["text"], run_dir)
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)  # other tests evaluate the shared run
+    other = tmp_path / "other"
+    other.mkdir()
+    words = ("paris", "the", "game", "obama") * 12  # 48 one-piece words: 18 past 30 sub-words
+    long = Post("long", words, tuple("B-LOC" if w == "paris" else "O" for w in words), 1)
+    write_split(other / "test.txt", [long, *make_posts_learnable(3, "te")])
+    with caplog.at_level(logging.INFO, logger="mner.train.decode"):
+        evaluate_run(run_dir, split="test", data_dir=other, long_posts=mode)
+    (evaluated,) = _evaluations(run_dir, "test")
+    recorded = json.loads((evaluated / "results.json").read_text())["long_posts"]
+    assert recorded == {"mode": mode, "max_length": 32, "posts": 1, "words": 18}
+    how = "tagged by overlapping windows" if mode == "window" else "predicted O, still scored"
+    assert any(
+        m.startswith(f"test: 18 words in 1 posts lie past the encoder's 32 sub-words ({how}")
+        for m in caplog.messages
+    )
+    predicted = [line.split(" ")[2] for line in (evaluated / "pred.conll").read_text().splitlines()[:48]]
+    if mode == "truncate":
+        assert predicted[30:] == ["O"] * 18
 
 
 @pytest.mark.slow

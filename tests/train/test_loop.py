@@ -275,14 +275,15 @@ def test_cache_of_other_data_is_refused_before_training(tmp_path):
 def test_valid_or_test_tag_absent_from_train_is_refused_up_front(tmp_path):
     data_dir, _ = make_data(tmp_path)
     test = read_split(data_dir / "test.txt").posts
-    # The third test post gets an ORG entity; train has LOC and PER only.
+    # The third test post's second word gets an ORG entity; train has LOC and PER only.
     edited = [
-        post if i != 2 else Post(post.key, post.words, ("B-ORG",) + post.tags[1:], 1)
+        post if i != 2 else Post(post.key, post.words, post.tags[:1] + ("B-ORG",) + post.tags[2:], 1)
         for i, post in enumerate(test)
     ]
     write_split(data_dir / "test.txt", edited)
+    # The error names the tag's own line (issue 10 A7), not the post's IMGID line.
     expected = (
-        f"{data_dir / 'test.txt'}:{test[2].line}: tag 'B-ORG' does not occur in train.txt; "
+        f"{data_dir / 'test.txt'}:{test[2].line + 2}: tag 'B-ORG' does not occur in train.txt; "
         "the label set comes from the training file"
     )
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):

@@ -138,3 +138,90 @@ def test_predict_refuses_a_cache_without_extraction_settings(runs, tmp_path):
         match=re.escape(f"run {run_dir} was trained on a cache that records no extraction settings"),
     ):
         predict(run_dir, runs["data"] / "valid.txt", runs["data"] / "images", tmp_path / "out.conll")
+
+
+@pytest.mark.slow
+def test_predict_refuses_an_out_that_is_one_of_its_inputs(runs, tmp_path, monkeypatch):
+    """issue 10 A8: `--out` equal to `--input` overwrote the gold file; any input is refused."""
+    data = tmp_path / "data"
+    shutil.copytree(runs["data"], data)
+    gold = data / "valid.txt"
+    before = gold.read_bytes()
+    (tmp_path / "link.txt").symlink_to(gold)
+    monkeypatch.chdir(tmp_path)
+    images = data / "images"
+    companion = data / "posts"  # its .json output would be the input data/posts.json
+    shutil.copy(gold, data / "posts.json")
+    cases = [
+        (runs["text"], gold, None, gold, f"--out {gold} is the --input file {gold}"),
+        (runs["text"], gold, None, "link.txt", f"--out link.txt is the --input file {gold}"),
+        (
+            runs["text"],
+            "data/valid.txt",
+            None,
+            "data/../data/valid.txt",
+            "is the --input file data/valid.txt",
+        ),
+        (runs["text"], data / "posts.json", None, companion, f"--out {companion}.json is the --input file"),
+        (runs["mm"], gold, images, images / "va0.jpg", f"is the image of post 'va0' {images / 'va0.jpg'}"),
+        (runs["mm"], gold, images, images, f"--out {images} is --image-dir {images}"),
+        (runs["text"], gold, None, runs["text"] / "config.json", f"is in the run folder {runs['text']}"),
+    ]
+    for run_dir, source, image_dir, out, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            predict(run_dir, source, image_dir, out)
+    assert gold.read_bytes() == before
+    assert (images / "va0.jpg").read_bytes()[:2] == b"\xff\xd8"
+
+
+@pytest.mark.slow
+def test_predict_json_gives_each_posts_image_status_and_the_log_names_the_bad_ones(
+    runs, tmp_path, caplog, monkeypatch
+):
+    """issue 10 C7."""
+    images = tmp_path / "images"
+    shutil.copytree(runs["data"] / "images", images)
+    (images / "va0.jpg").unlink()
+    (images / "va1.jpg").write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.INFO, logger="mner.train.predict"):
+        out = predict(runs["mm"], runs["data"] / "valid.txt", images, tmp_path / "out.conll")
+    records = {r["key"]: r for r in map(json.loads, Path(f"{out}.json").read_text().splitlines())}
+    assert {key: r["image"] for key, r in records.items()} == {
+        "va0": "missing", "va1": "corrupt", "va2": "ok", "va3": "ok"
+    }  # fmt: skip
+    assert records["va2"]["image_error"] == "" and records["va0"]["image_error"]
+    named = (
+        f"2 of 4 posts have no usable image (tagged from their text alone): "
+        f"va0 (missing: {records['va0']['image_error']}); va1 (corrupt: {records['va1']['image_error']})"
+    )
+    assert named in caplog.messages
+    # past the limit, the rest are counted
+    monkeypatch.setattr("mner.train.predict.NAMED_IMAGES", 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mner.train.predict"):
+        predict(runs["mm"], runs["data"] / "valid.txt", images, tmp_path / "out.conll")
+    assert any(
+        m.endswith(f"va0 (missing: {records['va0']['image_error']}); and 1 more") for m in caplog.messages
+    )
+    # a text-only run reads no image
+    out = predict(runs["text"], runs["data"] / "valid.txt", None, tmp_path / "text.conll")
+    assert {r["image"] for r in map(json.loads, Path(f"{out}.json").read_text().splitlines())} == {None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["truncate", "window"])
+def test_predict_counts_words_past_the_limit_and_can_tag_them_by_windows(runs, tmp_path, caplog, mode):
+    """issue 10 A6: predict tagged long posts' tails O without a word; now counted, and optionally tagged."""
+    words = ["paris", "the", "game", "obama"] * 12  # 48 one-piece words, 30 fit in 32 sub-words
+    (tmp_path / "new.txt").write_text("IMGID:long\n" + "\n".join(words) + "\n\nIMGID:short\nparis\n")
+    with caplog.at_level(logging.INFO, logger="mner.train.decode"):
+        out = predict(runs["text"], tmp_path / "new.txt", None, tmp_path / "new.conll", long_posts=mode)
+    records = [json.loads(line) for line in Path(f"{out}.json").read_text().splitlines()]
+    assert [(r["words_past_limit"], r["long_posts"]) for r in records] == [(18, mode), (0, mode)]
+    assert any("18 words in 1 posts lie past the encoder's 32 sub-words" in m for m in caplog.messages)
+    tags = list(read_split(out).posts[0].tags)
+    if mode == "truncate":
+        assert tags[30:] == ["O"] * 18
+    else:
+        # the words past the limit are tagged by the model (its windows), not left O
+        assert any(tag != "O" for tag in tags[30:])
