@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mner.cache.checksums import ChecksumMemo, file_stat
 from mner.cache.shards import (
     STATUS_NAMES,
     TOKEN_DATASETS,
@@ -149,6 +150,11 @@ class CacheReader:
         self.spec = TokenSpec.from_dict(manifest["spec"])
         self.in_memory = in_memory
         self._shard_files = [shard["file"] for shard in manifest["shards"]]
+        self._shard_sha256 = [shard["sha256"] for shard in manifest["shards"]]
+        # Each shard's bytes are checked against the manifest before its first use; the memo makes a
+        # later open (another reader, a DataLoader worker) a stat instead of a full read.
+        self._memo = ChecksumMemo(self.cache_dir)
+        self._checked: dict[int, list[int]] = {}  # shard -> the file stat it was checked at
         number = {name: i for i, name in enumerate(self._shard_files)}
         self._shard_keys: list[list[str]] = [[] for _ in self._shard_files]
         self._index: dict[str, tuple[int, int]] = {}
@@ -178,7 +184,22 @@ class CacheReader:
 
     def _load(self, shard: int) -> _Shard:
         path = self.cache_dir / self._shard_files[shard]
+        if path.is_file():
+            self._check_sha256(shard, path)
         return _Shard(path, self.spec, self.fingerprint, self._shard_keys[shard], self.in_memory)
+
+    def _check_sha256(self, shard: int, path: Path) -> None:
+        """Refuse a shard whose bytes are not those manifest.json records (ValueError naming it)."""
+        stat = file_stat(path)
+        if self._checked.get(shard) == stat:
+            return
+        if not self._memo.matches(path, self._shard_sha256[shard]):
+            raise ValueError(
+                f"{path}: sha256 differs from manifest.json (the shard changed or is corrupt); "
+                f"run `mner cache verify {self.cache_dir}` to see what is wrong, then re-run the "
+                "`mner extract-features` command that made the cache to extract that shard again"
+            )
+        self._checked[shard] = stat
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -15,8 +15,10 @@ from mner.cache.shards import read_manifest
 from tests.cache.factories import (
     TINY_SPEC,
     assert_same_record,
+    flip_token_byte,
     make_cache,
     make_records,
+    reseal,
     synthetic_models,
     write_cache,
 )
@@ -52,10 +54,31 @@ def records():
 def test_unreadable_shard_is_a_value_error_naming_it(cache_dir, records):
     shard = cache_dir / "shard-00000.h5"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, e.g. a disk that filled up
+    with pytest.raises(ValueError, match=f"^{shard}: sha256 differs from manifest.json"):
+        CacheReader(cache_dir).get(records[0].key)
+    reseal(cache_dir)  # a truncated file the manifest vouches for is still named, not a bare OSError
     with pytest.raises(
         ValueError, match=f"^{shard}: unreadable shard .*; run `mner cache verify` on its folder"
     ):
         CacheReader(cache_dir).get(records[0].key)
+
+
+def test_a_shard_whose_bytes_differ_from_the_manifest_is_refused(cache_dir, records):
+    shard = cache_dir / "shard-00001.h5"
+    flip_token_byte(shard)
+    refusal = (
+        f"{shard}: sha256 differs from manifest.json (the shard changed or is corrupt); run "
+        f"`mner cache verify {cache_dir}` to see what is wrong, then re-run the `mner extract-features` "
+        "command that made the cache to extract that shard again"
+    )
+    reader = CacheReader(cache_dir)
+    assert_same_record(records[0], reader.get("img000"))  # an intact shard still reads
+    with pytest.raises(ValueError) as refused:
+        reader.get("img005")
+    assert str(refused.value) == refusal
+    with pytest.raises(ValueError) as refused:
+        CacheReader(cache_dir, in_memory=True)
+    assert str(refused.value) == refusal
 
 
 def test_reader_opens_nothing_before_get(cache_dir):
@@ -123,7 +146,7 @@ def test_uncompressed_shards_use_raw_chunk_reads(tmp_path):
             values = f[name][:]
             del f[name]
             f.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), compression="gzip")
-    packed = CacheReader(tmp_path / "gzip")
+    packed = CacheReader(reseal(tmp_path / "gzip"))  # repacking changes the bytes the manifest records
     for key in "abc":
         assert_same_record(plain.get(key), packed.get(key))
     assert all(tokens.raw for tokens in plain._shards[0].tokens.values())
@@ -199,9 +222,10 @@ def test_reader_pickles_without_handles(cache_dir, records, in_memory):
 
 
 def test_shard_problems_at_open(cache_dir):
-    reader = CacheReader(cache_dir)
     with h5py.File(cache_dir / "shard-00001.h5", "r+") as f:
         f.attrs["fingerprint"] = "other"
+    reseal(cache_dir)  # the checks behind the checksum, for a folder whose manifest vouches for it
+    reader = CacheReader(cache_dir)
     with pytest.raises(
         ValueError, match=r"shard-00001.h5: shard fingerprint other differs from the manifest's"
     ):
@@ -211,6 +235,7 @@ def test_shard_problems_at_open(cache_dir):
         reader.get("img010")
     with h5py.File(cache_dir / "shard-00000.h5", "r+") as f:
         f["keys"][0] = b"imgXXX"
+    reseal(cache_dir)
     with pytest.raises(ValueError, match=r"shard-00000.h5: image keys differ from manifest.json"):
         CacheReader(cache_dir, in_memory=True)
 
