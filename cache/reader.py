@@ -6,6 +6,10 @@ and each token tensor is then fetched with one raw chunk read (`read_direct_chun
 chunk, uncompressed), which skips h5py's selection machinery. A shard whose token chunks are
 filtered or laid out otherwise (say, repacked with h5repack) is read by ordinary indexing instead.
 See benchmarks/bench_cache.py for the numbers.
+
+Integrity: before a shard is first used in a process its sha256 is checked against manifest.json
+(cache/checksums.py remembers the result per file stat, so a later open costs a stat), and a shard
+whose bytes differ is refused with a ValueError naming it.
 """
 
 from __future__ import annotations
