@@ -69,9 +69,13 @@ class ChecksumMemo:
         if self._entries is None:
             self._entries = self._load()
         stat = file_stat(path)
-        entry = self._entries.get(path.name)
-        if not fresh and isinstance(entry, dict) and entry.get("stat") == stat:
-            return str(entry.get("sha256"))
+        if not fresh:
+            for reload in (False, True):  # another process may have hashed it since the memo was read
+                if reload:
+                    self._entries = {**self._entries, **self._load()}
+                entry = self._entries.get(path.name)
+                if isinstance(entry, dict) and entry.get("stat") == stat:
+                    return str(entry.get("sha256"))
         digest = file_sha256(path)
         self.hashed += 1
         settled = time.time_ns() - max(stat[1], stat[3]) > _RACY_NS

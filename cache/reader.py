@@ -7,9 +7,10 @@ chunk, uncompressed), which skips h5py's selection machinery. A shard whose toke
 filtered or laid out otherwise (say, repacked with h5repack) is read by ordinary indexing instead.
 See benchmarks/bench_cache.py for the numbers.
 
-Integrity: before a shard is first used in a process its sha256 is checked against manifest.json
-(cache/checksums.py remembers the result per file stat, so a later open costs a stat), and a shard
-whose bytes differ is refused with a ValueError naming it.
+Integrity: every shard's sha256 is checked against manifest.json when a CacheReader is made, and
+again on a later open if the file's stat changed meanwhile (cache/checksums.py remembers results
+per file stat, so a check of an unchanged file costs a stat); a shard whose bytes differ is refused
+with a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ class _DiskTokens:
 class CacheReader:
     """Read records from a cache folder by image key.
 
-    No HDF5 file is opened in __init__: each process (DataLoader workers included) opens the shards
+    __init__ checks each shard's sha256 against the manifest (ValueError naming a shard that differs)
+    but opens no HDF5 file: each process (DataLoader workers included) opens the shards
     it needs on its first get(), and a reader used across os.fork() reopens them in the child.
     in_memory=True loads every shard into RAM once in __init__ (and closes the files).
 
@@ -181,6 +183,11 @@ class CacheReader:
             if image.get("error"):
                 self._errors[key] = image["error"]
         self.keys: list[str] = [image["key"] for image in manifest["images"]]
+        # Checked here, in the process that opens the cache, so a corrupt shard stops a run before its
+        # first step, and DataLoader workers (which receive _checked) pay a stat per shard, not a read.
+        for shard, name in enumerate(self._shard_files):
+            if (self.cache_dir / name).is_file():  # a missing one is named when it is first needed
+                self._check_sha256(shard, self.cache_dir / name)
         self._pid: int | None = None
         self._shards: list[_Shard | None] = [None] * len(self._shard_files)
         if in_memory:

@@ -115,8 +115,8 @@ def extract_features(cfg: ExtractConfig) -> Path:
         spec = token_spec(clip, detector, cfg)
         parts = fingerprint_parts(cfg, models, spec, keys)
         fingerprint = compute_fingerprint(parts)
-        if lock is None:
-            lock = _on_rank0(runtime, lambda: _make_and_lock(out))
+        # Every rank takes part (a collective); rank 0 keeps the lock it may already hold.
+        lock = _on_rank0(runtime, lambda: lock or _make_and_lock(out))
         runtime.barrier()
         damaged = manifest_problem(out) if not cfg.overwrite else ""
         known_errors = check_existing(out, fingerprint, parts, cfg.overwrite)

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 
 import h5py
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import mner.cache.checksums
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
 from tests.cache.factories import (
@@ -64,6 +66,7 @@ def test_unreadable_shard_is_a_value_error_naming_it(cache_dir, records):
 
 
 def test_a_shard_whose_bytes_differ_from_the_manifest_is_refused(cache_dir, records):
+    intact = shutil.copytree(cache_dir, cache_dir.parent / "intact")
     shard = cache_dir / "shard-00001.h5"
     flip_token_byte(shard)
     refusal = (
@@ -71,14 +74,16 @@ def test_a_shard_whose_bytes_differ_from_the_manifest_is_refused(cache_dir, reco
         f"`mner cache verify {cache_dir}` to see what is wrong, then re-run the `mner extract-features` "
         "command that made the cache to extract that shard again"
     )
-    reader = CacheReader(cache_dir)
-    assert_same_record(records[0], reader.get("img000"))  # an intact shard still reads
-    with pytest.raises(ValueError) as refused:
-        reader.get("img005")
-    assert str(refused.value) == refusal
-    with pytest.raises(ValueError) as refused:
-        CacheReader(cache_dir, in_memory=True)
-    assert str(refused.value) == refusal
+    for in_memory in (False, True):  # refused when the cache is opened, before any record is read
+        with pytest.raises(ValueError) as refused:
+            CacheReader(cache_dir, in_memory=in_memory)
+        assert str(refused.value) == refusal
+    # A shard that changes under an open reader is checked again when it is first read.
+    reader = CacheReader(intact)
+    flip_token_byte(intact / "shard-00002.h5")
+    assert_same_record(records[0], reader.get("img000"))
+    with pytest.raises(ValueError, match="shard-00002.h5: sha256 differs from manifest.json"):
+        reader.get("img010")
 
 
 def test_reader_opens_nothing_before_get(cache_dir):
@@ -252,3 +257,19 @@ def test_manifest_problems_at_init(cache_dir):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"manifest.json: image 'img003' names unknown shard shard-00042.h5"):
         CacheReader(cache_dir)
+
+
+def test_repeated_opens_check_the_shards_without_reading_them_again(cache_dir, records, monkeypatch):
+    reads = []
+    real = mner.cache.checksums.file_sha256
+    monkeypatch.setattr(mner.cache.checksums, "file_sha256", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(mner.cache.checksums, "_RACY_NS", -(10**18))  # the shards count as settled
+    CacheReader(cache_dir)
+    assert len(reads) == 3  # the first open reads each shard once
+    reads.clear()
+    reader = CacheReader(cache_dir)
+    copy = pickle.loads(pickle.dumps(reader))  # what a DataLoader worker receives
+    for key in ("img000", "img005", "img010"):
+        assert_same_record(records[int(key[3:])], copy.get(key))
+    CacheReader(cache_dir, in_memory=True)
+    assert reads == []

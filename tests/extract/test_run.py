@@ -222,16 +222,20 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(shared_data, reference_cache
     assert_same_cache(out, reference_cache)
 
 
-# RUNNER with each batch slowed down, so a second extraction surely starts while the first one runs.
-SLOW_RUNNER = """
+# RUNNER that, after its first batch, waits until the file argv[2] exists: the first extraction of
+# the race is surely still running when the second one starts, however loaded the machine.
+HELD_RUNNER = """
 import json, sys, time
+from pathlib import Path
 import mner.extract.run as run
 from mner.extract.config import ExtractConfig
-real = run._encode_batch
-def slow(*args, **kwargs):
-    time.sleep(0.3)
+real, calls = run._encode_batch, []
+def held(*args, **kwargs):
+    calls.append(1)
+    while len(calls) > 1 and not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
     return real(*args, **kwargs)
-run._encode_batch = slow
+run._encode_batch = held
 run.extract_features(ExtractConfig.from_dict(json.loads(sys.argv[1])))
 """
 
@@ -241,21 +245,29 @@ def test_two_extractions_into_one_folder_one_refused(shared_data, reference_cach
     out = tmp_path / "raced"
     cfg = {"data_dir": str(shared_data.data_dir), "out": str(out), **SHARED}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    release = tmp_path / "release"
     first = subprocess.Popen(
-        [sys.executable, "-c", SLOW_RUNNER, json.dumps(cfg)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", HELD_RUNNER, json.dumps(cfg), str(release)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 120
-    while not list(out.glob("shard-*.h5*")):
-        assert first.poll() is None and time.monotonic() < deadline, "the first run wrote no shard"
-        time.sleep(0.01)
-    second = run_subprocess(shared_data.data_dir, out)
-    _, stderr = second.communicate(timeout=300)
-    assert second.returncode == 1 and first.poll() is None, (
-        "the second run did not refuse while the first ran"
-    )
-    assert (
-        f"ValueError: {out} is being written by another `mner extract-features` (pid {first.pid})" in stderr
-    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("shard-*.h5*")):  # its first batch is in the writer: it holds the lock
+            assert first.poll() is None and time.monotonic() < deadline, "the first run wrote no shard"
+            time.sleep(0.01)
+        second = run_subprocess(shared_data.data_dir, out)
+        _, stderr = second.communicate(timeout=300)
+        assert second.returncode == 1 and first.poll() is None, (
+            "the second run did not refuse while the first ran"
+        )
+        assert (
+            f"ValueError: {out} is being written by another `mner extract-features` (pid {first.pid})"
+            in stderr
+        )
+    finally:
+        release.touch()  # never leave the held run waiting
     finish(first)
     assert_same_cache(out, reference_cache)
     assert verify_cache(out).ok
