@@ -283,15 +283,30 @@ def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path
     out = tmp_path / "two"
     cfg = {"data_dir": str(shared_data.data_dir), "out": str(out), **SHARED}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    result = subprocess.run(
-        [*command, str(script), json.dumps(cfg)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def torchrun(timeout=300):
+        return subprocess.run(
+            [*command, str(script), json.dumps(cfg)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    result = torchrun()
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_cache(out, reference_cache)
+    # Into the existing folder: rank 0 locks it at once, and rank 1 re-extracts its damaged shard.
+    flip_token_byte(out / "shard-00001.h5")
+    result = torchrun()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard-00001.h5 has a sha256 other than manifest.json records" in result.stderr
+    assert_same_cache(out, reference_cache)
+    # A locked folder stops every rank with the refusal (none waits at a barrier).
+    with lock_folder(out):
+        result = torchrun(timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count(f"ValueError: {out} is being written by another `mner extract-features`") == 2
 
 
 def test_different_configuration_is_refused_and_overwrite_replaces(image_dataset, tmp_path):
