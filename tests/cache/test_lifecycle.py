@@ -209,8 +209,10 @@ def test_clear_cache_deletes_only_cache_files(tmp_path):
     extracted(out)
     (out / "shard-00005.h5.tmp").write_bytes(b"half")
     (out / "notes.txt").write_text("mine")
-    clear_cache(out)
-    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    (out / "checksums.json").write_text("{}")
+    with lock_folder(out):
+        clear_cache(out)
+    assert sorted(path.name for path in out.iterdir()) == ["extract.lock", "notes.txt"]
 
 
 def planned(out, fingerprint, keys=("a", "b", "c", "d", "e", "f"), stats=None):
@@ -404,3 +406,13 @@ def test_shard_sink_writes_what_shard_writer_writes(tmp_path):
             writer.write(row, record)
         writer.commit()
     assert shard_path(tmp_path / "sink", 0).read_bytes() == shard_path(tmp_path / "direct", 0).read_bytes()
+
+
+def test_shard_sink_never_commits_a_shard_with_a_row_unwritten(tmp_path):
+    # Row 0 twice: as many rows arrived as the shard holds, but row 1 is missing.
+    records = make_records(["a", "b"], statuses={})
+    sink = ShardSink(tmp_path, TINY_SPEC, {0: ["a", "b"]}, {"fingerprint": "f", "config_json": {}})
+    sink.put(0, [(0, records[0]), (0, records[0])])
+    with pytest.raises(ValueError, match=r"1 rows were never written \(first keys: \['b'\]\)"):
+        sink.close()
+    assert list(tmp_path.iterdir()) == []
