@@ -1,24 +1,36 @@
-"""Cache read speed and size: CacheReader vs naive h5py indexing, lazy vs in_memory.
+"""Cache read speed and size: CacheReader vs naive h5py indexing, lazy vs in_memory; and the cost
+of checking shard integrity before use and of an image content hash.
 
-    python benchmarks/bench_cache.py                      # 2000 tiny + 500 B/32-size records
+    python benchmarks/bench_cache.py                      # 60 demo-size, 2000 tiny, 500 B/32-size records
     python benchmarks/bench_cache.py --n-tiny 20000 --n-b32 2000 --workdir /scratch/bench
 
 Every number is measured in this run, in one process, reading full records in a random order.
 The tokens are random normals cast to float16 and regions are zero-padded to K. Shards are
 uncompressed: an earlier version of this benchmark measured gzip at 0.77-0.89x the size but 2.5-9x
 slower lazy reads, missing both read targets (benchmarks/README.md).
+
+Integrity: CacheReader checks each shard's sha256 against the manifest on its first open in a
+process; cache/checksums.py remembers the result per file stat in checksums.json. "open" below is a
+CacheReader constructed and every shard opened (one get() each): the first time, with no memo (every
+shard read in full), with the memo (a stat per shard), and with the check skipped (the plain open the
+ratios divide by). The files were just written, so the hashing reads from the page cache; a cold
+disk reads at its own speed. The image lines price what a re-run pays per image to notice changed
+files: a stat (size + mtime, the default) against a sha256 of the file's bytes (not done).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from mner.cache.checksums import MEMO_NAME, file_sha256
 from mner.cache.reader import CacheReader
 from mner.cache.shards import (
     STATUS_NAMES,
@@ -136,6 +148,84 @@ def reader_reads(cache_dir: Path, order: list[str], in_memory: bool) -> tuple[fl
     return rate, opened
 
 
+def open_every_shard(cache_dir: Path, check: bool = True) -> float:
+    """Seconds to construct a CacheReader and open each shard once (one get() per shard)."""
+    firsts = {}
+    for image in read_manifest(cache_dir)["images"]:
+        firsts.setdefault(image["shard"], image["key"])
+    checker = CacheReader._check_sha256
+    if not check:
+        CacheReader._check_sha256 = lambda self, shard, path: None  # the plain open, for the ratio only
+    try:
+        start = time.perf_counter()
+        reader = CacheReader(cache_dir)
+        for key in firsts.values():
+            reader.get(key)
+        seconds = time.perf_counter() - start
+    finally:
+        CacheReader._check_sha256 = checker
+    reader.close()
+    return seconds
+
+
+def integrity_costs(cache_dir: Path, built_at: float, repeats: int = 5) -> tuple[float, float, float]:
+    """(first open with no memo, open with the memo, plain open without the check), in seconds."""
+    # The memo keeps a hash only for files whose timestamps are 2 s old (cache/checksums.py _RACY_NS).
+    time.sleep(max(0.0, built_at + 2.1 - time.time()))
+    (cache_dir / MEMO_NAME).unlink(missing_ok=True)
+    first = open_every_shard(cache_dir)
+    hit = statistics.median(open_every_shard(cache_dir) for _ in range(repeats))
+    plain = statistics.median(open_every_shard(cache_dir, check=False) for _ in range(repeats))
+    return first, hit, plain
+
+
+def print_integrity(cache_dir: Path, built_at: float) -> None:
+    first, hit, plain = integrity_costs(cache_dir, built_at)
+    shards = sum(1 for _ in cache_dir.glob("shard-*.h5"))
+    size = sum(path.stat().st_size for path in cache_dir.glob("shard-*.h5"))
+    print(
+        f"open {shards} shard(s), {size / 2**20:,.1f} MiB: first (sha256 of every shard) {first * 1e3:,.1f} ms "
+        f"= {first / plain:.1f}x plain ({size / 2**20 / first:,.0f} MiB/s); memo hit {hit * 1e3:,.2f} ms "
+        f"= {hit / plain:.2f}x plain; plain {plain * 1e3:,.2f} ms"
+    )
+
+
+def image_hash_costs(workdir: Path, n: int, size: int, seed: int) -> None:
+    """Per image: a stat (what extraction records and a re-run compares) vs a sha256 of the bytes."""
+    folder = workdir / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:06d}.jpg"
+        path.write_bytes(rng.bytes(size))
+        paths.append(path)
+    start = time.perf_counter()
+    for path in paths:
+        os.stat(path)
+    stat = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    for path in paths:
+        file_sha256(path)
+    digest = (time.perf_counter() - start) / n
+    print(
+        f"\n== images: {n} files of {size:,} B (page cache warm) ==\n"
+        f"per image: stat (size + mtime, recorded by default) {stat * 1e6:,.1f} us; "
+        f"sha256 of the content {digest * 1e6:,.1f} us = {digest / stat:,.0f}x "
+        f"({size / digest / 2**20:,.0f} MiB/s); 100,000 images: {stat * 1e5:,.2f} s vs {digest * 1e5:,.1f} s"
+    )
+
+
+def bench_demo(n: int, workdir: Path, seed: int) -> None:
+    """A cache the size of the demo's (tiny tokens, shards of 512): only the integrity costs."""
+    spec = SPECS["tiny"]
+    records = random_records(spec, n, np.random.default_rng(seed))
+    print(f"\n== demo-size: N={n}, tiny tokens, shards of 512 ==")
+    cache_dir = workdir / "demo"
+    build_cache(cache_dir, spec, records, 512)
+    print_integrity(cache_dir, time.time())
+
+
 def disk_bytes(cache_dir: Path) -> int:
     return sum(path.stat().st_size for path in cache_dir.iterdir())
 
@@ -161,7 +251,9 @@ def bench(name: str, n: int, workdir: Path, seed: int) -> None:
     payload = payload_bytes(spec)
     cache_dir = workdir / name
     write_rate = build_cache(cache_dir, spec, records, shard_size)
+    built_at = time.time()
     size = disk_bytes(cache_dir)
+    print_integrity(cache_dir, built_at)  # leaves the memo written, so the reads below are memo hits
     lazy, lazy_open = reader_reads(cache_dir, order, in_memory=False)
     ram, ram_open = reader_reads(cache_dir, order, in_memory=True)
     verdict = "meets" if lazy >= TARGETS[name] else "MISSES"
@@ -186,20 +278,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--n-demo", type=int, default=60, help="records in the demo-size cache (default 60)")
     parser.add_argument("--n-tiny", type=int, default=2000, help="records in the tiny cache (default 2000)")
     parser.add_argument("--n-b32", type=int, default=500, help="records in the B/32-size cache (default 500)")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where to write the caches (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--n-images", type=int, default=500, help="image files the content hash is priced on (default 500)"
+    )
+    parser.add_argument(
+        "--image-bytes",
+        type=int,
+        default=60_000,
+        help="size of each image file (default 60000, a tweet JPEG)",
     )
     parser.add_argument("--seed", type=int, default=0, help="RNG seed of the random records (default 0)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_cache_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        if args.n_demo > 0:
+            bench_demo(args.n_demo, workdir, args.seed)
         if args.n_tiny > 0:
             bench("tiny", args.n_tiny, workdir, args.seed)
         if args.n_b32 > 0:
             bench("b32", args.n_b32, workdir, args.seed)
+        if args.n_images > 0:
+            image_hash_costs(workdir, args.n_images, args.image_bytes, args.seed)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir)

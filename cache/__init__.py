@@ -7,7 +7,15 @@ section of docs/design.md.
 
 from mner.cache.datasets import DatasetError, DataSource, Post, Split, label_names, read_split, resolve_data
 from mner.cache.inspect import format_inspection, inspect_cache, show_record
-from mner.cache.lifecycle import ShardSink, check_existing, clear_cache, shards_to_write
+from mner.cache.lifecycle import (
+    ShardPlan,
+    ShardSink,
+    check_existing,
+    check_folder,
+    clear_cache,
+    lock_folder,
+    plan_shards,
+)
 from mner.cache.reader import CacheReader
 from mner.cache.shards import (
     SCHEMA_VERSION,
@@ -35,12 +43,14 @@ __all__ = [
     "DatasetError",
     "Post",
     "Record",
+    "ShardPlan",
     "ShardSink",
     "ShardWriter",
     "Split",
     "TokenSpec",
     "VerifyReport",
     "check_existing",
+    "check_folder",
     "clear_cache",
     "completed_shard",
     "compute_fingerprint",
@@ -50,12 +60,13 @@ __all__ = [
     "h5py_version",
     "inspect_cache",
     "label_names",
+    "lock_folder",
+    "plan_shards",
     "read_manifest",
     "read_split",
     "resolve_data",
     "row_problems",
     "shard_path",
-    "shards_to_write",
     "show_record",
     "verify_cache",
     "write_manifest",

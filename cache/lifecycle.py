@@ -1,39 +1,167 @@
-"""An extraction's dealings with its cache folder: reuse or refuse what is there, clear it, and write
-the shards on a background thread.
+"""An extraction's dealings with its cache folder: claim it (never a folder that is not ours), lock it,
+reuse or refuse what is there, clear it, decide which shards to write, and write them on a background
+thread.
 
-`extract_features` calls, in order: `check_existing` (is the cache in the folder this configuration's?),
-`clear_cache` (with --overwrite), `shards_to_write` (which shards are still to do), then feeds the
-records to a `ShardSink`. The folder layout itself is `cache/shards.py`'s.
+`extract_features` calls, in order: `check_folder` (is `--out` new, empty or a cache?), `lock_folder`
+(one extraction per folder), `check_existing` (is the cache in the folder this configuration's?),
+`clear_cache` (with --overwrite), `plan_shards` (which shards are still to do, and why a shard that is
+there is done again), then feeds the records to a `ShardSink`. The folder layout itself is
+`cache/shards.py`'s.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
 import queue
+import re
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mner.cache.checksums import MEMO_NAME, ChecksumMemo
 from mner.cache.shards import (
     CONFIG_NAME,
+    IMAGE_STATS_ATTR,
     MANIFEST_NAME,
     SHARD_GLOB,
     Record,
     ShardWriter,
     TokenSpec,
+    _canonical_json,
     completed_shard,
     fingerprint_diff,
+    image_change,
     open_shard,
     read_manifest,
     shard_path,
+    shard_state,
     tmp_path,
 )
 
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "extract.lock"
 # Batches the writer thread may hold before the model loop waits for it.
 _WRITE_QUEUE_BATCHES = 8
 # Differences a refusal names; the rest are counted.
 _SHOWN_DIFFERENCES = 8
 # A difference shows its two values only when their JSON fits in this many characters.
 _SHOWN_CHARS = 60
+# Names (files, images) a message lists before it counts the rest.
+_SHOWN_NAMES = 5
+# Keys of the extraction record extract_features writes as extract_config.json (and nothing else does).
+_CONFIG_KEYS = ("clip", "detector", "fingerprint_parts")
+
+
+def _listed(names: list[str]) -> str:
+    """ "a, b, c (+4 more)": whole names only, never a name cut short."""
+    more = len(names) - _SHOWN_NAMES
+    return ", ".join(names[:_SHOWN_NAMES]) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _short(fingerprint: str) -> str:
+    """The first 12 hex digits of a fingerprint; any other text (a reason) whole."""
+    return fingerprint[:12] if re.fullmatch("[0-9a-f]{64}", fingerprint) else fingerprint
+
+
+def check_folder(out: Path) -> None:
+    """Refuse an `--out` that is neither new, empty, nor a feature cache; reads only, changes nothing.
+
+    A cache is a folder holding shard files (a run killed before its manifest leaves only shards), our
+    manifest.json, or our extract_config.json. A folder whose only sign is an extract_config.json that
+    mner did not write is refused even with --overwrite, which would otherwise delete it. A lock file
+    alone (a run that failed before its first shard) counts as empty.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a new or empty folder")
+    entries = sorted(path for path in out.iterdir() if path.name != LOCK_NAME)
+    if not entries:
+        return
+    names = [path.name for path in entries]
+    if any(name.startswith("shard-") for name in names) or _our_manifest(out / MANIFEST_NAME):
+        return
+    config = out / CONFIG_NAME
+    problem = _foreign_config(config) if config.exists() else "missing"
+    if problem == "":
+        return
+    if problem != "missing":
+        raise ValueError(
+            f"{out} holds an {CONFIG_NAME} that is not an mner extraction record ({problem}); "
+            f"nothing in {out} was changed: give a new or empty --out folder, or move that file away"
+        )
+    shown = _listed([path.name + ("/" if path.is_dir() else "") for path in entries])
+    raise ValueError(
+        f"{out} is not empty and holds no feature cache (no {MANIFEST_NAME}, {CONFIG_NAME} or shard "
+        f"files; it holds {shown}); nothing in it was changed: give a new or empty --out folder"
+    )
+
+
+def _foreign_config(path: Path) -> str:
+    """Why `path` is not an extract_config.json extract_features wrote; "" when it is."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"unreadable: {type(err).__name__}"
+    if not isinstance(config, dict):
+        return f"a JSON {type(config).__name__}, not an object"
+    missing = [key for key in _CONFIG_KEYS if key not in config]
+    return f"no {', '.join(missing)}" if missing else ""
+
+
+def _our_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and "schema_version" in manifest and "shards" in manifest
+
+
+class FolderLock:
+    """An exclusive flock on CACHE_DIR/extract.lock, held while one extraction writes the folder.
+
+    flock belongs to the open file, so the kernel releases it when the process ends in any way
+    (exit, exception, kill -9); the lock file itself stays, and is never a sign of a live run.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_NAME
+        self.file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            self.file.close()
+            raise ValueError(
+                f"{out} is being written by another `mner extract-features` "
+                f"({'pid ' + holder if holder.isdigit() else 'it holds ' + str(self.path)}); "
+                "wait for it to finish, or give another --out folder"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+def lock_folder(out: Path) -> FolderLock:
+    """Take the folder's extraction lock (ValueError at once if another run holds it); see FolderLock."""
+    return FolderLock(out)
 
 
 def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) -> dict[str, str]:
@@ -45,7 +173,9 @@ def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) ->
         parts: the fingerprint parts; a refusal names the leaves where the folder's recorded ones differ.
         overwrite: when True nothing is checked (the caller clears the folder).
     Returns the error messages of a matching earlier manifest ({key: message}), which a re-run that
-    skips those images' shards would otherwise not know. Raises ValueError for a foreign cache.
+    skips those images' shards would otherwise not know. Raises ValueError for a foreign cache: a
+    manifest, or a readable shard, recording another fingerprint. A damaged or missing manifest is
+    no refusal: the shards' own attributes tell, and the run rebuilds the manifest from them.
     """
     if overwrite or not out.is_dir():
         return {}
@@ -55,31 +185,49 @@ def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) ->
             manifest = read_manifest(out)
             old_fp, old_config = manifest["fingerprint"], manifest["config"]
         except ValueError:
-            old_fp = "unreadable manifest"
+            pass  # damaged: the shards tell, and the run rebuilds it (manifest_problem says so)
     if old_fp in (None, fingerprint):
         for path in sorted(out.glob(SHARD_GLOB)):
-            # Shards are renamed into place only when complete, so a mismatch means another configuration.
-            if not completed_shard(path, fingerprint):
-                old_fp, old_config = _shard_fingerprint(path)
+            if completed_shard(path, fingerprint):
+                continue
+            found, config = _shard_fingerprint(path)
+            if found is not None and found != fingerprint:
+                old_fp, old_config = found, config
                 break
+            # Unreadable, or never completed: plan_shards extracts it again.
     if old_fp is None or old_fp == fingerprint:
         return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
     differs = _differences((old_config or {}).get("fingerprint_parts"), parts)
     raise ValueError(
-        f"cache at {out} was made with a different configuration (fingerprint {old_fp[:12]} != "
-        f"{fingerprint[:12]}); use --overwrite to replace it" + (f"; differs: {differs}" if differs else "")
+        f"cache at {out} was made with a different configuration (fingerprint {_short(old_fp)} != "
+        f"{_short(fingerprint)}); use --overwrite to replace it"
+        + (f"; differs: {differs}" if differs else "")
     )
 
 
-def _shard_fingerprint(path: Path) -> tuple[str, dict | None]:
-    """(fingerprint, config) a shard records, or a description of why it cannot be read."""
+def manifest_problem(out: Path) -> str:
+    """Why a cache folder's manifest.json cannot be used ("missing", or read_manifest's reason) when
+    the folder holds shards; "" when it can, or when there is nothing to rebuild it from."""
+    if not any(out.glob(SHARD_GLOB)):
+        return ""
+    if not (out / MANIFEST_NAME).is_file():
+        return "missing"
+    try:
+        read_manifest(out)
+    except ValueError as err:
+        return f"unusable ({err})"
+    return ""
+
+
+def _shard_fingerprint(path: Path) -> tuple[str | None, dict | None]:
+    """(fingerprint, config) a shard records; (None, None) when HDF5 cannot read it."""
     try:
         with open_shard(path) as handle:
             return str(handle.attrs.get("fingerprint", "none")), json.loads(
                 handle.attrs.get("config_json", "null")
             )
-    except (OSError, ValueError):
-        return f"unreadable shard {path.name}", None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError):
+        return None, None
 
 
 def _differences(old: dict | None, new: dict) -> str:
@@ -97,17 +245,80 @@ def _differences(old: dict | None, new: dict) -> str:
 
 
 def clear_cache(out: Path) -> None:
-    """Delete the cache files in `out` (shards, tmp shards, manifest, config); other files stay."""
-    for pattern in (SHARD_GLOB, SHARD_GLOB + ".tmp", MANIFEST_NAME + "*", CONFIG_NAME + "*"):
+    """Delete the cache files in `out` (shards, tmp shards, manifest, config, checksum memo); other
+    files stay, and so does the lock file the caller holds."""
+    for pattern in (SHARD_GLOB, SHARD_GLOB + ".tmp", MANIFEST_NAME + "*", CONFIG_NAME + "*", MEMO_NAME + "*"):
         for path in out.glob(pattern):
             path.unlink()
 
 
-def shards_to_write(out: Path, indices: list[int], fingerprint: str) -> list[int]:
-    """The shards of `indices` not yet complete with `fingerprint`; deletes their leftover tmp files."""
-    for index in indices:
-        tmp_path(shard_path(out, index)).unlink(missing_ok=True)  # left by a killed run
-    return [index for index in indices if not completed_shard(shard_path(out, index), fingerprint)]
+@dataclass
+class ShardPlan:
+    """Which shards an extraction writes, and why each one already on disk is written again."""
+
+    todo: list[int]  # shard indices to extract, ascending
+    redo: dict[int, str] = field(default_factory=dict)  # index -> "shard-00001.h5: <why>" (file was there)
+    not_retried: int = 0  # missing/corrupt images in reused shards whose files did not change
+    unknown_stats: int = 0  # reused shards written before image sizes/mtimes were recorded
+
+
+def plan_shards(
+    out: Path,
+    shard_keys: dict[int, list[str]],
+    fingerprint: str,
+    spec: TokenSpec,
+    stats: dict[str, list | None],
+) -> ShardPlan:
+    """Decide which of the shards `shard_keys` ({index: keys in row order}) must be (re-)extracted.
+
+    Deletes the tmp files a killed run left. A shard on disk is reused only if it is complete, of this
+    configuration, holds exactly its keys in the spec's layout (`shard_state`), its bytes match the
+    sha256 manifest.json records for it (when the manifest is this configuration's and lists it), and
+    every image's [size, mtime_ns] it recorded equals `stats` (the files now; None = no file): so a
+    changed, appeared or vanished image, and a missing or corrupt image whose file was since fixed,
+    gets its shard extracted again.
+    """
+    try:
+        manifest = read_manifest(out)
+        recorded = (
+            {s["file"]: s["sha256"] for s in manifest["shards"]}
+            if manifest["fingerprint"] == fingerprint
+            else {}
+        )
+    except (ValueError, KeyError, TypeError):
+        recorded = {}
+    memo = ChecksumMemo(out)
+    plan = ShardPlan(todo=[])
+    for index, keys in sorted(shard_keys.items()):
+        path = shard_path(out, index)
+        tmp_path(path).unlink(missing_ok=True)  # left by a killed run
+        if not path.exists():
+            plan.todo.append(index)
+            continue
+        why, found = shard_state(path, fingerprint, keys, spec)
+        if not why and path.name in recorded and not memo.matches(path, recorded[path.name]):
+            why = "has a sha256 other than manifest.json records (the file changed or is corrupt)"
+        if not why and found is not None:
+            changed = [
+                f"{key} ({image_change(before, stats.get(key))})"
+                for key, before in zip(keys, found)
+                if before != stats.get(key)
+            ]
+            if changed:
+                why = f"holds {len(changed)} image(s) that changed on disk since: {_listed(changed)}"
+        if why:
+            plan.todo.append(index)
+            plan.redo[index] = f"{path.name} {why}"
+            continue
+        if found is None:
+            plan.unknown_stats += 1
+        plan.not_retried += _not_ok_rows(path)
+    return plan
+
+
+def _not_ok_rows(path: Path) -> int:
+    with open_shard(path) as f:
+        return int((f["status"][:] != 0).sum())
 
 
 class ShardSink:
@@ -126,7 +337,14 @@ class ShardSink:
             raise
     """
 
-    def __init__(self, out: Path, spec: TokenSpec, shard_keys: dict[int, list[str]], attrs: dict):
+    def __init__(
+        self,
+        out: Path,
+        spec: TokenSpec,
+        shard_keys: dict[int, list[str]],
+        attrs: dict,
+        image_stats: dict[str, list | None] | None = None,
+    ):
         """
         Args:
             out: the cache folder.
@@ -134,8 +352,11 @@ class ShardSink:
             shard_keys: {shard index: its image keys in row order} of the shards to write.
             attrs: ShardWriter attrs shared by the shards ("fingerprint", "config_json"); the sink
                 adds each shard's "shard_index".
+            image_stats: {key: [size, mtime_ns] or None} of the image files, taken before they were
+                read; each shard records its rows' (attribute image_stats_json) for plan_shards.
         """
         self.out, self.spec, self.shard_keys, self.attrs = out, spec, shard_keys, attrs
+        self.image_stats = image_stats
         self.queue: queue.Queue = queue.Queue(maxsize=_WRITE_QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.stopping = False
@@ -173,6 +394,9 @@ class ShardSink:
                 if shard != index:
                     assert writer is None, f"shard {index} was left unfinished"
                     attrs = {**self.attrs, "shard_index": shard}
+                    if self.image_stats is not None:
+                        stats = [self.image_stats.get(key) for key in self.shard_keys[shard]]
+                        attrs[IMAGE_STATS_ATTR] = _canonical_json(stats)
                     writer = ShardWriter(
                         shard_path(self.out, shard), self.spec, self.shard_keys[shard], attrs
                     )

@@ -6,6 +6,11 @@ and each token tensor is then fetched with one raw chunk read (`read_direct_chun
 chunk, uncompressed), which skips h5py's selection machinery. A shard whose token chunks are
 filtered or laid out otherwise (say, repacked with h5repack) is read by ordinary indexing instead.
 See benchmarks/bench_cache.py for the numbers.
+
+Integrity: every shard's sha256 is checked against manifest.json when a CacheReader is made, and
+again on a later open if the file's stat changed meanwhile (cache/checksums.py remembers results
+per file stat, so a check of an unchanged file costs a stat); a shard whose bytes differ is refused
+with a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mner.cache.checksums import ChecksumMemo, file_stat
 from mner.cache.shards import (
     STATUS_NAMES,
     TOKEN_DATASETS,
@@ -132,7 +138,8 @@ class _DiskTokens:
 class CacheReader:
     """Read records from a cache folder by image key.
 
-    No HDF5 file is opened in __init__: each process (DataLoader workers included) opens the shards
+    __init__ checks each shard's sha256 against the manifest (ValueError naming a shard that differs)
+    but opens no HDF5 file: each process (DataLoader workers included) opens the shards
     it needs on its first get(), and a reader used across os.fork() reopens them in the child.
     in_memory=True loads every shard into RAM once in __init__ (and closes the files).
 
@@ -149,6 +156,11 @@ class CacheReader:
         self.spec = TokenSpec.from_dict(manifest["spec"])
         self.in_memory = in_memory
         self._shard_files = [shard["file"] for shard in manifest["shards"]]
+        self._shard_sha256 = [shard["sha256"] for shard in manifest["shards"]]
+        # Each shard's bytes are checked against the manifest before its first use; the memo makes a
+        # later open (another reader, a DataLoader worker) a stat instead of a full read.
+        self._memo = ChecksumMemo(self.cache_dir)
+        self._checked: dict[int, list[int]] = {}  # shard -> the file stat it was checked at
         number = {name: i for i, name in enumerate(self._shard_files)}
         self._shard_keys: list[list[str]] = [[] for _ in self._shard_files]
         self._index: dict[str, tuple[int, int]] = {}
@@ -171,6 +183,11 @@ class CacheReader:
             if image.get("error"):
                 self._errors[key] = image["error"]
         self.keys: list[str] = [image["key"] for image in manifest["images"]]
+        # Checked here, in the process that opens the cache, so a corrupt shard stops a run before its
+        # first step, and DataLoader workers (which receive _checked) pay a stat per shard, not a read.
+        for shard, name in enumerate(self._shard_files):
+            if (self.cache_dir / name).is_file():  # a missing one is named when it is first needed
+                self._check_sha256(shard, self.cache_dir / name)
         self._pid: int | None = None
         self._shards: list[_Shard | None] = [None] * len(self._shard_files)
         if in_memory:
@@ -178,7 +195,22 @@ class CacheReader:
 
     def _load(self, shard: int) -> _Shard:
         path = self.cache_dir / self._shard_files[shard]
+        if path.is_file():
+            self._check_sha256(shard, path)
         return _Shard(path, self.spec, self.fingerprint, self._shard_keys[shard], self.in_memory)
+
+    def _check_sha256(self, shard: int, path: Path) -> None:
+        """Refuse a shard whose bytes are not those manifest.json records (ValueError naming it)."""
+        stat = file_stat(path)
+        if self._checked.get(shard) == stat:
+            return
+        if not self._memo.matches(path, self._shard_sha256[shard]):
+            raise ValueError(
+                f"{path}: sha256 differs from manifest.json (the shard changed or is corrupt); "
+                f"run `mner cache verify {self.cache_dir}` to see what is wrong, then re-run the "
+                "`mner extract-features` command that made the cache to extract that shard again"
+            )
+        self._checked[shard] = stat
 
     def __len__(self) -> int:
         return len(self.keys)

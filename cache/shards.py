@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mner.cache.checksums import ChecksumMemo, file_sha256  # noqa: F401 - file_sha256 re-exported
 from mner.runtime import fsync_dir, fsync_file, write_atomic
 
 SCHEMA_VERSION = 1
@@ -28,11 +29,11 @@ STATUS_CODES = {name: code for code, name in enumerate(STATUS_NAMES)}
 MANIFEST_NAME = "manifest.json"
 CONFIG_NAME = "extract_config.json"
 SHARD_GLOB = "shard-*.h5"
+# Shard attribute: JSON list, per row, of the image file's [size, mtime_ns] when it was read (or null).
+IMAGE_STATS_ATTR = "image_stats_json"
 
 # The largest finite float16; anything larger becomes inf when cast.
 FP16_MAX = 65504.0
-# Chunk size for hashing files: large enough to amortise Python overhead, small enough for RAM.
-_HASH_BLOCK = 1 << 20
 # Attributes the caller passes to ShardWriter; the writer adds schema_version, spec_json, complete.
 REQUIRED_ATTRS = ("fingerprint", "config_json", "shard_index")
 # The three token tensors, stored one image per chunk; everything else is small per-image metadata.
@@ -554,13 +555,68 @@ def completed_shard(path, fingerprint: str) -> bool:
         return False
 
 
-def file_sha256(path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+def image_stat(path) -> list[int] | None:
+    """[size, mtime_ns] of an image file as extraction found it; None when nothing is there.
+
+    Recorded per image (shard attribute `image_stats_json`, manifest `file_size` / `file_mtime_ns`)
+    so a re-run re-extracts the shards whose images changed and `cache verify --images` reports them.
+    """
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def image_change(before: list | None, now: list | None) -> str:
+    """How an image file differs from its record: "appeared", "gone", "size 10 -> 12" or "modified"
+    (same size, other mtime); "" when it does not."""
+    if before == now:
+        return ""
+    if before is None:
+        return "appeared"
+    if now is None:
+        return "gone"
+    return f"size {before[0]} -> {now[0]}" if before[0] != now[0] else "modified"
+
+
+def shard_state(path, fingerprint: str, keys: list[str], spec: TokenSpec) -> tuple[str, list | None]:
+    """Whether a shard file may be reused as shard `keys` of this configuration.
+
+    Returns ("", the image stats it records, or None for a shard written before they were) for a
+    readable shard marked complete with `fingerprint`, this schema, exactly `keys` in order and the
+    spec's dataset shapes; otherwise (why not, None), worded to follow "shard-00000.h5 ...".
+    """
+    path = Path(path)
+    try:
+        with open_shard(path) as f:
+            attrs = f.attrs
+            if not bool(attrs.get("complete", False)):
+                return "was never marked complete", None
+            if (
+                attrs.get("fingerprint") != fingerprint
+                or int(attrs.get("schema_version", -1)) != SCHEMA_VERSION
+            ):
+                return "was made with another configuration", None
+            found = [key.decode("utf-8", errors="replace") for key in f["keys"][:]] if "keys" in f else []
+            if found != list(keys):
+                if not found:
+                    return f"holds no image keys (it should hold {len(keys)})", None
+                return f"holds the image keys {_some(found)}, not {_some(keys)}", None
+            for name, shape in spec.shapes().items():
+                if name not in f or f[name].shape != (len(keys), *shape):
+                    return f"has no dataset {name} of shape {(len(keys), *shape)}", None
+            stats = attrs.get(IMAGE_STATS_ATTR)
+            return "", None if stats is None else json.loads(stats)
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as err:
+        return f"cannot be read by HDF5 ({type(err).__name__}: {err})", None
+
+
+def _some(keys, shown: int = 3) -> str:
+    """ "['a', 'b', 'c', ... 5 in all]": whole keys, never one cut short."""
+    keys = list(keys)
+    more = f", ... {len(keys)} in all" if len(keys) > shown else ""
+    return "[" + ", ".join(repr(key) for key in keys[:shown]) + more + "]"
 
 
 def write_manifest(
@@ -576,10 +632,12 @@ def write_manifest(
         spec: the token spec of every shard.
         shard_files: committed shard paths (or names inside cache_dir), in order.
         errors: {key: message} for images whose status is not ok.
-    Returns the manifest path. The per-image rows are read back from the shards, so the manifest
-    describes what is on disk, not what the caller meant to write.
+    Returns the manifest path. The per-image rows (with the image file's size and mtime the shard
+    records) are read back from the shards, so the manifest describes what is on disk, not what the
+    caller meant to write. Checksums go through the folder's ChecksumMemo.
     """
     cache_dir = Path(cache_dir)
+    memo = ChecksumMemo(cache_dir)
     shards, images, seen = [], [], {}
     for shard_file in shard_files:
         path = cache_dir / Path(shard_file).name
@@ -592,6 +650,8 @@ def write_manifest(
             status = f["status"][:]
             sizes = f["image_size"][:]  # (N, 2) width, height
             num_regions = f["num_regions"][:]
+            stats = f.attrs.get(IMAGE_STATS_ATTR)
+        stats = None if stats is None else json.loads(stats)  # None: written before they were recorded
         for row, key in enumerate(keys):
             if key in seen:
                 raise ValueError(f"image key {key!r} is in both {seen[key]} and {path.name}")
@@ -608,7 +668,9 @@ def write_manifest(
                     "error": str(errors.get(key, "")),
                 }
             )
-        shards.append({"file": path.name, "rows": len(keys), "sha256": file_sha256(path)})
+            if stats is not None:  # the image file as extraction found it; null: no file
+                images[-1]["file_size"], images[-1]["file_mtime_ns"] = stats[row] or (None, None)
+        shards.append({"file": path.name, "rows": len(keys), "sha256": memo.sha256(path)})
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "fingerprint": fingerprint,
@@ -631,19 +693,24 @@ def _write_json_atomic(path: Path, data) -> Path:
 def read_manifest(cache_dir) -> dict:
     """Load and check CACHE_DIR/manifest.json; ValueError when the folder is not a usable cache."""
     path = Path(cache_dir) / MANIFEST_NAME
+    # Re-running the extraction keeps intact shards and rebuilds the manifest from their attributes.
+    rebuild = "re-run the `mner extract-features` command that made this cache: it keeps the intact shards and rebuilds manifest.json"
     if not path.is_file():
+        if any(Path(cache_dir).glob(SHARD_GLOB)):
+            raise ValueError(
+                f"{cache_dir} holds shards but no manifest.json (an extraction stopped early); {rebuild}"
+            )
         raise ValueError(
             f"{cache_dir} is not a feature cache: no manifest.json; run `mner extract-features` first"
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); re-run `mner extract-features`") from err
+        raise ValueError(f"{path}: not valid JSON ({err}); {rebuild}") from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != SCHEMA_VERSION:
         raise ValueError(
-            f"{path}: schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION}); "
-            "re-run `mner extract-features`"
+            f"{path}: schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION}); {rebuild}"
         )
     missing = [
         name
@@ -651,5 +718,5 @@ def read_manifest(cache_dir) -> dict:
         if name not in manifest
     ]
     if missing:
-        raise ValueError(f"{path}: missing fields {missing}; re-run `mner extract-features`")
+        raise ValueError(f"{path}: missing fields {missing}; {rebuild}")
     return manifest

@@ -21,6 +21,8 @@ from mner.cache.shards import (
     STATUS_NAMES,
     TokenSpec,
     file_sha256,
+    image_change,
+    image_stat,
     open_shard,
     read_manifest,
     row_problems,
@@ -66,7 +68,7 @@ class _Problems:
         return self.lines + extra
 
 
-def verify_cache(cache_dir, data: DataSource | None = None) -> VerifyReport:
+def verify_cache(cache_dir, data: DataSource | None = None, images: bool = False) -> VerifyReport:
     """Check a cache folder; returns a VerifyReport (raises ValueError only if it is not a cache).
 
     Checks: every manifest shard exists and matches its sha256; no stray or .tmp shard; shard
@@ -75,7 +77,9 @@ def verify_cache(cache_dir, data: DataSource | None = None) -> VerifyReport:
     valid; num_regions in [0, K]; region padding zero; no NaN/inf; boxes in [0, 1] with x2 >= x1,
     y2 >= y1; ok images have a size; non-ok images have zero size, regions and tokens. With `data`,
     every image key of each split file present (train/valid/test) is in the cache and every cache
-    key is in a split.
+    key is in a split. With `images`, every image file's size and mtime (data's, else the recorded
+    data folder's) must equal what the manifest recorded at extraction; each one that changed,
+    appeared or went away is a problem naming the image and its shard.
     """
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
@@ -133,6 +137,15 @@ def verify_cache(cache_dir, data: DataSource | None = None) -> VerifyReport:
         checked.update(_check_data(data, images_by_shard, problems))
     else:
         checked["data"] = "data folder not given and the recorded one is gone: image ids not checked"
+    if images:
+        if data is None:
+            problems.add(
+                "images",
+                "data",
+                "cannot check the image files: the recorded data folder is gone; give --data-dir",
+            )
+        else:
+            checked["image_files"] = _check_images(data, manifest["images"], problems)
 
     lines = problems.finish()
     return VerifyReport(ok=not lines, problems=lines, checked=checked, count=problems.total())
@@ -265,3 +278,34 @@ def _check_data(data: DataSource, images_by_shard: dict[str, list[dict]], proble
             where.split()[0], "not in data", f"{where} (key {key!r}): in no split of {data.data_dir}"
         )
     return {"splits": counted, "data_keys": len(in_splits)}
+
+
+def _check_images(data: DataSource, images: list[dict], problems: _Problems) -> int:
+    """Each image file's [size, mtime_ns] against the manifest's record; returns the images checked."""
+    unrecorded = [image["key"] for image in images if "file_size" not in image]
+    if unrecorded:
+        problems.add(
+            "images",
+            "unrecorded",
+            f"manifest.json records no file size or mtime for {len(unrecorded)} image(s) (made by an "
+            "older mner); run `mner extract-features ... --overwrite` to record them",
+        )
+    for image in images:
+        if "file_size" not in image:
+            continue
+        key = image["key"]
+        try:
+            path = data.image_path(key)
+        except ValueError as err:
+            problems.add("images", "changed", f"image {key!r}: {err}")
+            continue
+        size, mtime = image.get("file_size"), image.get("file_mtime_ns")
+        change = image_change(None if size is None else [size, mtime], image_stat(path))
+        if change:
+            problems.add(
+                "images",
+                "changed",
+                f"{path}: image {key!r} changed since extraction ({change}; {image['shard']} row "
+                f"{image['row']}); re-run `mner extract-features` to extract its shard again",
+            )
+    return len(images) - len(unrecorded)

@@ -30,7 +30,15 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from mner.cache.datasets import DataSource
-from mner.cache.lifecycle import ShardSink, check_existing, clear_cache, shards_to_write
+from mner.cache.lifecycle import (
+    ShardSink,
+    check_existing,
+    check_folder,
+    clear_cache,
+    lock_folder,
+    manifest_problem,
+    plan_shards,
+)
 from mner.cache.shards import (
     SCHEMA_VERSION,
     Record,
@@ -38,6 +46,7 @@ from mner.cache.shards import (
     compute_fingerprint,
     empty_record,
     h5py_version,
+    image_stat,
     read_manifest,
     shard_path,
     write_manifest,
@@ -66,10 +75,14 @@ def extract_features(cfg: ExtractConfig) -> Path:
     """Extract every image of the configured splits into the cache folder `cfg.out`; returns it.
 
     Under torchrun (WORLD_SIZE > 1) each rank extracts its share of the shards and rank 0 writes the
-    manifest once all are done. Raises ValueError when `cfg.out` holds a cache made with another
-    configuration (unless cfg.overwrite), or when the data or the models cannot be found.
+    manifest once all are done. Raises ValueError when `cfg.out` is a folder that is not empty and not
+    a cache, is locked by another extraction, holds a cache made with another configuration (unless
+    cfg.overwrite), or when the data or the models cannot be found. Rank 0 holds the folder's lock
+    (cache.lifecycle.FolderLock) until the manifest is written.
     """
     start = time.perf_counter()
+    out = Path(cfg.out).expanduser()
+    check_folder(out)  # before anything is read, loaded or written: never a folder that is not ours
     source = cfg.data.resolve()
     if not source.image_dir.is_dir():
         log.warning("no image folder %s: every image will be recorded as missing", source.image_dir)
@@ -79,7 +92,11 @@ def extract_features(cfg: ExtractConfig) -> Path:
     # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
     runtime = start_runtime(cfg.device, cfg.amp, hint="--device cpu", timeout=timedelta(hours=24))
     rank, device = runtime.rank, runtime.device
+    lock = None
     try:
+        # An existing folder is locked at once, so a second run refuses before loading any model; a
+        # new one once it is made, below.
+        lock = _on_rank0(runtime, lambda: lock_folder(out) if out.is_dir() else None)
         # The fingerprint records the compute dtype, so an amp that would not autocast is refused.
         if cfg.amp != "off" and runtime.amp_dtype is None:
             raise ValueError(
@@ -98,36 +115,89 @@ def extract_features(cfg: ExtractConfig) -> Path:
         spec = token_spec(clip, detector, cfg)
         parts = fingerprint_parts(cfg, models, spec, keys)
         fingerprint = compute_fingerprint(parts)
-        out = Path(cfg.out).expanduser()
+        # Every rank takes part (a collective); rank 0 keeps the lock it may already hold.
+        lock = _on_rank0(runtime, lambda: lock or _make_and_lock(out))
+        runtime.barrier()
+        damaged = manifest_problem(out) if not cfg.overwrite else ""
         known_errors = check_existing(out, fingerprint, parts, cfg.overwrite)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite:
-                clear_cache(out)
+        if rank == 0 and cfg.overwrite:
+            clear_cache(out)
         runtime.barrier()
 
         config = {**cfg.to_dict(), "fingerprint_parts": parts}
         shard_keys = [keys[i : i + cfg.shard_size] for i in range(0, len(keys), cfg.shard_size)]
-        mine = list(range(rank, len(shard_keys), runtime.world_size))
-        todo = shards_to_write(out, mine, fingerprint)
-        if len(todo) < len(mine):
-            log.info(
-                "re-running the same command skips completed shards: %d of %d done",
-                len(mine) - len(todo),
-                len(mine),
-            )
+        mine = {index: shard_keys[index] for index in range(rank, len(shard_keys), runtime.world_size)}
+        # Taken before any image is read: a file that changes later differs from its record next time.
+        stats = {key: image_stat(paths[key]) for shard in mine.values() for key in shard}
+        plan = plan_shards(out, mine, fingerprint, spec, stats)
+        _log_plan(plan, len(mine))
         errors = _extract_shards(
-            cfg, clip, detector, spec, out, todo, shard_keys, paths, fingerprint, config, runtime
+            cfg, clip, detector, spec, out, plan.todo, shard_keys, paths, fingerprint, config, runtime, stats
         )
         errors = {**known_errors, **_gather_errors(errors, runtime.world_size)}
         if rank == 0:
             files = [shard_path(out, index) for index in range(len(shard_keys))]
             _write_manifest(out, fingerprint, config, models, spec, files, errors, paths)
+            if damaged:
+                log.warning(
+                    "manifest.json in %s was %s: rebuilt it from the shards (%d reused, %d extracted)",
+                    out,
+                    damaged,
+                    len(mine) - len(plan.todo),
+                    len(plan.todo),
+                )
             log.debug(summarize(out, time.perf_counter() - start))  # the CLI prints it on stdout
         runtime.barrier()
     finally:
+        if lock is not None:
+            lock.release()
         runtime.close()
     return out
+
+
+def _make_and_lock(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    return lock_folder(out)
+
+
+def _on_rank0(runtime: Runtime, action):
+    """Run `action` on rank 0 only; a ValueError it raises is raised on every rank (the others would
+    otherwise wait at the next barrier). Returns its result on rank 0, None elsewhere."""
+    result, error = None, None
+    if runtime.rank == 0:
+        try:
+            result = action()
+        except ValueError as err:
+            error = str(err)
+    if runtime.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def _log_plan(plan, mine: int) -> None:
+    """Say which shards are reused, which are extracted again and why, and what was not retried."""
+    for reason in plan.redo.values():
+        log.warning("%s; extracting it again", reason)
+    if len(plan.todo) < mine:
+        log.info(
+            "re-running the same command skips completed shards: %d of %d done", mine - len(plan.todo), mine
+        )
+    if plan.not_retried:
+        log.info(
+            "%d image(s) recorded missing or corrupt in the reused shards are unchanged on disk and were "
+            "not retried; fix or add the files and re-run to extract them",
+            plan.not_retried,
+        )
+    if plan.unknown_stats:
+        log.warning(
+            "%d reused shard(s) were written before image sizes and mtimes were recorded, so changed images "
+            "in them are not detected; pass --overwrite to extract them again",
+            plan.unknown_stats,
+        )
 
 
 def collect_keys(source: DataSource, splits: tuple[str, ...]) -> list[str]:
@@ -250,8 +320,10 @@ def _extract_shards(
     fingerprint: str,
     config: dict,
     runtime: Runtime,
+    stats: dict[str, list | None] | None = None,
 ) -> dict[str, str]:
-    """Extract shards `todo`; returns {key: error} for the images that were not ok."""
+    """Extract shards `todo`; returns {key: error} for the images that were not ok. `stats` are the
+    image files' [size, mtime_ns] as found before reading them, recorded in each shard."""
     device = runtime.device
     items, batches, where = [], [], []
     for index in todo:
@@ -277,6 +349,7 @@ def _extract_shards(
         spec,
         {index: shard_keys[index] for index in todo},
         {"fingerprint": fingerprint, "config_json": config},
+        stats,
     )
     errors = {}
     show = runtime.is_main and sys.stderr.isatty()

@@ -215,22 +215,29 @@ def cache_show(cache_dir, key, png, image_path, scale):
 @cache.command("verify", context_settings=CONTEXT)
 @click.argument("cache_dir", type=click.Path(exists=True, file_okay=False))
 @_data_options
+@click.option(
+    "--images",
+    is_flag=True,
+    help="Also check each image file's size and mtime against the manifest (the data options, "
+    "else the recorded data folder).",
+)
 @_user_errors
-def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir, columns):
+def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir, columns, images):
     """Check shard checksums, counts, NaN/inf, boxes in [0, 1], and (with a data folder) the image ids.
 
-    Exits non-zero with a report on any problem.
+    Exits non-zero with a report on any problem. --images also reports every image file that changed,
+    appeared or went away since extraction.
 
     \b
     Example:
-      mner cache verify demo_out/cache --data-dir demo_out/data
+      mner cache verify demo_out/cache --data-dir demo_out/data --images
     """
     from mner.cache.verify import verify_cache
 
     data = None
     if data_dir or dataset:
         data = _data_config(data_dir, dataset, data_root, image_dir, columns).resolve()
-    report = verify_cache(cache_dir, data)
+    report = verify_cache(cache_dir, data, images=images)
     for problem in report.problems:
         click.echo(f"PROBLEM: {problem}")
     if not report.ok:

@@ -11,17 +11,22 @@ make_cache(..., same arguments) wrote, for round-trip comparisons.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from mner.cache.shards import (
+    IMAGE_STATS_ATTR,
+    MANIFEST_NAME,
     STATUS_NAMES,
     Record,
     ShardWriter,
     TokenSpec,
     compute_fingerprint,
     empty_record,
+    file_sha256,
     shard_path,
     write_manifest,
 )
@@ -103,8 +108,13 @@ def synthetic_models() -> dict:
     }
 
 
-def write_cache(cache_dir, records: list[Record], spec: TokenSpec | None = None, shard_size: int = 5) -> Path:
-    """Write `records` (in order) through ShardWriter + write_manifest; returns cache_dir."""
+def write_cache(
+    cache_dir, records: list[Record], spec: TokenSpec | None = None, shard_size: int = 5, image_stats=None
+) -> Path:
+    """Write `records` (in order) through ShardWriter + write_manifest; returns cache_dir.
+
+    image_stats: {key: [size, mtime_ns] or None} to record as the image files (as extraction does);
+    None writes shards without them, as caches made before they were recorded."""
     spec = spec or TINY_SPEC
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +130,8 @@ def write_cache(cache_dir, records: list[Record], spec: TokenSpec | None = None,
     for index, start in enumerate(range(0, len(records), shard_size)):
         chunk = records[start : start + shard_size]
         attrs = {"fingerprint": fingerprint, "config_json": config, "shard_index": index}
+        if image_stats is not None:
+            attrs[IMAGE_STATS_ATTR] = json.dumps([image_stats.get(r.key) for r in chunk])
         path = shard_path(cache_dir, index)
         with ShardWriter(path, spec, [r.key for r in chunk], attrs) as writer:
             for row, record in enumerate(chunk):
@@ -138,6 +150,7 @@ def make_cache(
     keys=None,
     statuses: dict | None = None,
     shard_size: int = 5,
+    image_stats: dict | None = None,
 ) -> Path:
     """A synthetic cache in tmp_path/"cache" (returned).
 
@@ -148,10 +161,11 @@ def make_cache(
         keys: image keys to use (sorted, as extraction writes them).
         statuses: key -> "missing"/"corrupt"; None gives default_statuses, {} makes all ok.
         shard_size: rows per shard (12 images -> shards of 5, 5, 2).
+        image_stats: the image files' [size, mtime_ns] to record (see write_cache).
     """
     keys = sorted(keys) if keys is not None else [f"img{i:03d}" for i in range(n)]
     records = make_records(keys, spec, seed, statuses)
-    return write_cache(Path(tmp_path) / "cache", records, spec, shard_size)
+    return write_cache(Path(tmp_path) / "cache", records, spec, shard_size, image_stats)
 
 
 def assert_same_record(expected: Record, found: Record) -> None:
@@ -163,3 +177,28 @@ def assert_same_record(expected: Record, found: Record) -> None:
             assert np.array_equal(got, want), field.name
         else:
             assert got == want, field.name
+
+
+def flip_token_byte(path, row: int = 0) -> None:
+    """Flip one byte of row `row`'s patch tokens in a shard file, in place: the file still opens and
+    says it is complete, only its sha256 (and that token) tell. Other packages' tests use it too."""
+    with h5py.File(path, "r", locking=False) as f:
+        offset = f["patch_tokens"].id.get_chunk_info(row).byte_offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def reseal(cache_dir) -> Path:
+    """Record the shards' current sha256 in manifest.json, as for a shard someone changed on purpose
+    (repacked, or edited to test a check that runs after the checksum); returns cache_dir."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    for shard in manifest["shards"]:
+        if (cache_dir / shard["file"]).is_file():
+            shard["sha256"] = file_sha256(cache_dir / shard["file"])
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    return cache_dir

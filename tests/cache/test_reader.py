@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 
 import h5py
 import numpy as np
@@ -10,13 +11,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import mner.cache.checksums
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
 from tests.cache.factories import (
     TINY_SPEC,
     assert_same_record,
+    flip_token_byte,
     make_cache,
     make_records,
+    reseal,
     synthetic_models,
     write_cache,
 )
@@ -52,10 +56,34 @@ def records():
 def test_unreadable_shard_is_a_value_error_naming_it(cache_dir, records):
     shard = cache_dir / "shard-00000.h5"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, e.g. a disk that filled up
+    with pytest.raises(ValueError, match=f"^{shard}: sha256 differs from manifest.json"):
+        CacheReader(cache_dir).get(records[0].key)
+    reseal(cache_dir)  # a truncated file the manifest vouches for is still named, not a bare OSError
     with pytest.raises(
         ValueError, match=f"^{shard}: unreadable shard .*; run `mner cache verify` on its folder"
     ):
         CacheReader(cache_dir).get(records[0].key)
+
+
+def test_a_shard_whose_bytes_differ_from_the_manifest_is_refused(cache_dir, records):
+    intact = shutil.copytree(cache_dir, cache_dir.parent / "intact")
+    shard = cache_dir / "shard-00001.h5"
+    flip_token_byte(shard)
+    refusal = (
+        f"{shard}: sha256 differs from manifest.json (the shard changed or is corrupt); run "
+        f"`mner cache verify {cache_dir}` to see what is wrong, then re-run the `mner extract-features` "
+        "command that made the cache to extract that shard again"
+    )
+    for in_memory in (False, True):  # refused when the cache is opened, before any record is read
+        with pytest.raises(ValueError) as refused:
+            CacheReader(cache_dir, in_memory=in_memory)
+        assert str(refused.value) == refusal
+    # A shard that changes under an open reader is checked again when it is first read.
+    reader = CacheReader(intact)
+    flip_token_byte(intact / "shard-00002.h5")
+    assert_same_record(records[0], reader.get("img000"))
+    with pytest.raises(ValueError, match="shard-00002.h5: sha256 differs from manifest.json"):
+        reader.get("img010")
 
 
 def test_reader_opens_nothing_before_get(cache_dir):
@@ -123,7 +151,7 @@ def test_uncompressed_shards_use_raw_chunk_reads(tmp_path):
             values = f[name][:]
             del f[name]
             f.create_dataset(name, data=values, chunks=(1, *values.shape[1:]), compression="gzip")
-    packed = CacheReader(tmp_path / "gzip")
+    packed = CacheReader(reseal(tmp_path / "gzip"))  # repacking changes the bytes the manifest records
     for key in "abc":
         assert_same_record(plain.get(key), packed.get(key))
     assert all(tokens.raw for tokens in plain._shards[0].tokens.values())
@@ -199,9 +227,10 @@ def test_reader_pickles_without_handles(cache_dir, records, in_memory):
 
 
 def test_shard_problems_at_open(cache_dir):
-    reader = CacheReader(cache_dir)
     with h5py.File(cache_dir / "shard-00001.h5", "r+") as f:
         f.attrs["fingerprint"] = "other"
+    reseal(cache_dir)  # the checks behind the checksum, for a folder whose manifest vouches for it
+    reader = CacheReader(cache_dir)
     with pytest.raises(
         ValueError, match=r"shard-00001.h5: shard fingerprint other differs from the manifest's"
     ):
@@ -211,6 +240,7 @@ def test_shard_problems_at_open(cache_dir):
         reader.get("img010")
     with h5py.File(cache_dir / "shard-00000.h5", "r+") as f:
         f["keys"][0] = b"imgXXX"
+    reseal(cache_dir)
     with pytest.raises(ValueError, match=r"shard-00000.h5: image keys differ from manifest.json"):
         CacheReader(cache_dir, in_memory=True)
 
@@ -227,3 +257,19 @@ def test_manifest_problems_at_init(cache_dir):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"manifest.json: image 'img003' names unknown shard shard-00042.h5"):
         CacheReader(cache_dir)
+
+
+def test_repeated_opens_check_the_shards_without_reading_them_again(cache_dir, records, monkeypatch):
+    reads = []
+    real = mner.cache.checksums.file_sha256
+    monkeypatch.setattr(mner.cache.checksums, "file_sha256", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(mner.cache.checksums, "_RACY_NS", -(10**18))  # the shards count as settled
+    CacheReader(cache_dir)
+    assert len(reads) == 3  # the first open reads each shard once
+    reads.clear()
+    reader = CacheReader(cache_dir)
+    copy = pickle.loads(pickle.dumps(reader))  # what a DataLoader worker receives
+    for key in ("img000", "img005", "img010"):
+        assert_same_record(records[int(key[3:])], copy.get(key))
+    CacheReader(cache_dir, in_memory=True)
+    assert reads == []

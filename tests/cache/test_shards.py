@@ -500,3 +500,23 @@ def test_read_manifest_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
         read_manifest(cache_dir)
+
+
+def test_read_manifest_advises_the_rerun_that_rebuilds_it(tmp_path):
+    # The advice leads out of a damaged manifest (extraction rebuilds it from the shards), not into
+    # a refusal that asks for --overwrite.
+    cache_dir = make_cache(tmp_path, n=2)
+    rebuild = (
+        "re-run the `mner extract-features` command that made this cache: it keeps the intact shards "
+        "and rebuilds manifest.json"
+    )
+    (cache_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError) as refused:
+        read_manifest(cache_dir)
+    assert str(refused.value).endswith(f"); {rebuild}")
+    (cache_dir / "manifest.json").unlink()
+    with pytest.raises(ValueError) as refused:
+        read_manifest(cache_dir)
+    assert str(refused.value) == (
+        f"{cache_dir} holds shards but no manifest.json (an extraction stopped early); {rebuild}"
+    )

@@ -1,6 +1,7 @@
 """cache/verify.py: a clean cache passes; each kind of corruption is caught and named."""
 
 import json
+import os
 import shutil
 
 import h5py
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from mner.cache.datasets import resolve_data
+from mner.cache.shards import image_stat
 from mner.cache.verify import verify_cache
 from tests.cache.factories import make_cache, make_records
 
@@ -254,3 +256,44 @@ def test_layout_attrs_and_manifest_entries(cache_dir):
     only(report, "shard-00001.h5: dataset global_embed is (5, 6) float32, expected (5, 6) float16")
     only(report, "manifest.json: image key 'img000' is listed twice")
     only(report, "manifest.json: image 'extra' names unlisted shard shard-00099.h5")
+
+
+def test_images_checked_against_their_recorded_size_and_mtime(tmp_path):
+    keys = ["a", "b", "c", "d"]
+    write_data(tmp_path / "tw", {"train": keys})
+    images = tmp_path / "tw" / "images"
+    images.mkdir()
+    for key in "abc":  # d is missing
+        (images / f"{key}.jpg").write_bytes(b"x" * 10)
+    data = resolve_data(data_dir=tmp_path / "tw")
+    stats = {key: image_stat(data.image_path(key)) for key in keys}
+    cache_dir = make_cache(tmp_path, keys=keys, statuses={"d": "missing"}, shard_size=2, image_stats=stats)
+    report = verify_cache(cache_dir, data, images=True)
+    assert report.ok and report.checked["image_files"] == 4, report.problems
+
+    (images / "a.jpg").write_bytes(b"x" * 12)
+    os.utime(images / "b.jpg", ns=(10**18, 10**18))
+    (images / "c.jpg").unlink()
+    (images / "d.jpg").write_bytes(b"now here")
+    assert verify_cache(cache_dir, data).ok  # only --images looks at the files
+    report = verify_cache(cache_dir, data, images=True)
+    rerun = "re-run `mner extract-features` to extract its shard again"
+    assert report.problems == [
+        f"{images / 'a.jpg'}: image 'a' changed since extraction (size 10 -> 12; shard-00000.h5 row 0); {rerun}",
+        f"{images / 'b.jpg'}: image 'b' changed since extraction (modified; shard-00000.h5 row 1); {rerun}",
+        f"{images / 'c.jpg'}: image 'c' changed since extraction (gone; shard-00001.h5 row 0); {rerun}",
+        f"{images / 'd.jpg'}: image 'd' changed since extraction (appeared; shard-00001.h5 row 1); {rerun}",
+    ]
+
+
+def test_images_of_a_cache_that_recorded_none(tmp_path):
+    write_data(tmp_path / "tw", {"train": ["a", "b"]})
+    cache_dir = make_cache(tmp_path, keys=["a", "b"], statuses={})
+    report = verify_cache(cache_dir, resolve_data(data_dir=tmp_path / "tw"), images=True)
+    assert report.problems == [
+        "manifest.json records no file size or mtime for 2 image(s) (made by an older mner); "
+        "run `mner extract-features ... --overwrite` to record them"
+    ]
+    assert verify_cache(make_cache(tmp_path / "x", keys=["a"], statuses={}), images=True).problems == [
+        "cannot check the image files: the recorded data folder is gone; give --data-dir"
+    ]

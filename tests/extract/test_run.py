@@ -1,8 +1,10 @@
 """End-to-end extraction: images -> shards -> CacheReader, resuming, refusing foreign caches, torchrun."""
 
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,11 +19,14 @@ from PIL import Image
 
 import mner.extract.run
 from mner.cache.datasets import DataConfig
+from mner.cache.lifecycle import lock_folder
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
+from mner.cache.verify import verify_cache
 from mner.extract.config import ExtractConfig
 from mner.extract.models import build_detector, load_clip
 from mner.extract.run import extract_features, summarize
+from tests.cache.factories import flip_token_byte
 
 # Used by the subprocess tests: extraction as a user runs it, configured by one JSON argument.
 RUNNER = """
@@ -180,7 +185,8 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
     monkeypatch.setattr(mner.extract.run, "_encode_batch", crash_on_fourth_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_features(cfg)
-    assert sorted(path.name for path in out.iterdir()) == ["shard-00000.h5"]  # shard 1 aborted, tmp removed
+    # Shard 1 aborted, its tmp removed; the lock file stays (its flock went with the run).
+    assert sorted(path.name for path in out.iterdir()) == ["extract.lock", "shard-00000.h5"]
     (out / "shard-00001.h5.tmp").write_bytes(b"half a shard from a killed run")
     calls.clear()
     extract_features(cfg)
@@ -216,6 +222,57 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(shared_data, reference_cache
     assert_same_cache(out, reference_cache)
 
 
+# RUNNER that, after its first batch, waits until the file argv[2] exists: the first extraction of
+# the race is surely still running when the second one starts, however loaded the machine.
+HELD_RUNNER = """
+import json, sys, time
+from pathlib import Path
+import mner.extract.run as run
+from mner.extract.config import ExtractConfig
+real, calls = run._encode_batch, []
+def held(*args, **kwargs):
+    calls.append(1)
+    while len(calls) > 1 and not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+run._encode_batch = held
+run.extract_features(ExtractConfig.from_dict(json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_two_extractions_into_one_folder_one_refused(shared_data, reference_cache, tmp_path):
+    out = tmp_path / "raced"
+    cfg = {"data_dir": str(shared_data.data_dir), "out": str(out), **SHARED}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    release = tmp_path / "release"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HELD_RUNNER, json.dumps(cfg), str(release)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("shard-*.h5*")):  # its first batch is in the writer: it holds the lock
+            assert first.poll() is None and time.monotonic() < deadline, "the first run wrote no shard"
+            time.sleep(0.01)
+        second = run_subprocess(shared_data.data_dir, out)
+        _, stderr = second.communicate(timeout=300)
+        assert second.returncode == 1 and first.poll() is None, (
+            "the second run did not refuse while the first ran"
+        )
+        assert (
+            f"ValueError: {out} is being written by another `mner extract-features` (pid {first.pid})"
+            in stderr
+        )
+    finally:
+        release.touch()  # never leave the held run waiting
+    finish(first)
+    assert_same_cache(out, reference_cache)
+    assert verify_cache(out).ok
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path):
     script = tmp_path / "run_extract.py"
@@ -226,15 +283,30 @@ def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path
     out = tmp_path / "two"
     cfg = {"data_dir": str(shared_data.data_dir), "out": str(out), **SHARED}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    result = subprocess.run(
-        [*command, str(script), json.dumps(cfg)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def torchrun(timeout=300):
+        return subprocess.run(
+            [*command, str(script), json.dumps(cfg)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    result = torchrun()
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_cache(out, reference_cache)
+    # Into the existing folder: rank 0 locks it at once, and rank 1 re-extracts its damaged shard.
+    flip_token_byte(out / "shard-00001.h5")
+    result = torchrun()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard-00001.h5 has a sha256 other than manifest.json records" in result.stderr
+    assert_same_cache(out, reference_cache)
+    # A locked folder stops every rank with the refusal (none waits at a barrier).
+    with lock_folder(out):
+        result = torchrun(timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count(f"ValueError: {out} is being written by another `mner extract-features`") == 2
 
 
 def test_different_configuration_is_refused_and_overwrite_replaces(image_dataset, tmp_path):
@@ -255,6 +327,128 @@ def test_different_configuration_is_refused_and_overwrite_replaces(image_dataset
     reader = CacheReader(out)
     assert reader.spec.max_regions == 5 and reader.fingerprint != old
     assert sorted(path.name for path in out.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
+
+
+def small_run(ds, out, **changes) -> ExtractConfig:
+    """Extraction of `ds` into `out` in shards of 2 (the default detector and encoder presets)."""
+    return ExtractConfig(
+        data=DataConfig(data_dir=str(ds.data_dir)), out=str(out), shard_size=2, num_workers=0, **changes
+    )
+
+
+@pytest.fixture
+def counted_batches(monkeypatch):
+    """The image keys of every batch extraction encodes, in order."""
+    real, seen = mner.extract.run._encode_batch, []
+
+    def counting(batch, *args, **kwargs):
+        seen.append([meta["key"] for meta in batch["items"]])
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(mner.extract.run, "_encode_batch", counting)
+    return seen
+
+
+def test_a_folder_that_is_not_a_cache_is_refused_untouched(image_dataset, tmp_path):
+    ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0)
+    mine = tmp_path / "results"
+    (mine / "checkpoint").mkdir(parents=True)
+    (mine / "checkpoint" / "state.pt").write_bytes(b"weights")
+    (mine / "results.json").write_text("{}")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=f"^{mine} is not empty and holds no feature cache"):
+            extract_features(small_run(ds, mine, overwrite=overwrite))
+    (mine / "extract_config.json").write_text('{"lr": 0.1}')  # someone else's file of that name
+    before[mine / "extract_config.json"] = b'{"lr": 0.1}'
+    with pytest.raises(ValueError, match=f"^{mine} holds an extract_config.json that is not an mner"):
+        extract_features(small_run(ds, mine, overwrite=True))
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_another_extraction_holds_is_refused_at_once(image_dataset, tmp_path, counted_batches):
+    ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0)
+    out = tmp_path / "cache"
+    out.mkdir()
+    with lock_folder(out):
+        with pytest.raises(ValueError) as refused:
+            extract_features(small_run(ds, out))
+    assert str(refused.value) == (
+        f"{out} is being written by another `mner extract-features` (pid {os.getpid()}); "
+        "wait for it to finish, or give another --out folder"
+    )
+    assert counted_batches == [] and sorted(p.name for p in out.iterdir()) == ["extract.lock"]
+    extract_features(small_run(ds, out))  # the lock went with its holder
+    assert verify_cache(out).ok
+
+
+def test_a_shard_whose_bytes_changed_is_extracted_again(image_dataset, tmp_path, counted_batches, caplog):
+    ds = image_dataset(tmp_path, n=6, missing=0, corrupt=0)
+    out = extract_features(small_run(ds, tmp_path / "cache"))
+    intact = (out / "shard-00001.h5").read_bytes()
+    flip_token_byte(out / "shard-00001.h5")
+    counted_batches.clear()
+    caplog.set_level(logging.INFO, logger="mner.extract.run")
+    extract_features(small_run(ds, out))
+    assert counted_batches == [ds.keys[2:4]]  # that shard only
+    assert (
+        "shard-00001.h5 has a sha256 other than manifest.json records (the file changed or is corrupt); "
+        "extracting it again" in caplog.text
+    )
+    assert (out / "shard-00001.h5").read_bytes() == intact
+    assert verify_cache(out).ok
+
+
+def test_shards_whose_images_changed_are_extracted_again(image_dataset, tmp_path, counted_batches, caplog):
+    ds = image_dataset(tmp_path, n=6, missing=1, corrupt=1)  # 1004 corrupt, 1005 missing
+    out = extract_features(small_run(ds, tmp_path / "cache"))
+    images = ds.data_dir / "images"
+    recorded = {image["key"]: image for image in read_manifest(out)["images"]}
+    assert recorded["1000"]["file_size"] == (images / "1000.jpg").stat().st_size
+    assert recorded["1000"]["file_mtime_ns"] == (images / "1000.jpg").stat().st_mtime_ns
+    assert recorded["1005"]["file_size"] is recorded["1005"]["file_mtime_ns"] is None
+
+    caplog.set_level(logging.INFO, logger="mner.extract.run")
+    extract_features(small_run(ds, out))  # nothing changed: nothing extracted, the failures not retried
+    assert "2 image(s) recorded missing or corrupt in the reused shards are unchanged on disk" in caplog.text
+    shutil.copy(images / "1001.jpg", images / "1000.jpg")  # another picture
+    shutil.copy(images / "1002.jpg", images / "1005.jpg")  # the missing image now exists
+    counted_batches.clear()
+    caplog.clear()
+    extract_features(small_run(ds, out))
+    assert counted_batches == [["1000", "1001"], ["1004", "1005"]]
+    size = (images / "1000.jpg").stat().st_size
+    assert (
+        "shard-00000.h5 holds 1 image(s) that changed on disk since: "
+        f"1000 (size {recorded['1000']['file_size']} -> {size}); extracting it again" in caplog.text
+    )
+    assert "shard-00002.h5 holds 1 image(s) that changed on disk since: 1005 (appeared)" in caplog.text
+    reader = CacheReader(out)
+    assert reader.status("1005") == "ok" and reader.status("1004") == "corrupt"
+    np.testing.assert_allclose(reader.get("1000").patch_tokens, reader.get("1001").patch_tokens, atol=2e-3)
+    assert verify_cache(out, images=True).ok
+
+
+def test_a_damaged_manifest_is_rebuilt_from_the_shards(image_dataset, tmp_path, counted_batches, caplog):
+    ds = image_dataset(tmp_path, n=6, missing=1, corrupt=0)
+    out = extract_features(small_run(ds, tmp_path / "cache"))
+    manifest = read_manifest(out)
+    caplog.set_level(logging.INFO, logger="mner.extract.run")
+    for damage in ("{half a manifest", None):
+        if damage is None:
+            (out / "manifest.json").unlink()
+        else:
+            (out / "manifest.json").write_text(damage)
+            with pytest.raises(ValueError, match="it keeps the intact shards and rebuilds manifest.json$"):
+                verify_cache(out)  # the advice, followed below
+        counted_batches.clear()
+        caplog.clear()
+        extract_features(small_run(ds, out))
+        assert counted_batches == []  # nothing extracted again, no --overwrite asked for
+        assert read_manifest(out) == manifest
+        assert f"manifest.json in {out} was " in caplog.text
+        assert "rebuilt it from the shards (3 reused, 0 extracted)" in caplog.text
+        assert verify_cache(out).ok
 
 
 def test_extract_errors(image_dataset, tmp_path):

@@ -369,6 +369,22 @@ def test_cache_verify_fails_on_a_damaged_shard(workspace, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"Error: {damaged}: {len(problems)} problem(s) found"
 
 
+def test_cache_verify_images_reports_each_changed_image(workspace, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(workspace.data_dir, data)  # copy2 keeps each file's mtime to the nanosecond
+    ok("cache", "verify", workspace.cache_dir, "--data-dir", data, "--images")
+    entry = read_manifest(workspace.cache_dir)["images"][5]
+    key = entry["key"]
+    (data / "images" / f"{key}.jpg").write_bytes(b"another picture")
+    result = invoke("cache", "verify", workspace.cache_dir, "--data-dir", data, "--images")
+    assert result.exit_code == 1, result.output
+    assert [line for line in result.stdout.splitlines() if line.startswith("PROBLEM: ")] == [
+        f"PROBLEM: {data / 'images' / key}.jpg: image {key!r} changed since extraction (size "
+        f"{entry['file_size']} -> 15; {entry['shard']} row {entry['row']}); "
+        "re-run `mner extract-features` to extract its shard again"
+    ]
+
+
 def test_second_extract_reuses_the_completed_shards(workspace):
     shards = sorted(workspace.cache_dir.glob("shard-*.h5"))
     before = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in shards}
