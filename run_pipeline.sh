@@ -3,9 +3,10 @@
 #   ./run_pipeline.sh          set up .venv, build the embedded demo, extract it with the untrained tiny vision
 #                              presets, train text-only and multimodal with the bundled MiniLM, evaluate, print a table
 #   ./run_pipeline.sh test     set up .venv and run the linter and the test suite (what CI runs)
-#   ./run_pipeline.sh DATASET --data-root DIR --clip PATH --detector-ckpt FILE [--detector NAME]
+#   ./run_pipeline.sh DATASET --data-root DIR --clip PATH --detector NAME --detector-ckpt FILE
 #                     [--text-encoder PATH] [--out DIR] [--epochs N]
-#                              the real pipeline on twitter2015 | twitter2017 | newsmkg
+#                              the real pipeline on twitter2015 | twitter2017 | newsmkg; --clip and --detector
+#                              are required (a real dataset never defaults to the untrained presets)
 # Environment: PYTHON (the interpreter that creates the venv; default python3), MNER_VENV (default .venv),
 #              MNER_DEMO_OUT (default demo_out).
 set -euo pipefail
@@ -96,6 +97,6 @@ run_dataset() {
 case "${1:-demo}" in
   demo) run_demo ;;
   test) shift; run_tests "$@" ;;
-  -h | --help) sed -n '2,10p' "$0" ;;
+  -h | --help) sed -n '2,11p' "$0" ;;
   *) run_dataset "$@" ;;
 esac

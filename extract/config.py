@@ -35,8 +35,10 @@ class ExtractConfig:
 
     data: DataConfig  # the posts whose images are extracted: data folder or named dataset, image folder
     out: str = ""  # cache folder to write (manifest.json + shard-*.h5)
-    clip: str = TINY_CLIP  # "tiny-clip" (seeded random preset) or a local HF CLIP / CLIP-vision folder
-    detector: str = TINY_FRCNN  # detector registry name, one of DETECTORS
+    # "tiny-clip" (seeded random preset) or a local HF CLIP / CLIP-vision folder. None: tiny-clip for a
+    # data folder, refused for a named dataset (real data must not get random-weight tokens by default).
+    clip: str | None = None
+    detector: str | None = None  # detector registry name, one of DETECTORS; None: as for clip (tiny-frcnn)
     detector_ckpt: str | None = None  # detector state-dict file; required for every detector but tiny-frcnn
     # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
     region_features: str = "frcnn"
@@ -61,6 +63,7 @@ class ExtractConfig:
         if not isinstance(self.data, DataConfig):
             raise ValueError(f"data must be a DataConfig, got {self.data!r}")
         self.data = self.data.absolute()
+        self._default_models()
         for name in ("out", "detector_ckpt"):
             value = getattr(self, name)
             if value:
@@ -105,6 +108,34 @@ class ExtractConfig:
                 f"--detector-ckpt is required for {self.detector}: give a local state-dict file "
                 "(weights are never downloaded)"
             )
+
+    def _default_models(self) -> None:
+        """The untrained presets for a clip/detector left unset, unless the data is a named (real) dataset."""
+        unset = [
+            flag for flag, value in (("--clip", self.clip), ("--detector", self.detector)) if value is None
+        ]
+        if unset and self.data.dataset is not None:
+            raise ValueError(
+                f"--dataset {self.data.dataset} is real data: give {' and '.join(unset)} explicitly "
+                f"(e.g. --clip /models/clip-vit-base-patch32 --detector fasterrcnn_resnet50_fpn "
+                f"--detector-ckpt /models/frcnn_r50.pth); the defaults {TINY_CLIP} and {TINY_FRCNN} are "
+                "untrained random presets whose tokens carry no image content (name them to use them anyway)"
+            )
+        self.clip = TINY_CLIP if self.clip is None else self.clip
+        self.detector = TINY_FRCNN if self.detector is None else self.detector
+
+    def check_inputs(self) -> None:
+        """Check, from the file system alone (no torch), what extraction will read: the data folder, the
+        CLIP folder and the detector checkpoint exist. Run before the models load (and by the CLI before
+        it imports the vision stack), so a typo costs no model loading. Raises ValueError."""
+        self.data.resolve()  # the data folder or named dataset exists
+        if self.clip != TINY_CLIP and not (Path(self.clip) / "config.json").is_file():
+            raise ValueError(
+                f"CLIP model folder not found or has no config.json: {self.clip} "
+                f"(give a local Hugging Face CLIP folder or '{TINY_CLIP}')"
+            )
+        if self.detector_ckpt and not Path(self.detector_ckpt).is_file():
+            raise ValueError(f"detector checkpoint not found: {self.detector_ckpt}")
 
     def to_dict(self) -> dict:
         """Plain JSON-able copy: the data fields first and flat (as manifests have always held them),

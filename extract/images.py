@@ -2,16 +2,25 @@
 
 A post whose picture cannot be decoded keeps status "missing" or "corrupt" and zeroed tokens; we never
 substitute another picture (a placeholder would give the fusion model a confident, wrong signal).
+
+A decoded picture whose long side is more than MAX_ASPECT_RATIO times its short side is "corrupt" too:
+the models resize by the short side (CLIP) or fit both sides into a box (the detectors), so a 20000x20
+strip becomes a multi-gigabyte array for CLIP or a zero-pixel side for the detector. Every model the
+extractor offers handles 100:1 (the tiny detector's 128-pixel box still keeps a 1-pixel side).
 """
 
 from __future__ import annotations
 
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+# Long side / short side above which an image is "corrupt" (see the module docstring).
+MAX_ASPECT_RATIO = 100
 
 
 @dataclass
@@ -28,8 +37,10 @@ class LoadedImage:
 def load_image(path: str | Path) -> LoadedImage:
     """Decode `path` fully into an RGB PIL image.
 
-    Truncated files, non-images, zero-byte files and decompression bombs (more than
-    `Image.MAX_IMAGE_PIXELS` pixels) are "corrupt"; an absent file is "missing".
+    Truncated files, non-images, zero-byte files, decompression bombs (more than
+    `Image.MAX_IMAGE_PIXELS` pixels) and pictures more elongated than MAX_ASPECT_RATIO are "corrupt";
+    an absent file, a broken symlink, a directory or another non-regular file (FIFO, socket, device:
+    never opened, a FIFO would block) is "missing", with the reason in `error`.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ValueError(
@@ -37,8 +48,9 @@ def load_image(path: str | Path) -> LoadedImage:
             "with grey bands; set it back to False before extracting"
         )
     path = Path(path)
-    if not path.is_file():
-        return LoadedImage(None, "missing", 0, 0, f"image not found: {path}")
+    absent = _not_a_file(path)
+    if absent:
+        return LoadedImage(None, "missing", 0, 0, absent)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both are bombs for us.
@@ -52,7 +64,36 @@ def load_image(path: str | Path) -> LoadedImage:
         return _corrupt(path, f"decompression bomb: {err}")
     except Exception as err:  # noqa: BLE001 - image plugins raise anything (struct.error, IndexError, ...)
         return _corrupt(path, f"{type(err).__name__}: {err}")
-    return LoadedImage(image, "ok", image.width, image.height)
+    width, height = image.width, image.height
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return LoadedImage(
+            None,
+            "corrupt",
+            0,
+            0,
+            f"image {path} is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its "
+            "short side, which the models' resizing cannot handle; crop or pad it",
+        )
+    return LoadedImage(image, "ok", width, height)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` is not a regular file ("" when it is one), from stat alone (nothing is opened)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return (
+            f"image not found: {path} (a broken symlink)" if path.is_symlink() else f"image not found: {path}"
+        )
+    except OSError as err:  # permission denied on a parent folder, a name too long, a symlink loop
+        return f"image cannot be reached: {path}: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return f"image path is a directory, not a file: {path}"
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a block device")
+    return f"image path is {kind}, not a regular file: {path}"
 
 
 def _corrupt(path: Path, why: str) -> LoadedImage:

@@ -373,9 +373,11 @@ def build_detector(name: str, ckpt: str | None, cfg: ExtractConfig) -> RegionDet
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load on a non-checkpoint raises Unpickling/Key/EOF/Runtime errors alike
+        # torch's own message runs over many lines of advice about weights_only; its first line says what failed.
+        first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(
             f"detector checkpoint {ckpt_path} is not a torchvision state_dict file readable with "
-            f"torch.load(weights_only=True): {err}"
+            f"torch.load(weights_only=True): {type(err).__name__}: {first}"
         ) from err
     try:
         model.load_state_dict(state)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from collections import Counter
 from datetime import timedelta
@@ -27,7 +26,6 @@ import torchvision
 import transformers
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
-from tqdm import tqdm
 
 from mner.cache.datasets import DataSource
 from mner.cache.lifecycle import (
@@ -51,6 +49,7 @@ from mner.cache.shards import (
     shard_path,
     write_manifest,
 )
+from mner.extract import images
 from mner.extract.config import ExtractConfig
 from mner.extract.images import load_image
 from mner.extract.models import (
@@ -62,7 +61,7 @@ from mner.extract.models import (
     preprocess_for_clip,
     preprocess_for_detector,
 )
-from mner.runtime import Runtime, start_runtime
+from mner.runtime import ProgressLog, Runtime, start_runtime
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,7 @@ def extract_features(cfg: ExtractConfig) -> Path:
     (cache.lifecycle.FolderLock) until the manifest is written.
     """
     start = time.perf_counter()
+    cfg.check_inputs()
     out = Path(cfg.out).expanduser()
     check_folder(out)  # before anything is read, loaded or written: never a folder that is not ours
     source = cfg.data.resolve()
@@ -102,8 +102,9 @@ def extract_features(cfg: ExtractConfig) -> Path:
             raise ValueError(
                 f"amp={cfg.amp} needs a CUDA device, but extraction runs on {device}; use amp='off'"
             )
-        clip = load_clip(cfg.clip, device)
+        # The detector first: a bad checkpoint is reported without waiting for CLIP to load.
         detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(device)
+        clip = load_clip(cfg.clip, device)
         models = model_info(clip, detector)
         for role, info in models.items():
             if info["untrained"]:
@@ -238,6 +239,8 @@ def fingerprint_parts(cfg: ExtractConfig, models: dict, spec: TokenSpec, keys: l
         "score_thr": cfg.score_thr,
         "nms_iou": cfg.nms_iou,
         "region_features": cfg.region_features,
+        # Pictures more elongated than this are recorded corrupt instead of extracted.
+        "max_aspect_ratio": images.MAX_ASPECT_RATIO,
         "dtype": {"compute": "float32" if cfg.amp == "off" else cfg.amp, "stored": "float16"},
         # Detector batches are padded to their largest image, so values depend on batch composition.
         "batch_size": cfg.batch_size,
@@ -287,12 +290,21 @@ class _Images(Dataset):
         loaded = load_image(path)
         item = {"key": key, "status": loaded.status, "width": loaded.width, "height": loaded.height}
         item.update(error=loaded.error, pixel_values=None, detector_input=None, original=None)
-        if loaded.status == "ok":
+        if loaded.status != "ok":
+            return item
+        try:
             item["pixel_values"] = preprocess_for_clip(self.processor, [loaded.image])[0]  # (3, S, S)
             pixels = pil_to_tensor(loaded.image)  # (3, H, W) uint8
             item["detector_input"] = preprocess_for_detector(self.detector_transform, pixels.float() / 255.0)
-            if self.keep_original:
-                item["original"] = pixels
+        except Exception as err:  # noqa: BLE001 - resizing code raises anything (RuntimeError, ValueError, ...)
+            # This image alone becomes "corrupt", exactly as an undecodable file would: the batch goes on.
+            why = f"cannot preprocess {path} ({loaded.width}x{loaded.height}): {type(err).__name__}: {err}"
+            item.update(
+                status="corrupt", width=0, height=0, error=why, pixel_values=None, detector_input=None
+            )
+            return item
+        if self.keep_original:
+            item["original"] = pixels
         return item
 
 
@@ -352,10 +364,10 @@ def _extract_shards(
         stats,
     )
     errors = {}
-    show = runtime.is_main and sys.stderr.isatty()
     try:
+        # A bar on a terminal; in a log file a line (done/total, images/s, ETA) every PROGRESS_INTERVAL_S.
         with (
-            tqdm(total=len(items), unit="img", desc="extract", disable=not show) as progress,
+            ProgressLog(len(items), "extract", unit="img", enabled=runtime.is_main) as progress,
             runtime.autocast(),
         ):
             for batch, (index, rows) in zip(loader, where):

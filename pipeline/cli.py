@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,16 +25,34 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def _user_errors(fn):
-    """Turn a ValueError from a stage (bad input, refused cache) into a clean click error: no traceback."""
+    """Turn a ValueError from a stage (bad input, refused cache) into a clean click error: no traceback,
+    and the settings it names spelled as this command's flags (`--data-dir`, not `data_dir`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as err:
-            raise click.ClickException(str(err)) from err
+            raise click.ClickException(_flag_names(str(err), click.get_current_context().command)) from err
 
     return wrapper
+
+
+def _flag_names(message: str, command: click.Command) -> str:
+    """`message` with the config field names of `command`'s options written as their flags.
+
+    A name is replaced where it is a subject of the sentence: at the start ("topk must be ...",
+    "cache_dir is required ...") or after give / either / or / with ("give data_dir, or dataset with
+    data_root"), and followed by a verb or punctuation. Elsewhere the same words are prose ("detector
+    checkpoint not found"), dotted keys (train.batch_size) or lists of config keys, and stay as they are.
+    """
+    for param in command.params:
+        if not isinstance(param, click.Option) or not param.name or not param.opts[0].startswith("--"):
+            continue
+        before = r"(?:^|(?<=give )|(?<=either )|(?<=or )|(?<=with ))"
+        after = r"(?= must| is required| goes| \(| or| with|,|;|\)|$)"
+        message = re.sub(before + re.escape(param.name) + after, param.opts[0], message)
+    return message
 
 
 def _data_options(fn):
@@ -91,16 +110,14 @@ def main():
 @_data_options
 @click.option(
     "--clip",
-    default="tiny-clip",
-    show_default=True,
-    help="Local Hugging Face CLIP or CLIP-vision folder, or the untrained preset tiny-clip.",
+    help="Local Hugging Face CLIP or CLIP-vision folder, or the untrained preset tiny-clip "
+    "[default: tiny-clip with --data-dir; required with --dataset].",
 )
 @click.option(
     "--detector",
-    default="tiny-frcnn",
-    show_default=True,
     help="fasterrcnn_resnet50_fpn | fasterrcnn_resnet50_fpn_v2 | fasterrcnn_mobilenet_v3_large_fpn | "
-    "fasterrcnn_mobilenet_v3_large_320_fpn | tiny-frcnn (untrained preset).",
+    "fasterrcnn_mobilenet_v3_large_320_fpn | tiny-frcnn (untrained preset) "
+    "[default: tiny-frcnn with --data-dir; required with --dataset].",
 )
 @click.option(
     "--detector-ckpt",
@@ -150,9 +167,11 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, columns, **opt
           --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
     """
     from mner.extract.config import ExtractConfig
-    from mner.extract.run import extract_features, summarize
 
     cfg = ExtractConfig(data=_data_config(data_dir, dataset, data_root, image_dir, columns), **opts)
+    cfg.check_inputs()  # before torch and the models load: a typo costs a fraction of a second
+    from mner.extract.run import extract_features, summarize
+
     started = time.perf_counter()
     out = extract_features(cfg)
     click.echo(summarize(out, seconds=time.perf_counter() - started))
@@ -324,12 +343,13 @@ def train_from_cache_cmd(
       mner train-from-cache --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --set model.qfnet_layers=1 --seed 1 --out runs/tw15_qf1
     """
-    from mner.train.loop import train_from_cache
-
     data = _data_config(data_dir, dataset, data_root, image_dir, columns)
     cfg = _run_config(
         cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
+    data.resolve()  # the data folder exists: checked before torch loads
+    from mner.train.loop import train_from_cache
+
     run_dir = train_from_cache(cfg)
     click.echo(f"run written to {run_dir}")
 
@@ -437,11 +457,13 @@ def ablate_cmd(
       mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --exp full --exp no_region --exp text_only --seeds 3 --out ablations/tw15
     """
+    data = _data_config(data_dir, dataset, data_root, image_dir, columns)
+    data.resolve()  # the data folder exists: checked before torch loads
     from mner.train.ablate import AblationConfig, run_ablation
 
     cfg = AblationConfig(
         cache_dir=cache_dir,
-        data=_data_config(data_dir, dataset, data_root, image_dir, columns),
+        data=data,
         text_encoder=text_encoder,
         experiments=list(experiments),
         seeds=seeds,

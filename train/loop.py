@@ -21,15 +21,15 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from mner.runtime import FolderClaim, Runtime, seed_everything, start_runtime, to_device
+from mner.runtime import FolderClaim, ProgressLog, Runtime, seed_everything, start_runtime, to_device
 from mner.train.checkpoint import Progress, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from mner.train.config import RunConfig, TrainConfig
 from mner.train.data import make_loader
@@ -202,9 +202,21 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         started = time.perf_counter()
         epoch_at.update(epoch=epoch, first_step=scheduler.last_epoch, steps=len(train_loader))
         sampler.set_epoch(epoch)
-        # A manual bar (not tqdm(loader)), so it is still open to show dev F1 after the epoch.
-        with tqdm(
-            total=len(train_loader), desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not runtime.is_main
+        if runtime.world_size > 1:
+            # Each rank its own dropout and image-dropout masks (one seed everywhere would repeat them
+            # across ranks, also after a resume restores rank 0's RNG), drawn from (seed, epoch, rank)
+            # so that a resumed run draws what the uninterrupted one drew.
+            torch.manual_seed(
+                int(np.random.SeedSequence([cfg.train.seed, epoch, runtime.rank]).generate_state(1)[0])
+            )
+        # A manual bar (not tqdm(loader)), so it is still open to show dev F1 after the epoch; in a log
+        # file (stderr not a terminal) about ten plain lines per epoch instead of `\r` redraws.
+        with ProgressLog(
+            len(train_loader),
+            f"epoch {epoch}/{cfg.train.epochs}",
+            unit="step",
+            enabled=runtime.is_main,
+            every=max(1, -(-len(train_loader) // 10)),
         ) as bar:
             train_loss = train_epoch(
                 trained, train_loader, bar, optimizer, scheduler, scaler, cfg.train.max_grad_norm, runtime
@@ -319,7 +331,7 @@ def train_epoch(
         total += train_step(model, batch, optimizer, scheduler, scaler, max_grad_norm, runtime)
         steps += 1
         bar.update()
-        bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{total / steps:.4f}")
     sums = torch.tensor([total, steps], dtype=torch.float64, device=runtime.device)
     if runtime.world_size > 1:
         dist.all_reduce(sums)

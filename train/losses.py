@@ -9,7 +9,10 @@ that needs parameters (a type-presence classifier, a projection) owns them; it r
 model computed from `LossInputs` and returns a scalar.
 
 - align (AFDVQF's alignment loss; CLIP's contrastive objective): symmetric InfoNCE between each
-  post's mean word state and its mean visual token, over the posts that have an image.
+  post's mean word state and its mean visual token, over the posts that have an image. Under DDP
+  (training, world size > 1) the negatives are every rank's posts, as CLIP trains: each rank gathers
+  all ranks' embeddings (its own keep their gradient) and computes the loss of the union batch, so
+  the loss, and after DDP's gradient averaging the update, are those of one process on the union.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,14 +62,42 @@ class AlignmentLoss(AuxLoss):
         words, visual, visual_mask = inputs.words, inputs.visual, inputs.visual_mask
         assert visual is not None and visual_mask is not None, "the alignment loss needs the visual tokens"
         has_image = visual_mask.any(dim=1)  # (B,)
-        if int(has_image.sum()) < 2:
+        text = F.normalize(masked_mean(words, inputs.word_mask)[has_image], dim=-1)  # (N_r, D)
+        image = F.normalize(masked_mean(visual, visual_mask)[has_image], dim=-1)  # (N_r, D)
+        world = (
+            dist.get_world_size() if self.training and dist.is_available() and dist.is_initialized() else 1
+        )
+        if world > 1:
+            # Every rank takes part in the gathers, even one whose batch has no image.
+            text, image = gather_rows(text), gather_rows(image)  # (N, D) each, N over all ranks
+        if text.shape[0] < 2:
             # One pair has no negative to contrast with; the loss would be a constant 0.
             return words.new_zeros(())
-        text = masked_mean(words, inputs.word_mask)[has_image]  # (N, D)
-        image = masked_mean(visual, visual_mask)[has_image]  # (N, D)
-        logits = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T / self.temperature  # (N, N)
+        logits = text @ image.T / self.temperature  # (N, N)
         target = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        if world > 1:
+            # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
+            # by the world size; scaling the gradient (not the value) by it gives the union's gradient.
+            loss = loss + (world - 1) * (loss - loss.detach())
+        return loss
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N_r, D) rows of every rank -> (N, D) in rank order; this rank's rows keep their gradient, the
+    others' are copies. Ranks may hold different numbers of rows (posts without an image are dropped)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs one shape on every rank
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    rows = [part[:size] for part, size in zip(parts, sizes)]
+    rows[rank] = x
+    return torch.cat(rows)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,13 @@
 """Image decoding: every odd file either decodes to what a viewer shows or gets a status saying why not."""
 
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mner.extract.images import load_image
+from mner.extract.images import MAX_ASPECT_RATIO, load_image
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -130,3 +131,54 @@ def test_missing_file(tmp_path):
     loaded = load_image(tmp_path / "nope.jpg")
     assert (loaded.status, loaded.image, loaded.width, loaded.height) == ("missing", None, 0, 0)
     assert loaded.error == f"image not found: {tmp_path / 'nope.jpg'}"
+
+
+def test_a_directory_named_like_an_image_says_so(tmp_path):
+    (tmp_path / "1234.jpg").mkdir()
+    loaded = load_image(tmp_path / "1234.jpg")
+    assert (loaded.status, loaded.image, loaded.width, loaded.height) == ("missing", None, 0, 0)
+    assert loaded.error == f"image path is a directory, not a file: {tmp_path / '1234.jpg'}"
+
+
+def test_a_fifo_is_never_opened(tmp_path):
+    # Opening a FIFO for reading blocks until a writer comes: load_image must decide from stat alone.
+    path = tmp_path / "pipe.jpg"
+    os.mkfifo(path)
+    loaded = load_image(path)
+    assert (loaded.status, loaded.error) == ("missing", f"image path is a FIFO, not a regular file: {path}")
+
+
+def test_a_broken_symlink_says_so(tmp_path):
+    path = tmp_path / "link.jpg"
+    path.symlink_to(tmp_path / "gone.jpg")
+    loaded = load_image(path)
+    assert (loaded.status, loaded.error) == ("missing", f"image not found: {path} (a broken symlink)")
+
+
+@pytest.mark.parametrize(
+    "size, status",
+    [
+        ((MAX_ASPECT_RATIO, 1), "ok"),
+        ((1, MAX_ASPECT_RATIO), "ok"),
+        ((MAX_ASPECT_RATIO + 1, 1), "corrupt"),
+        ((1, MAX_ASPECT_RATIO + 1), "corrupt"),
+        ((20000, 20), "corrupt"),
+        ((20, 20000), "corrupt"),
+        ((1, 1), "ok"),
+    ],
+    ids=lambda value: "x".join(map(str, value)) if isinstance(value, tuple) else value,
+)
+def test_elongated_pictures_are_corrupt_with_their_size(tmp_path, size, status):
+    path = tmp_path / "x.png"
+    Image.new("RGB", size, RED).save(path)
+    loaded = load_image(path)
+    assert loaded.status == status
+    if status == "corrupt":
+        width, height = size
+        assert loaded.error == (
+            f"image {path} is {width}x{height}: its long side is more than {MAX_ASPECT_RATIO} times its "
+            "short side, which the models' resizing cannot handle; crop or pad it"
+        )
+        assert (loaded.image, loaded.width, loaded.height) == (None, 0, 0)
+    else:
+        assert (loaded.width, loaded.height) == size

@@ -17,13 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
+import mner.extract.images
 import mner.extract.run
 from mner.cache.datasets import DataConfig
 from mner.cache.lifecycle import lock_folder
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
 from mner.cache.verify import verify_cache
-from mner.extract.config import ExtractConfig
+from mner.extract.config import DETECTORS, ExtractConfig
 from mner.extract.models import build_detector, load_clip
 from mner.extract.run import extract_features, summarize
 from tests.cache.factories import flip_token_byte
@@ -31,7 +32,7 @@ from tests.cache.factories import flip_token_byte
 # Used by the subprocess tests: extraction as a user runs it, configured by one JSON argument.
 RUNNER = """
 import json, sys
-from mner.extract.config import ExtractConfig
+from mner.extract.config import DETECTORS, ExtractConfig
 from mner.extract.run import extract_features
 extract_features(ExtractConfig.from_dict(json.loads(sys.argv[1])))
 """
@@ -522,7 +523,14 @@ def test_config_thresholds_and_dict():
 
 
 def test_config_dict_keeps_the_manifest_layout():
-    cfg = ExtractConfig(data=DataConfig(dataset="twitter2015", data_root="r"), out="o", topk=5)
+    # A named dataset takes the presets only by name (see test_real_dataset_requires_named_models).
+    cfg = ExtractConfig(
+        data=DataConfig(dataset="twitter2015", data_root="r"),
+        out="o",
+        topk=5,
+        clip="tiny-clip",
+        detector="tiny-frcnn",
+    )
     record = cfg.to_dict()
     # The data fields sit flat at the top of the manifest's config, as every cache so far records them.
     assert list(record)[:7] == ["data_dir", "dataset", "data_root", "image_dir", "columns", "out", "clip"]
@@ -532,3 +540,129 @@ def test_config_dict_keeps_the_manifest_layout():
         ValueError, match=re.escape("manifest.json: unknown extraction config keys ['fingerprint_parts']")
     ):
         ExtractConfig.from_dict({**record, "fingerprint_parts": {}}, source="manifest.json")
+
+
+# ------------------------------------------------------------------------- images preprocessing can't take
+
+# Sizes (width, height) no model can take, both ways round: far beyond MAX_ASPECT_RATIO.
+EXTREME = {"1000": (20000, 20), "1001": (20, 20000)}
+
+
+def _picture_dataset(image_dataset, tmp_path, name, extreme: bool):
+    """8 posts; keys 1000 and 1001 are EXTREME pictures (extreme=True) or absent files, 1002 is 1x1,
+    1003 is a large 3000x2000 picture, the rest the dataset's ordinary JPEGs."""
+    ds = image_dataset(tmp_path, n=8, missing=0, corrupt=0, name=name)
+    images = ds.data_dir / "images"
+    for key, size in EXTREME.items():
+        (images / f"{key}.jpg").unlink()
+        if extreme:
+            Image.new("RGB", size, (200, 40, 40)).save(images / f"{key}.jpg")
+    Image.new("RGB", (1, 1), (10, 200, 10)).save(images / "1002.jpg")
+    big = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8).repeat(100, 0).repeat(100, 1)
+    Image.fromarray(big).save(images / "1003.jpg")  # (2000, 3000, 3)
+    return ds
+
+
+@pytest.mark.parametrize("rule", ["aspect-rule", "preprocessing-error"])
+def test_images_preprocessing_cannot_take_are_corrupt_and_the_rest_unchanged(
+    image_dataset, tmp_path, monkeypatch, rule
+):
+    """A 20000x20 or 20x20000 picture in a batch is recorded corrupt with its reason, by the documented
+    aspect-ratio rule or (with the rule lifted) by the preprocessing error itself, and every other image
+    of its batch and shard gets exactly the tokens it gets when those two files do not exist."""
+    if rule == "preprocessing-error":
+        monkeypatch.setattr(mner.extract.images, "MAX_ASPECT_RATIO", 10**6)
+    common = dict(shard_size=4, batch_size=4, num_workers=0, device="cpu")
+    bad = _picture_dataset(image_dataset, tmp_path, "bad", extreme=True)
+    without = _picture_dataset(image_dataset, tmp_path, "without", extreme=False)
+    got = extract_features(
+        ExtractConfig(data=DataConfig(data_dir=str(bad.data_dir)), out=str(tmp_path / "a"), **common)
+    )
+    want = extract_features(
+        ExtractConfig(data=DataConfig(data_dir=str(without.data_dir)), out=str(tmp_path / "b"), **common)
+    )
+    a, b = CacheReader(got), CacheReader(want)
+    for key, (width, height) in EXTREME.items():
+        record = a.get(key)
+        path = bad.data_dir / "images" / f"{key}.jpg"
+        assert (record.status, record.num_regions, record.width, record.height) == ("corrupt", 0, 0, 0)
+        assert not record.patch_tokens.any()
+        if rule == "aspect-rule":
+            assert record.error == (
+                f"image {path} is {width}x{height}: its long side is more than 100 times its short side, "
+                "which the models' resizing cannot handle; crop or pad it"
+            )
+        else:
+            assert record.error.startswith(f"cannot preprocess {path} ({width}x{height}): RuntimeError: ")
+    for key in a.keys:
+        if key in EXTREME:
+            continue
+        x, y = a.get(key), b.get(key)
+        assert x.status == "ok" and (x.width, x.height) == (y.width, y.height), key
+        for name, value in vars(x).items():
+            if isinstance(value, np.ndarray):
+                assert np.array_equal(value, getattr(y, name)), (key, name)
+    assert (a.get("1002").width, a.get("1003").width) == (1, 3000)
+
+
+DETECTOR_SIZES = [(100, 1), (1, 100), (1, 1), (3, 2), (20000, 20), (20, 20000), (2000, 1), (1, 2000)]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n == "tiny-frcnn" else pytest.mark.slow) for n in DETECTORS]
+)
+def test_every_detector_takes_what_the_rule_lets_through(tmp_path, monkeypatch, name):
+    """For every detector the extractor offers and the CLIP preprocessing, with the aspect-ratio rule
+    lifted: each extreme picture either preprocesses to inputs with no empty side, which detect() runs
+    on, or becomes corrupt with the preprocessing error; and every picture the rule lets through
+    (up to 100:1) preprocesses."""
+    from mner.extract.models import _TORCHVISION_DETECTORS, RegionDetector
+
+    cfg = ExtractConfig(data=DataConfig(data_dir="unused"), out="unused", detector="tiny-frcnn")
+    if name == "tiny-frcnn":
+        detector = build_detector(name, None, cfg)
+    else:
+        torch.manual_seed(0)
+        model = _TORCHVISION_DETECTORS[name](weights=None, weights_backbone=None, num_classes=91)
+        detector = RegionDetector(model, 5, {})
+    clip = load_clip("tiny-clip")
+    monkeypatch.setattr(mner.extract.images, "MAX_ASPECT_RATIO", 10**6)
+    items = []
+    for width, height in DETECTOR_SIZES:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.new("RGB", (width, height), (90, 120, 30)).save(path)
+        items.append((path.stem, path))
+    dataset = mner.extract.run._Images(items, clip.processor, detector.transform, keep_original=False)
+    for (width, height), item in zip(DETECTOR_SIZES, [dataset[i] for i in range(len(items))]):
+        within = max(width, height) <= 100 * min(width, height)
+        if item["status"] == "corrupt":
+            assert not within, (width, height, item["error"])
+            assert item["error"].startswith(f"cannot preprocess {tmp_path / f'{width}x{height}.png'} ")
+            continue
+        assert item["status"] == "ok"
+        assert tuple(item["pixel_values"].shape) == (3, 64, 64)
+        assert min(item["detector_input"].shape[-2:]) >= 1
+        if within:
+            [regions] = detector.detect([item["detector_input"]], [(height, width)])
+            assert len(regions.scores) <= detector.topk
+
+
+@pytest.mark.parametrize(
+    "given, unset",
+    [
+        ({}, "--clip and --detector"),
+        ({"clip": "tiny-clip"}, "--detector"),
+        ({"detector": "tiny-frcnn"}, "--clip"),
+    ],
+)
+def test_real_dataset_requires_named_models(given, unset):
+    with pytest.raises(ValueError) as caught:
+        ExtractConfig(data=DataConfig(dataset="twitter2015", data_root="r"), out="o", **given)
+    assert str(caught.value) == (
+        f"--dataset twitter2015 is real data: give {unset} explicitly (e.g. --clip /models/clip-vit-base-patch32 "
+        "--detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth); the defaults tiny-clip and "
+        "tiny-frcnn are untrained random presets whose tokens carry no image content (name them to use them anyway)"
+    )
+    # A data folder (tests, the demo) still defaults to the presets.
+    cfg = ExtractConfig(data=DataConfig(data_dir="d"), out="o")
+    assert (cfg.clip, cfg.detector) == ("tiny-clip", "tiny-frcnn")

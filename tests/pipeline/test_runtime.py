@@ -7,6 +7,7 @@ torch for.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -334,3 +335,99 @@ def test_an_output_inside_an_input_folder_is_refused_where_it_would_replace_a_fi
         ):
             refuse_inputs_as_output(out, "--out", folders=folders)
     refuse_inputs_as_output(run / "new.pred.conll", "--out", folders=folders)  # a new file there is fine
+
+
+# ---------------------------------------------------------------------------------------- progress
+
+LINE = re.compile(
+    r"(?P<desc>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+%\), [\d.]+ \w+/s, ETA (\S+)(, .*)?"
+)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def progress_lines(caplog) -> list[re.Match]:
+    return [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "mner.runtime"]
+
+
+def test_progress_in_a_log_file_is_plain_lines_at_the_interval(caplog):
+    caplog.set_level(logging.INFO, logger="mner.runtime")
+    stream = io.StringIO()
+    with rt.ProgressLog(4, "extract", unit="img", interval=0.0, stream=stream) as progress:
+        for _ in range(4):
+            progress.update()
+    lines = progress_lines(caplog)
+    assert all(lines) and [int(m["done"]) for m in lines] == [1, 2, 3, 4, 4]  # each update, then the end
+    assert {(m["desc"], m["total"], m["unit"]) for m in lines} == {("extract", "4", "img")}
+    assert "\r" not in stream.getvalue()  # no bar drawn into a file
+
+
+def test_progress_every_n_steps_and_postfix(caplog):
+    caplog.set_level(logging.INFO, logger="mner.runtime")
+    with rt.ProgressLog(10, "epoch 1/3", unit="step", interval=3600.0, every=4, stream=io.StringIO()) as bar:
+        for step in range(10):
+            bar.update()
+            bar.set_postfix(loss=f"{1 / (step + 1):.4f}")
+    lines = progress_lines(caplog)
+    assert [int(m["done"]) for m in lines] == [4, 8, 10]
+    assert lines[-1].group(0).endswith(", loss=0.1000")
+
+
+def test_progress_on_a_terminal_is_a_bar_and_no_log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="mner.runtime")
+    terminal = FakeTerminal()
+    with rt.ProgressLog(3, "extract", unit="img", interval=0.0, stream=terminal) as progress:
+        for _ in range(3):
+            progress.update()
+    assert progress_lines(caplog) == []
+    assert "3/3" in terminal.getvalue()
+    with rt.ProgressLog(3, "rank 1", interval=0.0, enabled=False, stream=terminal) as quiet:
+        quiet.update(3)
+    assert progress_lines(caplog) == []
+
+
+def test_extraction_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, caplog):
+    from mner.extract.run import extract_features
+    from tests.train.run_factories import make_data, make_images
+
+    data_dir, posts = make_data(tmp_path, n_train=6, n_valid=2, n_test=None)
+    make_images(data_dir / "images", [post.key for post in posts])
+    monkeypatch.setattr(rt, "PROGRESS_INTERVAL_S", 0.0)
+    caplog.set_level(logging.INFO, logger="mner.runtime")
+    cfg = ExtractConfig(
+        data=DataConfig(data_dir=str(data_dir)), out=str(tmp_path / "cache"), num_workers=0, batch_size=2,
+        device="cpu", topk=2, clip="tiny-clip", detector="tiny-frcnn",
+    )  # fmt: skip
+    extract_features(cfg)
+    lines = progress_lines(caplog)
+    assert all(lines) and [int(m["done"]) for m in lines] == [2, 4, 6, 8, 8]
+    assert {(m["desc"], m["total"], m["unit"]) for m in lines} == {("extract", "8", "img")}
+
+
+def test_library_loading_bars_are_switched_off():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    runtime = start_runtime("cpu", "off")
+    runtime.close()
+    assert not hf_logging.is_progress_bar_enabled()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+
+@pytest.mark.slow
+def test_training_logs_about_ten_lines_per_epoch(tmp_path, caplog):
+    from mner.train.loop import train_from_cache
+    from tests.train.run_factories import make_data, run_config
+
+    data_dir, _ = make_data(tmp_path, n_train=40, n_valid=4, n_test=None)
+    caplog.set_level(logging.INFO, logger="mner.runtime")
+    train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
+    lines = [m for m in progress_lines(caplog) if m and m["desc"] == "epoch 1/1"]
+    # 40 posts in batches of 4: 10 steps, a line each step (every = ceil(10 / 10)), then the end line.
+    assert [int(m["done"]) for m in lines] == [*range(1, 11), 10]
+    assert all(m["unit"] == "step" and m["total"] == "10" for m in lines)
+    assert re.fullmatch(r", loss=\d+\.\d{4}", lines[-2].group(6))
+    assert re.fullmatch(r", loss=\d+\.\d{4}, dev_f1=\d\.\d{4}", lines[-1].group(6))  # the epoch's end

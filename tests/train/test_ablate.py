@@ -252,7 +252,11 @@ def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
     )
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         run_ablation(_config(experiments=["text_only"], out_dir=str(out)))
-    result = CliRunner().invoke(main, ["ablate", "--data-dir", "d", "--exp", "text_only", "--out", str(out)])
+    data = tmp_path / "data"
+    data.mkdir()  # an existing data folder: the CLI checks it before the --out folder
+    result = CliRunner().invoke(
+        main, ["ablate", "--data-dir", str(data), "--exp", "text_only", "--out", str(out)]
+    )
     assert result.exit_code != 0 and f"--out {out} is not empty" in result.output
     assert tree(out) == before
 

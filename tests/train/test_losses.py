@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mner.train.config import ModelConfig
+from mner.train.losses import AlignmentLoss, LossInputs
 from mner.train.registry import AUX_LOSSES
 from tests.train.factories import make_batch, make_posts, tiny_model
 
@@ -54,3 +55,64 @@ def test_every_weight_field_is_named_once():
     weights = list(AUX_LOSSES.weights.values())
     assert len(set(weights)) == len(weights)
     assert set(weights) <= {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+# ------------------------------------------------------------------------------- alignment under DDP
+
+
+def _union_inputs() -> tuple[LossInputs, list[slice]]:
+    """6 posts of a union batch, split over 2 ranks as 3 + 3; post 4 has no image, so the ranks hold
+    3 and 2 image pairs (uneven, as a real batch can be)."""
+    generator = torch.Generator().manual_seed(7)
+    words = torch.randn(6, 5, 8, generator=generator)  # (B, T, D)
+    visual = torch.randn(6, 4, 8, generator=generator)  # (B, V, D)
+    word_mask = torch.ones(6, 5, dtype=torch.bool)
+    word_mask[1, 3:] = False
+    visual_mask = torch.ones(6, 4, dtype=torch.bool)
+    visual_mask[4] = False
+    emissions = torch.zeros(6, 5, 3)
+    return LossInputs(words, word_mask, emissions, visual, visual_mask), [slice(0, 3), slice(3, 6)]
+
+
+def _rank_of_the_gathered_loss(rank: int, world: int, store: str, results: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        union, parts = _union_inputs()
+        part = parts[rank]
+        words = union.words[part].clone().requires_grad_(True)
+        visual = union.visual[part].clone().requires_grad_(True)
+        mine = LossInputs(
+            words, union.word_mask[part], union.emissions[part], visual, union.visual_mask[part]
+        )
+        loss = AlignmentLoss(ModelConfig(), 8).train()(mine)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "words": words.grad, "visual": visual.grad}, f"{results}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_alignment_loss_gathers_the_negatives_of_every_rank(tmp_path):
+    """2 gloo processes, 3 posts each: every rank's loss is the 1-process loss on the 6-post union, and each
+    rank's gradient (times 1/world, DDP's averaging) is the union's gradient for its own posts."""
+    world = 2
+    results = str(tmp_path / "result")
+    torch.multiprocessing.spawn(
+        _rank_of_the_gathered_loss, args=(world, str(tmp_path / "store"), results), nprocs=world, join=True
+    )
+    union, parts = _union_inputs()
+    words, visual = union.words.clone().requires_grad_(True), union.visual.clone().requires_grad_(True)
+    inputs = LossInputs(words, union.word_mask, union.emissions, visual, union.visual_mask)
+    reference = AlignmentLoss(ModelConfig(), 8).train()(inputs)
+    reference.backward()
+    local_only = []
+    for rank, part in enumerate(parts):
+        got = torch.load(f"{results}.{rank}")
+        torch.testing.assert_close(got["loss"], reference.detach())
+        torch.testing.assert_close(got["words"] / world, words.grad[part])
+        torch.testing.assert_close(got["visual"] / world, visual.grad[part])
+        local = LossInputs(*(getattr(union, name)[part] for name in ("words", "word_mask", "emissions")),
+                           union.visual[part], union.visual_mask[part])  # fmt: skip
+        local_only.append(AlignmentLoss(ModelConfig(), 8)(local).item())
+    # The per-rank loss without gathering differs: the test can tell the two apart.
+    assert all(abs(value - reference.item()) > 1e-3 for value in local_only)
