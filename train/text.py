@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from mner.configs.presets import materialise, preset_dir
+from mner.runtime import quiet_library_progress
 
 # Presets resolved by name rather than as folders.
 PRESETS = ("minilm", "tiny-bert")
@@ -83,7 +84,12 @@ def load_tokenizer(name_or_path: str | Path):
 
 
 def load_encoder(name_or_path: str | Path) -> torch.nn.Module:
-    """The encoder's base model (AutoModel), which maps (B, S) ids to last_hidden_state (B, S, D)."""
+    """The encoder's base model (AutoModel), which maps (B, S) ids to last_hidden_state (B, S, D).
+
+    transformers' "Loading weights" bar is silenced first: evaluate and predict load an encoder
+    without start_runtime, and the bar's `\r` lines would fill a log file.
+    """
+    quiet_library_progress()
     folder = resolve_text_encoder(name_or_path)
     try:
         return AutoModel.from_pretrained(folder, local_files_only=True)

@@ -129,3 +129,15 @@ def test_roberta_folder_gets_prefix_spaces_and_aligns_words(tmp_path):
 def test_bert_folder_is_not_given_prefix_spaces():
     assert not load_tokenizer("tiny-bert").add_prefix_space
     assert make_batch(with_visual=False)["word_mask"].any()
+
+
+def test_load_encoder_silences_the_loading_bar():
+    # evaluate and predict load the encoder without start_runtime; the bar must not reach their logs.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        text.load_encoder("tiny-bert")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.disable_progress_bar()
