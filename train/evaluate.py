@@ -19,6 +19,7 @@ import pandas as pd
 
 from mner.cache.datasets import resolve_data
 from mner.runtime import resolve_runtime
+from mner.train import significance
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.runs import (
@@ -138,14 +139,27 @@ def format_scores(scores: dict) -> str:
     return table.to_string(float_format=lambda x: f"{x:.2f}")
 
 
-def results_table(run_dirs: list, split: str = "test") -> str:
+def results_table(
+    run_dirs: list,
+    split: str = "test",
+    bootstrap: int = significance.DEFAULT_RESAMPLES,
+    bootstrap_seed: int = 0,
+) -> str:
     """Micro P/R/F1 (percent) of each run on `split`, from its training-time results.json.
 
     A run without them gets a row all the same, its status saying why: "unfinished (epoch k/N)",
     "no <split> results", "not a run folder", or the error reading a damaged file.
+
+    With two or more runs and `bootstrap` > 0 every run is compared with the first one by a paired bootstrap over posts
+    (train/significance.py; `bootstrap` resamples drawn with `bootstrap_seed`) on the predictions each run wrote
+    (pred_<split>.conll): columns dF1 (percentage points), CI95 (its 95% interval) and p, and a last line
+    naming the test. A run whose predictions are missing, or cover other posts, gets "-" there.
     """
+    if len(run_dirs) < 2:
+        bootstrap = 0  # nothing to compare with
     rows = []
-    for run_dir in run_dirs:
+    base_preds = _predictions(Path(run_dirs[0]), split) if bootstrap > 0 and run_dirs else None
+    for index, run_dir in enumerate(run_dirs):
         row = {"run": str(run_dir), "P": "-", "R": "-", "F1": "-", "support": "-"}
         try:
             micro, status = _split_scores(Path(run_dir), split)
@@ -159,8 +173,41 @@ def results_table(run_dirs: list, split: str = "test") -> str:
                 }
             )
             row["support"] = str(micro["support"])
+        if bootstrap > 0:
+            cells, note = _bootstrap_cells(index, base_preds, Path(run_dir), split, bootstrap, bootstrap_seed)
+            row.update(cells)
+            status = f"{status}; {note}" if note else status
         rows.append({**row, "status": status})
-    return pd.DataFrame(rows).to_string(index=False)
+    table = pd.DataFrame(rows).to_string(index=False)
+    if bootstrap > 0:
+        table += (
+            f"\ndF1 in percentage points against {run_dirs[0]}: {significance.TEST_NAME} on {split}, "
+            f"{bootstrap} resamples, seed {bootstrap_seed}; p two-sided"
+        )
+    return table
+
+
+def _predictions(run_dir: Path, split: str):
+    """(words, gold, pred) of a run's pred_<split>.conll, or None when the run has not written it."""
+    path = run_dir / f"pred_{split}.conll"
+    return significance.read_predictions(path) if path.is_file() else None
+
+
+def _bootstrap_cells(index: int, base, run_dir: Path, split: str, resamples: int, seed: int):
+    """(the dF1 / 95% CI / p cells of one results row, a note for its status or ""); run 0 is the base."""
+    cells = {"dF1": "-", "CI95": "-", "p": "-"}
+    mine = base if index == 0 else _predictions(run_dir, split)
+    if mine is None:
+        return cells, f"no pred_{split}.conll to compare"
+    if index == 0:
+        return {**cells, "dF1": "base"}, ""
+    if base is None:
+        return cells, ""
+    if mine[:2] != base[:2]:
+        return cells, "tagged other posts than the base run: not compared"
+    result = significance.paired_bootstrap(base[1], [base[2]], [mine[2]], resamples=resamples, seed=seed)
+    delta, ci, p = significance.format_comparison(result)
+    return {"dF1": delta, "CI95": ci, "p": p}, ""
 
 
 def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:

@@ -442,13 +442,30 @@ def test_evaluate_and_results(runs):
     trained = json.loads((runs.full / "results.json").read_text())["test"]
     assert evaluated["micro"] == pytest.approx(trained["micro"])
 
-    table = ok("results", runs.text, runs.full).stdout.splitlines()
-    assert table[0].split() == ["run", "P", "R", "F1", "support", "status"]
-    rows = {line.split()[0]: line.split() for line in table[1:]}
+    table = ok("results", runs.text, runs.full, "--bootstrap", "200").stdout.splitlines()
+    assert table[0].split() == ["run", "P", "R", "F1", "support", "dF1", "CI95", "p", "status"]
+    rows = {line.split()[0]: line.split() for line in table[1:3]}
     assert set(rows) == {str(runs.text), str(runs.full)}
     assert rows[str(runs.full)][3] == f"{100 * evaluated['micro']['f1']:.2f}"
     text_f1 = json.loads((runs.text / "results.json").read_text())["test"]["micro"]["f1"]
     assert rows[str(runs.text)][3] == f"{100 * text_f1:.2f}"
+    # The paired bootstrap against the first run: dF1 is the two runs' F1 difference (from their
+    # pred_test.conll, which training scored into results.json), and its interval holds it.
+    assert rows[str(runs.text)][5] == "base"
+    delta, interval, p = rows[str(runs.full)][5:8]
+    assert float(delta) == pytest.approx(100 * (evaluated["micro"]["f1"] - text_f1), abs=0.006)
+    low, high = (float(x) for x in interval.strip("[]").split(","))
+    assert low <= float(delta) <= high and 1 / 201 <= float(p) <= 1
+    assert table[3] == (
+        f"dF1 in percentage points against {runs.text}: paired bootstrap over posts on test, "
+        "200 resamples, seed 0; p two-sided"
+    )
+    refused = CliRunner().invoke(main, ["results", str(runs.text), str(runs.full), "--bootstrap", "-1"])
+    assert refused.exit_code == 2 and "Invalid value for --bootstrap: must be >= 0 (0: no test), got -1" in (
+        refused.output
+    )
+    single = ok("results", runs.full).stdout.splitlines()
+    assert single[0].split() == ["run", "P", "R", "F1", "support", "status"]
 
 
 @pytest.mark.slow
