@@ -505,8 +505,14 @@ def demo_data_cmd(out, seed):
     help="Resamples of the paired bootstrap against the first run (0: no test).",
 )
 @click.option("--bootstrap-seed", type=int, default=0, show_default=True, help="Seed of the resampling.")
+@click.option(
+    "--plot",
+    type=click.Path(file_okay=False),
+    help="Also write PNGs here: learning curves and per-type F1 of the runs, and for an ablation "
+    "folder its arms with error bars (needs matplotlib: pip install 'mner-cache[plot]').",
+)
 @_user_errors
-def results_cmd(run_dirs, split, bootstrap, bootstrap_seed):
+def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
     """Print a table of micro P/R/F1 (percent) for one or more run folders.
 
     Reads each run's training-time results.json (not `mner evaluate`'s eval/ folders); a run without
@@ -518,12 +524,30 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed):
     Example:
       mner results runs/text_only runs/full --split test
       mner results runs/text_only runs/full --bootstrap 10000 --bootstrap-seed 1
+      mner results runs/text_only runs/full ablations/tw15 --plot figures/
     """
     from mner.train.evaluate import results_table
 
     if bootstrap < 0:
         raise click.BadParameter(f"must be >= 0 (0: no test), got {bootstrap}", param_hint="--bootstrap")
-    click.echo(results_table(list(run_dirs), split=split, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed))
+    from mner.train.plots import write_plots
+
+    runs = [path for path in run_dirs if not _is_ablation_folder(path)]
+    if runs:
+        click.echo(results_table(runs, split=split, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed))
+    for path in run_dirs:
+        if path not in runs and (Path(path) / "ablation.md").is_file():
+            click.echo(f"\n{path}:\n" + (Path(path) / "ablation.md").read_text(encoding="utf-8"))
+    if plot is not None:
+        for png in write_plots(list(run_dirs), plot, split=split):
+            click.echo(f"wrote {png}")
+
+
+def _is_ablation_folder(path) -> bool:
+    """An ablation folder goes to the plots only; its own table is its ablation.md."""
+    from mner.train.plots import ABLATION_CSV
+
+    return (Path(path) / ABLATION_CSV).is_file()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -152,7 +152,7 @@ DEFAULT_SOURCES = {
 }
 RENAMED = {"out": "out_dir"}
 # Options with no field or parameter behind them (the output format).
-NO_COUNTERPART = {("cache", "inspect"): {"as_json"}}
+NO_COUNTERPART = {("cache", "inspect"): {"as_json"}, ("results",): {"plot"}}
 # Options whose None means "what the TOML config says", which their help must say (checked below).
 FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
