@@ -435,6 +435,13 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
 @click.option("--epochs", type=int, help="Epochs per run [default: from config].")
 @click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
+@click.option(
+    "--bootstrap",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Resamples of the paired bootstrap of each experiment against the first (0: no test).",
+)
 @_user_errors
 def ablate_cmd(
     cache_dir,
@@ -449,8 +456,10 @@ def ablate_cmd(
     epochs,
     overrides,
     out,
+    bootstrap,
 ):
-    """Run named ablations x seeds on one cache; write ablation.csv and ablation.md (mean ± std).
+    """Run named ablations x seeds on one cache; write ablation.csv and ablation.md (mean ± std, and
+    each experiment against the first by a paired bootstrap over posts: dF1, 95% CI, p).
 
     \b
     Example:
@@ -470,6 +479,7 @@ def ablate_cmd(
         out_dir=out,
         overrides=list(overrides),
         epochs=epochs,
+        bootstrap=bootstrap,
     )
     path = run_ablation(cfg)
     click.echo(Path(path).read_text() if Path(path).is_file() else f"ablation written to {path}")

@@ -25,6 +25,7 @@ import pandas as pd
 from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import FolderClaim, claim_folder, write_atomic
+from mner.train import significance
 from mner.train.config import RunConfig, load_run_config
 from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
@@ -68,6 +69,8 @@ class AblationConfig:
         default_factory=list
     )  # "section.key=value" for every run; not a key an experiment sets
     epochs: int | None = None  # epochs per run; None keeps the config's
+    # resamples of the paired bootstrap of every experiment against the first (ablation.md); 0: none
+    bootstrap: int = significance.DEFAULT_RESAMPLES
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
@@ -105,6 +108,9 @@ class AblationConfig:
             isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1
         ):
             raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
+
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise ValueError(f"bootstrap must be a number of resamples >= 0, got {self.bootstrap!r}")
 
     def seed_list(self) -> list[int]:
         """The seeds to run: 1..N for a count, else the list as given."""
@@ -176,7 +182,10 @@ def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
     md_path = out / "ablation.md"
     if main:
         write_atomic(out / "ablation.csv", table.to_csv(index=False))
-        write_atomic(md_path, summary_markdown(table))
+        summary = summary_markdown(table)
+        if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
+            summary += "\n" + significance_markdown(table, cfg.bootstrap)
+        write_atomic(md_path, summary)
     return md_path
 
 
@@ -277,6 +286,50 @@ def summary_markdown(table: pd.DataFrame) -> str:
             cells.append(_mean_std(values.mean(), values.std(ddof=1), len(values)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def significance_markdown(table: pd.DataFrame, resamples: int, seed: int = 0) -> str:
+    """Markdown table: every experiment against the first by the paired bootstrap over posts
+    (train/significance.py), all seeds of a side averaged on each resample.
+
+    Args:
+        table: ablation.csv rows (experiment, seed, split, run_dir); each run's pred_<split>.conll is read.
+    """
+    split = table["split"].iloc[0]
+    groups = list(table.groupby("experiment", sort=False))
+    base_name, base_runs = groups[0]
+    posts, base_preds = _seed_predictions(base_runs, split)
+    lines = [
+        f"{significance.TEST_NAME} against {base_name} on {split}: {resamples} resamples (seed {seed}), "
+        "the seeds of each side averaged on every resample; dF1 and its 95% interval in percentage "
+        "points, p two-sided.",
+        "",
+        "| experiment | seeds | dF1 | 95% CI | p |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, runs in groups[1:]:
+        other_posts, preds = _seed_predictions(runs, split)
+        if other_posts != posts:
+            lines.append(f"| {name} | {len(runs)} | - | tagged other posts than {base_name} | - |")
+            continue
+        result = significance.paired_bootstrap(posts[1], base_preds, preds, resamples=resamples, seed=seed)
+        delta, interval, p = significance.format_comparison(result)
+        lines.append(f"| {name} | {len(runs)} | {delta} | {interval} | {p} |")
+    return "\n".join(lines) + "\n"
+
+
+def _seed_predictions(runs: pd.DataFrame, split: str) -> tuple[tuple, list]:
+    """((words, gold) of the posts, one prediction list per seed) of one experiment's runs."""
+    keyed, preds = None, []
+    for run_dir in runs["run_dir"]:
+        words, gold, pred = significance.read_predictions(Path(run_dir) / f"pred_{split}.conll")
+        if keyed is not None and (words, gold) != keyed:
+            raise ValueError(
+                f"{run_dir}: its pred_{split}.conll holds other posts than its experiment's first seed"
+            )
+        keyed = (words, gold)
+        preds.append(pred)
+    return keyed, preds
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:

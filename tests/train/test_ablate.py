@@ -112,7 +112,7 @@ def test_markdown_gives_mean_and_sample_std_computed_by_hand(ablation):
     cfg, md_path = ablation
     lines = md_path.read_text().splitlines()
     assert lines[2] == "| experiment | seeds | P | R | F1 | LOC P | LOC R | LOC F1 | PER P | PER R | PER F1 |"
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:]}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:7]}
     assert list(rows) == ["full", "text_only", "two_slots"]
     for name, line in rows.items():
         runs = [_results(cfg, name, seed)["test"] for seed in (1, 2)]
@@ -124,6 +124,45 @@ def test_markdown_gives_mean_and_sample_std_computed_by_hand(ablation):
         ]
         cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values]
         assert line == "| " + " | ".join([name, "2", *cells]) + " |"
+
+
+@pytest.mark.slow
+def test_markdown_tests_each_experiment_against_the_first(ablation):
+    cfg, md_path = ablation
+    text = md_path.read_text()
+    section = text[text.index("paired bootstrap over posts against full on test") :].splitlines()
+    assert section[0].startswith("paired bootstrap over posts against full on test: 1000 resamples (seed 0)")
+    assert section[2] == "| experiment | seeds | dF1 | 95% CI | p |"
+    for line, name in zip(section[4:], ("text_only", "two_slots")):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        # dF1: the mean over seeds of the experiment's test F1 minus full's, from their results.json
+        f1 = {
+            arm: [_results(cfg, arm, seed)["test"]["micro"]["f1"] for seed in (1, 2)]
+            for arm in ("full", name)
+        }
+        delta = 100 * (statistics.mean(f1[name]) - statistics.mean(f1["full"]))
+        assert cells[:2] == [name, "2"] and float(cells[2]) == pytest.approx(delta, abs=0.006)
+        assert 0 < float(cells[4]) <= 1
+
+
+def test_significance_markdown_on_identical_and_different_arms(tmp_path):
+    gold = [["B-PER", "O"], ["B-LOC", "O"], ["O", "O"]]
+    preds = {"base": [["B-PER", "O"], ["O", "O"], ["O", "O"]], "same": None, "better": gold}
+    preds["same"] = preds["base"]
+    rows = []
+    for name, pred in preds.items():
+        run_dir = tmp_path / name / "seed1"
+        run_dir.mkdir(parents=True)
+        lines = [
+            f"w{j} {g} {p}\n" for tags, guess in zip(gold, pred) for j, (g, p) in enumerate(zip(tags, guess))
+        ]
+        (run_dir / "pred_test.conll").write_text("".join(lines).replace("w1 O O\n", "w1 O O\n\n"))
+        rows.append({"experiment": name, "seed": 1, "split": "test", "run_dir": str(run_dir)})
+    lines = ablate.significance_markdown(pd.DataFrame(rows), resamples=200).splitlines()
+    assert lines[4] == "| same | 1 | +0.00 | [+0.00,+0.00] | 1.000 |"
+    better = [cell.strip() for cell in lines[5].strip("|").split("|")]
+    # base finds 1 of 2 entities (F1 2/3), better both (F1 1): +33.33 points
+    assert better[:3] == ["better", "1", "+33.33"]
 
 
 @pytest.mark.slow
