@@ -425,8 +425,17 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
     "--exp",
     "experiments",
     multiple=True,
-    required=True,
-    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | a config-diff TOML (repeatable).",
+    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | all | a config-diff TOML "
+    "(repeatable; `--list` shows what each changes).",
+)
+@click.option(
+    "--grid",
+    multiple=True,
+    help="A sweep axis section.key=v1,v2,... (repeatable): every combination is an arm, crossed with "
+    "the --exp experiments (default: full).",
+)
+@click.option(
+    "--list", "list_only", is_flag=True, help="Print every named experiment with its diff, and exit."
 )
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
 @click.option(
@@ -434,7 +443,7 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
 )
 @click.option("--epochs", type=int, help="Epochs per run [default: from config].")
 @click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Ablation folder.")
+@click.option("--out", type=click.Path(file_okay=False), help="Ablation folder (required unless --list).")
 @click.option(
     "--bootstrap",
     type=int,
@@ -451,6 +460,8 @@ def ablate_cmd(
     image_dir,
     columns,
     experiments,
+    grid,
+    list_only,
     seeds,
     text_encoder,
     epochs,
@@ -463,9 +474,18 @@ def ablate_cmd(
 
     \b
     Example:
+      mner ablate --list
       mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --exp full --exp no_region --exp text_only --seeds 3 --out ablations/tw15
+      mner ablate ... --grid model.qfnet_layers=1,2,3 --grid train.lr_fusion=1e-4,3e-4 --out sweeps/qgf
     """
+    if list_only:
+        from mner.train.ablate import list_experiments
+
+        click.echo(list_experiments())
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the ablation folder).")
     data = _data_config(data_dir, dataset, data_root, image_dir, columns)
     data.resolve()  # the data folder exists: checked before torch loads
     from mner.train.ablate import AblationConfig, run_ablation
@@ -475,6 +495,7 @@ def ablate_cmd(
         data=data,
         text_encoder=text_encoder,
         experiments=list(experiments),
+        grid=list(grid),
         seeds=seeds,
         out_dir=out,
         overrides=list(overrides),

@@ -6,6 +6,11 @@ Every run goes to <out>/<experiment>/seed<k>/ through `train_from_cache`; a run 
 exists is skipped, so a killed ablation re-run picks up where it stopped. The cache is only read,
 never re-extracted.
 
+`--exp all` runs every registry experiment. `--grid section.key=v1,v2` (repeatable) runs the cartesian
+sweep of the given values, crossed with the experiments (default: `full` alone); each arm is named by
+its diff (`model.qfnet_layers=1,train.lr_fusion=0.001`, prefixed by the experiment unless it is
+`full`) and stored and resumed like any experiment.
+
 The ablation folder must be new, empty or ours (it holds our ablation.json, the record of the
 settings); a folder of other files is refused untouched, and so is a seed folder that is not a run
 of ours. A first run that fails before anything is trained leaves no folder behind.
@@ -14,6 +19,7 @@ of ours. A first run that fails before anything is trained leaves no folder behi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -71,23 +77,34 @@ class AblationConfig:
     epochs: int | None = None  # epochs per run; None keeps the config's
     # resamples of the paired bootstrap of every experiment against the first (ablation.md); 0: none
     bootstrap: int = significance.DEFAULT_RESAMPLES
+    # "section.key=v1,v2,...": the sweep's axes; every combination is an arm (crossed with experiments)
+    grid: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
             raise ValueError(f"data must be a DataConfig, got {self.data!r}")
-        if not self.experiments:
+        if not self.experiments and not self.grid:
             raise ValueError(
-                f"no experiments given; choose from {', '.join(ABLATIONS)} or config-diff .toml files"
+                f"no experiments given; choose from {', '.join(ABLATIONS)}, all, or config-diff .toml files, "
+                "or give a --grid"
             )
+        if ALL in self.experiments:
+            if len(self.experiments) > 1:
+                raise ValueError(f"experiment {ALL!r} already names every experiment; give it alone")
+            self.experiments = list(ABLATIONS)
+        if not self.experiments:
+            self.experiments = ["full"]
         for experiment in self.experiments:
             if experiment not in ABLATIONS and not (
                 experiment.endswith(".toml") and Path(experiment).is_file()
             ):
                 raise ValueError(
-                    f"unknown experiment {experiment!r}: use one of {', '.join(ABLATIONS)} "
+                    f"unknown experiment {experiment!r}: use one of {', '.join(ABLATIONS)}, {ALL} "
                     "or the path of an existing config-diff .toml file"
                 )
-        names = [experiment_name(experiment) for experiment in self.experiments]
+        self.grid = list(self.grid)
+        grid_points(self.grid)  # malformed axes fail here, before any run
+        names = [arm.name for arm in self.arms()]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"experiments {repeated} are given more than once (runs are stored by name)")
@@ -116,6 +133,91 @@ class AblationConfig:
         """The seeds to run: 1..N for a count, else the list as given."""
         return list(range(1, self.seeds + 1)) if isinstance(self.seeds, int) else list(self.seeds)
 
+    def arms(self) -> list[Arm]:
+        """Every experiment crossed with every grid point, in order (the grid's last axis fastest)."""
+        arms = []
+        for experiment in self.experiments:
+            for point in grid_points(self.grid):
+                name = experiment_name(experiment)
+                if point:
+                    diff = ",".join(point)
+                    name = diff if experiment == "full" else f"{name},{diff}"
+                arms.append(Arm(name, experiment_file(experiment), point))
+        return arms
+
+
+ALL = "all"  # --exp all: every registry experiment
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the ablation table: an experiment's diff file plus a grid point's overrides."""
+
+    name: str  # folder and table name
+    diff: Path | None  # the experiment's config-diff TOML; None for `full`
+    overrides: tuple[str, ...] = ()  # the grid point: "section.key=value" each
+
+
+def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
+    """The cartesian product of the axes "section.key=v1,v2,..." as override tuples; [()] for no grid.
+
+    Raises ValueError for an axis that is not `section.key=values`, a key given twice, an empty or
+    repeated value, or a value holding "/" (arm names are folder names).
+    """
+    axes = []
+    for text in grid:
+        key, equals, values = (part.strip() for part in text.partition("="))
+        if not equals or key.count(".") != 1 or not all(key.split(".")):
+            raise ValueError(f"--grid {text!r} must be section.key=v1,v2,... (e.g. model.qfnet_layers=1,2)")
+        if key in [axis[0] for axis in axes]:
+            raise ValueError(f"--grid gives {key} twice; give all its values in one --grid {key}=v1,v2")
+        options = [value.strip() for value in values.split(",")]
+        if not all(options) or len(set(options)) != len(options):
+            raise ValueError(f"--grid {text!r}: its values must be non-empty and distinct")
+        if any("/" in value for value in options):
+            raise ValueError(f"--grid {text!r}: a value may not hold '/', since arm names are folder names")
+        axes.append((key, options))
+    return [
+        tuple(f"{key}={value}" for (key, _), value in zip(axes, combination))
+        for combination in itertools.product(*(options for _, options in axes))
+    ]
+
+
+def list_experiments() -> str:
+    """One line per registry experiment: its name, its one-line diff and what it tests (`--list`)."""
+    rows = []
+    for name, file in ABLATIONS.items():
+        if file is None:
+            rows.append((name, "(nothing: configs/train/base.toml as it is)", "the full model"))
+            continue
+        path = configs.path("experiments", file)
+        table = configs.load_toml(path)
+        diff = ", ".join(
+            f"{section}.{key} = {_toml_value(value)}"
+            for section, values in table.items()
+            for key, value in values.items()
+        )
+        rows.append((name, diff, _description(path, name)))
+    width = max(len(name) for name, _, _ in rows)
+    diff_width = max(len(diff) for _, diff, _ in rows)
+    return "\n".join(f"{name:<{width}}  {diff:<{diff_width}}  {what}" for name, diff, what in rows)
+
+
+def _toml_value(value) -> str:
+    """A diff value as TOML writes it (true, 0.0, "x")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _description(path: Path, name: str) -> str:
+    """The first comment line of an experiment file, less its "<name>: " prefix."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            text = line.lstrip("# ").strip()
+            return text[len(name) + 1 :].strip() if text.startswith(f"{name}:") else text
+    return ""
+
 
 def experiment_name(experiment: str) -> str:
     """Folder and table name of an experiment: the registry name, or the diff file's stem."""
@@ -142,6 +244,7 @@ def run_ablation(cfg: AblationConfig) -> Path:
     for experiment in cfg.experiments:
         _refuse_conflicting_overrides(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
         _refuse_noop_experiment(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
+    _refuse_grid_conflicts(cfg)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         claim.create()
@@ -155,9 +258,9 @@ def run_ablation(cfg: AblationConfig) -> Path:
 
 
 def _record(cfg: AblationConfig) -> dict:
-    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS and text_encoder)."""
+    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS, text_encoder, grid)."""
     record = {key: getattr(cfg, key) for key in ABLATION_KEYS if key != "data"}
-    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder)
+    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder, grid=cfg.grid)
     return record
 
 
@@ -169,15 +272,14 @@ def _release_if_nothing_trained(claim: FolderClaim) -> None:
 
 def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
     rows = []
-    for experiment in cfg.experiments:
-        name, diff = experiment_name(experiment), experiment_file(experiment)
+    for arm in cfg.arms():
         for seed in cfg.seed_list():
-            run_dir = out / name / f"seed{seed}"
+            run_dir = out / arm.name / f"seed{seed}"
             if is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file():
                 log.info("%s: finished earlier, skipped", run_dir)
             else:
-                train_from_cache(_run_config(cfg, diff, seed, run_dir))
-            rows.append(_table_row(name, seed, run_dir))
+                train_from_cache(_run_config(cfg, arm, seed, run_dir))
+            rows.append(_table_row(arm.name, seed, run_dir))
     table = pd.DataFrame(rows)
     md_path = out / "ablation.md"
     if main:
@@ -189,8 +291,8 @@ def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
     return md_path
 
 
-def _run_config(cfg: AblationConfig, diff: Path | None, seed: int, run_dir: Path) -> RunConfig:
-    model_cfg, train_cfg = load_run_config(config_file=diff, overrides=list(cfg.overrides))
+def _run_config(cfg: AblationConfig, arm: Arm, seed: int, run_dir: Path) -> RunConfig:
+    model_cfg, train_cfg = load_run_config(config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides])
     if cfg.text_encoder is not None:
         model_cfg = dataclasses.replace(model_cfg, text_encoder=cfg.text_encoder)
     train_cfg = dataclasses.replace(train_cfg, seed=seed)
@@ -222,6 +324,19 @@ def _refuse_conflicting_overrides(name: str, diff: Path | None, overrides: list[
                 f"override {override!r} sets {key}, which experiment {name} ({diff}) changes; "
                 "drop the override or write a new experiment file"
             )
+
+
+def _refuse_grid_conflicts(cfg: AblationConfig) -> None:
+    """A grid axis may not be a key that --set or an experiment's diff also sets, and every grid
+    point must be a valid config (a bad value fails now, not after the first arms trained)."""
+    keys = [axis.partition("=")[0].strip() for axis in cfg.grid]
+    for override in cfg.overrides:
+        if override.split("=", 1)[0].strip() in keys:
+            raise ValueError(f"--set {override!r} sets a key the --grid sweeps; drop one of them")
+    for arm in cfg.arms():
+        if arm.overrides:
+            _refuse_conflicting_overrides(arm.name, arm.diff, list(arm.overrides))
+            load_run_config(config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides])
 
 
 def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str]) -> None:

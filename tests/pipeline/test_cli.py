@@ -152,7 +152,7 @@ DEFAULT_SOURCES = {
 }
 RENAMED = {"out": "out_dir"}
 # Options with no field or parameter behind them (the output format).
-NO_COUNTERPART = {("cache", "inspect"): {"as_json"}, ("results",): {"plot"}}
+NO_COUNTERPART = {("cache", "inspect"): {"as_json"}, ("results",): {"plot"}, ("ablate",): {"list_only"}}
 # Options whose None means "what the TOML config says", which their help must say (checked below).
 FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
@@ -602,7 +602,7 @@ def test_ablate_refuses_an_unknown_experiment(workspace, tmp_path):
         "ablate", "--data-dir", workspace.data_dir, "--exp", "no_such", "--out", tmp_path / "ablation"
     )
     assert line == (
-        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)} "
+        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)}, all "
         "or the path of an existing config-diff .toml file"
     )
 
@@ -735,3 +735,10 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, args):
     )
     assert done.stdout.strip() == "torch imported: False exit: 1", done.stdout + done.stderr
     assert done.stderr.startswith("Error: ")
+
+
+def test_ablate_list_needs_no_folder_and_a_run_needs_out():
+    listed = ok("ablate", "--list").stdout.splitlines()
+    assert [line.split()[0] for line in listed] == list(ABLATIONS)
+    missing = CliRunner().invoke(main, ["ablate", "--exp", "full"])
+    assert missing.exit_code == 2 and "Missing option '--out' (the ablation folder)." in missing.output

@@ -330,3 +330,131 @@ def test_an_ablation_failing_before_any_training_leaves_no_folder(tmp_path):
     with pytest.raises(ValueError, match="is not divisible by model.qfnet_heads=3"):
         run_ablation(cfg)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ --list, all, --grid
+
+
+def test_list_gives_every_experiment_its_diff_from_the_file():
+    lines = ablate.list_experiments().splitlines()
+    assert [line.split()[0] for line in lines] == list(ABLATIONS)
+    for line in lines[1:]:
+        name = line.split()[0]
+        table = ablate.configs.load_toml(experiment_file(name))
+        for section, values in table.items():
+            for key, value in values.items():
+                shown = str(value).lower() if isinstance(value, bool) else str(value)
+                assert f"{section}.{key} = {shown}" in line, name
+
+
+def test_all_names_every_registry_experiment():
+    assert _config(experiments=["all"]).experiments == list(ABLATIONS)
+    with pytest.raises(ValueError, match=r"^experiment 'all' already names every experiment; give it alone$"):
+        _config(experiments=["all", "full"])
+
+
+def test_grid_points_are_the_cartesian_product_in_order():
+    assert ablate.grid_points([]) == [()]
+    assert ablate.grid_points(["model.qfnet_layers=1,2", "train.lr_fusion=1e-4, 3e-4"]) == [
+        ("model.qfnet_layers=1", "train.lr_fusion=1e-4"),
+        ("model.qfnet_layers=1", "train.lr_fusion=3e-4"),
+        ("model.qfnet_layers=2", "train.lr_fusion=1e-4"),
+        ("model.qfnet_layers=2", "train.lr_fusion=3e-4"),
+    ]
+    cfg = _config(experiments=["full", "no_region"], grid=["model.qfnet_layers=1,2"])
+    assert [arm.name for arm in cfg.arms()] == [
+        "model.qfnet_layers=1",
+        "model.qfnet_layers=2",
+        "no_region,model.qfnet_layers=1",
+        "no_region,model.qfnet_layers=2",
+    ]
+    assert _config(experiments=[], grid=["model.dropout=0.2"]).experiments == ["full"]
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (
+            ["qfnet_layers=1,2"],
+            "--grid 'qfnet_layers=1,2' must be section.key=v1,v2,... (e.g. model.qfnet_layers=1,2)",
+        ),
+        (["model.qfnet_layers"], "--grid 'model.qfnet_layers' must be section.key=v1,v2,..."),
+        (
+            ["model.dropout=0.1", "model.dropout=0.2"],
+            "--grid gives model.dropout twice; give all its values in one",
+        ),
+        (
+            ["model.dropout=0.1,,0.2"],
+            "--grid 'model.dropout=0.1,,0.2': its values must be non-empty and distinct",
+        ),
+        (["model.dropout=0.1,0.1"], "its values must be non-empty and distinct"),
+        (
+            ["model.text_encoder=/models/a,/models/b"],
+            "a value may not hold '/', since arm names are folder names",
+        ),
+    ],
+)
+def test_malformed_grids_are_refused(grid, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _config(grid=grid)
+
+
+def test_grid_conflicts_and_bad_values_fail_before_any_run(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(ablate, "train_from_cache", lambda run_cfg: trained.append(run_cfg))
+    data_dir, _ = make_data(tmp_path)
+    base = {"data": DataConfig(data_dir=str(data_dir)), "out_dir": str(tmp_path / "out")}
+    with pytest.raises(
+        ValueError, match=r"^--set 'model.dropout=0.3' sets a key the --grid sweeps; drop one"
+    ):
+        run_ablation(_config(**base, grid=["model.dropout=0.1,0.2"], overrides=["model.dropout=0.3"]))
+    with pytest.raises(ValueError, match="which experiment no_region,model.use_regions=true"):
+        run_ablation(_config(**base, experiments=["no_region"], grid=["model.use_regions=true,false"]))
+    with pytest.raises(ValueError, match=r"model.qfnet_layers must be >= 1, got 0"):
+        run_ablation(_config(**base, grid=["model.qfnet_layers=2,0"]))
+    assert trained == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
+    data_dir, posts = make_data(tmp_path)
+    cfg = AblationConfig(
+        cache_dir=str(make_cache(tmp_path, posts)),
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=[],
+        grid=["model.qfnet_layers=1,2"],
+        seeds=1,
+        out_dir=str(tmp_path / "sweep"),
+        overrides=OVERRIDES,
+        epochs=1,
+        bootstrap=0,
+    )
+    real, trained = ablate.train_from_cache, []
+
+    def killed_on_the_second_arm(run_cfg):
+        if run_cfg.model.qfnet_layers == 2:
+            raise KeyboardInterrupt  # the kill, after the first arm finished
+        trained.append(run_cfg.out_dir)
+        return real(run_cfg)
+
+    monkeypatch.setattr(ablate, "train_from_cache", killed_on_the_second_arm)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(cfg)
+    first = tmp_path / "sweep" / "model.qfnet_layers=1" / "seed1"
+    assert trained == [str(first)] and (first / "results.json").is_file()
+
+    def counting(run_cfg):
+        trained.append(run_cfg.out_dir)
+        return real(run_cfg)
+
+    monkeypatch.setattr(ablate, "train_from_cache", counting)
+    md_path = run_ablation(cfg)
+    second = tmp_path / "sweep" / "model.qfnet_layers=2" / "seed1"
+    assert trained == [str(first), str(second)]  # the finished arm was not trained again
+    assert json.loads((second / "config.json").read_text())["model"]["qfnet_layers"] == 2
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md_path.read_text().splitlines()[4:6]]
+    assert rows == ["model.qfnet_layers=1", "model.qfnet_layers=2"]
+    assert json.loads((tmp_path / "sweep" / "ablation.json").read_text())["grid"] == [
+        "model.qfnet_layers=1,2"
+    ]
