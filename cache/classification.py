@@ -23,10 +23,14 @@ past the first encoding is counted per encoding in `ReadReport.fallbacks`, named
 non-UTF-8 byte a `file:line` error instead.
 
 Split rule. Without `valid.txt` / `val.csv`, a validation split is drawn from train: round(fraction
-* N) examples (at least 1; `valid_fraction`, default 0.1), stratified by label so that each label's
-share is kept (largest remainders settle the rounding) and every label keeps at least one train
-example; which examples of a label go is a `random.Random(seed)` shuffle. Both splits keep the
-train file's order. The fraction, the seed and the sizes are recorded in `ReadReport.split_made`.
+* N) examples (Python's round, at least 1; `valid_fraction`, default 0.1), stratified by label so
+that each label's share is kept (largest remainders settle the rounding) and every label keeps at
+least one train example (so a label seen once is never drawn, and the split can come out smaller;
+when every label is seen once it is an error); which examples of a label go is a
+`random.Random(seed)` shuffle, labels in sorted order. Both splits keep the train file's order. The
+fraction, the seed and the sizes are recorded in `ReadReport.split_made`. Stratified rather than
+plain random because MVSA's labels are unbalanced (neutral is rare) and a small valid split drawn
+at random can miss a label, which makes its validation score meaningless.
 
 Errors. Anything off is a `DatasetError` (a ValueError) naming the file and line: a missing or
 wrong header, a wrong field count, an empty split file, a duplicate guid (both lines, across all
@@ -218,7 +222,8 @@ def read_classification(cfg: ClassDataConfig) -> ClassData:
 def split_train(train: ClassSplit, fraction: float, seed: int) -> tuple[ClassSplit, ClassSplit]:
     """Draw a valid split from train by the split rule (module docstring): (train left, valid).
 
-    Raises DatasetError (at train's first example) when train has fewer than 2 examples.
+    Raises DatasetError (at train's first example) when train has fewer than 2 examples, or when every
+    label has a single example (drawing any would take that label out of train).
     """
     examples = train.examples
     if len(examples) < 2:
