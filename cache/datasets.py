@@ -230,15 +230,25 @@ class DataSource:
         Raises ValueError naming the key if it could reach outside image_dir: a `..` component, an
         absolute path, a backslash, a NUL byte, or a symlink that resolves outside.
         """
-        reason = _unsafe_key_reason(key)
+        reason = unsafe_path_reason(self.image_dir, key, ".jpg" if self.fmt == "imgid" else "")
         if reason:
             raise ValueError(f"image key {key!r} refused: {reason}")
-        candidate = self.image_dir / (f"{key}.jpg" if self.fmt == "imgid" else key)
-        if not candidate.resolve().is_relative_to(self.image_dir.resolve()):
-            raise ValueError(
-                f"image key {key!r} refused: it resolves outside {self.image_dir} through a symlink"
-            )
-        return candidate
+        return self.image_dir / (f"{key}.jpg" if self.fmt == "imgid" else key)
+
+
+def unsafe_path_reason(folder: Path, key: str, suffix: str = "") -> str:
+    """Why `folder / (key + suffix)` could name a file outside `folder`; "" when it cannot.
+
+    The key's text is refused first (empty, a NUL byte, a backslash, an absolute path, a `..`
+    component), then the path itself when it resolves outside `folder` through a symlink. The one
+    safe-path rule for every file named by a key: NER image keys, classification guids.
+    """
+    reason = _unsafe_key_reason(key)
+    if reason:
+        return reason
+    if not (folder / f"{key}{suffix}").resolve().is_relative_to(Path(folder).resolve()):
+        return f"it resolves outside {folder} through a symlink"
+    return ""
 
 
 # DataConfig's fields, as artifacts record them: under "data" in a run's config.json, at the top level

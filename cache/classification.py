@@ -1,0 +1,470 @@
+"""Labelled post collections for sentence-level multimodal classification (MVSA-style sentiment, the
+BertResNet seed): the reader of both layouts, the writer of the submission file, and the split rule.
+
+Layouts (`ClassDataConfig.layout`, "auto" picks by the train file present):
+
+- `mvsa`: `train.txt` (a header `guid,tag`, then `guid,label` lines), optional `valid.txt` and a
+  labelled `test.txt` in the same form, optional `test_without_label.txt` (`guid,null` lines, read
+  with label None in file order, the order `write_predictions` keeps); the text of a post is
+  `data/<guid>.txt` and its image `data/<guid>.jpg`.
+- `csv`: `train.csv`, optional `val.csv` (read as the split "valid") and `test.csv`, with columns
+  `guid,tag` and optionally `text` (else the text is `data/<guid>.txt`) and `image` (a path relative
+  to the data folder, empty for a post without image; else `data/<guid>.jpg`). Other columns (a
+  pandas index) are ignored and named in the report. A `test.csv` whose tags are all empty or `null`
+  is unlabelled.
+
+Encodings. The MVSA release mixes encodings between its text files, so every text file and every
+split-file line is decoded by `decode_text`: a UTF-8 BOM is stripped, then the encodings of
+`ClassDataConfig.encodings` (default `DEFAULT_ENCODINGS` = utf-8, cp1252, latin-1) are tried in
+order. latin-1 maps every byte to a character, so with it last nothing is ever refused: a text in an
+unlisted encoding (GBK, say) comes through as mojibake rather than an error. That is why every decode
+past the first encoding is counted per encoding in `ReadReport.fallbacks`, named in
+`ReadReport.fallback_sources` and logged as a warning; pass `encodings=("utf-8",)` to make any
+non-UTF-8 byte a `file:line` error instead.
+
+Split rule. Without `valid.txt` / `val.csv`, a validation split is drawn from train: round(fraction
+* N) examples (Python's round, at least 1; `valid_fraction`, default 0.1), stratified by label so
+that each label's share is kept (largest remainders settle the rounding) and every label keeps at
+least one train example (so a label seen once is never drawn, and the split can come out smaller;
+when every label is seen once it is an error); which examples of a label go is a
+`random.Random(seed)` shuffle, labels in sorted order. Both splits keep the train file's order. The
+fraction, the seed and the sizes are recorded in `ReadReport.split_made`. Stratified rather than
+plain random because MVSA's labels are unbalanced (neutral is rare) and a small valid split drawn
+at random can miss a label, which makes its validation score meaningless.
+
+Errors. Anything off is a `DatasetError` (a ValueError) naming the file and line: a missing or
+wrong header, a wrong field count, an empty split file, a duplicate guid (both lines, across all
+splits), an unlabelled line in a labelled split, a label in valid/test that train does not have, a
+guid that could leave the data folder (`..`, absolute, a symlink out), a missing or empty text. A
+missing image is not an error: stage one records it as missing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import io
+import logging
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mner.cache.datasets import DatasetError, unsafe_path_reason
+from mner.runtime import write_atomic
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "mvsa", "csv")
+# Tried in order (after a UTF-8 BOM is stripped). latin-1 never fails, so it must stay last: see the
+# module docstring for what that means for a text in an unlisted encoding.
+DEFAULT_ENCODINGS = ("utf-8", "cp1252", "latin-1")
+HEADER = "guid,tag"  # the first line of every MVSA split file and of the submission file
+NULL_LABEL = "null"  # the tag of an unlabelled post in test_without_label.txt
+TEXT_DIR = "data"  # data/<guid>.txt holds a post's text, data/<guid>.jpg its image
+# split name -> file, per layout, in reading order (train first: the others are checked against it).
+_MVSA_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
+UNLABELLED_FILE = "test_without_label.txt"
+UNLABELLED_SPLIT = "test_without_label"
+_CSV_FILES = {"train": "train.csv", "valid": "val.csv", "test": "test.csv"}
+_CSV_COLUMNS = ("guid", "tag", "text", "image")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Example:
+    guid: str  # the post's id, as in the split file; also its image's cache key
+    text: str  # decoded, surrounding whitespace stripped; never empty
+    label: str | None  # None in an unlabelled split (test_without_label)
+    image: Path | None  # where the image should lie (existence is stage one's business); None: no image
+    line: int  # 1-based line of the example in its split file (for a made valid split: in train's)
+
+
+@dataclass
+class ClassSplit:
+    name: str  # "train" | "valid" | "test" | "test_without_label"
+    path: Path  # the file it was read from (train's for a valid split drawn from train)
+    examples: list[Example]  # in file order
+    labelled: bool  # False: every label is None
+
+    def label_counts(self) -> dict[str, int]:
+        """label -> examples, labels sorted; {} for an unlabelled split."""
+        return dict(sorted(Counter(e.label for e in self.examples if e.label is not None).items()))
+
+
+@dataclass
+class ReadReport:
+    layout: str  # "mvsa" | "csv"
+    encodings: tuple[str, ...]  # tried in this order
+    fallbacks: dict[str, int] = field(
+        default_factory=dict
+    )  # encoding past the first -> texts decoded with it
+    fallback_sources: list[str] = field(default_factory=list)  # "path:line [encoding]" of each, in read order
+    # None when a valid split was read; else {"from": "train", "fraction", "seed", "stratified": True,
+    # "train": examples left in train, "valid": examples drawn}
+    split_made: dict | None = None
+    ignored_columns: dict[str, list[str]] = field(default_factory=dict)  # csv file -> columns not read
+
+    def summary(self) -> list[str]:
+        """The report as log lines (also what read_classification logs)."""
+        lines = []
+        if self.fallbacks:
+            counts = ", ".join(f"{n} as {enc}" for enc, n in self.fallbacks.items())
+            shown = "; ".join(self.fallback_sources[:5]) + (" ..." if len(self.fallback_sources) > 5 else "")
+            lines.append(f"decoded {counts} (not {self.encodings[0]}): {shown}")
+        if self.split_made:
+            s = self.split_made
+            lines.append(
+                f"no valid split: drew {s['valid']} of {s['train'] + s['valid']} train examples "
+                f"(fraction {s['fraction']}, seed {s['seed']}, stratified by label)"
+            )
+        for file, columns in self.ignored_columns.items():
+            lines.append(f"{file}: ignored columns {columns}")
+        return lines
+
+
+@dataclass
+class ClassData:
+    splits: dict[str, ClassSplit]  # train, valid (read or drawn), then test / test_without_label if present
+    labels: tuple[str, ...]  # train's labels, sorted; index = label id
+    report: ReadReport
+
+
+@dataclass(frozen=True)
+class ClassDataConfig:
+    """Which classification data to read and how (see the module docstring for the rules)."""
+
+    data_dir: str  # folder holding the split files and data/
+    layout: str = "auto"  # auto | mvsa | csv; auto: train.txt -> mvsa, train.csv -> csv
+    valid_fraction: float = 0.1  # share of train drawn as valid when the folder has no valid split
+    seed: int = 0  # seeds that draw
+    encodings: tuple[str, ...] = DEFAULT_ENCODINGS  # tried in order after a BOM is stripped
+
+    def __post_init__(self):
+        if isinstance(self.data_dir, Path):
+            object.__setattr__(self, "data_dir", str(self.data_dir))
+        if not isinstance(self.data_dir, str) or not self.data_dir:
+            raise ValueError(f"data_dir must name a folder, got {self.data_dir!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
+        fraction = self.valid_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"valid_fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        encodings = (self.encodings,) if isinstance(self.encodings, str) else tuple(self.encodings)
+        if not encodings:
+            raise ValueError("encodings must name at least one encoding (e.g. utf-8)")
+        for name in encodings:
+            try:
+                codecs.lookup(name)
+            except (LookupError, TypeError):
+                raise ValueError(f"unknown encoding {name!r} in encodings") from None
+        object.__setattr__(self, "encodings", encodings)
+
+    def to_dict(self) -> dict:
+        """Every field, encodings as a list (JSON)."""
+        return {**dataclasses.asdict(self), "encodings": list(self.encodings)}
+
+
+def read_classification(cfg: ClassDataConfig) -> ClassData:
+    """Read a classification data folder.
+
+    Returns:
+        ClassData: splits "train" and "valid" (read, or drawn from train by the split rule), then
+        "test" and "test_without_label" when present; train's sorted labels; the report (fallback
+        decodes, the split made, ignored columns), whose lines are also logged.
+    Raises:
+        ValueError when the folder or its train file is missing or the layout cannot be told;
+        DatasetError naming the file and line for anything malformed (see the module docstring).
+    """
+    folder = Path(cfg.data_dir).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"classification data folder {folder} does not exist")
+    layout = _detect_layout(folder) if cfg.layout == "auto" else cfg.layout
+    report = ReadReport(layout=layout, encodings=cfg.encodings)
+    reader = _Reader(folder, cfg.encodings, report)
+    files = _MVSA_FILES if layout == "mvsa" else _CSV_FILES
+    if not (folder / files["train"]).is_file():
+        raise ValueError(f"{folder / files['train']}: train file not found ({layout} layout)")
+
+    splits: dict[str, ClassSplit] = {}
+    for name, file in files.items():
+        path = folder / file
+        if not path.is_file():
+            continue
+        split = reader.read_mvsa(path, name, True) if layout == "mvsa" else reader.read_csv(path, name)
+        if name != "train":
+            _check_labels_in_train(split, splits["train"])
+        splits[name] = split
+    if layout == "mvsa" and (folder / UNLABELLED_FILE).is_file():
+        splits[UNLABELLED_SPLIT] = reader.read_mvsa(folder / UNLABELLED_FILE, UNLABELLED_SPLIT, False)
+    if "valid" not in splits:
+        train, valid = split_train(splits["train"], cfg.valid_fraction, cfg.seed)
+        report.split_made = {
+            "from": "train",
+            "fraction": cfg.valid_fraction,
+            "seed": cfg.seed,
+            "stratified": True,
+            "train": len(train.examples),
+            "valid": len(valid.examples),
+        }
+        splits = {"train": train, "valid": valid, **{k: v for k, v in splits.items() if k != "train"}}
+    for line in report.summary():
+        (log.warning if line.startswith("decoded") else log.info)("%s: %s", folder, line)
+    labels = tuple(splits["train"].label_counts())
+    return ClassData(splits=splits, labels=labels, report=report)
+
+
+def split_train(train: ClassSplit, fraction: float, seed: int) -> tuple[ClassSplit, ClassSplit]:
+    """Draw a valid split from train by the split rule (module docstring): (train left, valid).
+
+    Raises DatasetError (at train's first example) when train has fewer than 2 examples, or when every
+    label has a single example (drawing any would take that label out of train).
+    """
+    examples = train.examples
+    if len(examples) < 2:
+        raise DatasetError(
+            train.path,
+            examples[0].line if examples else 1,
+            "train needs at least 2 examples to draw a valid split",
+        )
+    by_label: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_label.setdefault(example.label, []).append(index)
+    total = max(1, round(fraction * len(examples)))
+    exact = {label: total * len(ids) / len(examples) for label, ids in by_label.items()}
+    quota = {label: min(math.floor(x), len(by_label[label]) - 1) for label, x in exact.items()}
+    # Largest remainders first (ties: label order) settle the rounding; no label gives up its last example.
+    for label in sorted(exact, key=lambda lab: (-(exact[lab] - quota[lab]), lab)):
+        if sum(quota.values()) >= total:
+            break
+        if quota[label] < len(by_label[label]) - 1:
+            quota[label] += 1
+    if not any(quota.values()):
+        raise DatasetError(
+            train.path,
+            examples[0].line,
+            "cannot draw a valid split: every label has a single train example; give a valid file",
+        )
+    rng = random.Random(seed)
+    drawn: set[int] = set()
+    for label in sorted(by_label):
+        ids = list(by_label[label])
+        rng.shuffle(ids)
+        drawn.update(ids[: quota[label]])
+    left = ClassSplit("train", train.path, [e for i, e in enumerate(examples) if i not in drawn], True)
+    valid = ClassSplit("valid", train.path, [e for i, e in enumerate(examples) if i in drawn], True)
+    return left, valid
+
+
+def write_predictions(path: str | Path, examples: Sequence[Example], labels: Sequence[str]) -> Path:
+    """Write the submission file: the header `guid,tag`, then `guid,label` per example, in the given order.
+
+    Args:
+        path: the output file (UTF-8, "\\n" line ends, replaced atomically).
+        examples: their guids are written (an unlabelled split's, in its file order).
+        labels: one predicted label per example.
+    Returns:
+        path as a Path.
+    Raises:
+        ValueError when the counts differ, or a guid or label is empty or holds a comma, a newline or
+        surrounding whitespace (it would not read back as itself).
+    """
+    if len(examples) != len(labels):
+        raise ValueError(f"{len(examples)} examples but {len(labels)} labels")
+    rows = [HEADER]
+    for example, label in zip(examples, labels):
+        for what, value in (("guid", example.guid), ("label", label)):
+            if (
+                not isinstance(value, str)
+                or not value
+                or value != value.strip()
+                or any(c in value for c in ",\r\n")
+            ):
+                raise ValueError(
+                    f"guid {example.guid!r}: {what} {value!r} is empty, padded or holds a comma or a newline"
+                )
+        rows.append(f"{example.guid},{label}")
+    return write_atomic(path, "\n".join(rows) + "\n")
+
+
+def decode_text(data: bytes, encodings: Sequence[str] = DEFAULT_ENCODINGS) -> tuple[str, str]:
+    """(text, the encoding that decoded it): a UTF-8 BOM stripped, then each encoding tried in order.
+
+    Raises UnicodeDecodeError (the first encoding's) when none decodes the bytes; with latin-1 in the
+    list that never happens.
+    """
+    data = data.removeprefix(_BOM)
+    first_error = None
+    for name in encodings:
+        try:
+            return data.decode(name), name
+        except UnicodeDecodeError as err:
+            first_error = first_error or err
+    raise first_error
+
+
+class _Reader:
+    """Reads split files of one folder, decoding through the encodings and counting the fallbacks."""
+
+    def __init__(self, folder: Path, encodings: tuple[str, ...], report: ReadReport):
+        self.folder = folder
+        self.encodings = encodings
+        self.report = report
+        self.seen: dict[str, str] = {}  # guid -> "file:line" of its first occurrence, across splits
+
+    def decode(self, path: Path, line: int, data: bytes) -> str:
+        """Decode one unit (a text file: line 1; a split-file line); a fallback is counted."""
+        try:
+            text, used = decode_text(data, self.encodings)
+        except UnicodeDecodeError as err:
+            raw = data.removeprefix(_BOM)
+            at = line + raw[: err.start].count(b"\n")
+            column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+            raise DatasetError(
+                path,
+                at,
+                f"not valid {' / '.join(self.encodings)} (byte 0x{raw[err.start]:02x} at column {column})",
+            ) from None
+        if used != self.encodings[0]:
+            self.report.fallbacks[used] = self.report.fallbacks.get(used, 0) + 1
+            self.report.fallback_sources.append(f"{path}:{line} [{used}]")
+        return text
+
+    def lines(self, path: Path) -> list[str]:
+        """The file's lines, each decoded on its own, line ends (CRLF too) removed."""
+        data = path.read_bytes().removeprefix(_BOM)
+        return [self.decode(path, n, raw.removesuffix(b"\r")) for n, raw in enumerate(data.split(b"\n"), 1)]
+
+    def read_mvsa(self, path: Path, name: str, labelled: bool) -> ClassSplit:
+        rows = [(n, line.strip()) for n, line in enumerate(self.lines(path), 1) if line.strip()]
+        if not rows:
+            raise DatasetError(path, 1, f"file is empty; expected the header {HEADER!r} and guid,tag lines")
+        number, header = rows[0]
+        if header.replace(" ", "") != HEADER:
+            raise DatasetError(path, number, f"expected the header {HEADER!r}, got {header!r}")
+        if len(rows) == 1:
+            raise DatasetError(path, number, "no examples after the header")
+        examples = []
+        for number, line in rows[1:]:
+            fields = [f.strip() for f in line.split(",")]
+            if len(fields) != 2:
+                raise DatasetError(path, number, f"{len(fields)} comma-separated fields; expected 'guid,tag'")
+            guid, tag = fields
+            label = self.label(path, number, guid, tag, labelled)
+            examples.append(self.example(path, number, guid, label, None, None))
+        return ClassSplit(name, path, examples, labelled)
+
+    def read_csv(self, path: Path, name: str) -> ClassSplit:
+        text = "\n".join(self.lines(path))
+        reader = csv.reader(io.StringIO(text, newline=""))
+        records = []  # (first line of the record, its fields)
+        start = 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                records.append((start, row))
+            start = reader.line_num + 1
+        if not records:
+            raise DatasetError(path, 1, "file is empty; expected a header with guid and tag columns")
+        number, header = records[0]
+        header = [cell.strip() for cell in header]
+        for column in ("guid", "tag"):
+            if column not in header:
+                raise DatasetError(path, number, f"header {','.join(header)!r} has no {column!r} column")
+        for column in set(header):
+            if column and header.count(column) > 1:
+                raise DatasetError(path, number, f"header names the column {column!r} twice")
+        ignored = [c for c in header if c not in _CSV_COLUMNS]
+        if ignored:
+            self.report.ignored_columns[str(path)] = ignored
+        if len(records) == 1:
+            raise DatasetError(path, number, "no examples after the header")
+        at = {column: header.index(column) for column in _CSV_COLUMNS if column in header}
+        tags = [row[at["tag"]].strip() if len(row) == len(header) else "" for _, row in records[1:]]
+        # test.csv may be unlabelled as a whole (every tag empty or null); train and val never.
+        labelled = name != "test" or any(tag and tag.lower() != NULL_LABEL for tag in tags)
+        examples = []
+        for number, row in records[1:]:
+            if len(row) != len(header):
+                raise DatasetError(path, number, f"{len(row)} fields; the header has {len(header)}")
+            guid = row[at["guid"]].strip()
+            label = self.label(path, number, guid, row[at["tag"]].strip(), labelled)
+            text = row[at["text"]].strip() if "text" in at else None
+            if text is not None and not text:
+                raise DatasetError(path, number, f"guid {guid!r}: the text is empty")
+            image = row[at["image"]].strip() if "image" in at else None
+            examples.append(self.example(path, number, guid, label, text, image))
+        return ClassSplit(name, path, examples, labelled)
+
+    def label(self, path: Path, number: int, guid: str, tag: str, labelled: bool) -> str | None:
+        unlabelled = not tag or tag.lower() == NULL_LABEL
+        if labelled and unlabelled:
+            raise DatasetError(
+                path,
+                number,
+                f"guid {guid!r} has no label ({tag!r}) in a labelled split; unlabelled posts belong in "
+                f"{UNLABELLED_FILE} (mvsa) or an all-unlabelled test.csv",
+            )
+        if not labelled and not unlabelled:
+            raise DatasetError(
+                path, number, f"guid {guid!r}: expected {NULL_LABEL!r} in an unlabelled split, got {tag!r}"
+            )
+        return tag if labelled else None
+
+    def example(
+        self, path: Path, number: int, guid: str, label: str | None, text: str | None, image: str | None
+    ) -> Example:
+        """Check the guid, find the text (the csv cell, else data/<guid>.txt) and the image path."""
+        if not guid:
+            raise DatasetError(path, number, "empty guid")
+        here = f"{path.name}:{number}"
+        if guid in self.seen:
+            raise DatasetError(path, number, f"duplicate guid {guid!r} (first at {self.seen[guid]})")
+        self.seen[guid] = here
+        data_dir = self.folder / TEXT_DIR
+        for suffix in (".txt", ".jpg"):
+            reason = unsafe_path_reason(data_dir, guid, suffix)
+            if reason:
+                raise DatasetError(path, number, f"guid {guid!r} refused: {reason}")
+        if text is None:
+            text_file = data_dir / f"{guid}.txt"
+            if not text_file.is_file():
+                raise DatasetError(path, number, f"guid {guid!r}: text file {text_file} not found")
+            text = self.decode(text_file, 1, text_file.read_bytes()).strip()
+            if not text:
+                raise DatasetError(path, number, f"guid {guid!r}: text file {text_file} is empty")
+        if image is None:
+            image_path = data_dir / f"{guid}.jpg"
+        elif not image:
+            image_path = None
+        else:
+            reason = unsafe_path_reason(self.folder, image)
+            if reason:
+                raise DatasetError(path, number, f"guid {guid!r}: image path {image!r} refused: {reason}")
+            image_path = self.folder / image
+        return Example(guid=guid, text=text, label=label, image=image_path, line=number)
+
+
+def _detect_layout(folder: Path) -> str:
+    has_txt, has_csv = (folder / "train.txt").is_file(), (folder / "train.csv").is_file()
+    if has_txt and has_csv:
+        raise ValueError(f"{folder} holds both train.txt and train.csv; pass layout 'mvsa' or 'csv'")
+    if not has_txt and not has_csv:
+        raise ValueError(f"{folder} holds neither train.txt (mvsa layout) nor train.csv (csv layout)")
+    return "mvsa" if has_txt else "csv"
+
+
+def _check_labels_in_train(split: ClassSplit, train: ClassSplit) -> None:
+    known = train.label_counts()
+    for example in split.examples:
+        if example.label is not None and example.label not in known:
+            raise DatasetError(
+                split.path,
+                example.line,
+                f"label {example.label!r} of guid {example.guid!r} is not in train (train labels: "
+                f"{', '.join(known)})",
+            )
