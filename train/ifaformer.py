@@ -106,7 +106,15 @@ class SingleStreamFusion(nn.Module):
         Returns:
             (B, T, D): the joint pass's word states for posts with an unmasked visual token; `words`'
             rows, bitwise, for every other post.
+        Raises:
+            ValueError for an encoder without BERT's .embeddings / .encoder split (DistilBERT, ...).
         """
+        if not (isinstance(getattr(encoder, "embeddings", None), nn.Module) and hasattr(encoder, "encoder")):
+            raise ValueError(
+                f"model.fusion = 'single_stream' runs the text encoder's embeddings and layers apart, which "
+                f"a {type(encoder).__name__} does not expose (.embeddings, .encoder); use a BERT or "
+                "RoBERTa-family encoder"
+            )
         has_image = visual_mask.any(dim=1)  # (B,)
         if not bool(has_image.any()):
             return words

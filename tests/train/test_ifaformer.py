@@ -205,6 +205,19 @@ def test_visual_positions_must_be_positive():
         ModelConfig(visual_positions=0)
 
 
+def test_an_encoder_without_the_bert_split_is_refused():
+    model = ifaformer().eval()
+    batch = make_batch(make_posts(2))
+    words = model.encode_text(batch)
+    visual, visual_mask = model.encode_visual(batch)
+    message = (
+        "model.fusion = 'single_stream' runs the text encoder's embeddings and layers apart, which a "
+        "Linear does not expose (.embeddings, .encoder); use a BERT or RoBERTa-family encoder"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.fusion.encode(torch.nn.Linear(2, 2), batch, words, visual, visual_mask)
+
+
 def test_the_fusion_is_not_called_as_a_late_fusion():
     fusion = SingleStreamFusion(ModelConfig(**IFAFORMER), 32)
     with pytest.raises(TypeError, match="single_stream fusion runs inside the text encoder"):
