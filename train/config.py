@@ -78,7 +78,7 @@ class ModelConfig(_Config):
     # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
     text_encoder: str = "minilm"
     task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/tasks.py)
-    fusion: str = "qgf"  # registry name: qgf | concat | gated (train/fusion.py)
+    fusion: str = "qgf"  # registry name: qgf | concat | gated | single_stream (train/fusion.py)
     qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
@@ -97,6 +97,10 @@ class ModelConfig(_Config):
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
     max_length: int = 128
+    # --- fusion "single_stream" (IFAformer, seed 002; train/ifaformer.py) ---
+    # learned position embeddings of the visual tokens appended after the text; the cache's
+    # P patches + K regions per post must fit
+    visual_positions: int = 256
 
     def __post_init__(self):
         self._check_types()
@@ -117,7 +121,7 @@ class ModelConfig(_Config):
                 f"model.adaptive_gate = true gates query-guided fusion only, but model.fusion is "
                 f"{self.fusion!r}; set model.adaptive_gate = false"
             )
-        for name in ("qfnet_layers", "qfnet_heads", "slots_per_type"):
+        for name in ("qfnet_layers", "qfnet_heads", "slots_per_type", "visual_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not self.text_only and not (self.use_patches or self.use_regions):

@@ -120,7 +120,11 @@ class MNERModel(nn.Module):
             pooled = (
                 self.visual.encode_global(batch, image_mask) if self.visual.global_proj is not None else None
             )
-            fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
+            if getattr(self.fusion, "single_stream", False):
+                # IFAformer: the encoder's own layers run over words + visual tokens (train/ifaformer.py)
+                fused = self.fusion.encode(self.encoder, batch, words, visual, visual_mask)  # (B, T, D)
+            else:
+                fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
         emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
         return emissions, words, visual, visual_mask

@@ -55,6 +55,8 @@ FUSIONS = Registry(
         "qgf": "mner.train.fusion:QueryGuidedFusion",  # AFDVQF query-guided fusion (+ model.adaptive_gate)
         "concat": "mner.train.fusion:ConcatFusion",  # BertResNet: pooled image vector beside every word
         "gated": "mner.train.fusion:GatedFusion",  # MANGO gated relevance fusion
+        # IFAformer: visual tokens appended to the encoder's input, one stream (train/ifaformer.py)
+        "single_stream": "mner.train.ifaformer:SingleStreamFusion",
     },
 )
 

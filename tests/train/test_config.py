@@ -114,8 +114,11 @@ def test_missing_config_file(tmp_path):
             "model.text_encoder=''",
             "model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''",
         ),
-        ("model.fusion=mlp", "model.fusion must be one of qgf, concat, gated; got 'mlp'"),
-        ("model.fusion=adaptive", "model.fusion must be one of qgf, concat, gated; got 'adaptive'"),
+        ("model.fusion=mlp", "model.fusion must be one of qgf, concat, gated, single_stream; got 'mlp'"),
+        (
+            "model.fusion=adaptive",
+            "model.fusion must be one of qgf, concat, gated, single_stream; got 'adaptive'",
+        ),
         (
             "model.fusion=gated",
             "model.adaptive_gate = true gates query-guided fusion only, but model.fusion is 'gated'; "
@@ -252,7 +255,9 @@ def test_old_run_records_load_as_the_model_they_built(tmp_path, changes, expecte
 
 def test_records_written_now_are_not_upgraded():
     record = {**ModelConfig().to_dict(), "fusion": "adaptive"}
-    with pytest.raises(ValueError, match=re.escape("model.fusion must be one of qgf, concat, gated")):
+    with pytest.raises(
+        ValueError, match=re.escape("model.fusion must be one of qgf, concat, gated, single_stream")
+    ):
         ModelConfig.from_dict(record)
         RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "")
 

@@ -18,6 +18,8 @@ def fused(model, batch) -> torch.Tensor:
     """The fusion output (B, T, D) of a batch, through the model's public pieces."""
     words = model.encode_text(batch)
     visual, visual_mask = model.encode_visual(batch)
+    if getattr(model.fusion, "single_stream", False):  # IFAformer: it fuses inside the text encoder
+        return model.fusion.encode(model.encoder, batch, words, visual, visual_mask)
     pooled = (
         model.visual.encode_global(batch, batch["image_mask"])
         if model.visual.global_proj is not None
