@@ -53,6 +53,7 @@ COMMANDS = [
     ("evaluate",),
     ("predict",),
     ("ablate",),
+    ("models",),
     ("demo-data",),
     ("results",),
 ]
@@ -147,6 +148,7 @@ DEFAULT_SOURCES = {
     ("evaluate",): [evaluate_run],
     ("predict",): [predict],
     ("ablate",): [AblationConfig, DataConfig],
+    ("models",): [],
     ("demo-data",): [DemoConfig],
     ("results",): [results_table],
 }
@@ -154,7 +156,7 @@ RENAMED = {"out": "out_dir"}
 # Options with no field or parameter behind them (the output format).
 NO_COUNTERPART = {("cache", "inspect"): {"as_json"}}
 # Options whose None means "what the TOML config says", which their help must say (checked below).
-FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
+FROM_CONFIG = {("train-from-cache",): {"model", "text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
 CHOICES = {
     ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
@@ -718,3 +720,26 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, args):
     )
     assert done.stdout.strip() == "torch imported: False exit: 1", done.stdout + done.stderr
     assert done.stderr.startswith("Error: ")
+
+
+def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
+    from mner.train.config import describe_model, model_names
+
+    lines = ok("models").output.splitlines()
+    assert lines[0].split() == ["name", "seed", "adds"]
+    assert [line.split()[0] for line in lines[1:]] == list(model_names())
+    for line, name in zip(lines[1:], model_names()):
+        seed, adds = describe_model(name)
+        assert line.startswith(f"{name} ") and f"  {seed}  " in line and line.endswith(f"  {adds}")
+    afdvqf = next(line for line in lines if line.startswith("afdvqf "))
+    assert "001 AFDVQF" in afdvqf and "adaptive gate" in afdvqf
+
+
+def test_an_unknown_model_is_a_clean_error_listing_the_models(tmp_path):
+    from mner.train.config import model_names
+
+    data_dir, _ = make_data(tmp_path)
+    line = user_error(
+        "train-from-cache", "--text-only", "--data-dir", data_dir, "--model", "nope", "--out", tmp_path / "r"
+    )
+    assert line == f"Error: model.name must be one of {', '.join(model_names())}; got 'nope'"
