@@ -109,6 +109,13 @@ class ModelConfig(_Config):
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
     max_length: int = 128
+    # --- model zoo (issue 11): switches the seeds' models differ by; each is off at the AFDVQF value
+    # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
+    region_meta: bool = True
+    label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
+    emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
+    bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model
+    lstm_hidden: int = 256  # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden)
 
     def __post_init__(self):
         self._check_types()
@@ -146,6 +153,19 @@ class ModelConfig(_Config):
         for name in ("image_dropout", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.emission_temperature <= 0:
+            raise ValueError(f"model.emission_temperature must be > 0, got {self.emission_temperature}")
+        for name, default in (("label_smoothing", 0.0), ("emission_temperature", 1.0)):
+            # A knob that does nothing would make an experiment that turns it a silent no-op.
+            if self.head != "softmax" and getattr(self, name) != default:
+                raise ValueError(
+                    f"model.{name} applies to the softmax head only, but model.head is {self.head!r}; "
+                    f"leave it at {default}"
+                )
+        if self.lstm_hidden < 1:
+            raise ValueError(f"model.lstm_hidden must be >= 1, got {self.lstm_hidden}")
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")

@@ -69,8 +69,12 @@ class MNERModel(nn.Module):
                 )
             self.visual = VisualTokenBuilder(cfg, spec, width, num_detector_classes)
             self.fusion = build_fusion(cfg, width, self.types)
+        # model.bilstm (issue 11): a BiLSTM over the (fused) word states before the emission layer.
+        self.bilstm = (
+            nn.LSTM(width, cfg.lstm_hidden, batch_first=True, bidirectional=True) if cfg.bilstm else None
+        )
         self.dropout = nn.Dropout(cfg.dropout)
-        self.emission = nn.Linear(width, len(self.label_names))
+        self.emission = nn.Linear(2 * cfg.lstm_hidden if cfg.bilstm else width, len(self.label_names))
         # Registered under its registry name, so checkpoint keys name the head that made them
         # (crf.crf.transitions, as before the registry) and another head's weights fail to load.
         self._head_attr = cfg.head.replace("-", "_")
@@ -121,9 +125,20 @@ class MNERModel(nn.Module):
                 self.visual.encode_global(batch, image_mask) if self.visual.global_proj is not None else None
             )
             fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
+        if self.bilstm is not None:
+            fused = self._bilstm(fused, batch["word_mask"])  # (B, T, 2H)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
         emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
         return emissions, words, visual, visual_mask
+
+    def _bilstm(self, states: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """states (B, T, D) -> (B, T, 2H), run over each post's words only (packed), so the backward
+        direction starts at the post's last word, not at the batch's padding; zero past it."""
+        lengths = word_mask.sum(dim=1).clamp(min=1).cpu()  # (B,); word_mask is a prefix of each row
+        packed = nn.utils.rnn.pack_padded_sequence(states, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.bilstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=states.shape[1])
+        return out  # (B, T, 2H)
 
     def forward(self, batch: dict) -> dict:
         """Training losses, scalars: "loss" (the total), "<head>_loss" ("crf_loss") and "<name>_loss" for
@@ -201,7 +216,7 @@ class MNERModel(nn.Module):
 
 
 # Modules whose matrices multiply an input; their >= 2-D parameters are weight-decayed.
-_DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d)
+_DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d, nn.LSTM)
 
 
 def _decayed_parameters(model: nn.Module) -> set[int]:

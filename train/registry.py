@@ -59,7 +59,13 @@ FUSIONS = Registry(
 )
 
 # Builders: (cfg: ModelConfig, label_names: Sequence[str]) -> heads.Head.
-HEADS = Registry("model.head", {"crf": "mner.train.heads:CRFHead"})
+HEADS = Registry(
+    "model.head",
+    {
+        "crf": "mner.train.heads:CRFHead",
+        "softmax": "mner.train.heads:SoftmaxHead",  # token cross-entropy, argmax decode (issue 11)
+    },
+)
 
 # Builders: (cfg: ModelConfig, width: int) -> losses.AuxLoss; each loss is weighted by its own field.
 AUX_LOSSES = Registry(
