@@ -41,6 +41,7 @@ ABLATIONS: dict[str, str | None] = {
     "no_patch": "no_patch.toml",
     "text_only": "text_only.toml",
     "qfnet1": "qfnet1.toml",
+    "no_slot_type": "no_slot_type.toml",  # afner's type-presence loss off (--model afner)
 }
 
 

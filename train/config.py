@@ -112,6 +112,9 @@ class ModelConfig(_Config):
     # --- model zoo (issue 11): switches the seeds' models differ by; each is off at the AFDVQF value
     # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
     region_meta: bool = True
+    # weight of the slot type-presence loss (AFNER's typed slots): each entity type's mean final QGF
+    # slot predicts whether the post holds an entity of that type (BCE); 0 turns it off
+    slot_type_loss_weight: float = 0.0
     label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
     emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
     bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model

@@ -22,7 +22,7 @@ from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.fusion import build_fusion
 from mner.train.heads import Head
-from mner.train.losses import LossInputs
+from mner.train.losses import LossInputs, type_presence
 from mner.train.registry import AUX_LOSSES, HEADS, TASKS
 from mner.train.text import load_encoder
 from mner.train.visual import VisualTokenBuilder
@@ -85,6 +85,13 @@ class MNERModel(nn.Module):
             loss = AUX_LOSSES.get(name)
             if getattr(cfg, weight) > 0 and not (loss.needs_image and cfg.text_only):
                 self.aux_losses[name] = loss(cfg, width)
+                if getattr(loss, "needs_slots", False) and not getattr(self.fusion, "exposes_slots", False):
+                    raise ValueError(
+                        f"model.{weight} > 0 needs a fusion with query slots (qgf), but model.fusion is "
+                        f"{cfg.fusion!r}; set model.{weight} = 0"
+                    )
+        # label id -> entity type index (-1 for O), for the losses that read type presence
+        self._label_type = [self.types.index(n[2:]) if n != "O" else -1 for n in self.label_names]
 
     @property
     def head(self) -> Head:
@@ -157,6 +164,10 @@ class MNERModel(nn.Module):
         losses = {f"{self._head_attr}_loss": head_loss}
         loss = head_loss
         inputs = LossInputs(words, word_mask, emissions, visual, visual_mask)
+        if any(getattr(loss, "needs_slots", False) for loss in self.aux_losses.values()):
+            inputs.slots = self.fusion.final_slots  # (B, Q, D)
+            label_type = torch.tensor(self._label_type, device=tags.device)  # (L,)
+            inputs.type_presence = type_presence(tags, word_mask, label_type, len(self.types))  # (B, E)
         for name, weight in AUX_LOSSES.weights.items():
             if name in self.aux_losses:
                 losses[f"{name}_loss"] = self.aux_losses[name](inputs)

@@ -70,8 +70,11 @@ HEADS = Registry(
 # Builders: (cfg: ModelConfig, width: int) -> losses.AuxLoss; each loss is weighted by its own field.
 AUX_LOSSES = Registry(
     "auxiliary loss",
-    {"align": "mner.train.losses:AlignmentLoss"},
-    weights={"align": "alignment_loss_weight"},
+    {
+        "align": "mner.train.losses:AlignmentLoss",
+        "slot_type": "mner.train.losses:SlotTypeLoss",  # AFNER typed slots: type presence (issue 11)
+    },
+    weights={"align": "alignment_loss_weight", "slot_type": "slot_type_loss_weight"},
 )
 
 # Entries: tasks.Task instances (what a task needs from the data and gives the heads).

@@ -53,7 +53,9 @@ def test_shapes_of_the_public_methods():
     assert [len(p) for p in paths] == batch["num_words"].tolist()
     assert all(0 <= i < len(LABELS) for p in paths for i in p)
     out = model(batch)
-    assert set(out) == {"loss", "crf_loss", "align_loss"} and all(v.dim() == 0 for v in out.values())
+    assert set(out) == {"loss", "crf_loss", "align_loss", "slot_type_loss"} and all(
+        v.dim() == 0 for v in out.values()
+    )
 
 
 def test_word_states_come_from_the_first_sub_word():
