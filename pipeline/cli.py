@@ -437,7 +437,11 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
     multiple=True,
     required=True,
     help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | no_slot_type | "
-    "a config-diff TOML (repeatable).",
+    "model=NAME (a model of `mner models`, as it is) | a config-diff TOML (repeatable).",
+)
+@click.option(
+    "--model",
+    help="The model every --exp but model=NAME starts from (`mner models`) [default: from config, afdvqf].",
 )
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
 @click.option(
@@ -455,6 +459,7 @@ def ablate_cmd(
     image_dir,
     columns,
     experiments,
+    model,
     seeds,
     text_encoder,
     epochs,
@@ -467,6 +472,10 @@ def ablate_cmd(
     Example:
       mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --exp full --exp no_region --exp text_only --seeds 3 --out ablations/tw15
+      mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --exp model=afdvqf --exp model=afner --exp model=bert-crf --out ablations/zoo
+      mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --model afner --exp full --exp no_slot_type --out ablations/afner
     """
     data = _data_config(data_dir, dataset, data_root, image_dir, columns)
     data.resolve()  # the data folder exists: checked before torch loads
@@ -481,6 +490,7 @@ def ablate_cmd(
         out_dir=out,
         overrides=list(overrides),
         epochs=epochs,
+        model=model,
     )
     path = run_ablation(cfg)
     click.echo(Path(path).read_text() if Path(path).is_file() else f"ablation written to {path}")

@@ -1,7 +1,9 @@
 """Ablations: named config diffs x seeds, each trained from one shared cache, summarised as mean ± std.
 
-An experiment is a small TOML diff over configs/train/base.toml: a registry name (the file
-configs/experiments/<name>.toml; `full` is the empty diff) or a path to a diff file of your own.
+An experiment is a small TOML diff over configs/train/base.toml and the ablation's model (`model`,
+`--model`; configs/models/<name>.toml): a registry name (the file configs/experiments/<name>.toml;
+`full` is the empty diff), a path to a diff file of your own, or `model=NAME`, an arm that trains the
+model NAME as it is (named NAME), so one table compares the model zoo (issue 11).
 Every run goes to <out>/<experiment>/seed<k>/ through `train_from_cache`; a run whose results.json
 exists is skipped, so a killed ablation re-run picks up where it stopped. The cache is only read,
 never re-extracted.
@@ -25,7 +27,7 @@ import pandas as pd
 from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import FolderClaim, claim_folder, write_atomic
-from mner.train.config import RunConfig, load_run_config
+from mner.train.config import RunConfig, check_model_name, load_run_config
 from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
 from mner.train.runs import RESULTS_FILE, is_run_folder, read_results, write_json
@@ -43,6 +45,8 @@ ABLATIONS: dict[str, str | None] = {
     "qfnet1": "qfnet1.toml",
     "no_slot_type": "no_slot_type.toml",  # afner's type-presence loss off (--model afner)
 }
+# An experiment `model=NAME` trains the model NAME as its file gives it.
+MODEL_ARM = "model="
 
 
 # The ablation folder's record; a folder holding it with these keys is ours (mner.runtime.claim_folder).
@@ -69,6 +73,7 @@ class AblationConfig:
         default_factory=list
     )  # "section.key=value" for every run; not a key an experiment sets
     epochs: int | None = None  # epochs per run; None keeps the config's
+    model: str | None = None  # the model every experiment but `model=NAME` starts from; None: the config's
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
@@ -77,13 +82,17 @@ class AblationConfig:
             raise ValueError(
                 f"no experiments given; choose from {', '.join(ABLATIONS)} or config-diff .toml files"
             )
+        if self.model is not None:
+            check_model_name(self.model)
         for experiment in self.experiments:
-            if experiment not in ABLATIONS and not (
+            if experiment.startswith(MODEL_ARM):
+                check_model_name(experiment[len(MODEL_ARM) :])
+            elif experiment not in ABLATIONS and not (
                 experiment.endswith(".toml") and Path(experiment).is_file()
             ):
                 raise ValueError(
-                    f"unknown experiment {experiment!r}: use one of {', '.join(ABLATIONS)} "
-                    "or the path of an existing config-diff .toml file"
+                    f"unknown experiment {experiment!r}: use one of {', '.join(ABLATIONS)}, "
+                    "model=NAME or the path of an existing config-diff .toml file"
                 )
         names = [experiment_name(experiment) for experiment in self.experiments]
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -113,12 +122,22 @@ class AblationConfig:
 
 
 def experiment_name(experiment: str) -> str:
-    """Folder and table name of an experiment: the registry name, or the diff file's stem."""
+    """Folder and table name of an experiment: the registry name, the model of `model=NAME`, or the
+    diff file's stem."""
+    if experiment.startswith(MODEL_ARM):
+        return experiment[len(MODEL_ARM) :]
     return experiment if experiment in ABLATIONS else Path(experiment).stem
 
 
+def experiment_model(experiment: str, model: str | None) -> str | None:
+    """The model an experiment trains: NAME for `model=NAME`, else the ablation's `model`."""
+    return experiment[len(MODEL_ARM) :] if experiment.startswith(MODEL_ARM) else model
+
+
 def experiment_file(experiment: str) -> Path | None:
-    """The config-diff TOML of an experiment; None for `full` (the base as it is)."""
+    """The config-diff TOML of an experiment; None for `full` and `model=NAME` (no diff)."""
+    if experiment.startswith(MODEL_ARM):
+        return None
     if experiment in ABLATIONS:
         name = ABLATIONS[experiment]
         return None if name is None else configs.path("experiments", name)
@@ -135,8 +154,9 @@ def run_ablation(cfg: AblationConfig) -> Path:
     claim = claim_folder(out, ABLATION_FILE, ABLATION_KEYS, resume=None, what="ablation")
     # Checked for every experiment before the first run, not after hours of the earlier ones.
     for experiment in cfg.experiments:
-        _refuse_conflicting_overrides(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
-        _refuse_noop_experiment(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
+        name, diff = experiment_name(experiment), experiment_file(experiment)
+        _refuse_conflicting_overrides(name, diff, cfg.overrides)
+        _refuse_noop_experiment(name, diff, cfg.overrides, experiment_model(experiment, cfg.model))
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
         claim.create()
@@ -150,9 +170,10 @@ def run_ablation(cfg: AblationConfig) -> Path:
 
 
 def _record(cfg: AblationConfig) -> dict:
-    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS and text_encoder)."""
+    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS, text_encoder and model;
+    each run's config.json records its resolved config, model.name included)."""
     record = {key: getattr(cfg, key) for key in ABLATION_KEYS if key != "data"}
-    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder)
+    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder, model=cfg.model)
     return record
 
 
@@ -166,12 +187,13 @@ def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
     rows = []
     for experiment in cfg.experiments:
         name, diff = experiment_name(experiment), experiment_file(experiment)
+        model = experiment_model(experiment, cfg.model)
         for seed in cfg.seed_list():
             run_dir = out / name / f"seed{seed}"
             if is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file():
                 log.info("%s: finished earlier, skipped", run_dir)
             else:
-                train_from_cache(_run_config(cfg, diff, seed, run_dir))
+                train_from_cache(_run_config(cfg, diff, seed, run_dir, model))
             rows.append(_table_row(name, seed, run_dir))
     table = pd.DataFrame(rows)
     md_path = out / "ablation.md"
@@ -181,8 +203,10 @@ def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
     return md_path
 
 
-def _run_config(cfg: AblationConfig, diff: Path | None, seed: int, run_dir: Path) -> RunConfig:
-    model_cfg, train_cfg = load_run_config(config_file=diff, overrides=list(cfg.overrides))
+def _run_config(
+    cfg: AblationConfig, diff: Path | None, seed: int, run_dir: Path, model: str | None = None
+) -> RunConfig:
+    model_cfg, train_cfg = load_run_config(config_file=diff, overrides=list(cfg.overrides), model=model)
     if cfg.text_encoder is not None:
         model_cfg = dataclasses.replace(model_cfg, text_encoder=cfg.text_encoder)
     train_cfg = dataclasses.replace(train_cfg, seed=seed)
@@ -216,16 +240,17 @@ def _refuse_conflicting_overrides(name: str, diff: Path | None, overrides: list[
             )
 
 
-def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str]) -> None:
-    """An experiment whose diff resolves to the base config would train `full` again under its name.
+def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str], model: str | None) -> None:
+    """An experiment whose diff resolves to its model's config would train `full` again under its name
+    (no_slot_type over afdvqf, whose slot_type loss is off already, is refused).
 
     (Configs refuse a switch that does nothing, such as adaptive_gate on a fusion without a gate, so
     an unchanged config is the one way an ablation could be a silent no-op.)
     """
     if diff is None:
         return
-    if load_run_config(config_file=diff, overrides=list(overrides)) == load_run_config(
-        overrides=list(overrides)
+    if load_run_config(config_file=diff, overrides=list(overrides), model=model) == load_run_config(
+        overrides=list(overrides), model=model
     ):
         raise ValueError(
             f"experiment {name} ({diff}) changes nothing: the base config with these overrides already "

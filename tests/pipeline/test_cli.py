@@ -587,8 +587,8 @@ def test_ablate_refuses_an_unknown_experiment(workspace, tmp_path):
         "ablate", "--data-dir", workspace.data_dir, "--exp", "no_such", "--out", tmp_path / "ablation"
     )
     assert line == (
-        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)} "
-        "or the path of an existing config-diff .toml file"
+        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)}, "
+        "model=NAME or the path of an existing config-diff .toml file"
     )
 
 

@@ -296,3 +296,54 @@ def test_an_ablation_failing_before_any_training_leaves_no_folder(tmp_path):
     with pytest.raises(ValueError, match="is not divisible by model.qfnet_heads=3"):
         run_ablation(cfg)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ model zoo
+
+
+def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
+    """`model=NAME` arms train each model as its file gives it (arm named NAME); with --model afner,
+    `full` is afner and no_slot_type is afner without its loss. ablation.json records the model."""
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    cfg = AblationConfig(
+        cache_dir=str(cache_dir),
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=["full", "no_slot_type", "model=bert-softmax", "model=afdvqf"],
+        seeds=1,
+        out_dir=str(tmp_path / "out"),
+        overrides=OVERRIDES + ["model.qfnet_heads=2", "model.lstm_hidden=8"],
+        epochs=1,
+        model="afner",
+    )
+    md_path = run_ablation(cfg)
+    expected = {
+        "full": ("afner", 0.1, "crf"),
+        "no_slot_type": ("afner", 0.0, "crf"),
+        "bert-softmax": ("bert-softmax", 0.0, "softmax"),
+        "afdvqf": ("afdvqf", 0.0, "crf"),
+    }
+    for arm, (name, weight, head) in expected.items():
+        record = json.loads((md_path.parent / arm / "seed1" / "config.json").read_text())
+        model = record["model"]
+        assert (model["name"], model["slot_type_loss_weight"], model["head"]) == (name, weight, head), arm
+    assert json.loads((md_path.parent / "ablation.json").read_text())["model"] == "afner"
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md_path.read_text().splitlines()[4:]]
+    assert rows == ["full", "no_slot_type", "bert-softmax", "afdvqf"]
+
+
+def test_model_arm_and_model_errors(tmp_path):
+    from mner.train.config import model_names
+
+    names = ", ".join(model_names())
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        _config(experiments=["model=nope"])
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        _config(model="nope")
+    assert ablate.experiment_name("model=afner") == "afner" and ablate.experiment_file("model=afner") is None
+    # no_slot_type over the base (afdvqf, whose slot_type loss is off) would retrain it: refused.
+    cfg = _config(experiments=["no_slot_type"], out_dir=str(tmp_path / "out"))
+    message = f"experiment no_slot_type ({experiment_file('no_slot_type')}) changes nothing"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_ablation(cfg)
