@@ -1,0 +1,193 @@
+"""Invariants of every model of the zoo (configs/models/*.toml), parametrised over the files, so a new
+model (MANGO, IFAformer, ...) is checked the day its file lands: shapes, a falling loss, determinism,
+a masked image giving bitwise the image-less output, no region tensor read without regions, and
+ablation files that are one-key diffs changing exactly that key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mner import configs
+from mner.train.ablate import ABLATIONS, experiment_file
+from mner.train.config import ModelConfig, TrainConfig, load_run_config, model_names
+from mner.train.model import MNERModel
+from mner.train.registry import AUX_LOSSES
+from tests.train.factories import LABELS, NUM_DETECTOR_CLASSES, make_batch, make_posts, tiny_spec
+from tests.train.run_factories import single_thread  # noqa: F401 (autouse fixture)
+
+# The test-size knobs, over each model's own file (tiny-bert has width 32).
+TINY = [
+    "model.text_encoder=tiny-bert",
+    "model.qfnet_heads=2",
+    "model.slots_per_type=2",
+    "model.max_length=32",
+    "model.lstm_hidden=8",
+]
+# Off for the bitwise and loss checks: dropout and image dropout draw random numbers in training.
+NO_DROPOUT = ["model.dropout=0.0", "model.image_dropout=0.0"]
+
+
+def config(name: str, *overrides: str) -> ModelConfig:
+    return load_run_config(model=name, overrides=[*TINY, *overrides])[0]
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> MNERModel:
+    torch.manual_seed(seed)
+    spec = None if cfg.text_only else tiny_spec()
+    return MNERModel(cfg, LABELS, spec, cfg.text_encoder, NUM_DETECTOR_CLASSES)
+
+
+def batch_for(cfg: ModelConfig, n: int = 4, seed: int = 0, **kwargs) -> dict:
+    return make_batch(make_posts(n, seed=seed), with_visual=not cfg.text_only, **kwargs)
+
+
+MODELS = model_names()
+MULTIMODAL = [name for name in MODELS if not config(name).text_only]
+
+
+def test_the_zoo_has_the_models_of_issue_11():
+    assert {"afdvqf", "afner", "bert-crf", "bert-softmax", "bert-bilstm-crf"} <= set(MODELS)
+    assert {"afdvqf", "afner"} <= set(MULTIMODAL)
+    assert config("bert-crf").head == "crf" and config("bert-softmax").head == "softmax"
+    assert config("bert-bilstm-crf").bilstm and config("bert-bilstm-crf").text_only
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_shapes(name):
+    cfg = config(name)
+    model = build(cfg).eval()
+    batch = batch_for(cfg, statuses=None if cfg.text_only else {"img1": "missing"})
+    B, T = batch["word_mask"].shape
+    emissions = model._emissions(batch, None if cfg.text_only else batch["image_mask"])[0]
+    assert emissions.shape == (B, T, len(LABELS)) and emissions.dtype == torch.float32
+    assert [len(path) for path in model.decode(batch)] == batch["num_words"].tolist()
+    out = model.train()(batch)
+    head_key = f"{cfg.head.replace('-', '_')}_loss"
+    assert set(out) == {"loss", head_key, *(f"{n}_loss" for n in AUX_LOSSES.names)}
+    assert all(value.dim() == 0 and torch.isfinite(value) for value in out.values())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_falls_on_a_fixed_batch(name):
+    cfg = config(name, *NO_DROPOUT)
+    model = build(cfg).train()
+    batch = batch_for(cfg)
+    optimizer = torch.optim.AdamW(
+        model.param_groups(TrainConfig(lr_encoder=1e-3, lr_fusion=5e-3, lr_crf=1e-2))
+    )
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_seed_builds_and_trains_identically(name):
+    cfg = config(name)  # dropout on: its draws must repeat too
+    batch = batch_for(cfg)
+    runs = []
+    for _ in range(2):
+        model = build(cfg, seed=5).train()
+        optimizer = torch.optim.AdamW(model.param_groups(TrainConfig()))
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = model(batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        runs.append((losses, model.state_dict()))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert losses_a == losses_b
+    assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    # A different seed is a different model (the check above could not pass by ignoring the seed).
+    other = build(cfg, seed=6).state_dict()
+    assert any(not torch.equal(other[k], build(cfg, seed=5).state_dict()[k]) for k in other)
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_a_masked_image_gives_bitwise_the_image_less_output(name):
+    """Every post's image masked (the tokens scrambled too) vs every image missing in the cache."""
+    cfg = config(name)
+    model = build(cfg).eval()
+    posts = make_posts(4, seed=3)
+    imageless = make_batch(posts, statuses={post.key: "missing" for post in posts})
+    masked = make_batch(posts, seed=9)  # other tokens, all present
+    assert masked["image_mask"].all() and not imageless["image_mask"].any()
+    masked["image_mask"] = torch.zeros_like(masked["image_mask"])
+    for key in ("patch_tokens", "global_embed", "region_feats"):
+        masked[key] = masked[key] * 100 + 1
+    with torch.no_grad():
+        a = model._emissions(masked, masked["image_mask"])[0]
+        b = model._emissions(imageless, imageless["image_mask"])[0]
+    assert torch.equal(a, b)
+    assert model.decode(masked) == model.decode(imageless)
+    # ... while a present image does change the output (the check is not vacuous).
+    with torch.no_grad():
+        seen = make_batch(posts, seed=9)
+        assert not torch.equal(model._emissions(seen, seen["image_mask"])[0], b)
+
+
+class NoRegions(dict):
+    """A batch that raises on any region_* key: a model without regions must not read one."""
+
+    def __getitem__(self, key):
+        if key.startswith("region_"):
+            raise AssertionError(f"read {key}")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key.startswith("region_"):
+            raise AssertionError(f"read {key}")
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_without_regions_no_region_tensor_is_read(name):
+    cfg = config(name, "model.use_regions=false", "model.use_patches=true")
+    model = build(cfg)
+    batch = NoRegions(batch_for(cfg))
+    model.train()(batch)["loss"].backward()
+    assert [len(p) for p in model.eval().decode(batch)] == batch["num_words"].tolist()
+    with pytest.raises(AssertionError, match="read region_"):
+        build(config(name)).eval().decode(batch)  # the guard works: a model with regions trips it
+
+
+def ablation_files():
+    return [name for name in ABLATIONS if ABLATIONS[name] is not None]
+
+
+@pytest.mark.parametrize("ablation", ablation_files())
+def test_each_ablation_is_a_one_key_diff_that_changes_exactly_that_key(ablation):
+    table = configs.load_toml(experiment_file(ablation))
+    keys = [(section, key) for section, values in table.items() for key in values]
+    assert len(keys) == 1, keys
+    ((section, key),) = keys
+    value = table[section][key]
+    applies = []
+    for name in MODELS:
+        try:
+            changed = load_run_config(model=name, config_file=experiment_file(ablation))
+        except ValueError:
+            continue  # refused for this model (run_ablation refuses it before training)
+        base = load_run_config(model=name)
+        index = 0 if section == "model" else 1
+        differ = {
+            f.name
+            for f in dataclasses.fields(base[index])
+            if getattr(base[index], f.name) != getattr(changed[index], f.name)
+        }
+        assert base[1 - index] == changed[1 - index], name
+        assert differ <= {key}, (name, differ)
+        if differ:
+            assert getattr(changed[index], key) == value
+            applies.append(name)
+    assert applies, f"{ablation} changes no model of the zoo"
