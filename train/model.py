@@ -5,7 +5,9 @@ the ModelConfig.
 
 Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
               + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/losses.py:
-                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token).
+                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token;
+                AFNER's slot type presence from the fusion's final query slots).
+With model.bilstm a BiLSTM runs over the (fused) word states before the emission layer.
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
 """
@@ -149,7 +151,7 @@ class MNERModel(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         """Training losses, scalars: "loss" (the total), "<head>_loss" ("crf_loss") and "<name>_loss" for
-        every auxiliary loss ("align_loss"), 0 for one that is off."""
+        every auxiliary loss ("align_loss", "slot_type_loss"), 0 for one that is off."""
         image_mask = None
         if self.fusion is not None:
             image_mask = batch["image_mask"]  # (B,)
