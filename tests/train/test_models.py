@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mner import configs
+from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, experiment_file
 from mner.train.config import ModelConfig, TrainConfig, load_run_config, model_names
 from mner.train.model import MNERModel
@@ -191,3 +192,30 @@ def test_each_ablation_is_a_one_key_diff_that_changes_exactly_that_key(ablation)
             assert getattr(changed[index], key) == value
             applies.append(name)
     assert applies, f"{ablation} changes no model of the zoo"
+
+
+@pytest.mark.parametrize("name", ["bert-bilstm-crf", "afner"])
+def test_config_json_records_the_model_name_and_the_resolved_config(name, tmp_path):
+    """A run records model.name and every resolved field, and evaluate rebuilds the model from it
+    (the weights load into the rebuilt model, slot_type's classifier and the BiLSTM included)."""
+    import json
+
+    from mner.train.config import RunConfig
+    from mner.train.evaluate import evaluate_run
+    from mner.train.loop import train_from_cache
+    from tests.train.factories import make_cache
+    from tests.train.run_factories import make_data
+
+    data_dir, posts = make_data(tmp_path)
+    model_cfg, train_cfg = load_run_config(
+        model=name, overrides=[*TINY, "train.epochs=1", "train.batch_size=4", "train.device=cpu"]
+    )
+    cache_dir = None if model_cfg.text_only else str(make_cache(tmp_path, posts))
+    run = RunConfig(
+        model_cfg, train_cfg, cache_dir, DataConfig(data_dir=str(data_dir)), str(tmp_path / "run")
+    )
+    run_dir = train_from_cache(run)
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["model"]["name"] == name
+    assert ModelConfig.from_dict(record["model"]) == model_cfg
+    assert evaluate_run(run_dir, split="valid")["micro"]["support"] > 0
