@@ -118,7 +118,8 @@ class ModelConfig(_Config):
     label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
     emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
     bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model
-    lstm_hidden: int = 256  # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden)
+    # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden); with bilstm only
+    lstm_hidden: int = 256
 
     def __post_init__(self):
         self._check_types()
@@ -169,6 +170,11 @@ class ModelConfig(_Config):
                 )
         if self.lstm_hidden < 1:
             raise ValueError(f"model.lstm_hidden must be >= 1, got {self.lstm_hidden}")
+        if not self.bilstm and self.lstm_hidden != 256:
+            raise ValueError(
+                "model.lstm_hidden sets the BiLSTM's width, but model.bilstm is false; "
+                "set model.bilstm = true or leave it at 256"
+            )
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")

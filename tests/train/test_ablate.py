@@ -313,7 +313,7 @@ def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
         experiments=["full", "no_slot_type", "model=bert-softmax", "model=afdvqf"],
         seeds=1,
         out_dir=str(tmp_path / "out"),
-        overrides=OVERRIDES + ["model.qfnet_heads=2", "model.lstm_hidden=8"],
+        overrides=OVERRIDES + ["model.qfnet_heads=2"],
         epochs=1,
         model="afner",
     )

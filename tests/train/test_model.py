@@ -252,3 +252,14 @@ def test_region_meta_off_builds_no_label_score_box_embeddings_and_reads_only_fea
     assert torch.equal(a, b)
     with_meta = tiny_model(use_patches=False).eval()
     assert not torch.equal(with_meta.encode_visual(batch)[0], with_meta.encode_visual(changed)[0])
+
+
+def test_lstm_hidden_without_a_bilstm_is_refused():
+    message = (
+        "model.lstm_hidden sets the BiLSTM's width, but model.bilstm is false; "
+        "set model.bilstm = true or leave it at 256"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(lstm_hidden=64)
+    with pytest.raises(ValueError, match=re.escape("model.lstm_hidden must be >= 1, got 0")):
+        ModelConfig(bilstm=True, lstm_hidden=0)

@@ -25,14 +25,31 @@ TINY = [
     "model.qfnet_heads=2",
     "model.slots_per_type=2",
     "model.max_length=32",
-    "model.lstm_hidden=8",
 ]
 # Off for the bitwise and loss checks: dropout and image dropout draw random numbers in training.
 NO_DROPOUT = ["model.dropout=0.0", "model.image_dropout=0.0"]
 
 
+def tiny(name: str) -> list[str]:
+    """TINY, plus a small BiLSTM for a model that has one (lstm_hidden is refused without it)."""
+    return TINY + (["model.lstm_hidden=8"] if load_run_config(model=name)[0].bilstm else [])
+
+
 def config(name: str, *overrides: str) -> ModelConfig:
-    return load_run_config(model=name, overrides=[*TINY, *overrides])[0]
+    return load_run_config(model=name, overrides=[*tiny(name), *overrides])[0]
+
+
+def train_steps(model: MNERModel, batch: dict, train_cfg: TrainConfig, steps: int) -> list[float]:
+    """`steps` AdamW steps on one batch (the model's own parameter groups); the losses before each."""
+    optimizer = torch.optim.AdamW(model.param_groups(train_cfg))
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> MNERModel:
@@ -76,16 +93,7 @@ def test_loss_falls_on_a_fixed_batch(name):
     cfg = config(name, *NO_DROPOUT)
     model = build(cfg).train()
     batch = batch_for(cfg)
-    optimizer = torch.optim.AdamW(
-        model.param_groups(TrainConfig(lr_encoder=1e-3, lr_fusion=5e-3, lr_crf=1e-2))
-    )
-    losses = []
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, TrainConfig(lr_encoder=1e-3, lr_fusion=5e-3, lr_crf=1e-2), 20)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -96,15 +104,8 @@ def test_same_seed_builds_and_trains_identically(name):
     runs = []
     for _ in range(2):
         model = build(cfg, seed=5).train()
-        optimizer = torch.optim.AdamW(model.param_groups(TrainConfig()))
         torch.manual_seed(1)
-        losses = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            loss = model(batch)["loss"]
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train_steps(model, batch, TrainConfig(), 3)
         runs.append((losses, model.state_dict()))
     (losses_a, state_a), (losses_b, state_b) = runs
     assert losses_a == losses_b
@@ -208,7 +209,7 @@ def test_config_json_records_the_model_name_and_the_resolved_config(name, tmp_pa
 
     data_dir, posts = make_data(tmp_path)
     model_cfg, train_cfg = load_run_config(
-        model=name, overrides=[*TINY, "train.epochs=1", "train.batch_size=4", "train.device=cpu"]
+        model=name, overrides=[*tiny(name), "train.epochs=1", "train.batch_size=4", "train.device=cpu"]
     )
     cache_dir = None if model_cfg.text_only else str(make_cache(tmp_path, posts))
     run = RunConfig(
