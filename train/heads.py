@@ -54,7 +54,6 @@ class SoftmaxHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, label_names: Sequence[str]):
         super().__init__()
-        self.num_labels = len(label_names)
         self.label_smoothing = cfg.label_smoothing
         self.temperature = cfg.emission_temperature
 
