@@ -276,7 +276,9 @@ def _long_posts_option(fn):
     )(fn)
 
 
-def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume):
+def _run_config(
+    cache_dir, data, model, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
+):
     from mner.train.config import RunConfig, load_run_config
 
     overrides = list(overrides)
@@ -288,7 +290,7 @@ def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only
         overrides.append(f"train.epochs={epochs}")
     if seed is not None:
         overrides.append(f"train.seed={seed}")
-    model_cfg, train_cfg = load_run_config(config_file=config_file, overrides=overrides)
+    model_cfg, train_cfg = load_run_config(config_file=config_file, overrides=overrides, model=model)
     return RunConfig(
         model=model_cfg, train=train_cfg, cache_dir=cache_dir, data=data, out_dir=out, resume=resume
     )
@@ -302,6 +304,11 @@ def _run_config(cache_dir, data, text_encoder, config_file, overrides, text_only
     help="Feature cache from extract-features (not needed with --text-only).",
 )
 @_data_options
+@click.option(
+    "--model",
+    help="A model of `mner models` (configs/models/NAME.toml, applied over the base before --config) "
+    "[default: from config, afdvqf].",
+)
 @click.option(
     "--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: from config, minilm]."
 )
@@ -325,6 +332,7 @@ def train_from_cache_cmd(
     data_root,
     image_dir,
     columns,
+    model,
     text_encoder,
     config_file,
     overrides,
@@ -342,10 +350,12 @@ def train_from_cache_cmd(
     Example:
       mner train-from-cache --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --set model.qfnet_layers=1 --seed 1 --out runs/tw15_qf1
+      mner train-from-cache --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --model afner --out runs/tw15_afner
     """
     data = _data_config(data_dir, dataset, data_root, image_dir, columns)
     cfg = _run_config(
-        cache_dir, data, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
+        cache_dir, data, model, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
     data.resolve()  # the data folder exists: checked before torch loads
     from mner.train.loop import train_from_cache
@@ -425,8 +435,9 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
     "--exp",
     "experiments",
     multiple=True,
-    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | all | a config-diff TOML "
-    "(repeatable; `--list` shows what each changes).",
+    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | no_slot_type | all | "
+    "model=NAME (a model of `mner models`, as it is) | a config-diff TOML (repeatable; `--list` shows "
+    "what each changes).",
 )
 @click.option(
     "--grid",
@@ -436,6 +447,10 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
 )
 @click.option(
     "--list", "list_only", is_flag=True, help="Print every named experiment with its diff, and exit."
+)
+@click.option(
+    "--model",
+    help="The model every --exp but model=NAME starts from (`mner models`) [default: from config, afdvqf].",
 )
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
 @click.option(
@@ -462,6 +477,7 @@ def ablate_cmd(
     experiments,
     grid,
     list_only,
+    model,
     seeds,
     text_encoder,
     epochs,
@@ -478,6 +494,10 @@ def ablate_cmd(
       mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --exp full --exp no_region --exp text_only --seeds 3 --out ablations/tw15
       mner ablate ... --grid model.qfnet_layers=1,2,3 --grid train.lr_fusion=1e-4,3e-4 --out sweeps/qgf
+      mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --exp model=afdvqf --exp model=afner --exp model=bert-crf --out ablations/zoo
+      mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
+          --model afner --exp full --exp no_slot_type --out ablations/afner
     """
     if list_only:
         from mner.train.ablate import list_experiments
@@ -501,9 +521,30 @@ def ablate_cmd(
         overrides=list(overrides),
         epochs=epochs,
         bootstrap=bootstrap,
+        model=model,
     )
     path = run_ablation(cfg)
     click.echo(Path(path).read_text() if Path(path).is_file() else f"ablation written to {path}")
+
+
+@main.command("models", context_settings=CONTEXT)
+@_user_errors
+def models_cmd():
+    """List the model zoo: each model's name, the seed it follows and what it adds.
+
+    A model is a TOML diff over configs/train/base.toml (configs/models/NAME.toml); pass its name to
+    train-from-cache --model or ablate --model / --exp model=NAME.
+
+    \b
+    Example:
+      mner models
+    """
+    from mner.train.config import describe_model, model_names
+
+    rows = [(name, *describe_model(name)) for name in model_names()]
+    widths = [max(len(row[i]) for row in [("name", "seed", ""), *rows]) for i in range(2)]
+    for name, seed, adds in [("name", "seed", "adds"), *rows]:
+        click.echo(f"{name:<{widths[0]}}  {seed:<{widths[1]}}  {adds}")
 
 
 @main.command("demo-data", context_settings=CONTEXT)

@@ -1,7 +1,9 @@
 """Ablations: named config diffs x seeds, each trained from one shared cache, summarised as mean ± std.
 
-An experiment is a small TOML diff over configs/train/base.toml: a registry name (the file
-configs/experiments/<name>.toml; `full` is the empty diff) or a path to a diff file of your own.
+An experiment is a small TOML diff over configs/train/base.toml and the ablation's model (`model`,
+`--model`; configs/models/<name>.toml): a registry name (the file configs/experiments/<name>.toml;
+`full` is the empty diff), a path to a diff file of your own, or `model=NAME`, an arm that trains the
+model NAME as it is (named NAME), so one table compares the model zoo (issue 11).
 Every run goes to <out>/<experiment>/seed<k>/ through `train_from_cache`; a run whose results.json
 exists is skipped, so a killed ablation re-run picks up where it stopped. The cache is only read,
 never re-extracted.
@@ -32,7 +34,7 @@ from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import FolderClaim, claim_folder, write_atomic
 from mner.train import significance
-from mner.train.config import RunConfig, load_run_config
+from mner.train.config import RunConfig, check_model_name, load_run_config
 from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
 from mner.train.runs import RESULTS_FILE, is_run_folder, read_results, write_json
@@ -48,7 +50,10 @@ ABLATIONS: dict[str, str | None] = {
     "no_patch": "no_patch.toml",
     "text_only": "text_only.toml",
     "qfnet1": "qfnet1.toml",
+    "no_slot_type": "no_slot_type.toml",  # afner's type-presence loss off (--model afner)
 }
+# An experiment `model=NAME` trains the model NAME as its file gives it.
+MODEL_ARM = "model="
 
 
 # The ablation folder's record; a folder holding it with these keys is ours (mner.runtime.claim_folder).
@@ -79,6 +84,7 @@ class AblationConfig:
     bootstrap: int = significance.DEFAULT_RESAMPLES
     # "section.key=v1,v2,...": the sweep's axes; every combination is an arm (crossed with experiments)
     grid: list[str] = field(default_factory=list)
+    model: str | None = None  # the model every experiment but `model=NAME` starts from; None: the config's
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
@@ -91,16 +97,25 @@ class AblationConfig:
         if ALL in self.experiments:
             if len(self.experiments) > 1:
                 raise ValueError(f"experiment {ALL!r} already names every experiment; give it alone")
-            self.experiments = list(ABLATIONS)
+            # every experiment that changes something for this model (no_slot_type over afdvqf does not)
+            self.experiments = [
+                name
+                for name in ABLATIONS
+                if name == "full" or _changes_config(experiment_file(name), self.overrides, self.model)
+            ]
         if not self.experiments:
             self.experiments = ["full"]
+        if self.model is not None:
+            check_model_name(self.model)
         for experiment in self.experiments:
-            if experiment not in ABLATIONS and not (
+            if experiment.startswith(MODEL_ARM):
+                check_model_name(experiment[len(MODEL_ARM) :])
+            elif experiment not in ABLATIONS and not (
                 experiment.endswith(".toml") and Path(experiment).is_file()
             ):
                 raise ValueError(
-                    f"unknown experiment {experiment!r}: use one of {', '.join(ABLATIONS)}, {ALL} "
-                    "or the path of an existing config-diff .toml file"
+                    f"unknown experiment {experiment!r}: use one of {', '.join(ABLATIONS)}, {ALL}, "
+                    "model=NAME or the path of an existing config-diff .toml file"
                 )
         self.grid = list(self.grid)
         grid_points(self.grid)  # malformed axes fail here, before any run
@@ -142,7 +157,9 @@ class AblationConfig:
                 if point:
                     diff = ",".join(point)
                     name = diff if experiment == "full" else f"{name},{diff}"
-                arms.append(Arm(name, experiment_file(experiment), point))
+                arms.append(
+                    Arm(name, experiment_file(experiment), point, experiment_model(experiment, self.model))
+                )
         return arms
 
 
@@ -156,6 +173,7 @@ class Arm:
     name: str  # folder and table name
     diff: Path | None  # the experiment's config-diff TOML; None for `full`
     overrides: tuple[str, ...] = ()  # the grid point: "section.key=value" each
+    model: str | None = None  # the model it starts from (configs/models/<model>.toml); None: the config's
 
 
 def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
@@ -220,12 +238,22 @@ def _description(path: Path, name: str) -> str:
 
 
 def experiment_name(experiment: str) -> str:
-    """Folder and table name of an experiment: the registry name, or the diff file's stem."""
+    """Folder and table name of an experiment: the registry name, the model of `model=NAME`, or the
+    diff file's stem."""
+    if experiment.startswith(MODEL_ARM):
+        return experiment[len(MODEL_ARM) :]
     return experiment if experiment in ABLATIONS else Path(experiment).stem
 
 
+def experiment_model(experiment: str, model: str | None) -> str | None:
+    """The model an experiment trains: NAME for `model=NAME`, else the ablation's `model`."""
+    return experiment[len(MODEL_ARM) :] if experiment.startswith(MODEL_ARM) else model
+
+
 def experiment_file(experiment: str) -> Path | None:
-    """The config-diff TOML of an experiment; None for `full` (the base as it is)."""
+    """The config-diff TOML of an experiment; None for `full` and `model=NAME` (no diff)."""
+    if experiment.startswith(MODEL_ARM):
+        return None
     if experiment in ABLATIONS:
         name = ABLATIONS[experiment]
         return None if name is None else configs.path("experiments", name)
@@ -242,8 +270,9 @@ def run_ablation(cfg: AblationConfig) -> Path:
     claim = claim_folder(out, ABLATION_FILE, ABLATION_KEYS, resume=None, what="ablation")
     # Checked for every experiment before the first run, not after hours of the earlier ones.
     for experiment in cfg.experiments:
-        _refuse_conflicting_overrides(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
-        _refuse_noop_experiment(experiment_name(experiment), experiment_file(experiment), cfg.overrides)
+        name, diff = experiment_name(experiment), experiment_file(experiment)
+        _refuse_conflicting_overrides(name, diff, cfg.overrides)
+        _refuse_noop_experiment(name, diff, cfg.overrides, experiment_model(experiment, cfg.model))
     _refuse_grid_conflicts(cfg)
     main = int(os.environ.get("RANK", "0")) == 0
     if main:
@@ -258,9 +287,10 @@ def run_ablation(cfg: AblationConfig) -> Path:
 
 
 def _record(cfg: AblationConfig) -> dict:
-    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS, text_encoder, grid)."""
+    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS, text_encoder, grid and
+    model; each run's config.json records its resolved config, model.name included)."""
     record = {key: getattr(cfg, key) for key in ABLATION_KEYS if key != "data"}
-    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder, grid=cfg.grid)
+    record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder, grid=cfg.grid, model=cfg.model)
     return record
 
 
@@ -292,7 +322,9 @@ def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
 
 
 def _run_config(cfg: AblationConfig, arm: Arm, seed: int, run_dir: Path) -> RunConfig:
-    model_cfg, train_cfg = load_run_config(config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides])
+    model_cfg, train_cfg = load_run_config(
+        config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides], model=arm.model
+    )
     if cfg.text_encoder is not None:
         model_cfg = dataclasses.replace(model_cfg, text_encoder=cfg.text_encoder)
     train_cfg = dataclasses.replace(train_cfg, seed=seed)
@@ -336,20 +368,26 @@ def _refuse_grid_conflicts(cfg: AblationConfig) -> None:
     for arm in cfg.arms():
         if arm.overrides:
             _refuse_conflicting_overrides(arm.name, arm.diff, list(arm.overrides))
-            load_run_config(config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides])
+            load_run_config(config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides], model=arm.model)
 
 
-def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str]) -> None:
-    """An experiment whose diff resolves to the base config would train `full` again under its name.
+def _changes_config(diff: Path | None, overrides: list[str], model: str | None) -> bool:
+    """Whether a diff file changes the config of `model` with these overrides."""
+    return diff is not None and load_run_config(
+        config_file=diff, overrides=list(overrides), model=model
+    ) != load_run_config(overrides=list(overrides), model=model)
+
+
+def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str], model: str | None) -> None:
+    """An experiment whose diff resolves to its model's config would train `full` again under its name
+    (no_slot_type over afdvqf, whose slot_type loss is off already, is refused).
 
     (Configs refuse a switch that does nothing, such as adaptive_gate on a fusion without a gate, so
     an unchanged config is the one way an ablation could be a silent no-op.)
     """
     if diff is None:
         return
-    if load_run_config(config_file=diff, overrides=list(overrides)) == load_run_config(
-        overrides=list(overrides)
-    ):
+    if not _changes_config(diff, overrides, model):
         raise ValueError(
             f"experiment {name} ({diff}) changes nothing: the base config with these overrides already "
             "holds every value it sets; drop the experiment or change the base"

@@ -1,10 +1,14 @@
 """Stage-two configs: the model, the training run, and how they are read from TOML.
 
-A run's settings come from three layers, later ones winning:
+A run's settings come from four layers, later ones winning:
 
     configs/train/base.toml                 every field, with a comment each
+    a model file (configs/models/<model.name>.toml)   the keys a seed's model changes (issue 11)
     an experiment file (configs/experiments/no_align.toml, ...)   only the keys it changes
     --set model.qfnet_layers=1 ...          command-line overrides
+
+The model file is the one `model.name` names, wherever that is said: `--model NAME`
+(load_run_config's `model`), an experiment file or `--set model.name=...` (the last one wins).
 
 `load_run_config` merges them and returns validated `ModelConfig` and `TrainConfig` objects. The
 knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `qfnet_heads`,
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,11 @@ from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import AMP_MODES, DEVICE_PATTERN
 from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
+
+# The model zoo: one small TOML diff over the base per model, configs/models/<name>.toml. Its first two
+# comment lines say the seed it follows and what it adds (`mner models` prints them); the files are
+# the one list of model names.
+MODELS_DIR = "models"
 
 # Readable names of the value types a config field may hold, for error messages.
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -75,6 +85,8 @@ class ModelConfig(_Config):
 
     SECTION = "model"
 
+    # the model file (configs/models/<name>.toml) the settings start from; `mner models` lists them
+    name: str = "afdvqf"
     # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
     text_encoder: str = "minilm"
     task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/tasks.py)
@@ -97,6 +109,17 @@ class ModelConfig(_Config):
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
     max_length: int = 128
+    # --- model zoo (issue 11): switches the seeds' models differ by; each is off at the AFDVQF value
+    # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
+    region_meta: bool = True
+    # weight of the slot type-presence loss (AFNER's typed slots): each entity type's mean final QGF
+    # slot predicts whether the post holds an entity of that type (BCE); 0 turns it off
+    slot_type_loss_weight: float = 0.0
+    label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
+    emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
+    bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model
+    # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden); with bilstm only
+    lstm_hidden: int = 256
     # --- fusion "single_stream" (IFAformer, seed 002; train/ifaformer.py) ---
     # learned position embeddings of the visual tokens appended after the text; the cache's
     # P patches + K regions per post must fit
@@ -104,6 +127,7 @@ class ModelConfig(_Config):
 
     def __post_init__(self):
         self._check_types()
+        check_model_name(self.name)
         if not self.text_encoder:
             raise ValueError("model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''")
         TASKS.check(self.task)
@@ -137,6 +161,24 @@ class ModelConfig(_Config):
         for name in ("image_dropout", "dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.emission_temperature <= 0:
+            raise ValueError(f"model.emission_temperature must be > 0, got {self.emission_temperature}")
+        for name, default in (("label_smoothing", 0.0), ("emission_temperature", 1.0)):
+            # A knob that does nothing would make an experiment that turns it a silent no-op.
+            if self.head != "softmax" and getattr(self, name) != default:
+                raise ValueError(
+                    f"model.{name} applies to the softmax head only, but model.head is {self.head!r}; "
+                    f"leave it at {default}"
+                )
+        if self.lstm_hidden < 1:
+            raise ValueError(f"model.lstm_hidden must be >= 1, got {self.lstm_hidden}")
+        if not self.bilstm and self.lstm_hidden != 256:
+            raise ValueError(
+                "model.lstm_hidden sets the BiLSTM's width, but model.bilstm is false; "
+                "set model.bilstm = true or leave it at 256"
+            )
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
@@ -283,32 +325,99 @@ def base_config_path() -> Path:
     return configs.path("train", "base.toml")
 
 
+def model_names() -> tuple[str, ...]:
+    """Every model of the zoo: the stems of configs/models/*.toml, sorted."""
+    return tuple(sorted(p.stem for p in configs.path(MODELS_DIR).glob("*.toml")))
+
+
+def check_model_name(name: str) -> None:
+    """ValueError listing the models when `name` has no configs/models/<name>.toml."""
+    if name not in model_names():
+        raise ValueError(f"model.name must be one of {', '.join(model_names())}; got {name!r}")
+
+
+def model_file(name: str) -> Path:
+    """configs/models/<name>.toml; ValueError listing the models for an unknown name."""
+    check_model_name(name)
+    return configs.path(MODELS_DIR, f"{name}.toml")
+
+
+def describe_model(name: str) -> tuple[str, str]:
+    """(seed, what it adds): the first two comment lines of the model's file, "# " and an optional
+    "seed:" / "adds:" label stripped. ValueError naming the file when it has fewer than two."""
+    path = model_file(name)
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    if len(lines) < 2:
+        raise ValueError(
+            f"{path}: the first two comment lines must say the seed the model follows and what it adds"
+        )
+    seed, adds = (_strip_label(text, label) for text, label in zip(lines, ("seed", "adds")))
+    return seed, adds
+
+
+def _strip_label(text: str, label: str) -> str:
+    """ "seed: 000 AFNER" -> "000 AFNER" (label "seed"); text without the label as it is."""
+    head, colon, rest = text.partition(":")
+    return rest.strip() if colon and head.strip().lower() == label else text
+
+
 def load_run_config(
     base_toml: str | Path | None = None,
-    config_file: str | Path | None = None,
+    config_file: str | Path | Sequence[str | Path] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    model: str | None = None,
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Merge the base TOML, an experiment diff and `--set` overrides into validated configs.
+    """Merge the base TOML, a model file, experiment diffs and `--set` overrides into validated configs.
 
     Args:
         base_toml: the base file; None means configs/train/base.toml.
-        config_file: an optional diff over the base (only the keys it sets), e.g.
-            configs/experiments/no_align.toml.
+        config_file: optional diffs over the base (only the keys they set), e.g.
+            configs/experiments/no_align.toml; one path or a list, applied in order.
         overrides: "section.key=value" strings; value is a TOML literal (1, 0.5, true, "x") or a
             bare string (`model.text_encoder=/models/bert`).
+        model: a model name (`--model`): its configs/models/<name>.toml is applied right after the base.
+            An experiment file or override that sets model.name picks the file instead (last wins).
     Returns:
-        (ModelConfig, TrainConfig).
+        (ModelConfig, TrainConfig); ModelConfig.name is the model whose file was applied.
     Raises:
         ValueError naming the file (or the override) and the key for an unknown table or key, a
-        malformed override, a value of the wrong type or out of range.
+        malformed override, a value of the wrong type or out of range; listing the models for an
+        unknown model name.
     """
-    merged: dict[str, dict] = {name: {} for name in SECTIONS}
     base = Path(base_toml) if base_toml is not None else base_config_path()
-    for path in [base] + ([Path(config_file)] if config_file is not None else []):
-        _merge(merged, configs.load_toml(path), str(path))
+    if config_file is None:
+        diffs = []
+    elif isinstance(config_file, (str, Path)):
+        diffs = [Path(config_file)]
+    else:
+        diffs = [Path(path) for path in config_file]
+    layers = [(configs.load_toml(path), str(path)) for path in [base, *diffs]]
     for text in overrides:
         section, key, value = _parse_override(text)
-        _merge(merged, {section: {key: value}}, f"--set {text}")
+        layers.append(({section: {key: value}}, f"--set {text}"))
+    # The model file sits between the base and the diffs, but any layer may name it: find the name first.
+    name = model
+    for i, (data, _) in enumerate(layers):
+        said = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
+        if said is not None and (i > 0 or model is None):
+            name = said
+    if name is None:
+        name = ModelConfig.name
+    if not isinstance(name, str):
+        raise ValueError(f"model.name must be a string, got {name!r}")
+    path = model_file(name)
+    layers.insert(1, (configs.load_toml(path), str(path)))
+    merged: dict[str, dict] = {section: {} for section in SECTIONS}
+    for data, source in layers:
+        _merge(merged, data, source)
+    said = layers[1][0].get("model", {}).get("name", name)
+    if said != name:
+        raise ValueError(f"{path}: model.name is {said!r}, but this file is the model {name!r}; drop the key")
+    merged["model"]["name"] = name
     return ModelConfig(**merged["model"]), TrainConfig(**merged["train"])
 
 

@@ -70,9 +70,12 @@ class QueryGuidedFusion(nn.Module):
     then the adaptive gate when cfg.adaptive_gate."""
 
     uses_pooled = False  # reads no pooled image vector (VisualTokenBuilder builds none)
+    # forward leaves its final slots (B, Q, D) in self.final_slots, for the slot_type loss (issue 11)
+    exposes_slots = True
 
     def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str]):
         super().__init__()
+        self.final_slots: torch.Tensor | None = None
         num_slots = len(entity_types) * cfg.slots_per_type
         assert num_slots > 0, "query-guided fusion needs at least one entity type"
         # Slots of type i are rows i * slots_per_type ... (i + 1) * slots_per_type - 1.
@@ -88,6 +91,7 @@ class QueryGuidedFusion(nn.Module):
         fused = text
         for layer in self.layers:
             slots, fused = layer(slots, fused, text_mask, visual, visual_mask)
+        self.final_slots = slots  # (B, Q, D)
         if self.gate is None:
             return fused
         # Adaptive fusion: each word chooses how much of the fused state to take over its own.

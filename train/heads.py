@@ -7,10 +7,12 @@ Every head has the same two methods, so the model never asks which one it holds:
 
 - crf: a linear-chain CRF (train/crf.py); loss is its negative log-likelihood, decode its
   BIO-constrained Viterbi (model.bio_constraints).
+- softmax: per-word cross-entropy of emissions / model.emission_temperature with
+  model.label_smoothing, summed over the post's words (the CRF's scale: its NLL is a sum too);
+  decode is the argmax per word (no BIO repair). Any model may use it, multimodal or not.
 
-A softmax head (token cross-entropy, argmax decode) and a bilstm-crf head (a BiLSTM over the
-states before the emission layer, then the CRF) plug in as further entries of registry.HEADS
-with a builder (cfg, label_names) -> Head.
+A BiLSTM before the emission layer is not a head but the model switch model.bilstm, so it
+combines with either head (bert-bilstm-crf = text_only + bilstm + crf).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mner.train.crf import CRF
 
@@ -43,3 +47,31 @@ class CRFHead(CRF):
     def loss(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,) -log p(tags | emissions); see CRF.nll."""
         return self.nll(emissions, tags, mask)
+
+
+class SoftmaxHead(nn.Module):
+    """Independent per-word classification: cross-entropy loss, argmax decode. No parameters."""
+
+    def __init__(self, cfg: ModelConfig, label_names: Sequence[str]):
+        super().__init__()
+        self.label_smoothing = cfg.label_smoothing
+        self.temperature = cfg.emission_temperature
+
+    def loss(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,) sum over the True mask positions of the word's smoothed cross-entropy.
+
+        emissions (B, T, L), tags (B, T) label ids, mask (B, T) bool.
+        """
+        B, T, L = emissions.shape
+        per_word = F.cross_entropy(
+            (emissions / self.temperature).reshape(B * T, L),
+            tags.reshape(B * T),
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+        ).view(B, T)  # (B, T)
+        return (per_word * mask.to(per_word.dtype)).sum(dim=1)  # (B,)
+
+    def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """The best label of every True mask position (mask must be a prefix per post)."""
+        best = emissions.argmax(dim=-1)  # (B, T)
+        return [row[: int(n)].tolist() for row, n in zip(best, mask.sum(dim=1))]

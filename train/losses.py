@@ -13,6 +13,11 @@ model computed from `LossInputs` and returns a scalar.
   (training, world size > 1) the negatives are every rank's posts, as CLIP trains: each rank gathers
   all ranks' embeddings (its own keep their gradient) and computes the loss of the union batch, so
   the loss, and after DDP's gradient averaging the update, are those of one process on the union.
+- slot_type (issue 11, AFNER's typed slots): QGF's query slots of type i are rows
+  i * slots_per_type ... (i + 1) * slots_per_type - 1; the mean of each type's final slots goes
+  through one shared Linear(D, 1) to a logit of "this post holds an entity of type i", trained by
+  binary cross-entropy against the gold tags (mean over posts and types). It gives the slots the
+  meaning their layout promises. It reads the fusion's final slots (a fusion with `exposes_slots`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class LossInputs:
     emissions: torch.Tensor  # (B, T, L)
     visual: torch.Tensor | None  # (B, V, D) visual tokens; None for a text-only model
     visual_mask: torch.Tensor | None  # (B, V); all False for a post whose image is masked
+    # final query slots of a fusion that has them (QGF, `exposes_slots`), else None
+    slots: torch.Tensor | None = None  # (B, Q, D), Q = E * slots_per_type, type-major
+    # gold: does post b hold an entity of type e (types sorted, as the slots); None unless a loss needs it
+    type_presence: torch.Tensor | None = None  # (B, E) float 0/1
 
 
 class AuxLoss(nn.Module):
@@ -81,6 +90,40 @@ class AlignmentLoss(AuxLoss):
             # by the world size; scaling the gradient (not the value) by it gives the union's gradient.
             loss = loss + (world - 1) * (loss - loss.detach())
         return loss
+
+
+class SlotTypeLoss(AuxLoss):
+    """BCE of a per-type presence logit from the mean of each type's final query slots."""
+
+    needs_image = True  # the slots exist only in a multimodal model's fusion
+    needs_slots = True  # the model refuses a fusion without `exposes_slots`
+
+    def __init__(self, cfg: ModelConfig, width: int):
+        super().__init__()
+        self.slots_per_type = cfg.slots_per_type
+        self.classifier = nn.Linear(width, 1)  # shared by the types: the slots carry the type
+
+    def logits(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (B, E * slots_per_type, D) -> presence logits (B, E)."""
+        B, Q, D = slots.shape
+        assert Q % self.slots_per_type == 0, "slots must be whole groups of slots_per_type"
+        pooled = slots.view(B, Q // self.slots_per_type, self.slots_per_type, D).mean(dim=2)  # (B, E, D)
+        return self.classifier(pooled).squeeze(-1)  # (B, E)
+
+    def forward(self, inputs: LossInputs) -> torch.Tensor:
+        assert inputs.slots is not None and inputs.type_presence is not None, "slot_type needs the slots"
+        logits = self.logits(inputs.slots.float())  # (B, E)
+        return F.binary_cross_entropy_with_logits(logits, inputs.type_presence.to(logits.dtype))
+
+
+def type_presence(tags: torch.Tensor, mask: torch.Tensor, label_type: torch.Tensor, num_types: int):
+    """(B, E) float: 1 where post b has a word under mask (B, T) whose tag (B, T) is of type e.
+
+    label_type (L,) maps a label id to its type index, -1 for O.
+    """
+    types = label_type[tags].masked_fill(~mask, -1)  # (B, T) in [-1, E)
+    hits = torch.zeros(tags.shape[0], num_types + 1, device=tags.device)  # column 0 collects O
+    return hits.scatter_(1, types + 1, 1.0)[:, 1:]  # (B, E)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

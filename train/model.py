@@ -5,7 +5,9 @@ the ModelConfig.
 
 Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
               + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/losses.py:
-                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token).
+                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token;
+                AFNER's slot type presence from the fusion's final query slots).
+With model.bilstm a BiLSTM runs over the (fused) word states before the emission layer.
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
 """
@@ -22,7 +24,7 @@ from mner.cache.shards import TokenSpec
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.fusion import build_fusion
 from mner.train.heads import Head
-from mner.train.losses import LossInputs
+from mner.train.losses import LossInputs, type_presence
 from mner.train.registry import AUX_LOSSES, HEADS, TASKS
 from mner.train.text import load_encoder
 from mner.train.visual import VisualTokenBuilder
@@ -69,8 +71,12 @@ class MNERModel(nn.Module):
                 )
             self.visual = VisualTokenBuilder(cfg, spec, width, num_detector_classes)
             self.fusion = build_fusion(cfg, width, self.types)
+        # model.bilstm (issue 11): a BiLSTM over the (fused) word states before the emission layer.
+        self.bilstm = (
+            nn.LSTM(width, cfg.lstm_hidden, batch_first=True, bidirectional=True) if cfg.bilstm else None
+        )
         self.dropout = nn.Dropout(cfg.dropout)
-        self.emission = nn.Linear(width, len(self.label_names))
+        self.emission = nn.Linear(2 * cfg.lstm_hidden if cfg.bilstm else width, len(self.label_names))
         # Registered under its registry name, so checkpoint keys name the head that made them
         # (crf.crf.transitions, as before the registry) and another head's weights fail to load.
         self._head_attr = cfg.head.replace("-", "_")
@@ -81,6 +87,13 @@ class MNERModel(nn.Module):
             loss = AUX_LOSSES.get(name)
             if getattr(cfg, weight) > 0 and not (loss.needs_image and cfg.text_only):
                 self.aux_losses[name] = loss(cfg, width)
+                if getattr(loss, "needs_slots", False) and not getattr(self.fusion, "exposes_slots", False):
+                    raise ValueError(
+                        f"model.{weight} > 0 needs a fusion with query slots (qgf), but model.fusion is "
+                        f"{cfg.fusion!r}; set model.{weight} = 0"
+                    )
+        # label id -> entity type index (-1 for O), for the losses that read type presence
+        self._label_type = [self.types.index(n[2:]) if n != "O" else -1 for n in self.label_names]
 
     @property
     def head(self) -> Head:
@@ -125,13 +138,24 @@ class MNERModel(nn.Module):
                 fused = self.fusion.encode(self.encoder, batch, words, visual, visual_mask)  # (B, T, D)
             else:
                 fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
+        if self.bilstm is not None:
+            fused = self._bilstm(fused, batch["word_mask"])  # (B, T, 2H)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
         emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
         return emissions, words, visual, visual_mask
 
+    def _bilstm(self, states: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """states (B, T, D) -> (B, T, 2H), run over each post's words only (packed), so the backward
+        direction starts at the post's last word, not at the batch's padding; zero past it."""
+        lengths = word_mask.sum(dim=1).clamp(min=1).cpu()  # (B,); word_mask is a prefix of each row
+        packed = nn.utils.rnn.pack_padded_sequence(states, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.bilstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=states.shape[1])
+        return out  # (B, T, 2H)
+
     def forward(self, batch: dict) -> dict:
         """Training losses, scalars: "loss" (the total), "<head>_loss" ("crf_loss") and "<name>_loss" for
-        every auxiliary loss ("align_loss"), 0 for one that is off."""
+        every auxiliary loss ("align_loss", "slot_type_loss"), 0 for one that is off."""
         image_mask = None
         if self.fusion is not None:
             image_mask = batch["image_mask"]  # (B,)
@@ -146,6 +170,10 @@ class MNERModel(nn.Module):
         losses = {f"{self._head_attr}_loss": head_loss}
         loss = head_loss
         inputs = LossInputs(words, word_mask, emissions, visual, visual_mask)
+        if any(getattr(loss, "needs_slots", False) for loss in self.aux_losses.values()):
+            inputs.slots = self.fusion.final_slots  # (B, Q, D)
+            label_type = torch.tensor(self._label_type, device=tags.device)  # (L,)
+            inputs.type_presence = type_presence(tags, word_mask, label_type, len(self.types))  # (B, E)
         for name, weight in AUX_LOSSES.weights.items():
             if name in self.aux_losses:
                 losses[f"{name}_loss"] = self.aux_losses[name](inputs)
@@ -205,7 +233,7 @@ class MNERModel(nn.Module):
 
 
 # Modules whose matrices multiply an input; their >= 2-D parameters are weight-decayed.
-_DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d)
+_DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d, nn.LSTM)
 
 
 def _decayed_parameters(model: nn.Module) -> set[int]:

@@ -61,13 +61,22 @@ FUSIONS = Registry(
 )
 
 # Builders: (cfg: ModelConfig, label_names: Sequence[str]) -> heads.Head.
-HEADS = Registry("model.head", {"crf": "mner.train.heads:CRFHead"})
+HEADS = Registry(
+    "model.head",
+    {
+        "crf": "mner.train.heads:CRFHead",
+        "softmax": "mner.train.heads:SoftmaxHead",  # token cross-entropy, argmax decode (issue 11)
+    },
+)
 
 # Builders: (cfg: ModelConfig, width: int) -> losses.AuxLoss; each loss is weighted by its own field.
 AUX_LOSSES = Registry(
     "auxiliary loss",
-    {"align": "mner.train.losses:AlignmentLoss"},
-    weights={"align": "alignment_loss_weight"},
+    {
+        "align": "mner.train.losses:AlignmentLoss",
+        "slot_type": "mner.train.losses:SlotTypeLoss",  # AFNER typed slots: type presence (issue 11)
+    },
+    weights={"align": "alignment_loss_weight", "slot_type": "slot_type_loss_weight"},
 )
 
 # Entries: tasks.Task instances (what a task needs from the data and gives the heads).

@@ -24,7 +24,7 @@ from mner.train.metrics import entity_scores
 class TokenTagging:
     """One BIO tag per word; the model's emissions are (B, T, L) over the label list."""
 
-    heads: tuple[str, ...] = ("crf",)  # model.head names that fit per-word emissions
+    heads: tuple[str, ...] = ("crf", "softmax")  # model.head names that fit per-word emissions
 
     def label_names(self, split: Split) -> list[str]:
         """The label list a run learns: "O", then B-/I- of every type in the training split."""

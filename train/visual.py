@@ -2,9 +2,9 @@
 
 Two token types, as in AFDVQF's dual-branch vision tokens:
 - patch tokens: CLIP patch states (CLS first), Linear + LayerNorm to D;
-- region tokens: detector region features, Linear + LayerNorm to D, plus what the detector knows
-  about the region: an embedding of its COCO label, a projection of its score and of its box
-  (x1, y1, x2, y2, w, h, area in [0, 1]).
+- region tokens: detector region features, Linear + LayerNorm to D, plus (model.region_meta, AFDVQF)
+  what the detector knows about the region: an embedding of its COCO label, a projection of its
+  score and of its box (x1, y1, x2, y2, w, h, area in [0, 1]). AFNER uses the features alone.
 A learned type embedding tells the two apart. A post whose image is masked (missing, corrupt or
 dropped) has every visual token masked; the fusions then give it exactly zero visual contribution.
 """
@@ -37,8 +37,10 @@ class VisualTokenBuilder(nn.Module):
         D = width
         if self.use_patches:
             self.patch_proj = nn.Sequential(nn.Linear(spec.patch_dim, D), nn.LayerNorm(D))
+        self.region_meta = cfg.region_meta
         if self.use_regions:
             self.region_proj = nn.Sequential(nn.Linear(spec.region_dim, D), nn.LayerNorm(D))
+        if self.use_regions and self.region_meta:
             self.label_embed = nn.Embedding(num_detector_classes, D)
             self.score_embed = nn.Linear(1, D)
             self.box_embed = nn.Linear(7, D)
@@ -73,6 +75,8 @@ class VisualTokenBuilder(nn.Module):
         return visual.masked_fill(~mask[..., None], 0.0), mask
 
     def _regions(self, batch: dict) -> torch.Tensor:
+        if not self.region_meta:
+            return self.region_proj(batch["region_feats"]) + self.type_embed.weight[REGION]  # (B, K, D)
         labels = batch["region_labels"]  # (B, K)
         if bool((labels >= self.num_detector_classes).any()) or bool((labels < 0).any()):
             raise ValueError(

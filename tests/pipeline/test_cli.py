@@ -53,6 +53,7 @@ COMMANDS = [
     ("evaluate",),
     ("predict",),
     ("ablate",),
+    ("models",),
     ("demo-data",),
     ("results",),
 ]
@@ -147,6 +148,7 @@ DEFAULT_SOURCES = {
     ("evaluate",): [evaluate_run],
     ("predict",): [predict],
     ("ablate",): [AblationConfig, DataConfig],
+    ("models",): [],
     ("demo-data",): [DemoConfig],
     ("results",): [results_table],
 }
@@ -154,7 +156,7 @@ RENAMED = {"out": "out_dir"}
 # Options with no field or parameter behind them (the output format).
 NO_COUNTERPART = {("cache", "inspect"): {"as_json"}, ("results",): {"plot"}, ("ablate",): {"list_only"}}
 # Options whose None means "what the TOML config says", which their help must say (checked below).
-FROM_CONFIG = {("train-from-cache",): {"text_encoder", "epochs", "seed"}}
+FROM_CONFIG = {("train-from-cache",): {"model", "text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
 CHOICES = {
     ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
@@ -602,8 +604,8 @@ def test_ablate_refuses_an_unknown_experiment(workspace, tmp_path):
         "ablate", "--data-dir", workspace.data_dir, "--exp", "no_such", "--out", tmp_path / "ablation"
     )
     assert line == (
-        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)}, all "
-        "or the path of an existing config-diff .toml file"
+        f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)}, all, "
+        "model=NAME or the path of an existing config-diff .toml file"
     )
 
 
@@ -742,3 +744,26 @@ def test_ablate_list_needs_no_folder_and_a_run_needs_out():
     assert [line.split()[0] for line in listed] == list(ABLATIONS)
     missing = CliRunner().invoke(main, ["ablate", "--exp", "full"])
     assert missing.exit_code == 2 and "Missing option '--out' (the ablation folder)." in missing.output
+
+
+def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
+    from mner.train.config import describe_model, model_names
+
+    lines = ok("models").output.splitlines()
+    assert lines[0].split() == ["name", "seed", "adds"]
+    assert [line.split()[0] for line in lines[1:]] == list(model_names())
+    for line, name in zip(lines[1:], model_names()):
+        seed, adds = describe_model(name)
+        assert line.startswith(f"{name} ") and f"  {seed}  " in line and line.endswith(f"  {adds}")
+    afdvqf = next(line for line in lines if line.startswith("afdvqf "))
+    assert "001 AFDVQF" in afdvqf and "adaptive gate" in afdvqf
+
+
+def test_an_unknown_model_is_a_clean_error_listing_the_models(tmp_path):
+    from mner.train.config import model_names
+
+    data_dir, _ = make_data(tmp_path)
+    line = user_error(
+        "train-from-cache", "--text-only", "--data-dir", data_dir, "--model", "nope", "--out", tmp_path / "r"
+    )
+    assert line == f"Error: model.name must be one of {', '.join(model_names())}; got 'nope'"

@@ -23,8 +23,11 @@ OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + 
 ]
 
 
+# The model an ablation is measured on, where it is not the base's (afdvqf).
+ABLATION_MODEL = {"no_slot_type": "afner"}
+
+
 def test_every_registry_experiment_changes_one_documented_key():
-    base_model, base_train = load_run_config()
     assert experiment_file("full") is None
     changed = {}
     for name in ABLATIONS:
@@ -32,7 +35,8 @@ def test_every_registry_experiment_changes_one_documented_key():
             continue
         path = experiment_file(name)
         assert path.read_text().startswith(f"# {name}: ")
-        model_cfg, train_cfg = load_run_config(config_file=path)
+        base_model, base_train = load_run_config(model=ABLATION_MODEL.get(name))
+        model_cfg, train_cfg = load_run_config(config_file=path, model=ABLATION_MODEL.get(name))
         assert train_cfg == base_train
         changed[name] = {
             f.name: getattr(model_cfg, f.name)
@@ -46,6 +50,7 @@ def test_every_registry_experiment_changes_one_documented_key():
         "no_patch": {"use_patches": False},
         "text_only": {"text_only": True},
         "qfnet1": {"qfnet_layers": 1},
+        "no_slot_type": {"slot_type_loss_weight": 0.0},
     }
 
 
@@ -347,8 +352,12 @@ def test_list_gives_every_experiment_its_diff_from_the_file():
                 assert f"{section}.{key} = {shown}" in line, name
 
 
-def test_all_names_every_registry_experiment():
-    assert _config(experiments=["all"]).experiments == list(ABLATIONS)
+def test_all_names_every_registry_experiment_that_changes_the_model():
+    # over afdvqf (the default), no_slot_type changes nothing (its loss is off already)
+    assert _config(experiments=["all"]).experiments == [n for n in ABLATIONS if n != "no_slot_type"]
+    # over afner (no gate, no alignment loss), no_adapt and no_align change nothing
+    afner = _config(experiments=["all"], model="afner").experiments
+    assert afner == [n for n in ABLATIONS if n not in ("no_adapt", "no_align")] and "no_slot_type" in afner
     with pytest.raises(ValueError, match=r"^experiment 'all' already names every experiment; give it alone$"):
         _config(experiments=["all", "full"])
 
@@ -458,3 +467,54 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "sweep" / "ablation.json").read_text())["grid"] == [
         "model.qfnet_layers=1,2"
     ]
+
+
+# ------------------------------------------------------------------------------------------ model zoo
+
+
+def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
+    """`model=NAME` arms train each model as its file gives it (arm named NAME); with --model afner,
+    `full` is afner and no_slot_type is afner without its loss. ablation.json records the model."""
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    cfg = AblationConfig(
+        cache_dir=str(cache_dir),
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=["full", "no_slot_type", "model=bert-softmax", "model=afdvqf"],
+        seeds=1,
+        out_dir=str(tmp_path / "out"),
+        overrides=OVERRIDES + ["model.qfnet_heads=2"],
+        epochs=1,
+        model="afner",
+    )
+    md_path = run_ablation(cfg)
+    expected = {
+        "full": ("afner", 0.1, "crf"),
+        "no_slot_type": ("afner", 0.0, "crf"),
+        "bert-softmax": ("bert-softmax", 0.0, "softmax"),
+        "afdvqf": ("afdvqf", 0.0, "crf"),
+    }
+    for arm, (name, weight, head) in expected.items():
+        record = json.loads((md_path.parent / arm / "seed1" / "config.json").read_text())
+        model = record["model"]
+        assert (model["name"], model["slot_type_loss_weight"], model["head"]) == (name, weight, head), arm
+    assert json.loads((md_path.parent / "ablation.json").read_text())["model"] == "afner"
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md_path.read_text().splitlines()[4:8]]
+    assert rows == ["full", "no_slot_type", "bert-softmax", "afdvqf"]
+
+
+def test_model_arm_and_model_errors(tmp_path):
+    from mner.train.config import model_names
+
+    names = ", ".join(model_names())
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        _config(experiments=["model=nope"])
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        _config(model="nope")
+    assert ablate.experiment_name("model=afner") == "afner" and ablate.experiment_file("model=afner") is None
+    # no_slot_type over the base (afdvqf, whose slot_type loss is off) would retrain it: refused.
+    cfg = _config(experiments=["no_slot_type"], out_dir=str(tmp_path / "out"))
+    message = f"experiment no_slot_type ({experiment_file('no_slot_type')}) changes nothing"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_ablation(cfg)

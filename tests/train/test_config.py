@@ -42,8 +42,11 @@ def test_diff_file_changes_only_its_keys(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in configs.path("experiments").glob("*.toml")))
 def test_shipped_experiments_load(name):
-    model, train = load_run_config(config_file=configs.path("experiments", f"{name}.toml"))
-    assert (model, train) != (ModelConfig(), TrainConfig())
+    """Each changes the base of some model of the zoo (no_slot_type: afner's)."""
+    from mner.train.config import model_names
+
+    path = configs.path("experiments", f"{name}.toml")
+    assert any(load_run_config(config_file=path, model=m) != load_run_config(model=m) for m in model_names())
 
 
 def test_overrides_parse_toml_literals_and_bare_strings(tmp_path):
@@ -124,7 +127,7 @@ def test_missing_config_file(tmp_path):
             "model.adaptive_gate = true gates query-guided fusion only, but model.fusion is 'gated'; "
             "set model.adaptive_gate = false",
         ),
-        ("model.head=svm", "model.head must be one of crf; got 'svm'"),
+        ("model.head=svm", "model.head must be one of crf, softmax; got 'svm'"),
         ("model.task=parsing", "model.task must be one of tagging; got 'parsing'"),
         ("model.qfnet_layers=0", "model.qfnet_layers must be >= 1, got 0"),
         ("model.qfnet_heads=0", "model.qfnet_heads must be >= 1, got 0"),
@@ -273,3 +276,101 @@ def test_a_run_recorded_before_data_config_still_reads():
     }  # fmt: skip
     with pytest.raises(ValueError, match=re.escape("data must be a DataConfig, got {'data_dir': '/d'}")):
         RunConfig(ModelConfig(), TrainConfig(), "/c", {"data_dir": "/d"}, "out")
+
+
+# --------------------------------------------------------------------------------------- the model zoo
+
+
+def model_dir(tmp_path, monkeypatch, files: dict[str, str]):
+    """A config folder whose models/ holds `files` (name -> text); the other configs are the shipped ones."""
+    import shutil
+
+    root = tmp_path / "configs"
+    shutil.copytree(configs.CONFIG_DIR, root, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    (root / "models").mkdir()
+    for name, text in files.items():
+        (root / "models" / f"{name}.toml").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(configs, "CONFIG_DIR", root)
+    return root
+
+
+ZOO = {
+    "afdvqf": "# seed: 001 AFDVQF\n# adds: the base\n",
+    "small": "# seed: 000 X\n# adds: one layer\n[model]\nqfnet_layers = 1\nslots_per_type = 3\n[train]\nepochs = 2\n",
+}
+
+
+def test_layers_apply_base_then_model_then_experiment_then_set(tmp_path, monkeypatch):
+    model_dir(tmp_path, monkeypatch, ZOO)
+    diff = write(tmp_path, "[model]\nslots_per_type = 5\nalignment_loss_weight = 0.0\n")
+    model, train = load_run_config(model="small")
+    assert model == dataclasses.replace(ModelConfig(), name="small", qfnet_layers=1, slots_per_type=3)
+    assert train == dataclasses.replace(TrainConfig(), epochs=2)
+    model, _ = load_run_config(model="small", config_file=diff, overrides=["model.alignment_loss_weight=0.5"])
+    assert (model.qfnet_layers, model.slots_per_type, model.alignment_loss_weight) == (1, 5, 0.5)
+    # Several experiment files apply in order.
+    second = write(tmp_path, "[model]\nslots_per_type = 6\n", "second.toml")
+    assert load_run_config(model="small", config_file=[diff, second])[0].slots_per_type == 6
+
+
+def test_model_name_in_a_file_or_an_override_selects_the_model_file(tmp_path, monkeypatch):
+    model_dir(tmp_path, monkeypatch, ZOO)
+    diff = write(tmp_path, "[model]\nname = 'small'\nslots_per_type = 5\n")
+    model, train = load_run_config(config_file=diff)
+    assert (model.name, model.qfnet_layers, model.slots_per_type, train.epochs) == ("small", 1, 5, 2)
+    model, _ = load_run_config(overrides=["model.name=small"])
+    assert (model.name, model.qfnet_layers) == ("small", 1)
+    # The later layer wins over --model.
+    model, _ = load_run_config(model="small", overrides=["model.name=afdvqf"])
+    assert (model.name, model.qfnet_layers) == ("afdvqf", 2)
+    assert load_run_config() == (ModelConfig(), TrainConfig())
+
+
+def test_a_model_file_naming_another_model_is_refused(tmp_path, monkeypatch):
+    root = model_dir(
+        tmp_path, monkeypatch, {**ZOO, "other": "# seed: s\n# adds: a\n[model]\nname = 'small'\n"}
+    )
+    message = f"{root / 'models' / 'other.toml'}: model.name is 'small', but this file is the model 'other'; drop the key"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(model="other")
+
+
+def test_unknown_model_lists_the_models():
+    from mner.train.config import model_names
+
+    names = ", ".join(model_names())
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        load_run_config(model="nope")
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        load_run_config(overrides=["model.name=nope"])
+    with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
+        ModelConfig(name="nope")
+
+
+def test_every_model_file_describes_itself_and_loads():
+    from mner.train.config import describe_model, model_file, model_names
+
+    assert "afdvqf" in model_names()
+    for name in model_names():
+        seed, adds = describe_model(name)
+        assert seed and adds, name
+        model, _ = load_run_config(model=name)
+        assert model.name == name
+        table = configs.load_toml(model_file(name))
+        assert set(table) <= {"model", "train"}, name
+    assert load_run_config(model="afdvqf") == (ModelConfig(), TrainConfig())  # the base is AFDVQF
+
+
+def test_describe_model_strips_labels_and_needs_two_comment_lines(tmp_path, monkeypatch):
+    from mner.train.config import describe_model
+
+    root = model_dir(
+        tmp_path,
+        monkeypatch,
+        {**ZOO, "bare": "# MANGO (seed 003)\n# gated fusion\n", "short": "# only one\n"},
+    )
+    assert describe_model("small") == ("000 X", "one layer")
+    assert describe_model("bare") == ("MANGO (seed 003)", "gated fusion")
+    message = f"{root / 'models' / 'short.toml'}: the first two comment lines must say the seed"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        describe_model("short")

@@ -188,7 +188,7 @@ def test_cache_differences_compares_only_fingerprinted_parts_when_recorded():
 
 @pytest.mark.slow
 def test_results_table_lists_micro_scores_in_percent(runs):
-    table = results_table([runs["mm"], runs["text"]], split="valid")
+    table = results_table([runs["mm"], runs["text"]], split="valid", bootstrap=0)
     lines = table.splitlines()
     assert lines[0].split() == ["run", "P", "R", "F1", "support", "status"]
     for line, run_dir in zip(lines[1:], [runs["mm"], runs["text"]]):
@@ -230,7 +230,9 @@ def test_results_shows_finished_runs_and_marks_the_others(runs, tmp_path):
     (damaged / "results.json").write_text('{"best_epoch": 1, "val')
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    table = results_table([unfinished, runs["text"], damaged, foreign], split="valid").splitlines()
+    table = results_table(
+        [unfinished, runs["text"], damaged, foreign], split="valid", bootstrap=0
+    ).splitlines()
     rows = {line.split()[0]: line for line in table[1:]}
     assert rows[str(unfinished)].split()[1:5] == ["-", "-", "-", "-"]
     assert rows[str(unfinished)].endswith(f"unfinished (epoch {len(lines)}/{epochs})")

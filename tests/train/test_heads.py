@@ -1,5 +1,8 @@
 """Every head of registry.HEADS: per-post loss shape and a decode as long as each post's mask."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -33,3 +36,47 @@ def test_crf_head_is_the_crf():
         "crf.end_transitions",
         "crf.transitions",
     ]
+
+
+@pytest.mark.parametrize("smoothing, temperature", [(0.0, 1.0), (0.2, 1.0), (0.1, 2.5)])
+def test_softmax_head_is_smoothed_cross_entropy_by_hand(smoothing, temperature):
+    """Per word: -(1 - s) log p(gold) - s/L sum_l log p(l), p = softmax(emissions / temperature);
+    summed over the post's words. Decode is the per-word argmax."""
+    cfg = tiny_config(head="softmax", label_smoothing=smoothing, emission_temperature=temperature)
+    head = HEADS.get("softmax")(cfg, LABELS)
+    torch.manual_seed(1)
+    B, T, L = 2, 4, len(LABELS)
+    emissions = torch.randn(B, T, L)
+    tags = torch.randint(0, L, (B, T))
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    expected = []
+    for b in range(B):
+        total = 0.0
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            logits = [emissions[b, t, j].item() / temperature for j in range(L)]
+            log_z = math.log(sum(math.exp(x) for x in logits))
+            logp = [x - log_z for x in logits]
+            total += -(1 - smoothing) * logp[tags[b, t]] - smoothing / L * sum(logp)
+        expected.append(total)
+    assert head.loss(emissions, tags, mask).tolist() == pytest.approx(expected, abs=1e-5)
+    assert head.decode(emissions, mask) == [
+        emissions[0].argmax(-1).tolist(),
+        emissions[1, :2].argmax(-1).tolist(),
+    ]
+    assert list(head.parameters()) == []
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"label_smoothing": 0.1}, "model.label_smoothing applies to the softmax head only, but model.head is 'crf'; leave it at 0.0"),
+        ({"emission_temperature": 2.0}, "model.emission_temperature applies to the softmax head only, but model.head is 'crf'; leave it at 1.0"),
+        ({"head": "softmax", "label_smoothing": 1.0}, "model.label_smoothing must be in [0, 1), got 1.0"),
+        ({"head": "softmax", "emission_temperature": 0.0}, "model.emission_temperature must be > 0, got 0.0"),
+    ],
+)  # fmt: skip
+def test_softmax_knobs_are_refused_where_they_would_do_nothing(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_config(**changes)

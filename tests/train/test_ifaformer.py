@@ -9,9 +9,8 @@ import torch
 from click.testing import CliRunner
 from transformers import RobertaConfig, RobertaModel
 
-from mner import configs
 from mner.cli import main
-from mner.train.config import ModelConfig, TrainConfig, load_run_config
+from mner.train.config import ModelConfig, TrainConfig, describe_model, load_run_config
 from mner.train.ifaformer import SingleStreamFusion, joint_key_mask
 from tests.train.factories import make_batch, make_cache, make_posts, tiny_model, tiny_spec, tiny_tokenizer
 from tests.train.run_factories import FAST_LR, make_data, single_thread  # noqa: F401 (autouse fixture)
@@ -116,7 +115,9 @@ def test_shapes():
         assert emissions(model, batch).shape == (B, T, 5)
     assert [len(p) for p in model.decode(batch)] == batch["num_words"].tolist()
     out = model(batch)
-    assert set(out) == {"loss", "crf_loss", "align_loss"} and all(v.dim() == 0 for v in out.values())
+    assert set(out) == {"loss", "crf_loss", "align_loss", "slot_type_loss"} and all(
+        v.dim() == 0 for v in out.values()
+    )
 
 
 def test_use_regions_false_reads_no_region_tensor():
@@ -225,10 +226,9 @@ def test_the_fusion_is_not_called_as_a_late_fusion():
 
 
 def test_the_model_file_is_a_commented_diff_over_the_base():
-    path = configs.path("models", "ifaformer.toml")
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# ifaformer (seed 002): ")
-    model, train = load_run_config(config_file=path)
+    assert describe_model("ifaformer")[0] == "002 IFAformer"
+    model, train = load_run_config(model="ifaformer")
+    assert model.name == "ifaformer"
     assert (model.fusion, model.adaptive_gate, model.alignment_loss_weight, model.image_dropout) == (
         "single_stream",
         False,

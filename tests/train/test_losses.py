@@ -1,6 +1,7 @@
 """Every auxiliary loss of registry.AUX_LOSSES: its own weight, 0 is off, and nothing else is coupled."""
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -23,12 +24,16 @@ def test_weight_is_a_non_negative_model_field(name):
 @pytest.mark.parametrize("name", AUX_LOSSES.names)
 def test_weight_zero_turns_only_that_loss_off(name):
     weight = AUX_LOSSES.weights[name]
-    on = tiny_model(dropout=0.0, image_dropout=0.0, **{weight: 0.5}).eval()
-    off = tiny_model(dropout=0.0, image_dropout=0.0, **{weight: 0.0}).eval()
+    others = {w: 0.0 for n, w in AUX_LOSSES.weights.items() if n != name}  # only this loss can be on
+    on = tiny_model(dropout=0.0, image_dropout=0.0, **others, **{weight: 0.5}).eval()
+    off = tiny_model(dropout=0.0, image_dropout=0.0, **others, **{weight: 0.0}).eval()
     assert name in on.aux_losses and name not in off.aux_losses
-    # Same parameters (same seed, same creation order) and the same predictions: only the loss differs.
-    assert on.state_dict().keys() == off.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(on.state_dict().values(), off.state_dict().values()))
+    # Same parameters (same seed, same creation order) and the same predictions: only the loss differs
+    # (a loss may own parameters, such as slot_type's classifier; they are built last).
+    model_keys = [key for key in on.state_dict() if not key.startswith("aux_losses.")]
+    assert model_keys == [key for key in off.state_dict() if not key.startswith("aux_losses.")]
+    assert all(torch.equal(on.state_dict()[key], off.state_dict()[key]) for key in model_keys)
+    assert not any(key.startswith(f"aux_losses.{name}.") for key in off.state_dict())
     batch = make_batch(make_posts(5, seed=2))
     assert on.decode(batch) == off.decode(batch)
     with torch.no_grad():
@@ -116,3 +121,53 @@ def test_alignment_loss_gathers_the_negatives_of_every_rank(tmp_path):
         local_only.append(AlignmentLoss(ModelConfig(), 8)(local).item())
     # The per-rank loss without gathering differs: the test can tell the two apart.
     assert all(abs(value - reference.item()) > 1e-3 for value in local_only)
+
+
+# -------------------------------------------------------------------------------- slot type presence
+
+
+def test_slot_type_loss_by_hand():
+    """Types LOC, PER with 2 slots each: logit_e = w . mean(slots of e) + b; BCE against presence."""
+    from mner.train.losses import SlotTypeLoss, type_presence
+
+    torch.manual_seed(3)
+    loss = SlotTypeLoss(ModelConfig(slots_per_type=2), width=3)
+    slots = torch.randn(2, 4, 3)  # (B, Q = 2 types x 2 slots, D)
+    # Post 0: B-LOC I-LOC O; post 1: O B-PER and a masked B-LOC (id 1) that must not count.
+    tags = torch.tensor([[1, 2, 0], [0, 3, 1]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    presence = type_presence(tags, mask, torch.tensor([-1, 0, 0, 1, 1]), 2)
+    assert presence.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    w, b = loss.classifier.weight[0].detach(), loss.classifier.bias.item()
+    total = 0.0
+    for post in range(2):
+        for t in range(2):
+            z = (w @ slots[post, 2 * t : 2 * t + 2].mean(0)).item() + b
+            p = 1 / (1 + math.exp(-z))
+            y = presence[post, t].item()
+            total += -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    inputs = LossInputs(None, None, None, None, None, slots=slots, type_presence=presence)
+    assert loss(inputs).item() == pytest.approx(total / 4, abs=1e-6)
+
+
+def test_slot_type_loss_reads_the_fusions_final_slots_and_needs_them():
+    model = tiny_model(slot_type_loss_weight=1.0, image_dropout=0.0, dropout=0.0).eval()
+    batch = make_batch(make_posts(4, seed=1))
+    with torch.no_grad():
+        out = model(batch)
+    slots = model.fusion.final_slots
+    assert slots.shape == (4, 2 * 2, model.encoder.config.hidden_size)  # (B, E * slots_per_type, D)
+    tags, mask = model.task.targets(batch, model.outside)
+    from mner.train.losses import type_presence
+
+    presence = type_presence(tags, mask, torch.tensor(model._label_type), 2)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        model.aux_losses["slot_type"].logits(slots), presence
+    )
+    assert out["slot_type_loss"].item() == pytest.approx(expected.item(), abs=1e-6)
+    message = (
+        "model.slot_type_loss_weight > 0 needs a fusion with query slots (qgf), but model.fusion is 'gated'; "
+        "set model.slot_type_loss_weight = 0"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_model(fusion="gated", adaptive_gate=False, slot_type_loss_weight=0.1)

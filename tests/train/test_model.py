@@ -53,7 +53,9 @@ def test_shapes_of_the_public_methods():
     assert [len(p) for p in paths] == batch["num_words"].tolist()
     assert all(0 <= i < len(LABELS) for p in paths for i in p)
     out = model(batch)
-    assert set(out) == {"loss", "crf_loss", "align_loss"} and all(v.dim() == 0 for v in out.values())
+    assert set(out) == {"loss", "crf_loss", "align_loss", "slot_type_loss"} and all(
+        v.dim() == 0 for v in out.values()
+    )
 
 
 def test_word_states_come_from_the_first_sub_word():
@@ -209,3 +211,55 @@ def test_label_name_errors(labels, message):
             ModelConfig(text_encoder="tiny-bert", qfnet_heads=2, text_only=True), labels, None, "tiny-bert"
         )
     assert TOKEN_TAGGING.check_labels(LABELS) == ["LOC", "PER"]
+
+
+def test_bilstm_sits_between_the_word_states_and_the_emissions():
+    batch = make_batch(make_posts(3), with_visual=False)
+    B, T = batch["word_mask"].shape
+    model = tiny_model(text_only=True, bilstm=True, lstm_hidden=7, dropout=0.0).eval()
+    assert model.bilstm.hidden_size == 7 and model.bilstm.bidirectional
+    assert model.emission.in_features == 14
+    states = model._bilstm(model.encode_text(batch), batch["word_mask"])
+    assert states.shape == (B, T, 14)
+    # Packed: a post's states do not depend on the batch's padding (the post alone gives the same).
+    lengths = batch["word_mask"].sum(1)
+    short = int(lengths.argmin())
+    alone = make_batch([make_posts(3)[short]], with_visual=False)
+    with torch.no_grad():
+        got = model._bilstm(model.encode_text(batch), batch["word_mask"])[short, : lengths[short]]
+        want = model._bilstm(model.encode_text(alone), alone["word_mask"])[0, : lengths[short]]
+    assert torch.allclose(got, want, atol=1e-6)
+    assert [len(p) for p in model.decode(batch)] == batch["num_words"].tolist()
+    # The BiLSTM's matrices are weight-decayed, its biases not, at the fusion learning rate.
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in model.param_groups(TrainConfig())}
+    assert (
+        id(model.bilstm.weight_ih_l0) in groups["fusion"]
+        and id(model.bilstm.bias_ih_l0) in groups["fusion_no_decay"]
+    )
+    # A multimodal model takes the BiLSTM after the fusion.
+    multimodal = tiny_model(bilstm=True, lstm_hidden=5).eval()
+    assert [len(p) for p in multimodal.decode(make_batch(make_posts(3)))] == batch["num_words"].tolist()
+
+
+def test_region_meta_off_builds_no_label_score_box_embeddings_and_reads_only_features():
+    model = tiny_model(region_meta=False, use_patches=False).eval()
+    assert not hasattr(model.visual, "label_embed") and not hasattr(model.visual, "box_embed")
+    batch = make_batch(make_posts(2))
+    changed = dict(batch)
+    for key in ("region_labels", "region_scores", "region_boxes"):
+        changed[key] = batch[key].flip(0)  # other posts' detections, same features
+    a, b = model.encode_visual(batch)[0], model.encode_visual(changed)[0]
+    assert torch.equal(a, b)
+    with_meta = tiny_model(use_patches=False).eval()
+    assert not torch.equal(with_meta.encode_visual(batch)[0], with_meta.encode_visual(changed)[0])
+
+
+def test_lstm_hidden_without_a_bilstm_is_refused():
+    message = (
+        "model.lstm_hidden sets the BiLSTM's width, but model.bilstm is false; "
+        "set model.bilstm = true or leave it at 256"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(lstm_hidden=64)
+    with pytest.raises(ValueError, match=re.escape("model.lstm_hidden must be >= 1, got 0")):
+        ModelConfig(bilstm=True, lstm_hidden=0)
