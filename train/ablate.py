@@ -41,6 +41,9 @@ ABLATIONS: dict[str, str | None] = {
     "no_patch": "no_patch.toml",
     "text_only": "text_only.toml",
     "qfnet1": "qfnet1.toml",
+    # MANGO's ablations: diffs over configs/models/mango.toml, not over the base alone
+    "no_resampler": "no_resampler.toml",
+    "no_preserve": "no_preserve.toml",
 }
 
 

@@ -38,6 +38,11 @@ class LossInputs:
     emissions: torch.Tensor  # (B, T, L)
     visual: torch.Tensor | None  # (B, V, D) visual tokens; None for a text-only model
     visual_mask: torch.Tensor | None  # (B, V); all False for a post whose image is masked
+    # Optional, for the losses of one model (None where the model has none; train/mango.py reads them):
+    pooled: torch.Tensor | None = None  # (B, D) projected global image embedding, 0 for a masked image
+    entities: torch.Tensor | None = None  # (B, T) bool: the word's target tag is not O
+    fusion_state: object | None = None  # what the fusion kept of its forward (MangoFusion.state)
+    epoch: int | None = None  # the training epoch (1, 2, ...) for warm-ups; None outside training
 
 
 class AuxLoss(nn.Module):
@@ -64,23 +69,29 @@ class AlignmentLoss(AuxLoss):
         has_image = visual_mask.any(dim=1)  # (B,)
         text = F.normalize(masked_mean(words, inputs.word_mask)[has_image], dim=-1)  # (N_r, D)
         image = F.normalize(masked_mean(visual, visual_mask)[has_image], dim=-1)  # (N_r, D)
-        world = (
-            dist.get_world_size() if self.training and dist.is_available() and dist.is_initialized() else 1
-        )
-        if world > 1:
-            # Every rank takes part in the gathers, even one whose batch has no image.
-            text, image = gather_rows(text), gather_rows(image)  # (N, D) each, N over all ranks
-        if text.shape[0] < 2:
-            # One pair has no negative to contrast with; the loss would be a constant 0.
-            return words.new_zeros(())
-        logits = text @ image.T / self.temperature  # (N, N)
-        target = torch.arange(logits.shape[0], device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        if world > 1:
-            # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
-            # by the world size; scaling the gradient (not the value) by it gives the union's gradient.
-            loss = loss + (world - 1) * (loss - loss.detach())
-        return loss
+        return info_nce(text, image, self.temperature, self.training)
+
+
+def info_nce(text: torch.Tensor, image: torch.Tensor, temperature: float, training: bool) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows of text (N, D) and image (N, D), both L2-normalised -> scalar.
+
+    0 with fewer than two pairs. While training under DDP the negatives are every rank's rows.
+    """
+    world = dist.get_world_size() if training and dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        # Every rank takes part in the gathers, even one whose batch has no image.
+        text, image = gather_rows(text), gather_rows(image)  # (N, D) each, N over all ranks
+    if text.shape[0] < 2:
+        # One pair has no negative to contrast with; the loss would be a constant 0.
+        return text.new_zeros(())
+    logits = text @ image.T / temperature  # (N, N)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    if world > 1:
+        # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
+        # by the world size; scaling the gradient (not the value) by it gives the union's gradient.
+        loss = loss + (world - 1) * (loss - loss.detach())
+    return loss
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

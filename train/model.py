@@ -81,6 +81,9 @@ class MNERModel(nn.Module):
             loss = AUX_LOSSES.get(name)
             if getattr(cfg, weight) > 0 and not (loss.needs_image and cfg.text_only):
                 self.aux_losses[name] = loss(cfg, width)
+        # The training epoch (1, 2, ...), set by the loop before each epoch for the losses that warm up
+        # (MANGO's alignment); None outside the loop, where they count as warmed up.
+        self.epoch: int | None = None
 
     @property
     def head(self) -> Head:
@@ -110,10 +113,11 @@ class MNERModel(nn.Module):
         return self.visual(batch, batch["image_mask"] if image_mask is None else image_mask)
 
     def _emissions(self, batch: dict, image_mask: torch.Tensor | None):
-        """Emissions (B, T, L), word states (B, T, D) before fusion, and the visual tokens (B, V, D)
-        with their mask (B, V) (both None for a text-only model), for the given image mask."""
+        """Emissions (B, T, L), word states (B, T, D) before fusion, the visual tokens (B, V, D) with
+        their mask (B, V) and the pooled image vector (B, D) (None for a text-only model, the pooled one
+        also for a fusion that does not use it), for the given image mask."""
         words = self.encode_text(batch)  # (B, T, D)
-        visual = visual_mask = None
+        visual = visual_mask = pooled = None
         fused = words
         if self.fusion is not None:
             visual, visual_mask = self.encode_visual(batch, image_mask)  # (B, V, D), (B, V)
@@ -123,7 +127,7 @@ class MNERModel(nn.Module):
             fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
         emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
-        return emissions, words, visual, visual_mask
+        return emissions, words, visual, visual_mask, pooled
 
     def forward(self, batch: dict) -> dict:
         """Training losses, scalars: "loss" (the total), "<head>_loss" ("crf_loss") and "<name>_loss" for
@@ -134,14 +138,24 @@ class MNERModel(nn.Module):
             if self.training and self.cfg.image_dropout > 0:
                 keep = torch.rand(image_mask.shape, device=image_mask.device) >= self.cfg.image_dropout
                 image_mask = image_mask & keep
-        emissions, words, visual, visual_mask = self._emissions(
+        emissions, words, visual, visual_mask, pooled = self._emissions(
             batch, image_mask
         )  # (B, T, L), (B, T, D), ...
         tags, word_mask = self.task.targets(batch, self.outside)  # (B, T), (B, T)
         head_loss = self.head.loss(emissions, tags, word_mask).mean()
         losses = {f"{self._head_attr}_loss": head_loss}
         loss = head_loss
-        inputs = LossInputs(words, word_mask, emissions, visual, visual_mask)
+        inputs = LossInputs(
+            words,
+            word_mask,
+            emissions,
+            visual,
+            visual_mask,
+            pooled=pooled,
+            entities=word_mask & (tags != self.outside),  # (B, T)
+            fusion_state=getattr(self.fusion, "state", None),
+            epoch=self.epoch,
+        )
         for name, weight in AUX_LOSSES.weights.items():
             if name in self.aux_losses:
                 losses[f"{name}_loss"] = self.aux_losses[name](inputs)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from mner import configs
 from mner.cache.datasets import Post
 from mner.cache.shards import Record, TokenSpec
 from mner.train.config import ModelConfig
@@ -165,3 +167,20 @@ def tiny_model(spec: TokenSpec | None = None, seed: int = 0, **changes) -> MNERM
     return MNERModel(
         cfg, LABELS, None if cfg.text_only else (spec or tiny_spec()), cfg.text_encoder, NUM_DETECTOR_CLASSES
     )
+
+
+# Ablations of a model file (a diff over configs/models/<model>.toml): experiment name -> model.
+MODEL_ABLATIONS = {"no_resampler": "mango", "no_preserve": "mango"}
+
+
+def model_file_overrides(model: str, experiment: Path | None = None) -> list[str]:
+    """`--set` overrides equal to configs/models/<model>.toml, less the keys `experiment` sets (those must
+    win, and `load_run_config` applies overrides last): the model file under an experiment diff."""
+    own = configs.load_toml(experiment) if experiment is not None else {}
+    literal = {bool: lambda v: str(v).lower(), str: json.dumps}
+    return [
+        f"{section}.{key}={literal.get(type(value), repr)(value)}"
+        for section, table in configs.load_toml(configs.path("models", f"{model}.toml")).items()
+        for key, value in table.items()
+        if key not in own.get(section, {})
+    ]

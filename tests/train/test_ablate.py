@@ -14,7 +14,7 @@ import mner.train.ablate as ablate
 from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
-from tests.train.factories import make_cache
+from tests.train.factories import MODEL_ABLATIONS, make_cache, model_file_overrides
 from tests.train.run_factories import FAST_LR, make_data, single_thread, tree  # noqa: F401 (autouse fixture)
 
 # Small, fast runs for every experiment.
@@ -32,12 +32,18 @@ def test_every_registry_experiment_changes_one_documented_key():
             continue
         path = experiment_file(name)
         assert path.read_text().startswith(f"# {name}: ")
-        model_cfg, train_cfg = load_run_config(config_file=path)
-        assert train_cfg == base_train
+        # A model's ablation is a diff over its model file: compare with the model file alone.
+        model = MODEL_ABLATIONS.get(name)
+        reference_model, reference_train = (
+            load_run_config(overrides=model_file_overrides(model)) if model else (base_model, base_train)
+        )
+        over = model_file_overrides(model, path) if model else []
+        model_cfg, train_cfg = load_run_config(config_file=path, overrides=over)
+        assert train_cfg == reference_train
         changed[name] = {
             f.name: getattr(model_cfg, f.name)
             for f in dataclasses.fields(model_cfg)
-            if getattr(model_cfg, f.name) != getattr(base_model, f.name)
+            if getattr(model_cfg, f.name) != getattr(reference_model, f.name)
         }
     assert changed == {
         "no_align": {"alignment_loss_weight": 0.0},
@@ -46,7 +52,17 @@ def test_every_registry_experiment_changes_one_documented_key():
         "no_patch": {"use_patches": False},
         "text_only": {"text_only": True},
         "qfnet1": {"qfnet_layers": 1},
+        "no_resampler": {"resampler": False},
+        "no_preserve": {"preserve_lambda": 0.0},
     }
+
+
+def test_no_resampler_over_the_base_fails_instead_of_doing_nothing():
+    message = (
+        "model.resampler = false removes the resampler of model.fusion = 'mango', but model.fusion is 'qgf'"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(config_file=experiment_file("no_resampler"))
 
 
 @pytest.fixture(scope="module")

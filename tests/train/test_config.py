@@ -8,6 +8,7 @@ import pytest
 from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.train.config import ModelConfig, RunConfig, TrainConfig, base_config_path, load_run_config
+from tests.train.factories import MODEL_ABLATIONS, model_file_overrides
 
 
 def write(tmp_path, text: str, name: str = "diff.toml"):
@@ -42,8 +43,20 @@ def test_diff_file_changes_only_its_keys(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in configs.path("experiments").glob("*.toml")))
 def test_shipped_experiments_load(name):
-    model, train = load_run_config(config_file=configs.path("experiments", f"{name}.toml"))
-    assert (model, train) != (ModelConfig(), TrainConfig())
+    path = configs.path("experiments", f"{name}.toml")
+    model_file = MODEL_ABLATIONS.get(name)  # a model's ablation is a diff over its model file
+    if model_file is None:
+        model, train = load_run_config(config_file=path)
+        assert (model, train) != (ModelConfig(), TrainConfig())
+    else:
+        model, train = load_run_config(config_file=path, overrides=model_file_overrides(model_file, path))
+        assert (model, train) != load_run_config(overrides=model_file_overrides(model_file))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in configs.path("models").glob("*.toml")))
+def test_shipped_model_files_load(name):
+    model, train = load_run_config(config_file=configs.path("models", f"{name}.toml"))
+    assert model.fusion == name and (model, train) != (ModelConfig(), TrainConfig())
 
 
 def test_overrides_parse_toml_literals_and_bare_strings(tmp_path):
@@ -114,8 +127,8 @@ def test_missing_config_file(tmp_path):
             "model.text_encoder=''",
             "model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''",
         ),
-        ("model.fusion=mlp", "model.fusion must be one of qgf, concat, gated; got 'mlp'"),
-        ("model.fusion=adaptive", "model.fusion must be one of qgf, concat, gated; got 'adaptive'"),
+        ("model.fusion=mlp", "model.fusion must be one of qgf, concat, gated, mango; got 'mlp'"),
+        ("model.fusion=adaptive", "model.fusion must be one of qgf, concat, gated, mango; got 'adaptive'"),
         (
             "model.fusion=gated",
             "model.adaptive_gate = true gates query-guided fusion only, but model.fusion is 'gated'; "
