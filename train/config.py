@@ -8,7 +8,8 @@ A run's settings come from three layers, later ones winning:
 
 `load_run_config` merges them and returns validated `ModelConfig` and `TrainConfig` objects. The
 knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `qfnet_heads`,
-`slots_per_type`, `alignment_loss_weight`, `alignment_temperature`; MANGO: `image_dropout`).
+`slots_per_type`, `alignment_loss_weight`, `alignment_temperature`; MANGO: `image_dropout`, and the
+seed-003 block at the end of ModelConfig: `rel_temp`, `align_lambda`, `nce_tau`, ...).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ model computed from `LossInputs` and returns a scalar.
   (training, world size > 1) the negatives are every rank's posts, as CLIP trains: each rank gathers
   all ranks' embeddings (its own keep their gradient) and computes the loss of the union batch, so
   the loss, and after DDP's gradient averaging the update, are those of one process on the union.
+- mango_align, mango_preserve, mango_nce, mango_sparsity: MANGO's losses, in train/mango.py beside
+  the fusion whose relevance they read (LossInputs.fusion_state); mango_nce shares `info_nce`.
 """
 
 from __future__ import annotations

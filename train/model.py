@@ -5,7 +5,8 @@ the ModelConfig.
 
 Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
               + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/losses.py:
-                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token).
+                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token;
+                MANGO's four losses in train/mango.py).
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
 """
