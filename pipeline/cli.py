@@ -426,7 +426,10 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
     "experiments",
     multiple=True,
     required=True,
-    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | a config-diff TOML (repeatable).",
+    help=(
+        "full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | no_resampler | no_preserve "
+        "| a config-diff TOML (repeatable). no_resampler and no_preserve ablate the mango model."
+    ),
 )
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
 @click.option(
