@@ -3,16 +3,17 @@
 Read top to bottom, as the seed's README describes the model ("多模态Transformer Stack", "门控相关性融合",
 "多任务损失函数设计"); the knobs keep the seed's names (rel_temp, align_lambda, nce_tau, ...):
 
-    visual tokens (B, V, D) --VisualResampler--> Q learned queries (B, Q, D)   (model.resampler_queries)
-    words (B, T, D) --stack_layers x MangoBlock--> (B, T, D)   self-attn over words, cross-attn to the Q tokens, FFN
+    visual tokens (B, V, D) (patches, + regions if use_regions) --VisualResampler--> (B, Q, D)
+    words (B, T, D) --stack_layers x MangoBlock--> h (B, T, D): self-attn, cross-attn to the Q tokens, FFN
     stack output h --GatedRelevanceFusion--> h + alpha * g * proj([LN(h); LN(c) * rel])
         rel = sigmoid(rel_head([LN(h); LN(c)]) / rel_temp)  (B, T, 1), c = attention of h over the Q tokens
 
 Losses (registry.AUX_LOSSES, weights model.<name>_lambda; 0 is off):
     mango_align     sum_t w_t (1 - cos(h_t, fused_t)) / sum_t w_t,  w = word_mask * (rel + entity)
-                    (rel detached: a weight, not a target), times the warm-up factor min(1, epoch / warmup)
+                    (rel detached: a weight, not a target), times the warm-up factor min(1, epoch / warmup);
+                    the seed names compute_alignment_loss_v2 without defining it, so 1 - cosine is ours
     mango_preserve  sum_t mask_t (1 - rel_t) |fused_t - h_t|^2 / D / sum_t mask_t
-    mango_nce       symmetric InfoNCE (tau = nce_tau) of the mean word state with the projected CLIP
+    mango_nce       symmetric InfoNCE (tau = nce_tau) of the mean encoder word state with the projected CLIP
                     global embedding, over the posts that have an image
     mango_sparsity  mean relevance over the words of posts that have an image (L1 on the sigmoid outputs)
 
@@ -24,7 +25,9 @@ one the model gives with no image.
 
 Left out from the seed: its dual-granularity trainable vision encoder (coarse Swin + delegate branch,
 fine adaptive patch branch) and "选择性解冻CLIP": stage two reads frozen cached tokens, so nothing on the
-image side before the cache can train; clip_lr therefore has no parameters to apply to.
+image side before the cache can train; clip_lr therefore has no parameters to apply to. Also its
+"视觉编码器预热" (first epochs train the text encoder only) and the softmax head's label smoothing /
+emission temperature (the head is another registry entry).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _ffn(width: int, dropout: float) -> nn.Sequential:
 
 
 class VisualResampler(nn.Module):
-    """Q learned queries read the visual tokens: cross-attention, residual + LayerNorm, FFN, residual + LayerNorm."""
+    """Q learned queries read the visual tokens: cross-attention, then FFN, each residual + LayerNorm."""
 
     def __init__(self, width: int, heads: int, queries: int, dropout: float):
         super().__init__()
