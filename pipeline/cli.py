@@ -435,7 +435,7 @@ def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
     "--exp",
     "experiments",
     multiple=True,
-    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | no_slot_type | all | "
+    help="full | no_align | no_adapt | no_region | no_patch | text_only | qfnet1 | no_slot_type | no_resampler | no_preserve | all | "
     "model=NAME (a model of `mner models`, as it is) | a config-diff TOML (repeatable; `--list` shows "
     "what each changes).",
 )

@@ -51,6 +51,9 @@ ABLATIONS: dict[str, str | None] = {
     "text_only": "text_only.toml",
     "qfnet1": "qfnet1.toml",
     "no_slot_type": "no_slot_type.toml",  # afner's type-presence loss off (--model afner)
+    # MANGO's ablations: diffs over configs/models/mango.toml, not over the base alone
+    "no_resampler": "no_resampler.toml",
+    "no_preserve": "no_preserve.toml",
 }
 # An experiment `model=NAME` trains the model NAME as its file gives it.
 MODEL_ARM = "model="
@@ -97,11 +100,12 @@ class AblationConfig:
         if ALL in self.experiments:
             if len(self.experiments) > 1:
                 raise ValueError(f"experiment {ALL!r} already names every experiment; give it alone")
-            # every experiment that changes something for this model (no_slot_type over afdvqf does not)
+            # every experiment that applies to this model and changes something (no_slot_type over
+            # afdvqf does not; no_resampler is not even a valid config without the mango fusion)
             self.experiments = [
                 name
                 for name in ABLATIONS
-                if name == "full" or _changes_config(experiment_file(name), self.overrides, self.model)
+                if name == "full" or _applies(experiment_file(name), self.overrides, self.model)
             ]
         if not self.experiments:
             self.experiments = ["full"]
@@ -369,6 +373,14 @@ def _refuse_grid_conflicts(cfg: AblationConfig) -> None:
         if arm.overrides:
             _refuse_conflicting_overrides(arm.name, arm.diff, list(arm.overrides))
             load_run_config(config_file=arm.diff, overrides=[*cfg.overrides, *arm.overrides], model=arm.model)
+
+
+def _applies(diff: Path | None, overrides: list[str], model: str | None) -> bool:
+    """Whether a diff file gives a valid config of `model` that differs from the model's own."""
+    try:
+        return _changes_config(diff, overrides, model)
+    except ValueError:
+        return False
 
 
 def _changes_config(diff: Path | None, overrides: list[str], model: str | None) -> bool:

@@ -12,7 +12,8 @@ The model file is the one `model.name` names, wherever that is said: `--model NA
 
 `load_run_config` merges them and returns validated `ModelConfig` and `TrainConfig` objects. The
 knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `qfnet_heads`,
-`slots_per_type`, `alignment_loss_weight`, `alignment_temperature`; MANGO: `image_dropout`).
+`slots_per_type`, `alignment_loss_weight`, `alignment_temperature`; MANGO: `image_dropout`, and the
+seed-003 block at the end of ModelConfig: `rel_temp`, `align_lambda`, `nce_tau`, ...).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class ModelConfig(_Config):
     # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
     text_encoder: str = "minilm"
     task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/tasks.py)
-    fusion: str = "qgf"  # registry name: qgf | concat | gated | single_stream (train/fusion.py)
+    fusion: str = "qgf"  # registry name: qgf | concat | gated | mango | single_stream (train/fusion.py)
     qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
@@ -124,6 +125,18 @@ class ModelConfig(_Config):
     # learned position embeddings of the visual tokens appended after the text; the cache's
     # P patches + K regions per post must fit
     visual_positions: int = 256
+
+    # ---- MANGO (seed 003; fusion "mango", train/mango.py); the seed's names. Its model file sets them.
+    resampler: bool = True  # learned queries resample the visual tokens; false: the stack reads them all
+    resampler_queries: int = 8  # learned queries of the visual resampler (Q)
+    stack_layers: int = 7  # multimodal Transformer blocks: self-attn over words, cross-attn to the image, FFN
+    rel_temp: float = 1.0  # temperature of the per-word relevance sigmoid(rel_head(.) / rel_temp)
+    align_lambda: float = 0.0  # weight of the relevance + entity weighted text/fused alignment loss
+    align_warmup_epochs: int = 5  # align_lambda grows linearly to its value over this many epochs; 0: none
+    preserve_lambda: float = 0.0  # weight of the (1 - relevance) weighted fused/text MSE
+    nce_lambda: float = 0.0  # weight of the text / CLIP global embedding InfoNCE
+    nce_tau: float = 0.15  # temperature of that InfoNCE
+    sparsity_lambda: float = 0.0  # weight of the mean relevance (few words lean on the image)
 
     def __post_init__(self):
         self._check_types()
@@ -179,9 +192,34 @@ class ModelConfig(_Config):
                 "model.lstm_hidden sets the BiLSTM's width, but model.bilstm is false; "
                 "set model.bilstm = true or leave it at 256"
             )
+        self._check_mango()
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
+
+    def _check_mango(self) -> None:
+        for name in ("resampler_queries", "stack_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rel_temp", "nce_tau"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.align_warmup_epochs < 0:
+            raise ValueError(f"model.align_warmup_epochs must be >= 0, got {self.align_warmup_epochs}")
+        if self.fusion == "mango":
+            return
+        # Off the mango fusion these knobs would do nothing: an ablation flipping one must fail, not no-op.
+        if not self.resampler:
+            raise ValueError(
+                f"model.resampler = false removes the resampler of model.fusion = 'mango', but model.fusion "
+                f"is {self.fusion!r}"
+            )
+        for name in ("align_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda"):
+            if getattr(self, name) > 0:
+                raise ValueError(
+                    f"model.{name} > 0 weighs a loss of model.fusion = 'mango' (it reads that fusion's "
+                    f"relevance and states), but model.fusion is {self.fusion!r}; set it to 0"
+                )
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "dict") -> ModelConfig:

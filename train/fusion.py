@@ -11,8 +11,9 @@ gives with no image. Attention over an all-masked key set would softmax over not
   text and the fused states. (Until issue 9 a fusion "adaptive" forced that gate on whatever
   adaptive_gate said, so the no_adapt ablation was a silent no-op over it; the gate now has one switch.)
 - concat (BertResNet): the pooled image vector concatenated to every word, projected back to D.
-- gated (MANGO GatedConcatFusion): words attend to the visual tokens; a learned relevance and a
-  sigmoid gate scale what is added back to the words.
+- gated (MANGO GatedConcatFusion alone): words attend to the visual tokens; a learned relevance and a
+  sigmoid gate scale what is added back to the words. The full MANGO model (resampler, multimodal
+  stack, this gate with rel_temp and alpha, its losses) is fusion "mango" in train/mango.py.
 """
 
 from __future__ import annotations

@@ -209,6 +209,7 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
             torch.manual_seed(
                 int(np.random.SeedSequence([cfg.train.seed, epoch, runtime.rank]).generate_state(1)[0])
             )
+        model.epoch = epoch  # for the losses that warm up over epochs (MANGO's alignment); resumes too
         # A manual bar (not tqdm(loader)), so it is still open to show dev F1 after the epoch; in a log
         # file (stderr not a terminal) about ten plain lines per epoch instead of `\r` redraws.
         with ProgressLog(

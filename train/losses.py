@@ -18,6 +18,8 @@ model computed from `LossInputs` and returns a scalar.
   through one shared Linear(D, 1) to a logit of "this post holds an entity of type i", trained by
   binary cross-entropy against the gold tags (mean over posts and types). It gives the slots the
   meaning their layout promises. It reads the fusion's final slots (a fusion with `exposes_slots`).
+- mango_align, mango_preserve, mango_nce, mango_sparsity: MANGO's losses, in train/mango.py beside
+  the fusion whose relevance they read (LossInputs.fusion_state); mango_nce shares `info_nce`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class LossInputs:
     slots: torch.Tensor | None = None  # (B, Q, D), Q = E * slots_per_type, type-major
     # gold: does post b hold an entity of type e (types sorted, as the slots); None unless a loss needs it
     type_presence: torch.Tensor | None = None  # (B, E) float 0/1
+    # Optional, for the losses of one model (None where the model has none; train/mango.py reads them):
+    pooled: torch.Tensor | None = None  # (B, D) projected global image embedding, 0 for a masked image
+    entities: torch.Tensor | None = None  # (B, T) bool: the word's target tag is not O
+    fusion_state: object | None = None  # what the fusion kept of its forward (MangoFusion.state)
+    epoch: int | None = None  # the training epoch (1, 2, ...) for warm-ups; None outside training
 
 
 class AuxLoss(nn.Module):
@@ -73,23 +80,29 @@ class AlignmentLoss(AuxLoss):
         has_image = visual_mask.any(dim=1)  # (B,)
         text = F.normalize(masked_mean(words, inputs.word_mask)[has_image], dim=-1)  # (N_r, D)
         image = F.normalize(masked_mean(visual, visual_mask)[has_image], dim=-1)  # (N_r, D)
-        world = (
-            dist.get_world_size() if self.training and dist.is_available() and dist.is_initialized() else 1
-        )
-        if world > 1:
-            # Every rank takes part in the gathers, even one whose batch has no image.
-            text, image = gather_rows(text), gather_rows(image)  # (N, D) each, N over all ranks
-        if text.shape[0] < 2:
-            # One pair has no negative to contrast with; the loss would be a constant 0.
-            return words.new_zeros(())
-        logits = text @ image.T / self.temperature  # (N, N)
-        target = torch.arange(logits.shape[0], device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        if world > 1:
-            # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
-            # by the world size; scaling the gradient (not the value) by it gives the union's gradient.
-            loss = loss + (world - 1) * (loss - loss.detach())
-        return loss
+        return info_nce(text, image, self.temperature, self.training)
+
+
+def info_nce(text: torch.Tensor, image: torch.Tensor, temperature: float, training: bool) -> torch.Tensor:
+    """Symmetric InfoNCE of matching rows of text (N, D) and image (N, D), both L2-normalised -> scalar.
+
+    0 with fewer than two pairs. While training under DDP the negatives are every rank's rows.
+    """
+    world = dist.get_world_size() if training and dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        # Every rank takes part in the gathers, even one whose batch has no image.
+        text, image = gather_rows(text), gather_rows(image)  # (N, D) each, N over all ranks
+    if text.shape[0] < 2:
+        # One pair has no negative to contrast with; the loss would be a constant 0.
+        return text.new_zeros(())
+    logits = text @ image.T / temperature  # (N, N)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    if world > 1:
+        # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
+        # by the world size; scaling the gradient (not the value) by it gives the union's gradient.
+        loss = loss + (world - 1) * (loss - loss.detach())
+    return loss
 
 
 class SlotTypeLoss(AuxLoss):

@@ -6,7 +6,8 @@ the ModelConfig.
 Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
               + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/losses.py:
                 AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token;
-                AFNER's slot type presence from the fusion's final query slots).
+                AFNER's slot type presence from the fusion's final query slots; MANGO's four losses in
+                train/mango.py).
 With model.bilstm a BiLSTM runs over the (fused) word states before the emission layer.
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
@@ -94,6 +95,9 @@ class MNERModel(nn.Module):
                     )
         # label id -> entity type index (-1 for O), for the losses that read type presence
         self._label_type = [self.types.index(n[2:]) if n != "O" else -1 for n in self.label_names]
+        # The training epoch (1, 2, ...), set by the loop before each epoch for the losses that warm up
+        # (MANGO's alignment); None outside the loop, where they count as warmed up.
+        self.epoch: int | None = None
 
     @property
     def head(self) -> Head:
@@ -123,10 +127,11 @@ class MNERModel(nn.Module):
         return self.visual(batch, batch["image_mask"] if image_mask is None else image_mask)
 
     def _emissions(self, batch: dict, image_mask: torch.Tensor | None):
-        """Emissions (B, T, L), word states (B, T, D) before fusion, and the visual tokens (B, V, D)
-        with their mask (B, V) (both None for a text-only model), for the given image mask."""
+        """Emissions (B, T, L), word states (B, T, D) before fusion, the visual tokens (B, V, D) with
+        their mask (B, V) and the pooled image vector (B, D) (None for a text-only model, the pooled one
+        also for a fusion that does not use it), for the given image mask."""
         words = self.encode_text(batch)  # (B, T, D)
-        visual = visual_mask = None
+        visual = visual_mask = pooled = None
         fused = words
         if self.fusion is not None:
             visual, visual_mask = self.encode_visual(batch, image_mask)  # (B, V, D), (B, V)
@@ -142,7 +147,7 @@ class MNERModel(nn.Module):
             fused = self._bilstm(fused, batch["word_mask"])  # (B, T, 2H)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
         emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
-        return emissions, words, visual, visual_mask
+        return emissions, words, visual, visual_mask, pooled
 
     def _bilstm(self, states: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         """states (B, T, D) -> (B, T, 2H), run over each post's words only (packed), so the backward
@@ -162,14 +167,24 @@ class MNERModel(nn.Module):
             if self.training and self.cfg.image_dropout > 0:
                 keep = torch.rand(image_mask.shape, device=image_mask.device) >= self.cfg.image_dropout
                 image_mask = image_mask & keep
-        emissions, words, visual, visual_mask = self._emissions(
+        emissions, words, visual, visual_mask, pooled = self._emissions(
             batch, image_mask
         )  # (B, T, L), (B, T, D), ...
         tags, word_mask = self.task.targets(batch, self.outside)  # (B, T), (B, T)
         head_loss = self.head.loss(emissions, tags, word_mask).mean()
         losses = {f"{self._head_attr}_loss": head_loss}
         loss = head_loss
-        inputs = LossInputs(words, word_mask, emissions, visual, visual_mask)
+        inputs = LossInputs(
+            words,
+            word_mask,
+            emissions,
+            visual,
+            visual_mask,
+            pooled=pooled,
+            entities=word_mask & (tags != self.outside),  # (B, T)
+            fusion_state=getattr(self.fusion, "state", None),
+            epoch=self.epoch,
+        )
         if any(getattr(loss, "needs_slots", False) for loss in self.aux_losses.values()):
             inputs.slots = self.fusion.final_slots  # (B, Q, D)
             label_type = torch.tensor(self._label_type, device=tags.device)  # (L,)

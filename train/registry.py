@@ -54,7 +54,8 @@ FUSIONS = Registry(
     {
         "qgf": "mner.train.fusion:QueryGuidedFusion",  # AFDVQF query-guided fusion (+ model.adaptive_gate)
         "concat": "mner.train.fusion:ConcatFusion",  # BertResNet: pooled image vector beside every word
-        "gated": "mner.train.fusion:GatedFusion",  # MANGO gated relevance fusion
+        "gated": "mner.train.fusion:GatedFusion",  # MANGO's gate alone, qfnet_layers times (no stack)
+        "mango": "mner.train.mango:MangoFusion",  # MANGO: resampler -> 7-block stack -> gated relevance
         # IFAformer: visual tokens appended to the encoder's input, one stream (train/ifaformer.py)
         "single_stream": "mner.train.ifaformer:SingleStreamFusion",
     },
@@ -75,8 +76,20 @@ AUX_LOSSES = Registry(
     {
         "align": "mner.train.losses:AlignmentLoss",
         "slot_type": "mner.train.losses:SlotTypeLoss",  # AFNER typed slots: type presence (issue 11)
+        # MANGO's losses (train/mango.py); they read its fusion's relevance, so need model.fusion = "mango"
+        "mango_align": "mner.train.mango:MangoAlignLoss",
+        "mango_preserve": "mner.train.mango:MangoPreserveLoss",
+        "mango_nce": "mner.train.mango:MangoNCELoss",
+        "mango_sparsity": "mner.train.mango:MangoSparsityLoss",
     },
-    weights={"align": "alignment_loss_weight", "slot_type": "slot_type_loss_weight"},
+    weights={
+        "align": "alignment_loss_weight",
+        "slot_type": "slot_type_loss_weight",
+        "mango_align": "align_lambda",
+        "mango_preserve": "preserve_lambda",
+        "mango_nce": "nce_lambda",
+        "mango_sparsity": "sparsity_lambda",
+    },
 )
 
 # Entries: tasks.Task instances (what a task needs from the data and gives the heads).

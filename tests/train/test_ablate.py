@@ -24,7 +24,7 @@ OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + 
 
 
 # The model an ablation is measured on, where it is not the base's (afdvqf).
-ABLATION_MODEL = {"no_slot_type": "afner"}
+ABLATION_MODEL = {"no_slot_type": "afner", "no_resampler": "mango", "no_preserve": "mango"}
 
 
 def test_every_registry_experiment_changes_one_documented_key():
@@ -51,7 +51,17 @@ def test_every_registry_experiment_changes_one_documented_key():
         "text_only": {"text_only": True},
         "qfnet1": {"qfnet_layers": 1},
         "no_slot_type": {"slot_type_loss_weight": 0.0},
+        "no_resampler": {"resampler": False},
+        "no_preserve": {"preserve_lambda": 0.0},
     }
+
+
+def test_no_resampler_over_the_base_fails_instead_of_doing_nothing():
+    message = (
+        "model.resampler = false removes the resampler of model.fusion = 'mango', but model.fusion is 'qgf'"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(config_file=experiment_file("no_resampler"))
 
 
 @pytest.fixture(scope="module")
@@ -353,11 +363,16 @@ def test_list_gives_every_experiment_its_diff_from_the_file():
 
 
 def test_all_names_every_registry_experiment_that_changes_the_model():
+    mango_only = ("no_resampler", "no_preserve")  # not even valid without the mango fusion
     # over afdvqf (the default), no_slot_type changes nothing (its loss is off already)
-    assert _config(experiments=["all"]).experiments == [n for n in ABLATIONS if n != "no_slot_type"]
+    expected = [n for n in ABLATIONS if n != "no_slot_type" and n not in mango_only]
+    assert _config(experiments=["all"]).experiments == expected
     # over afner (no gate, no alignment loss), no_adapt and no_align change nothing
     afner = _config(experiments=["all"], model="afner").experiments
-    assert afner == [n for n in ABLATIONS if n not in ("no_adapt", "no_align")] and "no_slot_type" in afner
+    assert afner == [n for n in ABLATIONS if n not in ("no_adapt", "no_align", *mango_only)]
+    assert "no_slot_type" in afner
+    mango = _config(experiments=["all"], model="mango").experiments
+    assert set(mango_only) <= set(mango) and "no_slot_type" not in mango
     with pytest.raises(ValueError, match=r"^experiment 'all' already names every experiment; give it alone$"):
         _config(experiments=["all", "full"])
 

@@ -12,6 +12,7 @@ from transformers import RobertaConfig, RobertaModel
 from mner.cli import main
 from mner.train.config import ModelConfig, TrainConfig, describe_model, load_run_config
 from mner.train.ifaformer import SingleStreamFusion, joint_key_mask
+from mner.train.registry import AUX_LOSSES
 from tests.train.factories import make_batch, make_cache, make_posts, tiny_model, tiny_spec, tiny_tokenizer
 from tests.train.run_factories import FAST_LR, make_data, single_thread  # noqa: F401 (autouse fixture)
 
@@ -115,9 +116,8 @@ def test_shapes():
         assert emissions(model, batch).shape == (B, T, 5)
     assert [len(p) for p in model.decode(batch)] == batch["num_words"].tolist()
     out = model(batch)
-    assert set(out) == {"loss", "crf_loss", "align_loss", "slot_type_loss"} and all(
-        v.dim() == 0 for v in out.values()
-    )
+    aux = {f"{name}_loss" for name in AUX_LOSSES.names}  # 0 for a loss that is off
+    assert set(out) == {"loss", "crf_loss", *aux} and all(v.dim() == 0 for v in out.values())
 
 
 def test_use_regions_false_reads_no_region_tensor():

@@ -317,14 +317,14 @@ def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
 def _expected_decay(name: str, param) -> bool:
     """The BERT recipe by brute force over a parameter's name and shape: decay the weight matrices
     that multiply an input; not biases or LayerNorm (the vectors), embedding tables, the CRF's
-    transition scores or the fusion's query slots."""
+    transition scores or the fusion's query slots (QGF's slots, MANGO's resampler queries)."""
     if param.dim() < 2:  # biases (bias, in_proj_bias), LayerNorm weights, CRF start/end scores
         return False
     if ".embeddings." in name or name.endswith(("label_embed.weight", "type_embed.weight")):
         return False
     if name.startswith("crf."):
         return False
-    return name.rsplit(".", 1)[-1] != "slots"
+    return name.rsplit(".", 1)[-1] not in ("slots", "queries")
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS.names))
@@ -347,6 +347,8 @@ def test_weight_decay_follows_the_bert_recipe(fusion):
     assert any("norm" in name.lower() for name in excluded)
     if fusion == "qgf":
         assert any(name.endswith("slots") for name in excluded)
+    if fusion == "mango":
+        assert "fusion.resampler.queries" in excluded
 
 
 def _users_folder(folder: Path) -> Path:

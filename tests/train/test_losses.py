@@ -21,12 +21,18 @@ def test_weight_is_a_non_negative_model_field(name):
         ModelConfig(**{weight: -1.0})
 
 
+def model_for(name: str) -> dict:
+    """Config changes for a model that can carry loss `name`: MANGO's losses read the mango fusion."""
+    mango = {"fusion": "mango", "adaptive_gate": False, "stack_layers": 1, "alignment_loss_weight": 0.0}
+    return mango if name.startswith("mango_") else {}
+
+
 @pytest.mark.parametrize("name", AUX_LOSSES.names)
 def test_weight_zero_turns_only_that_loss_off(name):
     weight = AUX_LOSSES.weights[name]
     others = {w: 0.0 for n, w in AUX_LOSSES.weights.items() if n != name}  # only this loss can be on
-    on = tiny_model(dropout=0.0, image_dropout=0.0, **others, **{weight: 0.5}).eval()
-    off = tiny_model(dropout=0.0, image_dropout=0.0, **others, **{weight: 0.0}).eval()
+    on = tiny_model(dropout=0.0, image_dropout=0.0, **{**others, **model_for(name), weight: 0.5}).eval()
+    off = tiny_model(dropout=0.0, image_dropout=0.0, **{**others, **model_for(name), weight: 0.0}).eval()
     assert name in on.aux_losses and name not in off.aux_losses
     # Same parameters (same seed, same creation order) and the same predictions: only the loss differs
     # (a loss may own parameters, such as slot_type's classifier; they are built last).

@@ -10,6 +10,7 @@ from mner.cache.datasets import Post
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.metrics import entity_scores
 from mner.train.model import MNERModel
+from mner.train.registry import AUX_LOSSES
 from mner.train.tasks import TOKEN_TAGGING
 from tests.train.factories import LABELS, make_batch, make_posts, tiny_model, tiny_spec, tiny_tokenizer
 
@@ -53,9 +54,8 @@ def test_shapes_of_the_public_methods():
     assert [len(p) for p in paths] == batch["num_words"].tolist()
     assert all(0 <= i < len(LABELS) for p in paths for i in p)
     out = model(batch)
-    assert set(out) == {"loss", "crf_loss", "align_loss", "slot_type_loss"} and all(
-        v.dim() == 0 for v in out.values()
-    )
+    aux = {f"{name}_loss" for name in AUX_LOSSES.names}  # 0 for a loss that is off
+    assert set(out) == {"loss", "crf_loss", *aux} and all(v.dim() == 0 for v in out.values())
 
 
 def test_word_states_come_from_the_first_sub_word():

@@ -93,7 +93,10 @@ def test_loss_falls_on_a_fixed_batch(name):
     cfg = config(name, *NO_DROPOUT)
     model = build(cfg).train()
     batch = batch_for(cfg)
-    losses = train_steps(model, batch, TrainConfig(lr_encoder=1e-3, lr_fusion=5e-3, lr_crf=1e-2), 20)
+    # MANGO's 7-block stack is too deep for 5e-3 on a 32-wide model (the loss stalls near half); its
+    # own file trains the fusion at 3e-4, so 1e-3 is still its fast setting.
+    lr_fusion = 1e-3 if cfg.fusion == "mango" else 5e-3
+    losses = train_steps(model, batch, TrainConfig(lr_encoder=1e-3, lr_fusion=lr_fusion, lr_crf=1e-2), 20)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
