@@ -132,7 +132,7 @@ def test_limit_and_ids(tmp_path):
 
 
 def test_regions_from_the_cache_and_a_placeholder_for_a_missing_image(tmp_path):
-    run_a, run_b, _ = make_prediction_pair(tmp_path, statuses={"te2": "missing"})
+    run_a, run_b, _ = make_prediction_pair(tmp_path, POSTS, statuses={"te2": "missing"})
     found = cases(tmp_path, run_a, run_b)
     by_key = {post["key"]: post for post in found["posts"]}
     with CacheReader(tmp_path / "cache") as reader:
@@ -154,14 +154,14 @@ def test_regions_from_the_cache_and_a_placeholder_for_a_missing_image(tmp_path):
 
 def test_a_text_only_run_takes_the_other_runs_cache(tmp_path):
     """B text-only, A multimodal: the regions come from A's cache."""
-    run_a, run_b, _ = make_prediction_pair(tmp_path, cache_a=True, cache_b=False)
+    run_a, run_b, _ = make_prediction_pair(tmp_path, POSTS, cache_a=True, cache_b=False)
     found = cases(tmp_path, run_a, run_b)
     assert found["cache"] == str((tmp_path / "cache").resolve())
     assert {post["image"]["shown"] for post in found["posts"]} == {"regions"}
 
 
 def test_without_any_cache_raw_images_or_a_placeholder(tmp_path):
-    run_a, run_b, data_dir = make_prediction_pair(tmp_path, cache_b=False)
+    run_a, run_b, data_dir = make_prediction_pair(tmp_path, POSTS, cache_b=False)
     (data_dir / "images" / "te0.jpg").unlink()
     (data_dir / "images" / "te5.jpg").write_bytes(b"not a jpeg")
     found = cases(tmp_path, run_a, run_b)
