@@ -60,7 +60,7 @@ class CasesConfig:
     split: str = "test"  # reads pred_<split>.conll of both runs and <data>/<split>.txt for the image keys
     limit: int = 20  # posts shown, best ranked first (0: every post that differs)
     ids: list[str] = field(default_factory=list)  # show these posts (by image key) instead of the ranking
-    image_dir: str | None = None  # raw images when neither run has a cache [default: the run's image folder]
+    image_dir: str | None = None  # raw images to draw on [default: the image folder run B trained with]
 
     def __post_init__(self):
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
@@ -135,9 +135,14 @@ def write_cases(cfg: CasesConfig) -> Path:
             f"{pred_a} and {pred_b} do not hold the same posts (words and gold tags): "
             f"{_first_difference(words, gold, words_b, gold_b)}; compare two runs tagged on the same data"
         )
-    # The image keys: the split file the predictions were written from (B's data folder).
-    columns = run_config(record_b).data.columns
-    source = resolve_data(record_b["data_source"]["data_dir"], image_dir=cfg.image_dir, columns=columns)
+    # The image keys: the split file the predictions were written from (B's data folder, resolved as
+    # evaluate resolves it); raw images from --image-dir, else the image folder B's training resolved.
+    recorded = record_b["data_source"]
+    source = resolve_data(
+        recorded["data_dir"],
+        image_dir=cfg.image_dir or recorded["image_dir"],
+        columns=run_config(record_b).data.columns,
+    )
     split = _read_split(source, cfg.split, words, pred_b)
     posts = [
         _Post(
