@@ -549,7 +549,8 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed):
 @click.option(
     "--image-dir",
     type=click.Path(file_okay=False),
-    help="Raw images, for posts of runs without a cache [default: the run's image folder].",
+    help="Raw images to draw on (under the cached regions, or alone when neither run has a cache) "
+    "[default: the image folder RUN_B was trained with].",
 )
 @_user_errors
 def cases_cmd(run_a, run_b, split, out, limit, ids, image_dir):
