@@ -226,3 +226,30 @@ def test_output_folder_rules(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == [second["posts"][0]["png"]]
     assert len(first["posts"]) == 5 and second["config"]["limit"] == 1
     assert second["config"]["run_a"] == str(run_a.resolve())
+
+
+def test_a_split_file_that_no_longer_matches_the_predictions_is_refused(tmp_path):
+    run_a, run_b, data_dir = make_prediction_pair(tmp_path, POSTS)
+    split, pred_b = data_dir / "test.txt", run_b / "pred_test.conll"
+    split.write_text(split.read_text().replace("london", "berlin"))
+    with pytest.raises(ValueError) as err:
+        cases(tmp_path, run_a, run_b)
+    assert str(err.value) == (
+        f"{split} does not hold the posts of {pred_b} in its order (the data changed after training?)"
+    )
+    split.unlink()
+    with pytest.raises(ValueError) as err:
+        cases(tmp_path, run_a, run_b)
+    assert str(err.value) == f"{split} is gone: the image keys of {pred_b} are read from it"
+    # Other words in one file: named by post.
+    pred_a = run_a / "pred_test.conll"
+    pred_a.write_text(pred_a.read_text().replace("obama B-PER O\n", "barack B-PER O\n", 1))
+    with pytest.raises(
+        ValueError, match=r"\): post 1 has other words; compare two runs tagged on the same data$"
+    ):
+        cases(tmp_path, run_a, run_b)
+
+
+def test_a_split_name_that_is_a_path_is_refused():
+    with pytest.raises(ValueError, match=r"^split must be a split name such as test or valid, got '../x'$"):
+        CasesConfig(run_a="a", run_b="b", out_dir="o", split="../x")
