@@ -42,6 +42,13 @@ def cases(tmp_path, run_a, run_b, **options) -> dict:
     return json.loads((Path(out) / "cases.json").read_text())
 
 
+def refusal(tmp_path, run_a, run_b, **options) -> str:
+    """The ValueError message of a cases call that must be refused."""
+    with pytest.raises(ValueError) as err:
+        cases(tmp_path, run_a, run_b, **options)
+    return str(err.value)
+
+
 def brute_force_counts(pred_a: Path, pred_b: Path) -> dict:
     """fixed / broken / changed type / posts that differ, by trying every (type, start, end) there is."""
     words, gold, a = read_predictions(pred_a)
@@ -192,9 +199,7 @@ def test_prediction_files_of_other_posts_are_refused(tmp_path):
     run_a, run_b, _ = make_prediction_pair(tmp_path, POSTS)
     pred_a, pred_b = run_a / "pred_test.conll", run_b / "pred_test.conll"
     pred_b.write_text(pred_b.read_text().replace("london B-LOC B-LOC", "london O B-LOC"))
-    with pytest.raises(ValueError) as err:
-        cases(tmp_path, run_a, run_b)
-    assert str(err.value) == (
+    assert refusal(tmp_path, run_a, run_b) == (
         f"{pred_a} and {pred_b} do not hold the same posts (words and gold tags): post 6 has other gold tags; "
         "compare two runs tagged on the same data"
     )
@@ -232,15 +237,11 @@ def test_a_split_file_that_no_longer_matches_the_predictions_is_refused(tmp_path
     run_a, run_b, data_dir = make_prediction_pair(tmp_path, POSTS)
     split, pred_b = data_dir / "test.txt", run_b / "pred_test.conll"
     split.write_text(split.read_text().replace("london", "berlin"))
-    with pytest.raises(ValueError) as err:
-        cases(tmp_path, run_a, run_b)
-    assert str(err.value) == (
+    assert refusal(tmp_path, run_a, run_b) == (
         f"{split} does not hold the posts of {pred_b} in its order (the data changed after training?)"
     )
     split.unlink()
-    with pytest.raises(ValueError) as err:
-        cases(tmp_path, run_a, run_b)
-    assert str(err.value) == f"{split} is gone: the image keys of {pred_b} are read from it"
+    assert refusal(tmp_path, run_a, run_b) == f"{split} is gone: the image keys of {pred_b} are read from it"
     # Other words in one file: named by post.
     pred_a = run_a / "pred_test.conll"
     pred_a.write_text(pred_a.read_text().replace("obama B-PER O\n", "barack B-PER O\n", 1))
