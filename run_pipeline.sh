@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a newcomer.
 #   ./run_pipeline.sh          set up .venv, build the embedded demo, extract it with the untrained tiny vision
-#                              presets, train text-only and multimodal with the bundled MiniLM, evaluate, print a table
+#                              presets, train text-only and multimodal with the bundled MiniLM, evaluate, print a table,
+#                              write a case-study page of the posts where the two differ
 #   ./run_pipeline.sh test     set up .venv and run the linter and the test suite (what CI runs)
 #   ./run_pipeline.sh DATASET --data-root DIR --clip PATH --detector NAME --detector-ckpt FILE
 #                     [--text-encoder PATH] [--out DIR] [--epochs N]
@@ -49,23 +50,25 @@ run_demo() {
   setup
   local out="${MNER_DEMO_OUT:-demo_out}"
   local start=$SECONDS
-  echo "== 1/5 demo data (seeded; an entity's type is visible only in its image)"
+  echo "== 1/6 demo data (seeded; an entity's type is visible only in its image)"
   mner demo-data --out "$out/data"
-  echo "== 2/5 stage one: extract-features with UNTRAINED random tiny-clip + tiny-frcnn"
+  echo "== 2/6 stage one: extract-features with UNTRAINED random tiny-clip + tiny-frcnn"
   if [ -f "$out/cache/manifest.json" ]; then echo "   a cache exists at $out/cache: completed shards are reused"; fi
   mner extract-features --data-dir "$out/data" --clip tiny-clip --detector tiny-frcnn --out "$out/cache"
   mner cache verify "$out/cache" --data-dir "$out/data"
-  echo "== 3/5 stage two: text-only (never opens the cache)"
+  echo "== 3/6 stage two: text-only (never opens the cache)"
   rm -rf "$out/runs/text_only" "$out/runs/multimodal"
   mner train-from-cache --data-dir "$out/data" --text-only --config configs/experiments/demo.toml \
     --out "$out/runs/text_only"
-  echo "== 4/5 stage two: multimodal (query-guided fusion over cached patch + region tokens)"
+  echo "== 4/6 stage two: multimodal (query-guided fusion over cached patch + region tokens)"
   mner train-from-cache --cache "$out/cache" --data-dir "$out/data" --config configs/experiments/demo.toml \
     --out "$out/runs/multimodal"
-  echo "== 5/5 evaluate on the demo test split"
+  echo "== 5/6 evaluate on the demo test split"
   mner evaluate "$out/runs/text_only" --split test >/dev/null
   mner evaluate "$out/runs/multimodal" --split test >/dev/null
   mner results "$out/runs/text_only" "$out/runs/multimodal" --split test
+  echo "== 6/6 case study: the test posts where the multimodal run's predictions differ from text-only's"
+  mner cases "$out/runs/text_only" "$out/runs/multimodal" --split test --out "$out/cases"
   echo "== demo done in $((SECONDS - start)) s; outputs under $out/"
 }
 
@@ -97,6 +100,6 @@ run_dataset() {
 case "${1:-demo}" in
   demo) run_demo ;;
   test) shift; run_tests "$@" ;;
-  -h | --help) sed -n '2,11p' "$0" ;;
+  -h | --help) sed -n '2,12p' "$0" ;;
   *) run_dataset "$@" ;;
 esac

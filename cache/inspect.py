@@ -129,18 +129,9 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
         raise ValueError(f"scale must be > 0, got {scale}")
     with CacheReader(cache_dir) as reader:
         record = reader.get(key)
-        names = _category_names(reader.models)
+        regions = record_regions(record, reader.models)
         if image_path is None:
-            image_path = _source_image(reader.config, key)
-    regions = [
-        {
-            "label": int(record.region_labels[i]),
-            "name": _label_name(names, int(record.region_labels[i])),
-            "score": float(record.region_scores[i]),
-            "box": [float(v) for v in record.region_boxes[i]],
-        }
-        for i in range(record.num_regions)
-    ]
+            image_path = source_image(reader.config, key)
     info = {
         "key": record.key,
         "status": record.status,
@@ -165,12 +156,13 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
                 f"image {key!r} has status {record.status} ({record.error}); there is nothing to draw"
             )
         size = (round(record.width * scale), round(record.height * scale))
-        info["background"] = _draw(*size, regions, Path(png), image_path)
+        canvas, info["background"] = draw_regions(*size, regions, image_path)
+        save_png(canvas, Path(png))
         info["png"] = str(png)
     return info
 
 
-def _source_image(config: dict, key: str) -> Path | None:
+def source_image(config: dict, key: str) -> Path | None:
     """The image file `key` was extracted from, found through the data folder in the extraction
     config; None when that folder is gone or the key is refused (the drawing falls back to grey)."""
     from mner.cache.datasets import recorded_data
@@ -182,8 +174,24 @@ def _source_image(config: dict, key: str) -> Path | None:
         return None
 
 
-def _draw(width: int, height: int, regions: list[dict], png: Path, image_path) -> str:
-    """Save the boxes drawn over the image (or a grey canvas) at width x height; returns which."""
+def record_regions(record, models: dict) -> list[dict]:
+    """A record's detected regions, [{label, name, score, box [x1, y1, x2, y2] in [0, 1]}], named
+    through the manifest's `models` (its detector's categories)."""
+    names = _category_names(models)
+    return [
+        {
+            "label": int(record.region_labels[i]),
+            "name": _label_name(names, int(record.region_labels[i])),
+            "score": float(record.region_scores[i]),
+            "box": [float(v) for v in record.region_boxes[i]],
+        }
+        for i in range(record.num_regions)
+    ]
+
+
+def draw_regions(width: int, height: int, regions: list[dict], image_path) -> tuple[Image.Image, str]:
+    """The boxes with "name score" drawn over the image (or a grey canvas) at width x height, and what
+    was drawn on. The one drawing of regions: `cache show --png` and `mner cases` both use it."""
     canvas, background = None, "grey canvas"
     if image_path is not None:
         try:
@@ -210,6 +218,10 @@ def _draw(width: int, height: int, regions: list[dict], png: Path, image_path) -
         shift = min(bottom - top + 2, box[1])  # above the box, unless it touches the top edge
         draw.rectangle((left, top - shift, right, bottom - shift), fill=colour)
         draw.text((box[0], box[1] - shift), text, fill="black")
+    return canvas, background
+
+
+def save_png(canvas: Image.Image, png: Path) -> Path:
     png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(png, format="PNG")
-    return background
+    return png

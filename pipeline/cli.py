@@ -622,5 +622,56 @@ def _is_ablation_folder(path) -> bool:
     return (Path(path) / ABLATION_CSV).is_file()
 
 
+@main.command("cases", context_settings=CONTEXT)
+@click.argument("run_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", default="test", show_default=True, help="train | valid | test")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for index.html, the PNGs and cases.json (new, empty, or an earlier cases folder).",
+)
+@click.option(
+    "--limit",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Posts shown, best ranked first (0: every post that differs).",
+)
+@click.option(
+    "--ids", multiple=True, help="Show the post with this image key instead of the ranking (repeatable)."
+)
+@click.option(
+    "--image-dir",
+    type=click.Path(file_okay=False),
+    help="Raw images to draw on (under the cached regions, or alone when neither run has a cache) "
+    "[default: the image folder RUN_B was trained with].",
+)
+@_user_errors
+def cases_cmd(run_a, run_b, split, out, limit, ids, image_dir):
+    """Write an HTML page of the posts where RUN_B's predictions differ from RUN_A's.
+
+    Posts are ranked by the gold spans B fixes minus those it breaks. Each shows the image with its
+    cached regions (from either run's cache; a placeholder that says why when there is none), and
+    the gold, A and B spans by type with wrong spans struck through. Prints the counts of spans
+    fixed, broken and changed in type, and of posts that differ.
+
+    \b
+    Example:
+      mner cases demo_out/runs/text_only demo_out/runs/multimodal --out demo_out/cases
+      mner cases runs/text runs/full --split valid --ids 1015799 --ids 1017446 --out cases/picked
+    """
+    from mner.train.cases import CASES_FILE, CasesConfig, summary_line, write_cases
+
+    cfg = CasesConfig(
+        run_a=run_a, run_b=run_b, out_dir=out, split=split, limit=limit, ids=list(ids), image_dir=image_dir
+    )
+    page = write_cases(cfg)
+    summary = json.loads((Path(page).parent / CASES_FILE).read_text(encoding="utf-8"))["summary"]
+    click.echo(summary_line(summary))
+    click.echo(f"case study written to {page}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -36,12 +36,13 @@ from mner.extract.config import AMP_MODES as EXTRACT_AMP_MODES
 from mner.extract.config import DETECTORS, REGION_FEATURES, ExtractConfig
 from mner.runtime import AMP_MODES
 from mner.train.ablate import ABLATIONS, AblationConfig
+from mner.train.cases import CasesConfig
 from mner.train.config import ModelConfig, RunConfig, load_run_config
 from mner.train.decode import LONG_POSTS
 from mner.train.evaluate import evaluate_run, results_table
 from mner.train.predict import predict
 from mner.train.text import PRESETS
-from tests.train.run_factories import make_data, make_images
+from tests.train.run_factories import make_data, make_images, make_prediction_pair
 
 # Every leaf command, as the words typed after `mner`.
 COMMANDS = [
@@ -56,6 +57,7 @@ COMMANDS = [
     ("models",),
     ("demo-data",),
     ("results",),
+    ("cases",),
 ]
 # Options whose default is None in click but which say in their help what None means.
 DOCUMENTED_NONE_DEFAULTS = {
@@ -133,7 +135,7 @@ def test_help_shows_an_example_and_the_defaults(path):
     for documented in DOCUMENTED_NONE_DEFAULTS.get(path, []):
         assert documented in text
     # These commands have value defaults: the loop above must have checked some (not skipped them all).
-    if path in (("extract-features",), ("evaluate",), ("ablate",), ("demo-data",), ("results",)):
+    if path in (("extract-features",), ("evaluate",), ("ablate",), ("demo-data",), ("results",), ("cases",)):
         assert shown > 0
 
 
@@ -151,6 +153,7 @@ DEFAULT_SOURCES = {
     ("models",): [],
     ("demo-data",): [DemoConfig],
     ("results",): [results_table],
+    ("cases",): [CasesConfig],
 }
 RENAMED = {"out": "out_dir"}
 # Options with no field or parameter behind them (the output format).
@@ -170,6 +173,7 @@ LISTED = {
     ("evaluate",): {"split": " | ".join(SPLITS)},
     ("ablate",): {"text_encoder": " | ".join(PRESETS), "experiments": " | ".join(ABLATIONS)},
     ("results",): {"split": " | ".join(SPLITS)},
+    ("cases",): {"split": " | ".join(SPLITS)},
 }
 DATA_COMMANDS = [("extract-features",), ("cache", "verify"), ("train-from-cache",), ("ablate",)]
 
@@ -231,7 +235,14 @@ def test_option_defaults_and_choices_are_the_configs(path):
     if path in DATA_COMMANDS:
         dataset = next(p for p in command.params if p.name == "dataset")
         assert f"({', '.join(configs.dataset_names())})" in dataset.help
-    if path in (("extract-features",), ("cache", "show"), ("ablate",), ("demo-data",), ("results",)):
+    if path in (
+        ("extract-features",),
+        ("cache", "show"),
+        ("ablate",),
+        ("demo-data",),
+        ("results",),
+        ("cases",),
+    ):
         assert checked > 0  # commands with value defaults were really compared
 
 
@@ -468,6 +479,57 @@ def test_evaluate_and_results(runs):
     )
     single = ok("results", runs.full).stdout.splitlines()
     assert single[0].split() == ["run", "P", "R", "F1", "support", "status"]
+
+
+def test_cases_prints_the_counts_and_writes_the_page(tmp_path):
+    posts = [
+        ("te0", "obama in paris", "B-PER O B-LOC", "O O B-LOC", "B-PER O B-LOC"),
+        ("te1", "london", "B-LOC", "B-PER", "B-ORG"),
+    ]
+    run_a, run_b, _ = make_prediction_pair(tmp_path, posts, statuses={"te1": "corrupt"})
+    out = tmp_path / "cases"
+    lines = ok("cases", run_a, run_b, "--out", out, "--limit", "1").stdout.splitlines()
+    assert lines == [
+        "2 of 2 test posts differ: B fixes 1 gold spans, breaks 0, changes the type of 1; 1 shown",
+        f"case study written to {out / 'index.html'}",
+    ]
+    picked = ok("cases", run_a, run_b, "--out", out, "--ids", "te1").stdout
+    assert "1 shown" in picked
+    entry = json.loads((out / "cases.json").read_text())["posts"][0]
+    assert (entry["key"], entry["image"]["shown"]) == ("te1", "placeholder")
+    assert sorted(path.name for path in out.glob("*.png")) == ["001-te1.png"]
+    refused = user_error("cases", run_a, run_b, "--out", run_b)
+    assert refused == (
+        f"Error: --out {run_b} is in run B {run_b}, an input of this command, and would replace what is "
+        "there; choose a path outside it (or a new file name)"
+    )
+    assert user_error("cases", run_a, run_b, "--out", out, "--limit", "-1") == (
+        "Error: --limit must be an integer >= 0 (0: every post that differs), got -1"
+    )
+
+
+@pytest.mark.slow
+def test_cases_on_the_trained_runs(runs, tmp_path):
+    """Text-only against multimodal: the regions come from the multimodal run's cache, and the
+    printed counts are a recount from the two prediction files."""
+    from mner.train.metrics import entities
+    from mner.train.significance import read_predictions
+
+    out = tmp_path / "cases"
+    first = ok("cases", runs.text, runs.full, "--out", out, "--limit", "0").stdout.splitlines()[0]
+    _, gold, a = read_predictions(runs.text / "pred_test.conll")
+    _, _, b = read_predictions(runs.full / "pred_test.conll")
+    fixed = sum(len((entities(g) & entities(y)) - entities(x)) for g, x, y in zip(gold, a, b))
+    broken = sum(len((entities(g) & entities(x)) - entities(y)) for g, x, y in zip(gold, a, b))
+    differ = sum(x != y for x, y in zip(a, b))
+    assert first.startswith(
+        f"{differ} of {len(gold)} test posts differ: B fixes {fixed} gold spans, breaks {broken},"
+    )
+    record = json.loads((out / "cases.json").read_text())
+    assert len(record["posts"]) == differ
+    for entry in record["posts"]:
+        assert (out / entry["png"]).is_file()
+        assert entry["image"]["shown"] in ("regions", "placeholder")
 
 
 @pytest.mark.slow

@@ -12,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mner.cache.datasets import DataConfig, Post, write_split
+from mner.cache.datasets import DataConfig, Post, resolve_data, write_split
+from mner.cache.reader import CacheReader
 from mner.train.config import ModelConfig, RunConfig, TrainConfig
+from mner.train.metrics import write_conll
+from mner.train.runs import make_record, write_json
+from tests.cache.factories import make_cache
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,3 +141,35 @@ def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
         topk=4,
     )
     return extract_features(cfg)
+
+
+def make_prediction_pair(tmp_path: Path, posts, cache_a=False, cache_b=True, statuses=None, images=True):
+    """Data folder + two run folders A and B, each with a real config.json (runs.make_record) and a
+    pred_test.conll (metrics.write_conll), nothing trained. posts: (key, words, gold, A's tags, B's
+    tags), each a space-separated string. B (A) records a synthetic cache of every key when cache_b
+    (cache_a); statuses as make_cache's; images: a JPEG per key under data/images.
+    Returns (run_a, run_b, data_dir)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    split = [
+        Post(key=key, words=tuple(words.split()), tags=tuple(gold.split()), line=1 + 5 * i)
+        for i, (key, words, gold, _, _) in enumerate(posts)
+    ]
+    write_split(data_dir / "test.txt", split)
+    keys = [post.key for post in split]
+    if images:
+        make_images(data_dir / "images", keys)
+    (data_dir / "images").mkdir(exist_ok=True)
+    cache_dir = make_cache(tmp_path, keys=keys, statuses=statuses or {}) if cache_a or cache_b else None
+    source = resolve_data(data_dir)
+    runs = []
+    for name, column, cached in (("a", 3, cache_a), ("b", 4, cache_b)):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        cfg = run_config(run_dir, cache_dir if cached else None, data_dir, text_only=not cached)
+        reader = CacheReader(cache_dir) if cached else None
+        labels = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+        write_json(run_dir / "config.json", make_record(cfg, source, labels, tmp_path, reader))
+        write_conll(run_dir / "pred_test.conll", split, [post[column].split() for post in posts])
+        runs.append(run_dir)
+    return runs[0], runs[1], data_dir
