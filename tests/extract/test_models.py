@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from mner.cache.datasets import DataConfig
-from mner.extract.config import ExtractConfig
+from mner.extract.config import RESNETS, ExtractConfig
 from mner.extract.models import (
     build_detector,
     load_clip,
@@ -247,15 +247,19 @@ def textured_image(width: int = 300, height: int = 200, seed: int = 0) -> Image.
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def test_resnet50_grid_and_avgpool_are_torchvisions(tmp_path):
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n == "resnet50" else pytest.mark.slow) for n in RESNETS]
+)
+def test_resnet_grid_and_avgpool_are_torchvisions(tmp_path, name):
     """The stored tokens against torchvision's own computations: its ImageNet transform, its layer4 output
     (feature_extraction) and its forward up to avgpool (fc replaced by Identity)."""
     torch.manual_seed(0)
-    reference = resnet.resnet50(weights=None).eval()
-    encoder = load_resnet("resnet50", save_state(reference, tmp_path / "r50.pth"))
+    reference = getattr(resnet, name)(weights=None).eval()
+    encoder = load_resnet(name, save_state(reference, tmp_path / f"{name}.pth"))
     images = [textured_image(), textured_image(180, 260, seed=1)]
     pixels = encoder.preprocess(images)  # (2, 3, 224, 224)
-    trusted = resnet.ResNet50_Weights.IMAGENET1K_V1.transforms()  # resize 256, crop 224, ImageNet mean/std
+    # resize 256, crop 224, ImageNet mean/std: the IMAGENET1K_V1 transform of all three ResNets
+    trusted = getattr(resnet, f"ResNet{name[6:]}_Weights").IMAGENET1K_V1.transforms()
     assert torch.equal(pixels, torch.stack([trusted(image) for image in images]))
     patches, global_embed = encoder.encode(pixels)
     assert patches.shape == (2, 49, 2048) and global_embed.shape == (2, 2048)
@@ -269,8 +273,8 @@ def test_resnet50_grid_and_avgpool_are_torchvisions(tmp_path):
     torch.testing.assert_close(global_embed, patches.mean(dim=1), rtol=1e-5, atol=1e-6)
     assert patches[0, 0].ne(patches[0, 48]).any()  # grid cells differ: the tokens keep where things are
     info = encoder.info
-    assert info["arch"] == "resnet50" and not info["untrained"]
-    assert info["sha256"] == hashlib.sha256((tmp_path / "r50.pth").read_bytes()).hexdigest()
+    assert info["arch"] == name and not info["untrained"]
+    assert info["sha256"] == hashlib.sha256((tmp_path / f"{name}.pth").read_bytes()).hexdigest()
     assert info["preprocessing"] == {
         "resize": 256,
         "crop": 224,
@@ -279,8 +283,8 @@ def test_resnet50_grid_and_avgpool_are_torchvisions(tmp_path):
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     }
-    assert encoder.patch_source == "resnet50.layer4 (7x7 grid, row-major)"
-    assert encoder.global_source == "resnet50.avgpool"
+    assert encoder.patch_source == f"{name}.layer4 (7x7 grid, row-major)"
+    assert encoder.global_source == f"{name}.avgpool"
 
 
 def test_tiny_resnet_preset_is_written_once_and_untrained():
