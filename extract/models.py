@@ -387,10 +387,10 @@ def load_resnet(name: str, ckpt: str | None, device: str | torch.device = "cpu")
     return encoder.to(torch.device(device))
 
 
-def _load_state(model: nn.Module, path: Path, name: str, role: str) -> None:
-    """Load a state-dict file into `model` strictly; one-line ValueErrors naming the file."""
+def _read_state(path: Path, role: str):
+    """torch.load(path, weights_only=True), or a one-line ValueError naming the `role` checkpoint file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load on a non-checkpoint raises Unpickling/Key/EOF/Runtime errors alike
         # torch's own message runs over many lines of advice about weights_only; its first line says what failed.
         first = (str(err).strip().splitlines() or [""])[0]
@@ -398,6 +398,11 @@ def _load_state(model: nn.Module, path: Path, name: str, role: str) -> None:
             f"{role} checkpoint {path} is not a torchvision state_dict file readable with "
             f"torch.load(weights_only=True): {type(err).__name__}: {first}"
         ) from err
+
+
+def _load_state(model: nn.Module, path: Path, name: str, role: str) -> None:
+    """Load a state-dict file into `model` strictly; one-line ValueErrors naming the file."""
+    state = _read_state(path, role)
     if not isinstance(state, dict):
         raise ValueError(
             f"{role} checkpoint {path} holds a {type(state).__name__}, not a state_dict for {name}"
@@ -596,15 +601,7 @@ def build_detector(name: str, ckpt: str | None, cfg: ExtractConfig) -> RegionDet
         model = _tiny_frcnn(**heads)
     else:
         model = _TORCHVISION_DETECTORS[name](weights=None, weights_backbone=None, num_classes=91, **heads)
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load on a non-checkpoint raises Unpickling/Key/EOF/Runtime errors alike
-        # torch's own message runs over many lines of advice about weights_only; its first line says what failed.
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"detector checkpoint {ckpt_path} is not a torchvision state_dict file readable with "
-            f"torch.load(weights_only=True): {type(err).__name__}: {first}"
-        ) from err
+    state = _read_state(ckpt_path, "detector")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
