@@ -135,16 +135,16 @@ class PostImages:
     """DataLoader collate_fn of the e2e mode: a batch of posts plus their images decoded and preprocessed
     by stage one's own dataset and collate (extract.run), in loader workers when num_workers > 0."""
 
-    def __init__(self, source: DataSource, clip_processor, detector_transform, keep_original: bool):
+    def __init__(self, source: DataSource, preprocess, detector_transform, keep_original: bool):
         self.source = source  # resolves image keys to files
-        self.clip_processor = clip_processor  # the CLIPImageProcessor saved with the encoder
+        self.preprocess = preprocess  # the encoder's image_preprocess: [PIL image] -> (1, 3, S, S)
         self.detector_transform = detector_transform  # the detector's GeneralizedRCNNTransform (eval)
         self.keep_original = keep_original  # clip-crop region features crop the original pixels
 
     def __call__(self, posts: list[Post]) -> tuple[list[Post], dict]:
         images = _Images(
             [(post.key, self.source.image_path(post.key)) for post in posts],
-            self.clip_processor,
+            self.preprocess,
             self.detector_transform,
             self.keep_original,
         )
@@ -192,7 +192,7 @@ class ModeRun:
             # The first e2e batch is checked against the cache (fp32 only: the cache was made without amp).
             self.reference = CacheReader(cache_dir) if runtime.amp_dtype is None else None
             collate = PostImages(
-                source, clip.processor, detector.transform, cfg.region_features == "clip-crop"
+                source, clip.image_preprocess, detector.transform, cfg.region_features == "clip-crop"
             )
             # The same batching and shuffling as make_loader; the posts' tokens are collated once extracted.
             loader = DataLoader(

@@ -30,7 +30,8 @@ def inspect_cache(cache_dir) -> dict:
 
     Returns a JSON-ready dict: cache_dir, fingerprint, images, status {name: count},
     shards {count, rows, rows_per_shard}, tokens {dataset: {shape (per image), dtype}}, spec,
-    models {clip: {path, untrained}, detector: {name, untrained}}, region_histogram {regions: images}
+    models {clip: {path, untrained} (or vision: {name, untrained} for a ResNet), detector: {name, untrained}},
+    region_histogram {regions: images}
     (ok images), top_labels [{label, name, count}] (10 most detected), disk {bytes, per_image}.
     """
     cache_dir = Path(cache_dir)
@@ -57,7 +58,7 @@ def inspect_cache(cache_dir) -> dict:
                 }
     disk = sum(path.stat().st_size for path in cache_dir.iterdir() if path.is_file())
     models = manifest["models"]
-    clip, detector = models.get("clip", {}), models.get("detector", {})
+    clip, vision, detector = models.get("clip", {}), models.get("vision", {}), models.get("detector", {})
     return {
         "cache_dir": str(cache_dir),
         "fingerprint": manifest["fingerprint"],
@@ -71,7 +72,12 @@ def inspect_cache(cache_dir) -> dict:
         "tokens": tokens,
         "spec": spec.to_dict(),
         "models": {
-            "clip": {"path": clip.get("path"), "untrained": clip.get("untrained")},
+            # A ResNet cache (--vision resnet50 ...) records its backbone as "vision", a CLIP one as "clip".
+            **(
+                {"vision": {"name": vision.get("name"), "untrained": vision.get("untrained")}}
+                if vision
+                else {"clip": {"path": clip.get("path"), "untrained": clip.get("untrained")}}
+            ),
             "detector": {"name": detector.get("name"), "untrained": detector.get("untrained")},
         },
         "region_histogram": {count: histogram.get(count, 0) for count in range(spec.max_regions + 1)},
@@ -93,7 +99,11 @@ def format_inspection(info: dict) -> str:
         f"shards       {info['shards']['count']} with {info['shards']['rows']} rows "
         f"({', '.join(str(rows) for rows in info['shards']['rows_per_shard'])})",
         f"disk         {info['disk']['bytes']:,} bytes, {info['disk']['per_image']:,.0f} per image",
-        f"clip         {models['clip']['path']}" + ("  (UNTRAINED)" if models["clip"]["untrained"] else ""),
+        f"vision       {models['vision']['name']}"
+        + ("  (UNTRAINED)" if models["vision"]["untrained"] else "")
+        if "vision" in models
+        else f"clip         {models['clip']['path']}"
+        + ("  (UNTRAINED)" if models["clip"]["untrained"] else ""),
         f"detector     {models['detector']['name']}"
         + ("  (UNTRAINED)" if models["detector"]["untrained"] else ""),
         "tokens (per image):",

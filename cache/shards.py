@@ -31,6 +31,8 @@ CONFIG_NAME = "extract_config.json"
 SHARD_GLOB = "shard-*.h5"
 # Shard attribute: JSON list, per row, of the image file's [size, mtime_ns] when it was read (or null).
 IMAGE_STATS_ATTR = "image_stats_json"
+# TokenSpec.region_source of a cache extracted without a detector: region datasets of K = 0 rows.
+NO_REGIONS = "none"
 
 # The largest finite float16; anything larger becomes inf when cast.
 FP16_MAX = 65504.0
@@ -58,21 +60,32 @@ class TokenSpec:
     num_patches: int  # P: patch tokens per image (CLS first when the encoder has one)
     patch_dim: int  # Dp: width of a patch token
     global_dim: int  # Dg: width of the global image embedding
-    max_regions: int  # K: detector regions kept per image; shorter lists are zero-padded
-    region_dim: int  # Dr: width of a region feature
-    patch_source: str  # e.g. "vision_model.last_hidden_state (CLS first)"
-    global_source: str  # e.g. "image_embeds (visual_projection)" or "pooler_output"
-    region_source: str  # "frcnn_box_head" | "clip_crop"
+    max_regions: int  # K: detector regions kept per image; shorter lists are zero-padded; 0: no detector
+    region_dim: int  # Dr: width of a region feature; 0 when K is 0
+    patch_source: str  # e.g. "vision_model.last_hidden_state (CLS first)" or "resnet50.layer4 (7x7 grid)"
+    global_source: str  # e.g. "image_embeds (visual_projection)", "pooler_output" or "resnet50.avgpool"
+    region_source: str  # "frcnn_box_head" | "clip_crop" | "none" (extracted with --detector none: K = Dr = 0)
 
     def __post_init__(self):
         for name in ("num_patches", "patch_dim", "global_dim", "max_regions", "region_dim"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            least = 0 if name in ("max_regions", "region_dim") and self.region_source == NO_REGIONS else 1
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
                 raise ValueError(f"TokenSpec.{name} must be a positive integer, got {value!r}")
         for name in ("patch_source", "global_source", "region_source"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"TokenSpec.{name} must be a non-empty string, got {value!r}")
+        if self.region_source == NO_REGIONS and (self.max_regions, self.region_dim) != (0, 0):
+            raise ValueError(
+                f"TokenSpec.region_source {NO_REGIONS!r} needs max_regions = region_dim = 0, got "
+                f"{self.max_regions} and {self.region_dim}"
+            )
+
+    @property
+    def has_regions(self) -> bool:
+        """False for a cache extracted with --detector none (its region datasets hold K = 0 rows)."""
+        return self.max_regions > 0
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (what the manifest and the `spec_json` attribute hold)."""
@@ -318,12 +331,13 @@ class ShardWriter:
         self._meta = {}
         for name, shape in self.spec.shapes().items():
             if name in TOKEN_DATASETS:
-                # One image per chunk: a reader fetches an image's tensor with one chunk read.
+                # One image per chunk: a reader fetches an image's tensor with one chunk read. HDF5 has
+                # no empty chunks, so the zero-size region_feats (N, 0, 0) of a K = 0 cache is contiguous.
                 self._tokens[name] = self._file.create_dataset(
                     name,
                     shape=(N, *shape),
                     dtype=DTYPES[name],
-                    chunks=(1, *shape),
+                    chunks=(1, *shape) if all(shape) else None,
                 )
             elif name != "keys":
                 # Small per-image metadata, contiguous on disk (readers load it whole); buffered in
@@ -442,7 +456,8 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
     codes, count = block["status"], block["num_regions"]  # (B,), (B,)
     width, height = block["image_size"][:, 0], block["image_size"][:, 1]  # (B,), (B,)
     B = len(codes)
-    flat = {name: block[name].reshape(B, -1) for name in RECORD_ARRAYS}  # (B, size) each
+    # An explicit size: with K = 0 the region arrays are empty and numpy cannot infer a -1.
+    flat = {name: block[name].reshape(B, int(np.prod(block[name].shape[1:]))) for name in RECORD_ARRAYS}
     padding = np.arange(K)[None, :] >= np.clip(count, 0, K)[:, None]  # (B, K) True on padding rows
     boxes = block["region_boxes"]  # (B, K, 4) xyxy
     not_ok = codes != STATUS_CODES["ok"]  # (B,)
@@ -489,7 +504,7 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
             )
         )
     for name in REGION_DATASETS:
-        set_rows = block[name].reshape(B, K, -1).any(axis=2)  # (B, K)
+        set_rows = block[name].reshape(B, K, int(np.prod(block[name].shape[2:]))).any(axis=2)  # (B, K)
         rules.append(
             (
                 f"padding {name}",

@@ -17,9 +17,17 @@ DETECTORS = (
     "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "tiny-frcnn",
+    "none",
 )
 TINY_CLIP = "tiny-clip"
 TINY_FRCNN = "tiny-frcnn"
+NO_DETECTOR = "none"  # no region tokens: the cache's region datasets hold K = 0 rows
+# Visual backbones understood by `extract.models.load_vision`: "clip" reads the --clip folder; the
+# torchvision ResNets need --vision-ckpt, "tiny-resnet" is the seeded random preset for tests and demos.
+CLIP_VISION = "clip"
+RESNETS = ("resnet50", "resnet101", "resnet152")
+TINY_RESNET = "tiny-resnet"
+VISIONS = (CLIP_VISION, *RESNETS, TINY_RESNET)
 # Weak detections still carry context and the model sees each region's score, so keep the bar low.
 DEFAULT_SCORE_THR = 0.2
 REGION_FEATURES = ("frcnn", "clip-crop")
@@ -37,9 +45,16 @@ class ExtractConfig:
     out: str = ""  # cache folder to write (manifest.json + shard-*.h5)
     # "tiny-clip" (seeded random preset) or a local HF CLIP / CLIP-vision folder. None: tiny-clip for a
     # data folder, refused for a named dataset (real data must not get random-weight tokens by default).
+    # Unused (and refused) with a ResNet vision.
     clip: str | None = None
-    detector: str | None = None  # detector registry name, one of DETECTORS; None: as for clip (tiny-frcnn)
-    detector_ckpt: str | None = None  # detector state-dict file; required for every detector but tiny-frcnn
+    # detector registry name, one of DETECTORS; None: as for clip (tiny-frcnn); "none": no region tokens
+    detector: str | None = None
+    # detector state-dict file; required for every detector but tiny-frcnn and none
+    detector_ckpt: str | None = None
+    # Patch tokens + global embedding from: "clip" (the --clip folder), a torchvision ResNet (layer4 grid +
+    # avgpool, from the vision_ckpt state dict) or "tiny-resnet" (seeded random preset); one of VISIONS.
+    vision: str = CLIP_VISION
+    vision_ckpt: str | None = None  # ResNet state-dict file; required for resnet50/101/152
     # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
     region_features: str = "frcnn"
     topk: int = 20  # regions kept per image (highest scores after threshold and NMS); K in the shards
@@ -64,7 +79,7 @@ class ExtractConfig:
             raise ValueError(f"data must be a DataConfig, got {self.data!r}")
         self.data = self.data.absolute()
         self._default_models()
-        for name in ("out", "detector_ckpt"):
+        for name in ("out", "detector_ckpt", "vision_ckpt"):
             value = getattr(self, name)
             if value:
                 setattr(self, name, str(Path(value).expanduser().absolute()))
@@ -73,8 +88,9 @@ class ExtractConfig:
         self.splits = tuple(self.splits)
         if not self.out:
             raise ValueError("out (the cache folder to write) is required")
-        if not self.clip:
-            raise ValueError("clip must be 'tiny-clip' or a local CLIP model folder")
+        if self.vision not in VISIONS:
+            raise ValueError(f"unknown vision {self.vision!r}; known: {', '.join(VISIONS)}")
+        self._check_vision()
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown detector {self.detector!r}; known: {', '.join(DETECTORS)}")
         if self.region_features not in REGION_FEATURES:
@@ -102,18 +118,49 @@ class ExtractConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if not self.splits:
             raise ValueError("splits must name at least one split")
-        if self.detector != TINY_FRCNN and not self.detector_ckpt:
+        if self.detector == NO_DETECTOR:
+            if self.detector_ckpt:
+                raise ValueError("--detector-ckpt is given, but --detector none runs no detector; drop one")
+            if self.region_features == "clip-crop":
+                raise ValueError(
+                    "--region-features clip-crop embeds the detector's boxes, but --detector none finds none"
+                )
+        elif self.detector != TINY_FRCNN and not self.detector_ckpt:
             # Checked here, before any data is read or model loaded, with the loader's own message.
             raise ValueError(
                 f"--detector-ckpt is required for {self.detector}: give a local state-dict file "
                 "(weights are never downloaded)"
             )
 
+    def _check_vision(self) -> None:
+        """The CLIP folder for vision clip; for a ResNet no CLIP at all, and its checkpoint."""
+        if self.vision == CLIP_VISION:
+            if not self.clip:
+                raise ValueError("clip must be 'tiny-clip' or a local CLIP model folder")
+            if self.vision_ckpt:
+                raise ValueError(
+                    "--vision-ckpt is for a ResNet --vision; --vision clip reads the --clip folder"
+                )
+            return
+        if self.clip:
+            raise ValueError(f"--clip is for --vision clip; --vision {self.vision} reads no CLIP model")
+        if self.region_features == "clip-crop":
+            raise ValueError(
+                f"--region-features clip-crop embeds crops with CLIP; --vision {self.vision} has no CLIP "
+                "(use --region-features frcnn)"
+            )
+        if self.vision in RESNETS and not self.vision_ckpt:
+            raise ValueError(
+                f"--vision-ckpt is required for {self.vision}: give a local torchvision state-dict file "
+                "(weights are never downloaded)"
+            )
+
     def _default_models(self) -> None:
         """The untrained presets for a clip/detector left unset, unless the data is a named (real) dataset."""
-        unset = [
-            flag for flag, value in (("--clip", self.clip), ("--detector", self.detector)) if value is None
-        ]
+        models = (("--detector", self.detector),)
+        if self.vision == CLIP_VISION:
+            models = (("--clip", self.clip), *models)
+        unset = [flag for flag, value in models if value is None]
         if unset and self.data.dataset is not None:
             raise ValueError(
                 f"--dataset {self.data.dataset} is real data: give {' and '.join(unset)} explicitly "
@@ -121,19 +168,26 @@ class ExtractConfig:
                 f"--detector-ckpt /models/frcnn_r50.pth); the defaults {TINY_CLIP} and {TINY_FRCNN} are "
                 "untrained random presets whose tokens carry no image content (name them to use them anyway)"
             )
-        self.clip = TINY_CLIP if self.clip is None else self.clip
+        if self.vision == CLIP_VISION:
+            self.clip = TINY_CLIP if self.clip is None else self.clip
         self.detector = TINY_FRCNN if self.detector is None else self.detector
 
     def check_inputs(self) -> None:
         """Check, from the file system alone (no torch), what extraction will read: the data folder, the
-        CLIP folder and the detector checkpoint exist. Run before the models load (and by the CLI before
+        CLIP folder and the vision and detector checkpoints exist. Run before the models load (and by the CLI before
         it imports the vision stack), so a typo costs no model loading. Raises ValueError."""
         self.data.resolve()  # the data folder or named dataset exists
-        if self.clip != TINY_CLIP and not (Path(self.clip) / "config.json").is_file():
+        if (
+            self.vision == CLIP_VISION
+            and self.clip != TINY_CLIP
+            and not (Path(self.clip) / "config.json").is_file()
+        ):
             raise ValueError(
                 f"CLIP model folder not found or has no config.json: {self.clip} "
                 f"(give a local Hugging Face CLIP folder or '{TINY_CLIP}')"
             )
+        if self.vision_ckpt and not Path(self.vision_ckpt).is_file():
+            raise ValueError(f"vision checkpoint not found: {self.vision_ckpt}")
         if self.detector_ckpt and not Path(self.detector_ckpt).is_file():
             raise ValueError(f"detector checkpoint not found: {self.detector_ckpt}")
 

@@ -1,11 +1,13 @@
-"""The two image models: a CLIP vision encoder (patch tokens + a global embedding) and a torchvision
-Faster R-CNN (region tokens). Both load only from local files; the presets `tiny-clip` and `tiny-frcnn`
+"""The image models: a vision backbone (patch tokens + a global embedding), either a CLIP vision encoder
+or a torchvision ResNet (layer4 grid + avgpool, as BertResNet reads it), and a torchvision Faster R-CNN
+(region tokens). All load only from local files; the presets `tiny-clip`, `tiny-resnet` and `tiny-frcnn`
 are seeded random models written to disk first and then loaded through the same code path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from collections import OrderedDict
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import detection
+from torchvision import transforms
+from torchvision.models import detection, resnet
 from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import AnchorGenerator
@@ -30,7 +33,16 @@ from transformers import (
 
 from mner.cache.shards import file_sha256
 from mner.configs.presets import materialise, preset_dir
-from mner.extract.config import DETECTORS, TINY_CLIP, TINY_FRCNN, ExtractConfig
+from mner.extract.config import (
+    CLIP_VISION,
+    DETECTORS,
+    NO_DETECTOR,
+    RESNETS,
+    TINY_CLIP,
+    TINY_FRCNN,
+    TINY_RESNET,
+    ExtractConfig,
+)
 
 PRESET_MARKER = "mner_preset.json"  # written beside a preset's weights: {"preset": NAME, "untrained": true}
 # Part of every preset's file name: bump it when a preset's recipe changes, so a folder written by an
@@ -48,7 +60,9 @@ _TORCHVISION_DETECTORS: dict[str, Callable[..., FasterRCNN]] = {
     "fasterrcnn_mobilenet_v3_large_fpn": detection.fasterrcnn_mobilenet_v3_large_fpn,
     "fasterrcnn_mobilenet_v3_large_320_fpn": detection.fasterrcnn_mobilenet_v3_large_320_fpn,
 }
-assert set(_TORCHVISION_DETECTORS) | {TINY_FRCNN} == set(DETECTORS)
+assert set(_TORCHVISION_DETECTORS) | {TINY_FRCNN, NO_DETECTOR} == set(DETECTORS)
+# The manifest's models.detector of a cache extracted with --detector none.
+NO_DETECTOR_INFO = {"name": NO_DETECTOR, "untrained": False}
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
@@ -71,6 +85,11 @@ class ClipEncoder:
     def preprocess(self, images: list) -> Tensor:
         """PIL images or (3, H, W) uint8 tensors -> pixel_values (B, 3, S, S) float32."""
         return preprocess_for_clip(self.processor, images)
+
+    @property
+    def image_preprocess(self) -> Callable[[list], Tensor]:
+        """`preprocess` without the model, for DataLoader workers: images -> (B, 3, S, S)."""
+        return functools.partial(preprocess_for_clip, self.processor)
 
     @torch.inference_mode()
     def encode(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,6 +254,217 @@ def _read_marker(folder: Path) -> dict:
     return json.loads(marker.read_text()) if marker.is_file() else {}
 
 
+# --------------------------------------------------------------------------------------------- ResNet
+
+# torchvision's ImageNet evaluation transform for its ResNets (ResNet50_Weights.IMAGENET1K_V1.transforms()):
+# resize the short side to 256, center crop 224, ImageNet mean/std. Recorded in the manifest and fingerprint.
+IMAGENET_PREPROCESS = {
+    "resize": 256,
+    "crop": 224,
+    "interpolation": "bilinear",
+    "antialias": True,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+# tiny-resnet sees 64 px crops (a 2x2 layer4 grid at stride 32), resized in the same 256:224 ratio.
+TINY_RESNET_PREPROCESS = {**IMAGENET_PREPROCESS, "resize": 73, "crop": 64}
+_TORCHVISION_RESNETS: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+}
+assert set(_TORCHVISION_RESNETS) == set(RESNETS)
+
+
+@dataclass
+class ResNetEncoder:
+    """A torchvision ResNet cut before its classifier: the layer4 grid as patch tokens, avgpool as global.
+
+    Follows BertResNet (seed 004), which reads the ResNet's avgpool output; the grid keeps where things are.
+    """
+
+    model: resnet.ResNet  # conv1 ... layer4, avgpool (fc is never run)
+    transform: Callable  # PIL image -> (3, S, S) float32, `preprocessing` below
+    info: dict  # architecture, checkpoint sha256, preprocessing, untrained flag (manifest "models.vision")
+    num_patches: int  # P = (S / 32) ** 2 grid cells, row-major, no CLS
+    patch_dim: int  # Dp = layer4 channels (2048 for the Bottleneck ResNets)
+    global_dim: int  # Dg = Dp: avgpool of the same grid
+    patch_source: str  # what the stored patch tokens are (TokenSpec.patch_source)
+    global_source: str  # what the stored global embedding is (TokenSpec.global_source)
+
+    @property
+    def image_preprocess(self) -> Callable[[list], Tensor]:
+        """images -> (B, 3, S, S), picklable for DataLoader workers."""
+        return functools.partial(preprocess_for_resnet, self.transform)
+
+    def preprocess(self, images: list) -> Tensor:
+        """PIL images -> pixel values (B, 3, S, S) float32, ImageNet-normalised."""
+        return preprocess_for_resnet(self.transform, images)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """pixel_values (B, 3, S, S) -> layer4 grid tokens (B, P, Dp) and avgpool embeddings (B, Dp)."""
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(pixel_values))))  # (B, 64, S/4, S/4)
+        grid = m.layer4(m.layer3(m.layer2(m.layer1(x))))  # (B, Dp, S/32, S/32)
+        global_embed = torch.flatten(m.avgpool(grid), 1)  # (B, Dp): the grid's mean, as torchvision's forward
+        return grid.flatten(2).transpose(1, 2), global_embed  # (B, P, Dp) row-major cells, (B, Dp)
+
+    def to(self, device: torch.device) -> ResNetEncoder:
+        self.model.to(device)
+        return self
+
+
+def resnet_transform(settings: dict) -> transforms.Compose:
+    """The preprocessing `settings` (IMAGENET_PREPROCESS's keys) as a torchvision transform."""
+    assert settings["interpolation"] == "bilinear"
+    return transforms.Compose(
+        [
+            transforms.Resize(
+                settings["resize"],
+                interpolation=transforms.InterpolationMode.BILINEAR,
+                antialias=settings["antialias"],
+            ),
+            transforms.CenterCrop(settings["crop"]),
+            transforms.PILToTensor(),  # (3, S, S) uint8
+            transforms.ConvertImageDtype(torch.float32),  # in [0, 1]
+            transforms.Normalize(settings["mean"], settings["std"]),
+        ]
+    )
+
+
+def preprocess_for_resnet(transform: Callable, images: list) -> Tensor:
+    """PIL images -> (B, 3, S, S) float32, single-threaded (the same bits in workers and the main process)."""
+    with one_thread():
+        return torch.stack([transform(image) for image in images])
+
+
+def load_resnet(name: str, ckpt: str | None, device: str | torch.device = "cpu") -> ResNetEncoder:
+    """Build ResNet `name` (random init, nothing downloaded), load the state dict `ckpt`, eval on `device`.
+
+    "tiny-resnet" writes its seeded random checkpoint to the preset folder when no `ckpt` is given.
+    Raises ValueError, in one line naming the file, for a missing, unreadable or non-fitting checkpoint.
+    """
+    if name != TINY_RESNET and name not in _TORCHVISION_RESNETS:
+        raise ValueError(f"unknown ResNet {name!r}; known: {', '.join([*RESNETS, TINY_RESNET])}")
+    if ckpt is None and name != TINY_RESNET:
+        raise ValueError(
+            f"--vision-ckpt is required for {name}: give a local torchvision state-dict file "
+            "(weights are never downloaded)"
+        )
+    untrained = ckpt is None
+    ckpt_path = materialise_tiny_resnet() if ckpt is None else Path(ckpt).expanduser()
+    if not ckpt_path.is_file():
+        raise ValueError(f"vision checkpoint not found: {ckpt_path}")
+    model = _tiny_resnet() if name == TINY_RESNET else _TORCHVISION_RESNETS[name](weights=None)
+    _load_state(model, ckpt_path, name, "vision")
+    model.eval()
+    settings = TINY_RESNET_PREPROCESS if name == TINY_RESNET else IMAGENET_PREPROCESS
+    side = settings["crop"] // 32  # the stem and layer2-4 halve the size 5 times
+    patch_source = f"{name}.layer4 ({side}x{side} grid, row-major)"
+    global_source = f"{name}.avgpool"
+    info = {
+        "name": name,
+        "arch": name,
+        "ckpt": str(ckpt_path.resolve()),
+        "sha256": file_sha256(ckpt_path),
+        "untrained": untrained,
+        "preprocessing": settings,
+        "patch_source": patch_source,
+        "global_source": global_source,
+    }
+    width = model.fc.in_features
+    encoder = ResNetEncoder(
+        model=model,
+        transform=resnet_transform(settings),
+        info=info,
+        num_patches=side * side,
+        patch_dim=width,
+        global_dim=width,
+        patch_source=patch_source,
+        global_source=global_source,
+    )
+    return encoder.to(torch.device(device))
+
+
+def _read_state(path: Path, role: str):
+    """torch.load(path, weights_only=True), or a one-line ValueError naming the `role` checkpoint file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load on a non-checkpoint raises Unpickling/Key/EOF/Runtime errors alike
+        # torch's own message runs over many lines of advice about weights_only; its first line says what failed.
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{role} checkpoint {path} is not a torchvision state_dict file readable with "
+            f"torch.load(weights_only=True): {type(err).__name__}: {first}"
+        ) from err
+
+
+def _load_state(model: nn.Module, path: Path, name: str, role: str) -> None:
+    """Load a state-dict file into `model` strictly; one-line ValueErrors naming the file."""
+    state = _read_state(path, role)
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{role} checkpoint {path} holds a {type(state).__name__}, not a state_dict for {name}"
+        )
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        # "Error(s) in loading state_dict ...:" then a line per size mismatch -> one line
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        sizes = [line for line in lines if line.startswith("size mismatch for")]
+        detail = f"{len(sizes)} size mismatches, the first {sizes[0]}" if sizes else (lines or [""])[-1]
+        raise ValueError(f"{role} checkpoint {path} does not fit {name}: {detail}") from err
+    parts = [
+        f"{len(keys)} {kind} keys (e.g. {keys[0]})"
+        for kind, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
+        if keys
+    ]
+    if parts:
+        raise ValueError(f"{role} checkpoint {path} does not fit {name}: {', '.join(parts)}")
+
+
+def materialise_tiny_resnet(root: Path | None = None) -> Path:
+    """Write the seeded random tiny ResNet state dict (loaded afterwards like a real checkpoint)."""
+
+    def write(path: Path) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _tiny_resnet()
+        buffer = io.BytesIO()  # through a buffer: the archive name must not depend on the temporary file
+        torch.save(model.state_dict(), buffer)
+        path.write_bytes(buffer.getvalue())
+
+    return materialise((root or preset_dir()) / f"{TINY_RESNET}.v{PRESET_VERSION}.pt", write, is_dir=False)
+
+
+def _tiny_resnet() -> resnet.ResNet:
+    """torchvision's ResNet with one BasicBlock per stage and 8/16/32/64 channels (about 0.2M parameters):
+    the same module names and forward as resnet50, a 64-d layer4 grid."""
+    model = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    model.inplanes = 8
+    model.conv1 = nn.Conv2d(3, 8, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(8)
+    model.layer1 = model._make_layer(resnet.BasicBlock, 8, 1)
+    model.layer2 = model._make_layer(resnet.BasicBlock, 16, 1, stride=2)
+    model.layer3 = model._make_layer(resnet.BasicBlock, 32, 1, stride=2)
+    model.layer4 = model._make_layer(resnet.BasicBlock, 64, 1, stride=2)
+    model.fc = nn.Linear(64, 10)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            # Random running statistics, so eval-mode BatchNorm is not an identity and the test sees real mixing.
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def load_vision(cfg: ExtractConfig, device: str | torch.device = "cpu") -> ClipEncoder | ResNetEncoder:
+    """The vision backbone `cfg.vision` names: the CLIP folder cfg.clip, or a ResNet from cfg.vision_ckpt."""
+    if cfg.vision == CLIP_VISION:
+        return load_clip(cfg.clip, device)
+    return load_resnet(cfg.vision, cfg.vision_ckpt, device)
+
+
 # ------------------------------------------------------------------------------------------- Detector
 
 
@@ -351,8 +581,9 @@ def build_detector(name: str, ckpt: str | None, cfg: ExtractConfig) -> RegionDet
     cfg.score_thr / cfg.nms_iou / cfg.topk set roi_heads' score threshold, NMS IoU and detections per image.
     "tiny-frcnn" writes its seeded random checkpoint to the preset folder when no `ckpt` is given.
     """
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    if name not in DETECTORS or name == NO_DETECTOR:
+        known = ", ".join(d for d in DETECTORS if d != NO_DETECTOR)
+        raise ValueError(f"unknown detector {name!r}; known: {known}")
     if ckpt is None and name != TINY_FRCNN:
         raise ValueError(
             f"--detector-ckpt is required for {name}: give a local state-dict file (weights are never downloaded)"
@@ -370,15 +601,7 @@ def build_detector(name: str, ckpt: str | None, cfg: ExtractConfig) -> RegionDet
         model = _tiny_frcnn(**heads)
     else:
         model = _TORCHVISION_DETECTORS[name](weights=None, weights_backbone=None, num_classes=91, **heads)
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load on a non-checkpoint raises Unpickling/Key/EOF/Runtime errors alike
-        # torch's own message runs over many lines of advice about weights_only; its first line says what failed.
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"detector checkpoint {ckpt_path} is not a torchvision state_dict file readable with "
-            f"torch.load(weights_only=True): {type(err).__name__}: {first}"
-        ) from err
+    state = _read_state(ckpt_path, "detector")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
@@ -447,6 +670,9 @@ def _tiny_frcnn(**heads) -> FasterRCNN:
     )
 
 
-def model_info(clip: ClipEncoder, detector: RegionDetector) -> dict:
-    """The manifest's "models" entry (and part of the fingerprint): {"clip": {...}, "detector": {...}}."""
-    return {"clip": clip.info, "detector": detector.info}
+def model_info(vision: ClipEncoder | ResNetEncoder, detector: RegionDetector | None) -> dict:
+    """The manifest's "models" entry (and part of the fingerprint): {"clip": {...}, "detector": {...}},
+    with "vision" in place of "clip" for a ResNet (so a CLIP cache's fingerprint is what it always was),
+    and NO_DETECTOR_INFO as the detector of a --detector none cache."""
+    role = "clip" if isinstance(vision, ClipEncoder) else "vision"
+    return {role: vision.info, "detector": NO_DETECTOR_INFO if detector is None else detector.info}

@@ -1,5 +1,6 @@
-"""Stage one: every image of a dataset -> CLIP patch tokens, a global embedding and detector region tokens,
-written as HDF5 shards through `cache/`.
+"""Stage one: every image of a dataset -> patch tokens and a global embedding (CLIP, or a ResNet's layer4
+grid and avgpool) and detector region tokens (none with --detector none), written as HDF5 shards
+through `cache/`.
 
 Shard i always holds keys[i * shard_size : (i + 1) * shard_size] (keys sorted and deduplicated across
 splits) cut into the same fixed batches, so its values depend neither on the world size nor on which run
@@ -38,6 +39,7 @@ from mner.cache.lifecycle import (
     plan_shards,
 )
 from mner.cache.shards import (
+    NO_REGIONS,
     SCHEMA_VERSION,
     Record,
     TokenSpec,
@@ -50,15 +52,15 @@ from mner.cache.shards import (
     write_manifest,
 )
 from mner.extract import images
-from mner.extract.config import ExtractConfig
+from mner.extract.config import NO_DETECTOR, ExtractConfig
 from mner.extract.images import load_image
 from mner.extract.models import (
     ClipEncoder,
     RegionDetector,
+    ResNetEncoder,
     build_detector,
-    load_clip,
+    load_vision,
     model_info,
-    preprocess_for_clip,
     preprocess_for_detector,
 )
 from mner.runtime import ProgressLog, Runtime, start_runtime
@@ -103,15 +105,17 @@ def extract_features(cfg: ExtractConfig) -> Path:
                 f"amp={cfg.amp} needs a CUDA device, but extraction runs on {device}; use amp='off'"
             )
         # The detector first: a bad checkpoint is reported without waiting for CLIP to load.
-        detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(device)
-        clip = load_clip(cfg.clip, device)
+        detector = None
+        if cfg.detector != NO_DETECTOR:
+            detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(device)
+        clip = load_vision(cfg, device)  # CLIP or a ResNet: both give patch tokens and a global embedding
         models = model_info(clip, detector)
         for role, info in models.items():
             if info["untrained"]:
                 log.warning(
                     "%s %s has untrained random weights: its tokens are for tests and demos only",
                     role,
-                    getattr(cfg, role),
+                    info["name"] if role == "vision" else getattr(cfg, role),
                 )
         spec = token_spec(clip, detector, cfg)
         parts = fingerprint_parts(cfg, models, spec, keys)
@@ -211,9 +215,22 @@ def collect_keys(source: DataSource, splits: tuple[str, ...]) -> list[str]:
     return sorted(keys)
 
 
-def token_spec(clip: ClipEncoder, detector: RegionDetector, cfg: ExtractConfig) -> TokenSpec:
-    """Shapes and sources of the tokens this configuration writes."""
+def token_spec(
+    clip: ClipEncoder | ResNetEncoder, detector: RegionDetector | None, cfg: ExtractConfig
+) -> TokenSpec:
+    """Shapes and sources of the tokens this configuration writes; K = Dr = 0 without a detector."""
     crops = cfg.region_features == "clip-crop"
+    if detector is None:
+        return TokenSpec(
+            num_patches=clip.num_patches,
+            patch_dim=clip.patch_dim,
+            global_dim=clip.global_dim,
+            max_regions=0,
+            region_dim=0,
+            patch_source=clip.patch_source,
+            global_source=clip.global_source,
+            region_source=NO_REGIONS,
+        )
     return TokenSpec(
         num_patches=clip.num_patches,
         patch_dim=clip.patch_dim,
@@ -276,10 +293,11 @@ def summarize(cache_dir: str | Path, seconds: float | None = None) -> str:
 class _Images(Dataset):
     """Decodes one image and prepares both model inputs; runs in DataLoader workers."""
 
-    def __init__(self, items: list[tuple[str, Path]], processor, detector_transform, keep_original: bool):
+    def __init__(self, items: list[tuple[str, Path]], preprocess, detector_transform, keep_original: bool):
         self.items = items  # (key, path) in extraction order
-        self.processor = processor  # the CLIPImageProcessor saved with the encoder
-        self.detector_transform = detector_transform  # the detector's GeneralizedRCNNTransform (eval mode)
+        self.preprocess = preprocess  # the vision encoder's image_preprocess: [PIL image] -> (1, 3, S, S)
+        # the detector's GeneralizedRCNNTransform (eval mode); None with --detector none
+        self.detector_transform = detector_transform
         self.keep_original = keep_original  # clip-crop mode crops regions from the original pixels
 
     def __len__(self) -> int:
@@ -293,9 +311,12 @@ class _Images(Dataset):
         if loaded.status != "ok":
             return item
         try:
-            item["pixel_values"] = preprocess_for_clip(self.processor, [loaded.image])[0]  # (3, S, S)
+            item["pixel_values"] = self.preprocess([loaded.image])[0]  # (3, S, S)
             pixels = pil_to_tensor(loaded.image)  # (3, H, W) uint8
-            item["detector_input"] = preprocess_for_detector(self.detector_transform, pixels.float() / 255.0)
+            if self.detector_transform is not None:
+                item["detector_input"] = preprocess_for_detector(
+                    self.detector_transform, pixels.float() / 255.0
+                )
         except Exception as err:  # noqa: BLE001 - resizing code raises anything (RuntimeError, ValueError, ...)
             # This image alone becomes "corrupt", exactly as an undecodable file would: the batch goes on.
             why = f"cannot preprocess {path} ({loaded.width}x{loaded.height}): {type(err).__name__}: {err}"
@@ -322,8 +343,8 @@ def _collate(items: list[dict]) -> dict:
 
 def _extract_shards(
     cfg: ExtractConfig,
-    clip: ClipEncoder,
-    detector: RegionDetector,
+    clip: ClipEncoder | ResNetEncoder,
+    detector: RegionDetector | None,
     spec: TokenSpec,
     out: Path,
     todo: list[int],
@@ -347,7 +368,12 @@ def _extract_shards(
             items.extend((keys[row], paths[keys[row]]) for row in rows)
     if not items:
         return {}
-    dataset = _Images(items, clip.processor, detector.transform, cfg.region_features == "clip-crop")
+    dataset = _Images(
+        items,
+        clip.image_preprocess,
+        None if detector is None else detector.transform,
+        cfg.region_features == "clip-crop",
+    )
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -384,8 +410,8 @@ def _extract_shards(
 
 def _encode_batch(
     batch: dict,
-    clip: ClipEncoder,
-    detector: RegionDetector,
+    clip: ClipEncoder | ResNetEncoder,
+    detector: RegionDetector | None,
     spec: TokenSpec,
     cfg: ExtractConfig,
     device: torch.device,
@@ -398,15 +424,19 @@ def _encode_batch(
     pixel_values = batch["pixel_values"].to(device, non_blocking=True)  # (B_ok, 3, S, S)
     patches, globals_ = clip.encode(pixel_values)  # (B_ok, P, Dp), (B_ok, Dg)
     crops = cfg.region_features == "clip-crop"
-    regions = detector.detect(
-        [image.to(device, non_blocking=True) for image in batch["detector_inputs"]],
-        [(meta["height"], meta["width"]) for meta in ok],
-        with_features=not crops,
-    )
-    if crops:
-        region_feats = _crop_embeddings(clip, batch["originals"], [r.pixel_boxes for r in regions], device)
+    if detector is None:  # --detector none: every record gets K = 0 region rows
+        regions, region_feats = [None] * len(ok), [None] * len(ok)
     else:
-        region_feats = [r.feats for r in regions]
+        regions = detector.detect(
+            [image.to(device, non_blocking=True) for image in batch["detector_inputs"]],
+            [(meta["height"], meta["width"]) for meta in ok],
+            with_features=not crops,
+        )
+        if crops:
+            pixel_boxes = [r.pixel_boxes for r in regions]
+            region_feats = _crop_embeddings(clip, batch["originals"], pixel_boxes, device)
+        else:
+            region_feats = [r.feats for r in regions]
     patches = patches.float().cpu().numpy()
     globals_ = globals_.float().cpu().numpy()
     found = iter(range(len(ok)))
@@ -421,18 +451,24 @@ def _encode_batch(
 
 
 def _record(
-    meta: dict, patch: np.ndarray, global_embed: np.ndarray, regions, feats: torch.Tensor, spec: TokenSpec
+    meta: dict,
+    patch: np.ndarray,
+    global_embed: np.ndarray,
+    regions,
+    feats: torch.Tensor | None,
+    spec: TokenSpec,
 ) -> Record:
-    """Pad one image's outputs to the spec's K regions."""
-    K, n = spec.max_regions, len(regions.scores)
-    region_feats = np.zeros((K, spec.region_dim), np.float16)
-    region_feats[:n] = feats.float().cpu().numpy()
+    """Pad one image's outputs to the spec's K regions (regions None: no detector, K = 0)."""
+    K, n = spec.max_regions, 0 if regions is None else len(regions.scores)
+    region_feats = np.zeros((K, spec.region_dim), np.float16)  # (K, Dr)
     labels = np.zeros(K, np.int32)
-    labels[:n] = regions.labels.cpu().numpy()
     scores = np.zeros(K, np.float32)
-    scores[:n] = regions.scores.float().cpu().numpy()
     boxes = np.zeros((K, 4), np.float32)
-    boxes[:n] = regions.boxes.float().cpu().numpy()
+    if regions is not None:
+        region_feats[:n] = feats.float().cpu().numpy()
+        labels[:n] = regions.labels.cpu().numpy()
+        scores[:n] = regions.scores.float().cpu().numpy()
+        boxes[:n] = regions.boxes.float().cpu().numpy()
     return Record(
         key=meta["key"],
         status="ok",

@@ -116,13 +116,26 @@ def main():
 @click.option(
     "--detector",
     help="fasterrcnn_resnet50_fpn | fasterrcnn_resnet50_fpn_v2 | fasterrcnn_mobilenet_v3_large_fpn | "
-    "fasterrcnn_mobilenet_v3_large_320_fpn | tiny-frcnn (untrained preset) "
-    "[default: tiny-frcnn with --data-dir; required with --dataset].",
+    "fasterrcnn_mobilenet_v3_large_320_fpn | tiny-frcnn | none (tiny-frcnn: untrained preset; none: no "
+    "region tokens) [default: tiny-frcnn with --data-dir; required with --dataset].",
 )
 @click.option(
     "--detector-ckpt",
     type=click.Path(dir_okay=False),
-    help="torchvision state_dict file for --detector (required except for tiny-frcnn).",
+    help="torchvision state_dict file for --detector (required except for tiny-frcnn and none).",
+)
+@click.option(
+    "--vision",
+    type=click.Choice(["clip", "resnet50", "resnet101", "resnet152", "tiny-resnet"]),
+    default="clip",
+    show_default=True,
+    help="Patch tokens + global embedding: CLIP (--clip), or a torchvision ResNet's layer4 grid (49 x 2048 "
+    "at 224 px) and avgpool vector; tiny-resnet is an untrained preset.",
+)
+@click.option(
+    "--vision-ckpt",
+    type=click.Path(dir_okay=False),
+    help="torchvision state_dict file for a ResNet --vision (required for resnet50/101/152).",
 )
 @click.option(
     "--region-features",
@@ -156,7 +169,7 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with a different configuration.")
 @_user_errors
 def extract_features_cmd(data_dir, dataset, data_root, image_dir, columns, **opts):
-    """Stage one: run CLIP and Faster R-CNN once over every image; write HDF5 shards + manifest.
+    """Stage one: run CLIP (or a ResNet) and Faster R-CNN once over every image; write HDF5 shards + manifest.
 
     Re-running the same command skips completed shards; under `torchrun` each rank extracts its own
     shards and rank 0 writes the manifest.
@@ -165,6 +178,8 @@ def extract_features_cmd(data_dir, dataset, data_root, image_dir, columns, **opt
     Example:
       mner extract-features --dataset twitter2015 --data-root /data --clip /models/clip-vit-base-patch32 \\
           --detector fasterrcnn_resnet50_fpn --detector-ckpt /models/frcnn_r50.pth --out cache/tw15
+      mner extract-features --dataset twitter2015 --data-root /data --vision resnet50 \\
+          --vision-ckpt /models/resnet50.pth --detector none --out cache/tw15-r50
     """
     from mner.extract.config import ExtractConfig
 

@@ -37,6 +37,7 @@ from mner.train.checkpoint import find_checkpoint, load_weights
 from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
+from mner.train.visual import check_regions
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -161,6 +162,7 @@ def build_model(record: dict, encoder_dir: Path) -> MNERModel:
     categories = cache["models"].get("detector", {}).get("categories")
     num_classes = len(categories) if categories else DEFAULT_DETECTOR_CLASSES
     spec = TokenSpec.from_dict(cache["spec"])
+    check_regions(model_cfg, spec, cache["dir"])  # before the text encoder loads; names the cache
     return MNERModel(model_cfg, record["label_names"], spec, encoder_dir, num_detector_classes=num_classes)
 
 

@@ -22,6 +22,15 @@ from mner.train.registry import FUSIONS
 PATCH, REGION = 0, 1
 
 
+def check_regions(cfg: ModelConfig, spec: TokenSpec, cache_dir: str | None = None) -> None:
+    """Refuse region tokens from a cache extracted with --detector none (K = 0: there are none to use)."""
+    if cfg.use_regions and not spec.has_regions:
+        where = f"the cache {cache_dir}" if cache_dir else "the cache"
+        raise ValueError(
+            f"{where} holds no region tokens (extracted with --detector none); set model.use_regions = false"
+        )
+
+
 class VisualTokenBuilder(nn.Module):
     """Projects a batch's cached tokens to (B, V, D) visual tokens with a (B, V) mask.
 
@@ -31,6 +40,7 @@ class VisualTokenBuilder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: TokenSpec, width: int, num_detector_classes: int = 91):
         super().__init__()
+        check_regions(cfg, spec)
         self.use_patches = cfg.use_patches
         self.use_regions = cfg.use_regions
         self.num_detector_classes = num_detector_classes

@@ -42,6 +42,8 @@ TINY_SPEC = TokenSpec(
     global_source="image_embeds (visual_projection)",
     region_source="frcnn_box_head",
 )
+# A cache extracted with --detector none: the same patches and global embedding, K = Dr = 0.
+NO_REGION_SPEC = dataclasses.replace(TINY_SPEC, max_regions=0, region_dim=0, region_source="none")
 # 91 detector category names indexed by COCO id, like torchvision's (id 0 is the background).
 CATEGORIES = ["__background__"] + [f"class{i}" for i in range(1, 91)]
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mner.cache.inspect import format_inspection, inspect_cache, show_record
-from tests.cache.factories import CATEGORIES, TINY_SPEC, make_cache, make_records
+from tests.cache.factories import CATEGORIES, NO_REGION_SPEC, TINY_SPEC, make_cache, make_records
 
 KEYS = [f"img{i:03d}" for i in range(14)]
 
@@ -135,3 +135,16 @@ def test_show_record_refuses_a_png_that_is_one_of_its_inputs(cache_dir, records,
     manifest = Path(cache_dir) / "manifest.json"
     with pytest.raises(ValueError, match=re.escape(f"--png {manifest} is in the cache {cache_dir}")):
         show_record(cache_dir, record.key, png=manifest)
+
+
+def test_inspect_and_show_a_no_region_cache(tmp_path):
+    cache_dir = make_cache(tmp_path, keys=KEYS, seed=5, spec=NO_REGION_SPEC, shard_size=6)
+    info = inspect_cache(cache_dir)
+    assert info["tokens"]["region_feats"] == {"shape": [0, 0], "dtype": "float16"}
+    ok = sum(r.status == "ok" for r in make_records(KEYS, NO_REGION_SPEC, seed=5))
+    assert info["region_histogram"] == {0: ok} and info["top_labels"] == []
+    text = format_inspection(info)
+    assert "regions from none" in text and "(none)" in text
+    shown = show_record(cache_dir, KEYS[0], png=tmp_path / "k.png")
+    assert shown["num_regions"] == 0 and shown["regions"] == [] and shown["region_feats"] == [0, 0]
+    assert (tmp_path / "k.png").is_file()

@@ -30,6 +30,7 @@ from mner.cache.shards import (
 )
 from tests.cache.factories import (
     CATEGORIES,
+    NO_REGION_SPEC,
     TINY_SPEC,
     assert_same_record,
     make_cache,
@@ -520,3 +521,22 @@ def test_read_manifest_advises_the_rerun_that_rebuilds_it(tmp_path):
     assert str(refused.value) == (
         f"{cache_dir} holds shards but no manifest.json (an extraction stopped early); {rebuild}"
     )
+
+
+def test_no_region_cache_round_trips_with_empty_region_datasets(tmp_path):
+    # --detector none: every region dataset is present with K = 0 rows, so readers need no special case.
+    records = make_records(["a", "b", "c"], NO_REGION_SPEC, statuses={"b": "missing"})
+    cache_dir = write_cache(tmp_path / "cache", records, NO_REGION_SPEC, shard_size=2)
+    with h5py.File(shard_path(cache_dir, 0), "r") as f:
+        assert f["region_feats"].shape == (2, 0, 0) and f["region_boxes"].shape == (2, 0, 4)
+        assert f["region_labels"].shape == (2, 0) and f["patch_tokens"].chunks == (1, 5, 8)
+    assert not NO_REGION_SPEC.has_regions and TINY_SPEC.has_regions
+    with CacheReader(cache_dir) as reader:
+        for record in records:
+            assert_same_record(record, reader.get(record.key))
+    with pytest.raises(ValueError, match="TokenSpec.max_regions must be a positive integer, got 0"):
+        TokenSpec(**{**TINY_SPEC.to_dict(), "max_regions": 0})
+    with pytest.raises(
+        ValueError, match="region_source 'none' needs max_regions = region_dim = 0, got 4 and 10"
+    ):
+        TokenSpec(**{**TINY_SPEC.to_dict(), "region_source": "none"})

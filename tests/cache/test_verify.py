@@ -11,7 +11,7 @@ import pytest
 from mner.cache.datasets import resolve_data
 from mner.cache.shards import image_stat
 from mner.cache.verify import verify_cache
-from tests.cache.factories import make_cache, make_records
+from tests.cache.factories import NO_REGION_SPEC, make_cache, make_records
 
 
 @pytest.fixture
@@ -297,3 +297,9 @@ def test_images_of_a_cache_that_recorded_none(tmp_path):
     assert verify_cache(make_cache(tmp_path / "x", keys=["a"], statuses={}), images=True).problems == [
         "cannot check the image files: the recorded data folder is gone; give --data-dir"
     ]
+
+
+def test_a_no_region_cache_verifies_clean(tmp_path):
+    cache_dir = make_cache(tmp_path, n=7, spec=NO_REGION_SPEC, shard_size=3)
+    report = verify_cache(cache_dir)
+    assert report.ok, report.problems

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.models import detection
+from torchvision.models import detection, resnet
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.feature_extraction import create_feature_extractor
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -19,12 +20,14 @@ from transformers import (
 )
 
 from mner.cache.datasets import DataConfig
-from mner.extract.config import ExtractConfig
+from mner.extract.config import RESNETS, ExtractConfig
 from mner.extract.models import (
     build_detector,
     load_clip,
+    load_resnet,
     materialise_tiny_clip,
     materialise_tiny_frcnn,
+    materialise_tiny_resnet,
     one_thread,
 )
 
@@ -229,3 +232,109 @@ def test_region_feature_is_box_head_pooled_on_the_stored_box():
             torch.testing.assert_close(got.feats, expected, rtol=1e-4, atol=1e-5)
     # Different boxes of one image give different features: the pooling really follows the box.
     assert not torch.allclose(regions[0].feats[0], regions[0].feats[-1])
+
+
+# --------------------------------------------------------------------------------------------- ResNet
+
+
+def save_state(model: torch.nn.Module, path) -> str:
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def textured_image(width: int = 300, height: int = 200, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n == "resnet50" else pytest.mark.slow) for n in RESNETS]
+)
+def test_resnet_grid_and_avgpool_are_torchvisions(tmp_path, name):
+    """The stored tokens against torchvision's own computations: its ImageNet transform, its layer4 output
+    (feature_extraction) and its forward up to avgpool (fc replaced by Identity)."""
+    torch.manual_seed(0)
+    reference = getattr(resnet, name)(weights=None).eval()
+    encoder = load_resnet(name, save_state(reference, tmp_path / f"{name}.pth"))
+    images = [textured_image(), textured_image(180, 260, seed=1)]
+    pixels = encoder.preprocess(images)  # (2, 3, 224, 224)
+    # resize 256, crop 224, ImageNet mean/std: the IMAGENET1K_V1 transform of all three ResNets
+    trusted = getattr(resnet, f"ResNet{name[6:]}_Weights").IMAGENET1K_V1.transforms()
+    assert torch.equal(pixels, torch.stack([trusted(image) for image in images]))
+    patches, global_embed = encoder.encode(pixels)
+    assert patches.shape == (2, 49, 2048) and global_embed.shape == (2, 2048)
+    assert (encoder.num_patches, encoder.patch_dim, encoder.global_dim) == (49, 2048, 2048)
+    with torch.inference_mode():
+        grid = create_feature_extractor(reference, {"layer4": "grid"})(pixels)["grid"]  # (2, 2048, 7, 7)
+        reference.fc = torch.nn.Identity()
+        pooled = reference(pixels)  # (2, 2048): torchvision's forward up to avgpool
+    torch.testing.assert_close(patches, grid.flatten(2).transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(global_embed, pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(global_embed, patches.mean(dim=1), rtol=1e-5, atol=1e-6)
+    assert patches[0, 0].ne(patches[0, 48]).any()  # grid cells differ: the tokens keep where things are
+    info = encoder.info
+    assert info["arch"] == name and not info["untrained"]
+    assert info["sha256"] == hashlib.sha256((tmp_path / f"{name}.pth").read_bytes()).hexdigest()
+    assert info["preprocessing"] == {
+        "resize": 256,
+        "crop": 224,
+        "interpolation": "bilinear",
+        "antialias": True,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    assert encoder.patch_source == f"{name}.layer4 (7x7 grid, row-major)"
+    assert encoder.global_source == f"{name}.avgpool"
+
+
+def test_tiny_resnet_preset_is_written_once_and_untrained():
+    path = materialise_tiny_resnet()
+    before = path.read_bytes()
+    encoder = load_resnet("tiny-resnet", None)
+    assert materialise_tiny_resnet().read_bytes() == before  # reused, not rewritten
+    assert encoder.info["untrained"] and encoder.info["preprocessing"]["crop"] == 64
+    patches, global_embed = encoder.encode(encoder.preprocess([textured_image()]))
+    assert patches.shape == (1, 4, 64) and global_embed.shape == (1, 64)  # a 2x2 layer4 grid
+    torch.testing.assert_close(global_embed, patches.mean(dim=1), rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in encoder.model.parameters()) < 300_000
+
+
+def test_resnet_checkpoint_errors_name_the_file(tmp_path):
+    tiny = torch.load(materialise_tiny_resnet(), weights_only=True)
+    with pytest.raises(ValueError, match=f"^vision checkpoint not found: {tmp_path / 'nope.pth'}$"):
+        load_resnet("resnet50", str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="^--vision-ckpt is required for resnet101: give a local"):
+        load_resnet("resnet101", None)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(
+        ValueError, match=f"^vision checkpoint {garbage} is not a torchvision state_dict file"
+    ):
+        load_resnet("tiny-resnet", str(garbage))
+    listed = tmp_path / "list.pth"
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match=f"^vision checkpoint {listed} holds a list, not a state_dict"):
+        load_resnet("tiny-resnet", str(listed))
+    cases = {
+        "mismatch.pth": (tiny, "resnet50", "size mismatch for conv1.weight"),
+        "missing.pth": (
+            {k: v for k, v in tiny.items() if not k.startswith("fc.")},
+            "tiny-resnet",
+            r"2 missing keys \(e.g. fc.weight\)$",
+        ),
+        "extra.pth": (
+            {**tiny, "head.bias": torch.zeros(1)},
+            "tiny-resnet",
+            r"1 unexpected keys \(e.g. head.bias\)$",
+        ),
+    }
+    for name, (state, arch, message) in cases.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(
+            ValueError, match=f"^vision checkpoint {tmp_path / name} does not fit {arch}: .*{message}"
+        ):
+            load_resnet(arch, str(tmp_path / name))
+        try:
+            load_resnet(arch, str(tmp_path / name))
+        except ValueError as err:
+            assert "\n" not in str(err)  # one line

@@ -24,8 +24,8 @@ from mner.cache.lifecycle import lock_folder
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
 from mner.cache.verify import verify_cache
-from mner.extract.config import DETECTORS, ExtractConfig
-from mner.extract.models import build_detector, load_clip
+from mner.extract.config import DETECTORS, NO_DETECTOR, ExtractConfig
+from mner.extract.models import build_detector, load_clip, load_resnet, materialise_tiny_resnet
 from mner.extract.run import extract_features, summarize
 from tests.cache.factories import flip_token_byte
 
@@ -609,7 +609,12 @@ DETECTOR_SIZES = [(100, 1), (1, 100), (1, 1), (3, 2), (20000, 20), (20, 20000), 
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[] if n == "tiny-frcnn" else pytest.mark.slow) for n in DETECTORS]
+    "name",
+    [
+        pytest.param(n, marks=[] if n == "tiny-frcnn" else pytest.mark.slow)
+        for n in DETECTORS
+        if n != NO_DETECTOR  # no detector, nothing to feed
+    ],
 )
 def test_every_detector_takes_what_the_rule_lets_through(tmp_path, monkeypatch, name):
     """For every detector the extractor offers and the CLIP preprocessing, with the aspect-ratio rule
@@ -632,7 +637,7 @@ def test_every_detector_takes_what_the_rule_lets_through(tmp_path, monkeypatch, 
         path = tmp_path / f"{width}x{height}.png"
         Image.new("RGB", (width, height), (90, 120, 30)).save(path)
         items.append((path.stem, path))
-    dataset = mner.extract.run._Images(items, clip.processor, detector.transform, keep_original=False)
+    dataset = mner.extract.run._Images(items, clip.image_preprocess, detector.transform, keep_original=False)
     for (width, height), item in zip(DETECTOR_SIZES, [dataset[i] for i in range(len(items))]):
         within = max(width, height) <= 100 * min(width, height)
         if item["status"] == "corrupt":
@@ -666,3 +671,129 @@ def test_real_dataset_requires_named_models(given, unset):
     # A data folder (tests, the demo) still defaults to the presets.
     cfg = ExtractConfig(data=DataConfig(data_dir="d"), out="o")
     assert (cfg.clip, cfg.detector) == ("tiny-clip", "tiny-frcnn")
+
+
+# ------------------------------------------------------------------------- --vision resnet, --detector none
+
+
+def extract(ds, out: Path, **changes) -> Path:
+    cfg = ExtractConfig(data=DataConfig(data_dir=str(ds.data_dir)), out=str(out), num_workers=0, **changes)
+    return extract_features(cfg)
+
+
+def test_resnet_cache_without_regions(image_dataset, tmp_path):
+    ds = image_dataset(tmp_path, n=5, missing=1, corrupt=0)
+    out = extract(ds, tmp_path / "cache", vision="tiny-resnet", detector="none", batch_size=2)
+    with CacheReader(out) as reader:
+        spec = reader.spec
+        assert (spec.num_patches, spec.patch_dim, spec.global_dim) == (4, 64, 64)  # 2x2 layer4 grid
+        assert (spec.max_regions, spec.region_dim, spec.region_source) == (0, 0, "none")
+        assert spec.patch_source == "tiny-resnet.layer4 (2x2 grid, row-major)"
+        assert spec.global_source == "tiny-resnet.avgpool"
+        assert set(reader.models) == {"vision", "detector"}
+        assert reader.models["detector"] == {"name": "none", "untrained": False}
+        assert reader.models["vision"]["untrained"] and reader.models["vision"]["arch"] == "tiny-resnet"
+        records = {key: reader.get(key) for key in ds.keys}
+    encoder = load_resnet("tiny-resnet", None)
+    for key in ds.keys:
+        record = records[key]
+        assert record.region_feats.shape == (0, 0) and record.region_boxes.shape == (0, 4)
+        assert record.num_regions == 0 and record.status == ds.status[key]
+        if record.status != "ok":
+            continue
+        image = Image.open(ds.data_dir / "images" / f"{key}.jpg").convert("RGB")
+        patches, global_embed = encoder.encode(encoder.preprocess([image]))  # (1, 4, 64), (1, 64)
+        np.testing.assert_allclose(record.patch_tokens, patches[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(record.global_embed, global_embed[0].numpy(), rtol=2e-3, atol=2e-3)
+        mean = record.patch_tokens.astype(np.float32).mean(axis=0)  # avgpool is the grid's mean
+        np.testing.assert_allclose(record.global_embed, mean, rtol=5e-3, atol=5e-3)
+    report = verify_cache(out, data=DataConfig(data_dir=str(ds.data_dir)).resolve())
+    assert report.ok, report.problems
+    from mner.cache.inspect import format_inspection, inspect_cache
+
+    info = inspect_cache(out)
+    assert info["models"]["vision"] == {"name": "tiny-resnet", "untrained": True}
+    assert info["region_histogram"] == {0: 4}
+    assert "vision       tiny-resnet  (UNTRAINED)" in format_inspection(info)
+    assert "detector     none" in format_inspection(info)
+
+
+def test_fingerprint_records_the_vision_source(image_dataset, tmp_path):
+    """clip vs resnet, and two ResNet checkpoints of the same architecture, make different caches; the
+    refusal to mix them names the leaves that differ."""
+    ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0)
+    clip = read_manifest(extract(ds, tmp_path / "clip", detector="none"))
+    first = read_manifest(extract(ds, tmp_path / "r1", vision="tiny-resnet", detector="none"))
+    other = tmp_path / "other.pt"
+    state = torch.load(materialise_tiny_resnet(), weights_only=True)
+    torch.save(
+        {name: value + 0.01 if value.is_floating_point() else value for name, value in state.items()}, other
+    )
+    second = read_manifest(
+        extract(ds, tmp_path / "r2", vision="tiny-resnet", vision_ckpt=str(other), detector="none")
+    )
+    assert len({clip["fingerprint"], first["fingerprint"], second["fingerprint"]}) == 3
+    assert "clip" in clip["models"] and "vision" not in clip["models"]
+    parts = clip["config"]["fingerprint_parts"], second["config"]["fingerprint_parts"]
+    assert parts[1]["models"]["vision"]["preprocessing"]["crop"] == 64
+    assert (
+        parts[1]["models"]["vision"]["sha256"]
+        != first["config"]["fingerprint_parts"]["models"]["vision"]["sha256"]
+    )
+    with pytest.raises(ValueError, match=r"models\.vision\.sha256") as refused:
+        extract(ds, tmp_path / "r1", vision="tiny-resnet", vision_ckpt=str(other), detector="none")
+    assert "models.vision.untrained" in str(refused.value)
+
+
+def test_resnet_and_no_detector_config_errors(tmp_path):
+    D = DataConfig(data_dir="d")
+    errors = [
+        (
+            dict(vision="vgg16"),
+            "unknown vision 'vgg16'; known: clip, resnet50, resnet101, resnet152, tiny-resnet",
+        ),
+        (
+            dict(vision="resnet50"),
+            "--vision-ckpt is required for resnet50: give a local torchvision state-dict",
+        ),
+        (
+            dict(vision="resnet50", vision_ckpt="r.pth", clip="tiny-clip"),
+            "--clip is for --vision clip; --vision resnet50 reads no CLIP model",
+        ),
+        (
+            dict(vision_ckpt="r.pth"),
+            "--vision-ckpt is for a ResNet --vision; --vision clip reads the --clip folder",
+        ),
+        (
+            dict(vision="tiny-resnet", region_features="clip-crop"),
+            "--region-features clip-crop embeds crops with CLIP; --vision tiny-resnet has no CLIP",
+        ),
+        (
+            dict(detector="none", detector_ckpt="f.pth"),
+            "--detector-ckpt is given, but --detector none runs no detector; drop one",
+        ),
+        (
+            dict(detector="none", region_features="clip-crop"),
+            "--region-features clip-crop embeds the detector's boxes, but --detector none finds none",
+        ),
+    ]
+    for changes, message in errors:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            ExtractConfig(data=D, out="o", **changes)
+    cfg = ExtractConfig(data=D, out="o", vision="resnet50", vision_ckpt="r.pth", detector="none")
+    assert cfg.clip is None and cfg.vision_ckpt == str(Path("r.pth").absolute())
+    assert ExtractConfig.from_dict(cfg.to_dict()) == cfg
+    # A named dataset needs no --clip with a ResNet, but still its detector named.
+    real = DataConfig(dataset="twitter2015", data_root="r")
+    ExtractConfig(data=real, out="o", vision="tiny-resnet", detector="none")
+    with pytest.raises(ValueError, match="^--dataset twitter2015 is real data: give --detector explicitly"):
+        ExtractConfig(data=real, out="o", vision="tiny-resnet")
+    ds_dir = tmp_path / "data"
+    ds_dir.mkdir()
+    (ds_dir / "train.txt").write_text("IMGID:1\nParis\tB-LOC\n")
+    missing = tmp_path / "r50.pth"
+    cfg = ExtractConfig(
+        data=DataConfig(data_dir=str(ds_dir)), out="o", vision="resnet50", vision_ckpt=str(missing)
+    )
+    with pytest.raises(ValueError, match=f"^vision checkpoint not found: {missing}$"):
+        cfg.check_inputs()

@@ -33,7 +33,7 @@ from mner.cache.verify import verify_cache
 from mner.cli import main
 from mner.demo.build import DemoConfig
 from mner.extract.config import AMP_MODES as EXTRACT_AMP_MODES
-from mner.extract.config import DETECTORS, REGION_FEATURES, ExtractConfig
+from mner.extract.config import DETECTORS, REGION_FEATURES, VISIONS, ExtractConfig
 from mner.runtime import AMP_MODES
 from mner.train.ablate import ABLATIONS, AblationConfig
 from mner.train.cases import CasesConfig
@@ -64,7 +64,7 @@ DOCUMENTED_NONE_DEFAULTS = {
     ("extract-features",): [
         "--score-thr FLOAT Detector score threshold [default: 0.2; 0.0 for tiny-frcnn]",
         "the untrained preset tiny-clip [default: tiny-clip with --data-dir; required with --dataset]",
-        "tiny-frcnn (untrained preset) [default: tiny-frcnn with --data-dir; required with --dataset]",
+        "none: no region tokens) [default: tiny-frcnn with --data-dir; required with --dataset]",
     ],
     ("train-from-cache",): [
         "--epochs INTEGER Number of epochs [default: from config]",
@@ -162,7 +162,7 @@ NO_COUNTERPART = {("cache", "inspect"): {"as_json"}, ("results",): {"plot"}, ("a
 FROM_CONFIG = {("train-from-cache",): {"model", "text_encoder", "epochs", "seed"}}
 # click.Choice options and the registry each must list exactly.
 CHOICES = {
-    ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES},
+    ("extract-features",): {"region_features": REGION_FEATURES, "amp": EXTRACT_AMP_MODES, "vision": VISIONS},
     ("evaluate",): {"amp": AMP_MODES, "long_posts": LONG_POSTS},
     ("predict",): {"amp": AMP_MODES, "long_posts": LONG_POSTS},
 }
@@ -685,6 +685,19 @@ def test_ablate_refuses_an_unknown_experiment(workspace, tmp_path):
         (["--nms-iou", "0"], "--nms-iou must be in (0, 1], got 0.0"),
         (["--device", "gpu"], "--device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got 'gpu'"),
         (["--detector", "yolo"], "unknown detector 'yolo'; known: " + ", ".join(DETECTORS)),
+        (
+            ["--vision", "resnet50"],
+            "--vision-ckpt is required for resnet50: give a local torchvision state-dict file "
+            "(weights are never downloaded)",
+        ),
+        (
+            ["--vision", "resnet101", "--vision-ckpt", "/nope/r101.pth"],
+            "vision checkpoint not found: /nope/r101.pth",
+        ),
+        (
+            ["--detector", "none", "--detector-ckpt", "/f.pth"],
+            "--detector-ckpt is given, but --detector none runs no detector; drop one",
+        ),
         (["--data-root", "/r"], "--data-root goes with --dataset; with --data-dir, leave it out"),
         (["--dataset", "twitter2015"], "give either --data-dir or --dataset (with --data-root), not both"),
     ],
@@ -732,7 +745,7 @@ def test_missing_model_files_are_reported_before_any_model_loads(workspace, tmp_
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(mner.extract.run, "load_clip", never)
+    monkeypatch.setattr(mner.extract.run, "load_vision", never)
     monkeypatch.setattr(mner.extract.run, "build_detector", never)
     base = ["extract-features", "--data-dir", workspace.data_dir, "--out", tmp_path / "cache"]
     line = user_error(*base, "--clip", tmp_path / "no-clip")
@@ -752,7 +765,7 @@ def test_a_bad_detector_checkpoint_is_reported_before_clip_loads(workspace, tmp_
     def never(*args, **kwargs):
         raise AssertionError("CLIP was loaded before the detector checkpoint was read")
 
-    monkeypatch.setattr(mner.extract.run, "load_clip", never)
+    monkeypatch.setattr(mner.extract.run, "load_vision", never)
     ckpt = tmp_path / "frcnn.pt"
     ckpt.write_text("not a checkpoint\n")
     result = invoke(
