@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from torchvision.models import detection, resnet
 from torchvision.models.detection.transform import resize_boxes
@@ -275,13 +276,15 @@ def test_resnet_grid_and_avgpool_are_torchvisions(tmp_path, name):
     info = encoder.info
     assert info["arch"] == name and not info["untrained"]
     assert info["sha256"] == hashlib.sha256((tmp_path / f"{name}.pth").read_bytes()).hexdigest()
+    # torchvision's own ImageNet evaluation transform for its ResNet weights is the reference.
+    reference = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()
     assert info["preprocessing"] == {
-        "resize": 256,
-        "crop": 224,
-        "interpolation": "bilinear",
-        "antialias": True,
-        "mean": [0.485, 0.456, 0.406],
-        "std": [0.229, 0.224, 0.225],
+        "resize": reference.resize_size[0],
+        "crop": reference.crop_size[0],
+        "interpolation": reference.interpolation.value,
+        "antialias": reference.antialias,
+        "mean": reference.mean,
+        "std": reference.std,
     }
     assert encoder.patch_source == f"{name}.layer4 (7x7 grid, row-major)"
     assert encoder.global_source == f"{name}.avgpool"
