@@ -76,6 +76,16 @@ def write_plots(paths: Sequence, out_dir, split: str = "test") -> list[Path]:
     return written
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """A legend label per run: its folder name, or as many trailing path parts as make them distinct
+    (ablation runs are all called seed<k>: "no_region/seed1")."""
+    for depth in range(1, max(len(run.parts) for run in runs) + 1):
+        labels = ["/".join(run.parts[-depth:]) for run in runs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(run) for run in runs]
+
+
 def curves(run_dir: Path) -> pd.DataFrame:
     """epoch, train_loss, dev_f1 (percent) per epoch of one run, from its metrics.jsonl."""
     rows = read_metrics(run_dir)
@@ -90,10 +100,10 @@ def curves(run_dir: Path) -> pd.DataFrame:
 
 def _learning_curves(plt, runs: list[Path], png: Path) -> Path:
     figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for run in runs:
+    for run, label in zip(runs, run_labels(runs)):
         table = curves(run)
-        loss_axis.plot(table["epoch"], table["train_loss"], marker="o", label=run.name)
-        f1_axis.plot(table["epoch"], table["dev_f1"], marker="o", label=run.name)
+        loss_axis.plot(table["epoch"], table["train_loss"], marker="o", label=label)
+        f1_axis.plot(table["epoch"], table["dev_f1"], marker="o", label=label)
     loss_axis.set(title="training loss", xlabel="epoch", ylabel="loss")
     f1_axis.set(title="dev micro F1", xlabel="epoch", ylabel="F1 (%)")
     f1_axis.legend(fontsize="small")
@@ -101,13 +111,13 @@ def _learning_curves(plt, runs: list[Path], png: Path) -> Path:
 
 
 def type_scores(runs: list[Path], split: str) -> pd.DataFrame:
-    """Per-type F1 (percent) on `split`: one row per type (sorted), one column per run (its name)."""
+    """Per-type F1 (percent) on `split`: one row per type (sorted), one column per run (run_labels)."""
     columns = {}
-    for run in runs:
+    for run, label in zip(runs, run_labels(runs)):
         results = read_results(run)
         if split not in results:
             raise ValueError(f"{run} has no {split} results; run `mner evaluate {run} --split {split}`")
-        columns[run.name] = {kind: 100 * s["f1"] for kind, s in results[split]["per_type"].items()}
+        columns[label] = {kind: 100 * s["f1"] for kind, s in results[split]["per_type"].items()}
     return pd.DataFrame(columns).sort_index().fillna(0.0)
 
 

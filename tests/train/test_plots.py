@@ -136,3 +136,9 @@ def test_results_command_plots_and_prints_the_ablation_table(folders, tmp_path):
     assert result.output.splitlines()[0].split()[:5] == ["run", "P", "R", "F1", "support"]
     assert f"{ablation}:\n| experiment | F1 |" in result.output
     assert f"wrote {tmp_path / 'f' / 'ablation_abl.png'}" in result.output
+
+
+def test_runs_of_the_same_name_get_distinct_labels(tmp_path):
+    runs = [tmp_path / "abl" / arm / "seed1" for arm in ("full", "no_region")] + [tmp_path / "other"]
+    assert plots.run_labels(runs) == ["full/seed1", "no_region/seed1", str(tmp_path.name) + "/other"]
+    assert plots.run_labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
