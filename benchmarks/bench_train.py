@@ -643,21 +643,21 @@ def measure_zoo(
         "threads": args.threads,
         "batch_size": args.batch_size,
     }
+
+    def runs_of(model: str) -> list[dict]:
+        text_only = load_run_config(model=model)[0].text_only
+        return [{"model": model, "store": store} for store in (("lazy",) if text_only else ("lazy", "ram"))]
+
+    # One process holds every model, or (--process-per-model, for encoders too large to hold the zoo in
+    # memory at once) each model takes turns with its own bert-crf; bert-crf's row is from the first.
+    if args.process_per_model:
+        groups = [runs_of(ZOO_REFERENCE) + runs_of(model) for model in models if model != ZOO_REFERENCE]
+        groups = groups or [runs_of(ZOO_REFERENCE)]
+    else:
+        groups = [[run for model in models for run in runs_of(model)]]
     rows = []
     for tokens, cache_dir in made["caches"].items():
-        runs = []
-        for model in models:
-            text_only = load_run_config(model=model)[0].text_only
-            runs += [
-                {"model": model, "store": store} for store in (("lazy",) if text_only else ("lazy", "ram"))
-            ]
         job = {**base, "cache_dir": cache_dir, "warmup": args.warmup, "steps": args.steps}
-        timed = run_job({**job, "runs": runs})
-        print(
-            f"  {encoder} {tokens}: {len(runs)} runs interleaved, {args.steps} steps "
-            f"({timed['threads']} torch threads, set-up {timed['setup_s']:.1f} s)",
-            flush=True,
-        )
         memory = {}
         for model in models:
             memory[model] = run_job(
@@ -667,8 +667,19 @@ def measure_zoo(
                 f"  {encoder} {tokens}: {model} alone, peak RSS {memory[model]['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
-        rows += zoo_rows(timed, memory, encoder, tokens)
-    return rows
+        done = set()
+        for runs in groups:
+            timed = run_job({**job, "runs": runs})
+            print(
+                f"  {encoder} {tokens}: {len(runs)} runs interleaved, {args.steps} steps "
+                f"({timed['threads']} torch threads, set-up {timed['setup_s']:.1f} s)",
+                flush=True,
+            )
+            new = [row for row in zoo_rows(timed, memory, encoder, tokens) if row["model"] not in done]
+            done.update(row["model"] for row in new)
+            rows += new
+    order = {model: i for i, model in enumerate(models)}
+    return sorted(rows, key=lambda row: (row["tokens"], order[row["model"]]))
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -696,6 +707,12 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=None,
         help="measure these zoo models (or 'all') instead of the text/cached/e2e modes; bert-crf always runs",
+    )
+    parser.add_argument(
+        "--process-per-model",
+        action="store_true",
+        help="--model: time each model with its own bert-crf in its own process (for an encoder too large to "
+        "hold every model of the zoo in memory at once, e.g. bert-base-random); default: all in one",
     )
     parser.add_argument(
         "--full",
