@@ -44,10 +44,13 @@ three modes: one table, one row per model and text encoder, with
                      models never read the cache: -)
 
 Every model takes its turn with both readers step by step in one worker process, so a slow spell of a
-shared machine hits them alike. `--encoder bert-base-random` is a BERT-base-size encoder (12 layers x 768,
-seeded random weights, MiniLM's tokenizer) written to the temporary folder; nothing is downloaded.
+shared machine hits them alike (`--process-per-model`: each model with its own bert-crf in its own
+process, for an encoder whose zoo does not fit in memory at once). `--encoder bert-base-random` is a
+BERT-base-size encoder (12 layers x 768, seeded random weights, MiniLM's tokenizer) written to the
+temporary folder; nothing is downloaded.
 
-    python benchmarks/bench_train.py --model all --encoder minilm bert-base-random --threads 1
+    python benchmarks/bench_train.py --model all --encoder minilm --threads 1
+    python benchmarks/bench_train.py --model all --encoder bert-base-random --process-per-model --threads 1
 """
 
 from __future__ import annotations
