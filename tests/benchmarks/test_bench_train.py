@@ -83,6 +83,46 @@ def test_zoo_rows_need_the_reference_model_in_the_run(made):
         bench_train.zoo_rows(timed, {"bert-softmax": {"peak_rss_mib": 1.0}}, "tiny-bert", "tiny")
 
 
+def test_process_per_model_divides_each_model_by_the_bert_crf_it_ran_beside(monkeypatch):
+    """Each process times bert-crf beside one model; a fake worker makes bert-crf slower in the second."""
+    jobs = []
+
+    def fake_run_job(job: dict) -> dict:
+        jobs.append(job)
+        group = sum(1 for j in jobs if j["warmup"] > 0)  # timing processes so far (memory ones have none)
+        runs = [
+            {
+                **run,
+                "step_median_s": (2.0 if run["model"] == "bert-crf" else 3.0) * group,
+                "loader_share": 0.01,
+            }
+            for run in job["runs"]
+        ]
+        return {"runs": runs, "threads": 1, "setup_s": 0.0, "peak_rss_mib": 10.0 * len(jobs)}
+
+    monkeypatch.setattr(bench_train, "run_job", fake_run_job)
+    monkeypatch.setattr(
+        sys, "argv", ["bench_train.py", "--model", "afner", "bert-softmax", "--process-per-model"]
+    )
+    args = bench_train.parse_args()
+    made = {"data_dir": "unused", "caches": {"tiny": "unused"}}
+
+    rows = bench_train.measure_zoo(args.model, "tiny-bert", "tiny-bert", made, args)
+
+    timing = [[(r["model"], r["store"]) for r in job["runs"]] for job in jobs if job["warmup"] > 0]
+    assert timing == [
+        [("bert-crf", "lazy"), ("afner", "lazy"), ("afner", "ram")],
+        [("bert-crf", "lazy"), ("bert-softmax", "lazy")],
+    ]
+    assert [(r["model"], r["ratio_to_reference"]) for r in rows] == [
+        ("bert-crf", 1.0),
+        ("afner", 1.5),
+        ("bert-softmax", 1.5),
+    ]
+    assert rows[0]["step_median_s"] == 2.0  # bert-crf's row is from the first process
+    assert rows[1]["lazy_over_ram"] == 1.0 and rows[2]["lazy_over_ram"] is None
+
+
 def test_an_unknown_model_is_refused_with_the_list(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_train.py", "--model", "afner", "nope"])
     with pytest.raises(SystemExit):
