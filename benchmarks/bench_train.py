@@ -30,6 +30,27 @@ alone with their own short batch and step counts. The data is a generated demo f
     python benchmarks/bench_train.py                                  # CPU, minilm, tiny + full size
     python benchmarks/bench_train.py --encoder minilm tiny-bert --no-full
     python benchmarks/bench_train.py --device cuda --amp bf16 --full-steps 10 --full-warmup 3
+
+`--model NAME [NAME ...]` (or `--model all`, issue 11 section 5) measures the model zoo instead of the
+three modes: one table, one row per model and text encoder, with
+
+    ms/step          median training step (loader fetch + train_step) after the warm-up
+    x bert-crf       that step / bert-crf's with the same encoder, timed in the same process (bert-crf
+                     always runs as the reference)
+    peak RSS         the model alone in a fresh process, reading the cache lazily
+    loader share     time waiting for the next batch / step time, summed over the timed steps (<= 5 %)
+    lazy / RAM       median step reading the cache lazily (CacheReader) / with every token already in RAM
+                     (CacheReader(in_memory=True), what train.cache_in_memory does) (<= 1.05; text-only
+                     models never read the cache: -)
+
+Every model takes its turn with both readers step by step in one worker process, so a slow spell of a
+shared machine hits them alike (`--process-per-model`: each model with its own bert-crf in its own
+process, for an encoder whose zoo does not fit in memory at once). `--encoder bert-base-random` is a
+BERT-base-size encoder (12 layers x 768, seeded random weights, MiniLM's tokenizer) written to the
+temporary folder; nothing is downloaded.
+
+    python benchmarks/bench_train.py --model all --encoder minilm --threads 1
+    python benchmarks/bench_train.py --model all --encoder bert-base-random --process-per-model --threads 1
 """
 
 from __future__ import annotations
@@ -61,15 +82,27 @@ from mner.extract.config import ExtractConfig
 from mner.extract.models import build_detector, load_clip
 from mner.extract.run import _collate, _encode_batch, _Images, extract_features, token_spec
 from mner.runtime import resolve_runtime, seed_everything
-from mner.train.config import ModelConfig, TrainConfig
+from mner.train.config import ModelConfig, TrainConfig, load_run_config, model_names
 from mner.train.data import Collate, PostDataset, make_loader
 from mner.train.loop import build_optimizer, train_step
 from mner.train.model import MNERModel
-from mner.train.text import load_tokenizer, resolve_text_encoder
+from mner.train.text import load_tokenizer, minilm_dir, resolve_text_encoder
 
 TARGET_OVERHEAD = 1.25  # issue "Stage two" section 6: cached step <= 1.25 x text-only step
 POSTS_PER_EPOCH = 64  # the demo's train posts are repeated up to this many per epoch
 RESULT_PREFIX = "RESULT "  # a worker's last stdout line: RESULT {json}
+ZOO_REFERENCE = "bert-crf"  # every --model step time is divided by this model's, same encoder, same run
+TARGET_LOADER_SHARE = 0.05  # issue 11 section 5: waiting for the next batch <= 5 % of a step
+TARGET_LAZY_RATIO = 1.05  # issue 11 section 5: a lazy-cache step <= 1.05 x a step with the tokens in RAM
+# --encoder bert-base-random: BERT-base's shape (110M parameters with MiniLM's 30,522-word vocabulary).
+BERT_BASE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+}
+BERT_BASE_SEED = 0
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -104,6 +137,27 @@ def make_data(work: Path, images: int, device: str, full: bool) -> dict:
         extract_features(cfg)
         print(f"built the {name} cache of {images} images in {time.perf_counter() - start:.1f} s", flush=True)
     return {"data_dir": str(data), "caches": {name: cfg.out for name, cfg in caches.items()}}
+
+
+def make_bert_base(work: Path) -> Path:
+    """A BERT-base-size text encoder folder (seeded random weights, MiniLM's tokenizer) under `work`."""
+    folder = work / "bert-base-random"
+    folder.mkdir()
+    source = minilm_dir()
+    for name in _TOKENIZER_FILES:
+        (folder / name).write_bytes((source / name).read_bytes())
+    vocab_size = sum(1 for _ in (source / "vocab.txt").open(encoding="utf-8"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BERT_BASE_SEED)
+        transformers.BertModel(transformers.BertConfig(vocab_size=vocab_size, **BERT_BASE)).save_pretrained(
+            folder
+        )
+    return folder
+
+
+def encoder_path(name: str, work: Path) -> str:
+    """What ModelConfig.text_encoder gets for an --encoder name: a preset or folder, or the made bert-base."""
+    return str(make_bert_base(work)) if name == "bert-base-random" else name
 
 
 def epoch_split(source: DataSource) -> Split:
@@ -315,6 +369,97 @@ def run_worker(job: dict) -> dict:
     }
 
 
+class ModelRun:
+    """One zoo model's training in a worker process, its tokens read lazily or from RAM; `step()` times
+    one loader fetch + `train.loop.train_step`."""
+
+    def __init__(self, model: str, store: str, cache_dir: str, job: dict, runtime):
+        """
+        Args:
+            model: a configs/models name; its model and train settings come from `load_run_config`.
+            store: "lazy" (CacheReader) or "ram" (CacheReader(in_memory=True)).
+            cache_dir: the stage-one cache (text-only models never open it).
+            job: encoder, data_dir, batch_size, warmup, steps, num_workers, seed (see run_zoo_worker).
+            runtime: mner.runtime.Runtime (device and autocast).
+        """
+        self.runtime = runtime
+        model_cfg, train_cfg = load_run_config(model=model)
+        model_cfg = dataclasses.replace(model_cfg, text_encoder=job["encoder"])
+        self.train_cfg = dataclasses.replace(
+            train_cfg, batch_size=job["batch_size"], seed=job["seed"], num_workers=job["num_workers"]
+        )
+        split = epoch_split(resolve_data(job["data_dir"]))
+        labels = label_names(split)
+        encoder_dir = resolve_text_encoder(job["encoder"])
+        tokenizer = load_tokenizer(encoder_dir)
+        reader = None if model_cfg.text_only else CacheReader(cache_dir, in_memory=store == "ram")
+        spec = reader.spec if reader is not None else None
+        num_classes = len(reader.models["detector"]["categories"]) if reader is not None else 91
+        loader = make_loader(split, reader, tokenizer, labels, model_cfg, self.train_cfg, shuffle=True)
+        self.batches = _forever(loader)
+        torch.manual_seed(job["seed"])
+        self.model = MNERModel(model_cfg, labels, spec, encoder_dir, num_classes).to(runtime.device)
+        self.model.train()
+        self.model.epoch = 1  # as the loop sets it: the first epoch (MANGO's alignment warm-up)
+        self.optimizer, self.scheduler, self.scaler = build_optimizer(
+            self.model, self.train_cfg, job["warmup"] + job["steps"], runtime
+        )
+        self.text_only = model_cfg.text_only
+        self.times = {"step": [], "data": []}
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        batch = next(self.batches)
+        fetched = time.perf_counter()
+        train_step(
+            self.model,
+            batch,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.train_cfg.max_grad_norm,
+            self.runtime,
+        )
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)
+        done = time.perf_counter()
+        self.times["step"].append(done - start)
+        self.times["data"].append(fetched - start)
+
+    def summary(self, warmup: int) -> dict:
+        """Median step time and the loader's share of the steps after `warmup`."""
+        step, data = self.times["step"][warmup:], self.times["data"][warmup:]
+        return {
+            "step_median_s": statistics.median(step),
+            "data_mean_s": statistics.fmean(data),
+            "loader_share": sum(data) / sum(step),
+            "text_only": self.text_only,
+        }
+
+
+def run_zoo_worker(job: dict) -> dict:
+    """Time `warmup + steps` steps of each of job["runs"] ({"model", "store"}) in this (fresh) process,
+    taking turns step by step (the first to go rotates). job: runs, cache_dir, encoder, data_dir,
+    batch_size, warmup, steps, device, amp, num_workers, seed, threads (None: torch's default)."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    setup = time.perf_counter()
+    runtime = resolve_runtime(job["device"], job["amp"])
+    seed_everything(job["seed"])
+    runs = [ModelRun(r["model"], r["store"], job["cache_dir"], job, runtime) for r in job["runs"]]
+    setup = time.perf_counter() - setup
+    for i in range(job["warmup"] + job["steps"]):
+        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
+            run.step()
+    return {
+        "threads": torch.get_num_threads(),
+        "setup_s": setup,
+        "runs": [{**r, **run.summary(job["warmup"])} for r, run in zip(job["runs"], runs)],
+        "peak_rss_mib": peak_rss_mib(),
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if runtime.device.type == "cuda" else None,
+    }
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process in MiB.
 
@@ -346,7 +491,8 @@ def run_job(job: dict) -> dict:
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
-        names = ", ".join(m["mode"] for m in job["modes"])
+        names = ", ".join(f"{m['model']} {m['store']}" for m in job["runs"]) if "runs" in job else ""
+        names = names or ", ".join(m["mode"] for m in job["modes"])
         raise RuntimeError(f"worker for {names} ({job['encoder']}) failed with exit code {proc.returncode}")
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
@@ -434,6 +580,111 @@ def print_ratios(rows: list[dict]) -> None:
             )
 
 
+def zoo_rows(timed: dict, memory: dict[str, dict], encoder: str, tokens: str) -> list[dict]:
+    """Table rows of one zoo timing run: each model's lazy step, its ratio to bert-crf's lazy step, its
+    loader share, lazy / RAM (None for a text-only model, which has no RAM run) and peak RSS."""
+    steps = {(r["model"], r["store"]): r for r in timed["runs"]}
+    reference = steps[(ZOO_REFERENCE, "lazy")]["step_median_s"]
+    rows = []
+    for (model, store), run in steps.items():
+        if store != "lazy":
+            continue
+        ram = steps.get((model, "ram"))
+        rows.append(
+            {
+                "model": model,
+                "encoder": encoder,
+                "tokens": tokens,
+                "step_median_s": run["step_median_s"],
+                "ratio_to_reference": run["step_median_s"] / reference,
+                "loader_share": run["loader_share"],
+                "lazy_over_ram": run["step_median_s"] / ram["step_median_s"] if ram is not None else None,
+                "peak_rss_mib": memory[model]["peak_rss_mib"],
+            }
+        )
+    return rows
+
+
+def zoo_table(rows: list[dict]) -> list[str]:
+    """The --model table's lines: one row per model and encoder, a ✔/✘ column after each target."""
+    header = (
+        f"{'model':16s} {'encoder':16s} {'tokens':6s} | {'ms/step':>8s} {'x ' + ZOO_REFERENCE:>10s} | "
+        f"{'peak RSS':>9s} | {'loader':>7s} {'<=5%':4s} | {'lazy/RAM':>8s} {'<=' + str(TARGET_LAZY_RATIO):7s}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        share_ok = "✔" if r["loader_share"] <= TARGET_LOADER_SHARE else "✘"
+        if r["lazy_over_ram"] is None:
+            lazy, lazy_ok = "-", "-"
+        else:
+            lazy, lazy_ok = (
+                f"{r['lazy_over_ram']:.3f}",
+                "✔" if r["lazy_over_ram"] <= TARGET_LAZY_RATIO else "✘",
+            )
+        lines.append(
+            f"{r['model']:16s} {r['encoder']:16s} {r['tokens']:6s} | {r['step_median_s'] * 1000:8.1f} "
+            f"{r['ratio_to_reference']:10.2f} | {r['peak_rss_mib']:7.0f} M | {r['loader_share'] * 100:6.1f}% "
+            f"{share_ok:4s} | {lazy:>8s} {lazy_ok:7s}"
+        )
+    return lines
+
+
+def measure_zoo(
+    models: list[str], encoder: str, path: str, made: dict, args: argparse.Namespace
+) -> list[dict]:
+    """Zoo rows for one text encoder and each cache (see the module docstring): one interleaved timing
+    run per cache, then each model alone in a fresh process for its peak RSS."""
+    if ZOO_REFERENCE not in models:
+        models = [ZOO_REFERENCE, *models]
+    base = {
+        "encoder": path,
+        "data_dir": made["data_dir"],
+        "device": args.device,
+        "amp": args.amp,
+        "num_workers": args.num_workers,
+        "seed": args.seed,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+    }
+
+    def runs_of(model: str) -> list[dict]:
+        text_only = load_run_config(model=model)[0].text_only
+        return [{"model": model, "store": store} for store in (("lazy",) if text_only else ("lazy", "ram"))]
+
+    # One process holds every model, or (--process-per-model, for encoders too large to hold the zoo in
+    # memory at once) each model takes turns with its own bert-crf; bert-crf's row is from the first.
+    if args.process_per_model:
+        groups = [runs_of(ZOO_REFERENCE) + runs_of(model) for model in models if model != ZOO_REFERENCE]
+        groups = groups or [runs_of(ZOO_REFERENCE)]
+    else:
+        groups = [[run for model in models for run in runs_of(model)]]
+    rows = []
+    for tokens, cache_dir in made["caches"].items():
+        job = {**base, "cache_dir": cache_dir, "warmup": args.warmup, "steps": args.steps}
+        memory = {}
+        for model in models:
+            memory[model] = run_job(
+                {**job, "warmup": 0, "steps": args.memory_steps, "runs": [{"model": model, "store": "lazy"}]}
+            )
+            print(
+                f"  {encoder} {tokens}: {model} alone, peak RSS {memory[model]['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+        done = set()
+        for runs in groups:
+            timed = run_job({**job, "runs": runs})
+            print(
+                f"  {encoder} {tokens}: {len(runs)} runs interleaved, {args.steps} steps "
+                f"({timed['threads']} torch threads, set-up {timed['setup_s']:.1f} s)",
+                flush=True,
+            )
+            new = [row for row in zoo_rows(timed, memory, encoder, tokens) if row["model"] not in done]
+            done.update(row["model"] for row in new)
+            rows += new
+    order = {model: i for i, model in enumerate(models)}
+    return sorted(rows, key=lambda row: (row["tokens"], order[row["model"]]))
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -449,16 +700,28 @@ def parse_args() -> argparse.Namespace:
         "--encoder",
         nargs="+",
         default=["minilm"],
-        help="text encoders to measure (default minilm; e.g. tiny-bert)",
+        help="text encoders to measure (default minilm; e.g. tiny-bert, bert-base-random, a folder)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help="posts per step (default 16)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
     parser.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        help="measure these zoo models (or 'all') instead of the text/cached/e2e modes; bert-crf always runs",
+    )
+    parser.add_argument(
+        "--process-per-model",
+        action="store_true",
+        help="--model: time each model with its own bert-crf in its own process (for an encoder too large to "
+        "hold every model of the zoo in memory at once, e.g. bert-base-random); default: all in one",
+    )
+    parser.add_argument(
         "--full",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also measure full-size ViT-B/32 + R50-FPN tokens and extractors (default on)",
+        default=None,
+        help="also measure full-size ViT-B/32 + R50-FPN tokens (and extractors); default on, off with --model",
     )
     parser.add_argument(
         "--full-batch-size", type=int, default=8, help="batch of the full-size e2e comparison (default 8)"
@@ -506,13 +769,21 @@ def parse_args() -> argparse.Namespace:
             parser.error("--warmup, --full-warmup and --num-workers must be >= 0")
         if args.images < 4:
             parser.error("--images must be >= 4 (the demo puts every entity type in train)")
+        if args.model is not None:
+            names = model_names()
+            args.model = list(names) if args.model == ["all"] else args.model
+            unknown = [name for name in args.model if name not in names]
+            if unknown:
+                parser.error(f"--model: unknown {', '.join(unknown)}; the models are all, {', '.join(names)}")
+        if args.full is None:
+            args.full = args.model is None
     return args
 
 
-def measure(encoder: str, made: dict, args: argparse.Namespace) -> list[dict]:
+def measure(encoder: str, path: str, made: dict, args: argparse.Namespace) -> list[dict]:
     """Rows (mode, tokens, batch, timing, memory) for one text encoder; see the module docstring."""
     base = {
-        "encoder": encoder,
+        "encoder": path,
         "data_dir": made["data_dir"],
         "device": args.device,
         "amp": args.amp,
@@ -574,7 +845,9 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     if args.worker is not None:
-        print(RESULT_PREFIX + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        job = json.loads(args.worker)
+        result = run_zoo_worker(job) if "runs" in job else run_worker(job)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     start = time.perf_counter()
     threads = args.threads or torch.get_num_threads()
@@ -590,7 +863,31 @@ def main() -> None:
         )
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         made = make_data(Path(tmp), args.images, args.device, args.full)
-        rows = [row for encoder in args.encoder for row in measure(encoder, made, args)]
+        encoders = {name: encoder_path(name, Path(tmp)) for name in args.encoder}
+        if args.model is not None:
+            rows = [
+                row
+                for name, path in encoders.items()
+                for row in measure_zoo(args.model, name, path, made, args)
+            ]
+            print(
+                f"\nmodel zoo, batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up "
+                f"(medians), {threads} torch threads, device {args.device}"
+                + (
+                    " (a CPU shared with other jobs: compare ratios, not seconds)"
+                    if args.device == "cpu"
+                    else ""
+                )
+            )
+            print(
+                f"x {ZOO_REFERENCE}: step / {ZOO_REFERENCE}'s, same encoder, same process; peak RSS: alone, "
+                f"lazy cache, {args.memory_steps} steps; loader: waiting for the next batch / step; lazy/RAM: "
+                "CacheReader lazy / in_memory"
+            )
+            print("\n".join(zoo_table(rows)))
+            print(f"\ntotal {time.perf_counter() - start:.0f} s")
+            return
+        rows = [row for name, path in encoders.items() for row in measure(name, path, made, args)]
     print(
         f"\ndata: {args.images} demo images (500 px JPEGs), one train post each, repeated to >= {POSTS_PER_EPOCH} "
         f"posts per epoch; {args.num_workers} loader workers; peak RSS of each mode alone "
