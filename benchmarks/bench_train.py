@@ -356,14 +356,20 @@ def run_worker(job: dict) -> dict:
     runtime = resolve_runtime(job["device"], job["amp"])
     seed_everything(job["seed"])  # as train_from_cache does, deterministic kernels included
     runs = [ModeRun(m["mode"], m["cache_dir"], job, runtime) for m in job["modes"]]
-    setup = time.perf_counter() - setup
+    return _take_turns(runs, "modes", job["modes"], job, time.perf_counter() - setup, runtime)
+
+
+def _take_turns(runs: list, key: str, entries: list[dict], job: dict, setup: float, runtime) -> dict:
+    """Step `runs` in turns for job["warmup"] + job["steps"] rounds (the first to go rotates, so a slow
+    spell of a shared machine hits them alike) and return the worker's result: each entry of `entries`
+    under `key` with its run's summary, threads, set-up time and peak memory."""
     for i in range(job["warmup"] + job["steps"]):
         for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
             run.step()
     return {
         "threads": torch.get_num_threads(),
         "setup_s": setup,
-        "modes": [{**m, **run.summary(job["warmup"])} for m, run in zip(job["modes"], runs)],
+        key: [{**entry, **run.summary(job["warmup"])} for entry, run in zip(entries, runs)],
         "peak_rss_mib": peak_rss_mib(),
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if runtime.device.type == "cuda" else None,
     }
@@ -447,17 +453,7 @@ def run_zoo_worker(job: dict) -> dict:
     runtime = resolve_runtime(job["device"], job["amp"])
     seed_everything(job["seed"])
     runs = [ModelRun(r["model"], r["store"], job["cache_dir"], job, runtime) for r in job["runs"]]
-    setup = time.perf_counter() - setup
-    for i in range(job["warmup"] + job["steps"]):
-        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
-            run.step()
-    return {
-        "threads": torch.get_num_threads(),
-        "setup_s": setup,
-        "runs": [{**r, **run.summary(job["warmup"])} for r, run in zip(job["runs"], runs)],
-        "peak_rss_mib": peak_rss_mib(),
-        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if runtime.device.type == "cuda" else None,
-    }
+    return _take_turns(runs, "runs", job["runs"], job, time.perf_counter() - setup, runtime)
 
 
 def peak_rss_mib() -> float:
