@@ -613,18 +613,19 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
       mner results runs/text_only runs/full --bootstrap 10000 --bootstrap-seed 1
       mner results runs/text_only runs/full ablations/tw15 --plot figures/
     """
+    from mner.train.ablate import ABLATION_MD
     from mner.train.evaluate import results_table
+    from mner.train.plots import write_plots
 
     if bootstrap < 0:
         raise click.BadParameter(f"must be >= 0 (0: no test), got {bootstrap}", param_hint="--bootstrap")
-    from mner.train.plots import write_plots
 
     runs = [path for path in run_dirs if not _is_ablation_folder(path)]
     if runs:
         click.echo(results_table(runs, split=split, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed))
     for path in run_dirs:
-        if path not in runs and (Path(path) / "ablation.md").is_file():
-            click.echo(f"\n{path}:\n" + (Path(path) / "ablation.md").read_text(encoding="utf-8"))
+        if path not in runs and (Path(path) / ABLATION_MD).is_file():
+            click.echo(f"\n{path}:\n" + (Path(path) / ABLATION_MD).read_text(encoding="utf-8"))
     if plot is not None:
         for png in write_plots(list(run_dirs), plot, split=split):
             click.echo(f"wrote {png}")
@@ -632,7 +633,7 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
 
 def _is_ablation_folder(path) -> bool:
     """An ablation folder goes to the plots only; its own table is its ablation.md."""
-    from mner.train.plots import ABLATION_CSV
+    from mner.train.ablate import ABLATION_CSV
 
     return (Path(path) / ABLATION_CSV).is_file()
 

@@ -61,6 +61,8 @@ MODEL_ARM = "model="
 
 # The ablation folder's record; a folder holding it with these keys is ours (mner.runtime.claim_folder).
 ABLATION_FILE = "ablation.json"
+# The tables an ablation writes beside its runs (the plots and `mner results` read them).
+ABLATION_CSV, ABLATION_MD = "ablation.csv", "ablation.md"
 ABLATION_KEYS = ("experiments", "seeds", "overrides", "epochs", "cache_dir", "data")
 
 # Per-type scores in ablation.csv: results.json metric -> column prefix (column `<prefix>_<TYPE>`).
@@ -122,8 +124,7 @@ class AblationConfig:
                     "model=NAME or the path of an existing config-diff .toml file"
                 )
         self.grid = list(self.grid)
-        grid_points(self.grid)  # malformed axes fail here, before any run
-        names = [arm.name for arm in self.arms()]
+        names = [arm.name for arm in self.arms()]  # a malformed grid axis fails here, before any run
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"experiments {repeated} are given more than once (runs are stored by name)")
@@ -154,9 +155,9 @@ class AblationConfig:
 
     def arms(self) -> list[Arm]:
         """Every experiment crossed with every grid point, in order (the grid's last axis fastest)."""
-        arms = []
+        arms, points = [], grid_points(self.grid)
         for experiment in self.experiments:
-            for point in grid_points(self.grid):
+            for point in points:
                 name = experiment_name(experiment)
                 if point:
                     diff = ",".join(point)
@@ -315,9 +316,9 @@ def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
                 train_from_cache(_run_config(cfg, arm, seed, run_dir))
             rows.append(_table_row(arm.name, seed, run_dir))
     table = pd.DataFrame(rows)
-    md_path = out / "ablation.md"
+    md_path = out / ABLATION_MD
     if main:
-        write_atomic(out / "ablation.csv", table.to_csv(index=False))
+        write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
         summary = summary_markdown(table)
         if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
             summary += "\n" + significance_markdown(table, cfg.bootstrap)

@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
+from mner.train.ablate import ABLATION_CSV
 from mner.train.runs import RESULTS_FILE, is_run_folder, read_metrics, read_results
 
 PLOTS_FILE = "plots.json"
 PLOTS_KEYS = ("inputs", "split", "figures")
 INSTALL_HINT = "pip install 'mner-cache[plot]' (or: pip install matplotlib)"
-ABLATION_CSV = "ablation.csv"
 _DPI = 120
 
 
