@@ -468,3 +468,38 @@ def _check_labels_in_train(split: ClassSplit, train: ClassSplit) -> None:
                 f"label {example.label!r} of guid {example.guid!r} is not in train (train labels: "
                 f"{', '.join(known)})",
             )
+
+
+def is_classification_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds classification data rather than NER posts: a `train.csv`, or a `train.txt`
+    whose first line is the MVSA header `guid,tag` (an NER train.txt starts with `IMGID:` or a token line)."""
+    folder = Path(folder).expanduser()
+    if (folder / _CSV_FILES["train"]).is_file():
+        return True
+    train = folder / _MVSA_FILES["train"]
+    if not train.is_file():
+        return False
+    with open(train, "rb") as handle:
+        first = handle.readline()
+    return first.removeprefix(_BOM).strip().lower() == HEADER.encode()
+
+
+@dataclass
+class ClassImages:
+    """The images of a classification folder, as stage one sees them: one cache key per guid."""
+
+    data_dir: Path  # the data folder
+    image_dir: Path  # data/, where `data/<guid>.jpg` images lie
+    paths: dict[str, Path | None]  # guid -> its image (None: the csv gives it no image), every split
+
+    def keys(self) -> list[str]:
+        """Every guid of every split (train, valid, test, test_without_label), sorted."""
+        return sorted(self.paths)
+
+
+def classification_images(cfg: ClassDataConfig) -> ClassImages:
+    """The image of every post of a classification folder (read_classification's rules and errors)."""
+    data = read_classification(cfg)
+    paths = {e.guid: e.image for split in data.splits.values() for e in split.examples}
+    folder = Path(cfg.data_dir).expanduser()
+    return ClassImages(data_dir=folder, image_dir=folder / TEXT_DIR, paths=paths)

@@ -575,7 +575,10 @@ def image_stat(path) -> list[int] | None:
 
     Recorded per image (shard attribute `image_stats_json`, manifest `file_size` / `file_mtime_ns`)
     so a re-run re-extracts the shards whose images changed and `cache verify --images` reports them.
+    `path` None (a post given no image) has nothing there.
     """
+    if path is None:
+        return None
     try:
         st = os.stat(path)
     except (OSError, ValueError):

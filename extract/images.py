@@ -23,6 +23,9 @@ from PIL import Image, ImageFile, ImageOps
 MAX_ASPECT_RATIO = 100
 
 
+NO_IMAGE_GIVEN = "no image given for this post (its csv image cell is empty)"
+
+
 @dataclass
 class LoadedImage:
     """One decoded image, or why there is none."""
@@ -34,7 +37,7 @@ class LoadedImage:
     error: str = ""  # why status is not "ok"
 
 
-def load_image(path: str | Path) -> LoadedImage:
+def load_image(path: str | Path | None) -> LoadedImage:
     """Decode `path` fully into an RGB PIL image.
 
     Truncated files, non-images, zero-byte files, decompression bombs (more than
@@ -47,6 +50,8 @@ def load_image(path: str | Path) -> LoadedImage:
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True, so truncated images would decode silently "
             "with grey bands; set it back to False before extracting"
         )
+    if path is None:  # a classification csv whose image cell is empty
+        return LoadedImage(None, "missing", 0, 0, NO_IMAGE_GIVEN)
     path = Path(path)
     absent = _not_a_file(path)
     if absent:

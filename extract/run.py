@@ -28,6 +28,7 @@ import transformers
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from mner.cache.classification import ClassDataConfig, classification_images, is_classification_folder
 from mner.cache.datasets import DataSource
 from mner.cache.lifecycle import (
     ShardSink,
@@ -85,12 +86,7 @@ def extract_features(cfg: ExtractConfig) -> Path:
     cfg.check_inputs()
     out = Path(cfg.out).expanduser()
     check_folder(out)  # before anything is read, loaded or written: never a folder that is not ours
-    source = cfg.data.resolve()
-    if not source.image_dir.is_dir():
-        log.warning("no image folder %s: every image will be recorded as missing", source.image_dir)
-    keys = collect_keys(source, cfg.splits)
-    # Resolving every path up front turns an unsafe key into an error before any model work.
-    paths = {key: source.image_path(key) for key in keys}
+    keys, paths = collect_images(cfg)
     # Ranks wait at the final barrier for the slowest one; an hour-long extraction must not time out.
     runtime = start_runtime(cfg.device, cfg.amp, hint="--device cpu", timeout=timedelta(hours=24))
     rank, device = runtime.rank, runtime.device
@@ -203,6 +199,33 @@ def _log_plan(plan, mine: int) -> None:
             "in them are not detected; pass --overwrite to extract them again",
             plan.unknown_stats,
         )
+
+
+def collect_images(cfg: ExtractConfig) -> tuple[list[str], dict[str, Path | None]]:
+    """(sorted image keys, key -> image path) of the configured data, every path resolved up front so
+    that an unsafe key is an error before any model work.
+
+    An NER folder (or named dataset) gives the keys of `cfg.splits`; a classification folder
+    (cache.classification: MVSA `train.txt` with a `guid,tag` header, or `train.csv`) gives every
+    guid of every split, its image `data/<guid>.jpg` or the csv's `image` cell (None: no image, which
+    is recorded missing).
+    """
+    data = cfg.data
+    if data.data_dir is not None and is_classification_folder(data.data_dir):
+        if data.image_dir is not None:
+            raise ValueError(
+                f"{data.data_dir} is a classification folder, whose images are data/<guid>.jpg or its csv's "
+                "image column; --image-dir does not apply to it"
+            )
+        images = classification_images(ClassDataConfig(data.data_dir))
+        image_dir, keys, paths = images.image_dir, images.keys(), images.paths
+    else:
+        source = data.resolve()
+        image_dir, keys = source.image_dir, collect_keys(source, cfg.splits)
+        paths = {key: source.image_path(key) for key in keys}
+    if not image_dir.is_dir():
+        log.warning("no image folder %s: every image will be recorded as missing", image_dir)
+    return keys, paths
 
 
 def collect_keys(source: DataSource, splits: tuple[str, ...]) -> list[str]:
