@@ -389,6 +389,105 @@ def _amp_option(fn):
     )(fn)
 
 
+@main.command("train-classifier", context_settings=CONTEXT)
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Classification folder: MVSA train.txt (guid,tag) + data/<guid>.txt|.jpg, or train.csv / val.csv / test.csv.",
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    help="Feature cache from `extract-features --data-dir` on the same folder (not read with --mode text).",
+)
+@click.option(
+    "--mode", type=click.Choice(["text", "image", "both"]), help="What the head sees [default: both]."
+)
+@click.option(
+    "--head", type=click.Choice(["mlp", "cnn", "attention", "xattn"]), help="Classifier head [default: mlp]."
+)
+@click.option("--text-pool", type=click.Choice(["cls", "mean"]), help="Text feature [default: cls].")
+@click.option(
+    "--image-feature",
+    type=click.Choice(["global", "patches"]),
+    help="Image feature: the cached global vector or the mean patch token [default: global].",
+)
+@click.option("--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: minilm].")
+@click.option(
+    "--class-weights",
+    type=click.Choice(["none", "balanced"]),
+    help="Cross-entropy class weights [default: none].",
+)
+@click.option("--epochs", type=int, help="Number of epochs [default: 5].")
+@click.option("--seed", type=int, help="Random seed [default: 42].")
+@click.option(
+    "--valid-fraction",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Share of train drawn as valid when the folder has no valid split.",
+)
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of that draw.")
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with a [classifier] table."
+)
+@click.option("--set", "overrides", multiple=True, help="Override: classifier.key=value (repeatable).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@_user_errors
+def train_classifier_cmd(
+    data_dir,
+    cache_dir,
+    mode,
+    head,
+    text_pool,
+    image_feature,
+    text_encoder,
+    class_weights,
+    epochs,
+    seed,
+    valid_fraction,
+    split_seed,
+    config_file,
+    overrides,
+    out,
+):
+    """Sentence classification (the BertResNet seed): text, image or both, from one feature cache.
+
+    Accuracy, macro-F1, per-class P/R/F1 and the confusion matrix of valid and test go into the run
+    folder; the best epoch is chosen on valid; test_without_label.txt gets pred_test_without_label.txt
+    (guid,tag in its order).
+
+    \b
+    Example:
+      mner extract-features --data-dir mvsa --vision resnet50 --vision-ckpt resnet50.pth \\
+          --detector none --out cache/mvsa
+      mner train-classifier --data-dir mvsa --mode text --out runs/mvsa_text
+      mner train-classifier --data-dir mvsa --cache cache/mvsa --mode both --head cnn --out runs/mvsa_cnn
+    """
+    from mner.cache.classification import ClassDataConfig
+    from mner.train.classify import ClassifierRunConfig, load_classifier_config, train_classifier
+
+    classifier = load_classifier_config(
+        config_file,
+        overrides,
+        mode=mode,
+        head=head,
+        text_pool=text_pool,
+        image_feature=image_feature,
+        text_encoder=text_encoder,
+        class_weights=class_weights,
+        epochs=epochs,
+        seed=seed,
+    )
+    data = ClassDataConfig(data_dir, valid_fraction=valid_fraction, seed=split_seed)
+    cache = None if classifier.mode == "text" else cache_dir
+    cfg = ClassifierRunConfig(data=data, out_dir=out, classifier=classifier, cache_dir=cache)
+    run_dir = train_classifier(cfg)
+    click.echo(f"run written to {run_dir}")
+
+
 @main.command("evaluate", context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--split", default="test", show_default=True, help="train | valid | test")
@@ -565,8 +664,14 @@ def models_cmd():
 @main.command("demo-data", context_settings=CONTEXT)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the demo data set.")
 @click.option("--seed", type=int, default=13, show_default=True)
+@click.option(
+    "--classification",
+    is_flag=True,
+    help="The MVSA-style sentiment demo instead (train-classifier): the label is in every image, in some texts.",
+)
+@click.option("--posts", type=int, default=300, show_default=True, help="Posts of the --classification demo.")
 @_user_errors
-def demo_data_cmd(out, seed):
+def demo_data_cmd(out, seed, classification, posts):
     """Build the embedded demo data set (IMGID-CoNLL + images), deterministically from a seed.
 
     An entity's type can be told only from its post's image.
@@ -574,10 +679,16 @@ def demo_data_cmd(out, seed):
     \b
     Example:
       mner demo-data --out demo_out/data
+      mner demo-data --classification --out demo_out/mvsa
     """
-    from mner.demo.build import DemoConfig, build_demo
+    if classification:
+        from mner.demo import make_mvsa_demo
 
-    path = build_demo(DemoConfig(out_dir=out, seed=seed))
+        path = make_mvsa_demo(out, seed=seed, n=posts)
+    else:
+        from mner.demo.build import DemoConfig, build_demo
+
+        path = build_demo(DemoConfig(out_dir=out, seed=seed))
     click.echo(f"demo data at {path}")
 
 

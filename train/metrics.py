@@ -91,3 +91,45 @@ def write_conll(path: str | Path, posts: Sequence[Post], pred_tags: Sequence[Seq
     path = Path(path)
     path.write_text("".join(lines), encoding="utf-8")
     return path
+
+
+def classification_scores(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict:
+    """Sentence-level scores: accuracy, macro P/R/F1, per-class P/R/F1 and the confusion matrix.
+
+    Args:
+        gold, pred: one label per post, equally long.
+        labels: the run's label list (per_class and the confusion matrix follow its order).
+    Returns:
+        {"accuracy", "macro_precision", "macro_recall", "macro_f1", "support" (posts),
+         "per_class": {label: {"precision", "recall", "f1", "support", "predicted", "correct"}},
+         "confusion": {"labels": labels, "matrix": rows gold, columns predicted}}. The macro averages
+        run over the labels that occur in gold or pred (scikit-learn's default), so a label absent
+        from a split and never predicted does not pull them to 0.
+    Raises ValueError for unequal lengths or a label outside `labels`.
+    """
+    if len(gold) != len(pred):
+        raise ValueError(f"gold has {len(gold)} posts but pred has {len(pred)}")
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        for what, label in (("gold", g), ("predicted", p)):
+            if label not in index:
+                raise ValueError(f"post {i}: {what} label {label!r} is not one of {list(labels)}")
+        matrix[index[g]][index[p]] += 1
+    per_class = {
+        label: _prf(matrix[i][i], sum(row[i] for row in matrix), sum(matrix[i]))
+        for i, label in enumerate(labels)
+    }
+    seen = [s for s in per_class.values() if s["support"] or s["predicted"]]
+    macro = {
+        f"macro_{key}": sum(s[key] for s in seen) / len(seen) if seen else 0.0
+        for key in ("precision", "recall", "f1")
+    }
+    correct = sum(matrix[i][i] for i in range(len(labels)))
+    return {
+        "accuracy": correct / len(gold) if gold else 0.0,
+        **macro,
+        "support": len(gold),
+        "per_class": per_class,
+        "confusion": {"labels": list(labels), "matrix": matrix},
+    }

@@ -1,0 +1,525 @@
+"""Sentence-level classification from the cache (the BertResNet seed, issue 12):
+`train_classifier(ClassifierRunConfig) -> run folder`.
+
+The data is a classification folder (cache/classification.py: MVSA `train.txt` ... or `train.csv`
+...), its images extracted once by `mner extract-features` (keys are guids; `--vision resnet50
+--vision-ckpt FILE --detector none` gives the seed's ResNet avgpool vector as the global embedding).
+`mode` text trains on the text alone and never opens the cache; image reads only the cache (no text
+encoder); both reads the two. The model is train/classifier_model.py's.
+
+The best epoch is chosen on the valid split (`select`: macro-F1 by default, or accuracy); its
+weights are reloaded at the end to score valid and test. The run folder:
+
+    config.json          {"task": "classification", "classifier", "data", "cache_dir", "label_names",
+                          "encoder_dir", "cache" (fingerprint, spec; null in text mode), "data_report",
+                          "no_image" (posts per split without a usable image), "truncated_posts"}
+    model.safetensors    the best epoch's weights
+    metrics.jsonl        one line per epoch: train loss, valid accuracy / macro-F1, best, seconds
+    results.json         {"best_epoch", "epochs_run", <split>: classification_scores} for valid, test
+    pred_<split>.csv     guid,gold,pred per post of valid / test, in file order
+    pred_test_without_label.txt   the seed's submission file (guid,tag in the input's order), when the
+                          folder has test_without_label.txt
+
+The folder must be new or empty (a classifier run is not resumable: it trains in minutes); a run that
+fails removes what it created. A non-finite loss stops training naming the epoch and step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_model
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+
+from mner import configs
+from mner.cache.classification import (
+    UNLABELLED_SPLIT,
+    ClassData,
+    ClassDataConfig,
+    ClassSplit,
+    read_classification,
+    write_predictions,
+)
+from mner.cache.reader import CacheReader
+from mner.runtime import (
+    DEVICE_PATTERN,
+    ProgressLog,
+    claim_folder,
+    is_our_folder,
+    seed_everything,
+    start_runtime,
+    to_device,
+    write_atomic,
+)
+from mner.train.classifier_model import (
+    CLASS_HEADS,
+    IMAGE_FEATURES,
+    MODES,
+    TEXT_POOLS,
+    ClassifierHead,
+    SentenceClassifier,
+)
+from mner.train.config import _Config, _parse_override
+from mner.train.loop import NonFiniteLoss, train_step
+from mner.train.metrics import classification_scores
+from mner.train.model import _decayed_parameters
+from mner.train.runs import CONFIG_FILE, RESULTS_FILE, WEIGHTS_FILE, append_metrics, write_json
+from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
+
+log = logging.getLogger(__name__)
+
+TASK = "classification"  # config.json "task" of a classifier run
+CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
+CLASS_WEIGHTS = ("none", "balanced")
+SELECT = ("macro_f1", "accuracy")
+SUBMISSION_FILE = "pred_test_without_label.txt"
+
+
+@dataclass
+class ClassifierConfig(_Config):
+    """The classifier and its optimisation; the TOML table [classifier], `--set classifier.KEY=VALUE`."""
+
+    SECTION = "classifier"
+
+    mode: str = "both"  # text | image | both: what the head sees (text never opens the cache)
+    head: str = "mlp"  # mlp | cnn | attention | xattn (train/classifier_model.py)
+    text_encoder: str = "minilm"  # "minilm", "tiny-bert" or a local Hugging Face folder
+    text_pool: str = "cls"  # cls ([CLS] state, the seed's) | mean (over real sub-words)
+    image_feature: str = (
+        "global"  # global (the cached global vector) | patches (their mean); xattn reads patches
+    )
+    max_length: int = 128  # sub-words per post; longer texts are cut (counted in config.json)
+    hidden_size: int = 512  # the seed's hidden size of mlp_both (mlp, attention heads)
+    attention_heads: int = 4  # heads of the xattn layer
+    dropout: float = 0.1
+    class_weights: str = "none"  # none | balanced (n / (labels * count) per label, from train)
+    select: str = "macro_f1"  # macro_f1 | accuracy: the valid score that picks the best epoch
+    epochs: int = 5
+    batch_size: int = 16
+    lr_encoder: float = 2e-5  # AdamW learning rate of the text encoder
+    lr_head: float = 1e-3  # of the head
+    weight_decay: float = 0.01  # on weight matrices only (train.model's rule)
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    patience: int = 3  # stop after this many epochs without a better valid score
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+
+    def __post_init__(self):
+        self._check_types()
+        for name, known in (
+            ("mode", MODES),
+            ("head", CLASS_HEADS),
+            ("text_pool", TEXT_POOLS),
+            ("image_feature", IMAGE_FEATURES),
+            ("class_weights", CLASS_WEIGHTS),
+            ("select", SELECT),
+        ):
+            if getattr(self, name) not in known:
+                raise ValueError(
+                    f"classifier.{name} must be one of {', '.join(known)}; got {getattr(self, name)!r}"
+                )
+        for name in ("max_length", "hidden_size", "attention_heads", "epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"classifier.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_encoder", "lr_head", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
+        if self.weight_decay < 0 or self.seed < 0:
+            raise ValueError("classifier.weight_decay and classifier.seed must be >= 0")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
+
+
+@dataclass
+class ClassifierRunConfig:
+    """Everything one classifier run needs; recorded in its config.json."""
+
+    data: ClassDataConfig  # the classification folder
+    out_dir: str  # the run folder to create (new or empty)
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    cache_dir: str | None = None  # the feature cache; required unless classifier.mode is text (then unused)
+
+    def __post_init__(self):
+        if not isinstance(self.data, ClassDataConfig):
+            raise ValueError(f"data must be a ClassDataConfig, got {self.data!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must name the run folder, got ''")
+        if self.classifier.mode != "text" and self.cache_dir is None:
+            raise ValueError(
+                f"mode {self.classifier.mode} reads images from a feature cache: pass --cache DIR "
+                "(from `mner extract-features --data-dir` on this folder), or --mode text"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "data": self.data.to_dict(),
+            "out_dir": self.out_dir,
+            "classifier": self.classifier.to_dict(),
+            "cache_dir": self.cache_dir,
+        }
+
+
+def load_classifier_config(
+    config_file: str | Path | None = None, overrides=(), **settings
+) -> ClassifierConfig:
+    """A ClassifierConfig from an optional TOML file (table [classifier]), then `--set classifier.KEY=VALUE`
+    overrides, then `settings` (the CLI's options; None values are skipped), later ones winning.
+
+    Raises ValueError naming the file or the override for an unknown table or key, a bad value.
+    """
+    merged: dict = {}
+    layers = []
+    if config_file is not None:
+        layers.append((configs.load_toml(Path(config_file)), str(config_file)))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        layers.append(({section: {key: value}}, f"--set {text}"))
+    layers.append(({"classifier": {k: v for k, v in settings.items() if v is not None}}, "the options"))
+    names = {f.name for f in dataclasses.fields(ClassifierConfig)}
+    for data, source in layers:
+        for section, table in data.items():
+            if section != ClassifierConfig.SECTION or not isinstance(table, dict):
+                raise ValueError(
+                    f"{source}: unknown section {section!r}; a classifier config has only [classifier]"
+                )
+            for key, value in table.items():
+                if key not in names:
+                    raise ValueError(
+                        f"{source}: unknown key classifier.{key}; known keys: {', '.join(sorted(names))}"
+                    )
+                merged[key] = value
+    return ClassifierConfig(**merged)
+
+
+def is_classifier_run(path) -> bool:
+    """Whether `path` is a classifier run folder (config.json with task "classification")."""
+    return is_our_folder(path, CONFIG_FILE, CLASS_RECORD_KEYS)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class _Posts(torch.utils.data.Dataset):
+    """The examples of one split with their image features (read lazily from the cache)."""
+
+    def __init__(
+        self, split: ClassSplit, reader: CacheReader | None, label_ids: dict, tokens: bool, patches: bool
+    ):
+        self.examples = split.examples
+        self.reader, self.label_ids, self.tokens, self.patches = reader, label_ids, tokens, patches
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.examples[index]
+        item = {"text": example.text, "label": self.label_ids.get(example.label, -100)}
+        if self.reader is not None:
+            record = self.reader.get(example.guid)
+            if self.tokens:
+                image = record.patch_tokens  # (P, Dp)
+            elif self.patches:
+                image = record.patch_tokens.astype(np.float32).mean(0)  # (Dp,)
+            else:
+                image = record.global_embed  # (Dg,)
+            item.update(
+                image=torch.from_numpy(np.asarray(image, dtype=np.float32)), has_image=record.status == "ok"
+            )
+        return item
+
+
+def _collate(tokenizer, max_length: int):
+    def collate(items: list[dict]) -> dict:
+        batch = {"labels": torch.tensor([item["label"] for item in items])}
+        if tokenizer is not None:
+            encoded = tokenizer(
+                [item["text"] for item in items],
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            batch.update(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])  # (B, S)
+        if "image" in items[0]:
+            batch["image"] = torch.stack([item["image"] for item in items])  # (B, Di) or (B, P, Dp)
+            batch["has_image"] = torch.tensor([item["has_image"] for item in items])  # (B,)
+        return batch
+
+    return collate
+
+
+def _loader(
+    split, reader, label_ids, tokenizer, cfg: ClassifierConfig, head: ClassifierHead, shuffle: bool, seed: int
+):
+    posts = _Posts(split, reader, label_ids, head.reads_tokens, cfg.image_feature == "patches")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        posts,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=_collate(tokenizer, cfg.max_length),
+    )
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def train_classifier(cfg: ClassifierRunConfig) -> Path:
+    """Train one sentence classifier and write its run folder (see the module docstring).
+
+    Raises:
+        ValueError when the folder is neither new nor empty, the data is malformed (DatasetError,
+        `file:line`), the cache lacks a post's guid (it was extracted from other data), the loss
+        becomes non-finite (naming epoch and step), or a setting is out of range.
+    """
+    out = Path(cfg.out_dir)
+    if is_classifier_run(out):
+        raise ValueError(f"{out} already holds a classifier run (config.json); choose another --out")
+    claim = claim_folder(out, CONFIG_FILE, CLASS_RECORD_KEYS, resume=None, what="classifier run")
+    c = cfg.classifier
+    seed_everything(c.seed)
+    runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu")
+    reader = None
+    try:
+        data = read_classification(cfg.data)
+        reader = _open_cache(cfg, data)
+        claim.create()
+        return _train(cfg, data, reader, runtime, claim.path)
+    except NonFiniteLoss as err:
+        claim.release()
+        raise ValueError(
+            f"{out}: training stopped: the {err}; no run was kept. A corrupt feature cache (check it with "
+            "`mner cache verify`) or an unstable setting (a high learning rate) can cause this"
+        ) from None
+    except BaseException:
+        claim.release()
+        raise
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+
+
+def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None:
+    """The cache (None in text mode, never opened), refused when it lacks a post's guid."""
+    if cfg.classifier.mode == "text":
+        return None
+    reader = CacheReader(cfg.cache_dir)
+    for split in data.splits.values():
+        absent = [e for e in split.examples if e.guid not in reader]
+        if absent:
+            reader.close()
+            raise ValueError(
+                f"{split.path}:{absent[0].line}: guid {absent[0].guid!r} is not in the cache at {cfg.cache_dir} "
+                f"({len(absent)} of {len(split.examples)} {split.name} posts are absent); the cache was "
+                f"extracted from other data — run `mner extract-features --data-dir {cfg.data.data_dir}`"
+            )
+    if cfg.classifier.head == "xattn" and cfg.classifier.mode == "both" and reader.spec.num_patches < 1:
+        raise ValueError(f"the xattn head reads patch tokens, and the cache at {cfg.cache_dir} has none")
+    return reader
+
+
+def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: Path) -> Path:
+    c = cfg.classifier
+    labels = list(data.labels)
+    label_ids = {label: i for i, label in enumerate(labels)}
+    encoder = tokenizer = encoder_dir = None
+    if c.mode != "image":
+        encoder_dir = resolve_text_encoder(c.text_encoder)
+        tokenizer, encoder = load_tokenizer(encoder_dir), load_encoder(encoder_dir)
+    text_dim = encoder.config.hidden_size if encoder is not None else 0
+    image_dim = 0
+    if reader is not None:
+        spec = reader.spec
+        image_dim = spec.patch_dim if c.image_feature == "patches" or c.head == "xattn" else spec.global_dim
+    head = ClassifierHead(
+        c.head, c.mode, text_dim, image_dim, len(labels), c.hidden_size, c.dropout, c.attention_heads
+    )
+    weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
+    model = SentenceClassifier(encoder, head, c.text_pool, weights).to(runtime.device)
+
+    scored = [name for name in ("valid", "test") if name in data.splits and data.splits[name].labelled]
+    record = {
+        "task": TASK,
+        **cfg.to_dict(),
+        "label_names": labels,
+        "encoder_dir": str(encoder_dir) if encoder_dir is not None else None,
+        "cache": None
+        if reader is None
+        else {
+            "fingerprint": reader.fingerprint,
+            "spec": dataclasses.asdict(reader.spec),
+            "models": reader.models,
+        },
+        "data_report": {
+            "layout": data.report.layout,
+            "fallbacks": data.report.fallbacks,
+            "split_made": data.report.split_made,
+            "sizes": {name: len(split.examples) for name, split in data.splits.items()},
+            "train_labels": data.splits["train"].label_counts(),
+        },
+        "no_image": _no_image(data, reader),
+        "truncated_posts": _truncated(data, tokenizer, c.max_length),
+        "class_weights": None if weights is None else dict(zip(labels, weights.tolist())),
+    }
+    if any(record["truncated_posts"].values()):
+        log.warning("posts longer than %d sub-words (cut): %s", c.max_length, record["truncated_posts"])
+    if reader is not None:
+        log.info("posts without a usable image (scored as text alone): %s", record["no_image"])
+    write_json(run_dir / CONFIG_FILE, record)
+
+    train_loader = _loader(data.splits["train"], reader, label_ids, tokenizer, c, head, True, c.seed)
+    total = c.epochs * len(train_loader)
+    optimizer = torch.optim.AdamW(_param_groups(model, c), weight_decay=c.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(c.warmup_ratio * total), total)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
+    best, best_epoch, best_state, bad = -1.0, 0, None, 0
+    epoch = 0
+    for epoch in range(1, c.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        losses = []
+        with ProgressLog(
+            len(train_loader),
+            f"epoch {epoch}/{c.epochs}",
+            unit="step",
+            every=max(1, -(-len(train_loader) // 10)),
+        ) as bar:
+            for batch in train_loader:
+                try:
+                    losses.append(
+                        train_step(model, batch, optimizer, scheduler, scaler, c.max_grad_norm, runtime)
+                    )
+                except NonFiniteLoss as err:
+                    step = err.step - (epoch - 1) * len(train_loader)
+                    raise NonFiniteLoss(
+                        f"{err.what} at epoch {epoch}, step {step} of {len(train_loader)}",
+                        err.value,
+                        err.step,
+                    ) from None
+                bar.update()
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            valid = _score(
+                model, data.splits["valid"], reader, label_ids, tokenizer, c, head, runtime, labels
+            )[1]
+            bar.set_postfix(
+                loss=f"{np.mean(losses):.4f}",
+                valid_acc=f"{valid['accuracy']:.4f}",
+                valid_f1=f"{valid['macro_f1']:.4f}",
+            )
+        improved = valid[c.select] > best
+        if improved:
+            best, best_epoch, bad = valid[c.select], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+            save_model(model, str(run_dir / WEIGHTS_FILE))
+        else:
+            bad += 1
+        line = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "valid_accuracy": valid["accuracy"],
+            "valid_macro_f1": valid["macro_f1"],
+            "best": improved,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        append_metrics(run_dir, line)
+        log.info(
+            "epoch %d: train loss %.4f, valid accuracy %.4f, macro-F1 %.4f%s",
+            epoch,
+            line["train_loss"],
+            valid["accuracy"],
+            valid["macro_f1"],
+            " (best)" if improved else "",
+        )
+        if bad >= c.patience:
+            log.info(
+                "valid %s did not improve for %d epochs; stopped after epoch %d", c.select, c.patience, epoch
+            )
+            break
+
+    model.load_state_dict(best_state)
+    results = {"best_epoch": best_epoch, "epochs_run": epoch, "select": c.select}
+    for name in scored:
+        predicted, results[name] = _score(
+            model, data.splits[name], reader, label_ids, tokenizer, c, head, runtime, labels
+        )
+        _write_pred_csv(run_dir / f"pred_{name}.csv", data.splits[name], predicted)
+    if UNLABELLED_SPLIT in data.splits:
+        split = data.splits[UNLABELLED_SPLIT]
+        predicted = _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
+        write_predictions(run_dir / SUBMISSION_FILE, split.examples, predicted)
+    write_json(run_dir / RESULTS_FILE, results)
+    return run_dir
+
+
+def _param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
+    """AdamW groups: encoder at lr_encoder, head at lr_head; weight decay on weight matrices only."""
+    decayed = _decayed_parameters(model)
+    groups = []
+    for part, lr in (("encoder.", c.lr_encoder), ("head.", c.lr_head)):
+        params = [p for name, p in model.named_parameters() if name.startswith(part) and p.requires_grad]
+        for chosen, decay in (
+            ([p for p in params if id(p) in decayed], c.weight_decay),
+            ([p for p in params if id(p) not in decayed], 0.0),
+        ):
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
+    return groups
+
+
+def _class_weights(train: ClassSplit, labels: list[str]) -> torch.Tensor:
+    """n / (L * count) per label (scikit-learn's "balanced"): (L,) float32."""
+    counts = train.label_counts()
+    n = sum(counts.values())
+    return torch.tensor([n / (len(labels) * counts[label]) for label in labels], dtype=torch.float32)
+
+
+def _no_image(data: ClassData, reader) -> dict:
+    if reader is None:
+        return {}
+    return {
+        name: sum(reader.status(e.guid) != "ok" for e in split.examples)
+        for name, split in data.splits.items()
+    }
+
+
+def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:
+    if tokenizer is None:
+        return {}
+    return {
+        name: sum(len(ids) > max_length for ids in tokenizer([e.text for e in split.examples])["input_ids"])
+        for name, split in data.splits.items()
+    }
+
+
+@torch.no_grad()
+def _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels) -> list[str]:
+    """The predicted label of every example of `split`, in file order."""
+    model.eval()
+    predicted = []
+    for batch in _loader(split, reader, label_ids, tokenizer, c, head, False, c.seed):
+        logits = model(to_device({k: v for k, v in batch.items() if k != "labels"}, runtime.device))["logits"]
+        predicted.extend(labels[i] for i in logits.argmax(1).tolist())
+    return predicted
+
+
+def _score(model, split, reader, label_ids, tokenizer, c, head, runtime, labels) -> tuple[list[str], dict]:
+    predicted = _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
+    return predicted, classification_scores([e.label for e in split.examples], predicted, labels)
+
+
+def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path:
+    rows = ["guid,gold,pred", *(f"{e.guid},{e.label},{p}" for e, p in zip(split.examples, predicted))]
+    return write_atomic(path, "\n".join(rows) + "\n")
