@@ -786,7 +786,7 @@ def cases_cmd(run_a, run_b, split, out, limit, ids, image_dir):
 
     \b
     Example:
-      mner cases demo_out/runs/text_only demo_out/runs/multimodal --out demo_out/cases
+      mner cases demo_out/runs/text_only demo_out/runs/afdvqf --out demo_out/cases
       mner cases runs/text runs/full --split valid --ids 1015799 --ids 1017446 --out cases/picked
     """
     from mner.train.cases import CASES_FILE, CasesConfig, summary_line, write_cases
