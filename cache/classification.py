@@ -496,6 +496,12 @@ class ClassImages:
         """Every guid of every split (train, valid, test, test_without_label), sorted."""
         return sorted(self.paths)
 
+    def image_path(self, key: str) -> Path | None:
+        """The image of guid `key` (None: the csv gives it none); ValueError for a guid of no split."""
+        if key not in self.paths:
+            raise ValueError(f"guid {key!r} is in no split of {self.data_dir}")
+        return self.paths[key]
+
 
 def classification_images(cfg: ClassDataConfig) -> ClassImages:
     """The image of every post of a classification folder (read_classification's rules and errors)."""

@@ -12,7 +12,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mner.cache.datasets import SPLITS, DataSource, recorded_data
+from mner.cache.classification import (
+    ClassDataConfig,
+    ClassImages,
+    classification_images,
+    is_classification_folder,
+)
+from mner.cache.datasets import SPLITS, DataConfig, DataSource, recorded_data
 from mner.cache.shards import (
     DTYPES,
     RECORD_ARRAYS,
@@ -132,8 +138,10 @@ def verify_cache(cache_dir, data: DataSource | None = None, images: bool = False
             problems.add(name, "unreadable", f"{name}: cannot be read by HDF5 ({type(err).__name__}: {err})")
 
     if data is None:  # the data folder the cache was extracted from, when it is still there
-        data = recorded_data(manifest["config"])
-    if data is not None:
+        data = _recorded(manifest["config"])
+    if isinstance(data, ClassImages):
+        checked.update(_check_guids(data, images_by_shard, problems))
+    elif data is not None:
         checked.update(_check_data(data, images_by_shard, problems))
     else:
         checked["data"] = "data folder not given and the recorded one is gone: image ids not checked"
@@ -238,6 +246,43 @@ def _check_block(
         for i in problem.rows:
             row = rows.start + int(i)
             problems.add(name, problem.check, f"{name} row {row} (key {keys[row]!r}): {problem.found(i)}")
+
+
+def data_for_verify(data_dir) -> DataSource | ClassImages:
+    """What `verify_cache` checks a cache against: a classification folder's guids (cache.classification),
+    else the NER data folder's splits."""
+    if is_classification_folder(data_dir):
+        return classification_images(ClassDataConfig(str(data_dir)))
+    return DataConfig(data_dir=str(data_dir)).resolve()
+
+
+def _recorded(config: dict) -> DataSource | ClassImages | None:
+    """The recorded data folder (a classification one included), None when it is gone or unreadable."""
+    data_dir = config.get("data_dir")
+    if data_dir and is_classification_folder(data_dir):
+        try:
+            return classification_images(ClassDataConfig(data_dir))
+        except ValueError:
+            return None
+    return recorded_data(config)
+
+
+def _check_guids(data: ClassImages, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:
+    """Every guid of the classification folder in the cache, every cache key a guid."""
+    location = {
+        image["key"]: f"{shard} row {image['row']}"
+        for shard, images in images_by_shard.items()
+        for image in images
+    }
+    for key in data.keys():
+        if key not in location:
+            problems.add("data", "not cached", f"{data.data_dir}: guid {key!r} is not in the cache")
+    for key in sorted(set(location) - set(data.paths)):
+        where = location[key]
+        problems.add(
+            where.split()[0], "not in data", f"{where} (key {key!r}): in no split of {data.data_dir}"
+        )
+    return {"data_keys": len(data.paths)}
 
 
 def _check_data(data: DataSource, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:

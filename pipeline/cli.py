@@ -266,10 +266,12 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir, columns, im
     Example:
       mner cache verify demo_out/cache --data-dir demo_out/data --images
     """
-    from mner.cache.verify import verify_cache
+    from mner.cache.verify import data_for_verify, verify_cache
 
     data = None
-    if data_dir or dataset:
+    if data_dir and not (dataset or image_dir or columns):
+        data = data_for_verify(data_dir)  # an NER or a classification folder
+    elif data_dir or dataset:
         data = _data_config(data_dir, dataset, data_root, image_dir, columns).resolve()
     report = verify_cache(cache_dir, data, images=images)
     for problem in report.problems:
