@@ -20,6 +20,7 @@ import pandas as pd
 from mner.cache.datasets import resolve_data
 from mner.runtime import resolve_runtime
 from mner.train import significance
+from mner.train.classify import is_classifier_run
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.runs import (
@@ -147,7 +148,8 @@ def results_table(
 ) -> str:
     """Micro P/R/F1 (percent) of each run on `split`, from its training-time results.json.
 
-    A run without them gets a row all the same, its status saying why: "unfinished (epoch k/N)",
+    A classifier run (`mner train-classifier`) gets its macro P/R/F1 and an Acc column (accuracy); it is
+    never bootstrapped. A run without them gets a row all the same, its status saying why: "unfinished (epoch k/N)",
     "no <split> results", "not a run folder", or the error reading a damaged file.
 
     With two or more runs and `bootstrap` > 0 every run is compared with the first one by a paired bootstrap over posts
@@ -155,25 +157,32 @@ def results_table(
     (pred_<split>.conll): columns dF1 (percentage points), CI95 (its 95% interval) and p, and a last line
     naming the test. A run whose predictions are missing, or cover other posts, gets "-" there.
     """
-    if len(run_dirs) < 2:
-        bootstrap = 0  # nothing to compare with
+    classifiers = [is_classifier_run(run_dir) for run_dir in run_dirs]
+    if len(run_dirs) < 2 or classifiers[0]:
+        bootstrap = 0  # nothing to compare with (the bootstrap compares entity F1 of tagging runs)
     rows = []
     base_preds = _predictions(Path(run_dirs[0]), split) if bootstrap > 0 and run_dirs else None
     for index, run_dir in enumerate(run_dirs):
         row = {"run": str(run_dir), "P": "-", "R": "-", "F1": "-", "support": "-"}
+        if any(classifiers):
+            row["Acc"] = "-"
         try:
-            micro, status = _split_scores(Path(run_dir), split)
+            micro, status = (_class_scores if classifiers[index] else _split_scores)(Path(run_dir), split)
         except ValueError as err:
             micro, status = None, str(err)
         if micro is not None:
             row.update(
                 {
                     name: f"{micro[key] * PERCENT:.2f}"
-                    for name, key in (("P", "precision"), ("R", "recall"), ("F1", "f1"))
+                    for name, key in (("P", "precision"), ("R", "recall"), ("F1", "f1"), ("Acc", "accuracy"))
+                    if key in micro
                 }
             )
             row["support"] = str(micro["support"])
-        if bootstrap > 0:
+        if bootstrap > 0 and classifiers[index]:
+            row.update({"dF1": "-", "CI95": "-", "p": "-"})
+            status = f"{status}; not compared (the bootstrap is over tagged posts)"
+        elif bootstrap > 0:
             cells, note = _bootstrap_cells(index, base_preds, Path(run_dir), split, bootstrap, bootstrap_seed)
             row.update(cells)
             status = f"{status}; {note}" if note else status
@@ -208,6 +217,23 @@ def _bootstrap_cells(index: int, base, run_dir: Path, split: str, resamples: int
     result = significance.paired_bootstrap(base[1], [base[2]], [mine[2]], resamples=resamples, seed=seed)
     delta, ci, p = significance.format_comparison(result)
     return {"dF1": delta, "CI95": ci, "p": p}, ""
+
+
+def _class_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
+    """(macro P/R/F1 as precision/recall/f1, accuracy, support; or None, status) of a classifier run."""
+    if not (run_dir / RESULTS_FILE).is_file():
+        return None, f"unfinished (epoch {len(read_metrics(run_dir))})"
+    results = read_results(run_dir)
+    if split not in results:
+        return None, f"no {split} results (the split has no labels, or the folder has no {split} file)"
+    scores = results[split]
+    return {
+        "precision": scores["macro_precision"],
+        "recall": scores["macro_recall"],
+        "f1": scores["macro_f1"],
+        "accuracy": scores["accuracy"],
+        "support": scores["support"],
+    }, "finished (classification: macro P/R/F1, accuracy)"
 
 
 def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
