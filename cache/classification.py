@@ -509,3 +509,19 @@ def classification_images(cfg: ClassDataConfig) -> ClassImages:
     paths = {e.guid: e.image for split in data.splits.values() for e in split.examples}
     folder = Path(cfg.data_dir).expanduser()
     return ClassImages(data_dir=folder, image_dir=folder / TEXT_DIR, paths=paths)
+
+
+def read_split_file(path: str | Path, encodings: Sequence[str] = DEFAULT_ENCODINGS) -> ClassSplit:
+    """One split file of a classification folder, for prediction: an MVSA `.txt` (guid,tag) or a `.csv`,
+    texts from the folder's `data/<guid>.txt` (or the csv's text column). It is unlabelled when every tag
+    is empty or `null`, else every line needs a label. Errors as read_classification's (`file:line`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{path}: split file not found")
+    encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
+    if path.suffix.lower() == ".csv":
+        return _Reader(path.parent, encodings, ReadReport("csv", encodings)).read_csv(path, "test")
+    peek = _Reader(path.parent, encodings, ReadReport("mvsa", encodings)).lines(path)
+    tags = [line.rsplit(",", 1)[-1].strip().lower() for line in peek[1:] if line.strip()]
+    labelled = any(tag and tag != NULL_LABEL for tag in tags)
+    return _Reader(path.parent, encodings, ReadReport("mvsa", encodings)).read_mvsa(path, path.stem, labelled)

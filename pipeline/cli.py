@@ -508,6 +508,14 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts):
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
+    from mner.train.classify import evaluate_classifier, format_class_scores, is_classifier_run
+
+    if is_classifier_run(run_dir):
+        if long_posts != "truncate" or amp is not None:
+            raise click.UsageError("--amp and --long-posts apply to tagging runs, not to a classifier run")
+        scores, folder = evaluate_classifier(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+        click.echo(f"{run_dir} on {split} (written to {folder}):\n{format_class_scores(scores)}")
+        return
     from mner.train.evaluate import evaluate_run, format_scores
 
     scores = evaluate_run(
@@ -520,19 +528,44 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts):
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--input", "input_file", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--image-dir", type=click.Path(file_okay=False), help="Images of the new posts.")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    help="Classifier runs: the cache holding the input's images [default: the run's].",
+)
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
 @_amp_option
 @_long_posts_option
 @_user_errors
-def predict_cmd(run_dir, input_file, image_dir, out_file, amp, long_posts):
+def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_posts):
     """Tag new posts (IMGID-CoNLL, tags optional); writes CoNLL and JSON spans.
 
     A multimodal run re-extracts the new images with the extractor recorded in the run (same local weights).
+    A classifier run (train-classifier) labels the posts of a split file of a classification folder
+    (guid,tag lines, tags may be null) and writes guid,tag in the input's order; their images come from
+    --cache (else the run's cache).
 
     \b
     Example:
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
+      mner predict runs/mvsa_both --input mvsa/test_without_label.txt --out submission.txt
     """
+    from mner.train.classify import is_classifier_run, predict_classifier
+
+    if is_classifier_run(run_dir):
+        if image_dir is not None or amp is not None or long_posts != "truncate":
+            raise click.UsageError(
+                "--image-dir, --amp and --long-posts apply to tagging runs; a classifier run reads images "
+                "from --cache"
+            )
+        out = predict_classifier(run_dir, input_file, out_file, cache_dir=cache_dir)
+        click.echo(f"predictions written to {out}")
+        return
+    if cache_dir is not None:
+        raise click.UsageError(
+            "--cache applies to classifier runs; a tagging run re-extracts with --image-dir"
+        )
     from mner.train.predict import predict
 
     out = predict(run_dir, input_file, image_dir, out_file, amp=amp, long_posts=long_posts)

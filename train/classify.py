@@ -17,8 +17,8 @@ weights are reloaded at the end to score valid and test. The run folder:
     metrics.jsonl        one line per epoch: train loss, valid accuracy / macro-F1, best, seconds
     results.json         {"best_epoch", "epochs_run", <split>: classification_scores} for valid, test
     pred_<split>.csv     guid,gold,pred per post of valid / test, in file order
-    pred_test_without_label.txt   the seed's submission file (guid,tag in the input's order), when the
-                          folder has test_without_label.txt
+    pred_<split>.txt     the seed's submission file (guid,tag in the input's order) of an unlabelled split:
+                          pred_test_without_label.txt (MVSA), pred_test.txt (an unlabelled test.csv)
 
 The folder must be new or empty (a classifier run is not resumable: it trains in minutes); a run that
 fails removes what it created. A non-finite loss stops training naming the epoch and step.
@@ -35,25 +35,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from mner import configs
 from mner.cache.classification import (
-    UNLABELLED_SPLIT,
     ClassData,
     ClassDataConfig,
     ClassSplit,
     read_classification,
+    read_split_file,
     write_predictions,
 )
 from mner.cache.reader import CacheReader
+from mner.cache.shards import TokenSpec
 from mner.runtime import (
     DEVICE_PATTERN,
     ProgressLog,
     claim_folder,
     is_our_folder,
+    refuse_inputs_as_output,
     seed_everything,
     start_runtime,
     to_device,
@@ -71,7 +73,15 @@ from mner.train.config import _Config, _parse_override
 from mner.train.loop import NonFiniteLoss, train_step
 from mner.train.metrics import classification_scores
 from mner.train.model import _decayed_parameters
-from mner.train.runs import CONFIG_FILE, RESULTS_FILE, WEIGHTS_FILE, append_metrics, write_json
+from mner.train.runs import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    RESULTS_FILE,
+    WEIGHTS_FILE,
+    append_metrics,
+    read_record,
+    write_json,
+)
 from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
@@ -80,7 +90,7 @@ TASK = "classification"  # config.json "task" of a classifier run
 CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = ("macro_f1", "accuracy")
-SUBMISSION_FILE = "pred_test_without_label.txt"
+SUBMISSION_FILE = "pred_test_without_label.txt"  # submission_file(UNLABELLED_SPLIT), the MVSA layout's
 
 
 @dataclass
@@ -335,20 +345,10 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
     c = cfg.classifier
     labels = list(data.labels)
     label_ids = {label: i for i, label in enumerate(labels)}
-    encoder = tokenizer = encoder_dir = None
-    if c.mode != "image":
-        encoder_dir = resolve_text_encoder(c.text_encoder)
-        tokenizer, encoder = load_tokenizer(encoder_dir), load_encoder(encoder_dir)
-    text_dim = encoder.config.hidden_size if encoder is not None else 0
-    image_dim = 0
-    if reader is not None:
-        spec = reader.spec
-        image_dim = spec.patch_dim if c.image_feature == "patches" or c.head == "xattn" else spec.global_dim
-    head = ClassifierHead(
-        c.head, c.mode, text_dim, image_dim, len(labels), c.hidden_size, c.dropout, c.attention_heads
-    )
+    encoder_dir = resolve_text_encoder(c.text_encoder) if c.mode != "image" else None
     weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
-    model = SentenceClassifier(encoder, head, c.text_pool, weights).to(runtime.device)
+    model, tokenizer = build_classifier(c, len(labels), encoder_dir, reader.spec if reader else None, weights)
+    model, head = model.to(runtime.device), model.head
 
     scored = [name for name in ("valid", "test") if name in data.splits and data.splits[name].labelled]
     record = {
@@ -456,12 +456,37 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
             model, data.splits[name], reader, label_ids, tokenizer, c, head, runtime, labels
         )
         _write_pred_csv(run_dir / f"pred_{name}.csv", data.splits[name], predicted)
-    if UNLABELLED_SPLIT in data.splits:
-        split = data.splits[UNLABELLED_SPLIT]
-        predicted = _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
-        write_predictions(run_dir / SUBMISSION_FILE, split.examples, predicted)
+    for name, split in data.splits.items():
+        if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
+            predicted = _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
+            write_predictions(run_dir / submission_file(name), split.examples, predicted)
     write_json(run_dir / RESULTS_FILE, results)
     return run_dir
+
+
+def build_classifier(
+    c: ClassifierConfig, num_labels: int, encoder_dir, spec: TokenSpec | None, class_weights=None
+) -> tuple[SentenceClassifier, object]:
+    """(the classifier of config `c`, its tokenizer or None in image mode), sized by the cache's `spec`
+    (None in text mode); the encoder starts from `encoder_dir`'s weights."""
+    encoder = tokenizer = None
+    if c.mode != "image":
+        tokenizer, encoder = load_tokenizer(encoder_dir), load_encoder(encoder_dir)
+    text_dim = encoder.config.hidden_size if encoder is not None else 0
+    image_dim = 0
+    if spec is not None:
+        # xattn in both mode reads the patch tokens; in the single modes it is mlp over one vector
+        reads_tokens = c.head == "xattn" and c.mode == "both"
+        image_dim = spec.patch_dim if c.image_feature == "patches" or reads_tokens else spec.global_dim
+    head = ClassifierHead(
+        c.head, c.mode, text_dim, image_dim, num_labels, c.hidden_size, c.dropout, c.attention_heads
+    )
+    return SentenceClassifier(encoder, head, c.text_pool, class_weights), tokenizer
+
+
+def submission_file(split: str) -> str:
+    """The seed's submission file (guid,tag in the input's order) of an unlabelled split."""
+    return f"pred_{split}.txt"
 
 
 def _param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
@@ -523,3 +548,169 @@ def _score(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
 def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path:
     rows = ["guid,gold,pred", *(f"{e.guid},{e.label},{p}" for e, p in zip(split.examples, predicted))]
     return write_atomic(path, "\n".join(rows) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ reuse
+
+
+def load_classifier_run(run_dir, device: str = "auto") -> tuple[dict, SentenceClassifier, object, object]:
+    """(config.json, the best model in eval mode on the device, its tokenizer or None, the runtime) of a
+    classifier run; ValueError when the folder is not one or its weights file is missing or damaged."""
+    run_dir = Path(run_dir)
+    if not is_classifier_run(run_dir):
+        raise ValueError(f"{run_dir} is not a classifier run folder (no config.json with task {TASK!r})")
+    record = read_record(run_dir)
+    c = ClassifierConfig.from_dict(record["classifier"], str(run_dir / CONFIG_FILE))
+    spec = TokenSpec.from_dict(record["cache"]["spec"]) if record["cache"] else None
+    model, tokenizer = build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec)
+    weights = run_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run did not finish an epoch — train it again")
+    try:
+        load_model(model, str(weights))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(
+            f"{weights} cannot be loaded ({type(err).__name__}: {err}); the file is damaged — train the run again"
+        ) from None
+    runtime = start_runtime(device, "off", hint="--device cpu")
+    return record, model.to(runtime.device).eval(), tokenizer, runtime
+
+
+def _run_cache(record: dict, cache_dir, run_dir, same_keys: bool) -> CacheReader | None:
+    """The cache a classifier run reads (None in text mode): `cache_dir` or the run's. With `same_keys`
+    its fingerprint must be the run's; else (new posts) its extractor (models and token spec) must be."""
+    if record["cache"] is None:
+        return None
+    reader = CacheReader(cache_dir or record["cache_dir"])
+    trained = record["cache"]
+    if same_keys and reader.fingerprint != trained["fingerprint"]:
+        reader.close()
+        raise ValueError(
+            f"the cache at {reader.cache_dir} has fingerprint {reader.fingerprint[:12]}, but {run_dir} was trained "
+            f"on {trained['fingerprint'][:12]} (other images or another extractor); pass the run's cache "
+            f"({record['cache_dir']}) with --cache"
+        )
+    differs = [
+        what
+        for what, found, recorded in (
+            ("models", reader.models, trained["models"]),
+            ("token spec", dataclasses.asdict(reader.spec), trained["spec"]),
+        )
+        if found != recorded
+    ]
+    if differs:
+        reader.close()
+        raise ValueError(
+            f"the cache at {reader.cache_dir} was extracted with another {' and '.join(differs)} than {run_dir}'s "
+            f"cache; extract it with the settings recorded in {record['cache_dir']}/manifest.json"
+        )
+    return reader
+
+
+def _check_guids_cached(split: ClassSplit, reader: CacheReader | None, hint: str) -> None:
+    absent = [e for e in split.examples if reader is not None and e.guid not in reader]
+    if absent:
+        raise ValueError(
+            f"{split.path}:{absent[0].line}: guid {absent[0].guid!r} is not in the cache at {reader.cache_dir} "
+            f"({len(absent)} of {len(split.examples)} posts are absent); {hint}"
+        )
+
+
+def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=None, device: str = "auto"):
+    """Score a classifier run's best model on a labelled split of its data folder (or `data_dir`).
+
+    Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), never the
+    training-time files. Returns (classification_scores, that folder). Raises ValueError for a split
+    that is absent or unlabelled, or a cache that is not the one the run was trained on.
+    """
+    run_dir = Path(run_dir)
+    record, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    stored = dict(record["data"])
+    if data_dir is not None:
+        stored["data_dir"] = str(data_dir)
+    data = read_classification(ClassDataConfig(**{**stored, "encodings": tuple(stored["encodings"])}))
+    if split not in data.splits or not data.splits[split].labelled:
+        labelled = [name for name, s in data.splits.items() if s.labelled]
+        raise ValueError(
+            f"{stored['data_dir']} has no labelled {split} split (labelled: {', '.join(labelled)}); "
+            "use `mner predict` for unlabelled posts"
+        )
+    reader = _run_cache(record, cache_dir, run_dir, same_keys=True)
+    try:
+        _check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
+        c = ClassifierConfig.from_dict(record["classifier"])
+        labels = record["label_names"]
+        label_ids = {label: i for i, label in enumerate(labels)}
+        predicted, scores = _score(
+            model, data.splits[split], reader, label_ids, tokenizer, c, model.head, runtime, labels
+        )
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+    out = run_dir / EVAL_DIR / f"{split}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    out.mkdir(parents=True, exist_ok=False)
+    write_json(out / RESULTS_FILE, {split: scores})
+    _write_pred_csv(out / "pred.csv", data.splits[split], predicted)
+    return scores, out
+
+
+def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: str = "auto") -> Path:
+    """Label the posts of `input_file` (a split file of a classification folder, read_split_file) with a
+    classifier run; writes `out_file`, the seed's submission format (guid,tag in the input's order).
+
+    Their images come from `cache_dir` (else the run's cache), which must hold every guid and have been
+    extracted with the run's extractor; text mode reads no cache. Raises ValueError otherwise, or when
+    `out_file` would overwrite the input or a file of the run.
+    """
+    run_dir = Path(run_dir)
+    refuse_inputs_as_output(
+        out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
+    )
+    split = read_split_file(input_file)
+    record, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    reader = _run_cache(record, cache_dir, run_dir, same_keys=False)
+    try:
+        _check_guids_cached(
+            split,
+            reader,
+            f"extract its folder with `mner extract-features --data-dir {Path(input_file).parent}` and the "
+            "run's extractor settings, and pass that cache with --cache",
+        )
+        c = ClassifierConfig.from_dict(record["classifier"])
+        labels = record["label_names"]
+        label_ids = {label: i for i, label in enumerate(labels)}
+        predicted = _predict(model, split, reader, label_ids, tokenizer, c, model.head, runtime, labels)
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+    return write_predictions(out_file, split.examples, predicted)
+
+
+def format_class_scores(scores: dict) -> str:
+    """classification_scores as text: accuracy and macro P/R/F1, a per-class table, the confusion
+    matrix (rows gold, columns predicted); percentages to 2 decimals."""
+    import pandas as pd
+
+    percent = 100.0
+    lines = [
+        f"accuracy {scores['accuracy'] * percent:.2f}  macro P {scores['macro_precision'] * percent:.2f}  "
+        f"R {scores['macro_recall'] * percent:.2f}  F1 {scores['macro_f1'] * percent:.2f}  "
+        f"({scores['support']} posts)"
+    ]
+    per_class = pd.DataFrame(
+        {
+            "P": [s["precision"] * percent for s in scores["per_class"].values()],
+            "R": [s["recall"] * percent for s in scores["per_class"].values()],
+            "F1": [s["f1"] * percent for s in scores["per_class"].values()],
+            "support": [s["support"] for s in scores["per_class"].values()],
+        },
+        index=list(scores["per_class"]),
+    )
+    lines.append(per_class.to_string(float_format=lambda x: f"{x:.2f}"))
+    labels = scores["confusion"]["labels"]
+    matrix = pd.DataFrame(scores["confusion"]["matrix"], index=labels, columns=labels)
+    matrix.index.name = "gold \\ pred"
+    lines.append(matrix.to_string())
+    return "\n".join(lines)

@@ -1,0 +1,980 @@
+"""Tests for sentence classification (issue 12): classification_scores against a brute-force count,
+the heads of train/classifier_model.py (missing images masked bitwise, the seed's shapes), the
+classifier configs, and train_classifier end to end on the seeded MVSA demo (text vs both), on a csv
+folder with a post given no image, and its refusals (a foreign folder, a cache of other data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+import mner.train.classify as classify
+from mner.cache.classification import UNLABELLED_FILE, ClassDataConfig, read_classification
+from mner.cache.datasets import DataConfig
+from mner.cache.reader import CacheReader
+from mner.cache.shards import read_manifest
+from mner.cli import main
+from mner.demo.classification import make_mvsa_demo
+from mner.extract.config import ExtractConfig
+from mner.extract.run import collect_images, extract_features
+from mner.train.classifier_model import (
+    CLASS_HEADS,
+    ClassifierHead,
+    SeedCNN,
+    SentenceClassifier,
+    pool_text,
+)
+from mner.train.classify import (
+    SUBMISSION_FILE,
+    ClassifierConfig,
+    ClassifierRunConfig,
+    evaluate_classifier,
+    is_classifier_run,
+    load_classifier_config,
+    predict_classifier,
+    submission_file,
+    train_classifier,
+)
+from mner.train.evaluate import results_table
+from mner.train.loop import NonFiniteLoss
+from mner.train.metrics import classification_scores
+from tests.cache.factories import make_cache
+
+REPO = Path(__file__).resolve().parents[2]
+# configs/classify/demo.toml's settings, with tiny-bert's learning rate (a random 2-layer BERT needs a
+# larger step than MiniLM to learn the cue phrases in 8 epochs).
+DEMO_SETTINGS = dict(epochs=8, patience=8, lr_head=1e-2, lr_encoder=1e-3, device="cpu")
+# Small, fast settings for the runs whose scores do not matter.
+QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def preset_dir(tmp_path_factory):
+    """tiny-bert and tiny-resnet are materialised in a private folder, never in ~/.cache."""
+    folder = tmp_path_factory.mktemp("presets")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MNER_PRESET_DIR", str(folder))
+        yield folder
+
+
+def extract(data_dir: Path, out: Path) -> Path:
+    """The classification folder's images through tiny-resnet, no detector (the seed's global vector)."""
+    cfg = ExtractConfig(
+        data=DataConfig(data_dir=str(data_dir)),
+        out=str(out),
+        vision="tiny-resnet",
+        detector="none",
+        batch_size=8,
+        num_workers=0,
+        device="cpu",
+    )
+    return extract_features(cfg)
+
+
+def run_config(data_dir: Path, out: Path, cache: Path | None, **settings) -> ClassifierRunConfig:
+    return ClassifierRunConfig(
+        data=ClassDataConfig(str(data_dir)),
+        out_dir=str(out),
+        classifier=ClassifierConfig(**settings),
+        cache_dir=None if cache is None else str(cache),
+    )
+
+
+def split_file(path: Path) -> list[list[str]]:
+    """The rows of a `guid,...` file after its header (the header is checked by the callers)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.split(",") for line in lines[1:]]
+
+
+def all_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refuse_cache(*args, **kwargs):
+    raise AssertionError("text mode opened the feature cache")
+
+
+# ============================================================================ classification_scores
+
+
+def reference_scores(gold: list[str], pred: list[str], labels: list[str]) -> dict:
+    """Every number of classification_scores, counted the slow way."""
+    pairs = list(zip(gold, pred))
+    per_class = {}
+    for label in labels:
+        correct = sum(g == label and p == label for g, p in pairs)
+        predicted = sum(p == label for _, p in pairs)
+        support = sum(g == label for g, _ in pairs)
+        precision = correct / predicted if predicted else 0.0
+        recall = correct / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = dict(
+            precision=precision,
+            recall=recall,
+            f1=f1,
+            support=support,
+            predicted=predicted,
+            correct=correct,
+        )
+    seen = [label for label in labels if per_class[label]["support"] or per_class[label]["predicted"]]
+    macro = {
+        f"macro_{key}": sum(per_class[label][key] for label in seen) / len(seen)
+        for key in ("precision", "recall", "f1")
+    }
+    matrix = [[sum(g == a and p == b for g, p in pairs) for b in labels] for a in labels]
+    return {
+        "accuracy": sum(g == p for g, p in pairs) / len(pairs),
+        **macro,
+        "support": len(pairs),
+        "per_class": per_class,
+        "matrix": matrix,
+        "seen": seen,
+    }
+
+
+# Not sorted, so that following the given order is checked; "sad" is never predicted, "surprise" never
+# gold, "unused" neither.
+SCORE_LABELS = ["neutral", "sad", "anger", "unused", "joy", "surprise"]
+
+
+def random_labels(seed: int, n: int = 60) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    gold = [rng.choice(["neutral", "sad", "anger", "joy"]) for _ in range(n)]
+    pred = [
+        g if g != "sad" and rng.random() < 0.5 else rng.choice(["neutral", "anger", "joy", "surprise"])
+        for g in gold
+    ]
+    return gold, pred
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_classification_scores_match_a_brute_force_count(seed):
+    gold, pred = random_labels(seed)
+    want = reference_scores(gold, pred, SCORE_LABELS)
+    got = classification_scores(gold, pred, SCORE_LABELS)
+
+    assert got["accuracy"] == pytest.approx(want["accuracy"], rel=1e-12)
+    assert got["support"] == want["support"] == len(gold)
+    assert list(got["per_class"]) == SCORE_LABELS
+    for label in SCORE_LABELS:
+        for key, value in want["per_class"][label].items():
+            assert got["per_class"][label][key] == pytest.approx(value, rel=1e-12), (label, key)
+    for key in ("macro_precision", "macro_recall", "macro_f1"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    # rows gold, columns predicted, in the given label order
+    assert got["confusion"] == {"labels": SCORE_LABELS, "matrix": want["matrix"]}
+    assert sum(map(sum, got["confusion"]["matrix"])) == len(gold)
+
+    # The case the test data was built for: a gold label never predicted, a predicted label never gold.
+    sad, surprise, unused = (got["per_class"][label] for label in ("sad", "surprise", "unused"))
+    assert sad["support"] > 0 and sad["predicted"] == 0 and sad["recall"] == sad["f1"] == 0.0
+    assert surprise["support"] == 0 and surprise["predicted"] > 0 and surprise["precision"] == 0.0
+    assert unused["support"] == unused["predicted"] == 0
+    # The macro averages run over the 5 labels in gold or pred: "unused" does not pull them down ...
+    assert want["seen"] == [label for label in SCORE_LABELS if label != "unused"]
+    over_all = sum(s["f1"] for s in got["per_class"].values()) / len(SCORE_LABELS)
+    assert got["macro_f1"] > over_all
+    # ... but the never-predicted and the never-gold labels do count (as zeros).
+    over_some = [
+        s["f1"] for label, s in got["per_class"].items() if label not in ("unused", "sad", "surprise")
+    ]
+    assert got["macro_f1"] < sum(over_some) / len(over_some)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_classification_scores_agree_with_scikit_learn(seed):
+    metrics = pytest.importorskip("sklearn.metrics")
+    gold, pred = random_labels(seed)
+    got = classification_scores(gold, pred, SCORE_LABELS)
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+        gold, pred, average="macro", zero_division=0
+    )
+    assert (got["macro_precision"], got["macro_recall"], got["macro_f1"]) == pytest.approx(
+        (precision, recall, f1), rel=1e-12
+    )
+    assert got["accuracy"] == pytest.approx(metrics.accuracy_score(gold, pred), rel=1e-12)
+    assert got["confusion"]["matrix"] == metrics.confusion_matrix(gold, pred, labels=SCORE_LABELS).tolist()
+
+
+def test_classification_scores_of_a_perfect_and_an_empty_split():
+    gold, _ = random_labels(7)
+    perfect = classification_scores(gold, gold, SCORE_LABELS)
+    assert perfect["accuracy"] == perfect["macro_f1"] == perfect["macro_precision"] == 1.0
+    assert all(perfect["confusion"]["matrix"][i][j] == 0 for i in range(6) for j in range(6) if i != j)
+    empty = classification_scores([], [], SCORE_LABELS)
+    assert empty["accuracy"] == empty["macro_f1"] == 0.0 and empty["support"] == 0
+    assert empty["confusion"]["matrix"] == [[0] * 6 for _ in range(6)]
+
+
+@pytest.mark.parametrize(
+    "gold, pred, message",
+    [
+        (["joy", "sad", "joy"], ["joy", "sad"], "gold has 3 posts but pred has 2"),
+        (["joy"], ["joy", "joy"], "gold has 1 posts but pred has 2"),
+        (["joy", "sad"], ["joy", "happy"], "post 1: predicted label 'happy' is not one of"),
+        (["glad", "sad"], ["joy", "sad"], "post 0: gold label 'glad' is not one of"),
+    ],
+)
+def test_classification_scores_refuse_bad_input(gold, pred, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        classification_scores(gold, pred, SCORE_LABELS)
+
+
+# ============================================================================ heads: masked images
+
+B, DT, DI, P, NL = 6, 8, 12, 3, 3  # batch, text width, image width, patch tokens (xattn), labels
+HAS_IMAGE = torch.tensor([True, False, True, False, False, True])
+
+
+def tiny_head(head: str, mode: str = "both", seed: int = 0) -> ClassifierHead:
+    torch.manual_seed(seed)
+    return ClassifierHead(head, mode, DT, DI, NL, hidden=16, dropout=0.5, heads=2).eval()
+
+
+def image_shape(head: str, mode: str) -> tuple[int, ...]:
+    return (B, P, DI) if head == "xattn" and mode == "both" else (B, DI)
+
+
+def fill(kind: str, shape, generator) -> torch.Tensor:
+    """What a cache may hold for a post without a usable image: anything, non-finite values included."""
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "random":
+        return torch.randn(shape, generator=generator)
+    if kind == "huge":
+        return torch.randn(shape, generator=generator).sign() * 1e30
+    return torch.full(shape, float(kind))  # "inf", "-inf", "nan"
+
+
+def no_image_reference(head: ClassifierHead, text: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """By hand, from the head's own layers: what it must give a post that has no image."""
+    if head.head == "cnn":
+        return head.cnn(torch.cat([text, zeros], dim=1))
+    if head.head == "xattn":
+        return head.out(head.norm(text))
+    return head.mlp_both(text, zeros)  # mlp; attention: weights exactly (1, 0)
+
+
+@pytest.mark.parametrize("head_name", CLASS_HEADS)
+@torch.no_grad()
+def test_a_masked_image_changes_no_logit_bitwise(head_name):
+    head = tiny_head(head_name)
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(B, DT, generator=g)
+    shape = image_shape(head_name, "both")
+    base = torch.randn(shape, generator=g)
+    masked = ~HAS_IMAGE
+
+    outputs = {}
+    for kind in ("zeros", "random", "huge", "inf", "-inf", "nan"):
+        image = base.clone()
+        image[masked] = fill(kind, image[masked].shape, g)
+        outputs[kind] = head(text, image, HAS_IMAGE)
+        assert outputs[kind].shape == (B, NL)
+    reference = outputs["zeros"]
+    for kind, logits in outputs.items():
+        assert torch.equal(logits[masked], reference[masked]), kind
+        assert torch.isfinite(logits).all(), kind
+    # The posts that have their image see it: a new image changes their logits, not the others'.
+    changed = base.clone()
+    changed[HAS_IMAGE] = torch.randn(changed[HAS_IMAGE].shape, generator=g)
+    other = head(text, changed, HAS_IMAGE)
+    assert torch.equal(other[masked], reference[masked])
+    for i in torch.nonzero(HAS_IMAGE).flatten().tolist():
+        assert not torch.allclose(other[i], reference[i]), i
+    # ... and a masked post gets exactly what the head gives without any image.
+    by_hand = no_image_reference(head, text, torch.zeros(B, DI))
+    assert torch.equal(reference[masked], by_hand[masked])
+
+
+@torch.no_grad()
+def test_attention_weights_are_a_softmax_over_the_two_modalities():
+    head = tiny_head("attention")
+    g = torch.Generator().manual_seed(2)
+    text, image = torch.randn(B, DT, generator=g), torch.randn(B, DI, generator=g)
+    got = head(text, image, HAS_IMAGE)
+    scores = torch.cat([head.attention_text(text), head.attention_image(image)], dim=1)  # (B, 2)
+    weights = torch.softmax(scores, dim=1)
+    want = head.mlp_both(weights[:, :1] * text, weights[:, 1:] * image)
+    assert torch.allclose(got[HAS_IMAGE], want[HAS_IMAGE], atol=1e-6)
+    # Not the seed's per-score softmax (always 1, weights doing nothing): that gives other logits.
+    seed_way = head.mlp_both(text, image)
+    assert not torch.allclose(got[HAS_IMAGE], seed_way[HAS_IMAGE], atol=1e-4)
+    # Masked: exactly mlp_both(text, zeros).
+    assert torch.equal(got[~HAS_IMAGE], head.mlp_both(text, torch.zeros(B, DI))[~HAS_IMAGE])
+
+
+@pytest.mark.parametrize("head_name", CLASS_HEADS)
+@torch.no_grad()
+def test_image_mode_scores_a_masked_post_as_a_zero_image(head_name):
+    head = tiny_head(head_name, mode="image")
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(B, DI, generator=g)
+    zeros = base.clone()
+    zeros[~HAS_IMAGE] = 0.0
+    want = head(None, zeros, torch.ones(B, dtype=torch.bool))
+    for kind in ("random", "huge", "nan"):
+        image = base.clone()
+        image[~HAS_IMAGE] = fill(kind, image[~HAS_IMAGE].shape, g)
+        assert torch.equal(head(None, image, HAS_IMAGE), want), kind
+
+
+@pytest.mark.parametrize("head_name", CLASS_HEADS)
+@torch.no_grad()
+def test_text_mode_reads_no_image(head_name):
+    head = tiny_head(head_name, mode="text")
+    text = torch.randn(B, DT, generator=torch.Generator().manual_seed(4))
+    logits = head(text, None, None)
+    assert logits.shape == (B, NL)
+    want = head.cnn(text) if head_name == "cnn" else head.mlp_text(text)
+    assert torch.equal(logits, want)
+
+
+# ============================================================================ heads: the seed's shapes
+
+SEED_TEXT, SEED_IMAGE, SEED_HIDDEN, SEED_LABELS = 768, 2048, 512, 3  # BERT-base, ResNet avgpool
+
+
+def seed_head(head: str, mode: str) -> ClassifierHead:
+    torch.manual_seed(0)
+    return ClassifierHead(head, mode, SEED_TEXT, SEED_IMAGE, SEED_LABELS, hidden=SEED_HIDDEN, heads=4).eval()
+
+
+def linears(module: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def test_the_cnn_head_has_the_seeds_layers():
+    head = seed_head("cnn", "both")
+    layers = list(head.cnn.net)
+    convs = [
+        (m.in_channels, m.out_channels, m.kernel_size, m.padding) for m in layers if isinstance(m, nn.Conv1d)
+    ]
+    assert convs == [(1, 32, (3,), (1,)), (32, 64, (3,), (1,))]
+    assert [type(m) for m in layers] == [
+        nn.Conv1d, nn.ReLU, nn.MaxPool1d, nn.Conv1d, nn.ReLU, nn.MaxPool1d, nn.Flatten, nn.Linear,
+    ]  # fmt: skip
+    final = layers[-1]
+    assert final.in_features == 64 * ((SEED_TEXT + SEED_IMAGE) // 4) == 45056
+    assert final.out_features == SEED_LABELS
+    # One modality: its own width.
+    assert seed_head("cnn", "text").cnn.net[-1].in_features == 64 * (SEED_TEXT // 4)
+    assert seed_head("cnn", "image").cnn.net[-1].in_features == 64 * (SEED_IMAGE // 4)
+
+
+def test_the_mlp_heads_have_the_seeds_layers():
+    both = seed_head("mlp", "both")
+    assert linears(both) == [(SEED_TEXT + SEED_IMAGE, SEED_HIDDEN), (SEED_HIDDEN, SEED_LABELS)]
+    assert (both.mlp_both.hidden.in_features, both.mlp_both.hidden.out_features) == (2816, 512)
+    assert linears(seed_head("mlp", "text")) == [(SEED_TEXT, SEED_LABELS)]
+    assert linears(seed_head("mlp", "image")) == [(SEED_IMAGE, SEED_LABELS)]
+    # Nothing else is built: a single Linear's parameters, no unused mlp_both in a single mode.
+    text = seed_head("mlp", "text")
+    assert sum(p.numel() for p in text.parameters()) == SEED_TEXT * SEED_LABELS + SEED_LABELS
+    attention = seed_head("attention", "both")
+    assert sorted(linears(attention)) == sorted(
+        [(SEED_TEXT + SEED_IMAGE, SEED_HIDDEN), (SEED_HIDDEN, SEED_LABELS), (SEED_TEXT, 1), (SEED_IMAGE, 1)]
+    )
+
+
+@pytest.mark.parametrize("mode", ["text", "image", "both"])
+@pytest.mark.parametrize("head_name", CLASS_HEADS)
+@torch.no_grad()
+def test_every_head_gives_batch_by_labels_at_the_seeds_sizes(head_name, mode):
+    head = seed_head(head_name, mode)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(2, SEED_TEXT, generator=g) if mode != "image" else None
+    image = None
+    if mode != "text":
+        shape = (2, 49, SEED_IMAGE) if head.reads_tokens else (2, SEED_IMAGE)
+        image = torch.randn(shape, generator=g)
+    has_image = torch.tensor([True, False]) if mode != "text" else None
+    assert head(text, image, has_image).shape == (2, SEED_LABELS)
+    assert head.reads_tokens == (head_name == "xattn" and mode == "both")
+
+
+def test_heads_refuse_bad_settings():
+    with pytest.raises(ValueError, match="unknown classifier head 'rnn'"):
+        ClassifierHead("rnn", "both", DT, DI, NL)
+    with pytest.raises(ValueError, match="unknown mode 'audio'"):
+        ClassifierHead("mlp", "audio", DT, DI, NL)
+    with pytest.raises(ValueError, match="at least 4 values, got 3"):
+        SeedCNN(3, NL)
+    with pytest.raises(ValueError, match="text width 10 is not divisible by 4 heads"):
+        ClassifierHead("xattn", "both", 10, DI, NL, heads=4)
+
+
+def test_pool_text_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    assert torch.equal(pool_text(hidden, mask, "cls"), hidden[:, 0])
+    mean = pool_text(hidden, mask, "mean")
+    for i in range(3):
+        real = [hidden[i, j] for j in range(5) if mask[i, j]]
+        assert torch.allclose(mean[i], sum(real) / len(real), atol=1e-6)
+    # Padding does not count, whatever it holds.
+    padded = hidden.clone()
+    padded[mask == 0] = 1e6
+    assert torch.allclose(pool_text(padded, mask, "mean"), mean, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown text_pool 'max'"):
+        pool_text(hidden, mask, "max")
+
+
+class FakeEncoder(nn.Module):
+    """Embeds ids: last_hidden_state (B, S, DT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, DT)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
+
+
+def test_sentence_classifier_loss_is_the_weighted_cross_entropy():
+    torch.manual_seed(0)
+    head = tiny_head("mlp")
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    model = SentenceClassifier(FakeEncoder(), head, "mean", weights).eval()
+    g = torch.Generator().manual_seed(5)
+    batch = {
+        "input_ids": torch.randint(0, 20, (B, 4), generator=g),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]] * 3),
+        "image": torch.randn(B, DI, generator=g),
+        "has_image": HAS_IMAGE,
+        "labels": torch.tensor([0, 1, 2, 2, 1, 0]),
+    }
+    out = model(batch)
+    text = pool_text(model.encoder.embed(batch["input_ids"]), batch["attention_mask"], "mean")
+    assert torch.allclose(out["logits"], head(text, batch["image"], HAS_IMAGE), atol=1e-6)
+    want = nn.functional.cross_entropy(out["logits"], batch["labels"], weight=weights)
+    assert torch.allclose(out["loss"], want)
+    assert not torch.allclose(out["loss"], nn.functional.cross_entropy(out["logits"], batch["labels"]))
+    assert "loss" not in model({k: v for k, v in batch.items() if k != "labels"})
+
+
+# ============================================================================ configs
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mode", "x", "classifier.mode must be one of text, image, both; got 'x'"),
+        ("head", "rnn", "classifier.head must be one of mlp, cnn, attention, xattn"),
+        ("text_pool", "max", "classifier.text_pool must be one of cls, mean"),
+        ("image_feature", "regions", "classifier.image_feature must be one of global, patches"),
+        ("class_weights", "inverse", "classifier.class_weights must be one of none, balanced"),
+        ("select", "loss", "classifier.select must be one of macro_f1, accuracy"),
+        ("epochs", 0, "classifier.epochs must be >= 1, got 0"),
+        ("batch_size", 0, "classifier.batch_size must be >= 1"),
+        ("patience", 0, "classifier.patience must be >= 1"),
+        ("max_length", 0, "classifier.max_length must be >= 1"),
+        ("hidden_size", -1, "classifier.hidden_size must be >= 1"),
+        ("attention_heads", 0, "classifier.attention_heads must be >= 1"),
+        ("lr_head", 0.0, "classifier.lr_head must be > 0"),
+        ("lr_encoder", -1e-5, "classifier.lr_encoder must be > 0"),
+        ("max_grad_norm", 0.0, "classifier.max_grad_norm must be > 0"),
+        ("lr_head", float("nan"), "classifier.lr_head must be a finite number"),
+        ("lr_head", float("inf"), "classifier.lr_head must be a finite number"),
+        ("lr_encoder", float("-inf"), "classifier.lr_encoder must be a finite number"),
+        ("dropout", float("nan"), "classifier.dropout must be a finite number"),
+        ("dropout", 1.0, "classifier.dropout and classifier.warmup_ratio must be in [0, 1)"),
+        ("warmup_ratio", -0.1, "classifier.dropout and classifier.warmup_ratio must be in [0, 1)"),
+        ("weight_decay", -0.1, "classifier.weight_decay and classifier.seed must be >= 0"),
+        ("seed", -1, "classifier.weight_decay and classifier.seed must be >= 0"),
+        ("device", "gpu", "classifier.device must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
+        ("epochs", "3", "classifier.epochs must be"),
+        ("epochs", True, "classifier.epochs must be"),
+        ("mode", 1, "classifier.mode must be"),
+    ],
+)
+def test_classifier_config_names_the_bad_key(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClassifierConfig(**{field: value})
+
+
+def test_classifier_config_takes_an_int_for_a_float_and_round_trips():
+    cfg = ClassifierConfig(lr_head=1, mode="text", head="cnn")
+    assert cfg.lr_head == 1.0 and isinstance(cfg.lr_head, float)
+    assert ClassifierConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_load_classifier_config_layers_file_then_set_then_options(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[classifier]\nepochs = 3\nlr_head = 0.5\nhead = 'cnn'\n")
+    cfg = load_classifier_config(
+        toml, ["classifier.epochs=4", "classifier.text_encoder=tiny-bert"], epochs=None
+    )
+    assert (cfg.epochs, cfg.lr_head, cfg.head, cfg.text_encoder) == (4, 0.5, "cnn", "tiny-bert")
+    assert load_classifier_config(toml, ["classifier.epochs=4"], epochs=6, head=None).epochs == 6
+    assert load_classifier_config() == ClassifierConfig()
+
+
+def test_the_demo_config_file_loads_as_written():
+    path = REPO / "configs" / "classify" / "demo.toml"
+    table = tomllib.loads(path.read_text())["classifier"]
+    cfg = load_classifier_config(path)
+    assert {key: getattr(cfg, key) for key in table} == table
+
+
+@pytest.mark.parametrize(
+    "overrides, toml, message",
+    [
+        (["classifier.nope=1"], None, "--set classifier.nope=1: unknown key classifier.nope; known keys:"),
+        (["train.epochs=2"], None, "--set train.epochs=2: unknown section 'train'"),
+        (["classifier.lr_head=nan"], None, "classifier.lr_head must be a finite number"),
+        (["classifier.lr_encoder=inf"], None, "classifier.lr_encoder must be a finite number"),
+        (["classifier.epochs"], None, "expected section.key=value"),
+        ([], "[classifier]\nnope = 1\n", "c.toml: unknown key classifier.nope"),
+        ([], "[model]\nepochs = 1\n", "c.toml: unknown section 'model'"),
+        ([], "[classifier]\nlr_head = nan\n", "classifier.lr_head must be a finite number"),
+    ],
+)
+def test_load_classifier_config_names_the_bad_key(tmp_path, overrides, toml, message):
+    path = None
+    if toml is not None:
+        path = tmp_path / "c.toml"
+        path.write_text(toml)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_classifier_config(path, overrides)
+
+
+def test_unknown_option_setting_is_named():
+    with pytest.raises(ValueError, match=re.escape("the options: unknown key classifier.heads")):
+        load_classifier_config(heads=2)
+
+
+def test_run_config_needs_a_cache_unless_text(tmp_path):
+    data = ClassDataConfig(str(tmp_path))
+    for mode in ("both", "image"):
+        with pytest.raises(ValueError, match=rf"mode {mode} reads images .*--cache DIR"):
+            ClassifierRunConfig(data=data, out_dir="run", classifier=ClassifierConfig(mode=mode))
+    text = ClassifierRunConfig(data=data, out_dir="run", classifier=ClassifierConfig(mode="text"))
+    assert text.to_dict()["cache_dir"] is None and text.to_dict()["classifier"]["mode"] == "text"
+    with pytest.raises(ValueError, match="out_dir must name the run folder"):
+        ClassifierRunConfig(data=data, out_dir="", cache_dir="c")
+    with pytest.raises(ValueError, match="data must be a ClassDataConfig"):
+        ClassifierRunConfig(data=str(tmp_path), out_dir="run", cache_dir="c")
+
+
+# ============================================================================ end to end: the demo
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """The 300-post demo (built by `mner demo-data --classification`), its tiny-resnet cache, a text
+    run through `mner train-classifier` (given a cache that does not exist, with CacheReader made to
+    fail) and a both/mlp run through train_classifier."""
+    root = tmp_path_factory.mktemp("mvsa")
+    demo = root / "demo"
+    built = CliRunner().invoke(
+        main, ["demo-data", "--classification", "--out", str(demo), "--seed", "0", "--posts", "300"]
+    )
+    assert built.exit_code == 0, built.output
+    cache = extract(demo, root / "cache")
+    sets = [f"--set=classifier.{key}={value}" for key, value in DEMO_SETTINGS.items()]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(classify, "CacheReader", refuse_cache)
+        text = CliRunner().invoke(
+            main,
+            [
+                "train-classifier", "--data-dir", str(demo), "--cache", str(root / "no-such-cache"),
+                "--mode", "text", "--text-encoder", "tiny-bert", *sets, "--out", str(root / "text"),
+            ],
+        )  # fmt: skip
+    assert text.exit_code == 0, text.output
+    both = train_classifier(
+        run_config(
+            demo, root / "both", cache, mode="both", head="mlp", text_encoder="tiny-bert", **DEMO_SETTINGS
+        )
+    )
+    return SimpleNamespace(root=root, demo=demo, cache=cache, text=root / "text", both=both, cli=text)
+
+
+def results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_the_cli_demo_is_make_mvsa_demo(demo_runs, tmp_path):
+    direct = make_mvsa_demo(tmp_path / "direct", seed=0, n=300)
+    assert all_bytes(demo_runs.demo) == all_bytes(direct)
+
+
+def test_both_beats_text_by_the_issue_margin(demo_runs):
+    text, both = results(demo_runs.text)["test"]["accuracy"], results(demo_runs.both)["test"]["accuracy"]
+    assert both >= text + 0.15, (text, both)
+
+
+def test_text_mode_never_opens_the_cache(demo_runs):
+    """The fixture's text run had CacheReader replaced by a function that fails, and a --cache that
+    does not exist: it trained anyway, and the CLI dropped the cache from the record."""
+    assert f"run written to {demo_runs.text}" in demo_runs.cli.output
+    config = json.loads((demo_runs.text / "config.json").read_text())
+    assert config["cache_dir"] is None and config["cache"] is None and config["no_image"] == {}
+    assert not (demo_runs.root / "no-such-cache").exists()
+
+
+@pytest.mark.parametrize("which", ["text", "both"])
+def test_run_folder_config(demo_runs, which):
+    run = getattr(demo_runs, which)
+    assert is_classifier_run(run)
+    config = json.loads((run / "config.json").read_text())
+    data = read_classification(ClassDataConfig(str(demo_runs.demo)))
+    assert config["task"] == "classification"
+    assert (
+        config["classifier"]
+        == ClassifierConfig(mode=which, text_encoder="tiny-bert", **DEMO_SETTINGS).to_dict()
+    )
+    assert config["label_names"] == list(data.labels) == sorted(data.splits["train"].label_counts())
+    assert config["data_report"]["sizes"] == {name: len(s.examples) for name, s in data.splits.items()}
+    assert config["data_report"]["split_made"]["valid"] == len(data.splits["valid"].examples)
+    assert config["data_report"]["fallbacks"] == data.report.fallbacks
+    assert config["encoder_dir"] is not None
+    if which == "both":
+        with CacheReader(demo_runs.cache) as reader:
+            assert config["cache"]["fingerprint"] == reader.fingerprint
+            assert config["cache_dir"] == str(demo_runs.cache)
+            want = {n: sum(reader.status(e.guid) != "ok" for e in s.examples) for n, s in data.splits.items()}
+        assert config["no_image"] == want
+    assert (run / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("which", ["text", "both"])
+def test_run_folder_scores_and_predictions(demo_runs, which):
+    run = getattr(demo_runs, which)
+    data = read_classification(ClassDataConfig(str(demo_runs.demo)))
+    labels = list(data.labels)
+    scores = results(run)
+    for split in ("valid", "test"):
+        for key in ("accuracy", "macro_f1"):
+            assert 0.0 <= scores[split][key] <= 1.0, (split, key)
+        assert scores[split]["support"] == len(data.splits[split].examples)
+    assert 1 <= scores["best_epoch"] <= scores["epochs_run"] <= DEMO_SETTINGS["epochs"]
+
+    # pred_test.csv: guid,gold,pred, one row per test example in test.txt's order ...
+    lines = (run / "pred_test.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "guid,gold,pred"
+    rows = [line.split(",") for line in lines[1:]]
+    test_file = split_file(demo_runs.demo / "test.txt")
+    assert [r[:2] for r in rows] == test_file
+    assert all(r[2] in labels for r in rows)
+    # ... whose scores are results.json's.
+    gold, pred = [r[1] for r in rows], [r[2] for r in rows]
+    assert classification_scores(gold, pred, labels) == scores["test"]
+    valid_rows = split_file(run / "pred_valid.csv")
+    assert [r[0] for r in valid_rows] == [e.guid for e in data.splits["valid"].examples]
+
+    # The submission: guid,tag in test_without_label.txt's order.
+    submission = (run / SUBMISSION_FILE).read_text(encoding="utf-8").splitlines()
+    assert submission[0] == "guid,tag"
+    unlabelled = split_file(demo_runs.demo / UNLABELLED_FILE)
+    got = [line.split(",") for line in submission[1:]]
+    assert [g for g, _ in got] == [g for g, _ in unlabelled]
+    assert all(tag in labels for _, tag in got)
+
+    # metrics.jsonl: one line per epoch; the best epoch's valid score is the reloaded weights' score.
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == list(range(1, scores["epochs_run"] + 1))
+    f1s = [e["valid_macro_f1"] for e in epochs]
+    assert scores["best_epoch"] == f1s.index(max(f1s)) + 1
+    assert epochs[scores["best_epoch"] - 1]["best"]
+    assert scores["valid"]["macro_f1"] == max(f1s)
+    assert scores["valid"]["accuracy"] == epochs[scores["best_epoch"] - 1]["valid_accuracy"]
+
+
+def test_a_finished_run_is_not_overwritten(demo_runs):
+    before = all_bytes(demo_runs.both)
+    cfg = run_config(demo_runs.demo, demo_runs.both, demo_runs.cache, mode="both", **QUICK)
+    with pytest.raises(ValueError, match="already holds a classifier run"):
+        train_classifier(cfg)
+    assert all_bytes(demo_runs.both) == before
+
+
+def test_the_cli_needs_a_cache_for_both(demo_runs, tmp_path):
+    result = CliRunner().invoke(
+        main, ["train-classifier", "--data-dir", str(demo_runs.demo), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 1 and "--cache DIR" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+# ============================================================================ small runs and refusals
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 24-post demo and its cache, for runs whose scores do not matter."""
+    root = tmp_path_factory.mktemp("small")
+    demo = make_mvsa_demo(root / "demo", seed=0, n=24)
+    return SimpleNamespace(root=root, demo=demo, cache=extract(demo, root / "cache"))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(mode="both", head="cnn"),
+        dict(mode="both", head="attention", text_pool="mean"),
+        dict(mode="both", head="xattn", attention_heads=2),
+        dict(mode="both", head="mlp", image_feature="patches", class_weights="balanced", select="accuracy"),
+        dict(mode="image", head="mlp"),
+    ],
+    ids=["cnn", "attention", "xattn", "patches-balanced", "image"],
+)
+def test_every_head_and_mode_trains_end_to_end(small, tmp_path, settings):
+    run = train_classifier(run_config(small.demo, tmp_path / "run", small.cache, **{**QUICK, **settings}))
+    config = json.loads((run / "config.json").read_text())
+    scores = results(run)
+    assert scores["select"] == settings.get("select", "macro_f1")
+    assert set(scores) >= {"valid", "test", "best_epoch", "epochs_run"}
+    if settings["mode"] == "image":
+        assert config["encoder_dir"] is None and config["truncated_posts"] == {}
+    if settings.get("class_weights") == "balanced":
+        counts = read_classification(ClassDataConfig(str(small.demo))).splits["train"].label_counts()
+        n = sum(counts.values())
+        want = {label: n / (len(counts) * c) for label, c in counts.items()}
+        assert config["class_weights"] == pytest.approx(want)
+    else:
+        assert config["class_weights"] is None
+    assert (run / SUBMISSION_FILE).is_file()
+
+
+@pytest.fixture(scope="module")
+def clip_like(small, tmp_path_factory):
+    """A synthetic cache of the small demo's guids whose patch width (8) differs from its global width
+    (6), as CLIP's do (768 vs 512); some posts missing or corrupt (tests.cache.factories' mix)."""
+    data = read_classification(ClassDataConfig(str(small.demo)))
+    keys = [e.guid for split in data.splits.values() for e in split.examples]
+    return make_cache(tmp_path_factory.mktemp("clip-like"), keys=keys)
+
+
+@pytest.mark.parametrize(
+    "mode, head_name",
+    [
+        *(("both", h) for h in CLASS_HEADS),
+        *(("image", h) for h in CLASS_HEADS),
+    ],
+)
+def test_every_head_trains_on_a_cache_whose_patch_and_global_widths_differ(
+    small, clip_like, tmp_path, mode, head_name
+):
+    settings = dict(QUICK, mode=mode, head=head_name, attention_heads=2)
+    run = train_classifier(run_config(small.demo, tmp_path / "run", clip_like, **settings))
+    config = json.loads((run / "config.json").read_text())
+    with CacheReader(clip_like) as reader:
+        assert reader.spec.patch_dim != reader.spec.global_dim
+        data = read_classification(ClassDataConfig(str(small.demo)))
+        want = {n: sum(reader.status(e.guid) != "ok" for e in s.examples) for n, s in data.splits.items()}
+    assert config["no_image"] == want and sum(want.values()) > 0
+    assert (run / "results.json").is_file()
+
+
+def test_text_mode_with_a_cache_path_given_does_not_open_it(small, tmp_path, monkeypatch):
+    monkeypatch.setattr(classify, "CacheReader", refuse_cache)
+    cfg = run_config(small.demo, tmp_path / "run", tmp_path / "absent", mode="text", **QUICK)
+    run = train_classifier(cfg)
+    assert json.loads((run / "config.json").read_text())["cache"] is None
+    assert (run / "results.json").is_file()
+
+
+def test_a_folder_of_other_files_is_refused_untouched(small, tmp_path):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me\n")
+    (out / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    (out / "config.json").write_text('{"task": "something else"}')
+    before = all_bytes(out)
+    cfg = run_config(small.demo, out, small.cache, mode="both", **QUICK)
+    with pytest.raises(ValueError, match=re.escape(f"--out {out} is not empty")):
+        train_classifier(cfg)
+    assert all_bytes(out) == before
+    assert sorted(p.name for p in out.rglob("*")) == ["config.json", "data.bin", "notes.txt", "sub"]
+
+
+def test_a_cache_of_other_data_is_refused_naming_file_and_line(small, tmp_path):
+    other = make_mvsa_demo(tmp_path / "other", seed=1, n=24)
+    cache = extract(other, tmp_path / "other-cache")
+    data = read_classification(ClassDataConfig(str(small.demo)))
+    with CacheReader(cache) as reader:
+        first = next(
+            (split, e) for split in data.splits.values() for e in split.examples if e.guid not in reader
+        )
+    split, example = first
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as err:
+        train_classifier(run_config(small.demo, out, cache, mode="both", **QUICK))
+    message = str(err.value)
+    assert message.startswith(f"{split.path}:{example.line}: guid {example.guid!r} is not in the cache")
+    assert split.path.name == "train.txt"  # the first split read
+    assert "mner extract-features --data-dir" in message
+    assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_nothing(small, tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise NonFiniteLoss("training loss", float("nan"), 1)
+
+    monkeypatch.setattr(classify, "train_step", explode)
+    out = tmp_path / "run"
+    with pytest.raises(
+        ValueError, match=r"the training loss at epoch 1, step 1 of \d+ is nan; no run was kept"
+    ):
+        train_classifier(run_config(small.demo, out, None, mode="text", **QUICK))
+    assert not out.exists()
+    # An empty folder given by the user stays, emptied of what the run wrote (config.json, metrics).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no run was kept"):
+        train_classifier(run_config(small.demo, empty, None, mode="text", **QUICK))
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+# ============================================================================ a csv folder
+
+CSV_TRAIN = [
+    ("g1", "pos", "a bright day", "pics/g1.jpg"),
+    ("g2", "neg", "so dark", ""),  # no image given
+    ("g3", "pos", "sunny again", "pics/g3.jpg"),
+    ("g4", "neg", "gloomy", "pics/g4.jpg"),
+    ("g5", "pos", "lovely", "pics/g5.jpg"),
+    ("g6", "neg", "grim", "pics/absent.jpg"),  # a path to nothing
+    ("g7", "neg", "bleak", "pics/g7.jpg"),
+    ("g8", "pos", "warm", "pics/g8.jpg"),
+]
+CSV_TEST = [("t1", "pos", "fine", "pics/t1.jpg"), ("t2", "neg", "meh", "")]
+
+
+def make_csv_folder(folder: Path) -> Path:
+    (folder / "pics").mkdir(parents=True)
+    for name, rows in (("train.csv", CSV_TRAIN), ("test.csv", CSV_TEST)):
+        with open(folder / name, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["guid", "tag", "text", "image"])
+            writer.writerows(rows)
+        for _, tag, _, image in rows:
+            if image and "absent" not in image:
+                colour = (240, 200, 40) if tag == "pos" else (30, 40, 90)
+                Image.new("RGB", (24, 20), colour).save(folder / image, quality=90)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def csv_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("csv")
+    folder = make_csv_folder(root / "data")
+    return SimpleNamespace(folder=folder, cache=extract(folder, root / "cache"))
+
+
+def test_a_csv_folder_is_extracted_with_guids_as_keys(csv_cache):
+    guids = sorted(row[0] for row in CSV_TRAIN + CSV_TEST)
+    keys, paths = collect_images(ExtractConfig(data=DataConfig(data_dir=str(csv_cache.folder)), out="x"))
+    assert keys == guids
+    assert paths["g2"] is None and paths["t2"] is None
+    assert paths["g1"] == csv_cache.folder / "pics" / "g1.jpg"
+
+    images = {image["key"]: image for image in read_manifest(csv_cache.cache)["images"]}
+    assert sorted(images) == guids
+    for guid in ("g2", "t2"):
+        assert images[guid]["status"] == "missing" and "no image given" in images[guid]["error"]
+    assert images["g6"]["status"] == "missing" and "no image given" not in images["g6"]["error"]
+    assert "absent.jpg" in images["g6"]["error"]
+    ok = [g for g in guids if g not in ("g2", "g6", "t2")]
+    assert all(images[g]["status"] == "ok" for g in ok)
+    with CacheReader(csv_cache.cache) as reader:
+        assert reader.keys == guids
+        assert not reader.get("g2").global_embed.any()
+        assert all(reader.get(g).global_embed.any() for g in ok)
+
+
+def test_a_csv_folder_trains_with_its_missing_images_counted(csv_cache, tmp_path):
+    run = train_classifier(
+        run_config(csv_cache.folder, tmp_path / "run", csv_cache.cache, mode="both", **QUICK)
+    )
+    config = json.loads((run / "config.json").read_text())
+    data = read_classification(ClassDataConfig(str(csv_cache.folder)))
+    missing = {"g2", "g6", "t2"}
+    want = {name: sum(e.guid in missing for e in s.examples) for name, s in data.splits.items()}
+    assert config["no_image"] == want and sum(want.values()) == 3
+    assert config["data_report"]["layout"] == "csv"
+    rows = split_file(run / "pred_test.csv")
+    assert [r[:2] for r in rows] == [[g, t] for g, t, _, _ in CSV_TEST]
+    assert not (run / SUBMISSION_FILE).exists()  # a csv folder has no test_without_label.txt
+
+
+def test_an_unlabelled_test_csv_gets_a_submission_file_in_its_order(tmp_path):
+    folder = make_csv_folder(tmp_path / "data")
+    rows = [("u2", "", "later", ""), ("u1", "null", "earlier", "")]  # unsorted, every tag empty or null
+    with open(folder / "test.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["guid", "tag", "text", "image"])
+        writer.writerows(rows)
+    run = train_classifier(run_config(folder, tmp_path / "run", None, mode="text", **QUICK))
+    lines = (run / submission_file("test")).read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "guid,tag"
+    assert [line.split(",")[0] for line in lines[1:]] == ["u2", "u1"]
+    assert all(line.split(",")[1] in ("neg", "pos") for line in lines[1:])
+    assert "test" not in json.loads((run / "results.json").read_text())  # nothing to score it against
+    assert not (run / "pred_test.csv").exists()
+
+
+# ============================================================================ evaluate / predict / results
+
+
+@pytest.mark.parametrize("which", ["text", "both"])
+def test_evaluate_reproduces_the_training_time_test_scores(demo_runs, which):
+    run = getattr(demo_runs, which)
+    scores, folder = evaluate_classifier(run, split="test", device="cpu")
+    assert scores == results(run)["test"]
+    assert folder.parent == run / "eval" and (folder / "results.json").is_file()
+    assert split_file(folder / "pred.csv") == split_file(run / "pred_test.csv")
+
+
+def test_evaluate_refuses_another_cache_and_an_unlabelled_split(demo_runs, small):
+    with pytest.raises(ValueError, match="has fingerprint .* but .* was trained on"):
+        evaluate_classifier(demo_runs.both, split="test", cache_dir=small.cache, device="cpu")
+    with pytest.raises(ValueError, match="has no labelled test_without_label split"):
+        evaluate_classifier(demo_runs.both, split="test_without_label", device="cpu")
+
+
+@pytest.mark.parametrize("which", ["text", "both"])
+def test_predict_writes_the_submission_training_wrote(demo_runs, tmp_path, which):
+    run = getattr(demo_runs, which)
+    out = predict_classifier(
+        run, demo_runs.demo / "test_without_label.txt", tmp_path / "sub.txt", device="cpu"
+    )
+    assert out.read_text(encoding="utf-8") == (run / SUBMISSION_FILE).read_text(encoding="utf-8")
+
+
+def test_predict_refuses_its_input_as_output_and_guids_not_cached(demo_runs, tmp_path):
+    source = demo_runs.demo / "test_without_label.txt"
+    before = source.read_bytes()
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        predict_classifier(demo_runs.both, source, source, device="cpu")
+    assert source.read_bytes() == before
+    other = make_mvsa_demo(tmp_path / "other", seed=5, n=24)  # guids the run's cache does not hold
+    with pytest.raises(ValueError, match=r"test_without_label.txt:\d+: guid .* is not in the cache"):
+        predict_classifier(demo_runs.both, other / "test_without_label.txt", tmp_path / "p.txt", device="cpu")
+
+
+def test_results_table_gives_a_classifier_run_accuracy_and_macro_scores(demo_runs):
+    table = results_table([str(demo_runs.text), str(demo_runs.both)], split="test")
+    header, *rows = table.splitlines()
+    assert header.split()[:6] == ["run", "P", "R", "F1", "support", "Acc"]
+    for line, run in zip(rows, (demo_runs.text, demo_runs.both)):
+        test = results(run)["test"]
+        cells = line.split()
+        want = [test[k] * 100 for k in ("macro_precision", "macro_recall", "macro_f1")]
+        assert [float(c) for c in cells[1:4]] == pytest.approx(want, abs=0.006)
+        assert float(cells[5]) == pytest.approx(test["accuracy"] * 100, abs=0.006)
+        assert "classification" in line
