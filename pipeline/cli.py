@@ -647,6 +647,8 @@ def ablate_cmd(
           --exp model=afdvqf --exp model=afner --exp model=bert-crf --out ablations/zoo
       mner ablate --cache cache/tw15 --dataset twitter2015 --data-root /data \\
           --model afner --exp full --exp no_slot_type --out ablations/afner
+      mner ablate --cache cache/mvsa --data-dir mvsa --exp mode=text --exp mode=image \\
+          --exp mode=both --exp mode=both,head=cnn --out ablations/mvsa   # a classification folder
     """
     if list_only:
         from mner.train.ablate import list_experiments
@@ -655,6 +657,34 @@ def ablate_cmd(
         return
     if out is None:
         raise click.UsageError("Missing option '--out' (the ablation folder).")
+    from mner.cache.classification import is_classification_folder
+
+    if data_dir is not None and is_classification_folder(data_dir):
+        if grid or model or dataset or image_dir or columns:
+            raise click.UsageError(
+                "a classification folder's ablation takes --exp KEY=VALUE diffs of the classifier "
+                "(--exp mode=text --exp head=cnn); --grid, --model, --dataset, --image-dir and --columns "
+                "apply to tagging runs"
+            )
+        from mner.cache.classification import ClassDataConfig
+        from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
+
+        settings = [*overrides]
+        settings += [f"classifier.epochs={epochs}"] if epochs is not None else []
+        settings += [f"classifier.text_encoder={text_encoder}"] if text_encoder is not None else []
+        path = run_class_ablation(
+            ClassAblationConfig(
+                data=ClassDataConfig(data_dir),
+                cache_dir=cache_dir,
+                experiments=list(experiments),
+                out_dir=out,
+                seeds=seeds,
+                overrides=settings,
+                bootstrap=bootstrap,
+            )
+        )
+        click.echo(Path(path).read_text())
+        return
     data = _data_config(data_dir, dataset, data_root, image_dir, columns)
     data.resolve()  # the data folder exists: checked before torch loads
     from mner.train.ablate import AblationConfig, run_ablation

@@ -13,12 +13,14 @@ import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
+import mner.train.class_ablate as class_ablate
 import mner.train.classify as classify
 from mner.cache.classification import UNLABELLED_FILE, ClassDataConfig, read_classification
 from mner.cache.datasets import DataConfig
@@ -28,6 +30,7 @@ from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import collect_images, extract_features
+from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
 from mner.train.classifier_model import (
     CLASS_HEADS,
     ClassifierHead,
@@ -978,3 +981,55 @@ def test_results_table_gives_a_classifier_run_accuracy_and_macro_scores(demo_run
         assert [float(c) for c in cells[1:4]] == pytest.approx(want, abs=0.006)
         assert float(cells[5]) == pytest.approx(test["accuracy"] * 100, abs=0.006)
         assert "classification" in line
+
+
+# ============================================================================ classifier ablations
+
+
+def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, monkeypatch):
+    cfg = ClassAblationConfig(
+        data=ClassDataConfig(str(small.demo)),
+        cache_dir=str(small.cache),
+        experiments=["mode=text", "mode=both,head=attention"],
+        out_dir=str(tmp_path / "abl"),
+        seeds=2,
+        overrides=[f"classifier.{key}={value}" for key, value in QUICK.items()],
+        bootstrap=200,
+    )
+    md = run_class_ablation(cfg)
+    table = pd.read_csv(md.parent / "ablation.csv")
+    assert list(table["experiment"]) == ["mode=text"] * 2 + ["mode=both,head=attention"] * 2
+    for row in table.itertuples():
+        test = results(Path(row.run_dir))["test"]
+        assert row.accuracy == pytest.approx(test["accuracy"] * 100)
+        assert row.macro_f1 == pytest.approx(test["macro_f1"] * 100)
+        config = json.loads((Path(row.run_dir) / "config.json").read_text())
+        assert config["classifier"]["seed"] == row.seed
+        assert config["cache_dir"] is None if row.experiment == "mode=text" else config["cache_dir"]
+    # The bootstrap's delta is the difference of the seed-mean accuracies (micro F1 of one-word posts).
+    means = table.groupby("experiment", sort=False)["accuracy"].mean()
+    delta = means["mode=both,head=attention"] - means["mode=text"]
+    prefix = "| mode=both,head=attention | 2 | "
+    row = [line for line in md.read_text().splitlines() if line.startswith(prefix)][-1]  # the test's table
+    if abs(delta) > 0.005:
+        assert row.split(" | ")[2] == f"{delta:+.2f}"
+    # A re-run trains nothing: every run is finished.
+    monkeypatch.setattr(class_ablate, "train_classifier", refuse_cache)
+    assert run_class_ablation(cfg).read_text() == md.read_text()
+
+
+def test_a_classifier_ablation_refuses_a_bad_arm_before_any_run(small, tmp_path):
+    for experiments, message in (
+        (["mode=sideways"], "experiment 'mode=sideways': classifier.mode must be one of"),
+        (["colour=red"], "unknown key classifier.colour"),
+        (["seed=3"], "the seed comes from --seeds"),
+        (["base", "base"], "given more than once"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ClassAblationConfig(
+                data=ClassDataConfig(str(small.demo)),
+                cache_dir=str(small.cache),
+                experiments=experiments,
+                out_dir=str(tmp_path / "abl"),
+            )
+    assert not (tmp_path / "abl").exists()
