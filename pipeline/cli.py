@@ -405,25 +405,33 @@ def _amp_option(fn):
     help="Feature cache from `extract-features --data-dir` on the same folder (not read with --mode text).",
 )
 @click.option(
-    "--mode", type=click.Choice(["text", "image", "both"]), help="What the head sees [default: both]."
+    "--mode",
+    type=click.Choice(["text", "image", "both"]),
+    help="What the head sees [default: from config, both].",
 )
 @click.option(
-    "--head", type=click.Choice(["mlp", "cnn", "attention", "xattn"]), help="Classifier head [default: mlp]."
+    "--head",
+    type=click.Choice(["mlp", "cnn", "attention", "xattn"]),
+    help="Classifier head [default: from config, mlp].",
 )
-@click.option("--text-pool", type=click.Choice(["cls", "mean"]), help="Text feature [default: cls].")
+@click.option(
+    "--text-pool", type=click.Choice(["cls", "mean"]), help="Text feature [default: from config, cls]."
+)
 @click.option(
     "--image-feature",
     type=click.Choice(["global", "patches"]),
-    help="Image feature: the cached global vector or the mean patch token [default: global].",
+    help="Image feature: the cached global vector or the mean patch token [default: from config, global].",
 )
-@click.option("--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: minilm].")
+@click.option(
+    "--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: from config, minilm]."
+)
 @click.option(
     "--class-weights",
     type=click.Choice(["none", "balanced"]),
-    help="Cross-entropy class weights [default: none].",
+    help="Cross-entropy class weights [default: from config, none].",
 )
-@click.option("--epochs", type=int, help="Number of epochs [default: 5].")
-@click.option("--seed", type=int, help="Random seed [default: 42].")
+@click.option("--epochs", type=int, help="Number of epochs [default: from config, 5].")
+@click.option("--seed", type=int, help="Random seed [default: from config, 42].")
 @click.option(
     "--valid-fraction",
     type=float,
