@@ -2,7 +2,7 @@
 # One entry point for a newcomer.
 #   ./run_pipeline.sh          set up .venv, build the embedded demo, extract it with the untrained tiny vision
 #                              presets, train text-only (bert-crf), afner, afdvqf, mango and ifaformer with the bundled
-#                              MiniLM, evaluate, print a table, write a case-study page of the posts where text-only
+#                              MiniLM, print a results table, write a case-study page of the posts where text-only
 #                              and afdvqf differ
 #   ./run_pipeline.sh classify set up .venv, build the seeded MVSA-style sentiment demo, extract it once with the
 #                              untrained tiny-resnet, train the classifier text-only, image-only and both (mlp,
@@ -53,14 +53,14 @@ run_tests() {
 # The demo's runs: run folder, model (`mner models`), epochs, then any extra train-from-cache options.
 # text_only is bert-crf, which never opens the cache; every other run reads the one demo cache. All share
 # configs/experiments/demo.toml. Epochs are cut to keep the demo within 5 minutes on 2 CPU cores, most for
-# the slower mango and ifaformer (ifaformer with batch 16 instead of its 32, so that 4 epochs are 60 steps);
+# the slower mango and ifaformer (ifaformer with batch 16 instead of its 32, so that 3 epochs are 45 steps);
 # each run prints its epochs.
 DEMO_RUNS=(
   "text_only bert-crf 5"
   "afner afner 5"
   "afdvqf afdvqf 5"
   "mango mango 3"
-  "ifaformer ifaformer 4 --set train.batch_size=16"
+  "ifaformer ifaformer 3 --set train.batch_size=16"
 )
 
 run_demo() {
@@ -68,13 +68,13 @@ run_demo() {
   local out="${MNER_DEMO_OUT:-demo_out}"
   local start=$SECONDS
   local names=() name model epochs extra source
-  echo "== 1/6 demo data (seeded; an entity's type is visible only in its image)"
+  echo "== 1/5 demo data (seeded; an entity's type is visible only in its image)"
   mner demo-data --out "$out/data"
-  echo "== 2/6 stage one: extract-features with UNTRAINED random tiny-clip + tiny-frcnn"
+  echo "== 2/5 stage one: extract-features with UNTRAINED random tiny-clip + tiny-frcnn"
   if [ -f "$out/cache/manifest.json" ]; then echo "   a cache exists at $out/cache: completed shards are reused"; fi
   mner extract-features --data-dir "$out/data" --clip tiny-clip --detector tiny-frcnn --out "$out/cache"
   mner cache verify "$out/cache" --data-dir "$out/data"
-  echo "== 3/6 stage two: one run per model, all from the one cache (text-only never opens it)"
+  echo "== 3/5 stage two: one run per model, all from the one cache (text-only never opens it)"
   rm -rf "$out/runs/multimodal"  # the folder of the demo's earlier two-run form
   for row in "${DEMO_RUNS[@]}"; do
     read -r name model epochs extra <<<"$row"
@@ -86,11 +86,9 @@ run_demo() {
       --config configs/experiments/demo.toml --epochs "$epochs" $extra --out "$out/runs/$name"
     names+=("$out/runs/$name")
   done
-  echo "== 4/6 evaluate: the afdvqf run's best checkpoint re-scored on the demo test split"
-  mner evaluate "$out/runs/afdvqf" --split test
-  echo "== 5/6 results (each run against text_only: paired bootstrap dF1, CI95, p)"
+  echo "== 4/5 results (each run against text_only: paired bootstrap dF1, CI95, p)"
   mner results "${names[@]}" --split test
-  echo "== 6/6 case study: the test posts where the afdvqf run's predictions differ from text-only's"
+  echo "== 5/5 case study: the test posts where the afdvqf run's predictions differ from text-only's"
   mner cases "$out/runs/text_only" "$out/runs/afdvqf" --split test --out "$out/cases"
   echo "== demo done in $((SECONDS - start)) s; outputs under $out/"
 }
