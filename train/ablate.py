@@ -439,8 +439,15 @@ def summary_markdown(table: pd.DataFrame) -> str:
             metrics.append(f"{prefix}_{entity_type}")
             headers.append(f"{entity_type} {_TYPE_HEADERS[prefix]}")
     splits = sorted(set(table["split"]))
+    intro = f"Micro and per-type P/R/F1 on {'/'.join(splits)}, percent, mean ± sample std over seeds."
+    return mean_std_markdown(table, intro, headers, metrics)
+
+
+def mean_std_markdown(table: pd.DataFrame, intro: str, headers: list[str], metrics: list[str]) -> str:
+    """`intro`, then a Markdown table: per experiment (in the table's order) its seed count and, per
+    metric column of `table`, mean ± sample std over its seeds; `headers` names experiment, seeds, metrics."""
     lines = [
-        f"Micro and per-type P/R/F1 on {'/'.join(splits)}, percent, mean ± sample std over seeds.",
+        intro,
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
@@ -461,26 +468,36 @@ def significance_markdown(table: pd.DataFrame, resamples: int, seed: int = 0) ->
     Args:
         table: ablation.csv rows (experiment, seed, split, run_dir); each run's pred_<split>.conll is read.
     """
+    return bootstrap_markdown(table, resamples, seed, _seed_predictions, "", "dF1", "tagged")
+
+
+def bootstrap_markdown(table, resamples: int, seed: int, read, measure: str, delta: str, did: str) -> str:
+    """Every experiment of `table` against the first, by significance.paired_bootstrap on what
+    `read(runs, split)` gives: ((posts' key, gold tag sequences), one prediction list per seed).
+
+    `measure` names what is compared in the intro ("" for entity F1, " of the accuracy"), `delta` its
+    column ("dF1"), `did` what the runs did to the posts ("tagged"), for a row of other posts.
+    """
     split = table["split"].iloc[0]
     groups = list(table.groupby("experiment", sort=False))
     base_name, base_runs = groups[0]
-    posts, base_preds = _seed_predictions(base_runs, split)
+    posts, base_preds = read(base_runs, split)
     lines = [
-        f"{significance.TEST_NAME} against {base_name} on {split}: {resamples} resamples (seed {seed}), "
-        "the seeds of each side averaged on every resample; dF1 and its 95% interval in percentage "
-        "points, p two-sided.",
+        f"{significance.TEST_NAME}{measure} against {base_name} on {split}: {resamples} resamples "
+        f"(seed {seed}), the seeds of each side averaged on every resample; {delta} and its 95% interval "
+        "in percentage points, p two-sided.",
         "",
-        "| experiment | seeds | dF1 | 95% CI | p |",
+        f"| experiment | seeds | {delta} | 95% CI | p |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, runs in groups[1:]:
-        other_posts, preds = _seed_predictions(runs, split)
+        other_posts, preds = read(runs, split)
         if other_posts != posts:
-            lines.append(f"| {name} | {len(runs)} | - | tagged other posts than {base_name} | - |")
+            lines.append(f"| {name} | {len(runs)} | - | {did} other posts than {base_name} | - |")
             continue
         result = significance.paired_bootstrap(posts[1], base_preds, preds, resamples=resamples, seed=seed)
-        delta, interval, p = significance.format_comparison(result)
-        lines.append(f"| {name} | {len(runs)} | {delta} | {interval} | {p} |")
+        shown, interval, p = significance.format_comparison(result)
+        lines.append(f"| {name} | {len(runs)} | {shown} | {interval} | {p} |")
     return "\n".join(lines) + "\n"
 
 

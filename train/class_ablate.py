@@ -26,7 +26,7 @@ import pandas as pd
 from mner.cache.classification import ClassDataConfig
 from mner.runtime import claim_folder, write_atomic
 from mner.train import significance
-from mner.train.ablate import ABLATION_CSV, ABLATION_FILE, ABLATION_MD, _mean_std
+from mner.train.ablate import ABLATION_CSV, ABLATION_FILE, ABLATION_MD, bootstrap_markdown, mean_std_markdown
 from mner.train.classify import (
     TASK,
     ClassifierConfig,
@@ -146,30 +146,22 @@ def class_summary_markdown(table: pd.DataFrame) -> str:
         "macro F1",
         *(f"{label} F1" for label in labels),
     ]
-    lines = [
+    intro = (
         f"Accuracy, macro P/R/F1 and per-class F1 on {'/'.join(sorted(set(table['split'])))}, percent, "
-        "mean ± sample std over seeds.",
-        "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
-    ]
-    for experiment, runs in table.groupby("experiment", sort=False):
-        cells = [str(experiment), str(len(runs))]
-        for metric in metrics:
-            values = runs[metric].dropna()
-            cells.append(_mean_std(values.mean(), values.std(ddof=1), len(values)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        "mean ± sample std over seeds."
+    )
+    return mean_std_markdown(table, intro, headers, metrics)
 
 
-def _seed_labels(runs: pd.DataFrame, split: str) -> tuple[list, list[list[list[str]]]]:
-    """(gold as one-word tag sequences, one prediction list per seed) from each run's pred_<split>.csv."""
+def _seed_labels(runs: pd.DataFrame, split: str) -> tuple[tuple, list[list[list[str]]]]:
+    """((guids, gold as one-word tag sequences), one prediction list per seed) from each run's
+    pred_<split>.csv: the shape bootstrap_markdown reads."""
     gold, preds = None, []
     for run_dir in runs["run_dir"]:
         rows = [
             line.split(",") for line in (Path(run_dir) / f"pred_{split}.csv").read_text().splitlines()[1:]
         ]
-        mine = [[f"B-{g}"] for _, g, _ in rows]
+        mine = ([guid for guid, _, _ in rows], [[f"B-{g}"] for _, g, _ in rows])
         if gold is not None and mine != gold:
             raise ValueError(
                 f"{run_dir}: its pred_{split}.csv holds other posts than its experiment's first seed"
@@ -181,24 +173,4 @@ def _seed_labels(runs: pd.DataFrame, split: str) -> tuple[list, list[list[list[s
 
 def accuracy_significance_markdown(table: pd.DataFrame, resamples: int, seed: int = 0) -> str:
     """Every experiment against the first: dAcc, its 95% interval and p (paired bootstrap over posts)."""
-    split = table["split"].iloc[0]
-    groups = list(table.groupby("experiment", sort=False))
-    base_name, base_runs = groups[0]
-    gold, base = _seed_labels(base_runs, split)
-    lines = [
-        f"{significance.TEST_NAME} of the accuracy against {base_name} on {split}: {resamples} resamples "
-        f"(seed {seed}), the seeds of each side averaged on every resample; dAcc and its 95% interval in "
-        "percentage points, p two-sided.",
-        "",
-        "| experiment | seeds | dAcc | 95% CI | p |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, runs in groups[1:]:
-        other, preds = _seed_labels(runs, split)
-        if other != gold:
-            lines.append(f"| {name} | {len(runs)} | - | labelled other posts than {base_name} | - |")
-            continue
-        result = significance.paired_bootstrap(gold, base, preds, resamples=resamples, seed=seed)
-        delta, interval, p = significance.format_comparison(result)
-        lines.append(f"| {name} | {len(runs)} | {delta} | {interval} | {p} |")
-    return "\n".join(lines) + "\n"
+    return bootstrap_markdown(table, resamples, seed, _seed_labels, " of the accuracy", "dAcc", "labelled")
