@@ -354,6 +354,9 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
     record = {
         "task": TASK,
         **cfg.to_dict(),
+        # absolute, so that evaluate and predict find them from any working folder
+        "data": {**cfg.data.to_dict(), "data_dir": str(Path(cfg.data.data_dir).expanduser().resolve())},
+        "cache_dir": str(Path(cfg.cache_dir).expanduser().resolve()) if reader is not None else None,
         "label_names": labels,
         "encoder_dir": str(encoder_dir) if encoder_dir is not None else None,
         "cache": None
