@@ -218,14 +218,16 @@ def collect_images(cfg: ExtractConfig) -> tuple[list[str], dict[str, Path | None
                 "image column; --image-dir does not apply to it"
             )
         images = classification_images(ClassDataConfig(data.data_dir))
-        image_dir, keys, paths = images.image_dir, images.keys(), images.paths
-    else:
-        source = data.resolve()
-        image_dir, keys = source.image_dir, collect_keys(source, cfg.splits)
-        paths = {key: source.image_path(key) for key in keys}
-    if not image_dir.is_dir():
-        log.warning("no image folder %s: every image will be recorded as missing", image_dir)
-    return keys, paths
+        keys, paths = images.keys(), images.paths
+        # a csv's image column may point anywhere in the folder: warn only when no image is there at all
+        if not any(path is not None and path.is_file() for path in paths.values()):
+            log.warning("no image of %s exists: every image will be recorded as missing", data.data_dir)
+        return keys, paths
+    source = data.resolve()
+    keys = collect_keys(source, cfg.splits)
+    if not source.image_dir.is_dir():
+        log.warning("no image folder %s: every image will be recorded as missing", source.image_dir)
+    return keys, {key: source.image_path(key) for key in keys}
 
 
 def collect_keys(source: DataSource, splits: tuple[str, ...]) -> list[str]:
