@@ -327,17 +327,16 @@ def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None
     if cfg.classifier.mode == "text":
         return None
     reader = CacheReader(cfg.cache_dir)
-    for split in data.splits.values():
-        absent = [e for e in split.examples if e.guid not in reader]
-        if absent:
-            reader.close()
-            raise ValueError(
-                f"{split.path}:{absent[0].line}: guid {absent[0].guid!r} is not in the cache at {cfg.cache_dir} "
-                f"({len(absent)} of {len(split.examples)} {split.name} posts are absent); the cache was "
-                f"extracted from other data — run `mner extract-features --data-dir {cfg.data.data_dir}`"
-            )
-    if cfg.classifier.head == "xattn" and cfg.classifier.mode == "both" and reader.spec.num_patches < 1:
-        raise ValueError(f"the xattn head reads patch tokens, and the cache at {cfg.cache_dir} has none")
+    hint = (
+        "the cache was extracted from other data — run `mner extract-features --data-dir "
+        f"{cfg.data.data_dir}`"
+    )
+    try:
+        for split in data.splits.values():
+            _check_guids_cached(split, reader, hint)
+    except ValueError:
+        reader.close()
+        raise
     return reader
 
 
