@@ -261,37 +261,41 @@ def _recorded(config: dict) -> DataSource | ClassImages | None:
     data_dir = config.get("data_dir")
     if data_dir and is_classification_folder(data_dir):
         try:
-            return classification_images(ClassDataConfig(data_dir))
+            return data_for_verify(data_dir)
         except ValueError:
             return None
     return recorded_data(config)
 
 
-def _check_guids(data: ClassImages, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:
-    """Every guid of the classification folder in the cache, every cache key a guid."""
-    location = {
+def _locations(images_by_shard: dict[str, list[dict]]) -> dict[str, str]:
+    """cache key -> "<shard> row <row>"."""
+    return {
         image["key"]: f"{shard} row {image['row']}"
         for shard, images in images_by_shard.items()
         for image in images
     }
+
+
+def _report_not_in_data(location: dict[str, str], in_data: set[str], data_dir, problems: _Problems) -> None:
+    """A problem for every cache key that no split of the data folder holds."""
+    for key in sorted(set(location) - in_data):
+        where = location[key]
+        problems.add(where.split()[0], "not in data", f"{where} (key {key!r}): in no split of {data_dir}")
+
+
+def _check_guids(data: ClassImages, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:
+    """Every guid of the classification folder in the cache, every cache key a guid."""
+    location = _locations(images_by_shard)
     for key in data.keys():
         if key not in location:
             problems.add("data", "not cached", f"{data.data_dir}: guid {key!r} is not in the cache")
-    for key in sorted(set(location) - set(data.paths)):
-        where = location[key]
-        problems.add(
-            where.split()[0], "not in data", f"{where} (key {key!r}): in no split of {data.data_dir}"
-        )
+    _report_not_in_data(location, set(data.paths), data.data_dir, problems)
     return {"data_keys": len(data.paths)}
 
 
 def _check_data(data: DataSource, images_by_shard: dict[str, list[dict]], problems: _Problems) -> dict:
     """Every split key in the cache, every cache key in some split; returns counts for `checked`."""
-    location = {
-        image["key"]: f"{shard} row {image['row']}"
-        for shard, images in images_by_shard.items()
-        for image in images
-    }
+    location = _locations(images_by_shard)
     in_splits: set[str] = set()
     counted = {}
     for split in SPLITS:
@@ -317,11 +321,7 @@ def _check_data(data: DataSource, images_by_shard: dict[str, list[dict]], proble
             f"{data.data_dir}: no readable {'/'.join(SPLITS)}.txt to check against",
         )
         return {"splits": counted}
-    for key in sorted(set(location) - in_splits):
-        where = location[key]
-        problems.add(
-            where.split()[0], "not in data", f"{where} (key {key!r}): in no split of {data.data_dir}"
-        )
+    _report_not_in_data(location, in_splits, data.data_dir, problems)
     return {"splits": counted, "data_keys": len(in_splits)}
 
 

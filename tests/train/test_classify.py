@@ -9,6 +9,7 @@ import csv
 import json
 import random
 import re
+import shutil
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from mner.cache.classification import UNLABELLED_FILE, ClassDataConfig, read_cla
 from mner.cache.datasets import DataConfig
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
+from mner.cache.verify import data_for_verify, verify_cache
 from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
@@ -1033,3 +1035,24 @@ def test_a_classifier_ablation_refuses_a_bad_arm_before_any_run(small, tmp_path)
                 out_dir=str(tmp_path / "abl"),
             )
     assert not (tmp_path / "abl").exists()
+
+
+def test_cache_verify_checks_a_classification_cache_against_its_guids(small, tmp_path):
+    report = verify_cache(small.cache)  # against the recorded folder
+    guids = {
+        e.guid
+        for s in read_classification(ClassDataConfig(str(small.demo))).splits.values()
+        for e in s.examples
+    }
+    assert report.ok and report.checked["data_keys"] == len(guids)
+    fewer = tmp_path / "fewer"
+    shutil.copytree(small.demo, fewer)
+    lines = (fewer / "train.txt").read_text(encoding="utf-8").splitlines()
+    dropped = lines[1].split(",")[0]
+    (fewer / "train.txt").write_text("\n".join([lines[0], *lines[2:]]) + "\n", encoding="utf-8")
+    report = verify_cache(small.cache, data_for_verify(fewer))
+    assert not report.ok
+    assert [p for p in report.problems if "in no split" in p] == [
+        p for p in report.problems if f"(key {dropped!r}): in no split of {fewer}" in p
+    ]
+    assert len(report.problems) == 1
