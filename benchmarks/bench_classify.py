@@ -182,7 +182,7 @@ class ModeRun:
         self.model = SentenceClassifier(encoder, head, c.text_pool).to(runtime.device)
         self.model.train()
         if mode == "cached":
-            loader = _loader(split, reader, label_ids, tokenizer, c, head, True, c.seed)
+            loader = _loader(split, reader, labels, tokenizer, c, True, c.seed)
         else:
             side = vision.info["preprocessing"]["crop"]
             loader = DataLoader(

@@ -492,8 +492,8 @@ def train_classifier_cmd(
         seed=seed,
     )
     data = ClassDataConfig(data_dir, valid_fraction=valid_fraction, seed=split_seed)
-    cache = None if classifier.mode == "text" else cache_dir
-    cfg = ClassifierRunConfig(data=data, out_dir=out, classifier=classifier, cache_dir=cache)
+    # --mode text never opens --cache (train_classifier records none)
+    cfg = ClassifierRunConfig(data=data, out_dir=out, classifier=classifier, cache_dir=cache_dir)
     run_dir = train_classifier(cfg)
     click.echo(f"run written to {run_dir}")
 

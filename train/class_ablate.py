@@ -99,11 +99,11 @@ def run_class_ablation(cfg: ClassAblationConfig) -> Path:
             if is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file():
                 log.info("%s: finished earlier, skipped", run_dir)
             else:
-                c = cfg.arm_config(experiment, seed)
-                cache = None if c.mode == "text" else cfg.cache_dir
-                train_classifier(
-                    ClassifierRunConfig(data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cache)
+                c = cfg.arm_config(experiment, seed)  # a mode=text arm never opens cfg.cache_dir
+                run = ClassifierRunConfig(
+                    data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cfg.cache_dir
                 )
+                train_classifier(run)
             rows.append(_row(experiment, seed, run_dir))
     table = pd.DataFrame(rows)
     write_atomic(out / ABLATION_CSV, table.to_csv(index=False))

@@ -38,6 +38,12 @@ TEXT_POOLS = ("cls", "mean")
 IMAGE_FEATURES = ("global", "patches")
 
 
+def reads_tokens(head: str, mode: str) -> bool:
+    """Whether the head reads the patch tokens (B, P, Dp): xattn in both mode. In the single modes xattn
+    is mlp over one vector, as every other head."""
+    return head == "xattn" and mode == "both"
+
+
 class TwoInputMLP(nn.Module):
     """The seed's mlp_both: (t (B, Dt), i (B, Di)) -> logits (B, L) through one hidden layer of H."""
 
@@ -117,7 +123,7 @@ class ClassifierHead(nn.Module):
     @property
     def reads_tokens(self) -> bool:
         """Whether forward wants the patch tokens (B, P, Dp) rather than one image vector (B, Di)."""
-        return self.head == "xattn" and self.mode == "both"
+        return reads_tokens(self.head, self.mode)
 
     def forward(self, text: Tensor | None, image: Tensor | None, has_image: Tensor | None) -> Tensor:
         """text (B, Dt) or None; image (B, Di) or, for xattn, (B, P, Dp), or None; has_image (B,) bool.

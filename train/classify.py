@@ -26,7 +26,6 @@ fails removes what it created. A non-finite loss stops training naming the epoch
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -41,6 +40,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from mner import configs
 from mner.cache.classification import (
+    UNLABELLED_SPLIT,
     ClassData,
     ClassDataConfig,
     ClassSplit,
@@ -61,6 +61,7 @@ from mner.runtime import (
     to_device,
     write_atomic,
 )
+from mner.train.checkpoint import load_weights
 from mner.train.classifier_model import (
     CLASS_HEADS,
     IMAGE_FEATURES,
@@ -68,6 +69,7 @@ from mner.train.classifier_model import (
     TEXT_POOLS,
     ClassifierHead,
     SentenceClassifier,
+    reads_tokens,
 )
 from mner.train.config import _Config, _parse_override
 from mner.train.loop import NonFiniteLoss, train_step
@@ -90,7 +92,6 @@ TASK = "classification"  # config.json "task" of a classifier run
 CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = ("macro_f1", "accuracy")
-SUBMISSION_FILE = "pred_test_without_label.txt"  # submission_file(UNLABELLED_SPLIT), the MVSA layout's
 
 
 @dataclass
@@ -269,10 +270,11 @@ def _collate(tokenizer, max_length: int):
     return collate
 
 
-def _loader(
-    split, reader, label_ids, tokenizer, cfg: ClassifierConfig, head: ClassifierHead, shuffle: bool, seed: int
-):
-    posts = _Posts(split, reader, label_ids, head.reads_tokens, cfg.image_feature == "patches")
+def _loader(split, reader, labels: list[str], tokenizer, cfg: ClassifierConfig, shuffle: bool, seed: int):
+    """Batches of `split` for the classifier of `cfg` (label ids from the run's label list)."""
+    label_ids = {label: i for i, label in enumerate(labels)}
+    tokens = reads_tokens(cfg.head, cfg.mode)
+    posts = _Posts(split, reader, label_ids, tokens, cfg.image_feature == "patches")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         posts,
@@ -343,11 +345,10 @@ def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None
 def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: Path) -> Path:
     c = cfg.classifier
     labels = list(data.labels)
-    label_ids = {label: i for i, label in enumerate(labels)}
     encoder_dir = resolve_text_encoder(c.text_encoder) if c.mode != "image" else None
     weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
     model, tokenizer = build_classifier(c, len(labels), encoder_dir, reader.spec if reader else None, weights)
-    model, head = model.to(runtime.device), model.head
+    model = model.to(runtime.device)
 
     scored = [name for name in ("valid", "test") if name in data.splits and data.splits[name].labelled]
     record = {
@@ -382,12 +383,12 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
         log.info("posts without a usable image (scored as text alone): %s", record["no_image"])
     write_json(run_dir / CONFIG_FILE, record)
 
-    train_loader = _loader(data.splits["train"], reader, label_ids, tokenizer, c, head, True, c.seed)
+    train_loader = _loader(data.splits["train"], reader, labels, tokenizer, c, True, c.seed)
     total = c.epochs * len(train_loader)
     optimizer = torch.optim.AdamW(_param_groups(model, c), weight_decay=c.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(c.warmup_ratio * total), total)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
-    best, best_epoch, best_state, bad = -1.0, 0, None, 0
+    best, best_epoch, bad = -1.0, 0, 0
     epoch = 0
     for epoch in range(1, c.epochs + 1):
         started = time.perf_counter()
@@ -413,9 +414,7 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
                     ) from None
                 bar.update()
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            valid = _score(
-                model, data.splits["valid"], reader, label_ids, tokenizer, c, head, runtime, labels
-            )[1]
+            valid = _score(model, data.splits["valid"], reader, tokenizer, c, runtime, labels)[1]
             bar.set_postfix(
                 loss=f"{np.mean(losses):.4f}",
                 valid_acc=f"{valid['accuracy']:.4f}",
@@ -424,7 +423,6 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
         improved = valid[c.select] > best
         if improved:
             best, best_epoch, bad = valid[c.select], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
             save_model(model, str(run_dir / WEIGHTS_FILE))
         else:
             bad += 1
@@ -451,16 +449,14 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
             )
             break
 
-    model.load_state_dict(best_state)
+    load_model(model, str(run_dir / WEIGHTS_FILE))  # the best epoch's weights, as saved
     results = {"best_epoch": best_epoch, "epochs_run": epoch, "select": c.select}
     for name in scored:
-        predicted, results[name] = _score(
-            model, data.splits[name], reader, label_ids, tokenizer, c, head, runtime, labels
-        )
+        predicted, results[name] = _score(model, data.splits[name], reader, tokenizer, c, runtime, labels)
         _write_pred_csv(run_dir / f"pred_{name}.csv", data.splits[name], predicted)
     for name, split in data.splits.items():
         if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
-            predicted = _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
+            predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
             write_predictions(run_dir / submission_file(name), split.examples, predicted)
     write_json(run_dir / RESULTS_FILE, results)
     return run_dir
@@ -477,9 +473,8 @@ def build_classifier(
     text_dim = encoder.config.hidden_size if encoder is not None else 0
     image_dim = 0
     if spec is not None:
-        # xattn in both mode reads the patch tokens; in the single modes it is mlp over one vector
-        reads_tokens = c.head == "xattn" and c.mode == "both"
-        image_dim = spec.patch_dim if c.image_feature == "patches" or reads_tokens else spec.global_dim
+        tokens = c.image_feature == "patches" or reads_tokens(c.head, c.mode)
+        image_dim = spec.patch_dim if tokens else spec.global_dim
     head = ClassifierHead(
         c.head, c.mode, text_dim, image_dim, num_labels, c.hidden_size, c.dropout, c.attention_heads
     )
@@ -489,6 +484,9 @@ def build_classifier(
 def submission_file(split: str) -> str:
     """The seed's submission file (guid,tag in the input's order) of an unlabelled split."""
     return f"pred_{split}.txt"
+
+
+SUBMISSION_FILE = submission_file(UNLABELLED_SPLIT)  # the MVSA layout's test_without_label.txt
 
 
 def _param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
@@ -532,18 +530,18 @@ def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:
 
 
 @torch.no_grad()
-def _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels) -> list[str]:
+def _predict(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
     """The predicted label of every example of `split`, in file order."""
     model.eval()
     predicted = []
-    for batch in _loader(split, reader, label_ids, tokenizer, c, head, False, c.seed):
+    for batch in _loader(split, reader, labels, tokenizer, c, False, c.seed):
         logits = model(to_device({k: v for k, v in batch.items() if k != "labels"}, runtime.device))["logits"]
         predicted.extend(labels[i] for i in logits.argmax(1).tolist())
     return predicted
 
 
-def _score(model, split, reader, label_ids, tokenizer, c, head, runtime, labels) -> tuple[list[str], dict]:
-    predicted = _predict(model, split, reader, label_ids, tokenizer, c, head, runtime, labels)
+def _score(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[str], dict]:
+    predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
     return predicted, classification_scores([e.label for e in split.examples], predicted, labels)
 
 
@@ -555,8 +553,11 @@ def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path
 # ------------------------------------------------------------------------------------------ reuse
 
 
-def load_classifier_run(run_dir, device: str = "auto") -> tuple[dict, SentenceClassifier, object, object]:
-    """(config.json, the best model in eval mode on the device, its tokenizer or None, the runtime) of a
+def load_classifier_run(
+    run_dir, device: str = "auto"
+) -> tuple[dict, ClassifierConfig, SentenceClassifier, object, object]:
+    """(config.json, its classifier config, the best model in eval mode on the device, its tokenizer or
+    None, the runtime) of a
     classifier run; ValueError when the folder is not one or its weights file is missing or damaged."""
     run_dir = Path(run_dir)
     if not is_classifier_run(run_dir):
@@ -568,14 +569,9 @@ def load_classifier_run(run_dir, device: str = "auto") -> tuple[dict, SentenceCl
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run did not finish an epoch — train it again")
-    try:
-        load_model(model, str(weights))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise ValueError(
-            f"{weights} cannot be loaded ({type(err).__name__}: {err}); the file is damaged — train the run again"
-        ) from None
+    load_weights(model, weights, "cpu", "the file is damaged — train the run again")
     runtime = start_runtime(device, "off", hint="--device cpu")
-    return record, model.to(runtime.device).eval(), tokenizer, runtime
+    return record, c, model.to(runtime.device).eval(), tokenizer, runtime
 
 
 def _run_cache(record: dict, cache_dir, run_dir, same_keys: bool) -> CacheReader | None:
@@ -626,7 +622,7 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     that is absent or unlabelled, or a cache that is not the one the run was trained on.
     """
     run_dir = Path(run_dir)
-    record, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     stored = dict(record["data"])
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)
@@ -640,11 +636,8 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     reader = _run_cache(record, cache_dir, run_dir, same_keys=True)
     try:
         _check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
-        c = ClassifierConfig.from_dict(record["classifier"])
-        labels = record["label_names"]
-        label_ids = {label: i for i, label in enumerate(labels)}
         predicted, scores = _score(
-            model, data.splits[split], reader, label_ids, tokenizer, c, model.head, runtime, labels
+            model, data.splits[split], reader, tokenizer, c, runtime, record["label_names"]
         )
     finally:
         if reader is not None:
@@ -670,7 +663,7 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
         out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
     )
     split = read_split_file(input_file)
-    record, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     reader = _run_cache(record, cache_dir, run_dir, same_keys=False)
     try:
         _check_guids_cached(
@@ -679,10 +672,7 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
             f"extract its folder with `mner extract-features --data-dir {Path(input_file).parent}` and the "
             "run's extractor settings, and pass that cache with --cache",
         )
-        c = ClassifierConfig.from_dict(record["classifier"])
-        labels = record["label_names"]
-        label_ids = {label: i for i, label in enumerate(labels)}
-        predicted = _predict(model, split, reader, label_ids, tokenizer, c, model.head, runtime, labels)
+        predicted = _predict(model, split, reader, tokenizer, c, runtime, record["label_names"])
     finally:
         if reader is not None:
             reader.close()
