@@ -269,7 +269,7 @@ def cache_verify(cache_dir, data_dir, dataset, data_root, image_dir, columns, im
     from mner.cache.verify import data_for_verify, verify_cache
 
     data = None
-    if data_dir and not (dataset or image_dir or columns):
+    if data_dir and not (dataset or data_root or image_dir or columns):
         data = data_for_verify(data_dir)  # an NER or a classification folder
     elif data_dir or dataset:
         data = _data_config(data_dir, dataset, data_root, image_dir, columns).resolve()

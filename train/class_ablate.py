@@ -33,6 +33,7 @@ from mner.train.classify import (
     ClassifierRunConfig,
     is_classifier_run,
     load_classifier_config,
+    read_pred_csv,
     train_classifier,
 )
 from mner.train.config import _parse_override
@@ -158,9 +159,7 @@ def _seed_labels(runs: pd.DataFrame, split: str) -> tuple[tuple, list[list[list[
     pred_<split>.csv: the shape bootstrap_markdown reads."""
     gold, preds = None, []
     for run_dir in runs["run_dir"]:
-        rows = [
-            line.split(",") for line in (Path(run_dir) / f"pred_{split}.csv").read_text().splitlines()[1:]
-        ]
+        rows = read_pred_csv(Path(run_dir) / f"pred_{split}.csv")
         mine = ([guid for guid, _, _ in rows], [[f"B-{g}"] for _, g, _ in rows])
         if gold is not None and mine != gold:
             raise ValueError(

@@ -550,6 +550,11 @@ def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path
     return write_atomic(path, "\n".join(rows) + "\n")
 
 
+def read_pred_csv(path: Path) -> list[list[str]]:
+    """The [guid, gold, pred] rows of a pred_<split>.csv (what _write_pred_csv wrote), in file order."""
+    return [line.split(",") for line in Path(path).read_text(encoding="utf-8").splitlines()[1:]]
+
+
 # ------------------------------------------------------------------------------------------ reuse
 
 
@@ -626,7 +631,7 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     stored = dict(record["data"])
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)
-    data = read_classification(ClassDataConfig(**{**stored, "encodings": tuple(stored["encodings"])}))
+    data = read_classification(ClassDataConfig(**stored))
     if split not in data.splits or not data.splits[split].labelled:
         labelled = [name for name, s in data.splits.items() if s.labelled]
         raise ValueError(
