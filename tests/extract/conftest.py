@@ -78,15 +78,6 @@ def _picture(colour: int, size: tuple[int, int], solid: bool) -> Image.Image:
     return Image.fromarray(base.round().astype(np.uint8))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def preset_dir(tmp_path_factory):
-    """Materialise the tiny presets once per session in a private folder (never in ~/.cache)."""
-    folder = tmp_path_factory.mktemp("presets")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MNER_PRESET_DIR", str(folder))
-        yield folder
-
-
 @pytest.fixture(scope="session")
 def image_dataset():
     """`make_image_dataset` for test modules (a conftest is not importable by module name)."""

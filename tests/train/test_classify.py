@@ -64,15 +64,6 @@ DEMO_SETTINGS = dict(epochs=8, patience=8, lr_head=1e-2, lr_encoder=1e-3, device
 QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def preset_dir(tmp_path_factory):
-    """tiny-bert and tiny-resnet are materialised in a private folder, never in ~/.cache."""
-    folder = tmp_path_factory.mktemp("presets")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MNER_PRESET_DIR", str(folder))
-        yield folder
-
-
 def extract(data_dir: Path, out: Path) -> Path:
     """The classification folder's images through tiny-resnet, no detector (the seed's global vector)."""
     cfg = ExtractConfig(
