@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from bench_train import forever, step_in_turns  # this folder: both run as scripts from it
 from torch.utils.data import DataLoader
 from torchvision.models import resnet
 from transformers import get_linear_schedule_with_warmup
@@ -193,7 +194,7 @@ class ModeRun:
                 num_workers=args.num_workers,
                 collate_fn=ImageCollate(_collate(tokenizer, c.max_length), vision.transform, side, label_ids),
             )
-        self.batches = _forever(loader)
+        self.batches = forever(loader)
         total = args.warmup + args.steps
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, c), weight_decay=c.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, round(c.warmup_ratio * total), total)
@@ -266,11 +267,6 @@ class ModeRun:
             torch.cuda.synchronize(self.runtime.device)
 
 
-def _forever(loader):
-    while True:
-        yield from loader
-
-
 def measure(data_dir: Path, cache_dir: Path, vision_name: str, ckpt: str | None, args) -> dict:
     """Time `warmup + steps` steps of both modes, taking turns (the first to go rotates)."""
     runtime = resolve_runtime(args.device, "off")
@@ -283,9 +279,7 @@ def measure(data_dir: Path, cache_dir: Path, vision_name: str, ckpt: str | None,
         ModeRun(mode, split, labels, reader, vision if mode == "e2e" else None, args, runtime)
         for mode in MODES
     ]
-    for i in range(args.warmup + args.steps):
-        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
-            run.step()
+    step_in_turns(runs, args.warmup + args.steps)
     reader.close()
     return {
         "runs": [run.summary(args.warmup) for run in runs],

@@ -263,7 +263,7 @@ class ModeRun:
             self.spec = reader.spec if reader is not None else None
             num_classes = len(reader.models["detector"]["categories"]) if reader is not None else 91
             loader = make_loader(split, reader, tokenizer, labels, model_cfg, self.train_cfg, shuffle=True)
-        self.batches = _forever(loader)
+        self.batches = forever(loader)
         torch.manual_seed(job["seed"])  # every mode starts from the same weights where they share modules
         self.model = MNERModel(model_cfg, labels, self.spec, encoder_dir, num_classes).to(runtime.device)
         self.model.train()
@@ -359,13 +359,19 @@ def run_worker(job: dict) -> dict:
     return _take_turns(runs, "modes", job["modes"], job, time.perf_counter() - setup, runtime)
 
 
+def step_in_turns(runs: list, rounds: int) -> None:
+    """`rounds` rounds of run.step() for every run, the first to go rotating each round, so that a slow
+    spell of a shared machine hits them alike (also used by bench_classify.py)."""
+    for i in range(rounds):
+        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
+            run.step()
+
+
 def _take_turns(runs: list, key: str, entries: list[dict], job: dict, setup: float, runtime) -> dict:
     """Step `runs` in turns for job["warmup"] + job["steps"] rounds (the first to go rotates, so a slow
     spell of a shared machine hits them alike) and return the worker's result: each entry of `entries`
     under `key` with its run's summary, threads, set-up time and peak memory."""
-    for i in range(job["warmup"] + job["steps"]):
-        for run in runs[i % len(runs) :] + runs[: i % len(runs)]:
-            run.step()
+    step_in_turns(runs, job["warmup"] + job["steps"])
     return {
         "threads": torch.get_num_threads(),
         "setup_s": setup,
@@ -402,7 +408,7 @@ class ModelRun:
         spec = reader.spec if reader is not None else None
         num_classes = len(reader.models["detector"]["categories"]) if reader is not None else 91
         loader = make_loader(split, reader, tokenizer, labels, model_cfg, self.train_cfg, shuffle=True)
-        self.batches = _forever(loader)
+        self.batches = forever(loader)
         torch.manual_seed(job["seed"])
         self.model = MNERModel(model_cfg, labels, spec, encoder_dir, num_classes).to(runtime.device)
         self.model.train()
@@ -471,8 +477,8 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
-def _forever(loader):
-    """Batches of `loader`, epoch after epoch."""
+def forever(loader):
+    """Batches of `loader`, epoch after epoch (also used by bench_classify.py)."""
     while True:
         yield from loader
 
