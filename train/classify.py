@@ -84,7 +84,7 @@ from mner.train.runs import (
     read_record,
     write_json,
 )
-from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
+from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,8 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         raise ValueError(f"{out} already holds a classifier run (config.json); choose another --out")
     claim = claim_folder(out, CONFIG_FILE, CLASS_RECORD_KEYS, resume=None, what="classifier run")
     c = cfg.classifier
+    if c.mode != "image":  # before the data is read: a budget past the positions fails only in the forward
+        check_max_length(resolve_text_encoder(c.text_encoder), c.max_length, "classifier.max_length")
     seed_everything(c.seed)
     runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu")
     reader = None

@@ -56,7 +56,7 @@ from mner.train.runs import (
     trim_metrics,
     write_json,
 )
-from mner.train.text import load_tokenizer, resolve_text_encoder
+from mner.train.text import check_max_length, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ def _non_finite_message(err: NonFiniteLoss, epoch_at: dict, run_dir: Path) -> st
 
 def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict) -> Path:
     run_dir = claim.path
+    # Before the data is read: a budget past the encoder's positions fails only inside its forward.
+    encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
+    check_max_length(encoder_dir, cfg.model.max_length, "model.max_length")
     source = cfg.data.resolve()
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
@@ -136,7 +139,6 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
     if reader is not None:
         check_cache_keys(list(splits.values()), reader)
-    encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
     tokenizer = load_tokenizer(encoder_dir)
 
     record = make_record(cfg, source, labels, encoder_dir, reader)

@@ -1047,3 +1047,11 @@ def test_cache_verify_checks_a_classification_cache_against_its_guids(small, tmp
         p for p in report.problems if f"(key {dropped!r}): in no split of {fewer}" in p
     ]
     assert len(report.problems) == 1
+
+
+def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(small, tmp_path):
+    out = tmp_path / "run"
+    cfg = run_config(small.demo, out, None, mode="text", **{**QUICK, "max_length": 100000})
+    with pytest.raises(ValueError, match=r"^classifier\.max_length = 100000 is more than text encoder .*512"):
+        train_classifier(cfg)
+    assert not out.exists()

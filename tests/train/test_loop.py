@@ -518,3 +518,14 @@ def test_resume_extends_a_finished_run_and_runtime_settings_never_block(tmp_path
     record = json.loads((run_dir / "config.json").read_text())
     assert record["train"]["epochs"] == 4 and record["train"]["patience"] == 9
     assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 4
+
+
+def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "run"
+    cfg = run_config(out, None, data_dir, text_only=True, max_length=5000)
+    with pytest.raises(
+        ValueError, match=r"^model\.max_length = 5000 is more than text encoder .* \(512 positions"
+    ):
+        train_from_cache(cfg)
+    assert not out.exists()
