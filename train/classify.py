@@ -82,6 +82,7 @@ from mner.train.runs import (
     WEIGHTS_FILE,
     append_metrics,
     read_record,
+    report_images,
     write_json,
 )
 from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
@@ -375,14 +376,19 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
             "sizes": {name: len(split.examples) for name, split in data.splits.items()},
             "train_labels": data.splits["train"].label_counts(),
         },
-        "no_image": _no_image(data, reader),
+        "no_image": {}
+        if reader is None
+        else report_images(
+            {name: [e.guid for e in split.examples] for name, split in data.splits.items()},
+            reader,
+            "a zero image vector" if c.mode == "image" else "the text alone",
+            image_only=c.mode == "image",
+        ),
         "truncated_posts": _truncated(data, tokenizer, c.max_length),
         "class_weights": None if weights is None else dict(zip(labels, weights.tolist())),
     }
     if any(record["truncated_posts"].values()):
         log.warning("posts longer than %d sub-words (cut): %s", c.max_length, record["truncated_posts"])
-    if reader is not None:
-        log.info("posts without a usable image (scored as text alone): %s", record["no_image"])
     write_json(run_dir / CONFIG_FILE, record)
 
     train_loader = _loader(data.splits["train"], reader, labels, tokenizer, c, True, c.seed)
@@ -511,15 +517,6 @@ def _class_weights(train: ClassSplit, labels: list[str]) -> torch.Tensor:
     counts = train.label_counts()
     n = sum(counts.values())
     return torch.tensor([n / (len(labels) * counts[label]) for label in labels], dtype=torch.float32)
-
-
-def _no_image(data: ClassData, reader) -> dict:
-    if reader is None:
-        return {}
-    return {
-        name: sum(reader.status(e.guid) != "ok" for e in split.examples)
-        for name, split in data.splits.items()
-    }
 
 
 def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:

@@ -53,6 +53,7 @@ from mner.train.runs import (
     open_cache,
     precision_name,
     prepare_folder,
+    report_images,
     trim_metrics,
     write_json,
 )
@@ -154,6 +155,9 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         cfg.model.max_length,
         record["truncated_words"],
     )
+    if reader is not None:
+        keys = {name: [post.key for post in split.posts] for name, split in splits.items()}
+        record["no_image"] = report_images(keys, reader, "no visual tokens: the text alone")
     record["orphan_i"] = {name: split.orphan_i for name, split in splits.items()}
     log.info(
         "I- tags with no B- before them (kept, counted as entity starts as conlleval does): %s",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import re
 import shutil
@@ -1055,3 +1056,35 @@ def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(s
     with pytest.raises(ValueError, match=r"^classifier\.max_length = 100000 is more than text encoder .*512"):
         train_classifier(cfg)
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def imageless(tmp_path_factory):
+    """The small demo with its image files deleted before extraction: every cache record is missing."""
+    root = tmp_path_factory.mktemp("imageless")
+    demo = make_mvsa_demo(root / "demo", seed=0, n=24)
+    for image in (demo / "data").glob("*.jpg"):
+        image.unlink()
+    return SimpleNamespace(demo=demo, cache=extract(demo, root / "cache"))
+
+
+def test_image_mode_with_no_usable_train_image_is_refused(imageless, tmp_path):
+    out = tmp_path / "run"
+    cfg = run_config(imageless.demo, out, imageless.cache, mode="image", **QUICK)
+    n = len(read_classification(cfg.data).splits["train"].examples)
+    expected = (
+        f"none of the {n} train posts has a usable image in the cache {imageless.cache} (missing {n}): a "
+        "model of the image alone would learn a constant"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        train_classifier(cfg)
+    assert not out.exists()
+
+
+def test_both_mode_with_no_usable_train_image_warns_and_records_it(imageless, tmp_path, caplog):
+    cfg = run_config(imageless.demo, tmp_path / "run", imageless.cache, mode="both", **QUICK)
+    with caplog.at_level(logging.WARNING, logger="mner.train.runs"):
+        run = train_classifier(cfg)
+    assert "this run is text-only in effect" in caplog.text
+    record = json.loads((run / "config.json").read_text())
+    assert record["no_image"] == record["data_report"]["sizes"]

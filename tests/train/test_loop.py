@@ -529,3 +529,26 @@ def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(t
     ):
         train_from_cache(cfg)
     assert not out.exists()
+
+
+def test_a_cache_with_no_usable_train_image_is_said_loudly_and_recorded(tmp_path, caplog):
+    data_dir, posts = make_data(tmp_path, n_train=6, n_valid=2, n_test=None)
+    statuses = {post.key: ("corrupt" if i % 3 == 0 else "missing") for i, post in enumerate(posts)}
+    cache_dir = make_cache(tmp_path, posts, statuses=statuses)
+    with caplog.at_level(logging.WARNING, logger="mner.train.runs"):
+        run = train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    expected = (
+        f"none of the 6 train posts has a usable image in the cache {cache_dir} (corrupt 2, missing 4): the "
+        "image side learns nothing and this run is text-only in effect"
+    )
+    assert any(r.getMessage().startswith(expected) for r in caplog.records), caplog.text
+    assert json.loads((run / "config.json").read_text())["no_image"] == {"train": 6, "valid": 2}
+
+
+def test_a_cache_with_some_usable_images_records_the_count_without_a_warning(tmp_path, caplog):
+    data_dir, posts = make_data(tmp_path, n_train=6, n_valid=2, n_test=None)
+    cache_dir = make_cache(tmp_path, posts, statuses={"tr1": "missing", "va0": "corrupt"})
+    with caplog.at_level(logging.WARNING, logger="mner.train.runs"):
+        run = train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    assert not [r for r in caplog.records if r.name == "mner.train.runs"]
+    assert json.loads((run / "config.json").read_text())["no_image"] == {"train": 1, "valid": 1}
