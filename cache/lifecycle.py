@@ -187,14 +187,29 @@ def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) ->
         except ValueError:
             pass  # damaged: the shards tell, and the run rebuilds it (manifest_problem says so)
     if old_fp in (None, fingerprint):
+        # The folder is this configuration's when its manifest or one of its shards says so; a shard of
+        # another configuration among them (copied in from another cache) is then extracted again by
+        # plan_shards, alone. Only a folder with no sign of this configuration is a foreign cache.
+        ours, foreign = old_fp == fingerprint, []
         for path in sorted(out.glob(SHARD_GLOB)):
             if completed_shard(path, fingerprint):
+                ours = True
                 continue
             found, config = _shard_fingerprint(path)
             if found is not None and found != fingerprint:
-                old_fp, old_config = found, config
-                break
+                foreign.append((path.name, found, config))
             # Unreadable, or never completed: plan_shards extracts it again.
+        if foreign and not ours:
+            old_fp, old_config = foreign[0][1], foreign[0][2]
+        elif foreign:
+            log.warning(
+                "%s of %s hold(s) another configuration's tokens (fingerprint %s, not %s): extracted again; "
+                "the cache's other shards are kept",
+                _listed([name for name, _, _ in foreign]),
+                out,
+                ", ".join(sorted({_short(found) for _, found, _ in foreign})),
+                _short(fingerprint),
+            )
     if old_fp is None or old_fp == fingerprint:
         return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
     differs = _differences((old_config or {}).get("fingerprint_parts"), parts)

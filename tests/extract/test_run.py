@@ -350,6 +350,29 @@ def counted_batches(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_one_shard_of_another_cache_is_extracted_again_alone(
+    image_dataset, tmp_path, counted_batches, caplog, manifest
+):
+    ds = image_dataset(tmp_path, n=4, missing=0, corrupt=0)
+    reference = extract_features(small_run(ds, tmp_path / "reference"))
+    other = extract_features(small_run(ds, tmp_path / "other", topk=5))
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    shutil.copy2(other / "shard-00001.h5", out / "shard-00001.h5")  # swapped in from another cache
+    if not manifest:
+        (out / "manifest.json").unlink()
+    counted_batches.clear()
+    with caplog.at_level(logging.WARNING, logger="mner.cache.lifecycle"):
+        extract_features(small_run(ds, out))
+    assert f"shard-00001.h5 of {out} hold(s) another configuration's tokens" in caplog.text
+    keys = [
+        image["key"] for image in read_manifest(reference)["images"] if image["shard"] == "shard-00001.h5"
+    ]
+    assert sorted(key for batch in counted_batches for key in batch) == sorted(keys)
+    assert_same_cache(out, reference)
+
+
 def test_a_folder_that_is_not_a_cache_is_refused_untouched(image_dataset, tmp_path):
     ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0)
     mine = tmp_path / "results"
