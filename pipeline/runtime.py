@@ -5,6 +5,7 @@
   and `train-from-cache` (auto | cpu | mps | cuda | cuda:N; off | auto | fp16 | bf16).
 - `start_runtime`: the same, joining the torchrun process group when WORLD_SIZE > 1;
   `Runtime.close()` leaves it again.
+- `usable_cpus` / `set_threads`: torch's intra-op threads from the CPUs this process may use.
 - `seed_everything`, `to_device`.
 - `ProgressLog`: a long loop's progress, a tqdm bar on a terminal and plain log lines otherwise;
   `quiet_library_progress` silences the bars transformers and the HF hub draw while loading weights.
@@ -142,17 +143,19 @@ def resolve_runtime(
 
 
 def start_runtime(
-    device: str, amp: str, hint: str = "--device cpu", timeout: timedelta | None = None
+    device: str, amp: str, hint: str = "--device cpu", timeout: timedelta | None = None, threads: int = 0
 ) -> Runtime:
     """The runtime of this process; joins the torchrun process group when WORLD_SIZE > 1.
 
-    NCCL on CUDA, gloo otherwise. `timeout`: the process group's (None: torch's default). Call
-    `close()` on the result when done: it destroys the group if this call created it.
+    NCCL on CUDA, gloo otherwise. `timeout`: the process group's (None: torch's default). `threads`:
+    torch's intra-op threads (0: `set_threads`' share of the usable CPUs). Call `close()` on the result
+    when done: it destroys the group if this call created it.
     """
     import torch
     import torch.distributed as dist
 
     quiet_library_progress()
+    set_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     runtime = resolve_runtime(device, amp, local_rank, world_size, hint)
@@ -166,6 +169,86 @@ def start_runtime(
             runtime.owns_group = True
         runtime.rank, runtime.world_size = dist.get_rank(), dist.get_world_size()
     return runtime
+
+
+def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota, whole CPUs.
+
+    torch (and OpenMP) size their thread pools from the machine's cores; in a container, a batch job
+    or under `taskset` that over-subscribes the CPUs this process actually gets, and every op of two
+    such trainings side by side waits on the other's threads.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, root)
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def cgroup_cpu_quota(proc_cgroup: Path, root: Path) -> int | None:
+    """The tightest CPU quota (quota / period, rounded up) on this process's cgroup path, None if none.
+
+    cgroup v2: `cpu.max` ("max 100000" or "150000 100000") in the process's group and each parent;
+    cgroup v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none) in the cpu controller's group.
+    """
+    import math
+
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        group = group.strip("/")
+        if controllers == "":  # v2
+            folders = [root / group, *(root / group).parents] if group else [root]
+            for folder in folders:
+                if not folder.is_relative_to(root):
+                    break
+                text = _read_small(folder / "cpu.max").split()
+                if len(text) == 2 and text[0] != "max":
+                    quotas.append(math.ceil(int(text[0]) / int(text[1])))
+        elif "cpu" in controllers.split(","):  # v1
+            for base in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                quota, period = (
+                    _read_small(base / group / name) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+                )
+                if quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0:
+                    quotas.append(math.ceil(int(quota) / int(period)))
+                    break
+    return min(quotas) if quotas else None
+
+
+def _read_small(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def set_threads(threads: int = 0) -> int:
+    """Set torch's intra-op threads and log how many, beside the CPUs they were chosen from.
+
+    Args:
+        threads: the count to use; 0: the CPUs this process may use (`usable_cpus`), shared evenly by
+            the torchrun ranks of this machine (LOCAL_WORLD_SIZE), and never more than torch's own
+            setting (OMP_NUM_THREADS, or an earlier torch.set_num_threads, is kept when lower).
+    Returns:
+        the number set.
+    """
+    import torch
+
+    usable = usable_cpus()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    chosen = threads or min(torch.get_num_threads(), max(1, usable // ranks))
+    torch.set_num_threads(chosen)
+    log.info(
+        "torch threads: %d (%s; this process may use %d CPU(s) of the machine's %d)",
+        chosen,
+        "as asked" if threads else "the usable CPUs" + (f" / {ranks} local ranks" if ranks > 1 else ""),
+        usable,
+        os.cpu_count() or 1,
+    )
+    return chosen
 
 
 def seed_everything(seed: int) -> None:

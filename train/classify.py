@@ -124,6 +124,7 @@ class ClassifierConfig(_Config):
     patience: int = 3  # stop after this many epochs without a better valid score
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # torch intra-op threads; 0: the CPUs this process may use (mner.runtime.set_threads)
 
     def __post_init__(self):
         self._check_types()
@@ -147,8 +148,9 @@ class ClassifierConfig(_Config):
                 raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
-        if self.weight_decay < 0 or self.seed < 0:
-            raise ValueError("classifier.weight_decay and classifier.seed must be >= 0")
+        for name in ("weight_decay", "seed", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
 
@@ -305,7 +307,7 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
     if c.mode != "image":  # before the data is read: a budget past the positions fails only in the forward
         check_max_length(resolve_text_encoder(c.text_encoder), c.max_length, "classifier.max_length")
     seed_everything(c.seed)
-    runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu")
+    runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu", threads=c.threads)
     reader = None
     try:
         data = read_classification(cfg.data)

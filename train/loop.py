@@ -89,7 +89,9 @@ def train_from_cache(cfg: RunConfig) -> Path:
     claim = claim_run_folder(cfg.out_dir, cfg.resume)
     # Seeded first: the CUDA determinism setting must be in place before any CUDA context exists.
     seed_everything(cfg.train.seed)
-    runtime = start_runtime(cfg.train.device, cfg.train.amp, hint="--set train.device=cpu")
+    runtime = start_runtime(
+        cfg.train.device, cfg.train.amp, hint="--set train.device=cpu", threads=cfg.train.threads
+    )
     epoch_at: dict = {}  # epoch, its first global step and step count, for the non-finite message
     try:
         runtime.barrier()  # every rank has checked the folder before rank 0 creates anything in it

@@ -431,3 +431,68 @@ def test_training_logs_about_ten_lines_per_epoch(tmp_path, caplog):
     assert all(m["unit"] == "step" and m["total"] == "10" for m in lines)
     assert re.fullmatch(r", loss=\d+\.\d{4}", lines[-2].group(6))
     assert re.fullmatch(r", loss=\d+\.\d{4}, dev_f1=\d\.\d{4}", lines[-1].group(6))  # the epoch's end
+
+
+# ------------------------------------------------------------------------------- threads
+
+
+def cgroup_tree(tmp_path, proc: str, files: dict[str, str]):
+    """A fake /proc/self/cgroup (text `proc`) and /sys/fs/cgroup holding `files` (relative path -> text)."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    root.mkdir(exist_ok=True)
+    (tmp_path / "proc").write_text(proc)
+    return tmp_path / "proc", root
+
+
+@pytest.mark.parametrize(
+    "proc, files, expected",
+    [
+        # v2: the tightest quota on the path from the process's group up to the root, rounded up
+        ("0::/job/step\n", {"job/cpu.max": "150000 100000", "job/step/cpu.max": "max 100000"}, 2),
+        ("0::/job/step\n", {"cpu.max": "400000 100000", "job/step/cpu.max": "50000 100000"}, 1),
+        ("0::/\n", {"cpu.max": "max 100000"}, None),
+        # v1: the cpu controller's quota and period; -1 is no quota
+        ("4:cpu,cpuacct:/grp\n", {"cpu,cpuacct/grp/cpu.cfs_quota_us": "250000", "cpu,cpuacct/grp/cpu.cfs_period_us": "100000"}, 3),
+        ("4:cpu,cpuacct:/grp\n", {"cpu,cpuacct/grp/cpu.cfs_quota_us": "-1", "cpu,cpuacct/grp/cpu.cfs_period_us": "100000"}, None),
+        ("9:memory:/m\n", {"memory/m/memory.max": "1"}, None),
+    ],
+)  # fmt: skip
+def test_cgroup_cpu_quota_reads_v1_and_v2(tmp_path, proc, files, expected):
+    assert rt.cgroup_cpu_quota(*cgroup_tree(tmp_path, proc, files)) == expected
+
+
+def test_cgroup_cpu_quota_without_a_proc_file_is_none(tmp_path):
+    assert rt.cgroup_cpu_quota(tmp_path / "absent", tmp_path) is None
+
+
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert rt.usable_cpus(*cgroup_tree(tmp_path, "0::/\n", {"cpu.max": "200000 100000"})) == 2
+    assert rt.usable_cpus(*cgroup_tree(tmp_path, "0::/\n", {"cpu.max": "max 100000"})) == 6
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_set_threads_takes_a_count_or_the_share_of_the_usable_cpus(monkeypatch, restore_threads, caplog):
+    monkeypatch.setattr(rt, "usable_cpus", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    torch.set_num_threads(8)
+    with caplog.at_level(logging.INFO, logger="mner.runtime"):
+        assert rt.set_threads(0) == 2 == torch.get_num_threads()
+    assert "torch threads: 2 (the usable CPUs / 2 local ranks; this process may use 4 CPU(s)" in caplog.text
+    assert rt.set_threads(3) == 3 == torch.get_num_threads()
+    torch.set_num_threads(1)  # OMP_NUM_THREADS=1, or the caller's own choice: never raised
+    assert rt.set_threads(0) == 1 == torch.get_num_threads()
+
+
+def test_start_runtime_sets_the_threads_it_is_given(restore_threads):
+    start_runtime("cpu", "off", threads=3).close()
+    assert torch.get_num_threads() == 3
