@@ -298,6 +298,12 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
     """
     out = Path(cfg.out_dir)
     if is_classifier_run(out):
+        if not (out / RESULTS_FILE).is_file():
+            raise ValueError(
+                f"{out} holds an unfinished classifier run (config.json but no {RESULTS_FILE}: it was stopped "
+                "before the end); a classifier run cannot be resumed: delete the folder to train it again, "
+                "or choose another --out"
+            )
         raise ValueError(f"{out} already holds a classifier run (config.json); choose another --out")
     claim = claim_folder(out, CONFIG_FILE, CLASS_RECORD_KEYS, resume=None, what="classifier run")
     c = cfg.classifier
@@ -319,6 +325,7 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         claim.release()
         raise
     finally:
+        claim.unlock()
         if reader is not None:
             reader.close()
         runtime.close()

@@ -237,12 +237,14 @@ def is_run_folder(path) -> bool:
 def claim_run_folder(run_dir, resume: bool) -> FolderClaim:
     """The run folder training may write: new, empty, or (with `resume`) one of ours; refused
     otherwise before anything is read or created (mner.runtime.claim_folder)."""
-    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run")
+    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run", finished=RESULTS_FILE)
 
 
 def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runtime) -> Path | None:
     """Create the run folder; returns the checkpoint training continues from, or None for a fresh start."""
     run_dir = claim.path
+    if runtime.is_main:
+        claim.create()  # locked before anything in it is read: one writer per run folder
     checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume and claim.state == "ours" else None
     if checkpoint is not None:
         old = read_record(run_dir)
@@ -253,7 +255,6 @@ def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runt
                 f"--out, or change only {', '.join(sorted(RUNTIME_SETTINGS))}, which a resume may change"
             )
     elif runtime.is_main:
-        claim.create()
         # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     runtime.barrier()
