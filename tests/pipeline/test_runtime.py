@@ -280,6 +280,20 @@ def test_write_atomic_fsyncs_before_the_rename_and_the_folder_after(tmp_path, mo
     assert events == [("fsync", "tmp written"), ("replace", "a.json.tmp", "a.json"), ("fsync", "tmp renamed")]
 
 
+def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    path = write_atomic(tmp_path / "metrics.jsonl", "old\n")
+
+    def immutable(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(rt.os, "replace", immutable)
+    with pytest.raises(PermissionError):
+        write_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_a_kill_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "manifest.json"
     write_atomic(path, "complete old text\n")
