@@ -82,6 +82,7 @@ from mner.train.runs import (
     WEIGHTS_FILE,
     append_metrics,
     read_record,
+    warn_if_unfinished,
     write_json,
 )
 from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
@@ -635,6 +636,7 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     """
     run_dir = Path(run_dir)
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    warn_if_unfinished(run_dir)
     stored = dict(record["data"])
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)

@@ -26,6 +26,7 @@ them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
 from mner.train.visual import check_regions
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -109,6 +112,18 @@ def read_results(run_dir) -> dict:
         Path(run_dir) / RESULTS_FILE,
         f"{run_dir}: no {RESULTS_FILE}; the run has not finished (continue it with --resume)",
     )
+
+
+def warn_if_unfinished(run_dir) -> None:
+    """Log a warning when the run has no results.json (it was killed or failed before the end): a
+    command that scores it scores the best weights saved so far, which a finished run may not keep."""
+    if not (Path(run_dir) / RESULTS_FILE).is_file():
+        log.warning(
+            "%s is an unfinished run (no %s: training stopped before the end); scoring the best model it "
+            "saved so far",
+            run_dir,
+            RESULTS_FILE,
+        )
 
 
 def read_metrics(run_dir) -> list[dict]:
