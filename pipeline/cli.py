@@ -9,6 +9,7 @@ registry (ExtractConfig, DataConfig, RunConfig, AblationConfig, DemoConfig, DETE
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -34,8 +35,23 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as err:
             raise click.ClickException(_flag_names(str(err), click.get_current_context().command)) from err
+        except OSError as err:
+            raise click.ClickException(_os_error(err)) from err
 
     return wrapper
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a file the command could not write or read (full disk, no permission, immutable)."""
+    # A failed rename names both files; the second is the one being replaced (an immutable target).
+    name = err.filename2 or err.filename
+    where = f" {name}" if name else ""
+    if err.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device of{where}: free some space and run the same command again "
+            "(what was finished is kept; a training run continues with --resume)"
+        )
+    return f"cannot write or read{where}: {err.strerror or err}; check its permissions and attributes (chattr -i)"
 
 
 def _flag_names(message: str, command: click.Command) -> str:

@@ -32,7 +32,7 @@ import pandas as pd
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.runtime import FolderClaim, claim_folder, write_atomic
+from mner.runtime import LOCK_NAME, FolderClaim, claim_folder, write_atomic
 from mner.train import significance
 from mner.train.config import RunConfig, check_model_name, load_run_config
 from mner.train.evaluate import PERCENT
@@ -289,6 +289,8 @@ def run_ablation(cfg: AblationConfig) -> Path:
         if main:
             _release_if_nothing_trained(claim)
         raise
+    finally:
+        claim.unlock()
 
 
 def _record(cfg: AblationConfig) -> dict:
@@ -301,7 +303,7 @@ def _record(cfg: AblationConfig) -> dict:
 
 def _release_if_nothing_trained(claim: FolderClaim) -> None:
     """Remove the folder this ablation made when nothing but its record is in it."""
-    if claim.path.is_dir() and [p.name for p in claim.path.iterdir()] == [ABLATION_FILE]:
+    if claim.path.is_dir() and {p.name for p in claim.path.iterdir()} <= {ABLATION_FILE, LOCK_NAME}:
         claim.release()
 
 

@@ -212,6 +212,7 @@ def write_cases(cfg: CasesConfig) -> Path:
     except BaseException:
         claim.release()
         raise
+    claim.unlock()
     return page
 
 

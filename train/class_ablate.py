@@ -91,27 +91,30 @@ def run_class_ablation(cfg: ClassAblationConfig) -> Path:
     out = Path(cfg.out_dir)
     claim = claim_folder(out, ABLATION_FILE, CLASS_ABLATION_KEYS, resume=None, what="classifier ablation")
     claim.create()
-    record = {key: getattr(cfg, key) for key in CLASS_ABLATION_KEYS if key not in ("task", "data")}
-    write_json(out / ABLATION_FILE, {"task": TASK, **record, "data": cfg.data.to_dict()})
-    rows = []
-    for experiment in cfg.experiments:
-        for seed in range(1, cfg.seeds + 1):
-            run_dir = out / experiment / f"seed{seed}"
-            if is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file():
-                log.info("%s: finished earlier, skipped", run_dir)
-            else:
-                c = cfg.arm_config(experiment, seed)  # a mode=text arm never opens cfg.cache_dir
-                run = ClassifierRunConfig(
-                    data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cfg.cache_dir
-                )
-                train_classifier(run)
-            rows.append(_row(experiment, seed, run_dir))
-    table = pd.DataFrame(rows)
-    write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
-    summary = class_summary_markdown(table)
-    if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
-        summary += "\n" + accuracy_significance_markdown(table, cfg.bootstrap)
-    return write_atomic(out / ABLATION_MD, summary)
+    try:
+        record = {key: getattr(cfg, key) for key in CLASS_ABLATION_KEYS if key not in ("task", "data")}
+        write_json(out / ABLATION_FILE, {"task": TASK, **record, "data": cfg.data.to_dict()})
+        rows = []
+        for experiment in cfg.experiments:
+            for seed in range(1, cfg.seeds + 1):
+                run_dir = out / experiment / f"seed{seed}"
+                if is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file():
+                    log.info("%s: finished earlier, skipped", run_dir)
+                else:
+                    c = cfg.arm_config(experiment, seed)  # a mode=text arm never opens cfg.cache_dir
+                    run = ClassifierRunConfig(
+                        data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cfg.cache_dir
+                    )
+                    train_classifier(run)
+                rows.append(_row(experiment, seed, run_dir))
+        table = pd.DataFrame(rows)
+        write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
+        summary = class_summary_markdown(table)
+        if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
+            summary += "\n" + accuracy_significance_markdown(table, cfg.bootstrap)
+        return write_atomic(out / ABLATION_MD, summary)
+    finally:
+        claim.unlock()
 
 
 def _row(experiment: str, seed: int, run_dir: Path) -> dict:

@@ -83,6 +83,7 @@ from mner.train.runs import (
     append_metrics,
     read_record,
     report_images,
+    warn_if_unfinished,
     write_json,
 )
 from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
@@ -301,6 +302,12 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
     """
     out = Path(cfg.out_dir)
     if is_classifier_run(out):
+        if not (out / RESULTS_FILE).is_file():
+            raise ValueError(
+                f"{out} holds an unfinished classifier run (config.json but no {RESULTS_FILE}: it was stopped "
+                "before the end); a classifier run cannot be resumed: delete the folder to train it again, "
+                "or choose another --out"
+            )
         raise ValueError(f"{out} already holds a classifier run (config.json); choose another --out")
     claim = claim_folder(out, CONFIG_FILE, CLASS_RECORD_KEYS, resume=None, what="classifier run")
     c = cfg.classifier
@@ -324,6 +331,7 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         claim.release()
         raise
     finally:
+        claim.unlock()
         if reader is not None:
             reader.close()
         runtime.close()
@@ -629,6 +637,7 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     """
     run_dir = Path(run_dir)
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    warn_if_unfinished(run_dir)
     stored = dict(record["data"])
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)

@@ -103,6 +103,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
         _release_unstarted(claim, runtime)
         raise
     finally:
+        claim.unlock()
         runtime.close()
 
 

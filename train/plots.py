@@ -73,6 +73,7 @@ def write_plots(paths: Sequence, out_dir, split: str = "test") -> list[Path]:
     record = {"inputs": [str(p) for p in (*runs, *ablations)], "split": split, "figures": []}
     record["figures"] = [p.name for p in written]
     write_atomic(out / PLOTS_FILE, json.dumps(record, indent=2) + "\n")
+    claim.unlock()
     return written
 
 

@@ -42,6 +42,8 @@ from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
 from mner.train.visual import check_regions
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -114,6 +116,18 @@ def read_results(run_dir) -> dict:
         Path(run_dir) / RESULTS_FILE,
         f"{run_dir}: no {RESULTS_FILE}; the run has not finished (continue it with --resume)",
     )
+
+
+def warn_if_unfinished(run_dir) -> None:
+    """Log a warning when the run has no results.json (it was killed or failed before the end): a
+    command that scores it scores the best weights saved so far, which a finished run may not keep."""
+    if not (Path(run_dir) / RESULTS_FILE).is_file():
+        log.warning(
+            "%s is an unfinished run (no %s: training stopped before the end); scoring the best model it "
+            "saved so far",
+            run_dir,
+            RESULTS_FILE,
+        )
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -242,12 +256,14 @@ def is_run_folder(path) -> bool:
 def claim_run_folder(run_dir, resume: bool) -> FolderClaim:
     """The run folder training may write: new, empty, or (with `resume`) one of ours; refused
     otherwise before anything is read or created (mner.runtime.claim_folder)."""
-    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run")
+    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run", finished=RESULTS_FILE)
 
 
 def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runtime) -> Path | None:
     """Create the run folder; returns the checkpoint training continues from, or None for a fresh start."""
     run_dir = claim.path
+    if runtime.is_main:
+        claim.create()  # locked before anything in it is read: one writer per run folder
     checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume and claim.state == "ours" else None
     if checkpoint is not None:
         old = read_record(run_dir)
@@ -258,7 +274,6 @@ def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runt
                 f"--out, or change only {', '.join(sorted(RUNTIME_SETTINGS))}, which a resume may change"
             )
     elif runtime.is_main:
-        claim.create()
         # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     runtime.barrier()

@@ -905,3 +905,36 @@ def test_threads_option_reaches_the_config(command, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen == [1]
     assert CliRunner().invoke(main, [*args[:-3], "--threads", "-1"]).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            PermissionError(1, "Operation not permitted", "RUN/metrics.jsonl.tmp", None, "RUN/metrics.jsonl"),
+            "Error: cannot write or read RUN/metrics.jsonl: Operation not permitted; check its permissions and "
+            "attributes (chattr -i)\n",
+        ),
+        (
+            OSError(28, "No space left on device", "RUN/checkpoint/model.safetensors"),
+            "Error: no space left on the device of RUN/checkpoint/model.safetensors: free some space and run the "
+            "same command again (what was finished is kept; a training run continues with --resume)\n",
+        ),
+    ],
+)
+def test_a_file_the_command_cannot_write_is_one_line_not_a_traceback(tmp_path, monkeypatch, error, message):
+    """An immutable metrics.jsonl at --resume, a full disk: the CLI's error net words every OSError."""
+    import mner.train.loop
+
+    def fails(cfg):
+        raise error
+
+    monkeypatch.setattr(mner.train.loop, "train_from_cache", fails)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.txt").write_text("IMGID:a\nword O\n\n")
+    result = invoke(
+        "train-from-cache", "--data-dir", data, "--text-only", "--out", tmp_path / "run", "--resume"
+    )
+    assert result.exit_code == 1 and result.output == message

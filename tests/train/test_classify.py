@@ -700,6 +700,22 @@ def test_a_finished_run_is_not_overwritten(demo_runs):
     assert all_bytes(demo_runs.both) == before
 
 
+def test_a_killed_run_is_called_unfinished_by_a_rerun_and_by_evaluate(demo_runs, tmp_path, caplog):
+    killed = tmp_path / "killed"
+    shutil.copytree(demo_runs.both, killed)
+    (killed / "results.json").unlink()  # killed before the end: config.json and the best weights so far
+    cfg = run_config(demo_runs.demo, killed, demo_runs.cache, mode="both", **QUICK)
+    with pytest.raises(ValueError) as refused:
+        train_classifier(cfg)
+    assert str(refused.value) == (
+        f"{killed} holds an unfinished classifier run (config.json but no results.json: it was stopped before "
+        "the end); a classifier run cannot be resumed: delete the folder to train it again, or choose another --out"
+    )
+    with caplog.at_level(logging.WARNING):
+        evaluate_classifier(killed, split="test", device="cpu")
+    assert f"{killed} is an unfinished run (no results.json: training stopped before the end)" in caplog.text
+
+
 def test_the_cli_needs_a_cache_for_both(demo_runs, tmp_path):
     result = CliRunner().invoke(
         main, ["train-classifier", "--data-dir", str(demo_runs.demo), "--out", str(tmp_path / "r")]

@@ -25,6 +25,7 @@ from mner.train.runs import open_cache
 from mner.train.text import load_tokenizer
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
+    held_by_another_process,
     make_data,
     run_config,
     single_thread,
@@ -461,6 +462,19 @@ def test_a_non_finite_loss_stops_training_and_is_never_saved(tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def test_a_folder_another_command_is_writing_is_refused_untouched(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "run"
+    with held_by_another_process(out, "mner train-from-cache") as pid:
+        with pytest.raises(ValueError) as refused:
+            train_from_cache(run_config(out, None, data_dir, epochs=1, text_only=True))
+        assert sorted(p.name for p in out.iterdir()) == ["mner.lock"]
+    assert str(refused.value) == (
+        f"{out} is being written by another `mner train-from-cache` (pid {pid}); wait for it to finish, "
+        "or give another --out folder"
+    )
+
+
 def test_a_nan_in_the_first_epoch_leaves_no_run_folder(tmp_path, monkeypatch):
     data_dir, _ = make_data(tmp_path)
     real_forward = MNERModel.forward
