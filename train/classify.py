@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
@@ -61,7 +61,7 @@ from mner.runtime import (
     to_device,
     write_atomic,
 )
-from mner.train.checkpoint import load_weights
+from mner.train.checkpoint import load_weights, save_weights
 from mner.train.classifier_model import (
     CLASS_HEADS,
     IMAGE_FEATURES,
@@ -441,7 +441,7 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
         improved = valid[c.select] > best
         if improved:
             best, best_epoch, bad = valid[c.select], epoch, 0
-            save_model(model, str(run_dir / WEIGHTS_FILE))
+            save_weights(model, run_dir / WEIGHTS_FILE)
         else:
             bad += 1
         line = {
