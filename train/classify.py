@@ -44,7 +44,9 @@ from mner.cache.classification import (
     ClassData,
     ClassDataConfig,
     ClassSplit,
+    csv_text,
     read_classification,
+    read_csv_rows,
     read_split_file,
     write_predictions,
 )
@@ -546,13 +548,14 @@ def _score(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[st
 
 
 def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path:
-    rows = ["guid,gold,pred", *(f"{e.guid},{e.label},{p}" for e, p in zip(split.examples, predicted))]
-    return write_atomic(path, "\n".join(rows) + "\n")
+    rows = [["guid", "gold", "pred"], *([e.guid, e.label, p] for e, p in zip(split.examples, predicted))]
+    return write_atomic(path, csv_text(rows))
 
 
 def read_pred_csv(path: Path) -> list[list[str]]:
-    """The [guid, gold, pred] rows of a pred_<split>.csv (what _write_pred_csv wrote), in file order."""
-    return [line.split(",") for line in Path(path).read_text(encoding="utf-8").splitlines()[1:]]
+    """The [guid, gold, pred] rows of a pred_<split>.csv (what _write_pred_csv wrote), in file order;
+    a guid holding a comma, a quote or a newline reads back as itself (both go through the csv module)."""
+    return read_csv_rows(path)[1:]
 
 
 # ------------------------------------------------------------------------------------------ reuse

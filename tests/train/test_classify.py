@@ -23,7 +23,13 @@ from torch import nn
 
 import mner.train.class_ablate as class_ablate
 import mner.train.classify as classify
-from mner.cache.classification import UNLABELLED_FILE, ClassDataConfig, read_classification
+from mner.cache.classification import (
+    UNLABELLED_FILE,
+    ClassDataConfig,
+    csv_text,
+    read_classification,
+    read_csv_rows,
+)
 from mner.cache.datasets import DataConfig
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
@@ -32,6 +38,7 @@ from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import collect_images, extract_features
+from mner.runtime import write_atomic
 from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
 from mner.train.classifier_model import (
     CLASS_HEADS,
@@ -922,6 +929,32 @@ def test_an_unlabelled_test_csv_gets_a_submission_file_in_its_order(tmp_path):
     assert all(line.split(",")[1] in ("neg", "pos") for line in lines[1:])
     assert "test" not in json.loads((run / "results.json").read_text())  # nothing to score it against
     assert not (run / "pred_test.csv").exists()
+
+
+def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
+    # a csv folder may name such guids: the run finishes, and every file it writes reads them back
+    folder = make_csv_folder(tmp_path / "data")
+    odd = ["x,1", 'say "hi"', "two\nlines", "u,2"]
+    with open(folder / "train.csv", "a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([(odd[0], "pos", "good", ""), (odd[1], "neg", "bad", "")])
+    with open(folder / "test.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("guid", "tag", "text"), (odd[2], "", "a"), (odd[3], "null", "b")])
+    run = train_classifier(run_config(folder, tmp_path / "run", None, mode="text", **QUICK))
+    data = read_classification(ClassDataConfig(str(folder)))
+    rows = classify.read_pred_csv(run / "pred_valid.csv")
+    assert [r[:2] for r in rows] == [[e.guid, e.label] for e in data.splits["valid"].examples]
+    submission = read_csv_rows(run / submission_file("test"))
+    assert submission[0] == ["guid", "tag"] and [r[0] for r in submission[1:]] == [odd[2], odd[3]]
+    # the ablation's bootstrap reads the same rows (it unpacked three fields per line)
+    train_rows = [
+        ["guid", "gold", "pred"],
+        *([e.guid, e.label, e.label] for e in data.splits["train"].examples),
+    ]
+    (tmp_path / "r").mkdir()
+    write_atomic(tmp_path / "r" / "pred_train.csv", csv_text(train_rows))
+    gold, preds = class_ablate._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
+    assert gold[0] == [e.guid for e in data.splits["train"].examples] and odd[0] in gold[0]
+    assert preds == [gold[1]]
 
 
 # ============================================================================ evaluate / predict / results
