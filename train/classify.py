@@ -51,7 +51,7 @@ from mner.cache.classification import (
     write_predictions,
 )
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec
+from mner.cache.shards import TokenSpec, extract_command
 from mner.runtime import (
     DEVICE_PATTERN,
     ProgressLog,
@@ -674,12 +674,13 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     reader = _run_cache(record, cache_dir, run_dir, same_keys=False)
     try:
-        _check_guids_cached(
-            split,
-            reader,
-            f"extract its folder with `mner extract-features --data-dir {Path(input_file).parent}` and the "
-            "run's extractor settings, and pass that cache with --cache",
-        )
+        if reader is not None:
+            command = extract_command(reader.config, Path(input_file).parent)
+            _check_guids_cached(
+                split,
+                reader,
+                f"extract them with the run's extractor: `{command}`, and pass NEW_CACHE with --cache",
+            )
         predicted = _predict(model, split, reader, tokenizer, c, runtime, record["label_names"])
     finally:
         if reader is not None:

@@ -9,6 +9,7 @@ import csv
 import json
 import random
 import re
+import shlex
 import shutil
 import tomllib
 from pathlib import Path
@@ -994,6 +995,33 @@ def test_predict_refuses_its_input_as_output_and_guids_not_cached(demo_runs, tmp
     other = make_mvsa_demo(tmp_path / "other", seed=5, n=24)  # guids the run's cache does not hold
     with pytest.raises(ValueError, match=r"test_without_label.txt:\d+: guid .* is not in the cache"):
         predict_classifier(demo_runs.both, other / "test_without_label.txt", tmp_path / "p.txt", device="cpu")
+
+
+def test_predict_hints_an_extraction_that_works_on_a_folder_of_posts_to_label(demo_runs, tmp_path):
+    # a new folder holds only the posts to label (no train.txt): the hinted command extracts it
+    other = make_mvsa_demo(tmp_path / "other", seed=5, n=24)
+    for name in ("train.txt", "valid.txt", "test.txt", "demo.json"):
+        (other / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError) as caught:
+        predict_classifier(demo_runs.both, other / UNLABELLED_FILE, tmp_path / "p.txt", device="cpu")
+    command = re.search(r"`(mner extract-features [^`]*)`", str(caught.value)).group(1)
+    assert command.startswith(
+        f"mner extract-features --data-dir {other} --out NEW_CACHE --vision tiny-resnet"
+    )
+    assert "--detector none" in command
+    args = shlex.split(command.replace("NEW_CACHE", str(tmp_path / "cache")))[1:]
+    done = CliRunner().invoke(main, [*args, "--num-workers", "0", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    out = predict_classifier(
+        demo_runs.both,
+        other / UNLABELLED_FILE,
+        tmp_path / "p.txt",
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+    )
+    assert [row[0] for row in read_csv_rows(out)[1:]] == [
+        row[0] for row in read_csv_rows(other / UNLABELLED_FILE)[1:]
+    ]
 
 
 def test_results_table_gives_a_classifier_run_accuracy_and_macro_scores(demo_runs):
