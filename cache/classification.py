@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mner.cache.datasets import DatasetError, unsafe_path_reason
+from mner.cache.datasets import DatasetError, unsafe_path_reason, unsafe_relative_path_reason
 from mner.runtime import write_atomic
 
 log = logging.getLogger(__name__)
@@ -478,7 +478,7 @@ class _Reader:
         elif not image:
             image_path = None
         else:
-            reason = unsafe_path_reason(self.folder, image)
+            reason = unsafe_relative_path_reason(self.folder, image)
             if reason:
                 raise DatasetError(path, number, f"guid {guid!r}: image path {image!r} refused: {reason}")
             image_path = self.folder / image

@@ -250,6 +250,30 @@ def test_guid_leaving_the_data_folder_through_a_symlink(tmp_path):
     assert sorted(e.guid for name in ("train", "valid") for e in data.splits[name].examples) == ["1", "leak"]
 
 
+def test_csv_image_folder_linked_to_another_disk_is_accepted(tmp_path):
+    # the image folder is a link (as MVSA's data/ may be); an image file linking out is still refused
+    disk = tmp_path / "disk" / "pics"
+    write(disk / "1.jpg", b"jpeg")
+    write(tmp_path / "secret.jpg", b"x")
+    os.symlink(tmp_path / "secret.jpg", disk / "2.jpg")
+    folder = tmp_path / "data"
+    write(folder / "train.csv", "guid,tag,text,image\n1,a,x,pics/1.jpg\n3,a,y,pics/1.jpg\n4,b,z,\n5,b,w,\n")
+    os.symlink(disk, folder / "pics")
+    train = read(folder, valid_fraction=0.5).splits
+    assert [e.image for e in train["train"].examples + train["valid"].examples if e.image] == [
+        folder / "pics" / "1.jpg"
+    ] * 2
+    write(folder / "train.csv", "guid,tag,text,image\n1,a,x,pics/1.jpg\n2,b,y,pics/2.jpg\n")
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(
+            f"train.csv:3: guid '2': image path 'pics/2.jpg' refused: it resolves outside {folder / 'pics'} "
+            "through a symlink"
+        ),
+    ):
+        read(folder)
+
+
 @pytest.mark.parametrize(
     "train, message",
     [
