@@ -74,6 +74,7 @@ from mner.train.classifier_model import (
     reads_tokens,
 )
 from mner.train.config import _Config, _parse_override
+from mner.train.data import unknown_label
 from mner.train.loop import NonFiniteLoss, train_step
 from mner.train.metrics import classification_scores
 from mner.train.model import _decayed_parameters
@@ -641,6 +642,15 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
             f"{stored['data_dir']} has no labelled {split} split (labelled: {', '.join(labelled)}); "
             "use `mner predict` for unlabelled posts"
         )
+    for example in data.splits[split].examples:
+        if example.label not in record["label_names"]:
+            raise unknown_label(
+                data.splits[split].path,
+                example.line,
+                f"guid {example.guid!r}",
+                example.label,
+                record["label_names"],
+            )
     reader = _run_cache(record, cache_dir, run_dir, same_keys=True)
     try:
         _check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")

@@ -977,6 +977,23 @@ def test_evaluate_refuses_another_cache_and_an_unlabelled_split(demo_runs, small
         evaluate_classifier(demo_runs.both, split="test_without_label", device="cpu")
 
 
+def test_evaluate_names_a_label_the_run_lacks_by_file_and_line(demo_runs, tmp_path):
+    folder = shutil.copytree(demo_runs.demo, tmp_path / "other")
+    with open(folder / "train.txt", "a") as train, open(folder / "test.txt", "a") as test:
+        train.write("n1,angry\nn2,angry\n")
+        test.write("n3,angry\n")
+    for guid in ("n1", "n2", "n3"):
+        (folder / "data" / f"{guid}.txt").write_text("grr")
+    line = len((folder / "test.txt").read_text().splitlines())
+    labels = json.loads((demo_runs.text / "config.json").read_text())["label_names"]
+    expected = (
+        f"{folder / 'test.txt'}:{line}: guid 'n3': tag 'angry' is not one of the model's labels "
+        f"({', '.join(labels)})"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        evaluate_classifier(demo_runs.text, split="test", data_dir=folder, device="cpu")
+
+
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_predict_writes_the_submission_training_wrote(demo_runs, tmp_path, which):
     run = getattr(demo_runs, which)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -148,6 +149,23 @@ def test_evaluate_refuses_data_whose_images_are_not_in_the_cache(runs, tmp_path)
     )
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         evaluate_run(runs["mm"], split="test", data_dir=other)
+
+
+@pytest.mark.slow
+def test_a_tag_the_run_lacks_is_named_by_file_and_line(runs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    posts = list(runs["posts"][:3])
+    posts[1] = dataclasses.replace(posts[1], tags=("B-EVENT",) + posts[1].tags[1:])
+    write_split(other / "test.txt", posts)
+    line = read_split(other / "test.txt").posts[1].line + 1
+    labels = json.loads((runs["text"] / "config.json").read_text())["label_names"]
+    expected = (
+        f"{other / 'test.txt'}:{line}: post {posts[1].key!r}: tag 'B-EVENT' is not one of the model's labels "
+        f"({', '.join(labels)})"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        evaluate_run(runs["text"], split="test", data_dir=other)
 
 
 @pytest.mark.slow
