@@ -506,6 +506,14 @@ def _check_labels_in_train(split: ClassSplit, train: ClassSplit) -> None:
             )
 
 
+def split_files(folder: str | Path) -> list[Path]:
+    """Every file a classification folder's splits may be read from (both layouts, present or not):
+    what a run records the sha256 of, and compares again before it reads the folder anew."""
+    folder = Path(folder).expanduser()
+    names = (*_MVSA_FILES.values(), UNLABELLED_FILE, *_CSV_FILES.values())
+    return [folder / name for name in names]
+
+
 def is_header(fields: Sequence[str]) -> bool:
     """Whether a split file's first record is the MVSA header `guid,tag` (fields compared stripped and
     in any case, so `guid, tag` is one too). The one rule the reader and `is_classification_folder`

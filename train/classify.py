@@ -12,7 +12,9 @@ weights are reloaded at the end to score valid and test. The run folder:
 
     config.json          {"task": "classification", "classifier", "data", "cache_dir", "label_names",
                           "encoder_dir", "cache" (fingerprint, spec; null in text mode), "data_report",
-                          "no_image" (posts per split without a usable image), "truncated_posts"}
+                          "data_files" (sha256 of each split file: evaluate refuses a folder changed
+                          since, runs.check_data_files), "no_image" (posts per split without a usable
+                          image), "truncated_posts"}
     model.safetensors    the best epoch's weights
     metrics.jsonl        one line per epoch: train loss, valid accuracy / macro-F1, best, seconds
     results.json         {"best_epoch", "epochs_run", <split>: classification_scores} for valid, test
@@ -48,6 +50,7 @@ from mner.cache.classification import (
     read_classification,
     read_csv_rows,
     read_split_file,
+    split_files,
     write_predictions,
 )
 from mner.cache.reader import CacheReader
@@ -84,6 +87,9 @@ from mner.train.runs import (
     RESULTS_FILE,
     WEIGHTS_FILE,
     append_metrics,
+    check_data_files,
+    data_files_record,
+    is_recorded_folder,
     read_record,
     write_json,
 )
@@ -376,6 +382,7 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
             "sizes": {name: len(split.examples) for name, split in data.splits.items()},
             "train_labels": data.splits["train"].label_counts(),
         },
+        "data_files": data_files_record(split_files(cfg.data.data_dir)),
         "no_image": _no_image(data, reader),
         "truncated_posts": _truncated(data, tokenizer, c.max_length),
         "class_weights": None if weights is None else dict(zip(labels, weights.tolist())),
@@ -633,6 +640,8 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     run_dir = Path(run_dir)
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     stored = dict(record["data"])
+    if is_recorded_folder(stored["data_dir"], data_dir):
+        check_data_files(record, split_files(stored["data_dir"]), run_dir)
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)
     data = read_classification(ClassDataConfig(**stored))

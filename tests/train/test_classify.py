@@ -977,6 +977,28 @@ def test_evaluate_refuses_another_cache_and_an_unlabelled_split(demo_runs, small
         evaluate_classifier(demo_runs.both, split="test_without_label", device="cpu")
 
 
+def test_evaluate_refuses_the_runs_data_folder_changed_since_training(demo_runs, tmp_path):
+    # 12 more train lines would redraw the valid split: training posts would be scored as valid
+    data = shutil.copytree(demo_runs.demo, tmp_path / "data")
+    run = shutil.copytree(demo_runs.text, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    assert set(config["data_files"]) == {"train.txt", "test.txt", UNLABELLED_FILE}
+    config["data"]["data_dir"] = str(data)
+    (run / "config.json").write_text(json.dumps(config))
+    scores, _ = evaluate_classifier(run, split="valid", device="cpu")
+    assert scores == results(run)["valid"]
+    test = (data / "test.txt").read_text().splitlines()[1:13]
+    with open(data / "train.txt", "a") as train:
+        train.write("".join(f"{line}\n" for line in test))
+    expected = (
+        f"{data} changed since {run} was trained: train.txt changed (sha256 recorded in {run / 'config.json'}); "
+        "the scores would not be on the run's data: restore the files, or pass a copy of the changed folder "
+        "with --data-dir to score it deliberately"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        evaluate_classifier(run, split="valid", device="cpu")
+
+
 def test_evaluate_names_a_label_the_run_lacks_by_file_and_line(demo_runs, tmp_path):
     folder = shutil.copytree(demo_runs.demo, tmp_path / "other")
     with open(folder / "train.txt", "a") as train, open(folder / "test.txt", "a") as test:

@@ -169,6 +169,33 @@ def test_a_tag_the_run_lacks_is_named_by_file_and_line(runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_refuses_the_runs_data_folder_changed_since_training(runs, tmp_path):
+    data = shutil.copytree(runs["data"], tmp_path / "data")
+    run = shutil.copytree(runs["text"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["data_source"]["data_dir"] = str(data)
+    (run / "config.json").write_text(json.dumps(config))
+    assert evaluate_run(run, split="test") == json.loads((run / "results.json").read_text())["test"]
+    with open(data / "train.txt", "a") as train:
+        train.write("\nIMGID:extra\nword\tO\n")
+    expected = (
+        f"{data} changed since {run} was trained: train.txt changed (sha256 recorded in {run / 'config.json'}); "
+        "the scores would not be on the run's data: restore the files, or pass a copy of the changed folder "
+        "with --data-dir to score it deliberately"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        evaluate_run(run, split="test")
+    with pytest.raises(ValueError, match=re.escape("train.txt changed")):
+        evaluate_run(run, split="test", data_dir=tmp_path / "data" / ".." / "data")
+    # another folder is scored as asked
+    other = shutil.copytree(data, tmp_path / "copy")
+    assert (
+        evaluate_run(run, split="test", data_dir=other)
+        == json.loads((run / "results.json").read_text())["test"]
+    )
+
+
+@pytest.mark.slow
 def test_text_only_run_ignores_the_cache_argument(runs, tmp_path):
     scores = evaluate_run(runs["text"], split="valid", cache_dir=tmp_path / "no-such-cache")
     assert scores == json.loads((runs["text"] / "results.json").read_text())["valid"]
