@@ -55,6 +55,7 @@ from mner.cache.classification import (
 )
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, extract_command
+from mner.cache.verify import image_size_mismatches
 from mner.runtime import (
     DEVICE_PATTERN,
     ProgressLog,
@@ -101,6 +102,7 @@ TASK = "classification"  # config.json "task" of a classifier run
 CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = ("macro_f1", "accuracy")
+_SHOWN_GUIDS = 5  # guids named in a warning about many posts
 
 
 @dataclass
@@ -348,6 +350,21 @@ def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None
     except ValueError:
         reader.close()
         raise
+    paths = {e.guid: e.image for split in data.splits.values() for e in split.examples}
+    differing = image_size_mismatches(reader.cache_dir, paths)
+    if differing:
+        log.warning(
+            "%d of %d images have another size than %s recorded (%s%s): they changed, or moved between "
+            "posts, since extraction, so those posts train on other images' tokens; check with `mner cache "
+            "verify %s --data-dir %s --images` and re-extract",
+            len(differing),
+            len(paths),
+            reader.cache_dir,
+            ", ".join(differing[:_SHOWN_GUIDS]),
+            " ..." if len(differing) > _SHOWN_GUIDS else "",
+            reader.cache_dir,
+            cfg.data.data_dir,
+        )
     return reader
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import re
 import shlex
@@ -823,6 +824,25 @@ def test_a_cache_of_other_data_is_refused_naming_file_and_line(small, tmp_path):
     assert split.path.name == "train.txt"  # the first split read
     assert "mner extract-features --data-dir" in message
     assert not out.exists()
+
+
+def test_images_moved_between_posts_since_extraction_are_warned_about(small, tmp_path, caplog):
+    data = shutil.copytree(small.demo, tmp_path / "data")
+    with CacheReader(small.cache) as reader:
+        ok, n = [key for key in reader.keys if reader.status(key) == "ok"], len(reader.keys)
+    # two posts get other pictures (of other sizes) than the cache's tokens were made from
+    for guid, size in ((ok[0], (40, 24)), (ok[3], (20, 50))):
+        Image.new("RGB", size, (9, 9, 9)).save(data / "data" / f"{guid}.jpg")
+    with caplog.at_level(logging.WARNING, logger="mner.train.classify"):
+        train_classifier(run_config(data, tmp_path / "run", small.cache, mode="both", **QUICK))
+    warned = [r.getMessage() for r in caplog.records if "another size" in r.getMessage()]
+    assert warned and warned[0].startswith(f"2 of {n} images have another size than {small.cache} recorded")
+    assert f"recorded ({ok[0]}, {ok[3]}): they changed, or moved between posts" in warned[0]
+    assert f"`mner cache verify {small.cache} --data-dir {data} --images`" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mner.train.classify"):  # the images as extracted: silent
+        train_classifier(run_config(small.demo, tmp_path / "run2", small.cache, mode="both", **QUICK))
+    assert not [r for r in caplog.records if "another size" in r.getMessage()]
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_nothing(small, tmp_path, monkeypatch):
