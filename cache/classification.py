@@ -33,8 +33,8 @@ plain random because MVSA's labels are unbalanced (neutral is rare) and a small 
 at random can miss a label, which makes its validation score meaningless.
 
 Errors. Anything off is a `DatasetError` (a ValueError) naming the file and line: a missing or
-wrong header, a wrong field count, an empty split file, a duplicate guid (both lines, across all
-splits), an unlabelled line in a labelled split, a label in valid/test that train does not have, a
+wrong header, a wrong field count, malformed CSV quoting, an empty split file, a duplicate guid (both
+lines, across all splits; the labelled test file and test_without_label.txt may list the same posts), an unlabelled line in a labelled split, a label in valid/test that train does not have, a
 guid that could leave the data folder (`..`, absolute, a symlink out), a missing or empty text. A
 missing image is not an error: stage one records it as missing.
 """
