@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -743,6 +744,31 @@ def write_manifest(
 def _write_json_atomic(path: Path, data) -> Path:
     text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_plain)
     return write_atomic(path, text + "\n")
+
+
+# The extraction settings that decide the tokens, as `mner extract-features` flags (extract.config's
+# fields; the manifest records them at the top of its config).
+_TOKEN_FLAGS = (
+    ("vision", "--vision"),
+    ("vision_ckpt", "--vision-ckpt"),
+    ("clip", "--clip"),
+    ("detector", "--detector"),
+    ("detector_ckpt", "--detector-ckpt"),
+    ("region_features", "--region-features"),
+    ("topk", "--topk"),
+    ("score_thr", "--score-thr"),
+    ("nms_iou", "--nms-iou"),
+)
+
+
+def extract_command(config: dict, data_dir, out: str = "NEW_CACHE") -> str:
+    """The `mner extract-features` command that extracts `data_dir`'s images into `out` with the token
+    settings of the cache whose manifest config is `config` (so the two caches' tokens are comparable)."""
+    words = ["mner", "extract-features", "--data-dir", str(data_dir), "--out", out]
+    for field, flag in _TOKEN_FLAGS:
+        if config.get(field) is not None:
+            words += [flag, str(config[field])]
+    return shlex.join(words)
 
 
 def read_manifest(cache_dir) -> dict:
