@@ -61,9 +61,9 @@ RECORD_KEYS = ("model", "train", "label_names", "data_source", "encoder_dir", "c
 DEFAULT_DETECTOR_CLASSES = 91
 # Longest value shown when listing what differs between two caches.
 _SHOWN_CHARS = 60
-# What must match for a folder to be resumed: the same model, training and data, not the bookkeeping
-# (and, of train, not the runtime-only settings of config.RUNTIME_SETTINGS).
-_RESUME_KEYS = ("model", "train", "label_names", "data_source")
+# What must match for a folder to be resumed: the same model, training and data (the folder and the
+# bytes of its split files), not the bookkeeping (and, of train, not config.RUNTIME_SETTINGS).
+_RESUME_KEYS = ("model", "train", "label_names", "data_source", "data_files")
 
 log = logging.getLogger(__name__)
 
