@@ -497,7 +497,7 @@ def _parse_token_line(
     fields = line.split("\t") if tabbed else line.split()
     if columns is None:
         if len(fields) > 2:
-            # Guessing here dropped words ("Camden Street B-OTHER") or took a chunk tag (issue 10 A7).
+            # Guessing here dropped words ("Camden Street B-OTHER") or took a chunk tag.
             kind = "tab-separated columns" if tabbed else "space-separated fields and no tab"
             raise DatasetError(path, number, f"{len(fields)} {kind}; {_COLUMNS_HINT}")
         word_at, tag_at = 0, 1

@@ -154,7 +154,7 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
         "region_feats": list(record.region_feats.shape),
     }
     if png is not None:
-        # The image drawn on and the cache's own files are inputs: never drawn over (issue 10 A8).
+        # The image drawn on and the cache's own files are inputs: never drawn over.
         from mner.cache.datasets import recorded_data
 
         source = recorded_data(reader.config)

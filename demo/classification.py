@@ -10,8 +10,8 @@ Why it is built this way:
 - Text. A share `text_fraction` (default 0.4) of posts carries a cue phrase of its label ("love it",
   "so sad", "nothing special"); the rest are filled from label-free templates, identical in
   distribution for every label. A text-only model can therefore reach about text_fraction + (1 -
-  text_fraction) / 3 accuracy (0.6 by default), an image-aware one close to 1: the gap (issue 12's
-  demo asks `both` >= `text` + 0.15) is what the demo exists to show.
+  text_fraction) / 3 accuracy (0.6 by default), an image-aware one close to 1: the gap (the demo's
+  test asks `both` >= `text` + 0.15) is what the demo exists to show.
 - Encodings. A share `cp1252_fraction` of text files is written in cp1252 instead of UTF-8, with a
   word the two encode differently (café, naïve, €5), as the real MVSA release mixes encodings; the
   reader decodes them by its fallback and counts them.

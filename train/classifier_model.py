@@ -1,4 +1,4 @@
-"""The sentence classifier of the BertResNet seed (seed 004, issue 12): features and heads.
+"""The sentence classifier of the BertResNet seed (seed 004): features and heads.
 
 A post is one text feature t (the encoder's [CLS] state or its mean over real sub-words,
 `text_pool`) and one image feature i (the cached global vector, or the mean of the cached patch

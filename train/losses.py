@@ -13,7 +13,7 @@ model computed from `LossInputs` and returns a scalar.
   (training, world size > 1) the negatives are every rank's posts, as CLIP trains: each rank gathers
   all ranks' embeddings (its own keep their gradient) and computes the loss of the union batch, so
   the loss, and after DDP's gradient averaging the update, are those of one process on the union.
-- slot_type (issue 11, AFNER's typed slots): QGF's query slots of type i are rows
+- slot_type (AFNER's typed slots): QGF's query slots of type i are rows
   i * slots_per_type ... (i + 1) * slots_per_type - 1; the mean of each type's final slots goes
   through one shared Linear(D, 1) to a logit of "this post holds an entity of type i", trained by
   binary cross-entropy against the gold tags (mean over posts and types). It gives the slots the

@@ -130,7 +130,7 @@ def predict(
 
 def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | None, run_dir: Path) -> None:
     """Neither output (the CoNLL file, its .json) may overwrite the input file, an image of a post or
-    a file of the run folder (issue 10 A8)."""
+    a file of the run folder."""
     files = [("the --input file", split.path)]
     folders = [("the run folder", run_dir)]
     if image_dir is not None:

@@ -66,7 +66,7 @@ HEADS = Registry(
     "model.head",
     {
         "crf": "mner.train.heads:CRFHead",
-        "softmax": "mner.train.heads:SoftmaxHead",  # token cross-entropy, argmax decode (issue 11)
+        "softmax": "mner.train.heads:SoftmaxHead",  # token cross-entropy, argmax decode
     },
 )
 
@@ -75,7 +75,7 @@ AUX_LOSSES = Registry(
     "auxiliary loss",
     {
         "align": "mner.train.losses:AlignmentLoss",
-        "slot_type": "mner.train.losses:SlotTypeLoss",  # AFNER typed slots: type presence (issue 11)
+        "slot_type": "mner.train.losses:SlotTypeLoss",  # AFNER typed slots: type presence
         # MANGO's losses (train/mango.py); they read its fusion's relevance, so need model.fusion = "mango"
         "mango_align": "mner.train.mango:MangoAlignLoss",
         "mango_preserve": "mner.train.mango:MangoPreserveLoss",
