@@ -609,13 +609,30 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
     "--model",
     help="The model every --exp but model=NAME starts from (`mner models`) [default: from config, afdvqf].",
 )
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
+@click.option(
+    "--seeds",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Seeds 1..N per experiment; the only source of the seed (a --set, --grid or experiment "
+    "that sets train.seed is refused).",
+)
 @click.option(
     "--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: from config, minilm]."
 )
-@click.option("--epochs", type=int, help="Epochs per run [default: from config].")
+@click.option(
+    "--epochs",
+    type=int,
+    help="Epochs per run [default: from config]; refused beside a --set, --grid or experiment that "
+    "sets the epochs (without --epochs those are honoured).",
+)
 @click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
-@click.option("--out", type=click.Path(file_okay=False), help="Ablation folder (required unless --list).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Ablation folder (required unless --list); a re-run into it continues it only with the "
+    "same settings.",
+)
 @click.option(
     "--bootstrap",
     type=int,
@@ -678,7 +695,6 @@ def ablate_cmd(
         from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
 
         settings = [*overrides]
-        settings += [f"classifier.epochs={epochs}"] if epochs is not None else []
         settings += [f"classifier.text_encoder={text_encoder}"] if text_encoder is not None else []
         path = run_class_ablation(
             ClassAblationConfig(
@@ -689,6 +705,7 @@ def ablate_cmd(
                 seeds=seeds,
                 overrides=settings,
                 bootstrap=bootstrap,
+                epochs=epochs,
             )
         )
         click.echo(Path(path).read_text())

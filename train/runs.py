@@ -265,10 +265,16 @@ def resume_differences(old: dict, new: dict) -> list[str]:
     a, b = ({key: record.get(key) for key in _RESUME_KEYS} for record in (old, new))
     for side, record in ((a, old), (b, new)):
         side["cache.fingerprint"] = (record.get("cache") or {}).get("fingerprint")
+    return differences(a, b, skip=RUNTIME_SETTINGS)
+
+
+def differences(old: dict, new: dict, skip=frozenset()) -> list[str]:
+    """Lines "train.lr_encoder 3e-05 -> 0.001" for every leaf where two settings records differ,
+    but the dotted keys in `skip` (a resume of a run, or of an ablation, refuses any of them)."""
     return [
         f"{key} {_short(x)} -> {_short(y)}"
-        for key, (x, y) in fingerprint_diff(a, b).items()
-        if key not in RUNTIME_SETTINGS
+        for key, (x, y) in fingerprint_diff(old, new).items()
+        if key not in skip
     ]
 
 
