@@ -111,6 +111,15 @@ def read_results(run_dir) -> dict:
     )
 
 
+def unfinished(run_dir) -> str | None:
+    """None for a finished run (it has results.json); else "unfinished (epoch k/N)": the epochs its
+    metrics.jsonl holds of the train.epochs it records."""
+    if (Path(run_dir) / RESULTS_FILE).is_file():
+        return None
+    epochs = read_record(run_dir)["train"]["epochs"]
+    return f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
+
+
 def read_metrics(run_dir) -> list[dict]:
     """metrics.jsonl's lines (one per finished epoch); [] when there is none yet."""
     path = Path(run_dir) / METRICS_FILE
