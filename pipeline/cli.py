@@ -796,8 +796,9 @@ def demo_data_cmd(out, seed, classification, posts):
 @click.option(
     "--plot",
     type=click.Path(file_okay=False),
-    help="Also write PNGs here: learning curves and per-type F1 of the runs, and for an ablation "
-    "folder its arms with error bars (needs matplotlib: pip install 'mner-cache[plot]').",
+    help="Also write PNGs here: learning curves and per-type F1 of tagging runs (a run still training: "
+    "its epochs so far), and for an ablation folder its arms with error bars (micro F1; accuracy and "
+    "macro F1 of a classifier ablation). Needs matplotlib: pip install 'mner-cache[plot]'.",
 )
 @_user_errors
 def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):

@@ -15,7 +15,13 @@ its diff (`model.qfnet_layers=1,train.lr_fusion=0.001`, prefixed by the experime
 
 The ablation folder must be new, empty or ours (it holds our ablation.json, the record of the
 settings); a folder of other files is refused untouched, and so is a seed folder that is not a run
-of ours. A first run that fails before anything is trained leaves no folder behind.
+of ours. A first run that fails before anything is trained leaves no folder behind. A re-run into an
+ablation of ours continues it only when every arm resolves to the settings it recorded (RESOLVED).
+The seed of run k is k (`seeds`): a seed set anywhere else is refused, and so are epochs set by an
+experiment, `--set` or `--grid` beside `epochs`. Two arms that train the same thing (equal in what
+the model reads, model.used_settings) are refused; `all` leaves such experiments out. An arm's folder
+is `arm_folder(name)`, one path part. The classifier ablation (train/class_ablate.py) runs through
+the same functions (the section "shared with the classifier ablation" below).
 """
 
 from __future__ import annotations
