@@ -29,14 +29,22 @@ setup() {
     echo "== installing the project into $VENV"
     # First a current pip: the one an interpreter bundles (Debian 12's python3: pip 23.0.1) can fail to
     # build sdists under a newer setuptools, so the install must not depend on which python3 made the venv.
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    # setuptools too: the project is built with the venv's own setuptools (--no-build-isolation), so the
+    # build back-end is the one whose version is printed below, not whatever an isolated build fetches.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=70.1"
     # These exact versions install from local disk; an unpinned torch would download several GB of CUDA wheels.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    # setuptools adds an "Editable installation" note to every editable install (it is not about this
+    # project's configuration: no folder of the checkout is named like the package, `mner`); it is the
+    # only warning left, so it is filtered and any other build warning still shows.
+    PYTHONWARNINGS="ignore:Editable installation" \
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
     touch "$stamp"
   else
     echo "== reusing virtual environment $VENV"
   fi
+  # The interpreter and the build tools the install (and so every number this run prints) was made with.
+  echo "== $("$VENV/bin/python" -c 'import sys; print("Python", sys.version.split()[0])'), $("$VENV/bin/python" -m pip --version | cut -d' ' -f1-2), setuptools $("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("setuptools"))')"
   export PATH="$PWD/$VENV/bin:$PATH"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 }

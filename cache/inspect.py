@@ -155,11 +155,21 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
     }
     if png is not None:
         # The image drawn on and the cache's own files are inputs: never drawn over (issue 10 A8).
+        from mner.cache.datasets import recorded_data
+
+        source = recorded_data(reader.config)
         refuse_inputs_as_output(
             png,
             "--png",
             files=[("the image drawn on", image_path)] if image_path is not None else [],
-            folders=[("the cache", cache_dir)],
+            folders=[
+                ("the cache", cache_dir),
+                *(
+                    [("the image folder", source.image_dir), ("the data folder", source.data_dir)]
+                    if source
+                    else []
+                ),
+            ],
         )
         if record.status != "ok":
             raise ValueError(

@@ -11,10 +11,8 @@ there is done again), then feeds the records to a `ShardSink`. The folder layout
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -40,10 +38,11 @@ from mner.cache.shards import (
     shard_state,
     tmp_path,
 )
+from mner.runtime import LOCK_NAME, FolderLock, refuse_dangling_link
+from mner.runtime import lock_folder as runtime_lock_folder
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "extract.lock"
 # Batches the writer thread may hold before the model loop waits for it.
 _WRITE_QUEUE_BATCHES = 8
 # Differences a refusal names; the rest are counted.
@@ -75,6 +74,7 @@ def check_folder(out: Path) -> None:
     mner did not write is refused even with --overwrite, which would otherwise delete it. A lock file
     alone (a run that failed before its first shard) counts as empty.
     """
+    refuse_dangling_link(out)
     if not out.exists():
         return
     if not out.is_dir():
@@ -121,47 +121,10 @@ def _our_manifest(path: Path) -> bool:
     return isinstance(manifest, dict) and "schema_version" in manifest and "shards" in manifest
 
 
-class FolderLock:
-    """An exclusive flock on CACHE_DIR/extract.lock, held while one extraction writes the folder.
-
-    flock belongs to the open file, so the kernel releases it when the process ends in any way
-    (exit, exception, kill -9); the lock file itself stays, and is never a sign of a live run.
-    """
-
-    def __init__(self, out: Path):
-        self.path = out / LOCK_NAME
-        self.file = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip()
-            self.file.close()
-            raise ValueError(
-                f"{out} is being written by another `mner extract-features` "
-                f"({'pid ' + holder if holder.isdigit() else 'it holds ' + str(self.path)}); "
-                "wait for it to finish, or give another --out folder"
-            ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-
-    def release(self) -> None:
-        if not self.file.closed:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
-
-    def __enter__(self) -> FolderLock:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.release()
-
-
 def lock_folder(out: Path) -> FolderLock:
-    """Take the folder's extraction lock (ValueError at once if another run holds it); see FolderLock."""
-    return FolderLock(out)
+    """Take the folder's write lock for this extraction (ValueError at once if another command holds
+    it, naming it and its pid); see mner.runtime.FolderLock."""
+    return runtime_lock_folder(out, command="mner extract-features")
 
 
 def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) -> dict[str, str]:
@@ -187,14 +150,29 @@ def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) ->
         except ValueError:
             pass  # damaged: the shards tell, and the run rebuilds it (manifest_problem says so)
     if old_fp in (None, fingerprint):
+        # The folder is this configuration's when its manifest or one of its shards says so; a shard of
+        # another configuration among them (copied in from another cache) is then extracted again by
+        # plan_shards, alone. Only a folder with no sign of this configuration is a foreign cache.
+        ours, foreign = old_fp == fingerprint, []
         for path in sorted(out.glob(SHARD_GLOB)):
             if completed_shard(path, fingerprint):
+                ours = True
                 continue
             found, config = _shard_fingerprint(path)
             if found is not None and found != fingerprint:
-                old_fp, old_config = found, config
-                break
+                foreign.append((path.name, found, config))
             # Unreadable, or never completed: plan_shards extracts it again.
+        if foreign and not ours:
+            old_fp, old_config = foreign[0][1], foreign[0][2]
+        elif foreign:
+            log.warning(
+                "%s of %s hold(s) another configuration's tokens (fingerprint %s, not %s): extracted again; "
+                "the cache's other shards are kept",
+                _listed([name for name, _, _ in foreign]),
+                out,
+                ", ".join(sorted({_short(found) for _, found, _ in foreign})),
+                _short(fingerprint),
+            )
     if old_fp is None or old_fp == fingerprint:
         return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
     differs = _differences((old_config or {}).get("fingerprint_parts"), parts)

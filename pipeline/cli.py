@@ -9,6 +9,7 @@ registry (ExtractConfig, DataConfig, RunConfig, AblationConfig, DemoConfig, DETE
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -34,8 +35,23 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError) as err:
             raise click.ClickException(_flag_names(str(err), click.get_current_context().command)) from err
+        except OSError as err:
+            raise click.ClickException(_os_error(err)) from err
 
     return wrapper
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a file the command could not write or read (full disk, no permission, immutable)."""
+    # A failed rename names both files; the second is the one being replaced (an immutable target).
+    name = err.filename2 or err.filename
+    where = f" {name}" if name else ""
+    if err.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device of{where}: free some space and run the same command again "
+            "(what was finished is kept; a training run continues with --resume)"
+        )
+    return f"cannot write or read{where}: {err.strerror or err}; check its permissions and attributes (chattr -i)"
 
 
 def _flag_names(message: str, command: click.Command) -> str:
@@ -339,6 +355,12 @@ def _run_config(
 @click.option("--text-only", is_flag=True, help="Train without the image; never opens the cache.")
 @click.option("--epochs", type=int, help="Number of epochs [default: from config].")
 @click.option("--seed", type=int, help="Random seed [default: from config].")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    help="torch intra-op threads; 0: the CPUs this process may use (affinity, cgroup quota). Two "
+    "trainings side by side on a small machine: give each its share [default: from config, 0].",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
 @_user_errors
@@ -356,6 +378,7 @@ def train_from_cache_cmd(
     text_only,
     epochs,
     seed,
+    threads,
     out,
     resume,
 ):
@@ -371,6 +394,7 @@ def train_from_cache_cmd(
           --model afner --out runs/tw15_afner
     """
     data = _data_config(data_dir, dataset, data_root, image_dir, columns)
+    overrides = (*overrides, *([f"train.threads={threads}"] if threads is not None else []))
     cfg = _run_config(
         cache_dir, data, model, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
@@ -444,6 +468,12 @@ def _amp_option(fn):
     "--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with a [classifier] table."
 )
 @click.option("--set", "overrides", multiple=True, help="Override: classifier.key=value (repeatable).")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    help="torch intra-op threads; 0: the CPUs this process may use (affinity, cgroup quota). Two "
+    "trainings side by side on a small machine: give each its share [default: from config, 0].",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @_user_errors
 def train_classifier_cmd(
@@ -461,6 +491,7 @@ def train_classifier_cmd(
     split_seed,
     config_file,
     overrides,
+    threads,
     out,
 ):
     """Sentence classification (the BertResNet seed): text, image or both, from one feature cache.
@@ -490,6 +521,7 @@ def train_classifier_cmd(
         class_weights=class_weights,
         epochs=epochs,
         seed=seed,
+        threads=threads,
     )
     data = ClassDataConfig(data_dir, valid_fraction=valid_fraction, seed=split_seed)
     # --mode text never opens --cache (train_classifier records none)

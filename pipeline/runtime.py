@@ -5,6 +5,7 @@
   and `train-from-cache` (auto | cpu | mps | cuda | cuda:N; off | auto | fp16 | bf16).
 - `start_runtime`: the same, joining the torchrun process group when WORLD_SIZE > 1;
   `Runtime.close()` leaves it again.
+- `usable_cpus` / `set_threads`: torch's intra-op threads from the CPUs this process may use.
 - `seed_everything`, `to_device`.
 - `ProgressLog`: a long loop's progress, a tqdm bar on a terminal and plain log lines otherwise;
   `quiet_library_progress` silences the bars transformers and the HF hub draw while loading weights.
@@ -18,6 +19,8 @@ loading torch.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import random
@@ -142,17 +145,19 @@ def resolve_runtime(
 
 
 def start_runtime(
-    device: str, amp: str, hint: str = "--device cpu", timeout: timedelta | None = None
+    device: str, amp: str, hint: str = "--device cpu", timeout: timedelta | None = None, threads: int = 0
 ) -> Runtime:
     """The runtime of this process; joins the torchrun process group when WORLD_SIZE > 1.
 
-    NCCL on CUDA, gloo otherwise. `timeout`: the process group's (None: torch's default). Call
-    `close()` on the result when done: it destroys the group if this call created it.
+    NCCL on CUDA, gloo otherwise. `timeout`: the process group's (None: torch's default). `threads`:
+    torch's intra-op threads (0: `set_threads`' share of the usable CPUs). Call `close()` on the result
+    when done: it destroys the group if this call created it.
     """
     import torch
     import torch.distributed as dist
 
     quiet_library_progress()
+    set_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     runtime = resolve_runtime(device, amp, local_rank, world_size, hint)
@@ -166,6 +171,86 @@ def start_runtime(
             runtime.owns_group = True
         runtime.rank, runtime.world_size = dist.get_rank(), dist.get_world_size()
     return runtime
+
+
+def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota, whole CPUs.
+
+    torch (and OpenMP) size their thread pools from the machine's cores; in a container, a batch job
+    or under `taskset` that over-subscribes the CPUs this process actually gets, and every op of two
+    such trainings side by side waits on the other's threads.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, root)
+    return max(1, min(cpus, quota)) if quota is not None else cpus
+
+
+def cgroup_cpu_quota(proc_cgroup: Path, root: Path) -> int | None:
+    """The tightest CPU quota (quota / period, rounded up) on this process's cgroup path, None if none.
+
+    cgroup v2: `cpu.max` ("max 100000" or "150000 100000") in the process's group and each parent;
+    cgroup v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us` (-1: none) in the cpu controller's group.
+    """
+    import math
+
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        group = group.strip("/")
+        if controllers == "":  # v2
+            folders = [root / group, *(root / group).parents] if group else [root]
+            for folder in folders:
+                if not folder.is_relative_to(root):
+                    break
+                text = _read_small(folder / "cpu.max").split()
+                if len(text) == 2 and text[0] != "max":
+                    quotas.append(math.ceil(int(text[0]) / int(text[1])))
+        elif "cpu" in controllers.split(","):  # v1
+            for base in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                quota, period = (
+                    _read_small(base / group / name) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+                )
+                if quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0 and int(period) > 0:
+                    quotas.append(math.ceil(int(quota) / int(period)))
+                    break
+    return min(quotas) if quotas else None
+
+
+def _read_small(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def set_threads(threads: int = 0) -> int:
+    """Set torch's intra-op threads and log how many, beside the CPUs they were chosen from.
+
+    Args:
+        threads: the count to use; 0: the CPUs this process may use (`usable_cpus`), shared evenly by
+            the torchrun ranks of this machine (LOCAL_WORLD_SIZE), and never more than torch's own
+            setting (OMP_NUM_THREADS, or an earlier torch.set_num_threads, is kept when lower).
+    Returns:
+        the number set.
+    """
+    import torch
+
+    usable = usable_cpus()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    chosen = threads or min(torch.get_num_threads(), max(1, usable // ranks))
+    torch.set_num_threads(chosen)
+    log.info(
+        "torch threads: %d (%s; this process may use %d CPU(s) of the machine's %d)",
+        chosen,
+        "as asked" if threads else "the usable CPUs" + (f" / {ranks} local ranks" if ranks > 1 else ""),
+        usable,
+        os.cpu_count() or 1,
+    )
+    return chosen
 
 
 def seed_everything(seed: int) -> None:
@@ -205,11 +290,15 @@ def write_atomic(path, text: str) -> Path:
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk or an immutable target leaves the old file alone
+        raise
     fsync_dir(path.parent)
     return path
 
@@ -238,19 +327,24 @@ def fsync_dir(path) -> None:
 
 
 def refuse_inputs_as_output(out, flag: str, files=(), folders=()) -> None:
-    """Refuse an output path that would overwrite one of the same command's inputs (issue 10 A8).
+    """The one output guard: refuse a file path that would overwrite one of the command's inputs, or a
+    file of a folder an mner command wrote.
 
     Args:
-        out: the path the command is about to write.
+        out: the file the command is about to write.
         flag: how the user gave it ("--out", "--png"), for the message.
         files: (what, path) pairs of input files: `out` may not be the same file, however it is spelled
             (relative, through `..` or a symlink, or a hard link: compared with `os.path.samefile`).
-        folders: (what, path) pairs of input folders (a run folder): `out` may not be the folder itself
-            nor a file or folder that already exists inside it; a new file there is fine.
+        folders: (what, path) pairs of input folders (a run, a cache, a data folder, its image folder):
+            `out` may not be the folder itself nor a file or folder that already exists inside it (nor a
+            hard link to one); a new file there is fine.
+    Any folder above `out` that holds an mner lock file (a run, cache, ablation, cases or plot folder)
+    counts as an input folder too, so no command overwrites another's results.json or manifest.json.
     Raises:
         ValueError naming the flag, the output and the input it would overwrite.
     """
     out = Path(out)
+    refuse_dangling_link(out, flag)
     target = out.expanduser().resolve()
     for what, path in files:
         path = Path(path)
@@ -259,14 +353,44 @@ def refuse_inputs_as_output(out, flag: str, files=(), folders=()) -> None:
                 f"{flag} {out} is {what} {path}: writing it would overwrite an input of this command; "
                 "choose another path"
             )
-    for what, path in folders:
+    written = [("the mner folder", folder) for folder in target.parents if (folder / LOCK_NAME).is_file()]
+    for what, path in (*folders, *written):
         path = Path(path)
         folder = path.expanduser().resolve()
         if target == folder or (target.is_relative_to(folder) and os.path.lexists(target)):
             raise ValueError(
                 f"{flag} {out} is in {what} {path}, an input of this command, and would replace what is "
                 "there; choose a path outside it (or a new file name)"
+                if (what, path) in folders
+                else f"{flag} {out} is a file of {path}, a folder an mner command wrote, and would replace "
+                "it; choose a path outside it (or a new file name)"
             )
+        linked = _hard_link_into(target, folder)
+        if linked is not None:
+            raise ValueError(
+                f"{flag} {out} is a hard link to {linked} in {what} {path}: writing it would overwrite an "
+                "input of this command; choose another path"
+            )
+
+
+def _hard_link_into(target: Path, folder: Path) -> Path | None:
+    """The file inside `folder` that the existing file `target` is a hard link of; None when it is not
+    one (only a file with several links is looked for, so the walk is rare)."""
+    try:
+        stat = target.stat()
+    except OSError:
+        return None
+    if stat.st_nlink < 2 or not folder.is_dir():
+        return None
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                other = os.stat(os.path.join(root, name), follow_symlinks=False)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (stat.st_dev, stat.st_ino):
+                return Path(root) / name
+    return None
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -279,6 +403,137 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
+# ------------------------------------------------------------------------------------------ locks
+
+# The lock file of a folder a command writes; it stays after the command ends and is never a sign of
+# a live writer (only a held lock is).
+LOCK_NAME = "mner.lock"
+# Lock files (resolved paths) this process holds: POSIX record locks never conflict within one
+# process, so a second claim in the same process is refused from here. Paths only, never the locks,
+# so that a lock nobody refers to any more is released by its finaliser.
+_HELD: dict[str, str] = {}  # resolved lock file -> "pid command" of its holder here
+
+
+class FolderLock:
+    """An exclusive POSIX record lock (fcntl.lockf) on FOLDER/mner.lock while one command writes it.
+
+    A record lock belongs to the process, not to the open file: forked children (DataLoader workers)
+    do not inherit it, and the kernel drops it when its process ends in any way (kill -9 included).
+    So a dead writer, or its orphaned workers still exiting, never blocks the next run. A flock would
+    be inherited by every worker forked while it is held.
+
+    Beware: closing any descriptor of the lock file in the holding process drops its lock, so this
+    process never opens a lock file it holds (`_HELD` is checked first).
+    """
+
+    def __init__(self, folder, command: str | None = None, flag: str = "--out"):
+        folder = Path(folder)
+        self.path = folder / LOCK_NAME
+        self.key = os.path.realpath(self.path)
+        self.fd: int | None = None
+        command = command or _command_name()
+        if self.key in _HELD:
+            raise ValueError(_held_message(folder, _HELD[self.key], flag))
+        try:
+            fd = _open_lock_file(self.path)
+        except OSError as err:
+            raise ValueError(
+                f"{folder} cannot be written ({err.strerror}): `{command}` writes its files there; make "
+                f"the folder writable, or give another {flag} folder"
+            ) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise ValueError(_held_message(folder, holder, flag)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        self.fd = fd
+        _HELD[self.key] = f"{os.getpid()} {command}"
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _HELD.pop(self.key, None)
+            fd, self.fd = self.fd, None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def __del__(self):
+        self.release()
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+
+def lock_folder(folder, command: str | None = None, flag: str = "--out") -> FolderLock:
+    """Take `folder`'s write lock, or raise ValueError at once naming the command and pid that hold it.
+
+    `command`: how the holder is named to a second writer (default: the running click command,
+    e.g. "mner train-from-cache"). Release it with `.release()` or a `with` block.
+    """
+    return FolderLock(folder, command, flag)
+
+
+def refuse_locked(folder, flag: str = "--out") -> None:
+    """Raise the refusal `lock_folder` would if another writer holds `folder`; takes nothing, writes
+    nothing (a folder without a lock file, or one that cannot be opened, passes)."""
+    path = Path(folder) / LOCK_NAME
+    if os.path.realpath(path) in _HELD:
+        raise ValueError(_held_message(Path(folder), _HELD[os.path.realpath(path)], flag))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            raise ValueError(_held_message(Path(folder), holder, flag)) from None
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _open_lock_file(path: Path) -> int:
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _held_message(folder: Path, holder: str, flag: str) -> str:
+    """ "FOLDER is being written by another `mner extract-features` (pid N); ..." from a lock file's
+    "pid command" line."""
+    pid, _, command = holder.partition(" ")
+    who = f"`{command}` (pid {pid})" if pid.isdigit() and command else f"mner command ({holder or 'unknown'})"
+    return f"{folder} is being written by another {who}; wait for it to finish, or give another {flag} folder"
+
+
+def _command_name() -> str:
+    """The running CLI command ("mner train-from-cache"); "mner" outside one."""
+    try:
+        import click
+    except ImportError:  # pragma: no cover - click is a dependency
+        return "mner"
+    context = click.get_current_context(silent=True)
+    return context.command_path if context is not None else "mner"
+
+
 # ------------------------------------------------------------------------------- output folders
 
 
@@ -286,38 +541,69 @@ def _same_path(a: Path, b: Path) -> bool:
 class FolderClaim:
     """An output folder a command may write: `state` says what it was when claimed.
 
-    "new" (absent), "empty", or "ours" (it holds our marker file). `create()` makes it; `release()`
-    removes what this command created, never anything that was there before: the folders `create()`
-    made for a "new" one, the contents of an "empty" one, nothing of "ours".
+    "new" (absent), "empty", or "ours" (it holds our marker file). `create()` makes it and takes its
+    write lock (`FolderLock`), so a second writer is refused; `unlock()` gives the lock back when the
+    command is done. `release()` removes what this command created, never anything that was there
+    before (the folders `create()` made for a "new" one, the contents of an "empty" one, nothing of
+    "ours"), and unlocks. A claim that never got the lock removes nothing: another writer owns the folder.
     """
 
     path: Path
     state: str
+    flag: str = "--out"
     _created: Path | None = None  # the topmost folder create() made
+    _lock: FolderLock | None = None
 
     def create(self) -> Path:
+        """Make the folder (when new) and lock it; ValueError when another command writes it."""
+        if self._lock is not None:
+            return self.path
         if not self.path.is_dir():
             top = self.path
             while not top.parent.exists():
                 top = top.parent
             self.path.mkdir(parents=True, exist_ok=True)
             self._created = self._created or top
+        try:
+            self._lock = lock_folder(self.path, flag=self.flag)
+        except ValueError:
+            self._created = None  # another writer's folder now: never removed by this claim
+            raise
+        if self.state != "ours" and any(entry.name != LOCK_NAME for entry in self.path.iterdir()):
+            # Filled between the claim and the lock by a writer that has finished since.
+            self.unlock()
+            self._created = None
+            raise ValueError(
+                f"{self.flag} {self.path} was written by another command while this one started; "
+                f"nothing in it was touched — choose another {self.flag}"
+            )
         return self.path
+
+    def unlock(self) -> None:
+        """Give the folder's write lock back (nothing when not held)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def release(self) -> None:
         import shutil
 
-        if self.state == "ours":
+        if self._lock is None:
             return
-        if self._created is not None:
-            shutil.rmtree(self._created, ignore_errors=True)
-            self._created = None
-        elif self.state == "empty" and self.path.is_dir():
-            for entry in self.path.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+        try:
+            if self.state == "ours":
+                return
+            if self._created is not None:
+                shutil.rmtree(self._created, ignore_errors=True)
+                self._created = None
+            elif self.state == "empty" and self.path.is_dir():
+                for entry in self.path.iterdir():
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:  # the lock file too: the folder is left as empty as it was found
+                        entry.unlink(missing_ok=True)
+        finally:
+            self.unlock()
 
 
 def is_our_folder(path, marker: str, keys: tuple[str, ...]) -> bool:
@@ -332,38 +618,67 @@ def is_our_folder(path, marker: str, keys: tuple[str, ...]) -> bool:
 
 
 def claim_folder(
-    path, marker: str, keys: tuple[str, ...], resume: bool | None, what: str = "run", flag: str = "--out"
+    path,
+    marker: str,
+    keys: tuple[str, ...],
+    resume: bool | None,
+    what: str = "run",
+    flag: str = "--out",
+    finished: str | None = None,
 ) -> FolderClaim:
     """Check that a command may write the folder `path`; nothing is created or changed here.
 
-    A folder may be written when it is absent, empty, or ours: `path/marker` is a JSON object with
-    every key of `keys` (e.g. a run's config.json with model, train, label_names, data_source).
+    A folder may be written when it is absent, empty (a lone lock file counts as empty), or ours:
+    `path/marker` is a JSON object with every key of `keys` (e.g. a run's config.json with model,
+    train, label_names, data_source). A folder another command is writing is refused at once
+    (`refuse_locked`); `FolderClaim.create()` then takes the lock itself.
     Args:
         resume: True/False for a command with --resume (ours is refused without it, since the run
             would be overwritten); None for a command that always continues its own folder.
         what, flag: how the message names the folder kind and the command's option.
+        finished: the file a finished folder holds (a run's results.json): a refusal of one of ours
+            without it says the folder is unfinished.
     Raises:
         ValueError naming the folder, and saying to pick a new or empty one (or --resume), for a
-        file in its place, a folder of other files, or one of ours without --resume.
+        file or a dangling symbolic link in its place, a folder of other files, one another command
+        is writing, or one of ours without --resume.
     """
     path = Path(path)
+    refuse_dangling_link(path, flag)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; choose a new or empty folder")
     if not path.exists():
-        return FolderClaim(path, "new")
-    if not any(path.iterdir()):
-        return FolderClaim(path, "empty")
+        return FolderClaim(path, "new", flag)
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 of a torchrun job takes the lock
+        refuse_locked(path, flag)
+    if not any(entry.name != LOCK_NAME for entry in path.iterdir()):
+        return FolderClaim(path, "empty", flag)
     if is_our_folder(path, marker, keys):
         if resume is False:
+            if finished is not None and not (path / finished).is_file():
+                raise ValueError(
+                    f"{path} holds an unfinished {what} ({marker} but no {finished}: it was stopped before "
+                    f"the end); pass --resume to continue it or choose another {flag}"
+                )
             raise ValueError(
                 f"{path} already holds a {what} ({marker}); pass --resume to continue it or choose another {flag}"
             )
-        return FolderClaim(path, "ours")
+        return FolderClaim(path, "ours", flag)
     resume_hint = f", or --resume with a {what} folder this tool wrote" if resume is not None else ""
     raise ValueError(
         f"{flag} {path} is not empty and is not one of our {what} folders (no {marker} with "
         f"{', '.join(keys)}); nothing in it was touched — choose a new or empty folder{resume_hint}"
     )
+
+
+def refuse_dangling_link(path, flag: str = "--out") -> None:
+    """Refuse an output path that is a symbolic link to nothing: creating it would fail half-way."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(
+            f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create "
+            f"its target, remove the link, or choose another {flag}"
+        )
 
 
 # Seconds between two progress lines when stderr is not a terminal (a log file, a batch job's output).

@@ -41,7 +41,7 @@ import pandas as pd
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.runtime import FolderClaim, claim_folder, write_atomic
+from mner.runtime import LOCK_NAME, FolderClaim, claim_folder, write_atomic
 from mner.train import significance
 from mner.train.config import (
     RUNTIME_SETTINGS,
@@ -316,24 +316,27 @@ def run_ablation(cfg: AblationConfig) -> Path:
     arms = {arm.name: arm for arm in cfg.arms()}
     claim = claim_ablation(out, record, ABLATION_KEYS, "ablation")
     main = int(os.environ.get("RANK", "0")) == 0
-    rows = train_arms(
-        claim,
-        record,
-        [(name, seed) for name in arms for seed in cfg.seed_list()],
-        finished=lambda run_dir: is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file(),
-        train=lambda name, seed, run_dir: train_from_cache(_run_config(cfg, arms[name], seed, run_dir)),
-        row=_table_row,
-        main=main,
-    )
-    table = pd.DataFrame(rows)
-    md_path = out / ABLATION_MD
-    if main:
-        write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
-        summary = summary_markdown(table)
-        if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
-            summary += "\n" + significance_markdown(table, cfg.bootstrap)
-        write_atomic(md_path, summary)
-    return md_path
+    try:
+        rows = train_arms(
+            claim,
+            record,
+            [(name, seed) for name in arms for seed in cfg.seed_list()],
+            finished=lambda run_dir: is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file(),
+            train=lambda name, seed, run_dir: train_from_cache(_run_config(cfg, arms[name], seed, run_dir)),
+            row=_table_row,
+            main=main,
+        )
+        table = pd.DataFrame(rows)
+        md_path = out / ABLATION_MD
+        if main:
+            write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
+            summary = summary_markdown(table)
+            if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
+                summary += "\n" + significance_markdown(table, cfg.bootstrap)
+            write_atomic(md_path, summary)
+        return md_path
+    finally:
+        claim.unlock()
 
 
 def _record(cfg: AblationConfig) -> dict:
@@ -490,7 +493,7 @@ def train_arms(
 
 def _release_if_nothing_trained(claim: FolderClaim) -> None:
     """Remove the folder this ablation made when nothing but its record is in it."""
-    if claim.path.is_dir() and [p.name for p in claim.path.iterdir()] == [ABLATION_FILE]:
+    if claim.path.is_dir() and {p.name for p in claim.path.iterdir()} <= {ABLATION_FILE, LOCK_NAME}:
         claim.release()
 
 

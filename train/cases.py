@@ -225,6 +225,7 @@ def write_cases(cfg: CasesConfig) -> Path:
     except BaseException:
         claim.release()
         raise
+    claim.unlock()
     return page
 
 

@@ -152,20 +152,23 @@ def run_class_ablation(cfg: ClassAblationConfig) -> Path:
             ClassifierRunConfig(data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cfg.cache_dir)
         )
 
-    rows = train_arms(
-        claim,
-        record,
-        [(experiment, seed) for experiment in cfg.experiments for seed in range(1, cfg.seeds + 1)],
-        finished=lambda run_dir: is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file(),
-        train=train,
-        row=_row,
-    )
-    table = pd.DataFrame(rows)
-    write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
-    summary = class_summary_markdown(table)
-    if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
-        summary += "\n" + accuracy_significance_markdown(table, cfg.bootstrap)
-    return write_atomic(out / ABLATION_MD, summary)
+    try:
+        rows = train_arms(
+            claim,
+            record,
+            [(experiment, seed) for experiment in cfg.experiments for seed in range(1, cfg.seeds + 1)],
+            finished=lambda run_dir: is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file(),
+            train=train,
+            row=_row,
+        )
+        table = pd.DataFrame(rows)
+        write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
+        summary = class_summary_markdown(table)
+        if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
+            summary += "\n" + accuracy_significance_markdown(table, cfg.bootstrap)
+        return write_atomic(out / ABLATION_MD, summary)
+    finally:
+        claim.unlock()
 
 
 def _row(experiment: str, seed: int, run_dir: Path) -> dict:

@@ -82,9 +82,11 @@ from mner.train.runs import (
     WEIGHTS_FILE,
     append_metrics,
     read_record,
+    report_images,
+    warn_if_unfinished,
     write_json,
 )
-from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
+from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class ClassifierConfig(_Config):
     patience: int = 3  # stop after this many epochs without a better valid score
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # torch intra-op threads; 0: the CPUs this process may use (mner.runtime.set_threads)
 
     def __post_init__(self):
         self._check_types()
@@ -146,8 +149,9 @@ class ClassifierConfig(_Config):
                 raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
-        if self.weight_decay < 0 or self.seed < 0:
-            raise ValueError("classifier.weight_decay and classifier.seed must be >= 0")
+        for name in ("weight_decay", "seed", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
 
@@ -298,11 +302,19 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
     """
     out = Path(cfg.out_dir)
     if is_classifier_run(out):
+        if not (out / RESULTS_FILE).is_file():
+            raise ValueError(
+                f"{out} holds an unfinished classifier run (config.json but no {RESULTS_FILE}: it was stopped "
+                "before the end); a classifier run cannot be resumed: delete the folder to train it again, "
+                "or choose another --out"
+            )
         raise ValueError(f"{out} already holds a classifier run (config.json); choose another --out")
     claim = claim_folder(out, CONFIG_FILE, CLASS_RECORD_KEYS, resume=None, what="classifier run")
     c = cfg.classifier
+    if c.mode != "image":  # before the data is read: a budget past the positions fails only in the forward
+        check_max_length(resolve_text_encoder(c.text_encoder), c.max_length, "classifier.max_length")
     seed_everything(c.seed)
-    runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu")
+    runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu", threads=c.threads)
     reader = None
     try:
         data = read_classification(cfg.data)
@@ -319,6 +331,7 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         claim.release()
         raise
     finally:
+        claim.unlock()
         if reader is not None:
             reader.close()
         runtime.close()
@@ -373,14 +386,19 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
             "sizes": {name: len(split.examples) for name, split in data.splits.items()},
             "train_labels": data.splits["train"].label_counts(),
         },
-        "no_image": _no_image(data, reader),
+        "no_image": {}
+        if reader is None
+        else report_images(
+            {name: [e.guid for e in split.examples] for name, split in data.splits.items()},
+            reader,
+            "a zero image vector" if c.mode == "image" else "the text alone",
+            image_only=c.mode == "image",
+        ),
         "truncated_posts": _truncated(data, tokenizer, c.max_length),
         "class_weights": None if weights is None else dict(zip(labels, weights.tolist())),
     }
     if any(record["truncated_posts"].values()):
         log.warning("posts longer than %d sub-words (cut): %s", c.max_length, record["truncated_posts"])
-    if reader is not None:
-        log.info("posts without a usable image (scored as text alone): %s", record["no_image"])
     write_json(run_dir / CONFIG_FILE, record)
 
     train_loader = _loader(data.splits["train"], reader, labels, tokenizer, c, True, c.seed)
@@ -511,15 +529,6 @@ def _class_weights(train: ClassSplit, labels: list[str]) -> torch.Tensor:
     return torch.tensor([n / (len(labels) * counts[label]) for label in labels], dtype=torch.float32)
 
 
-def _no_image(data: ClassData, reader) -> dict:
-    if reader is None:
-        return {}
-    return {
-        name: sum(reader.status(e.guid) != "ok" for e in split.examples)
-        for name, split in data.splits.items()
-    }
-
-
 def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:
     if tokenizer is None:
         return {}
@@ -628,6 +637,7 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     """
     run_dir = Path(run_dir)
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    warn_if_unfinished(run_dir)
     stored = dict(record["data"])
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)

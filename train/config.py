@@ -261,6 +261,7 @@ class TrainConfig(_Config):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # mixed precision: auto | off | fp16 | bf16
     num_workers: int = 0  # DataLoader worker processes (the cache reader is fork-safe)
+    threads: int = 0  # torch intra-op threads; 0: the CPUs this process may use (mner.runtime.set_threads)
     cache_in_memory: bool = False  # load the whole feature cache into RAM before training
 
     def __post_init__(self):
@@ -275,7 +276,7 @@ class TrainConfig(_Config):
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        for name in ("seed", "num_workers"):
+        for name in ("seed", "num_workers", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -294,6 +295,7 @@ RUNTIME_SETTINGS = frozenset(
         "train.device",
         "train.amp",
         "train.num_workers",
+        "train.threads",
         "train.cache_in_memory",
     }
 )

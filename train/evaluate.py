@@ -37,6 +37,7 @@ from mner.train.runs import (
     read_results,
     run_config,
     unfinished,
+    warn_if_unfinished,
     write_json,
 )
 
@@ -77,6 +78,7 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     record = read_record(run_dir)
+    warn_if_unfinished(run_dir)
     cfg = run_config(record)
     reader = None
     if not cfg.model.text_only:

@@ -2,14 +2,17 @@
 
 Every head has the same two methods, so the model never asks which one it holds:
 
-    loss(emissions (B, T, L), tags (B, T), mask (B, T)) -> (B,) per-post loss
+    loss(emissions (B, T, L), tags (B, T), mask (B, T)) -> () the batch's loss, reduced as the head's
+                                                            seed reduces it
     decode(emissions (B, T, L), mask (B, T)) -> B lists of label ids, one per True mask position
 
-- crf: a linear-chain CRF (train/crf.py); loss is its negative log-likelihood, decode its
-  BIO-constrained Viterbi (model.bio_constraints).
+- crf: a linear-chain CRF (train/crf.py); loss is its negative log-likelihood, a sum over the
+  post's words, averaged over the posts (pytorch-crf's reduction "mean", which the CRF seeds use);
+  decode its BIO-constrained Viterbi (model.bio_constraints).
 - softmax: per-word cross-entropy of emissions / model.emission_temperature with
-  model.label_smoothing, summed over the post's words (the CRF's scale: its NLL is a sum too);
-  decode is the argmax per word (no BIO repair). Any model may use it, multimodal or not.
+  model.label_smoothing, averaged over every word of the batch (MANGO's `(ce * mask).sum() /
+  mask.sum()`: a token mean, so its scale does not grow with post length next to MANGO's auxiliary
+  weights); decode is the argmax per word (no BIO repair). Any model may use it.
 
 A BiLSTM before the emission layer is not a head but the model switch model.bilstm, so it
 combines with either head (bert-bilstm-crf = text_only + bilstm + crf).
@@ -39,14 +42,14 @@ class Head(Protocol):
 
 
 class CRFHead(CRF):
-    """The CRF as a head: loss = per-post negative log-likelihood, decode = Viterbi."""
+    """The CRF as a head: loss = negative log-likelihood averaged over the posts, decode = Viterbi."""
 
     def __init__(self, cfg: ModelConfig, label_names: Sequence[str]):
         super().__init__(label_names, cfg.bio_constraints)
 
     def loss(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,) -log p(tags | emissions); see CRF.nll."""
-        return self.nll(emissions, tags, mask)
+        """() mean over the posts of -log p(tags | emissions); see CRF.nll."""
+        return self.nll(emissions, tags, mask).mean()
 
 
 class SoftmaxHead(nn.Module):
@@ -58,7 +61,7 @@ class SoftmaxHead(nn.Module):
         self.temperature = cfg.emission_temperature
 
     def loss(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,) sum over the True mask positions of the word's smoothed cross-entropy.
+        """() mean over the True mask positions of the batch of the word's smoothed cross-entropy.
 
         emissions (B, T, L), tags (B, T) label ids, mask (B, T) bool.
         """
@@ -69,7 +72,8 @@ class SoftmaxHead(nn.Module):
             label_smoothing=self.label_smoothing,
             reduction="none",
         ).view(B, T)  # (B, T)
-        return (per_word * mask.to(per_word.dtype)).sum(dim=1)  # (B,)
+        weights = mask.to(per_word.dtype)
+        return (per_word * weights).sum() / weights.sum().clamp(min=1)  # ()
 
     def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
         """The best label of every True mask position (mask must be a prefix per post)."""

@@ -53,10 +53,11 @@ from mner.train.runs import (
     open_cache,
     precision_name,
     prepare_folder,
+    report_images,
     trim_metrics,
     write_json,
 )
-from mner.train.text import load_tokenizer, resolve_text_encoder
+from mner.train.text import check_max_length, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ def train_from_cache(cfg: RunConfig) -> Path:
     claim = claim_run_folder(cfg.out_dir, cfg.resume)
     # Seeded first: the CUDA determinism setting must be in place before any CUDA context exists.
     seed_everything(cfg.train.seed)
-    runtime = start_runtime(cfg.train.device, cfg.train.amp, hint="--set train.device=cpu")
+    runtime = start_runtime(
+        cfg.train.device, cfg.train.amp, hint="--set train.device=cpu", threads=cfg.train.threads
+    )
     epoch_at: dict = {}  # epoch, its first global step and step count, for the non-finite message
     try:
         runtime.barrier()  # every rank has checked the folder before rank 0 creates anything in it
@@ -100,6 +103,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
         _release_unstarted(claim, runtime)
         raise
     finally:
+        claim.unlock()
         runtime.close()
 
 
@@ -126,6 +130,9 @@ def _non_finite_message(err: NonFiniteLoss, epoch_at: dict, run_dir: Path) -> st
 
 def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict) -> Path:
     run_dir = claim.path
+    # Before the data is read: a budget past the encoder's positions fails only inside its forward.
+    encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
+    check_max_length(encoder_dir, cfg.model.max_length, "model.max_length")
     source = cfg.data.resolve()
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
@@ -136,7 +143,6 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
     if reader is not None:
         check_cache_keys(list(splits.values()), reader)
-    encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
     tokenizer = load_tokenizer(encoder_dir)
 
     record = make_record(cfg, source, labels, encoder_dir, reader)
@@ -152,6 +158,9 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         cfg.model.max_length,
         record["truncated_words"],
     )
+    if reader is not None:
+        keys = {name: [post.key for post in split.posts] for name, split in splits.items()}
+        record["no_image"] = report_images(keys, reader, "no visual tokens: the text alone")
     record["orphan_i"] = {name: split.orphan_i for name, split in splits.items()}
     log.info(
         "I- tags with no B- before them (kept, counted as entity starts as conlleval does): %s",

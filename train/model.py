@@ -204,7 +204,7 @@ class MNERModel(nn.Module):
             batch, image_mask
         )  # (B, T, L), (B, T, D), ...
         tags, word_mask = self.task.targets(batch, self.outside)  # (B, T), (B, T)
-        head_loss = self.head.loss(emissions, tags, word_mask).mean()
+        head_loss = self.head.loss(emissions, tags, word_mask)  # ()
         losses = {f"{self._head_attr}_loss": head_loss}
         loss = head_loss
         inputs = LossInputs(

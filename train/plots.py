@@ -107,6 +107,7 @@ def write_plots(paths: Sequence, out_dir, split: str = "test") -> list[Path]:
         "unfinished": {str(run): status for run, status in still.items()},
     }
     write_atomic(out / PLOTS_FILE, json.dumps(record, indent=2) + "\n")
+    claim.unlock()
     return written
 
 

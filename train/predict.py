@@ -132,8 +132,10 @@ def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | Non
     """Neither output (the CoNLL file, its .json) may overwrite the input file, an image of a post or
     a file of the run folder (issue 10 A8)."""
     files = [("the --input file", split.path)]
+    folders = [("the run folder", run_dir)]
     if image_dir is not None:
         files.append(("--image-dir", image_dir))
+        folders.append(("--image-dir", image_dir))
         source = DataSource(name="predict", data_dir=split.path.parent, image_dir=image_dir, fmt=split.fmt)
         for post in split.posts:
             try:
@@ -141,7 +143,7 @@ def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | Non
             except ValueError:
                 pass  # a key that escapes the image folder: extraction records it with the reason
     for out in (out_file, Path(f"{out_file}.json")):
-        refuse_inputs_as_output(out, "--out", files=files, folders=[("the run folder", run_dir)])
+        refuse_inputs_as_output(out, "--out", files=files, folders=folders)
 
 
 def _image_statuses(reader: CacheReader, split: Split) -> dict[str, tuple[str, str]]:

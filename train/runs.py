@@ -3,7 +3,8 @@ model, the checks of a run's inputs (data tags, cache keys, cache fingerprint).
 
 Run folder:
     config.json         full resolved RunConfig + labels, encoder folder, cache fingerprint/config/spec,
-                        counts of words cut by the encoder's length limit and of orphan I- tags, per split,
+                        counts of words cut by the encoder's length limit, of orphan I- tags and (with a
+                        cache) of posts without a usable image ("no_image"), per split,
                         and "precision" (fp32 | fp16 | bf16: what training ran in, which evaluate and
                         predict reproduce unless --amp says otherwise)
     model.safetensors   the best epoch's weights
@@ -26,7 +27,9 @@ them.
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 from mner.cache.datasets import DataSource, Split
@@ -38,6 +41,8 @@ from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
 from mner.train.model import MNERModel
 from mner.train.text import load_tokenizer, resolve_text_encoder
 from mner.train.visual import check_regions
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,6 +61,8 @@ _SHOWN_CHARS = 60
 # What must match for a folder to be resumed: the same model, training and data, not the bookkeeping
 # (and, of train, not the runtime-only settings of config.RUNTIME_SETTINGS).
 _RESUME_KEYS = ("model", "train", "label_names", "data_source")
+
+log = logging.getLogger(__name__)
 
 
 def write_json(path: Path, data) -> Path:
@@ -118,6 +125,18 @@ def unfinished(run_dir) -> str | None:
         return None
     epochs = read_record(run_dir)["train"]["epochs"]
     return f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
+
+
+def warn_if_unfinished(run_dir) -> None:
+    """Log a warning when the run has no results.json (it was killed or failed before the end): a
+    command that scores it scores the best weights saved so far, which a finished run may not keep."""
+    if not (Path(run_dir) / RESULTS_FILE).is_file():
+        log.warning(
+            "%s is an unfinished run (no %s: training stopped before the end); scoring the best model it "
+            "saved so far",
+            run_dir,
+            RESULTS_FILE,
+        )
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -246,12 +265,14 @@ def is_run_folder(path) -> bool:
 def claim_run_folder(run_dir, resume: bool) -> FolderClaim:
     """The run folder training may write: new, empty, or (with `resume`) one of ours; refused
     otherwise before anything is read or created (mner.runtime.claim_folder)."""
-    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run")
+    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run", finished=RESULTS_FILE)
 
 
 def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runtime) -> Path | None:
     """Create the run folder; returns the checkpoint training continues from, or None for a fresh start."""
     run_dir = claim.path
+    if runtime.is_main:
+        claim.create()  # locked before anything in it is read: one writer per run folder
     checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume and claim.state == "ours" else None
     if checkpoint is not None:
         old = read_record(run_dir)
@@ -262,7 +283,6 @@ def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runt
                 f"--out, or change only {', '.join(sorted(RUNTIME_SETTINGS))}, which a resume may change"
             )
     elif runtime.is_main:
-        claim.create()
         # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     runtime.barrier()
@@ -353,6 +373,36 @@ def check_cache_keys(splits: list[Split], reader: CacheReader) -> None:
             f"({len(absent)} of {total} posts' keys are absent); the cache was extracted from other data "
             "— re-run `mner extract-features` on this data folder"
         )
+
+
+def report_images(keys: dict[str, list[str]], reader: CacheReader, fallback: str, image_only: bool = False):
+    """Posts per split without a usable image in the cache (what config.json records as "no_image").
+
+    A post without one is trained and scored with no visual tokens (`fallback` says what that means for
+    the model, for the log). When no train post has a usable image, the image side learns nothing: a
+    model that also reads text is in effect text-only, which is said loudly; one that reads only the
+    image (`image_only`) would learn a constant, so it is refused.
+    Args:
+        keys: each split's cache keys, in order. reader: the run's cache.
+    Returns:
+        {split: posts without a usable image}.
+    Raises:
+        ValueError (image_only) naming the cache and the statuses of its train images.
+    """
+    report = {name: sum(reader.status(key) != "ok" for key in split) for name, split in keys.items()}
+    train = keys.get("train", [])
+    if not train or report["train"] < len(train):
+        log.info("posts without a usable image (%s): %s", fallback, report)
+        return report
+    statuses = ", ".join(f"{status} {n}" for status, n in sorted(Counter(map(reader.status, train)).items()))
+    where = f"none of the {len(train)} train posts has a usable image in the cache {reader.cache_dir} ({statuses})"
+    fix = f"check the images (`mner cache verify {reader.cache_dir} --images`) and extract them again"
+    if image_only:
+        raise ValueError(
+            f"{where}: a model of the image alone would learn a constant; {fix}, or train on the text"
+        )
+    log.warning("%s: the image side learns nothing and this run is text-only in effect; %s", where, fix)
+    return report
 
 
 def check_fingerprint(reader: CacheReader, record: dict, run_dir) -> None:

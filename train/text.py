@@ -61,6 +61,41 @@ def resolve_text_encoder(name_or_path: str | Path) -> Path:
     return folder
 
 
+# Encoders whose position ids start after the padding index (RoBERTa's create_position_ids_from_input_ids):
+# they embed max_position_embeddings - (pad_token_id + 1) sub-words, not max_position_embeddings.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl")
+
+
+def encoder_positions(folder: Path) -> int | None:
+    """Sub-words (special tokens included) the encoder at `folder` can embed; None when unbounded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None  # relative or rotary positions: no table to run past
+    if config.model_type in _OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def check_max_length(folder: Path, max_length: int, key: str) -> None:
+    """Refuse a sub-word budget past the encoder's position table before anything is built or trained.
+
+    Args:
+        folder: the encoder's resolved folder (`resolve_text_encoder`).
+        key: the setting's name in the user's terms (`model.max_length`, `classifier.max_length`).
+    Raises:
+        ValueError naming the setting, the encoder and the largest value it takes.
+    """
+    positions = encoder_positions(folder)
+    if positions is not None and max_length > positions:
+        raise ValueError(
+            f"{key} = {max_length} is more than text encoder {folder} can embed ({positions} positions, "
+            f"special tokens included); set {key} to at most {positions}"
+        )
+
+
 def load_tokenizer(name_or_path: str | Path):
     """The fast tokenizer of an encoder, set up for pre-split words.
 

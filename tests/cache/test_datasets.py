@@ -15,6 +15,7 @@ from mner.cache.datasets import (
     DataSource,
     Post,
     label_names,
+    parse_columns,
     read_split,
     recorded_data,
     resolve_data,
@@ -122,6 +123,17 @@ def test_columns_pick_the_word_and_the_tag(tmp_path):
     # predict input: a bare token still reads as a token without a tag
     split = read_split(write(tmp_path, "w.txt", "IMGID:1\nEU\n"), columns=(0, 3), require_tags=False)
     assert split.posts[0].tags == ("O",)
+
+
+def test_the_readmes_columns_examples_read_conll2003(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    flag = re.search(r"e\.g\. `--columns (\S+)` for\s+CoNLL-2003", readme)
+    toml = re.search(r"`columns = \[(\d+), (\d+)\]`\s+in a dataset TOML", readme)
+    assert flag and toml, "the README's --columns examples moved: update this test"
+    conll2003 = write(tmp_path, "t.txt", "IMGID:1\nEU\tNNP\tB-NP\tB-ORG\nrejects\tVBZ\tB-VP\tO\n")
+    for given in (flag.group(1), [int(toml.group(1)), int(toml.group(2))]):
+        post = read_split(conll2003, columns=parse_columns(given)).posts[0]
+        assert (post.words, post.tags) == (("EU", "rejects"), ("B-ORG", "O"))
 
 
 def test_columns_reach_the_reader_through_data_config(tmp_path):

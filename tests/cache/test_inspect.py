@@ -137,6 +137,32 @@ def test_show_record_refuses_a_png_that_is_one_of_its_inputs(cache_dir, records,
         show_record(cache_dir, record.key, png=manifest)
 
 
+def test_show_record_refuses_a_png_over_a_file_of_the_data_folder_it_was_extracted_from(
+    cache_dir, records, tmp_path
+):
+    import json
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.txt").write_text("IMGID:img000\nword O\n\n")
+    (data / "images" / "img001.jpg").write_bytes(b"another post's image")
+    manifest = Path(cache_dir) / "manifest.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["config"]["data_dir"] = str(data)
+    manifest.write_text(json.dumps(recorded))
+    key = next(r for r in records if r.status == "ok").key
+    (tmp_path / "hard.png").hardlink_to(data / "train.txt")
+    for png, message in (
+        (data / "train.txt", f"--png {data / 'train.txt'} is in the data folder {data}"),
+        (data / "images" / "img001.jpg", f"is in the image folder {data / 'images'}"),
+        (tmp_path / "hard.png", f"--png {tmp_path / 'hard.png'} is a hard link to {data / 'train.txt'}"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            show_record(cache_dir, key, png=png)
+    assert (data / "train.txt").read_text() == "IMGID:img000\nword O\n\n"
+
+
 def test_inspect_and_show_a_no_region_cache(tmp_path):
     cache_dir = make_cache(tmp_path, keys=KEYS, seed=5, spec=NO_REGION_SPEC, shard_size=6)
     info = inspect_cache(cache_dir)

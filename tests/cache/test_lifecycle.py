@@ -212,7 +212,7 @@ def test_clear_cache_deletes_only_cache_files(tmp_path):
     (out / "checksums.json").write_text("{}")
     with lock_folder(out):
         clear_cache(out)
-    assert sorted(path.name for path in out.iterdir()) == ["extract.lock", "notes.txt"]
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_NAME, "notes.txt"]
 
 
 def planned(out, fingerprint, keys=("a", "b", "c", "d", "e", "f"), stats=None):

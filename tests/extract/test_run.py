@@ -27,6 +27,7 @@ from mner.cache.verify import verify_cache
 from mner.extract.config import DETECTORS, NO_DETECTOR, ExtractConfig
 from mner.extract.models import build_detector, load_clip, load_resnet, materialise_tiny_resnet
 from mner.extract.run import extract_features, summarize
+from mner.runtime import LOCK_NAME
 from tests.cache.factories import flip_token_byte
 
 # Used by the subprocess tests: extraction as a user runs it, configured by one JSON argument.
@@ -187,7 +188,7 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_features(cfg)
     # Shard 1 aborted, its tmp removed; the lock file stays (its flock went with the run).
-    assert sorted(path.name for path in out.iterdir()) == ["extract.lock", "shard-00000.h5"]
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_NAME, "shard-00000.h5"]
     (out / "shard-00001.h5.tmp").write_bytes(b"half a shard from a killed run")
     calls.clear()
     extract_features(cfg)
@@ -220,6 +221,24 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(shared_data, reference_cache
         "the kill came too late to interrupt anything"
     )
     finish(run_subprocess(shared_data.data_dir, out))
+    assert_same_cache(out, reference_cache)
+
+
+@pytest.mark.slow
+def test_kill_9_with_loader_workers_then_immediate_rerun_resumes(shared_data, reference_cache, tmp_path):
+    """DataLoader workers forked while the folder is locked outlive a kill -9 of their parent for a
+    while; they must not hold the lock, so the re-run at once resumes instead of being refused."""
+    out = tmp_path / "killed"
+    process = run_subprocess(shared_data.data_dir, out, num_workers=2)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("shard-*.h5")):
+        assert process.poll() is None, "extraction ended before its first shard appeared"
+        assert time.monotonic() < deadline, "no shard after 120 s"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert not (out / "manifest.json").exists()
+    finish(run_subprocess(shared_data.data_dir, out, num_workers=2))
     assert_same_cache(out, reference_cache)
 
 
@@ -350,6 +369,29 @@ def counted_batches(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_one_shard_of_another_cache_is_extracted_again_alone(
+    image_dataset, tmp_path, counted_batches, caplog, manifest
+):
+    ds = image_dataset(tmp_path, n=4, missing=0, corrupt=0)
+    reference = extract_features(small_run(ds, tmp_path / "reference"))
+    other = extract_features(small_run(ds, tmp_path / "other", topk=5))
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    shutil.copy2(other / "shard-00001.h5", out / "shard-00001.h5")  # swapped in from another cache
+    if not manifest:
+        (out / "manifest.json").unlink()
+    counted_batches.clear()
+    with caplog.at_level(logging.WARNING, logger="mner.cache.lifecycle"):
+        extract_features(small_run(ds, out))
+    assert f"shard-00001.h5 of {out} hold(s) another configuration's tokens" in caplog.text
+    keys = [
+        image["key"] for image in read_manifest(reference)["images"] if image["shard"] == "shard-00001.h5"
+    ]
+    assert sorted(key for batch in counted_batches for key in batch) == sorted(keys)
+    assert_same_cache(out, reference)
+
+
 def test_a_folder_that_is_not_a_cache_is_refused_untouched(image_dataset, tmp_path):
     ds = image_dataset(tmp_path, n=3, missing=0, corrupt=0)
     mine = tmp_path / "results"
@@ -378,7 +420,7 @@ def test_a_folder_another_extraction_holds_is_refused_at_once(image_dataset, tmp
         f"{out} is being written by another `mner extract-features` (pid {os.getpid()}); "
         "wait for it to finish, or give another --out folder"
     )
-    assert counted_batches == [] and sorted(p.name for p in out.iterdir()) == ["extract.lock"]
+    assert counted_batches == [] and sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     extract_features(small_run(ds, out))  # the lock went with its holder
     assert verify_cache(out).ok
 

@@ -177,7 +177,7 @@ NO_COUNTERPART = {
 }
 # Options whose None means "what the TOML config says", which their help must say (checked below).
 FROM_CONFIG = {
-    ("train-from-cache",): {"model", "text_encoder", "epochs", "seed"},
+    ("train-from-cache",): {"model", "text_encoder", "epochs", "seed", "threads"},
     ("train-classifier",): {
         "mode",
         "head",
@@ -187,6 +187,7 @@ FROM_CONFIG = {
         "class_weights",
         "epochs",
         "seed",
+        "threads",
     },
 }
 # click.Choice options and the registry each must list exactly.
@@ -879,3 +880,61 @@ def test_an_unknown_model_is_a_clean_error_listing_the_models(tmp_path):
         "train-from-cache", "--text-only", "--data-dir", data_dir, "--model", "nope", "--out", tmp_path / "r"
     )
     assert line == f"Error: model.name must be one of {', '.join(model_names())}; got 'nope'"
+
+
+@pytest.mark.parametrize("command", ["train-from-cache", "train-classifier"])
+def test_threads_option_reaches_the_config(command, tmp_path, monkeypatch):
+    import mner.train.classify
+    import mner.train.loop
+
+    seen = []
+    monkeypatch.setattr(
+        mner.train.loop, "train_from_cache", lambda cfg: seen.append(cfg.train.threads) or "r"
+    )
+    monkeypatch.setattr(
+        mner.train.classify, "train_classifier", lambda cfg: seen.append(cfg.classifier.threads) or "r"
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text(
+        "IMGID:1\nParis\tB-LOC\n" if command == "train-from-cache" else "guid,tag\n1,positive\n"
+    )
+    args = [command, "--data-dir", str(data), "--out", str(tmp_path / "run"), "--threads", "1"]
+    args += ["--text-only"] if command == "train-from-cache" else ["--mode", "text"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [1]
+    assert CliRunner().invoke(main, [*args[:-3], "--threads", "-1"]).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            PermissionError(1, "Operation not permitted", "RUN/metrics.jsonl.tmp", None, "RUN/metrics.jsonl"),
+            "Error: cannot write or read RUN/metrics.jsonl: Operation not permitted; check its permissions and "
+            "attributes (chattr -i)\n",
+        ),
+        (
+            OSError(28, "No space left on device", "RUN/checkpoint/model.safetensors"),
+            "Error: no space left on the device of RUN/checkpoint/model.safetensors: free some space and run the "
+            "same command again (what was finished is kept; a training run continues with --resume)\n",
+        ),
+    ],
+)
+def test_a_file_the_command_cannot_write_is_one_line_not_a_traceback(tmp_path, monkeypatch, error, message):
+    """An immutable metrics.jsonl at --resume, a full disk: the CLI's error net words every OSError."""
+    import mner.train.loop
+
+    def fails(cfg):
+        raise error
+
+    monkeypatch.setattr(mner.train.loop, "train_from_cache", fails)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.txt").write_text("IMGID:a\nword O\n\n")
+    result = invoke(
+        "train-from-cache", "--data-dir", data, "--text-only", "--out", tmp_path / "run", "--resume"
+    )
+    assert result.exit_code == 1 and result.output == message

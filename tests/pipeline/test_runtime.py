@@ -280,6 +280,20 @@ def test_write_atomic_fsyncs_before_the_rename_and_the_folder_after(tmp_path, mo
     assert events == [("fsync", "tmp written"), ("replace", "a.json.tmp", "a.json"), ("fsync", "tmp renamed")]
 
 
+def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    path = write_atomic(tmp_path / "metrics.jsonl", "old\n")
+
+    def immutable(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(rt.os, "replace", immutable)
+    with pytest.raises(PermissionError):
+        write_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_a_kill_while_writing_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "manifest.json"
     write_atomic(path, "complete old text\n")
@@ -351,6 +365,95 @@ class FakeTerminal(io.StringIO):
 
 def progress_lines(caplog) -> list[re.Match]:
     return [LINE.fullmatch(r.getMessage()) for r in caplog.records if r.name == "mner.runtime"]
+
+
+# A process that takes a folder's write lock, forks a child that keeps running (as a DataLoader
+# worker does), and waits to be killed.
+LOCK_THEN_FORK = """
+import os, sys, time
+from mner.runtime import lock_folder
+lock = lock_folder(sys.argv[1], command="mner extract-features")
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_dead_writer_and_its_forked_children_never_hold_the_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_THEN_FORK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(ValueError) as refused:
+            rt.lock_folder(tmp_path)
+        assert str(refused.value) == (
+            f"{tmp_path} is being written by another `mner extract-features` (pid {holder.pid}); "
+            "wait for it to finish, or give another --out folder"
+        )
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        # Its forked child is still alive here, and does not hold the lock.
+        rt.lock_folder(tmp_path).release()
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait()
+        # The child's pid is not known here; it exits on its own after its sleep.
+
+
+def test_a_second_claim_in_the_same_process_is_refused_and_release_frees_it(tmp_path):
+    # Both claim the new folder before either creates it; the second to create it is refused.
+    first = rt.claim_folder(tmp_path / "run", "config.json", ("model",), resume=False)
+    second = rt.claim_folder(tmp_path / "run", "config.json", ("model",), resume=False)
+    first.create()
+    with pytest.raises(ValueError) as refused:
+        second.create()
+    assert str(refused.value) == (
+        f"{tmp_path / 'run'} is being written by another `mner` (pid {os.getpid()}); wait for it to finish, "
+        "or give another --out folder"
+    )
+    second.release()  # never got the lock: removes nothing of the first writer's folder
+    assert (tmp_path / "run").is_dir()
+    # Once the folder exists, the claim itself is refused, before anything is read.
+    with pytest.raises(ValueError, match="is being written by another `mner`"):
+        rt.claim_folder(tmp_path / "run", "config.json", ("model",), resume=False)
+    first.unlock()
+    rt.claim_folder(
+        tmp_path / "run", "config.json", ("model",), resume=False
+    ).create()  # a lone lock file is empty
+
+
+def test_an_out_that_is_a_dangling_symlink_is_refused_in_one_line(tmp_path):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError) as refused:
+        rt.claim_folder(link, "config.json", ("model",), resume=False)
+    assert str(refused.value) == (
+        f"--out {link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist; create its target, "
+        "remove the link, or choose another --out"
+    )
+
+
+def test_a_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(rt, "_open_lock_file", read_only)
+    with pytest.raises(ValueError) as refused:
+        rt.lock_folder(tmp_path, command="mner extract-features")
+    assert str(refused.value) == (
+        f"{tmp_path} cannot be written (Read-only file system): `mner extract-features` writes its files there; "
+        "make the folder writable, or give another --out folder"
+    )
 
 
 def test_progress_in_a_log_file_is_plain_lines_at_the_interval(caplog):
@@ -431,3 +534,68 @@ def test_training_logs_about_ten_lines_per_epoch(tmp_path, caplog):
     assert all(m["unit"] == "step" and m["total"] == "10" for m in lines)
     assert re.fullmatch(r", loss=\d+\.\d{4}", lines[-2].group(6))
     assert re.fullmatch(r", loss=\d+\.\d{4}, dev_f1=\d\.\d{4}", lines[-1].group(6))  # the epoch's end
+
+
+# ------------------------------------------------------------------------------- threads
+
+
+def cgroup_tree(tmp_path, proc: str, files: dict[str, str]):
+    """A fake /proc/self/cgroup (text `proc`) and /sys/fs/cgroup holding `files` (relative path -> text)."""
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    root.mkdir(exist_ok=True)
+    (tmp_path / "proc").write_text(proc)
+    return tmp_path / "proc", root
+
+
+@pytest.mark.parametrize(
+    "proc, files, expected",
+    [
+        # v2: the tightest quota on the path from the process's group up to the root, rounded up
+        ("0::/job/step\n", {"job/cpu.max": "150000 100000", "job/step/cpu.max": "max 100000"}, 2),
+        ("0::/job/step\n", {"cpu.max": "400000 100000", "job/step/cpu.max": "50000 100000"}, 1),
+        ("0::/\n", {"cpu.max": "max 100000"}, None),
+        # v1: the cpu controller's quota and period; -1 is no quota
+        ("4:cpu,cpuacct:/grp\n", {"cpu,cpuacct/grp/cpu.cfs_quota_us": "250000", "cpu,cpuacct/grp/cpu.cfs_period_us": "100000"}, 3),
+        ("4:cpu,cpuacct:/grp\n", {"cpu,cpuacct/grp/cpu.cfs_quota_us": "-1", "cpu,cpuacct/grp/cpu.cfs_period_us": "100000"}, None),
+        ("9:memory:/m\n", {"memory/m/memory.max": "1"}, None),
+    ],
+)  # fmt: skip
+def test_cgroup_cpu_quota_reads_v1_and_v2(tmp_path, proc, files, expected):
+    assert rt.cgroup_cpu_quota(*cgroup_tree(tmp_path, proc, files)) == expected
+
+
+def test_cgroup_cpu_quota_without_a_proc_file_is_none(tmp_path):
+    assert rt.cgroup_cpu_quota(tmp_path / "absent", tmp_path) is None
+
+
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert rt.usable_cpus(*cgroup_tree(tmp_path, "0::/\n", {"cpu.max": "200000 100000"})) == 2
+    assert rt.usable_cpus(*cgroup_tree(tmp_path, "0::/\n", {"cpu.max": "max 100000"})) == 6
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_set_threads_takes_a_count_or_the_share_of_the_usable_cpus(monkeypatch, restore_threads, caplog):
+    monkeypatch.setattr(rt, "usable_cpus", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    torch.set_num_threads(8)
+    with caplog.at_level(logging.INFO, logger="mner.runtime"):
+        assert rt.set_threads(0) == 2 == torch.get_num_threads()
+    assert "torch threads: 2 (the usable CPUs / 2 local ranks; this process may use 4 CPU(s)" in caplog.text
+    assert rt.set_threads(3) == 3 == torch.get_num_threads()
+    torch.set_num_threads(1)  # OMP_NUM_THREADS=1, or the caller's own choice: never raised
+    assert rt.set_threads(0) == 1 == torch.get_num_threads()
+
+
+def test_start_runtime_sets_the_threads_it_is_given(restore_threads):
+    start_runtime("cpu", "off", threads=3).close()
+    assert torch.get_num_threads() == 3

@@ -7,6 +7,11 @@ cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=2)
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +179,28 @@ def make_prediction_pair(tmp_path: Path, posts, cache_a=False, cache_b=True, sta
         write_json(run_dir / "results.json", {"best_epoch": 1})  # finished (the scores are not read)
         runs.append(run_dir)
     return runs[0], runs[1], data_dir
+
+
+# Another mner command writing a folder: takes its lock, says so, and waits to be killed.
+_HOLD_LOCK = """
+import sys, time
+from mner.runtime import lock_folder
+lock = lock_folder(sys.argv[1], command=sys.argv[2])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path, command: str):
+    """`folder` (made if absent) locked by a live process running as `command`; yields its pid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(folder), command], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()

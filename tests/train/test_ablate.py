@@ -15,7 +15,13 @@ from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
-from tests.train.run_factories import FAST_LR, make_data, single_thread, tree  # noqa: F401 (autouse fixture)
+from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
+    FAST_LR,
+    held_by_another_process,
+    make_data,
+    single_thread,
+    tree,
+)
 
 # Small, fast runs for every experiment.
 OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + [
@@ -314,6 +320,18 @@ def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
     )
     assert result.exit_code != 0 and f"--out {out} is not empty" in result.output
     assert tree(out) == before
+
+
+def test_a_second_ablation_into_a_folder_being_written_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with held_by_another_process(out, "mner ablate") as pid:
+        with pytest.raises(ValueError) as refused:
+            run_ablation(_config(experiments=["text_only"], out_dir=str(out)))
+        assert sorted(p.name for p in out.iterdir()) == ["mner.lock"]
+    assert str(refused.value) == (
+        f"{out} is being written by another `mner ablate` (pid {pid}); wait for it to finish, "
+        "or give another --out folder"
+    )
 
 
 def test_a_seed_folder_that_is_not_a_run_of_ours_is_refused_not_skipped(tmp_path):

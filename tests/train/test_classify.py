@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import re
 import shutil
@@ -488,8 +489,9 @@ def test_sentence_classifier_loss_is_the_weighted_cross_entropy():
         ("dropout", float("nan"), "classifier.dropout must be a finite number"),
         ("dropout", 1.0, "classifier.dropout and classifier.warmup_ratio must be in [0, 1)"),
         ("warmup_ratio", -0.1, "classifier.dropout and classifier.warmup_ratio must be in [0, 1)"),
-        ("weight_decay", -0.1, "classifier.weight_decay and classifier.seed must be >= 0"),
-        ("seed", -1, "classifier.weight_decay and classifier.seed must be >= 0"),
+        ("weight_decay", -0.1, "classifier.weight_decay must be >= 0, got -0.1"),
+        ("seed", -1, "classifier.seed must be >= 0, got -1"),
+        ("threads", -2, "classifier.threads must be >= 0, got -2"),
         ("device", "gpu", "classifier.device must be auto, cpu, mps, cuda or cuda:N; got 'gpu'"),
         ("epochs", "3", "classifier.epochs must be"),
         ("epochs", True, "classifier.epochs must be"),
@@ -696,6 +698,22 @@ def test_a_finished_run_is_not_overwritten(demo_runs):
     with pytest.raises(ValueError, match="already holds a classifier run"):
         train_classifier(cfg)
     assert all_bytes(demo_runs.both) == before
+
+
+def test_a_killed_run_is_called_unfinished_by_a_rerun_and_by_evaluate(demo_runs, tmp_path, caplog):
+    killed = tmp_path / "killed"
+    shutil.copytree(demo_runs.both, killed)
+    (killed / "results.json").unlink()  # killed before the end: config.json and the best weights so far
+    cfg = run_config(demo_runs.demo, killed, demo_runs.cache, mode="both", **QUICK)
+    with pytest.raises(ValueError) as refused:
+        train_classifier(cfg)
+    assert str(refused.value) == (
+        f"{killed} holds an unfinished classifier run (config.json but no results.json: it was stopped before "
+        "the end); a classifier run cannot be resumed: delete the folder to train it again, or choose another --out"
+    )
+    with caplog.at_level(logging.WARNING):
+        evaluate_classifier(killed, split="test", device="cpu")
+    assert f"{killed} is an unfinished run (no results.json: training stopped before the end)" in caplog.text
 
 
 def test_the_cli_needs_a_cache_for_both(demo_runs, tmp_path):
@@ -1047,3 +1065,43 @@ def test_cache_verify_checks_a_classification_cache_against_its_guids(small, tmp
         p for p in report.problems if f"(key {dropped!r}): in no split of {fewer}" in p
     ]
     assert len(report.problems) == 1
+
+
+def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(small, tmp_path):
+    out = tmp_path / "run"
+    cfg = run_config(small.demo, out, None, mode="text", **{**QUICK, "max_length": 100000})
+    with pytest.raises(ValueError, match=r"^classifier\.max_length = 100000 is more than text encoder .*512"):
+        train_classifier(cfg)
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def imageless(tmp_path_factory):
+    """The small demo with its image files deleted before extraction: every cache record is missing."""
+    root = tmp_path_factory.mktemp("imageless")
+    demo = make_mvsa_demo(root / "demo", seed=0, n=24)
+    for image in (demo / "data").glob("*.jpg"):
+        image.unlink()
+    return SimpleNamespace(demo=demo, cache=extract(demo, root / "cache"))
+
+
+def test_image_mode_with_no_usable_train_image_is_refused(imageless, tmp_path):
+    out = tmp_path / "run"
+    cfg = run_config(imageless.demo, out, imageless.cache, mode="image", **QUICK)
+    n = len(read_classification(cfg.data).splits["train"].examples)
+    expected = (
+        f"none of the {n} train posts has a usable image in the cache {imageless.cache} (missing {n}): a "
+        "model of the image alone would learn a constant"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        train_classifier(cfg)
+    assert not out.exists()
+
+
+def test_both_mode_with_no_usable_train_image_warns_and_records_it(imageless, tmp_path, caplog):
+    cfg = run_config(imageless.demo, tmp_path / "run", imageless.cache, mode="both", **QUICK)
+    with caplog.at_level(logging.WARNING, logger="mner.train.runs"):
+        run = train_classifier(cfg)
+    assert "this run is text-only in effect" in caplog.text
+    record = json.loads((run / "config.json").read_text())
+    assert record["no_image"] == record["data_report"]["sizes"]

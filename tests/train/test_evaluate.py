@@ -84,6 +84,18 @@ def test_evaluate_leaves_the_training_time_results_alone(runs, tmp_path):
     assert results_table([run_dir]) == table
 
 
+def test_evaluate_says_a_killed_run_is_unfinished(runs, tmp_path, caplog):
+    run_dir = tmp_path / "killed"
+    shutil.copytree(runs["text"], run_dir)
+    (run_dir / "results.json").unlink()  # killed before the end
+    with caplog.at_level(logging.WARNING):
+        evaluate_run(run_dir, split="test")
+    assert f"{run_dir} is an unfinished run (no results.json: training stopped before the end)" in caplog.text
+    caplog.clear()
+    evaluate_run(runs["text"], split="test")
+    assert "unfinished" not in caplog.text
+
+
 @pytest.mark.slow
 def test_evaluate_reads_another_data_folder(runs, tmp_path):
     other = tmp_path / "other"

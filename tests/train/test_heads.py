@@ -1,4 +1,4 @@
-"""Every head of registry.HEADS: per-post loss shape and a decode as long as each post's mask."""
+"""Every head of registry.HEADS: a scalar batch loss and a decode as long as each post's mask."""
 
 import math
 import re
@@ -19,8 +19,8 @@ def test_head_contract(name):
     mask = torch.arange(T)[None, :] < torch.tensor([5, 2, 1])[:, None]  # (B, T) prefixes
     tags = torch.randint(0, L, (B, T))
     loss = head.loss(emissions, tags, mask)
-    assert loss.shape == (B,) and torch.isfinite(loss).all()
-    loss.sum().backward()
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
     assert not emissions.grad[1, 2:].any()  # masked positions get no gradient
     paths = head.decode(emissions.detach(), mask)
     assert [len(p) for p in paths] == [5, 2, 1] and all(0 <= i < L for p in paths for i in p)
@@ -30,7 +30,7 @@ def test_crf_head_is_the_crf():
     head = HEADS.get("crf")(tiny_config(), LABELS)
     emissions, mask = torch.randn(2, 4, len(LABELS)), torch.ones(2, 4, dtype=torch.bool)
     tags = torch.zeros(2, 4, dtype=torch.long)
-    assert torch.equal(head.loss(emissions, tags, mask), head.nll(emissions, tags, mask))
+    assert torch.equal(head.loss(emissions, tags, mask), head.nll(emissions, tags, mask).mean())
     assert [n for n, _ in head.named_parameters()] == [
         "crf.start_transitions",
         "crf.end_transitions",
@@ -41,7 +41,8 @@ def test_crf_head_is_the_crf():
 @pytest.mark.parametrize("smoothing, temperature", [(0.0, 1.0), (0.2, 1.0), (0.1, 2.5)])
 def test_softmax_head_is_smoothed_cross_entropy_by_hand(smoothing, temperature):
     """Per word: -(1 - s) log p(gold) - s/L sum_l log p(l), p = softmax(emissions / temperature);
-    summed over the post's words. Decode is the per-word argmax."""
+    averaged over every word of the batch (MANGO's `(ce * mask).sum() / mask.sum()`), so a long post
+    weighs by its words, not as one post. Decode is the per-word argmax."""
     cfg = tiny_config(head="softmax", label_smoothing=smoothing, emission_temperature=temperature)
     head = HEADS.get("softmax")(cfg, LABELS)
     torch.manual_seed(1)
@@ -49,18 +50,16 @@ def test_softmax_head_is_smoothed_cross_entropy_by_hand(smoothing, temperature):
     emissions = torch.randn(B, T, L)
     tags = torch.randint(0, L, (B, T))
     mask = torch.tensor([[True] * 4, [True, True, False, False]])
-    expected = []
+    per_word = []
     for b in range(B):
-        total = 0.0
         for t in range(T):
             if not mask[b, t]:
                 continue
             logits = [emissions[b, t, j].item() / temperature for j in range(L)]
             log_z = math.log(sum(math.exp(x) for x in logits))
             logp = [x - log_z for x in logits]
-            total += -(1 - smoothing) * logp[tags[b, t]] - smoothing / L * sum(logp)
-        expected.append(total)
-    assert head.loss(emissions, tags, mask).tolist() == pytest.approx(expected, abs=1e-5)
+            per_word.append(-(1 - smoothing) * logp[tags[b, t]] - smoothing / L * sum(logp))
+    assert head.loss(emissions, tags, mask).item() == pytest.approx(sum(per_word) / 6, abs=1e-5)
     assert head.decode(emissions, mask) == [
         emissions[0].argmax(-1).tolist(),
         emissions[1, :2].argmax(-1).tolist(),

@@ -25,6 +25,7 @@ from mner.train.runs import open_cache
 from mner.train.text import load_tokenizer
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
+    held_by_another_process,
     make_data,
     run_config,
     single_thread,
@@ -461,6 +462,19 @@ def test_a_non_finite_loss_stops_training_and_is_never_saved(tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def test_a_folder_another_command_is_writing_is_refused_untouched(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "run"
+    with held_by_another_process(out, "mner train-from-cache") as pid:
+        with pytest.raises(ValueError) as refused:
+            train_from_cache(run_config(out, None, data_dir, epochs=1, text_only=True))
+        assert sorted(p.name for p in out.iterdir()) == ["mner.lock"]
+    assert str(refused.value) == (
+        f"{out} is being written by another `mner train-from-cache` (pid {pid}); wait for it to finish, "
+        "or give another --out folder"
+    )
+
+
 def test_a_nan_in_the_first_epoch_leaves_no_run_folder(tmp_path, monkeypatch):
     data_dir, _ = make_data(tmp_path)
     real_forward = MNERModel.forward
@@ -518,3 +532,37 @@ def test_resume_extends_a_finished_run_and_runtime_settings_never_block(tmp_path
     record = json.loads((run_dir / "config.json").read_text())
     assert record["train"]["epochs"] == 4 and record["train"]["patience"] == 9
     assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 4
+
+
+def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(tmp_path):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "run"
+    cfg = run_config(out, None, data_dir, text_only=True, max_length=5000)
+    with pytest.raises(
+        ValueError, match=r"^model\.max_length = 5000 is more than text encoder .* \(512 positions"
+    ):
+        train_from_cache(cfg)
+    assert not out.exists()
+
+
+def test_a_cache_with_no_usable_train_image_is_said_loudly_and_recorded(tmp_path, caplog):
+    data_dir, posts = make_data(tmp_path, n_train=6, n_valid=2, n_test=None)
+    statuses = {post.key: ("corrupt" if i % 3 == 0 else "missing") for i, post in enumerate(posts)}
+    cache_dir = make_cache(tmp_path, posts, statuses=statuses)
+    with caplog.at_level(logging.WARNING, logger="mner.train.runs"):
+        run = train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    expected = (
+        f"none of the 6 train posts has a usable image in the cache {cache_dir} (corrupt 2, missing 4): the "
+        "image side learns nothing and this run is text-only in effect"
+    )
+    assert any(r.getMessage().startswith(expected) for r in caplog.records), caplog.text
+    assert json.loads((run / "config.json").read_text())["no_image"] == {"train": 6, "valid": 2}
+
+
+def test_a_cache_with_some_usable_images_records_the_count_without_a_warning(tmp_path, caplog):
+    data_dir, posts = make_data(tmp_path, n_train=6, n_valid=2, n_test=None)
+    cache_dir = make_cache(tmp_path, posts, statuses={"tr1": "missing", "va0": "corrupt"})
+    with caplog.at_level(logging.WARNING, logger="mner.train.runs"):
+        run = train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
+    assert not [r for r in caplog.records if r.name == "mner.train.runs"]
+    assert json.loads((run / "config.json").read_text())["no_image"] == {"train": 1, "valid": 1}

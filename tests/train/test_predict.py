@@ -166,6 +166,21 @@ def test_predict_refuses_an_out_that_is_one_of_its_inputs(runs, tmp_path, monkey
         (runs["mm"], gold, images, images / "va0.jpg", f"is the image of post 'va0' {images / 'va0.jpg'}"),
         (runs["mm"], gold, images, images, f"--out {images} is --image-dir {images}"),
         (runs["text"], gold, None, runs["text"] / "config.json", f"is in the run folder {runs['text']}"),
+        # Files of folders other mner commands wrote: another run's results, a cache's manifest.
+        (
+            runs["text"],
+            gold,
+            None,
+            runs["mm"] / "results.json",
+            f"--out {runs['mm'] / 'results.json'} is a file of {runs['mm']}, a folder an mner command wrote",
+        ),
+        (
+            runs["text"],
+            gold,
+            None,
+            runs["data"].parent / "cache" / "manifest.json",
+            f"is a file of {runs['data'].parent / 'cache'}, a folder an mner command wrote",
+        ),
     ]
     for run_dir, source, image_dir, out, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -83,10 +83,19 @@ def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path)
     (ours / "config.json").write_text(json.dumps({key: None for key in RECORD_KEYS}))
     assert claim_run_folder(ours, resume=True).state == "ours"
     assert claim_folder(ours, "config.json", RECORD_KEYS, resume=None).state == "ours"
+    # A killed run (no results.json) is called unfinished; a finished one is not.
+    with pytest.raises(ValueError) as refused:
+        claim_run_folder(ours, resume=False)
+    assert str(refused.value) == (
+        f"{ours} holds an unfinished run (config.json but no results.json: it was stopped before the end); "
+        "pass --resume to continue it or choose another --out"
+    )
+    (ours / "results.json").write_text("{}")
     with pytest.raises(
         ValueError, match=re.escape(f"{ours} already holds a run (config.json); pass --resume")
     ):
         claim_run_folder(ours, resume=False)
+    (ours / "results.json").unlink()
     for text in (
         "[1, 2]",
         "{not json",

