@@ -33,8 +33,8 @@ plain random because MVSA's labels are unbalanced (neutral is rare) and a small 
 at random can miss a label, which makes its validation score meaningless.
 
 Errors. Anything off is a `DatasetError` (a ValueError) naming the file and line: a missing or
-wrong header, a wrong field count, an empty split file, a duplicate guid (both lines, across all
-splits), an unlabelled line in a labelled split, a label in valid/test that train does not have, a
+wrong header, a wrong field count, malformed CSV quoting, an empty split file, a duplicate guid (both
+lines, across all splits; the labelled test file and test_without_label.txt may list the same posts), an unlabelled line in a labelled split, a label in valid/test that train does not have, a
 guid that could leave the data folder (`..`, absolute, a symlink out), a missing or empty text. A
 missing image is not an error: stage one records it as missing.
 """
@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mner.cache.datasets import DatasetError, unsafe_path_reason
+from mner.cache.datasets import DatasetError, unsafe_path_reason, unsafe_relative_path_reason
 from mner.runtime import write_atomic
 
 log = logging.getLogger(__name__)
@@ -270,26 +270,35 @@ def write_predictions(path: str | Path, examples: Sequence[Example], labels: Seq
         labels: one predicted label per example.
     Returns:
         path as a Path.
+    Written by the csv module, as the reader reads it: a plain guid is written as is (the seed's
+    format), one holding a comma, a quote or a newline in double quotes, so every guid reads back.
     Raises:
-        ValueError when the counts differ, or a guid or label is empty or holds a comma, a newline or
-        surrounding whitespace (it would not read back as itself).
+        ValueError when the counts differ, or a guid or label is empty or has surrounding whitespace
+        (the reader strips fields, so it would not read back as itself).
     """
     if len(examples) != len(labels):
         raise ValueError(f"{len(examples)} examples but {len(labels)} labels")
-    rows = [HEADER]
+    rows = [HEADER.split(",")]
     for example, label in zip(examples, labels):
         for what, value in (("guid", example.guid), ("label", label)):
-            if (
-                not isinstance(value, str)
-                or not value
-                or value != value.strip()
-                or any(c in value for c in ",\r\n")
-            ):
-                raise ValueError(
-                    f"guid {example.guid!r}: {what} {value!r} is empty, padded or holds a comma or a newline"
-                )
-        rows.append(f"{example.guid},{label}")
-    return write_atomic(path, "\n".join(rows) + "\n")
+            if not isinstance(value, str) or not value or value != value.strip():
+                raise ValueError(f"guid {example.guid!r}: {what} {value!r} is empty or padded")
+        rows.append([example.guid, label])
+    return write_atomic(path, csv_text(rows))
+
+
+def csv_text(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as CSV text ("\\n" line ends, fields quoted only where needed): the one way a
+    classification CSV is written (the submission file, a run's pred_<split>.csv)."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
+
+
+def read_csv_rows(path: str | Path) -> list[list[str]]:
+    """The rows of a CSV file written by `csv_text` (UTF-8), header included, fields as written."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.reader(handle, strict=True))
 
 
 def decode_text(data: bytes, encodings: Sequence[str] = DEFAULT_ENCODINGS) -> tuple[str, str]:
@@ -315,7 +324,8 @@ class _Reader:
         self.folder = folder
         self.encodings = encodings
         self.report = report
-        self.seen: dict[str, str] = {}  # guid -> "file:line" of its first occurrence, across splits
+        # guid -> ("file:line", split name) of its first occurrence, across splits
+        self.seen: dict[str, tuple[str, str]] = {}
 
     def decode(self, path: Path, line: int, data: bytes) -> str:
         """Decode one unit (a text file: line 1; a split-file line); a fallback is counted."""
@@ -340,34 +350,50 @@ class _Reader:
         data = path.read_bytes().removeprefix(_BOM)
         return [self.decode(path, n, raw.removesuffix(b"\r")) for n, raw in enumerate(data.split(b"\n"), 1)]
 
+    def records(self, path: Path) -> list[tuple[int, list[str]]]:
+        """The file's non-blank CSV records as (first line, fields), both layouts: a field in double
+        quotes may hold a comma, a quote (doubled) or a newline, so any guid written by
+        `write_predictions` or a pandas `to_csv` reads back as itself. Malformed quoting is an error
+        at its line rather than fields silently merged."""
+        text = "\n".join(self.lines(path))
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        records = []
+        start = 1
+        try:
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    records.append((start, row))
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise DatasetError(
+                path,
+                start,
+                f"malformed quoting ({err}); a field holding a comma, a quote or a newline must be "
+                'wrapped in double quotes, with each quote inside doubled ("")',
+            ) from None
+        return records
+
     def read_mvsa(self, path: Path, name: str, labelled: bool) -> ClassSplit:
-        rows = [(n, line.strip()) for n, line in enumerate(self.lines(path), 1) if line.strip()]
+        rows = self.records(path)
         if not rows:
             raise DatasetError(path, 1, f"file is empty; expected the header {HEADER!r} and guid,tag lines")
         number, header = rows[0]
-        if header.replace(" ", "") != HEADER:
-            raise DatasetError(path, number, f"expected the header {HEADER!r}, got {header!r}")
+        if not is_header(header):
+            raise DatasetError(path, number, f"expected the header {HEADER!r}, got {','.join(header)!r}")
         if len(rows) == 1:
             raise DatasetError(path, number, "no examples after the header")
         examples = []
-        for number, line in rows[1:]:
-            fields = [f.strip() for f in line.split(",")]
+        for number, row in rows[1:]:
+            fields = [f.strip() for f in row]
             if len(fields) != 2:
                 raise DatasetError(path, number, f"{len(fields)} comma-separated fields; expected 'guid,tag'")
             guid, tag = fields
             label = self.label(path, number, guid, tag, labelled)
-            examples.append(self.example(path, number, guid, label, None, None))
+            examples.append(self.example(path, number, name, guid, label, None, None))
         return ClassSplit(name, path, examples, labelled)
 
     def read_csv(self, path: Path, name: str) -> ClassSplit:
-        text = "\n".join(self.lines(path))
-        reader = csv.reader(io.StringIO(text, newline=""))
-        records = []  # (first line of the record, its fields)
-        start = 1
-        for row in reader:
-            if any(cell.strip() for cell in row):
-                records.append((start, row))
-            start = reader.line_num + 1
+        records = self.records(path)  # (first line of the record, its fields)
         if not records:
             raise DatasetError(path, 1, "file is empty; expected a header with guid and tag columns")
         number, header = records[0]
@@ -397,7 +423,7 @@ class _Reader:
             if text is not None and not text:
                 raise DatasetError(path, number, f"guid {guid!r}: the text is empty")
             image = row[at["image"]].strip() if "image" in at else None
-            examples.append(self.example(path, number, guid, label, text, image))
+            examples.append(self.example(path, number, name, guid, label, text, image))
         return ClassSplit(name, path, examples, labelled)
 
     def label(self, path: Path, number: int, guid: str, tag: str, labelled: bool) -> str | None:
@@ -416,15 +442,25 @@ class _Reader:
         return tag if labelled else None
 
     def example(
-        self, path: Path, number: int, guid: str, label: str | None, text: str | None, image: str | None
+        self,
+        path: Path,
+        number: int,
+        name: str,
+        guid: str,
+        label: str | None,
+        text: str | None,
+        image: str | None,
     ) -> Example:
         """Check the guid, find the text (the csv cell, else data/<guid>.txt) and the image path."""
         if not guid:
             raise DatasetError(path, number, "empty guid")
         here = f"{path.name}:{number}"
-        if guid in self.seen:
-            raise DatasetError(path, number, f"duplicate guid {guid!r} (first at {self.seen[guid]})")
-        self.seen[guid] = here
+        first = self.seen.get(guid)
+        # The labelled test file and test_without_label.txt may list the same posts (one cache key);
+        # any other repeat, train or valid against test included, would leak or double-count a post.
+        if first is not None and {first[1], name} != {"test", UNLABELLED_SPLIT}:
+            raise DatasetError(path, number, f"duplicate guid {guid!r} (first at {first[0]})")
+        self.seen.setdefault(guid, (here, name))
         data_dir = self.folder / TEXT_DIR
         for suffix in (".txt", ".jpg"):
             reason = unsafe_path_reason(data_dir, guid, suffix)
@@ -442,7 +478,7 @@ class _Reader:
         elif not image:
             image_path = None
         else:
-            reason = unsafe_path_reason(self.folder, image)
+            reason = unsafe_relative_path_reason(self.folder, image)
             if reason:
                 raise DatasetError(path, number, f"guid {guid!r}: image path {image!r} refused: {reason}")
             image_path = self.folder / image
@@ -470,18 +506,36 @@ def _check_labels_in_train(split: ClassSplit, train: ClassSplit) -> None:
             )
 
 
-def is_classification_folder(folder: str | Path) -> bool:
-    """Whether `folder` holds classification data rather than NER posts: a `train.csv`, or a `train.txt`
-    whose first line is the MVSA header `guid,tag` (an NER train.txt starts with `IMGID:` or a token line)."""
+def split_files(folder: str | Path) -> list[Path]:
+    """Every file a classification folder's splits may be read from (both layouts, present or not):
+    what a run records the sha256 of, and compares again before it reads the folder anew."""
     folder = Path(folder).expanduser()
-    if (folder / _CSV_FILES["train"]).is_file():
+    names = (*_MVSA_FILES.values(), UNLABELLED_FILE, *_CSV_FILES.values())
+    return [folder / name for name in names]
+
+
+def is_header(fields: Sequence[str]) -> bool:
+    """Whether a split file's first record is the MVSA header `guid,tag` (fields compared stripped and
+    in any case, so `guid, tag` is one too). The one rule the reader and `is_classification_folder`
+    share, so that a folder train-classifier reads is never taken for NER posts by extract-features."""
+    return [f.strip().lower() for f in fields] == HEADER.split(",")
+
+
+def is_classification_folder(folder: str | Path) -> bool:
+    """Whether `folder` holds classification data rather than NER posts: a csv split file (`train.csv`,
+    `val.csv`, `test.csv`), or MVSA split files whose first (in train, valid, test, test_without_label
+    order) starts with the header `guid,tag` (`is_header`; an NER split file starts with `IMGID:`,
+    `IMAGE:` or a token line). A folder without a train file counts, so that the images of a folder of
+    posts to label (only `test_without_label.txt`) can be extracted for `mner predict`."""
+    folder = Path(folder).expanduser()
+    if any((folder / file).is_file() for file in _CSV_FILES.values()):
         return True
-    train = folder / _MVSA_FILES["train"]
-    if not train.is_file():
-        return False
-    with open(train, "rb") as handle:
-        first = handle.readline()
-    return first.removeprefix(_BOM).strip().lower() == HEADER.encode()
+    for file in (*_MVSA_FILES.values(), UNLABELLED_FILE):
+        if (folder / file).is_file():
+            with open(folder / file, "rb") as handle:
+                first = handle.readline().removeprefix(_BOM).decode("utf-8", errors="replace")
+            return is_header(first.split(","))
+    return False
 
 
 @dataclass
@@ -504,10 +558,29 @@ class ClassImages:
 
 
 def classification_images(cfg: ClassDataConfig) -> ClassImages:
-    """The image of every post of a classification folder (read_classification's rules and errors)."""
-    data = read_classification(cfg)
-    paths = {e.guid: e.image for split in data.splits.values() for e in split.examples}
+    """The image of every post of a classification folder (read_classification's rules and errors).
+
+    A folder without a train file (posts to label for `mner predict`: a `test_without_label.txt`, an
+    unlabelled `test.csv`) gives the guids of every split file it holds, each read as `read_split_file`
+    reads it (labelled or not as a whole)."""
     folder = Path(cfg.data_dir).expanduser()
+    layout = cfg.layout
+    if layout == "auto":
+        layout = "csv" if any((folder / f).is_file() for f in _CSV_FILES.values()) else "mvsa"
+    files = _CSV_FILES if layout == "csv" else {**_MVSA_FILES, UNLABELLED_SPLIT: UNLABELLED_FILE}
+    if (folder / files["train"]).is_file():
+        data = read_classification(cfg)
+        splits = list(data.splits.values())
+    else:
+        reader = _Reader(folder, cfg.encodings, ReadReport(layout, cfg.encodings))
+        splits = [
+            _read_file(reader, folder / file, name)
+            for name, file in files.items()
+            if (folder / file).is_file()
+        ]
+        if not splits:
+            raise ValueError(f"{folder} holds no split file: looked for {', '.join(files.values())}")
+    paths = {e.guid: e.image for split in splits for e in split.examples}
     return ClassImages(data_dir=folder, image_dir=folder / TEXT_DIR, paths=paths)
 
 
@@ -519,9 +592,16 @@ def read_split_file(path: str | Path, encodings: Sequence[str] = DEFAULT_ENCODIN
     if not path.is_file():
         raise ValueError(f"{path}: split file not found")
     encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
+    layout = "csv" if path.suffix.lower() == ".csv" else "mvsa"
+    reader = _Reader(path.parent, encodings, ReadReport(layout, encodings))
+    return _read_file(reader, path, "test" if layout == "csv" else path.stem)
+
+
+def _read_file(reader: _Reader, path: Path, name: str) -> ClassSplit:
+    """One split file read on its own: a csv by read_csv's rule, an MVSA file labelled unless every
+    tag is empty or `null`."""
     if path.suffix.lower() == ".csv":
-        return _Reader(path.parent, encodings, ReadReport("csv", encodings)).read_csv(path, "test")
-    peek = _Reader(path.parent, encodings, ReadReport("mvsa", encodings)).lines(path)
-    tags = [line.rsplit(",", 1)[-1].strip().lower() for line in peek[1:] if line.strip()]
+        return reader.read_csv(path, name)
+    tags = [row[-1].strip().lower() for _, row in reader.records(path)[1:]]
     labelled = any(tag and tag != NULL_LABEL for tag in tags)
-    return _Reader(path.parent, encodings, ReadReport("mvsa", encodings)).read_mvsa(path, path.stem, labelled)
+    return reader.read_mvsa(path, name, labelled)

@@ -230,7 +230,10 @@ class DataSource:
         Raises ValueError naming the key if it could reach outside image_dir: a `..` component, an
         absolute path, a backslash, a NUL byte, or a symlink that resolves outside.
         """
-        reason = unsafe_path_reason(self.image_dir, key, ".jpg" if self.fmt == "imgid" else "")
+        if self.fmt == "imgid":
+            reason = unsafe_path_reason(self.image_dir, key, ".jpg")
+        else:
+            reason = unsafe_relative_path_reason(self.image_dir, key)
         if reason:
             raise ValueError(f"image key {key!r} refused: {reason}")
         return self.image_dir / (f"{key}.jpg" if self.fmt == "imgid" else key)
@@ -249,6 +252,23 @@ def unsafe_path_reason(folder: Path, key: str, suffix: str = "") -> str:
     if not (folder / f"{key}{suffix}").resolve().is_relative_to(Path(folder).resolve()):
         return f"it resolves outside {folder} through a symlink"
     return ""
+
+
+def unsafe_relative_path_reason(folder: Path, path: str) -> str:
+    """Why a data file's path relative to a data folder (an `IMAGE:` line, a classification csv's image
+    cell) could name a file outside it; "" when it cannot.
+
+    `unsafe_path_reason`'s rule, except that the path's first folder may be a symlink: an image folder
+    kept on another disk is the data's layout (as MVSA's `data/` link is), not a post's path escaping.
+    Beneath that folder nothing may resolve outside it.
+    """
+    reason = _unsafe_key_reason(path)
+    if reason:
+        return reason
+    parts = PurePosixPath(path).parts
+    if len(parts) > 1 and (Path(folder) / parts[0]).is_dir():
+        return unsafe_path_reason(Path(folder) / parts[0], str(PurePosixPath(*parts[1:])))
+    return unsafe_path_reason(folder, path)
 
 
 # DataConfig's fields, as artifacts record them: under "data" in a run's config.json, at the top level

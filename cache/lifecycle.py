@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import threading
@@ -386,6 +387,13 @@ class ShardSink:
                     writer.commit()
                     writer = None
         except BaseException as err:  # noqa: BLE001 - handed to the main thread by put()/close()
+            if isinstance(err, OSError) and err.filename is None and index is not None:
+                # h5py's OSError (a full disk, a lost mount) names no file: name the shard being written
+                err = OSError(
+                    err.errno,
+                    os.strerror(err.errno) if err.errno else str(err),
+                    str(shard_path(self.out, index)),
+                )
             self.error = err
             while self.queue.get() is not None:
                 pass

@@ -8,10 +8,14 @@ renamed only once every row is written, so a file named `shard-*.h5` is always c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shlex
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,6 +314,7 @@ class ShardWriter:
         self.spec = spec
         self.keys = keys
         self._written = np.zeros(len(keys), dtype=bool)
+        _check_room(self.tmp_path, spec, len(keys))
         # HDF5 1.10 format: chunked datasets of fixed size get a fixed-array chunk index (~8 bytes a
         # chunk instead of a B-tree), which keeps small-token shards within a few percent of the raw
         # payload; h5ls/h5dump 1.10+ still open them.
@@ -405,9 +410,42 @@ class ShardWriter:
     def abort(self) -> None:
         """Close and delete the tmp file; the final path is left untouched."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            self._tokens = {}  # datasets hold HDF5 ids too: none may outlive the file's close
+            try:
+                file.close()
+            except OSError:
+                # A full disk fails the close's own flush. Give the file's blocks back and close again:
+                # an HDF5 handle left open is flushed at interpreter exit, which then crashes (SIGSEGV).
+                with contextlib.suppress(OSError):
+                    os.truncate(self.tmp_path, 0)
+                with contextlib.suppress(OSError, RuntimeError):
+                    file.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+# Room a shard needs beyond its datasets' bytes (HDF5 headers, chunk index, attributes).
+_SHARD_OVERHEAD = 1 << 20
+
+
+def _check_room(path: Path, spec: TokenSpec, rows: int) -> None:
+    """Refuse to start a shard the disk has no room for, with an OSError ENOSPC naming it.
+
+    HDF5 cannot recover a file whose write failed for want of space: its handles can then be neither
+    flushed nor closed, and the interpreter crashes at exit (SIGSEGV). So the room is checked before
+    HDF5 writes anything; only a disk filled by someone else meanwhile still reaches HDF5.
+    """
+    payload = sum(
+        int(np.prod(shape)) * DTYPES[name].itemsize for name, shape in spec.shapes().items() if name in DTYPES
+    )
+    needed = rows * payload + _SHARD_OVERHEAD
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device (shard needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)",
+            str(path),
+        )
 
 
 def _checked_arrays(record: Record, spec: TokenSpec) -> dict[str, np.ndarray]:
@@ -706,6 +744,31 @@ def write_manifest(
 def _write_json_atomic(path: Path, data) -> Path:
     text = json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_plain)
     return write_atomic(path, text + "\n")
+
+
+# The extraction settings that decide the tokens, as `mner extract-features` flags (extract.config's
+# fields; the manifest records them at the top of its config).
+_TOKEN_FLAGS = (
+    ("vision", "--vision"),
+    ("vision_ckpt", "--vision-ckpt"),
+    ("clip", "--clip"),
+    ("detector", "--detector"),
+    ("detector_ckpt", "--detector-ckpt"),
+    ("region_features", "--region-features"),
+    ("topk", "--topk"),
+    ("score_thr", "--score-thr"),
+    ("nms_iou", "--nms-iou"),
+)
+
+
+def extract_command(config: dict, data_dir, out: str = "NEW_CACHE") -> str:
+    """The `mner extract-features` command that extracts `data_dir`'s images into `out` with the token
+    settings of the cache whose manifest config is `config` (so the two caches' tokens are comparable)."""
+    words = ["mner", "extract-features", "--data-dir", str(data_dir), "--out", out]
+    for field, flag in _TOKEN_FLAGS:
+        if config.get(field) is not None:
+            words += [flag, str(config[field])]
+    return shlex.join(words)
 
 
 def read_manifest(cache_dir) -> dict:

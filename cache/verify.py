@@ -354,3 +354,47 @@ def _check_images(data: DataSource, images: list[dict], problems: _Problems) -> 
                 f"{image['row']}); re-run `mner extract-features` to extract its shard again",
             )
     return len(images) - len(unrecorded)
+
+
+# EXIF orientations that turn the picture by 90 degrees: extraction (ImageOps.exif_transpose) records
+# the turned size, a file header gives the stored one.
+_TURNED = (5, 6, 7, 8)
+_ORIENTATION_TAG = 0x0112
+
+
+def image_size_mismatches(cache_dir, paths: dict[str, Path | None]) -> list[str]:
+    """The keys whose image file no longer has the size the cache recorded for it, read cheaply.
+
+    Args:
+        cache_dir: the cache whose manifest records each ok image's (width, height).
+        paths: key -> its image file now (None: no image); keys the cache holds as not ok, or whose
+            file is absent, are not compared.
+    Returns:
+        the differing keys, in `paths` order. Each file is opened by PIL for its header only (nothing
+        is decoded) and its EXIF orientation applied as extraction applied it, so this costs little
+        more than a stat: the check a run makes that its images are still the ones the tokens came
+        from (images moved between posts bring their own sizes). A file PIL cannot open at all
+        counts as differing.
+    """
+    from PIL import Image
+
+    recorded = {
+        image["key"]: (image.get("width"), image.get("height"))
+        for image in read_manifest(Path(cache_dir))["images"]
+        if image["status"] == "ok"
+    }
+    differing = []
+    for key, path in paths.items():
+        if key not in recorded or path is None or not Path(path).is_file():
+            continue
+        try:
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if opened.getexif().get(_ORIENTATION_TAG) in _TURNED:
+                    width, height = height, width
+        except Exception:  # noqa: BLE001 - image plugins raise anything; an unreadable header differs
+            differing.append(key)
+            continue
+        if (width, height) != recorded[key]:
+            differing.append(key)
+    return differing

@@ -28,14 +28,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mner.cache.datasets import Split, resolve_data
+from mner.cache.datasets import SPLITS, Split, resolve_data
 from mner.cache.inspect import draw_regions, record_regions, save_png
 from mner.cache.reader import CacheReader
 from mner.cache.shards import MANIFEST_NAME
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
 from mner.train.classify import is_classifier_run
 from mner.train.metrics import entities
-from mner.train.runs import read_record, run_config, unfinished
+from mner.train.runs import check_data_files, read_record, run_config, unfinished
 from mner.train.significance import read_predictions
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,12 @@ def write_cases(cfg: CasesConfig) -> Path:
         recorded["data_dir"],
         image_dir=cfg.image_dir or recorded["image_dir"],
         columns=run_config(record_b).data.columns,
+    )
+    check_data_files(
+        record_b,
+        [source.split_path(name) for name in SPLITS],
+        run_b,
+        "restore the files: the page shows the posts as the runs tagged them",
     )
     split = _read_split(source, cfg.split, words, pred_b)
     posts = [

@@ -11,7 +11,9 @@ between the two renames leaves no `<folder>/` but a complete `<folder>.old/`, wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import pickle
 import random
@@ -52,6 +54,34 @@ class Progress:
         return False
 
 
+def save_weights(model, path: Path) -> None:
+    """The model's weights as safetensors at `path`, written beside it and renamed into place, so a
+    kill or a full disk leaves the old file (or none), never a half-written one.
+
+    Raises OSError naming `path` (ENOSPC on a full disk) where safetensors raises its own error.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(tmp):
+        save_model(model, str(tmp))
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Raise a failed write of `path` as the OSError it is: safetensors (SafetensorError) and torch.save
+    (RuntimeError from its zip writer) word a full disk in their own types, which the CLI's one-line
+    rule for OSError would not catch. The partial file is removed."""
+    try:
+        yield
+    except (SafetensorError, RuntimeError) as err:
+        Path(path).unlink(missing_ok=True)
+        full = "No space left" in str(err) or shutil.disk_usage(Path(path).parent).free < 1 << 20
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, "No space left on device" if full else str(err), str(path)) from err
+
+
 def _sibling(folder: Path, suffix: str) -> Path:
     return folder.with_name(folder.name + suffix)
 
@@ -73,7 +103,8 @@ def save_checkpoint(
     tmp, old = _sibling(folder, ".tmp"), _sibling(folder, ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / WEIGHTS_FILE))
+    with writing(tmp / WEIGHTS_FILE):
+        save_model(model, str(tmp / WEIGHTS_FILE))
     state = {
         "progress": dataclasses.asdict(progress),
         "optimizer": optimizer.state_dict(),
@@ -81,7 +112,8 @@ def save_checkpoint(
         "scaler": scaler.state_dict(),
         "rng": _rng_state(device),
     }
-    torch.save(state, tmp / STATE_FILE)
+    with writing(tmp / STATE_FILE):
+        torch.save(state, tmp / STATE_FILE)
     for name in (WEIGHTS_FILE, STATE_FILE):
         fsync_file(tmp / name)
     fsync_dir(tmp)

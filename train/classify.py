@@ -12,7 +12,9 @@ weights are reloaded at the end to score valid and test. The run folder:
 
     config.json          {"task": "classification", "classifier", "data", "cache_dir", "label_names",
                           "encoder_dir", "cache" (fingerprint, spec; null in text mode), "data_report",
-                          "no_image" (posts per split without a usable image), "truncated_posts"}
+                          "data_files" (sha256 of each split file: evaluate refuses a folder changed
+                          since, runs.check_data_files), "no_image" (posts per split without a usable
+                          image), "truncated_posts"}
     model.safetensors    the best epoch's weights
     metrics.jsonl        one line per epoch: train loss, valid accuracy / macro-F1, best, seconds
     results.json         {"best_epoch", "epochs_run", <split>: classification_scores} for valid, test
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
@@ -44,12 +46,16 @@ from mner.cache.classification import (
     ClassData,
     ClassDataConfig,
     ClassSplit,
+    csv_text,
     read_classification,
+    read_csv_rows,
     read_split_file,
+    split_files,
     write_predictions,
 )
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec
+from mner.cache.shards import TokenSpec, extract_command
+from mner.cache.verify import image_size_mismatches
 from mner.runtime import (
     DEVICE_PATTERN,
     ProgressLog,
@@ -61,7 +67,7 @@ from mner.runtime import (
     to_device,
     write_atomic,
 )
-from mner.train.checkpoint import load_weights
+from mner.train.checkpoint import load_weights, save_weights
 from mner.train.classifier_model import (
     CLASS_HEADS,
     IMAGE_FEATURES,
@@ -72,6 +78,7 @@ from mner.train.classifier_model import (
     reads_tokens,
 )
 from mner.train.config import _Config, _parse_override
+from mner.train.data import unknown_label
 from mner.train.loop import NonFiniteLoss, train_step
 from mner.train.metrics import classification_scores
 from mner.train.model import _decayed_parameters
@@ -81,6 +88,9 @@ from mner.train.runs import (
     RESULTS_FILE,
     WEIGHTS_FILE,
     append_metrics,
+    check_data_files,
+    data_files_record,
+    is_recorded_folder,
     read_record,
     report_images,
     warn_if_unfinished,
@@ -94,6 +104,7 @@ TASK = "classification"  # config.json "task" of a classifier run
 CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = ("macro_f1", "accuracy")
+_SHOWN_GUIDS = 5  # guids named in a warning about many posts
 
 
 @dataclass
@@ -352,6 +363,21 @@ def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None
     except ValueError:
         reader.close()
         raise
+    paths = {e.guid: e.image for split in data.splits.values() for e in split.examples}
+    differing = image_size_mismatches(reader.cache_dir, paths)
+    if differing:
+        log.warning(
+            "%d of %d images have another size than %s recorded (%s%s): they changed, or moved between "
+            "posts, since extraction, so those posts train on other images' tokens; check with `mner cache "
+            "verify %s --data-dir %s --images` and re-extract",
+            len(differing),
+            len(paths),
+            reader.cache_dir,
+            ", ".join(differing[:_SHOWN_GUIDS]),
+            " ..." if len(differing) > _SHOWN_GUIDS else "",
+            reader.cache_dir,
+            cfg.data.data_dir,
+        )
     return reader
 
 
@@ -386,6 +412,7 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
             "sizes": {name: len(split.examples) for name, split in data.splits.items()},
             "train_labels": data.splits["train"].label_counts(),
         },
+        "data_files": data_files_record(split_files(cfg.data.data_dir)),
         "no_image": {}
         if reader is None
         else report_images(
@@ -441,7 +468,7 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
         improved = valid[c.select] > best
         if improved:
             best, best_epoch, bad = valid[c.select], epoch, 0
-            save_model(model, str(run_dir / WEIGHTS_FILE))
+            save_weights(model, run_dir / WEIGHTS_FILE)
         else:
             bad += 1
         line = {
@@ -555,13 +582,14 @@ def _score(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[st
 
 
 def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path:
-    rows = ["guid,gold,pred", *(f"{e.guid},{e.label},{p}" for e, p in zip(split.examples, predicted))]
-    return write_atomic(path, "\n".join(rows) + "\n")
+    rows = [["guid", "gold", "pred"], *([e.guid, e.label, p] for e, p in zip(split.examples, predicted))]
+    return write_atomic(path, csv_text(rows))
 
 
 def read_pred_csv(path: Path) -> list[list[str]]:
-    """The [guid, gold, pred] rows of a pred_<split>.csv (what _write_pred_csv wrote), in file order."""
-    return [line.split(",") for line in Path(path).read_text(encoding="utf-8").splitlines()[1:]]
+    """The [guid, gold, pred] rows of a pred_<split>.csv (what _write_pred_csv wrote), in file order;
+    a guid holding a comma, a quote or a newline reads back as itself (both go through the csv module)."""
+    return read_csv_rows(path)[1:]
 
 
 # ------------------------------------------------------------------------------------------ reuse
@@ -639,6 +667,8 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     warn_if_unfinished(run_dir)
     stored = dict(record["data"])
+    if is_recorded_folder(stored["data_dir"], data_dir):
+        check_data_files(record, split_files(stored["data_dir"]), run_dir)
     if data_dir is not None:
         stored["data_dir"] = str(data_dir)
     data = read_classification(ClassDataConfig(**stored))
@@ -648,6 +678,15 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
             f"{stored['data_dir']} has no labelled {split} split (labelled: {', '.join(labelled)}); "
             "use `mner predict` for unlabelled posts"
         )
+    for example in data.splits[split].examples:
+        if example.label not in record["label_names"]:
+            raise unknown_label(
+                data.splits[split].path,
+                example.line,
+                f"guid {example.guid!r}",
+                example.label,
+                record["label_names"],
+            )
     reader = _run_cache(record, cache_dir, run_dir, same_keys=True)
     try:
         _check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
@@ -681,12 +720,13 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
     record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     reader = _run_cache(record, cache_dir, run_dir, same_keys=False)
     try:
-        _check_guids_cached(
-            split,
-            reader,
-            f"extract its folder with `mner extract-features --data-dir {Path(input_file).parent}` and the "
-            "run's extractor settings, and pass that cache with --cache",
-        )
+        if reader is not None:
+            command = extract_command(reader.config, Path(input_file).parent)
+            _check_guids_cached(
+                split,
+                reader,
+                f"extract them with the run's extractor: `{command}`, and pass NEW_CACHE with --cache",
+            )
         predicted = _predict(model, split, reader, tokenizer, c, runtime, record["label_names"])
     finally:
         if reader is not None:

@@ -14,6 +14,7 @@ words, not sub-words) and records what truncation cut: words whose first sub-wor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,24 +41,30 @@ _VISUAL_ARRAYS = {
 class PostDataset(Dataset):
     """Posts with (optionally) their cached image tokens.
 
-    Each item is a dict: "key", "line", "words" (list[str]), "tags" (list[str]) and, when a reader is
+    Each item is a dict: "key", "path", "line", "words" (list[str]), "tags" (list[str]) and, when a reader is
     given, "image_ok" (bool), "num_regions" (int) and the record arrays "patch_tokens" (P, Dp),
     "global_embed" (Dg,), "region_feats" (K, Dr), "region_labels" (K,), "region_scores" (K,),
     "region_boxes" (K, 4) as numpy arrays (float16 tokens stay float16 until collation).
     """
 
     def __init__(
-        self, posts: Sequence[Post], reader: CacheReader | None = None, spec: TokenSpec | None = None
+        self,
+        posts: Sequence[Post],
+        reader: CacheReader | None = None,
+        spec: TokenSpec | None = None,
+        path: Path | None = None,
     ):
         """
         Args:
             posts: the posts, in the order items are returned.
+            path: the file they were read from (named in a tag error); None for posts built in code.
             reader: the feature cache; None for a text-only model (no cache is touched).
             spec: the token shapes the model was built for; defaults to the reader's. A reader whose
                 spec differs raises ValueError (a cache made with other encoders).
         """
         self.posts = list(posts)
         self.reader = reader
+        self.path = path
         if reader is not None and spec is not None and reader.spec != spec:
             raise ValueError(
                 f"cache {reader.cache_dir} holds tokens {reader.spec}, but the model was built for {spec}; "
@@ -70,7 +77,13 @@ class PostDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         post = self.posts[index]
-        item = {"key": post.key, "line": post.line, "words": list(post.words), "tags": list(post.tags)}
+        item = {
+            "key": post.key,
+            "path": self.path,
+            "line": post.line,
+            "words": list(post.words),
+            "tags": list(post.tags),
+        }
         if self.reader is not None:
             item.update(self._image(post.key))
         return item
@@ -149,14 +162,22 @@ class Collate:
     def _label_ids(self, item: dict) -> list[int]:
         for index, tag in enumerate(item["tags"]):
             if tag not in self.label_ids:
-                # The tag's own line (issue 10 A7); a post built in code has none, so its position.
+                # The tag's own line; a post built in code has neither file nor line, so its position.
                 line = tag_line(item["line"], index)
-                where = f"line {line}" if line else f"word {index + 1}"
-                raise ValueError(
-                    f"post {item['key']!r} ({where}): tag {tag!r} is not one of the model's "
-                    f"labels ({', '.join(self.label_names)})"
-                )
+                who = f"post {item['key']!r}" + ("" if line else f" (word {index + 1})")
+                raise unknown_label(item.get("path"), line, who, tag, self.label_names)
         return [self.label_ids[tag] for tag in item["tags"]]
+
+
+def unknown_label(path, line: int, who: str, label: str, labels: Sequence[str]) -> ValueError:
+    """The one message, both tasks, for a gold label the model cannot predict (the label set comes
+    from the run's training file): `<file>:<line>: <who>: tag 'X' is not one of the model's labels
+    (...)`; `line N: ` without a file, nothing for a post not read from a file."""
+    place = f"{path}:{line}: " if path is not None and line else (f"line {line}: " if line else "")
+    return ValueError(
+        f"{place}{who}: tag {label!r} is not one of the model's labels ({', '.join(labels)}); the label "
+        "set comes from the run's training file, so score data whose labels it has"
+    )
 
 
 def encodable_words(tokenizer, posts: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -232,7 +253,7 @@ def make_loader(
         raise ValueError("model.text_only is false, so the loader needs the feature cache (a CacheReader)")
     if shuffle and sampler is not None:
         raise ValueError("give shuffle=True or a sampler, not both (the sampler decides the order)")
-    dataset = PostDataset(split.posts, reader if with_visual else None)
+    dataset = PostDataset(split.posts, reader if with_visual else None, path=split.path)
     generator = torch.Generator().manual_seed(train_cfg.seed) if shuffle else None
     return DataLoader(
         dataset,

@@ -178,7 +178,7 @@ def count_truncated(split: Split, tokenizer, labels: list[str], max_length: int)
 def truncated_per_post(split: Split, tokenizer, labels: list[str], max_length: int) -> list[int]:
     """For each post of `split`, its words past the encoder's `max_length` (see count_truncated)."""
     collate = Collate(tokenizer, labels, max_length, with_visual=False)
-    posts = PostDataset(split.posts)
+    posts = PostDataset(split.posts, path=split.path)
     cut: list[int] = []
     for start in range(0, len(posts), _COUNT_CHUNK):
         chunk = [posts[i] for i in range(start, min(start + _COUNT_CHUNK, len(posts)))]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mner.cache.datasets import resolve_data
+from mner.cache.datasets import SPLITS, resolve_data
 from mner.runtime import resolve_runtime
 from mner.train import significance
 from mner.train.classify import is_classifier_run
@@ -27,8 +27,10 @@ from mner.train.runs import (
     EVAL_DIR,
     RESULTS_FILE,
     check_cache_keys,
+    check_data_files,
     check_fingerprint,
     inference_amp,
+    is_recorded_folder,
     is_run_folder,
     load_run_model,
     open_cache,
@@ -91,6 +93,8 @@ def evaluate_run(
         data_dir=data_dir if data_dir is not None else record["data_source"]["data_dir"],
         columns=cfg.data.columns,
     )
+    if is_recorded_folder(record["data_source"]["data_dir"], data_dir):
+        check_data_files(record, [source.split_path(name) for name in SPLITS], run_dir)
     if not source.split_path(split).is_file():
         raise ValueError(
             f"{source.split_path(split)}: there is no {split} split to evaluate in {source.data_dir}"

@@ -24,13 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_model
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from transformers import get_linear_schedule_with_warmup
 
 from mner.runtime import FolderClaim, ProgressLog, Runtime, seed_everything, start_runtime, to_device
-from mner.train.checkpoint import Progress, find_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from mner.train.checkpoint import (
+    Progress,
+    find_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
 from mner.train.config import RunConfig, TrainConfig
 from mner.train.data import make_loader
 from mner.train.decode import count_truncated, decode_and_score
@@ -351,7 +357,7 @@ def train_epoch(
 def _write_epoch(run_dir: Path, line: dict, best_model: MNERModel | None, board) -> None:
     """Append the epoch's metrics line (and TensorBoard scalars); save the weights when they are the best."""
     if best_model is not None:
-        save_model(best_model, str(run_dir / WEIGHTS_FILE))
+        save_weights(best_model, run_dir / WEIGHTS_FILE)
     append_metrics(run_dir, line)
     if board is not None:
         for name in ("train_loss", "dev_precision", "dev_recall", "dev_f1"):

@@ -3,6 +3,7 @@ model, the checks of a run's inputs (data tags, cache keys, cache fingerprint).
 
 Run folder:
     config.json         full resolved RunConfig + labels, encoder folder, cache fingerprint/config/spec,
+                        the sha256 of each split file of the data folder ("data_files"),
                         counts of words cut by the encoder's length limit, of orphan I- tags and (with a
                         cache) of posts without a usable image ("no_image"), per split,
                         and "precision" (fp32 | fp16 | bf16: what training ran in, which evaluate and
@@ -30,9 +31,11 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
-from mner.cache.datasets import DataSource, Split
+from mner.cache.checksums import file_sha256
+from mner.cache.datasets import SPLITS, DataSource, Split
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, fingerprint_diff
 from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, is_our_folder, write_atomic
@@ -58,9 +61,9 @@ RECORD_KEYS = ("model", "train", "label_names", "data_source", "encoder_dir", "c
 DEFAULT_DETECTOR_CLASSES = 91
 # Longest value shown when listing what differs between two caches.
 _SHOWN_CHARS = 60
-# What must match for a folder to be resumed: the same model, training and data, not the bookkeeping
-# (and, of train, not the runtime-only settings of config.RUNTIME_SETTINGS).
-_RESUME_KEYS = ("model", "train", "label_names", "data_source")
+# What must match for a folder to be resumed: the same model, training and data (the folder and the
+# bytes of its split files), not the bookkeeping (and, of train, not config.RUNTIME_SETTINGS).
+_RESUME_KEYS = ("model", "train", "label_names", "data_source", "data_files")
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ def make_record(cfg: RunConfig, source: DataSource, labels: list[str], encoder_d
         "image_dir": str(source.image_dir.resolve()),
         "fmt": source.fmt,
     }
+    record["data_files"] = data_files_record(source.split_path(name) for name in SPLITS)
     record["cache"] = None
     if reader is not None:
         record["cache"] = {
@@ -94,6 +98,59 @@ def make_record(cfg: RunConfig, source: DataSource, labels: list[str], encoder_d
             "spec": reader.spec.to_dict(),
         }
     return record
+
+
+def data_files_record(files: Iterable[Path]) -> dict[str, str]:
+    """config.json "data_files": {file name: sha256} of each split file that exists, both tasks; what
+    `check_data_files` compares the data folder with when a command reads the run's data again."""
+    return {path.name: file_sha256(path) for path in files if path.is_file()}
+
+
+# What to do about a changed data folder, as evaluate says it (both tasks).
+SCORE_OTHER_DATA = (
+    "the scores would not be on the run's data: restore the files, or pass a copy of the changed folder "
+    "with --data-dir to score it deliberately"
+)
+
+
+def check_data_files(record: dict, files: Iterable[Path], run_dir, fix: str = SCORE_OTHER_DATA) -> None:
+    """Refuse a data folder whose split files differ from those the run was trained on.
+
+    Args:
+        record: the run's config.json; one without "data_files" (an older run) is not checked.
+        files: the split files the task would read (present or not), in the run's data folder.
+        fix: what the message tells the user to do.
+    Raises:
+        ValueError naming each file that changed, appeared or is gone. A changed train file matters
+        even to evaluate: the classifier's valid split is drawn from it, so new lines would move
+        training posts into what is scored.
+    """
+    recorded = record.get("data_files")
+    if recorded is None:
+        return
+    files = list(files)
+    found = data_files_record(files)
+    folder = files[0].parent if files else run_dir
+    differs = [
+        f"{name} {'changed' if name in found else 'is gone'}" if name in recorded else f"{name} is new"
+        for name in sorted(set(recorded) | set(found))
+        if recorded.get(name) != found.get(name)
+    ]
+    if differs:
+        raise ValueError(
+            f"{folder} changed since {run_dir} was trained: {', '.join(differs)} (sha256 recorded in "
+            f"{Path(run_dir) / CONFIG_FILE}); {fix}"
+        )
+
+
+def is_recorded_folder(record_dir: str, data_dir) -> bool:
+    """Whether `data_dir` (None: the recorded one) is the data folder a run recorded, however spelled."""
+    if data_dir is None:
+        return True
+    try:
+        return Path(data_dir).expanduser().resolve() == Path(record_dir).resolve()
+    except OSError:
+        return False
 
 
 def read_record(run_dir) -> dict:

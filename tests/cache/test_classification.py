@@ -16,8 +16,11 @@ from mner.cache.classification import (
     ClassDataConfig,
     ClassSplit,
     Example,
+    classification_images,
     decode_text,
+    is_classification_folder,
     read_classification,
+    read_split_file,
     split_train,
     write_predictions,
 )
@@ -247,6 +250,30 @@ def test_guid_leaving_the_data_folder_through_a_symlink(tmp_path):
     assert sorted(e.guid for name in ("train", "valid") for e in data.splits[name].examples) == ["1", "leak"]
 
 
+def test_csv_image_folder_linked_to_another_disk_is_accepted(tmp_path):
+    # the image folder is a link (as MVSA's data/ may be); an image file linking out is still refused
+    disk = tmp_path / "disk" / "pics"
+    write(disk / "1.jpg", b"jpeg")
+    write(tmp_path / "secret.jpg", b"x")
+    os.symlink(tmp_path / "secret.jpg", disk / "2.jpg")
+    folder = tmp_path / "data"
+    write(folder / "train.csv", "guid,tag,text,image\n1,a,x,pics/1.jpg\n3,a,y,pics/1.jpg\n4,b,z,\n5,b,w,\n")
+    os.symlink(disk, folder / "pics")
+    train = read(folder, valid_fraction=0.5).splits
+    assert [e.image for e in train["train"].examples + train["valid"].examples if e.image] == [
+        folder / "pics" / "1.jpg"
+    ] * 2
+    write(folder / "train.csv", "guid,tag,text,image\n1,a,x,pics/1.jpg\n2,b,y,pics/2.jpg\n")
+    with pytest.raises(
+        DatasetError,
+        match=re.escape(
+            f"train.csv:3: guid '2': image path 'pics/2.jpg' refused: it resolves outside {folder / 'pics'} "
+            "through a symlink"
+        ),
+    ):
+        read(folder)
+
+
 @pytest.mark.parametrize(
     "train, message",
     [
@@ -439,11 +466,9 @@ def test_unlabelled_order_is_kept_and_predictions_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "guid, label, message",
     [
-        ("1", "a,b", "guid '1': label 'a,b' is empty, padded or holds a comma or a newline"),
-        ("1", "", "guid '1': label '' is empty"),
-        ("1", " a", "guid '1': label ' a' is empty, padded"),
-        ("1,2", "a", "guid '1,2': guid '1,2' is empty, padded or holds a comma"),
-        ("1", "a\nb", "holds a comma or a newline"),
+        ("1", "", "guid '1': label '' is empty or padded"),
+        ("1", " a", "guid '1': label ' a' is empty or padded"),
+        (" 1", "a", "guid ' 1': guid ' 1' is empty or padded"),
     ],
 )
 def test_write_predictions_refuses_what_would_not_read_back(tmp_path, guid, label, message):
@@ -451,6 +476,91 @@ def test_write_predictions_refuses_what_would_not_read_back(tmp_path, guid, labe
     with pytest.raises(ValueError, match=re.escape(message)):
         write_predictions(tmp_path / "p.txt", [example], [label])
     assert not (tmp_path / "p.txt").exists()
+
+
+ODD_GUIDS = ["x,1", 'say "hi"', "two\nlines", '"', "plain"]
+
+
+def test_guids_with_comma_quote_or_newline_round_trip(tmp_path):
+    # a csv folder may name such guids (pandas quotes them); every file written of them reads back
+    labels = ["a", "b", "a", "b", "a"]
+    body = "".join(
+        f'"{g.replace(chr(34), chr(34) * 2)}",{lab},"text {i}"\n'
+        for i, (g, lab) in enumerate(zip(ODD_GUIDS, labels))
+    )
+    write(tmp_path / "train.csv", "guid,tag,text\n" + body)
+    # an unlabelled test.csv of the same guids with a prefix (the same guid twice would be a duplicate)
+    quoted = [g.replace('"', '""') for g in ODD_GUIDS]
+    write(tmp_path / "test.csv", "guid,tag,text\n" + "".join(f'"t{g}",,x\n' for g in quoted))
+    data = read(tmp_path)
+    guids = [e.guid for name in ("train", "valid") for e in data.splits[name].examples]
+    assert sorted(guids) == sorted(ODD_GUIDS)
+    test = data.splits["test"]
+    assert test.labelled is False and [e.guid for e in test.examples] == [f"t{g}" for g in ODD_GUIDS]
+    # the submission file reads back as a split file, every guid and label as written
+    predicted = labels
+    (tmp_path / "out").mkdir()
+    out = write_predictions(tmp_path / "out" / "pred.txt", test.examples, predicted)
+    assert out.read_text(encoding="utf-8").splitlines()[:2] == ["guid,tag", '"tx,1",a']
+    for e in test.examples:
+        write(tmp_path / "out" / "data" / f"{e.guid}.txt", "t")
+    back = read_split_file(out)
+    assert [(e.guid, e.label) for e in back.examples] == [
+        (e.guid, p) for e, p in zip(test.examples, predicted)
+    ]
+
+
+def test_malformed_quoting_is_an_error_at_its_line(tmp_path):
+    make_mvsa(tmp_path)
+    write(tmp_path / "train.txt", 'guid,tag\n1,positive\n"2"x,negative\n')
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path}/train.txt:3: malformed quoting")):
+        read(tmp_path)
+    write(tmp_path / "train.txt", 'guid,tag\n1,positive\n"2,negative\n3,neutral\n')
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path}/train.txt:3: malformed quoting")):
+        read(tmp_path)
+
+
+@pytest.mark.parametrize("header", ["guid,tag", "guid, tag", "GUID , Tag"])
+def test_one_header_rule_for_the_reader_and_the_folder_test(tmp_path, header):
+    make_mvsa(tmp_path, valid=[("4", "positive", "x")])
+    write(tmp_path / "train.txt", f"{header}\n1,positive\n2,negative\n3,neutral\n")
+    assert is_classification_folder(tmp_path)
+    assert [e.guid for e in read(tmp_path).splits["train"].examples] == ["1", "2", "3"]
+    assert not is_classification_folder(write(tmp_path / "ner" / "train.txt", "IMGID:1\nx\tO\n").parent)
+
+
+def test_test_without_label_may_list_the_labelled_test_posts(tmp_path):
+    folder = make_mvsa(
+        tmp_path,
+        valid=[("4", "positive", "x")],
+        test=[("5", "negative", "no"), ("6", "positive", "yes")],
+        unlabelled=[("6", "yes"), ("5", "no")],
+    )
+    data = read(folder)
+    assert [e.guid for e in data.splits["test_without_label"].examples] == ["6", "5"]
+    assert classification_images(ClassDataConfig(str(folder))).keys() == ["1", "2", "3", "4", "5", "6"]
+    # train or valid against test stays a duplicate, in either file
+    write(folder / "test_without_label.txt", "guid,tag\n6,null\n2,null\n")
+    with pytest.raises(
+        DatasetError, match=re.escape("test_without_label.txt:3: duplicate guid '2' (first at train.txt:3)")
+    ):
+        read(folder)
+    make_mvsa(folder, valid=[("4", "positive", "x")], test=[("4", "negative", "no")])
+    (folder / "test_without_label.txt").unlink()
+    with pytest.raises(
+        DatasetError, match=re.escape("test.txt:2: duplicate guid '4' (first at valid.txt:2)")
+    ):
+        read(folder)
+
+
+def test_images_of_a_folder_without_train_file(tmp_path):
+    # the posts to label of `mner predict`: only test_without_label.txt and data/
+    folder = make_mvsa(tmp_path / "new", train=None, unlabelled=[("9", "a"), ("7", "b")])
+    assert is_classification_folder(folder)
+    images = classification_images(ClassDataConfig(str(folder)))
+    assert images.keys() == ["7", "9"] and images.image_path("9") == folder / "data" / "9.jpg"
+    write(tmp_path / "csv" / "test.csv", "guid,tag,text\n1,,x\n")
+    assert classification_images(ClassDataConfig(str(tmp_path / "csv"))).keys() == ["1"]
 
 
 def test_write_predictions_counts_must_match(tmp_path):

@@ -621,3 +621,25 @@ def test_load_toml_errors(tmp_path):
     bad.write_text("format = \n")
     with pytest.raises(ValueError, match=r"bad\.toml: invalid TOML: "):
         configs.load_toml(bad)
+
+
+def test_image_path_format_accepts_an_image_folder_linked_to_another_disk(tmp_path):
+    # the first folder of an IMAGE: path may be a link; beneath it nothing may leave it
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    (disk / "x.jpg").write_bytes(b"")
+    os.symlink(tmp_path / "secret.jpg", disk / "leak.jpg")
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(disk, data / "images")
+    source = DataSource(name="t", data_dir=data, image_dir=data, fmt="image-path")
+    assert source.image_path("images/x.jpg") == data / "images" / "x.jpg"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"image key 'images/leak.jpg' refused: it resolves outside {data / 'images'} through"
+        ),
+    ):
+        source.image_path("images/leak.jpg")
+    with pytest.raises(ValueError, match="image key 'images/../x.jpg' refused: it has a '..' component"):
+        source.image_path("images/../x.jpg")

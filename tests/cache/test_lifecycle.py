@@ -416,3 +416,18 @@ def test_shard_sink_never_commits_a_shard_with_a_row_unwritten(tmp_path):
     with pytest.raises(ValueError, match=r"1 rows were never written \(first keys: \['b'\]\)"):
         sink.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_error_in_the_writer_thread_names_the_shard_and_leaves_no_file(tmp_path, monkeypatch):
+    import mner.cache.shards as shards
+
+    def disk_full(self, row, record):
+        raise OSError(28, "Driver write request failed")  # h5py's error names no file
+
+    monkeypatch.setattr(shards.ShardWriter, "write", disk_full)
+    sink = ShardSink(tmp_path, TINY_SPEC, {3: ["a", "b"]}, {"fingerprint": "f", "config_json": {}})
+    sink.put(3, [(0, make_records(["a"], statuses={})[0])])
+    with pytest.raises(OSError) as raised:
+        sink.close()
+    assert (raised.value.errno, raised.value.filename) == (28, str(tmp_path / "shard-00003.h5"))
+    assert list(tmp_path.iterdir()) == []

@@ -540,3 +540,18 @@ def test_no_region_cache_round_trips_with_empty_region_datasets(tmp_path):
         ValueError, match="region_source 'none' needs max_regions = region_dim = 0, got 4 and 10"
     ):
         TokenSpec(**{**TINY_SPEC.to_dict(), "region_source": "none"})
+
+
+def test_a_shard_the_disk_has_no_room_for_is_refused_before_hdf5_writes(tmp_path, monkeypatch):
+    import shutil
+
+    import mner.cache.shards as shards
+
+    payload = sum(int(np.prod(shape)) * shards.DTYPES[name].itemsize for name, shape in TINY_SPEC.shapes().items() if name in shards.DTYPES)  # fmt: skip
+    room = 3 * payload + shards._SHARD_OVERHEAD  # exactly what three rows need
+    monkeypatch.setattr(shards.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(room, 0, room))
+    ShardWriter(tmp_path / "fits.h5", TINY_SPEC, ["a", "b", "c"], ATTRS).abort()
+    with pytest.raises(OSError, match=r"No space left on device \(shard needs about") as raised:
+        ShardWriter(tmp_path / "s.h5", TINY_SPEC, ["a", "b", "c", "d"], ATTRS)
+    assert (raised.value.errno, raised.value.filename) == (28, str(tmp_path / "s.h5.tmp"))
+    assert list(tmp_path.iterdir()) == []

@@ -239,6 +239,17 @@ def test_a_split_file_that_no_longer_matches_the_predictions_is_refused(tmp_path
     split, pred_b = data_dir / "test.txt", run_b / "pred_test.conll"
     split.write_text(split.read_text().replace("london", "berlin"))
     assert refusal(tmp_path, run_a, run_b) == (
+        f"{data_dir} changed since {run_b} was trained: test.txt changed (sha256 recorded in "
+        f"{run_b / 'config.json'}); restore the files: the page shows the posts as the runs tagged them"
+    )
+    (data_dir / "valid.txt").write_text("")
+    assert "test.txt changed, valid.txt is new (sha256" in refusal(tmp_path, run_a, run_b)
+    (data_dir / "valid.txt").unlink()
+    # a run recorded before the split files' sha256: the posts themselves are compared
+    config = json.loads((run_b / "config.json").read_text())
+    del config["data_files"]
+    (run_b / "config.json").write_text(json.dumps(config))
+    assert refusal(tmp_path, run_a, run_b) == (
         f"{split} does not hold the posts of {pred_b} in its order (the data changed after training?)"
     )
     split.unlink()

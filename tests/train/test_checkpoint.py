@@ -176,3 +176,54 @@ def test_a_damaged_checkpoint_file_is_one_line_naming_it(tmp_path, name, damage)
     assert "\n" not in message and f"delete {folder} and run again with --resume" in message
     if damage == "empty":
         assert message.startswith(f"{path} cannot be loaded (empty file)")
+
+
+NO_SPACE_SAFETENSORS = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+NO_SPACE_TORCH = "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+
+
+def test_a_full_disk_while_saving_weights_is_an_enospc_oserror_and_the_old_file_stays(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"the best epoch so far")
+
+    def full(model, filename):
+        open(filename, "wb").write(b"half")  # noqa: SIM115 - what a failing writer leaves
+        raise SafetensorError(NO_SPACE_SAFETENSORS)
+
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    with pytest.raises(OSError) as raised:
+        checkpoint.save_weights(torch.nn.Linear(2, 2), path)
+    assert (raised.value.errno, raised.value.filename) == (28, str(path) + ".tmp")
+    assert path.read_bytes() == b"the best epoch so far" and sorted(os.listdir(tmp_path)) == [path.name]
+
+
+def test_a_full_disk_while_saving_the_checkpoint_state_is_an_enospc_oserror(tmp_path, monkeypatch):
+    def full(state, filename):
+        raise RuntimeError(NO_SPACE_TORCH)  # torch's zip writer says nothing of the disk
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    model, optimizer, scheduler, scaler = _state(0)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(
+            tmp_path / "checkpoint", model, optimizer, scheduler, scaler, Progress(), torch.device("cpu")
+        )
+    assert raised.value.errno == 28 and raised.value.filename.endswith("state.pt")
+    assert find_checkpoint(tmp_path / "checkpoint") is None  # nothing half-written is ever found
+
+
+def test_another_write_failure_keeps_its_own_words(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        checkpoint.torch, "save", lambda state, filename: (_ for _ in ()).throw(RuntimeError("bad"))
+    )
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 0, 10 << 20)
+    )
+    with pytest.raises(OSError, match="bad") as raised:
+        with checkpoint.writing(tmp_path / "x"):
+            checkpoint.torch.save({}, tmp_path / "x")
+    assert raised.value.errno == 5

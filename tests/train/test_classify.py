@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import re
+import shlex
 import shutil
 import tomllib
 from pathlib import Path
@@ -24,7 +25,13 @@ from torch import nn
 
 import mner.train.class_ablate as class_ablate
 import mner.train.classify as classify
-from mner.cache.classification import UNLABELLED_FILE, ClassDataConfig, read_classification
+from mner.cache.classification import (
+    UNLABELLED_FILE,
+    ClassDataConfig,
+    csv_text,
+    read_classification,
+    read_csv_rows,
+)
 from mner.cache.datasets import DataConfig
 from mner.cache.reader import CacheReader
 from mner.cache.shards import read_manifest
@@ -33,6 +40,7 @@ from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import collect_images, extract_features
+from mner.runtime import write_atomic
 from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
 from mner.train.classifier_model import (
     CLASS_HEADS,
@@ -835,6 +843,25 @@ def test_a_cache_of_other_data_is_refused_naming_file_and_line(small, tmp_path):
     assert not out.exists()
 
 
+def test_images_moved_between_posts_since_extraction_are_warned_about(small, tmp_path, caplog):
+    data = shutil.copytree(small.demo, tmp_path / "data")
+    with CacheReader(small.cache) as reader:
+        ok, n = [key for key in reader.keys if reader.status(key) == "ok"], len(reader.keys)
+    # two posts get other pictures (of other sizes) than the cache's tokens were made from
+    for guid, size in ((ok[0], (40, 24)), (ok[3], (20, 50))):
+        Image.new("RGB", size, (9, 9, 9)).save(data / "data" / f"{guid}.jpg")
+    with caplog.at_level(logging.WARNING, logger="mner.train.classify"):
+        train_classifier(run_config(data, tmp_path / "run", small.cache, mode="both", **QUICK))
+    warned = [r.getMessage() for r in caplog.records if "another size" in r.getMessage()]
+    assert warned and warned[0].startswith(f"2 of {n} images have another size than {small.cache} recorded")
+    assert f"recorded ({ok[0]}, {ok[3]}): they changed, or moved between posts" in warned[0]
+    assert f"`mner cache verify {small.cache} --data-dir {data} --images`" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mner.train.classify"):  # the images as extracted: silent
+        train_classifier(run_config(small.demo, tmp_path / "run2", small.cache, mode="both", **QUICK))
+    assert not [r for r in caplog.records if "another size" in r.getMessage()]
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_nothing(small, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise NonFiniteLoss("training loss", float("nan"), 1)
@@ -942,6 +969,32 @@ def test_an_unlabelled_test_csv_gets_a_submission_file_in_its_order(tmp_path):
     assert not (run / "pred_test.csv").exists()
 
 
+def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
+    # a csv folder may name such guids: the run finishes, and every file it writes reads them back
+    folder = make_csv_folder(tmp_path / "data")
+    odd = ["x,1", 'say "hi"', "two\nlines", "u,2"]
+    with open(folder / "train.csv", "a", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([(odd[0], "pos", "good", ""), (odd[1], "neg", "bad", "")])
+    with open(folder / "test.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("guid", "tag", "text"), (odd[2], "", "a"), (odd[3], "null", "b")])
+    run = train_classifier(run_config(folder, tmp_path / "run", None, mode="text", **QUICK))
+    data = read_classification(ClassDataConfig(str(folder)))
+    rows = classify.read_pred_csv(run / "pred_valid.csv")
+    assert [r[:2] for r in rows] == [[e.guid, e.label] for e in data.splits["valid"].examples]
+    submission = read_csv_rows(run / submission_file("test"))
+    assert submission[0] == ["guid", "tag"] and [r[0] for r in submission[1:]] == [odd[2], odd[3]]
+    # the ablation's bootstrap reads the same rows (it unpacked three fields per line)
+    train_rows = [
+        ["guid", "gold", "pred"],
+        *([e.guid, e.label, e.label] for e in data.splits["train"].examples),
+    ]
+    (tmp_path / "r").mkdir()
+    write_atomic(tmp_path / "r" / "pred_train.csv", csv_text(train_rows))
+    gold, preds = class_ablate._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
+    assert gold[0] == [e.guid for e in data.splits["train"].examples] and odd[0] in gold[0]
+    assert preds == [gold[1]]
+
+
 # ============================================================================ evaluate / predict / results
 
 
@@ -959,6 +1012,45 @@ def test_evaluate_refuses_another_cache_and_an_unlabelled_split(demo_runs, small
         evaluate_classifier(demo_runs.both, split="test", cache_dir=small.cache, device="cpu")
     with pytest.raises(ValueError, match="has no labelled test_without_label split"):
         evaluate_classifier(demo_runs.both, split="test_without_label", device="cpu")
+
+
+def test_evaluate_refuses_the_runs_data_folder_changed_since_training(demo_runs, tmp_path):
+    # 12 more train lines would redraw the valid split: training posts would be scored as valid
+    data = shutil.copytree(demo_runs.demo, tmp_path / "data")
+    run = shutil.copytree(demo_runs.text, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    assert set(config["data_files"]) == {"train.txt", "test.txt", UNLABELLED_FILE}
+    config["data"]["data_dir"] = str(data)
+    (run / "config.json").write_text(json.dumps(config))
+    scores, _ = evaluate_classifier(run, split="valid", device="cpu")
+    assert scores == results(run)["valid"]
+    test = (data / "test.txt").read_text().splitlines()[1:13]
+    with open(data / "train.txt", "a") as train:
+        train.write("".join(f"{line}\n" for line in test))
+    expected = (
+        f"{data} changed since {run} was trained: train.txt changed (sha256 recorded in {run / 'config.json'}); "
+        "the scores would not be on the run's data: restore the files, or pass a copy of the changed folder "
+        "with --data-dir to score it deliberately"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        evaluate_classifier(run, split="valid", device="cpu")
+
+
+def test_evaluate_names_a_label_the_run_lacks_by_file_and_line(demo_runs, tmp_path):
+    folder = shutil.copytree(demo_runs.demo, tmp_path / "other")
+    with open(folder / "train.txt", "a") as train, open(folder / "test.txt", "a") as test:
+        train.write("n1,angry\nn2,angry\n")
+        test.write("n3,angry\n")
+    for guid in ("n1", "n2", "n3"):
+        (folder / "data" / f"{guid}.txt").write_text("grr")
+    line = len((folder / "test.txt").read_text().splitlines())
+    labels = json.loads((demo_runs.text / "config.json").read_text())["label_names"]
+    expected = (
+        f"{folder / 'test.txt'}:{line}: guid 'n3': tag 'angry' is not one of the model's labels "
+        f"({', '.join(labels)})"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        evaluate_classifier(demo_runs.text, split="test", data_dir=folder, device="cpu")
 
 
 @pytest.mark.parametrize("which", ["text", "both"])
@@ -979,6 +1071,33 @@ def test_predict_refuses_its_input_as_output_and_guids_not_cached(demo_runs, tmp
     other = make_mvsa_demo(tmp_path / "other", seed=5, n=24)  # guids the run's cache does not hold
     with pytest.raises(ValueError, match=r"test_without_label.txt:\d+: guid .* is not in the cache"):
         predict_classifier(demo_runs.both, other / "test_without_label.txt", tmp_path / "p.txt", device="cpu")
+
+
+def test_predict_hints_an_extraction_that_works_on_a_folder_of_posts_to_label(demo_runs, tmp_path):
+    # a new folder holds only the posts to label (no train.txt): the hinted command extracts it
+    other = make_mvsa_demo(tmp_path / "other", seed=5, n=24)
+    for name in ("train.txt", "valid.txt", "test.txt", "demo.json"):
+        (other / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError) as caught:
+        predict_classifier(demo_runs.both, other / UNLABELLED_FILE, tmp_path / "p.txt", device="cpu")
+    command = re.search(r"`(mner extract-features [^`]*)`", str(caught.value)).group(1)
+    assert command.startswith(
+        f"mner extract-features --data-dir {other} --out NEW_CACHE --vision tiny-resnet"
+    )
+    assert "--detector none" in command
+    args = shlex.split(command.replace("NEW_CACHE", str(tmp_path / "cache")))[1:]
+    done = CliRunner().invoke(main, [*args, "--num-workers", "0", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    out = predict_classifier(
+        demo_runs.both,
+        other / UNLABELLED_FILE,
+        tmp_path / "p.txt",
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+    )
+    assert [row[0] for row in read_csv_rows(out)[1:]] == [
+        row[0] for row in read_csv_rows(other / UNLABELLED_FILE)[1:]
+    ]
 
 
 def test_results_table_gives_a_classifier_run_accuracy_and_macro_scores(demo_runs):

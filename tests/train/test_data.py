@@ -1,5 +1,8 @@
 """PostDataset + collate: the batch contract, masked images, truncation accounting, text-only mode."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -125,12 +128,21 @@ def test_unknown_tag_names_the_post_and_the_tag_line():
     # issue 10 A7: the line is the tag's own (header at 42, "a" at 43, "b" at 44), not the header's.
     posts = [Post(key="1015799", words=("a", "b"), tags=("O", "B-MISC"), line=42)]
     with pytest.raises(
-        ValueError, match=r"post '1015799' \(line 44\): tag 'B-MISC' is not one of the model's labels"
+        ValueError, match=r"^line 44: post '1015799': tag 'B-MISC' is not one of the model's labels"
     ):
         make_batch(posts, with_visual=False)
+    # read from a file, the post is named by file and line (the file is what evaluate --data-dir changes)
+    collate = Collate(tiny_tokenizer(), ["O"], 32, with_visual=False)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "data/test.txt:44: post '1015799': tag 'B-MISC' is not one of the model's labels (O)"
+        ),
+    ):
+        collate([PostDataset(posts, path=Path("data/test.txt"))[0]])
     # a post not read from a file has no line: the word is named by its position
     posts = [Post(key="k", words=("a", "b"), tags=("O", "B-MISC"), line=0)]
-    with pytest.raises(ValueError, match=r"post 'k' \(word 2\): tag 'B-MISC' is not one of"):
+    with pytest.raises(ValueError, match=r"^post 'k' \(word 2\): tag 'B-MISC' is not one of"):
         make_batch(posts, with_visual=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -160,6 +161,50 @@ def test_evaluate_refuses_data_whose_images_are_not_in_the_cache(runs, tmp_path)
     )
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         evaluate_run(runs["mm"], split="test", data_dir=other)
+
+
+@pytest.mark.slow
+def test_a_tag_the_run_lacks_is_named_by_file_and_line(runs, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    posts = list(runs["posts"][:3])
+    posts[1] = dataclasses.replace(posts[1], tags=("B-EVENT",) + posts[1].tags[1:])
+    write_split(other / "test.txt", posts)
+    line = read_split(other / "test.txt").posts[1].line + 1
+    labels = json.loads((runs["text"] / "config.json").read_text())["label_names"]
+    expected = (
+        f"{other / 'test.txt'}:{line}: post {posts[1].key!r}: tag 'B-EVENT' is not one of the model's labels "
+        f"({', '.join(labels)})"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        evaluate_run(runs["text"], split="test", data_dir=other)
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_the_runs_data_folder_changed_since_training(runs, tmp_path):
+    data = shutil.copytree(runs["data"], tmp_path / "data")
+    run = shutil.copytree(runs["text"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["data_source"]["data_dir"] = str(data)
+    (run / "config.json").write_text(json.dumps(config))
+    assert evaluate_run(run, split="test") == json.loads((run / "results.json").read_text())["test"]
+    with open(data / "train.txt", "a") as train:
+        train.write("\nIMGID:extra\nword\tO\n")
+    expected = (
+        f"{data} changed since {run} was trained: train.txt changed (sha256 recorded in {run / 'config.json'}); "
+        "the scores would not be on the run's data: restore the files, or pass a copy of the changed folder "
+        "with --data-dir to score it deliberately"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        evaluate_run(run, split="test")
+    with pytest.raises(ValueError, match=re.escape("train.txt changed")):
+        evaluate_run(run, split="test", data_dir=tmp_path / "data" / ".." / "data")
+    # another folder is scored as asked
+    other = shutil.copytree(data, tmp_path / "copy")
+    assert (
+        evaluate_run(run, split="test", data_dir=other)
+        == json.loads((run / "results.json").read_text())["test"]
+    )
 
 
 @pytest.mark.slow

@@ -208,6 +208,10 @@ def test_existing_run_needs_resume_and_same_config(tmp_path):
         match=r"cannot resume .*run: settings differ from the run's: train.batch_size 4 -> 2; use another --out",
     ):
         train_from_cache(changed)
+    with open(data_dir / "train.txt", "a", encoding="utf-8") as f:
+        f.write("\n\n")  # the file changed since the run started (blank lines: the same posts, other bytes)
+    with pytest.raises(ValueError, match=r"settings differ from the run's: data_files\.train\.txt \"\w+"):
+        train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=2, resume=True))
 
 
 @pytest.mark.slow

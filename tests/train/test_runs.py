@@ -1,11 +1,12 @@
 """train/runs.py: the run folder's fingerprint check words the shared cache diff as it always did."""
 
+import hashlib
 import json
 import re
 
 import pytest
 
-from mner.train.runs import cache_differences
+from mner.train.runs import cache_differences, check_data_files, data_files_record, is_recorded_folder
 from tests.cache.factories import TINY_SPEC, synthetic_models
 
 
@@ -127,3 +128,34 @@ def test_release_removes_only_what_the_command_created(tmp_path):
     (empty.path / "metrics.jsonl").write_text("")
     empty.release()
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_check_data_files_names_what_changed_since_training(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text("a\n")
+    (data / "test.txt").write_text("b\n")
+    files = [data / name for name in ("train.txt", "valid.txt", "test.txt")]
+    record = {"data_files": data_files_record(files)}
+    assert record["data_files"] == {
+        "train.txt": hashlib.sha256(b"a\n").hexdigest(),
+        "test.txt": hashlib.sha256(b"b\n").hexdigest(),
+    }
+    check_data_files(record, files, tmp_path / "run")  # unchanged: nothing to say
+    check_data_files({}, [], tmp_path / "run")  # a run recorded before data_files: not checked
+    with open(data / "train.txt", "a") as train:
+        train.write("c\n")
+    (data / "valid.txt").write_text("v\n")
+    (data / "test.txt").unlink()
+    expected = (
+        f"{data} changed since {tmp_path / 'run'} was trained: test.txt is gone, train.txt changed, "
+        f"valid.txt is new (sha256 recorded in {tmp_path / 'run' / 'config.json'}); the scores would not "
+        "be on the run's data: restore the files, or pass a copy of the changed folder with --data-dir to "
+        "score it deliberately"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        check_data_files(record, files, tmp_path / "run")
+    assert is_recorded_folder(str(data), None) and is_recorded_folder(
+        str(data), tmp_path / "data" / ".." / "data"
+    )
+    assert not is_recorded_folder(str(data), tmp_path)
