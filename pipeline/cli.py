@@ -641,13 +641,30 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
     "--model",
     help="The model every --exp but model=NAME starts from (`mner models`) [default: from config, afdvqf].",
 )
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 1..N per experiment.")
+@click.option(
+    "--seeds",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Seeds 1..N per experiment; the only source of the seed (a --set, --grid or experiment "
+    "that sets train.seed is refused).",
+)
 @click.option(
     "--text-encoder", help="minilm | tiny-bert | a local Hugging Face folder [default: from config, minilm]."
 )
-@click.option("--epochs", type=int, help="Epochs per run [default: from config].")
+@click.option(
+    "--epochs",
+    type=int,
+    help="Epochs per run [default: from config]; refused beside a --set, --grid or experiment that "
+    "sets the epochs (without --epochs those are honoured).",
+)
 @click.option("--set", "overrides", multiple=True, help="Override for every run: section.key=value.")
-@click.option("--out", type=click.Path(file_okay=False), help="Ablation folder (required unless --list).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Ablation folder (required unless --list); a re-run into it continues it only with the "
+    "same settings.",
+)
 @click.option(
     "--bootstrap",
     type=int,
@@ -710,7 +727,6 @@ def ablate_cmd(
         from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
 
         settings = [*overrides]
-        settings += [f"classifier.epochs={epochs}"] if epochs is not None else []
         settings += [f"classifier.text_encoder={text_encoder}"] if text_encoder is not None else []
         path = run_class_ablation(
             ClassAblationConfig(
@@ -721,6 +737,7 @@ def ablate_cmd(
                 seeds=seeds,
                 overrides=settings,
                 bootstrap=bootstrap,
+                epochs=epochs,
             )
         )
         click.echo(Path(path).read_text())
@@ -811,8 +828,9 @@ def demo_data_cmd(out, seed, classification, posts):
 @click.option(
     "--plot",
     type=click.Path(file_okay=False),
-    help="Also write PNGs here: learning curves and per-type F1 of the runs, and for an ablation "
-    "folder its arms with error bars (needs matplotlib: pip install 'mner-cache[plot]').",
+    help="Also write PNGs here: learning curves and per-type F1 of tagging runs (a run still training: "
+    "its epochs so far), and for an ablation folder its arms with error bars (micro F1; accuracy and "
+    "macro F1 of a classifier ablation). Needs matplotlib: pip install 'mner-cache[plot]'.",
 )
 @_user_errors
 def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):

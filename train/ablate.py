@@ -15,16 +15,25 @@ its diff (`model.qfnet_layers=1,train.lr_fusion=0.001`, prefixed by the experime
 
 The ablation folder must be new, empty or ours (it holds our ablation.json, the record of the
 settings); a folder of other files is refused untouched, and so is a seed folder that is not a run
-of ours. A first run that fails before anything is trained leaves no folder behind.
+of ours. A first run that fails before anything is trained leaves no folder behind. A re-run into an
+ablation of ours continues it only when every arm resolves to the settings it recorded (RESOLVED).
+The seed of run k is k (`seeds`): a seed set anywhere else is refused, and so are epochs set by an
+experiment, `--set` or `--grid` beside `epochs`. Two arms that train the same thing (equal in what
+the model reads, model.used_settings) are refused; `all` leaves such experiments out. An arm's folder
+is `arm_folder(name)`, one path part. The classifier ablation (train/class_ablate.py) runs through
+the same functions (the section "shared with the classifier ablation" below).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +43,19 @@ from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import LOCK_NAME, FolderClaim, claim_folder, write_atomic
 from mner.train import significance
-from mner.train.config import RunConfig, check_model_name, load_run_config
+from mner.train.config import (
+    RUNTIME_SETTINGS,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    _parse_override,
+    check_model_name,
+    load_run_config,
+)
 from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
-from mner.train.runs import RESULTS_FILE, is_run_folder, read_results, write_json
+from mner.train.model import used_settings
+from mner.train.runs import RESULTS_FILE, differences, is_run_folder, read_results, write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +127,13 @@ class AblationConfig:
                 for name in ABLATIONS
                 if name == "full" or _applies(experiment_file(name), self.overrides, self.model)
             ]
+            left_out = [name for name in ABLATIONS if name not in self.experiments]
+            if left_out:
+                log.warning(
+                    "--exp all: left out %s, which change nothing model %s uses (or do not apply to it)",
+                    ", ".join(left_out),
+                    self.model or ModelConfig.name,
+                )
         if not self.experiments:
             self.experiments = ["full"]
         if self.model is not None:
@@ -124,10 +149,7 @@ class AblationConfig:
                     "model=NAME or the path of an existing config-diff .toml file"
                 )
         self.grid = list(self.grid)
-        names = [arm.name for arm in self.arms()]  # a malformed grid axis fails here, before any run
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"experiments {repeated} are given more than once (runs are stored by name)")
+        refuse_repeated_arms([arm.name for arm in self.arms()])  # a malformed grid axis fails here too
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, (int, list, tuple)):
             raise ValueError(f"seeds must be a count or a list of seeds, got {self.seeds!r}")
         if isinstance(self.seeds, int):
@@ -185,7 +207,7 @@ def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
     """The cartesian product of the axes "section.key=v1,v2,..." as override tuples; [()] for no grid.
 
     Raises ValueError for an axis that is not `section.key=values`, a key given twice, an empty or
-    repeated value, or a value holding "/" (arm names are folder names).
+    repeated value (also one written two ways: 1e-4 and 0.0001).
     """
     axes = []
     for text in grid:
@@ -197,8 +219,12 @@ def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
         options = [value.strip() for value in values.split(",")]
         if not all(options) or len(set(options)) != len(options):
             raise ValueError(f"--grid {text!r}: its values must be non-empty and distinct")
-        if any("/" in value for value in options):
-            raise ValueError(f"--grid {text!r}: a value may not hold '/', since arm names are folder names")
+        parsed = [_parse_override(f"{key}={value}")[2] for value in options]
+        for i, j in itertools.combinations(range(len(options)), 2):
+            if parsed[i] == parsed[j] and type(parsed[i]) is type(parsed[j]):
+                raise ValueError(
+                    f"--grid {text!r}: {options[i]} and {options[j]} are the same value; give it once"
+                )
         axes.append((key, options))
     return [
         tuple(f"{key}={value}" for (key, _), value in zip(axes, combination))
@@ -272,60 +298,203 @@ def run_ablation(cfg: AblationConfig) -> Path:
     every rank trains; rank 0 writes the tables.
     """
     out = Path(cfg.out_dir)
-    claim = claim_folder(out, ABLATION_FILE, ABLATION_KEYS, resume=None, what="ablation")
     # Checked for every experiment before the first run, not after hours of the earlier ones.
     for experiment in cfg.experiments:
         name, diff = experiment_name(experiment), experiment_file(experiment)
         _refuse_conflicting_overrides(name, diff, cfg.overrides)
         _refuse_noop_experiment(name, diff, cfg.overrides, experiment_model(experiment, cfg.model))
     _refuse_grid_conflicts(cfg)
+    refuse_seed_and_epochs(_set_keys(cfg), "train.seed", "train.epochs", cfg.epochs)
+    record = _record(cfg)
+    resolved = record[RESOLVED]["arms"]
+    refuse_identical_arms(
+        {
+            name: {"model": used_settings(ModelConfig.from_dict(arm["model"])), "train": arm["train"]}
+            for name, arm in resolved.items()
+        }
+    )
+    arms = {arm.name: arm for arm in cfg.arms()}
+    claim = claim_ablation(out, record, ABLATION_KEYS, "ablation")
     main = int(os.environ.get("RANK", "0")) == 0
-    if main:
-        claim.create()
-        write_json(out / ABLATION_FILE, _record(cfg))
     try:
-        return _run_all(cfg, out, main)
-    except BaseException:
+        rows = train_arms(
+            claim,
+            record,
+            [(name, seed) for name in arms for seed in cfg.seed_list()],
+            finished=lambda run_dir: is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file(),
+            train=lambda name, seed, run_dir: train_from_cache(_run_config(cfg, arms[name], seed, run_dir)),
+            row=_table_row,
+            main=main,
+        )
+        table = pd.DataFrame(rows)
+        md_path = out / ABLATION_MD
         if main:
-            _release_if_nothing_trained(claim)
-        raise
+            write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
+            summary = summary_markdown(table)
+            if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
+                summary += "\n" + significance_markdown(table, cfg.bootstrap)
+            write_atomic(md_path, summary)
+        return md_path
     finally:
         claim.unlock()
 
 
 def _record(cfg: AblationConfig) -> dict:
-    """ablation.json: the settings of the ablation (its keys are ABLATION_KEYS, text_encoder, grid and
-    model; each run's config.json records its resolved config, model.name included)."""
+    """ablation.json: the settings of the ablation as given (its keys are ABLATION_KEYS, text_encoder,
+    grid and model) and, under RESOLVED, as every arm resolves them (what a re-run must match; each
+    run's config.json records its own resolved config, model.name included)."""
     record = {key: getattr(cfg, key) for key in ABLATION_KEYS if key != "data"}
     record.update(data=cfg.data.to_dict(), text_encoder=cfg.text_encoder, grid=cfg.grid, model=cfg.model)
+    arms = {arm.name: _arm_settings(_run_config(cfg, arm, 0, "-")) for arm in cfg.arms()}
+    record[RESOLVED] = resolved_record(cfg.seed_list(), cfg.cache_dir, cfg.data.to_dict(), arms)
     return record
+
+
+def _arm_settings(run: RunConfig) -> dict:
+    """An arm's resolved model and train settings, less the seed (each run has its own) and the
+    settings that change how a run is carried out, not what it trains (device, amp, workers)."""
+    train = {
+        key: value
+        for key, value in run.train.to_dict().items()
+        if key != "seed" and f"train.{key}" not in RUNTIME_SETTINGS - {"train.epochs", "train.patience"}
+    }
+    return {"model": run.model.to_dict(), "train": train}
+
+
+def _set_keys(cfg: AblationConfig) -> list[tuple[str, str]]:
+    """(where, section.key) of every setting the ablation's --set, --grid and experiments give."""
+    found = [(f"--set {text}", text.split("=", 1)[0].strip()) for text in cfg.overrides]
+    found += [(f"--grid {text}", text.partition("=")[0].strip()) for text in cfg.grid]
+    for experiment in cfg.experiments:
+        diff = experiment_file(experiment)
+        if diff is not None:
+            where = f"experiment {experiment_name(experiment)} ({diff})"
+            found += [(where, key) for key in sorted(_diff_keys(diff))]
+    return found
+
+
+# ------------------------------------------------------------------- shared with the classifier ablation
+
+# The key of ablation.json holding the resolved settings a re-run into the folder must match.
+RESOLVED = "resolved"
+
+
+def resolved_record(seeds: list[int], cache_dir: str | None, data: dict, arms: dict[str, dict]) -> dict:
+    """ablation.json's RESOLVED part: seeds, the cache (absolute), the data and each arm's settings."""
+    cache = str(Path(cache_dir).resolve()) if cache_dir is not None else None
+    return {"seeds": list(seeds), "cache_dir": cache, "data": data, "arms": arms}
+
+
+def arm_folder(name: str) -> str:
+    """The folder of the arm `name` in its ablation folder: one path part whatever the name holds (a
+    grid value or a classifier diff may be a path, as text_encoder=../enc), so no arm writes outside."""
+    folder = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+    return "_" * len(folder) if set(folder) <= {"."} else folder
+
+
+def refuse_repeated_arms(names: list[str]) -> None:
+    """Runs are stored by arm name: refuse a name given twice, or two names that share a folder."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"experiments {repeated} are given more than once (runs are stored by name)")
+    folders: dict[str, str] = {}
+    for name in names:
+        other = folders.setdefault(arm_folder(name), name)
+        if other != name:
+            raise ValueError(
+                f"experiments {other!r} and {name!r} would share the folder {arm_folder(name)} "
+                "(a character outside letters, digits and ._=,+- is written _); give one of them otherwise"
+            )
+
+
+def refuse_identical_arms(settings: dict[str, dict]) -> None:
+    """Refuse two arms (name -> the settings its model and training read) that would train the same
+    thing: a no-op arm (a weight of a loss the model does not have) or a value written twice."""
+    seen: dict[str, str] = {}
+    for name, used in settings.items():
+        key = json.dumps(used, sort_keys=True)
+        if key in seen:
+            raise ValueError(
+                f"experiments {seen[key]!r} and {name!r} would train the same model the same way (they "
+                "differ only in settings the model does not use, or in how a value is written); drop one"
+            )
+        seen[key] = name
+
+
+def refuse_seed_and_epochs(keys: list[tuple[str, str]], seed_key: str, epochs_key: str, epochs) -> None:
+    """An ablation gives every run its seed (--seeds) and may give every run its epochs (--epochs);
+    a setting of either key elsewhere (`keys`: where, section.key) would be overridden in silence."""
+    for where, key in keys:
+        if key == seed_key:
+            raise ValueError(
+                f"{where} sets {seed_key}, but the seed comes from --seeds (run k of every arm has "
+                "seed k, and each would be overridden); drop it and choose the seeds with --seeds"
+            )
+        if key == epochs_key and epochs is not None:
+            raise ValueError(f"{where} sets {epochs_key}, and so does --epochs {epochs}; drop one of them")
+
+
+def claim_ablation(out: Path, record: dict, keys: tuple[str, ...], what: str) -> FolderClaim:
+    """The ablation folder `out` (mner.runtime.claim_folder: new, empty or ours; nothing created yet).
+
+    An ablation of ours is continued only with the settings it was started with (its ablation.json's
+    RESOLVED part, or its given settings for a record without one): otherwise finished arms would be
+    skipped and new ones trained under other settings, and the two compared in one table.
+    """
+    claim = claim_folder(out, ABLATION_FILE, keys, resume=None, what=what)
+    if claim.state == "ours":
+        old = json.loads((out / ABLATION_FILE).read_text(encoding="utf-8"))
+        if RESOLVED in old:
+            changed = differences(old[RESOLVED], record[RESOLVED])
+        else:
+            changed = differences({key: old.get(key) for key in keys}, {key: record.get(key) for key in keys})
+        if changed:
+            raise ValueError(
+                f"the {what} in {out} was started with other settings: {'; '.join(changed)}; re-run it "
+                f"with its own settings ({out / ABLATION_FILE}) to continue it, or choose another --out"
+            )
+    return claim
+
+
+def train_arms(
+    claim: FolderClaim,
+    record: dict,
+    runs: list[tuple[str, int]],
+    finished: Callable[[Path], bool],
+    train: Callable[[str, int, Path], object],
+    row: Callable[[str, int, Path], dict],
+    main: bool = True,
+) -> list[dict]:
+    """Train every (arm name, seed) of `runs` into <ablation>/<arm_folder(name)>/seed<k>/ unless it is
+    `finished` (a killed ablation re-run picks up where it stopped); returns `row` of every run.
+
+    The folder is created and `record` written first (by rank 0, `main`). When a run fails and the
+    folder holds nothing but the record, the folder this ablation made is removed again.
+    """
+    out = claim.path
+    if main:
+        claim.create()
+        write_json(out / ABLATION_FILE, record)
+    try:
+        rows = []
+        for name, seed in runs:
+            run_dir = out / arm_folder(name) / f"seed{seed}"
+            if finished(run_dir):
+                log.info("%s: finished earlier, skipped", run_dir)
+            else:
+                train(name, seed, run_dir)
+            rows.append(row(name, seed, run_dir))
+        return rows
+    except BaseException:
+        if main:
+            _release_if_nothing_trained(claim)
+        raise
 
 
 def _release_if_nothing_trained(claim: FolderClaim) -> None:
     """Remove the folder this ablation made when nothing but its record is in it."""
     if claim.path.is_dir() and {p.name for p in claim.path.iterdir()} <= {ABLATION_FILE, LOCK_NAME}:
         claim.release()
-
-
-def _run_all(cfg: AblationConfig, out: Path, main: bool) -> Path:
-    rows = []
-    for arm in cfg.arms():
-        for seed in cfg.seed_list():
-            run_dir = out / arm.name / f"seed{seed}"
-            if is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file():
-                log.info("%s: finished earlier, skipped", run_dir)
-            else:
-                train_from_cache(_run_config(cfg, arm, seed, run_dir))
-            rows.append(_table_row(arm.name, seed, run_dir))
-    table = pd.DataFrame(rows)
-    md_path = out / ABLATION_MD
-    if main:
-        write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
-        summary = summary_markdown(table)
-        if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
-            summary += "\n" + significance_markdown(table, cfg.bootstrap)
-        write_atomic(md_path, summary)
-    return md_path
 
 
 def _run_config(cfg: AblationConfig, arm: Arm, seed: int, run_dir: Path) -> RunConfig:
@@ -352,10 +521,7 @@ def _refuse_conflicting_overrides(name: str, diff: Path | None, overrides: list[
     """An override of a key the experiment sets would silently undo the experiment."""
     if diff is None:
         return
-    table = configs.load_toml(diff)
-    diff_keys = {
-        f"{section}.{key}" for section, values in table.items() if isinstance(values, dict) for key in values
-    }
+    diff_keys = _diff_keys(diff)
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         if key in diff_keys:
@@ -363,6 +529,14 @@ def _refuse_conflicting_overrides(name: str, diff: Path | None, overrides: list[
                 f"override {override!r} sets {key}, which experiment {name} ({diff}) changes; "
                 "drop the override or write a new experiment file"
             )
+
+
+def _diff_keys(diff: Path) -> set[str]:
+    """The section.key names a config-diff file sets."""
+    table = configs.load_toml(diff)
+    return {
+        f"{section}.{key}" for section, values in table.items() if isinstance(values, dict) for key in values
+    }
 
 
 def _refuse_grid_conflicts(cfg: AblationConfig) -> None:
@@ -387,15 +561,22 @@ def _applies(diff: Path | None, overrides: list[str], model: str | None) -> bool
 
 
 def _changes_config(diff: Path | None, overrides: list[str], model: str | None) -> bool:
-    """Whether a diff file changes the config of `model` with these overrides."""
-    return diff is not None and load_run_config(
-        config_file=diff, overrides=list(overrides), model=model
-    ) != load_run_config(overrides=list(overrides), model=model)
+    """Whether a diff file changes what the model of `model` reads of its config (used_settings) or
+    its training, with these overrides."""
+    return diff is not None and _used(
+        load_run_config(config_file=diff, overrides=list(overrides), model=model)
+    ) != _used(load_run_config(overrides=list(overrides), model=model))
+
+
+def _used(pair: tuple[ModelConfig, TrainConfig]) -> dict:
+    model_cfg, train_cfg = pair
+    return {"model": used_settings(model_cfg), "train": train_cfg.to_dict()}
 
 
 def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str], model: str | None) -> None:
-    """An experiment whose diff resolves to its model's config would train `full` again under its name
-    (no_slot_type over afdvqf, whose slot_type loss is off already, is refused).
+    """An experiment whose diff resolves to its model's config, as far as the model reads it, would
+    train `full` again under its name (no_slot_type over afdvqf, whose slot_type loss is off already, and
+    no_align over bert-crf, which has no image to align, are refused).
 
     (Configs refuse a switch that does nothing, such as adaptive_gate on a fusion without a gate, so
     an unchanged config is the one way an ablation could be a silent no-op.)
@@ -404,8 +585,9 @@ def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str], 
         return
     if not _changes_config(diff, overrides, model):
         raise ValueError(
-            f"experiment {name} ({diff}) changes nothing: the base config with these overrides already "
-            "holds every value it sets; drop the experiment or change the base"
+            f"experiment {name} ({diff}) changes nothing the model uses: the base config with these "
+            "overrides already holds every value it sets, or the model ignores it (a text-only model has "
+            "no visual part); drop the experiment or change the base"
         )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +31,14 @@ from PIL import Image, ImageDraw, ImageFont
 from mner.cache.datasets import SPLITS, Split, resolve_data
 from mner.cache.inspect import draw_regions, record_regions, save_png
 from mner.cache.reader import CacheReader
+from mner.cache.shards import MANIFEST_NAME
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
+from mner.train.classify import is_classifier_run
 from mner.train.metrics import entities
-from mner.train.runs import check_data_files, read_record, run_config
+from mner.train.runs import check_data_files, read_record, run_config, unfinished
 from mner.train.significance import read_predictions
+
+log = logging.getLogger(__name__)
 
 CASES_FILE = "cases.json"
 INDEX_FILE = "index.html"
@@ -126,7 +131,7 @@ def write_cases(cfg: CasesConfig) -> Path:
         in the split, or the output folder may not be written (not ours, or an input).
     """
     run_a, run_b, out = Path(cfg.run_a), Path(cfg.run_b), Path(cfg.out_dir)
-    record_a, record_b = read_record(run_a), read_record(run_b)
+    record_a, record_b = _tagging_run(run_a), _tagging_run(run_b)
     pred_a, pred_b = _pred_file(run_a, cfg.split), _pred_file(run_b, cfg.split)
     words, gold, tags_a = read_predictions(pred_a)
     words_b, gold_b, tags_b = read_predictions(pred_b)
@@ -164,8 +169,16 @@ def write_cases(cfg: CasesConfig) -> Path:
         for i, post in enumerate(split.posts)
     ]
     shown = _select(posts, cfg, split)
-    # The cache the images come from: B's, else A's (a text-only run has none); None: raw images only.
-    cache = next((r["cache"]["dir"] for r in (record_b, record_a) if r.get("cache")), None)
+    # The cache the images come from: B's, else A's (a text-only run has none); None: raw images only,
+    # also when the runs' caches are gone (from --image-dir, else the image folder B trained with).
+    recorded = [r["cache"]["dir"] for r in (record_b, record_a) if r.get("cache")]
+    cache = next((c for c in recorded if (Path(c) / MANIFEST_NAME).is_file()), None)
+    for gone in recorded[: recorded.index(cache) if cache else len(recorded)]:
+        log.warning(
+            "the cache %s is gone: the pictures are %s",
+            gone,
+            f"from {cache}" if cache else f"the raw images of {source.image_dir}, without regions",
+        )
 
     refuse_inputs_as_output(
         out,
@@ -234,8 +247,24 @@ def summary_line(summary: dict) -> str:
 # ------------------------------------------------------------------------------------------ reading
 
 
+def _tagging_run(run_dir: Path) -> dict:
+    """The record of a tagging run; ValueError for a classifier run or a folder that is no run."""
+    if is_classifier_run(run_dir):
+        raise ValueError(
+            f"{run_dir} is a classifier run: cases compares tagging runs only (their pred_<split>.conll "
+            "of tagged words); compare classifier runs with `mner results`"
+        )
+    return read_record(run_dir)
+
+
 def _pred_file(run_dir: Path, split: str) -> Path:
     path = run_dir / f"pred_{split}.conll"
+    status = None if path.is_file() else unfinished(run_dir)
+    if status is not None:
+        raise ValueError(
+            f"{run_dir} is {status}: it writes {path.name} when it finishes; wait for it, or continue it "
+            "with `mner train-from-cache --resume`"
+        )
     if not path.is_file():
         raise ValueError(
             f"{run_dir} has no pred_{split}.conll (training writes pred_valid.conll, and pred_test.conll "

@@ -2,9 +2,13 @@
 --exp mode=both --exp head=cnn ...`, each arm x seed trained from one cache, summarised as mean ± std.
 
 An experiment is a diff over the base classifier config (`--config`, `--set classifier.KEY=VALUE`):
-`KEY=VALUE[,KEY=VALUE...]` of ClassifierConfig fields (`mode=both,head=xattn`), or `base` for none.
-Every run goes to <out>/<experiment>/seed<k>/ through `train_classifier` (classifier.seed = k); a run
-whose results.json exists is skipped, so a killed ablation re-run picks up where it stopped.
+`KEY=VALUE[,KEY=VALUE...]` of ClassifierConfig fields (`mode=both,head=xattn`), or `base` (also
+`full`, as on the tagging side) for none. Every run goes to <out>/<experiment>/seed<k>/ through
+`train_classifier` (classifier.seed = k; the folder name is train.ablate.arm_folder's, so a diff naming
+a path stays inside <out>); a run whose results.json exists is skipped, so a killed ablation re-run
+picks up where it stopped. The folder, the resume rule (the same resolved settings), the seed and
+epochs rules and the refusal of arms that train the same thing are the tagging ablation's
+(train/ablate.py), shared.
 
 Tables beside the runs: ablation.csv (one row per run: accuracy, macro P/R/F1 and per-class F1, in
 percent, on test, or valid without a labelled test split) and ablation.md (mean ± sample std per
@@ -17,16 +21,29 @@ The folder must be new, empty or ours (its ablation.json has task "classificatio
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from mner import configs
 from mner.cache.classification import ClassDataConfig
-from mner.runtime import claim_folder, write_atomic
+from mner.runtime import write_atomic
 from mner.train import significance
-from mner.train.ablate import ABLATION_CSV, ABLATION_FILE, ABLATION_MD, bootstrap_markdown, mean_std_markdown
+from mner.train.ablate import (
+    ABLATION_CSV,
+    ABLATION_MD,
+    ALL,
+    RESOLVED,
+    bootstrap_markdown,
+    claim_ablation,
+    mean_std_markdown,
+    refuse_identical_arms,
+    refuse_repeated_arms,
+    refuse_seed_and_epochs,
+    resolved_record,
+    train_arms,
+)
 from mner.train.classify import (
     TASK,
     ClassifierConfig,
@@ -38,11 +55,10 @@ from mner.train.classify import (
 )
 from mner.train.config import _parse_override
 from mner.train.evaluate import PERCENT
-from mner.train.runs import RESULTS_FILE, read_results, write_json
-
-log = logging.getLogger(__name__)
+from mner.train.runs import RESULTS_FILE, read_results
 
 BASE = "base"  # the experiment that changes nothing
+FULL = "full"  # the tagging side's name of the same arm, accepted as BASE
 CLASS_ABLATION_KEYS = ("task", "experiments", "seeds", "overrides", "cache_dir", "data")
 
 
@@ -58,55 +74,93 @@ class ClassAblationConfig:
     config_file: str | None = None  # a TOML [classifier] table under every run
     overrides: list[str] = field(default_factory=list)  # classifier.KEY=VALUE for every run
     bootstrap: int = significance.DEFAULT_RESAMPLES  # resamples of the accuracy test; 0: none
+    epochs: int | None = None  # epochs per run (--epochs); None keeps the config's
 
     def __post_init__(self):
         if not self.experiments:
             raise ValueError(f"no experiments given; e.g. --exp mode=text --exp mode=both, or --exp {BASE}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds!r}")
-        names = self.experiments
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"experiments {repeated} are given more than once (runs are stored by name)")
+        self.experiments = [BASE if name == FULL else name for name in self.experiments]
+        for experiment in self.experiments:
+            if experiment != BASE and "=" not in experiment:
+                raise ValueError(
+                    f"experiment {experiment!r} is not a classifier diff: a classification folder's arms are "
+                    f"KEY=VALUE[,KEY=VALUE] diffs of the classifier config (--exp mode=text --exp head=cnn) "
+                    f"or {BASE} (or {FULL}): the config as it is; {ALL} and the named experiments "
+                    "(`mner ablate --list`) are the tagging ablation's"
+                )
+        refuse_repeated_arms(self.experiments)
+        refuse_seed_and_epochs(self._set_keys(), "classifier.seed", "classifier.epochs", self.epochs)
         for experiment in self.experiments:
             self.arm_config(experiment, seed=1)  # a bad key or value fails here, before any run
 
+    def _diff(self, experiment: str) -> list[str]:
+        return [] if experiment == BASE else [f"classifier.{part}" for part in experiment.split(",")]
+
+    def _set_keys(self) -> list[tuple[str, str]]:
+        """(where, classifier.KEY) of every setting the file, --set and the arms give."""
+        found = []
+        if self.config_file is not None:
+            table = configs.load_toml(Path(self.config_file)).get("classifier", {})
+            found += [(str(self.config_file), f"classifier.{key}") for key in table]
+        found += [(f"--set {text}", text.split("=", 1)[0].strip()) for text in self.overrides]
+        for experiment in self.experiments:
+            found += [
+                (f"experiment {experiment!r}", text.split("=", 1)[0]) for text in self._diff(experiment)
+            ]
+        return found
+
     def arm_config(self, experiment: str, seed: int) -> ClassifierConfig:
-        """The classifier config of one arm and seed: the file, the overrides, the arm's diff, the seed."""
-        diff = [] if experiment == BASE else [f"classifier.{part}" for part in experiment.split(",")]
+        """The classifier config of one arm and seed: the file, the overrides, the arm's diff, the seed
+        and --epochs."""
+        diff = self._diff(experiment)
         for text in diff:
             section, key, _ = _parse_override(text)
-            if key == "seed":
-                raise ValueError(f"experiment {experiment!r}: the seed comes from --seeds, not from an arm")
             if any(o.split("=", 1)[0].strip() == f"classifier.{key}" for o in self.overrides):
                 raise ValueError(f"experiment {experiment!r} sets classifier.{key}, which --set also sets")
         try:
-            return load_classifier_config(self.config_file, [*self.overrides, *diff], seed=seed)
+            return load_classifier_config(
+                self.config_file, [*self.overrides, *diff], seed=seed, epochs=self.epochs
+            )
         except ValueError as err:
             raise ValueError(f"experiment {experiment!r}: {err}") from None
+
+    def record(self) -> dict:
+        """ablation.json: the settings as given, and under RESOLVED as every arm resolves them (less
+        the seed and the device) with the seeds, the cache and the data: what a re-run must match."""
+        given = {key: getattr(self, key) for key in CLASS_ABLATION_KEYS if key not in ("task", "data")}
+        arms = {}
+        for experiment in self.experiments:
+            settings = self.arm_config(experiment, seed=0).to_dict()
+            arms[experiment] = {k: v for k, v in settings.items() if k not in ("seed", "device")}
+        data = self.data.to_dict()
+        resolved = resolved_record(list(range(1, self.seeds + 1)), self.cache_dir, data, arms)
+        return {"task": TASK, **given, "data": data, "epochs": self.epochs, RESOLVED: resolved}
 
 
 def run_class_ablation(cfg: ClassAblationConfig) -> Path:
     """Train every experiment x seed (skipping finished runs); returns the path of ablation.md."""
     out = Path(cfg.out_dir)
-    claim = claim_folder(out, ABLATION_FILE, CLASS_ABLATION_KEYS, resume=None, what="classifier ablation")
-    claim.create()
+    record = cfg.record()
+    refuse_identical_arms(record[RESOLVED]["arms"])
+    claim = claim_ablation(out, record, CLASS_ABLATION_KEYS, "classifier ablation")
+
+    def train(experiment: str, seed: int, run_dir: Path) -> None:
+        c = cfg.arm_config(experiment, seed)  # a mode=text arm never opens cfg.cache_dir
+        train_classifier(
+            ClassifierRunConfig(data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cfg.cache_dir)
+        )
+
     try:
-        record = {key: getattr(cfg, key) for key in CLASS_ABLATION_KEYS if key not in ("task", "data")}
-        write_json(out / ABLATION_FILE, {"task": TASK, **record, "data": cfg.data.to_dict()})
-        rows = []
-        for experiment in cfg.experiments:
-            for seed in range(1, cfg.seeds + 1):
-                run_dir = out / experiment / f"seed{seed}"
-                if is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file():
-                    log.info("%s: finished earlier, skipped", run_dir)
-                else:
-                    c = cfg.arm_config(experiment, seed)  # a mode=text arm never opens cfg.cache_dir
-                    run = ClassifierRunConfig(
-                        data=cfg.data, out_dir=str(run_dir), classifier=c, cache_dir=cfg.cache_dir
-                    )
-                    train_classifier(run)
-                rows.append(_row(experiment, seed, run_dir))
+        rows = train_arms(
+            claim,
+            record,
+            [(experiment, seed) for experiment in cfg.experiments for seed in range(1, cfg.seeds + 1)],
+            finished=lambda run_dir: is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file(),
+            train=train,
+            row=_row,
+        )
         table = pd.DataFrame(rows)
         write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
         summary = class_summary_markdown(table)

@@ -38,6 +38,7 @@ from mner.train.runs import (
     read_record,
     read_results,
     run_config,
+    unfinished,
     warn_if_unfinished,
     write_json,
 )
@@ -246,9 +247,9 @@ def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
     """(micro scores or None, status) of one run."""
     if not is_run_folder(run_dir):
         return None, "not a run folder (no config.json of ours)"
-    if not (run_dir / RESULTS_FILE).is_file():
-        epochs = read_record(run_dir)["train"]["epochs"]
-        return None, f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
+    status = unfinished(run_dir)
+    if status is not None:
+        return None, status
     results = read_results(run_dir)
     if split not in results:
         return None, f"no {split} results; run `mner evaluate {run_dir} --split {split}`"

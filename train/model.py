@@ -30,6 +30,39 @@ from mner.train.registry import AUX_LOSSES, HEADS, TASKS
 from mner.train.text import load_encoder
 from mner.train.visual import VisualTokenBuilder
 
+# What a text-only model reads of its config: model.text_only builds no visual token builder, no
+# fusion and none of the auxiliary losses that need an image (MNERModel.__init__).
+_TEXT_PATH = (
+    "text_encoder",
+    "task",
+    "head",
+    "bio_constraints",
+    "max_length",
+    "dropout",
+    "label_smoothing",
+    "emission_temperature",
+    "bilstm",
+    "lstm_hidden",
+    "text_only",
+)
+# What only the MANGO fusion reads (train/mango.py); another fusion ignores these fields.
+_MANGO_ONLY = ("resampler", "resampler_queries", "stack_layers", "rel_temp", "align_warmup_epochs", "nce_tau")
+
+
+def used_settings(cfg: ModelConfig) -> dict:
+    """The fields of `cfg` the model built from it reads (model.name, which only records the file the
+    settings came from, left out): two configs with equal used settings train the same model, so an
+    ablation arm that differs from another only elsewhere is a no-op."""
+    settings = cfg.to_dict()
+    del settings["name"]
+    if cfg.text_only:
+        image_free = {w for n, w in AUX_LOSSES.weights.items() if not AUX_LOSSES.get(n).needs_image}
+        return {key: value for key, value in settings.items() if key in {*_TEXT_PATH, *image_free}}
+    if cfg.fusion != "mango":
+        for key in _MANGO_ONLY:
+            del settings[key]
+    return settings
+
 
 class MNERModel(nn.Module):
     """Multimodal NER tagger over cached image tokens (text-only when cfg.text_only)."""

@@ -175,6 +175,15 @@ def read_results(run_dir) -> dict:
     )
 
 
+def unfinished(run_dir) -> str | None:
+    """None for a finished run (it has results.json); else "unfinished (epoch k/N)": the epochs its
+    metrics.jsonl holds of the train.epochs it records."""
+    if (Path(run_dir) / RESULTS_FILE).is_file():
+        return None
+    epochs = read_record(run_dir)["train"]["epochs"]
+    return f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
+
+
 def warn_if_unfinished(run_dir) -> None:
     """Log a warning when the run has no results.json (it was killed or failed before the end): a
     command that scores it scores the best weights saved so far, which a finished run may not keep."""
@@ -342,10 +351,16 @@ def resume_differences(old: dict, new: dict) -> list[str]:
     a, b = ({key: record.get(key) for key in _RESUME_KEYS} for record in (old, new))
     for side, record in ((a, old), (b, new)):
         side["cache.fingerprint"] = (record.get("cache") or {}).get("fingerprint")
+    return differences(a, b, skip=RUNTIME_SETTINGS)
+
+
+def differences(old: dict, new: dict, skip=frozenset()) -> list[str]:
+    """Lines "train.lr_encoder 3e-05 -> 0.001" for every leaf where two settings records differ,
+    but the dotted keys in `skip` (a resume of a run, or of an ablation, refuses any of them)."""
     return [
         f"{key} {_short(x)} -> {_short(y)}"
-        for key, (x, y) in fingerprint_diff(a, b).items()
-        if key not in RUNTIME_SETTINGS
+        for key, (x, y) in fingerprint_diff(old, new).items()
+        if key not in skip
     ]
 
 

@@ -150,7 +150,7 @@ def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
 
 def make_prediction_pair(tmp_path: Path, posts, cache_a=False, cache_b=True, statuses=None, images=True):
     """Data folder + two run folders A and B, each with a real config.json (runs.make_record) and a
-    pred_test.conll (metrics.write_conll), nothing trained. posts: (key, words, gold, A's tags, B's
+    pred_test.conll (metrics.write_conll) and a results.json that marks it finished, nothing trained. posts: (key, words, gold, A's tags, B's
     tags), each a space-separated string. B (A) records a synthetic cache of every key when cache_b
     (cache_a); statuses as make_cache's; images: a JPEG per key under data/images.
     Returns (run_a, run_b, data_dir)."""
@@ -176,6 +176,7 @@ def make_prediction_pair(tmp_path: Path, posts, cache_a=False, cache_b=True, sta
         labels = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
         write_json(run_dir / "config.json", make_record(cfg, source, labels, tmp_path, reader))
         write_conll(run_dir / "pred_test.conll", split, [post[column].split() for post in posts])
+        write_json(run_dir / "results.json", {"best_epoch": 1})  # finished (the scores are not read)
         runs.append(run_dir)
     return runs[0], runs[1], data_dir
 

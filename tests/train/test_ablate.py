@@ -280,7 +280,8 @@ def test_an_experiment_that_changes_nothing_is_refused(tmp_path):
     same.write_text("# same_layers: the base's layer count again\n[model]\nqfnet_layers = 2\n")
     cfg = _config(experiments=["full", str(same)], out_dir=str(tmp_path / "out"))
     expected = (
-        f"experiment same_layers ({same}) changes nothing: the base config with these overrides already"
+        f"experiment same_layers ({same}) changes nothing the model uses: the base config with these "
+        "overrides already"
     )
     with pytest.raises(ValueError, match=re.escape(expected)):
         run_ablation(cfg)
@@ -431,8 +432,8 @@ def test_grid_points_are_the_cartesian_product_in_order():
         ),
         (["model.dropout=0.1,0.1"], "its values must be non-empty and distinct"),
         (
-            ["model.text_encoder=/models/a,/models/b"],
-            "a value may not hold '/', since arm names are folder names",
+            ["train.lr_encoder=1e-4,0.0001"],
+            "--grid 'train.lr_encoder=1e-4,0.0001': 1e-4 and 0.0001 are the same value; give it once",
         ),
     ],
 )
@@ -551,3 +552,137 @@ def test_model_arm_and_model_errors(tmp_path):
     message = f"experiment no_slot_type ({experiment_file('no_slot_type')}) changes nothing"
     with pytest.raises(ValueError, match=re.escape(message)):
         run_ablation(cfg)
+
+
+# ------------------------------------------------------------------ re-runs, seeds, epochs, no-op arms
+
+
+class Trained(Exception):
+    """Raised by a stand-in for training: the ablation got as far as its first run."""
+
+
+def _stop_at_training(monkeypatch) -> list:
+    started = []
+
+    def train(run_cfg):
+        started.append(run_cfg)
+        raise Trained
+
+    monkeypatch.setattr(ablate, "train_from_cache", train)
+    return started
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, monkeypatch):
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "out"
+    base = dict(
+        data=DataConfig(data_dir=str(data_dir)),
+        cache_dir=str(tmp_path / "cache"),
+        experiments=["text_only"],
+        out_dir=str(out),
+    )
+    out.mkdir()
+    (out / "ablation.json").write_text(json.dumps(ablate._record(_config(**base, epochs=1))))
+    (out / "text_only").mkdir()  # an earlier arm's folder: the re-run must not be told it is ours to skip
+    for changes, difference in (
+        (dict(epochs=3), "arms.text_only.train.epochs 1 -> 3"),
+        (dict(epochs=1, overrides=["train.lr_fusion=0.5"]), "arms.text_only.train.lr_fusion 0.0001 -> 0.5"),
+        (dict(epochs=1, seeds=2), "seeds [1] -> [1, 2]"),
+        (dict(epochs=1, experiments=["text_only", "qfnet1"]), "arms.qfnet1 null -> "),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(f'the ablation in {out} was started with other settings: ')}"
+        ):
+            run_ablation(_config(**{**base, **changes}))
+        with pytest.raises(ValueError, match=re.escape(difference)):
+            run_ablation(_config(**{**base, **changes}))
+    # The same settings (a device is how a run is carried out, not what it trains) continue it.
+    started = _stop_at_training(monkeypatch)
+    with pytest.raises(Trained):
+        run_ablation(_config(**base, epochs=1, overrides=["train.device=cpu"]))
+    assert [run.out_dir for run in started] == [str(out / "text_only" / "seed1")]
+
+
+def test_the_seed_and_the_epochs_are_not_overridden_in_silence(tmp_path, monkeypatch):
+    data_dir, _ = make_data(tmp_path)
+    base = dict(data=DataConfig(data_dir=str(data_dir)), out_dir=str(tmp_path / "out"))
+    for changes, message in (
+        (
+            dict(grid=["train.seed=5,7"]),
+            "--grid train.seed=5,7 sets train.seed, but the seed comes from --seeds",
+        ),
+        (
+            dict(overrides=["train.seed=9"]),
+            "--set train.seed=9 sets train.seed, but the seed comes from --seeds",
+        ),
+        (
+            dict(grid=["train.epochs=1,3"], epochs=2),
+            "--grid train.epochs=1,3 sets train.epochs, and so does --epochs 2; drop one of them",
+        ),
+        (
+            dict(overrides=["train.epochs=4"], epochs=2),
+            "--set train.epochs=4 sets train.epochs, and so does --epochs 2; drop one of them",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            run_ablation(_config(**base, **changes))
+    diff = tmp_path / "three.toml"
+    diff.write_text("[train]\nepochs = 3\n")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"experiment three ({diff}) sets train.epochs, and so does --epochs 2; drop one"),
+    ):
+        run_ablation(_config(**base, experiments=[str(diff)], epochs=2))
+    assert not (tmp_path / "out").exists()
+    # Without --epochs the experiment's and the grid's epochs are what the runs train.
+    started = _stop_at_training(monkeypatch)
+    with pytest.raises(Trained):
+        run_ablation(_config(**base, experiments=[str(diff)], overrides=["model.text_only=true"]))
+    with pytest.raises(Trained):
+        run_ablation(
+            _config(
+                **{**base, "out_dir": str(tmp_path / "grid")},
+                grid=["train.epochs=4,5"],
+                overrides=["model.text_only=true"],
+            )
+        )
+    assert [run.train.epochs for run in started] == [3, 4]
+
+
+def test_arms_that_train_the_same_model_are_left_out_or_refused(tmp_path):
+    # bert-crf has no image: every registry experiment but full changes only what it does not use.
+    assert _config(experiments=["all"], model="bert-crf").experiments == ["full"]
+    data_dir, _ = make_data(tmp_path)
+    base = dict(data=DataConfig(data_dir=str(data_dir)), out_dir=str(tmp_path / "out"))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"experiment no_align ({experiment_file('no_align')}) changes nothing the model"),
+    ):
+        run_ablation(_config(**base, experiments=["full", "no_align"], model="bert-crf"))
+    # afdvqf made text-only reads exactly what bert-crf reads.
+    with pytest.raises(
+        ValueError,
+        match=re.escape("experiments 'text_only' and 'bert-crf' would train the same model the same way"),
+    ):
+        run_ablation(_config(**base, experiments=["text_only", "model=bert-crf"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_arm_folders_stay_inside_the_ablation_folder(tmp_path, monkeypatch):
+    assert ablate.arm_folder("model.text_encoder=../../x") == "model.text_encoder=.._.._x"
+    assert ablate.arm_folder("..") == "__"
+    with pytest.raises(ValueError, match=re.escape("experiments 'a/b' and 'a_b' would share the folder a_b")):
+        ablate.refuse_repeated_arms(["a/b", "a_b"])
+    data_dir, _ = make_data(tmp_path)
+    out = tmp_path / "deep" / "out"
+    started = _stop_at_training(monkeypatch)
+    cfg = _config(
+        data=DataConfig(data_dir=str(data_dir)),
+        experiments=["text_only"],
+        grid=["model.text_encoder=../../../enc,tiny-bert"],
+        out_dir=str(out),
+    )
+    with pytest.raises(Trained):
+        run_ablation(cfg)
+    assert started[0].out_dir == str(out / "text_only,model.text_encoder=.._.._.._enc" / "seed1")
+    assert not out.exists() and not (tmp_path / "deep").exists()  # nothing was trained: nothing is left

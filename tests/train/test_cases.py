@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from itertools import product
 from pathlib import Path
 
@@ -265,3 +266,39 @@ def test_a_split_file_that_no_longer_matches_the_predictions_is_refused(tmp_path
 def test_a_split_name_that_is_a_path_is_refused():
     with pytest.raises(ValueError, match=r"^split must be a split name such as test or valid, got '../x'$"):
         CasesConfig(run_a="a", run_b="b", out_dir="o", split="../x")
+
+
+def test_a_run_still_training_and_a_classifier_run_are_named_as_such(tmp_path):
+    run_a, run_b, _ = make_prediction_pair(tmp_path, POSTS)
+    (run_b / "pred_test.conll").unlink()  # B is still training: its predictions come at the end
+    (run_b / "results.json").unlink()
+    (run_b / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    epochs = json.loads((run_b / "config.json").read_text())["train"]["epochs"]
+    assert refusal(tmp_path, run_a, run_b) == (
+        f"{run_b} is unfinished (epoch 1/{epochs}): it writes pred_test.conll when it finishes; wait for it, "
+        "or continue it with `mner train-from-cache --resume`"
+    )
+    classifier = tmp_path / "clf"
+    classifier.mkdir()
+    record = {"task": "classification", "classifier": {}, "label_names": [], "data": {}}
+    (classifier / "config.json").write_text(json.dumps(record))
+    assert refusal(tmp_path, run_a, classifier).startswith(
+        f"{classifier} is a classifier run: cases compares tagging runs only"
+    )
+    assert not (tmp_path / "cases").exists()
+
+
+def test_a_gone_cache_leaves_the_raw_images_of_image_dir(tmp_path, caplog):
+    run_a, run_b, _ = make_prediction_pair(tmp_path, POSTS)
+    shutil.rmtree(tmp_path / "cache")
+    other = make_images(tmp_path / "other", ["te0"], size=(64, 64))
+    with caplog.at_level("WARNING"):
+        found = cases(tmp_path, run_a, run_b, image_dir=str(other), ids=["te0"])
+    assert found["cache"] is None
+    assert found["posts"][0]["image"] == {
+        "shown": "image",
+        "background": f"{other / 'te0.jpg'} (resized from 64x64)",
+        "regions": 0,
+    }
+    gone = (tmp_path / "cache").resolve()
+    assert f"the cache {gone} is gone: the pictures are the raw images of {other}" in caplog.text

@@ -263,3 +263,18 @@ def test_lstm_hidden_without_a_bilstm_is_refused():
         ModelConfig(lstm_hidden=64)
     with pytest.raises(ValueError, match=re.escape("model.lstm_hidden must be >= 1, got 0")):
         ModelConfig(bilstm=True, lstm_hidden=0)
+
+
+def test_used_settings_leave_out_what_the_built_model_never_reads():
+    from mner.train.config import ModelConfig
+    from mner.train.model import used_settings
+
+    text = ModelConfig(text_only=True)
+    # A text-only model builds no fusion and no image loss: their settings change nothing.
+    assert used_settings(text) == used_settings(
+        ModelConfig(text_only=True, alignment_loss_weight=0.0, qfnet_layers=1)
+    )
+    assert used_settings(text) != used_settings(ModelConfig(text_only=True, dropout=0.3))
+    assert used_settings(ModelConfig()) != used_settings(ModelConfig(alignment_loss_weight=0.0))
+    assert used_settings(ModelConfig()) == used_settings(ModelConfig(stack_layers=3))  # MANGO's only
+    assert "name" not in used_settings(text)

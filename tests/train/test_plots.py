@@ -3,6 +3,7 @@ against the folders' files, and each PNG is a real image."""
 
 import json
 import math
+import re
 import sys
 
 import pandas as pd
@@ -106,7 +107,9 @@ def test_a_second_plot_replaces_ours_and_other_folders_are_refused(folders, tmp_
 def test_what_cannot_be_plotted(folders, tmp_path):
     a, _, _ = folders
     with pytest.raises(
-        ValueError, match=rf"^{tmp_path} is neither a finished run .* there is nothing to plot$"
+        ValueError,
+        match=rf"^{tmp_path} is neither a run folder \(config.json\) nor an ablation folder \(ablation.csv\); "
+        "there is nothing to plot$",
     ):
         plots.write_plots([tmp_path], tmp_path / "figs")
     with pytest.raises(
@@ -142,3 +145,65 @@ def test_runs_of_the_same_name_get_distinct_labels(tmp_path):
     runs = [tmp_path / "abl" / arm / "seed1" for arm in ("full", "no_region")] + [tmp_path / "other"]
     assert plots.run_labels(runs) == ["full/seed1", "no_region/seed1", str(tmp_path.name) + "/other"]
     assert plots.run_labels([tmp_path / "a", tmp_path / "b"]) == ["a", "b"]
+
+
+def test_a_run_still_training_is_drawn_as_far_as_it_got(folders, tmp_path, caplog):
+    a, b, _ = folders
+    (b / "results.json").unlink()  # b has finished 2 of its 5 epochs
+    (b / "config.json").write_text(json.dumps({**{key: {} for key in RECORD_KEYS}, "train": {"epochs": 5}}))
+    out = tmp_path / "figs"
+    with caplog.at_level("WARNING"):
+        written = plots.write_plots([a, b], out)
+    assert [p.name for p in written] == ["learning_curves.png", "per_type_f1.png"]
+    assert f"{b} is unfinished (epoch 2/5): its learning curves show the epochs so far" in caplog.text
+    record = json.loads((out / "plots.json").read_text())
+    assert record["unfinished"] == {str(b): "unfinished (epoch 2/5)"}
+    only = plots.write_plots([b], tmp_path / "only")  # nothing finished: no per-type figure
+    assert [p.name for p in only] == ["learning_curves.png"]
+
+
+def test_a_classifier_ablation_is_drawn_by_accuracy_and_macro_f1(tmp_path):
+    ablation = tmp_path / "mvsa"
+    ablation.mkdir()
+    pd.DataFrame(
+        {
+            "experiment": ["mode=text", "mode=text", "mode=both"],
+            "seed": [1, 2, 1],
+            "accuracy": [60.0, 70.0, 80.0],
+            "macro_f1": [50.0, 54.0, 75.0],
+        }
+    ).to_csv(ablation / "ablation.csv", index=False)
+    scores = plots.ablation_scores(ablation)
+    assert list(scores) == ["accuracy", "macro F1"]
+    assert list(scores["accuracy"]["mean"]) == [65.0, 80.0]
+    assert list(scores["macro F1"]["mean"]) == [52.0, 75.0]
+    assert scores["macro F1"]["std"][0] == pytest.approx(math.sqrt(8.0))
+    [png] = plots.write_plots([ablation], tmp_path / "figs")
+    assert png.name == "ablation_mvsa.png" and Image.open(png).format == "PNG"
+
+
+def test_what_is_not_a_tagging_run_is_refused_before_anything_is_made(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    pd.DataFrame({"experiment": ["x"], "score": [1.0]}).to_csv(other / "ablation.csv", index=False)
+    classifier = tmp_path / "clf"
+    classifier.mkdir()
+    record = {"task": "classification", "classifier": {}, "label_names": [], "data": {}, "cache": None}
+    (classifier / "config.json").write_text(json.dumps(record))
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / "ablation.json").write_text("{}")
+    from mner.train.classify import is_classifier_run
+
+    assert is_classifier_run(classifier), "the fake must look like a classifier run"
+    for path, message in (
+        (other, f"{other / 'ablation.csv'} has none of the columns an ablation is drawn by"),
+        (
+            classifier,
+            f"{classifier} is a classifier run: --plot draws the learning curves and per-type F1 of tagging runs only",
+        ),
+        (running, f"{running} is an ablation that has not finished (no ablation.csv yet)"),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            plots.write_plots([path], tmp_path / "figs")
+        assert not (tmp_path / "figs").exists()
