@@ -177,21 +177,23 @@ def read_results(run_dir) -> dict:
 
 def unfinished(run_dir) -> str | None:
     """None for a finished run (it has results.json); else "unfinished (epoch k/N)": the epochs its
-    metrics.jsonl holds of the train.epochs it records."""
+    metrics.jsonl holds of the epochs its record asks for (train.epochs, or classifier.epochs)."""
     if (Path(run_dir) / RESULTS_FILE).is_file():
         return None
-    epochs = read_record(run_dir)["train"]["epochs"]
+    record = read_record(run_dir)
+    epochs = (record.get("train") or record.get("classifier") or {}).get("epochs", "?")
     return f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
 
 
 def warn_if_unfinished(run_dir) -> None:
     """Log a warning when the run has no results.json (it was killed or failed before the end): a
     command that scores it scores the best weights saved so far, which a finished run may not keep."""
-    if not (Path(run_dir) / RESULTS_FILE).is_file():
+    status = unfinished(run_dir)
+    if status is not None:
         log.warning(
-            "%s is an unfinished run (no %s: training stopped before the end); scoring the best model it "
-            "saved so far",
+            "%s is an %s run (no %s: training stopped before the end); scoring the best model it saved so far",
             run_dir,
+            status,
             RESULTS_FILE,
         )
 

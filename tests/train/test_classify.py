@@ -722,7 +722,12 @@ def test_a_killed_run_is_called_unfinished_by_a_rerun_and_by_evaluate(demo_runs,
     )
     with caplog.at_level(logging.WARNING):
         evaluate_classifier(killed, split="test", device="cpu")
-    assert f"{killed} is an unfinished run (no results.json: training stopped before the end)" in caplog.text
+    done = len((killed / "metrics.jsonl").read_text().splitlines())
+    epochs = json.loads((killed / "config.json").read_text())["classifier"]["epochs"]
+    assert (
+        f"{killed} is an unfinished (epoch {done}/{epochs}) run (no results.json: training stopped before the end)"
+        in caplog.text
+    )
 
 
 def test_the_cli_needs_a_cache_for_both(demo_runs, tmp_path):

@@ -91,7 +91,12 @@ def test_evaluate_says_a_killed_run_is_unfinished(runs, tmp_path, caplog):
     (run_dir / "results.json").unlink()  # killed before the end
     with caplog.at_level(logging.WARNING):
         evaluate_run(run_dir, split="test")
-    assert f"{run_dir} is an unfinished run (no results.json: training stopped before the end)" in caplog.text
+    done = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    epochs = json.loads((run_dir / "config.json").read_text())["train"]["epochs"]
+    assert (
+        f"{run_dir} is an unfinished (epoch {done}/{epochs}) run (no results.json: training stopped before the end)"
+        in caplog.text
+    )
     caplog.clear()
     evaluate_run(runs["text"], split="test")
     assert "unfinished" not in caplog.text
