@@ -35,6 +35,9 @@ from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 # the one list of model names.
 MODELS_DIR = "models"
 
+# The learning rates the emission layer may train at (ModelConfig.emission_lr): train.lr_<name>.
+EMISSION_LRS = ("fusion", "crf")
+
 # Readable names of the value types a config field may hold, for error messages.
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -106,6 +109,9 @@ class ModelConfig(_Config):
     # training only: drop all visual tokens of a post with this probability (MANGO)
     image_dropout: float = 0.1
     dropout: float = 0.1  # dropout in the fusion, the visual tokens and before the emission layer
+    # the learning rate the emission layer trains at: "fusion" (train.lr_fusion) or "crf" (train.lr_crf,
+    # DeepKE's IFAformer: its `fc` is in the CRF's group, modules/train.py multiModal_before_train)
+    emission_lr: str = "fusion"
     head: str = "crf"  # registry name: crf (train/heads.py); must be one the task allows
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
@@ -157,6 +163,10 @@ class ModelConfig(_Config):
             raise ValueError(
                 f"model.adaptive_gate = true gates query-guided fusion only, but model.fusion is "
                 f"{self.fusion!r}; set model.adaptive_gate = false"
+            )
+        if self.emission_lr not in EMISSION_LRS:
+            raise ValueError(
+                f"model.emission_lr must be one of {', '.join(map(repr, EMISSION_LRS))}, got {self.emission_lr!r}"
             )
         for name in ("qfnet_layers", "qfnet_heads", "slots_per_type", "visual_positions"):
             if getattr(self, name) < 1:

@@ -223,3 +223,19 @@ def test_config_json_records_the_model_name_and_the_resolved_config(name, tmp_pa
     assert record["model"]["name"] == name
     assert ModelConfig.from_dict(record["model"]) == model_cfg
     assert evaluate_run(run_dir, split="valid")["micro"]["support"] > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_emission_layer_trains_at_its_seeds_learning_rate(name):
+    # DeepKE's IFAformer puts its emission layer `fc` in the CRF's group (5e-2); the others train it
+    # with the fusion.
+    cfg = config(name)
+    model = build(cfg)
+    groups = model.param_groups(TrainConfig(lr_encoder=1e-5, lr_fusion=2e-4, lr_crf=3e-2))
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    expected = 3e-2 if name == "ifaformer" else 2e-4
+    assert cfg.emission_lr == ("crf" if name == "ifaformer" else "fusion")
+    assert [lr_of[id(p)] for p in model.emission.parameters()] == [expected, expected]
+    # The rest of the fusion side keeps lr_fusion.
+    if model.visual is not None:
+        assert {lr_of[id(p)] for p in model.visual.parameters()} == {2e-4}
