@@ -577,3 +577,10 @@ def test_reading_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_readme_describes_the_classification_folders_as_read_by_train_classifier():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("**Sentence classification data**") :].split("\n\n")[0]
+    assert "not built yet" not in paragraph
+    assert "`mner train-classifier`" in paragraph
