@@ -9,9 +9,10 @@ Layouts (`ClassDataConfig.layout`, "auto" picks by the train file present):
   `data/<guid>.txt` and its image `data/<guid>.jpg`.
 - `csv`: `train.csv`, optional `val.csv` (read as the split "valid") and `test.csv`, with columns
   `guid,tag` and optionally `text` (else the text is `data/<guid>.txt`) and `image` (a path relative
-  to the data folder, empty for a post without image; else `data/<guid>.jpg`). Other columns (a
-  pandas index) are ignored and named in the report. A `test.csv` whose tags are all empty or `null`
-  is unlabelled.
+  to the data folder, empty for a post without image; else `data/<guid>.jpg`). The BertResNet seed's
+  own files (`text_id,text,img_path,tag`) read as they are: `text_id` is the guid, `img_path` the
+  image. Other columns (a pandas index) are ignored and named in the report. A `test.csv` whose tags
+  are all empty or `null` is unlabelled.
 
 Encodings. The MVSA release mixes encodings between its text files, so every text file and every
 split-file line is decoded by `decode_text`: a UTF-8 BOM is stripped, then the encodings of
@@ -71,6 +72,9 @@ UNLABELLED_FILE = "test_without_label.txt"
 UNLABELLED_SPLIT = "test_without_label"
 _CSV_FILES = {"train": "train.csv", "valid": "val.csv", "test": "test.csv"}
 _CSV_COLUMNS = ("guid", "tag", "text", "image")
+# The BertResNet seed's own names for two of them (TOMYUE/BertResNet, train.csv / val.csv / test.csv:
+# `text_id,text,img_path,tag`), read as ours so its files are read as they are.
+_CSV_SEED_COLUMNS = {"text_id": "guid", "img_path": "image"}
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -398,12 +402,25 @@ class _Reader:
             raise DatasetError(path, 1, "file is empty; expected a header with guid and tag columns")
         number, header = records[0]
         header = [cell.strip() for cell in header]
-        for column in ("guid", "tag"):
-            if column not in header:
-                raise DatasetError(path, number, f"header {','.join(header)!r} has no {column!r} column")
         for column in set(header):
             if column and header.count(column) > 1:
                 raise DatasetError(path, number, f"header names the column {column!r} twice")
+        for seed, ours in _CSV_SEED_COLUMNS.items():
+            if seed in header and ours in header:
+                raise DatasetError(
+                    path,
+                    number,
+                    f"header names both {ours!r} and {seed!r} (the BertResNet seed's name for "
+                    f"{ours!r}); keep one",
+                )
+        written, header = header, [_CSV_SEED_COLUMNS.get(cell, cell) for cell in header]
+        for column in ("guid", "tag"):
+            if column not in header:
+                seed = next((s for s, ours in _CSV_SEED_COLUMNS.items() if ours == column), None)
+                also = f" (or {seed!r})" if seed else ""
+                raise DatasetError(
+                    path, number, f"header {','.join(written)!r} has no {column!r}{also} column"
+                )
         ignored = [c for c in header if c not in _CSV_COLUMNS]
         if ignored:
             self.report.ignored_columns[str(path)] = ignored

@@ -35,6 +35,12 @@ from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 # the one list of model names.
 MODELS_DIR = "models"
 
+# AFDVQF's adaptive fusion after QGF (ModelConfig.adaptive_fusion; train/fusion.py).
+ADAPTIVE_FUSIONS = ("weights", "gate")
+
+# The learning rates the emission layer may train at (ModelConfig.emission_lr): train.lr_<name>.
+EMISSION_LRS = ("fusion", "crf")
+
 # Readable names of the value types a config field may hold, for error messages.
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
@@ -95,9 +101,13 @@ class ModelConfig(_Config):
     qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
-    # per-word sigmoid gate between text states and QGF's fused states (AFDVQF's adaptive fusion);
-    # the one switch of the gate, so it must be false for a fusion that has none
+    # AFDVQF's adaptive fusion after QGF; the one switch of it, so it must be false for a fusion other
+    # than qgf. Which one is adaptive_fusion.
     adaptive_gate: bool = True
+    # "weights": AFDVQF's AdaptiveFusionLayer, text_weight * fused + vision_weight * mean visual token, two
+    # learnable scalars from 1 (liguochun0304/AFDVQF, model/query_guided_fusion.py); "gate": ours, a
+    # per-word, per-dimension sigmoid gate between the text states and the fused states
+    adaptive_fusion: str = "weights"
     use_patches: bool = True  # visual tokens include the CLIP patch tokens
     use_regions: bool = True  # visual tokens include the detector region tokens
     text_only: bool = False  # no image at all: no visual modules are built, the cache is never read
@@ -106,6 +116,9 @@ class ModelConfig(_Config):
     # training only: drop all visual tokens of a post with this probability (MANGO)
     image_dropout: float = 0.1
     dropout: float = 0.1  # dropout in the fusion, the visual tokens and before the emission layer
+    # the learning rate the emission layer trains at: "fusion" (train.lr_fusion) or "crf" (train.lr_crf,
+    # DeepKE's IFAformer: its `fc` is in the CRF's group, modules/train.py multiModal_before_train)
+    emission_lr: str = "fusion"
     head: str = "crf"  # registry name: crf (train/heads.py); must be one the task allows
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
@@ -157,6 +170,20 @@ class ModelConfig(_Config):
             raise ValueError(
                 f"model.adaptive_gate = true gates query-guided fusion only, but model.fusion is "
                 f"{self.fusion!r}; set model.adaptive_gate = false"
+            )
+        if self.adaptive_fusion not in ADAPTIVE_FUSIONS:
+            raise ValueError(
+                f"model.adaptive_fusion must be one of {', '.join(map(repr, ADAPTIVE_FUSIONS))}, "
+                f"got {self.adaptive_fusion!r}"
+            )
+        if not self.adaptive_gate and self.adaptive_fusion != "weights":
+            raise ValueError(
+                f"model.adaptive_fusion = {self.adaptive_fusion!r} chooses the adaptive fusion, but "
+                "model.adaptive_gate is false; set model.adaptive_gate = true or leave it at 'weights'"
+            )
+        if self.emission_lr not in EMISSION_LRS:
+            raise ValueError(
+                f"model.emission_lr must be one of {', '.join(map(repr, EMISSION_LRS))}, got {self.emission_lr!r}"
             )
         for name in ("qfnet_layers", "qfnet_heads", "slots_per_type", "visual_positions"):
             if getattr(self, name) < 1:
@@ -227,14 +254,18 @@ class ModelConfig(_Config):
 
         A record without `head` was written before the registries (issue 9) and is read as the model
         it built then: fusion "adaptive" was QGF with the gate forced on, and adaptive_gate was
-        ignored by the fusions that have no gate.
+        ignored by the fusions that have no gate. A record without `adaptive_fusion` had only the
+        sigmoid gate, so its adaptive_gate = true reads as adaptive_fusion = "gate".
         """
+        data = dict(data)
         if "head" not in data:
-            data = dict(data)
             if data.get("fusion") == "adaptive":
                 data.update(fusion="qgf", adaptive_gate=True)
             elif data.get("fusion") in ("concat", "gated"):
                 data["adaptive_gate"] = False
+        # A full record always names adaptive_gate; a partial dict without it keeps the defaults.
+        if "adaptive_fusion" not in data and data.get("adaptive_gate") is True:
+            data["adaptive_fusion"] = "gate"
         return super().from_dict(data, source)
 
 

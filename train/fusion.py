@@ -7,9 +7,10 @@ gives with no image. Attention over an all-masked key set would softmax over not
 
 - qgf (AFDVQF query-guided fusion): learnable query slots per entity type; in each layer the slots
   read the text, then the visual tokens, then the words read the slots. Then, when
-  model.adaptive_gate, AFDVQF's "optional adaptive fusion after QGF": a per-word gate between the
-  text and the fused states. (Until issue 9 a fusion "adaptive" forced that gate on whatever
-  adaptive_gate said, so the no_adapt ablation was a silent no-op over it; the gate now has one switch.)
+  model.adaptive_gate, the adaptive fusion model.adaptive_fusion names: "weights", AFDVQF's own
+  (AdaptiveFusionLayer in liguochun0304/AFDVQF@034b93f, model/query_guided_fusion.py: two learnable
+  scalars, text_weight * fused + vision_weight * the mean visual token), or "gate", ours: a per-word,
+  per-dimension sigmoid gate between the text and the fused states.
 - concat (BertResNet): the pooled image vector concatenated to every word, projected back to D.
 - gated (MANGO GatedConcatFusion alone): words attend to the visual tokens; a learned relevance and a
   sigmoid gate scale what is added back to the words. The full MANGO model (resampler, multimodal
@@ -66,9 +67,30 @@ class QueryGuidedLayer(nn.Module):
         return slots, text
 
 
+class AdaptiveWeights(nn.Module):
+    """AFDVQF's adaptive fusion (AdaptiveFusionLayer): text_weight * fused + vision_weight * the post's
+    mean visual token, both learnable scalars starting at 1.
+
+    The original runs it only when the batch has images; here a post with no visible visual token
+    keeps its fused states unchanged, the image-less output.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.text_weight = nn.Parameter(torch.ones(1))
+        self.vision_weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, fused, visual, visual_mask) -> torch.Tensor:
+        """fused (B, T, D), visual (B, V, D), visual_mask (B, V) -> (B, T, D)."""
+        m = visual_mask.to(visual.dtype)[..., None]  # (B, V, 1)
+        mean = (visual * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B, D)
+        out = self.text_weight * fused + self.vision_weight * mean[:, None, :]  # (B, T, D)
+        return torch.where(visual_mask.any(dim=1)[:, None, None], out, fused)
+
+
 class QueryGuidedFusion(nn.Module):
     """AFDVQF query-guided fusion: slots_per_type query slots per entity type, qfnet_layers layers,
-    then the adaptive gate when cfg.adaptive_gate."""
+    then the adaptive fusion cfg.adaptive_fusion names when cfg.adaptive_gate."""
 
     uses_pooled = False  # reads no pooled image vector (VisualTokenBuilder builds none)
     # forward leaves its final slots (B, Q, D) in self.final_slots, for the slot_type loss (issue 11)
@@ -84,7 +106,10 @@ class QueryGuidedFusion(nn.Module):
         self.layers = nn.ModuleList(
             QueryGuidedLayer(width, cfg.qfnet_heads, cfg.dropout) for _ in range(cfg.qfnet_layers)
         )
-        self.gate = nn.Linear(2 * width, width) if cfg.adaptive_gate else None
+        # "weights" (AFDVQF's) or "gate" (ours); at most one of the two is built.
+        weights = cfg.adaptive_gate and cfg.adaptive_fusion == "weights"
+        self.adaptive_weights = AdaptiveWeights() if weights else None
+        self.gate = nn.Linear(2 * width, width) if cfg.adaptive_gate and not weights else None
 
     def forward(self, text, text_mask, visual, visual_mask, pooled=None) -> torch.Tensor:
         """text (B, T, D), text_mask (B, T), visual (B, V, D), visual_mask (B, V) -> (B, T, D)."""
@@ -93,6 +118,8 @@ class QueryGuidedFusion(nn.Module):
         for layer in self.layers:
             slots, fused = layer(slots, fused, text_mask, visual, visual_mask)
         self.final_slots = slots  # (B, Q, D)
+        if self.adaptive_weights is not None:
+            return self.adaptive_weights(fused, visual, visual_mask)  # (B, T, D)
         if self.gate is None:
             return fused
         # Adaptive fusion: each word chooses how much of the fused state to take over its own.

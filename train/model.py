@@ -244,7 +244,8 @@ class MNERModel(nn.Module):
         ]
 
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
-        """AdamW parameter groups: encoder at lr_encoder, visual/fusion/emission at lr_fusion, CRF at lr_crf.
+        """AdamW parameter groups: encoder at lr_encoder, visual/fusion at lr_fusion, CRF at lr_crf, the
+        emission layer at lr_fusion or, with model.emission_lr = "crf", at lr_crf (IFAformer).
 
         Weight decay goes to the weight matrices that multiply an input (nn.Linear, the attention
         projections, convolutions) and nothing else: not biases or LayerNorm, not embedding tables
@@ -260,9 +261,12 @@ class MNERModel(nn.Module):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            part = (
-                "encoder" if name.startswith("encoder.") else "crf" if name.startswith("crf.") else "fusion"
-            )
+            if name.startswith("encoder."):
+                part = "encoder"
+            elif name.startswith("crf.") or (name.startswith("emission.") and self.cfg.emission_lr == "crf"):
+                part = "crf"
+            else:
+                part = "fusion"
             parts[part][0].append(param)
         decayed = _decayed_parameters(self)
         groups = []

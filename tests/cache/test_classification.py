@@ -116,6 +116,27 @@ def test_csv_layout_with_text_and_image_columns(tmp_path):
     assert test.labelled is False and [(e.guid, e.label) for e in test.examples] == [("8", None), ("9", None)]
 
 
+def test_the_bertresnet_seeds_own_csv_files_read_as_they_are(tmp_path):
+    # TOMYUE/BertResNet@90e59ac train.csv / val.csv / test.csv: `text_id,text,img_path,tag`, texts
+    # quoted with a trailing newline, images under data/img/, the test tags `null`.
+    header = "text_id,text,img_path,tag\n"
+    write(tmp_path / "train.csv", header + '1,"How I feel today #gym \n",data/img/1.jpg,positive\n'
+          '10,"absolute disgrace \n",data/img/10.jpg,negative\n')  # fmt: skip
+    write(tmp_path / "val.csv", header + '24,"Looking forward \n",data/img/24.jpg,positive\n')
+    write(tmp_path / "test.csv", header + '8,"Energetic training \n",data/img/8.jpg,null\n')
+    data = read(tmp_path)
+    assert data.report.layout == "csv" and data.report.ignored_columns == {}
+    assert [(e.guid, e.label, e.text, e.image) for e in data.splits["train"].examples] == [
+        ("1", "positive", "How I feel today #gym", tmp_path / "data/img/1.jpg"),
+        ("10", "negative", "absolute disgrace", tmp_path / "data/img/10.jpg"),
+    ]
+    assert rows(data.splits["valid"]) == [("24", "positive", "Looking forward")]
+    test = data.splits["test"]
+    assert test.labelled is False and [(e.guid, e.image) for e in test.examples] == [
+        ("8", tmp_path / "data/img/8.jpg")
+    ]
+
+
 def test_csv_without_text_column_reads_data_folder(tmp_path):
     write(tmp_path / "train.csv", "guid,tag\n1,positive\n2,negative\n3,positive\n")
     for guid, text in (("1", "one"), ("2", "two"), ("3", "three")):
@@ -277,7 +298,16 @@ def test_csv_image_folder_linked_to_another_disk_is_accepted(tmp_path):
 @pytest.mark.parametrize(
     "train, message",
     [
-        ("id,label\n1,positive\n", "train.csv:1: header 'id,label' has no 'guid' column"),
+        ("id,label\n1,positive\n", "train.csv:1: header 'id,label' has no 'guid' (or 'text_id') column"),
+        (
+            "text_id,guid,tag\n1,1,a\n",
+            "train.csv:1: header names both 'guid' and 'text_id' (the BertResNet seed's name for 'guid'); keep one",
+        ),
+        (
+            "guid,tag,image,img_path\n1,a,x.jpg,x.jpg\n",
+            "train.csv:1: header names both 'image' and 'img_path' (the BertResNet seed's name for 'image'); "
+            "keep one",
+        ),
         ("guid,label\n1,positive\n", "train.csv:1: header 'guid,label' has no 'tag' column"),
         ("guid,tag,tag\n1,a,b\n", "train.csv:1: header names the column 'tag' twice"),
         ("guid,tag,text\n", "train.csv:1: no examples after the header"),
@@ -577,3 +607,10 @@ def test_reading_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_readme_describes_the_classification_folders_as_read_by_train_classifier():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("**Sentence classification data**") :].split("\n\n")[0]
+    assert "not built yet" not in paragraph
+    assert "`mner train-classifier`" in paragraph

@@ -869,7 +869,7 @@ def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
         seed, adds = describe_model(name)
         assert line.startswith(f"{name} ") and f"  {seed}  " in line and line.endswith(f"  {adds}")
     afdvqf = next(line for line in lines if line.startswith("afdvqf "))
-    assert "001 AFDVQF" in afdvqf and "adaptive gate" in afdvqf
+    assert "001 AFDVQF" in afdvqf and "adaptive fusion (two learnable scalar weights)" in afdvqf
 
 
 def test_an_unknown_model_is_a_clean_error_listing_the_models(tmp_path):

@@ -778,6 +778,32 @@ def test_every_head_and_mode_trains_end_to_end(small, tmp_path, settings):
     assert (run / SUBMISSION_FILE).is_file()
 
 
+def test_the_bertresnet_seeds_folder_extracts_and_trains_as_it_is(tmp_path):
+    # TOMYUE/BertResNet@90e59ac's layout: train.csv / val.csv / test.csv with `text_id,text,img_path,tag`,
+    # images in data/img/, the test tags `null`.
+    folder = tmp_path / "bertresnet"
+    rng = random.Random(0)
+    words = {"positive": "lovely sunny day", "negative": "awful sad news", "neutral": "a bus timetable"}
+    files = {"train.csv": range(1, 19), "val.csv": range(19, 25), "test.csv": range(25, 31)}
+    for name, ids in files.items():
+        rows = [["text_id", "text", "img_path", "tag"]]
+        for i, text_id in enumerate(ids):
+            label = list(words)[i % 3]
+            rows.append([str(text_id), f"{words[label]} #{text_id} \n", f"data/img/{text_id}.jpg",
+                         "null" if name == "test.csv" else label])  # fmt: skip
+            image = folder / "data/img" / f"{text_id}.jpg"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), tuple(rng.randrange(256) for _ in range(3))).save(image)
+        (folder / name).write_text(csv_text(rows), encoding="utf-8")
+    cache = extract(folder, tmp_path / "cache")
+    with CacheReader(cache) as reader:
+        assert len(reader) == 30 and {reader.status(str(k)) for k in range(1, 31)} == {"ok"}
+    run = train_classifier(run_config(folder, tmp_path / "run", cache, **QUICK, mode="both", head="mlp"))
+    assert set(results(run)) >= {"valid", "best_epoch"}
+    submission = split_file(run / submission_file("test"))
+    assert [row[0] for row in submission] == [str(k) for k in files["test.csv"]]
+
+
 @pytest.fixture(scope="module")
 def clip_like(small, tmp_path_factory):
     """A synthetic cache of the small demo's guids whose patch width (8) differs from its global width

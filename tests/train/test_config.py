@@ -239,10 +239,14 @@ OLD_MODEL_RECORD = {
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        ({}, {}),
+        # The sigmoid gate was the only adaptive fusion before adaptive_fusion was recorded.
+        ({}, {"adaptive_fusion": "gate"}),
         # "adaptive" was QGF with the gate forced on, whatever adaptive_gate said.
-        ({"fusion": "adaptive", "adaptive_gate": False}, {"fusion": "qgf", "adaptive_gate": True}),
-        ({"fusion": "adaptive"}, {"fusion": "qgf", "adaptive_gate": True}),
+        (
+            {"fusion": "adaptive", "adaptive_gate": False},
+            {"fusion": "qgf", "adaptive_gate": True, "adaptive_fusion": "gate"},
+        ),
+        ({"fusion": "adaptive"}, {"fusion": "qgf", "adaptive_gate": True, "adaptive_fusion": "gate"}),
         # The fusions without a gate ignored adaptive_gate = true.
         ({"fusion": "gated"}, {"fusion": "gated", "adaptive_gate": False}),
         ({"fusion": "concat"}, {"fusion": "concat", "adaptive_gate": False}),
@@ -264,6 +268,14 @@ def test_old_run_records_load_as_the_model_they_built(tmp_path, changes, expecte
     assert RunConfig.from_dict(run).model == model
     # A record written now keeps what it says (no upgrade once `head` is there).
     assert ModelConfig.from_dict(model.to_dict()) == model
+
+
+def test_a_record_without_adaptive_fusion_reads_as_the_sigmoid_gate_it_built():
+    record = ModelConfig().to_dict()
+    del record["adaptive_fusion"]
+    assert ModelConfig.from_dict(record).adaptive_fusion == "gate"
+    assert ModelConfig.from_dict({**record, "adaptive_gate": False}).adaptive_fusion == "weights"
+    assert ModelConfig().adaptive_fusion == "weights"  # AFDVQF's own, the default
 
 
 def test_records_written_now_are_not_upgraded():

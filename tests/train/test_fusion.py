@@ -1,10 +1,12 @@
 """Fusion registry, output shapes, and the rule that a masked image contributes exactly nothing."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
-from mner.train.fusion import QueryGuidedFusion, build_fusion, masked_attention
+from mner.train.fusion import AdaptiveWeights, QueryGuidedFusion, build_fusion, masked_attention
 from mner.train.registry import FUSIONS
 from tests.train.factories import make_batch, make_posts, tiny_config, tiny_model
 
@@ -102,9 +104,60 @@ def test_masked_attention_of_an_all_masked_row_is_zero_with_finite_gradients():
 
 def test_adaptive_gate_switch():
     types = ["LOC", "PER"]
-    assert build_fusion(tiny_config(adaptive_gate=False), 32, types).gate is None
-    gated = build_fusion(tiny_config(adaptive_gate=True), 32, types)
+    off = build_fusion(tiny_config(adaptive_gate=False), 32, types)
+    assert off.gate is None and off.adaptive_weights is None
+    weights = build_fusion(tiny_config(adaptive_gate=True), 32, types)
+    assert isinstance(weights.adaptive_weights, AdaptiveWeights) and weights.gate is None
+    gated = build_fusion(tiny_config(adaptive_gate=True, adaptive_fusion="gate"), 32, types)
     assert isinstance(gated, QueryGuidedFusion) and isinstance(gated.gate, nn.Linear)
+    assert gated.adaptive_weights is None
+
+
+def afdvqf_adaptive_fusion(text_weight, vision_weight, enhanced_text, vis_feat, vis_mask):
+    """The original's adaptive fusion, literally: AFDVQF.forward's `vision_global = _masked_mean(vis_feat,
+    vis_mask)` then AdaptiveFusionLayer.forward (liguochun0304/AFDVQF@034b93f, model/base_model.py and
+    model/query_guided_fusion.py)."""
+    m = vis_mask.to(dtype=vis_feat.dtype)
+    denom = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    vision_global = (vis_feat * m.unsqueeze(-1)).sum(dim=1) / denom
+    return text_weight * enhanced_text + vision_weight * vision_global.unsqueeze(1)
+
+
+def test_adaptive_weights_are_afdvqfs_adaptive_fusion_layer():
+    model = tiny_model(dropout=0.0).eval()  # the afdvqf defaults: adaptive_fusion = "weights"
+    with torch.no_grad():
+        model.fusion.adaptive_weights.text_weight.fill_(0.7)
+        model.fusion.adaptive_weights.vision_weight.fill_(-1.3)
+    batch = make_batch(make_posts(3, seed=4), statuses={"img1": "missing"})
+    with torch.no_grad():
+        words = model.encode_text(batch)  # (B, T, D)
+        visual, visual_mask = model.encode_visual(batch)  # (B, V, D), (B, V)
+        out = model.fusion(words, batch["word_mask"], visual, visual_mask)
+        slots = model.fusion.slots.expand(3, -1, -1)
+        qgf = words
+        for layer in model.fusion.layers:
+            slots, qgf = layer(slots, qgf, batch["word_mask"], visual, visual_mask)
+        reference = afdvqf_adaptive_fusion(
+            torch.tensor([0.7]), torch.tensor([-1.3]), qgf, visual, visual_mask.long()
+        )
+    assert visual_mask[[0, 2]].any(dim=1).all() and not visual_mask[1].any()
+    torch.testing.assert_close(out[[0, 2]], reference[[0, 2]], rtol=0, atol=1e-5)
+    # The post without an image keeps QGF's states: the original skips the layer without images.
+    assert torch.equal(out[1], qgf[1])
+    assert not torch.allclose(out[0], qgf[0], atol=1e-3)
+
+
+def test_adaptive_fusion_other_than_weights_needs_the_switch():
+    message = (
+        "model.adaptive_fusion = 'gate' chooses the adaptive fusion, but model.adaptive_gate is false; "
+        "set model.adaptive_gate = true or leave it at 'weights'"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_config(adaptive_gate=False, adaptive_fusion="gate")
+    with pytest.raises(
+        ValueError, match=re.escape("model.adaptive_fusion must be one of 'weights', 'gate', got 'sum'")
+    ):
+        tiny_config(adaptive_fusion="sum")
 
 
 def test_qgf_has_slots_per_type_and_layers():

@@ -20,7 +20,8 @@ FIRST_LOSS = 10.87751579284668
 
 
 def test_first_step_loss_regression_and_one_batch_overfits():
-    model = tiny_model(seed=0).train()
+    # Recorded with the sigmoid gate, the only adaptive fusion then (model.adaptive_fusion = "gate").
+    model = tiny_model(seed=0, adaptive_fusion="gate").train()
     batch = make_batch(make_posts(4, seed=0))
     torch.manual_seed(0)
     out = model(batch)
@@ -175,6 +176,22 @@ def test_param_groups():
     }  # fmt: skip
     # Optimisers accept the groups as they are.
     torch.optim.AdamW(groups)
+
+
+def test_emission_lr_crf_moves_the_emission_layer_to_the_crf_group():
+    model = tiny_model(emission_lr="crf")
+    groups = {g["name"]: g for g in model.param_groups(TrainConfig(lr_fusion=2e-4, lr_crf=3e-3))}
+    assert [id(p) for p in groups["crf"]["params"]] == [id(model.emission.weight)]
+    assert groups["crf"]["lr"] == 3e-3 and groups["crf"]["weight_decay"] == 0.01
+    assert id(model.emission.bias) in {id(p) for p in groups["crf_no_decay"]["params"]}
+    assert id(model.emission.weight) not in {id(p) for p in groups["fusion"]["params"]}
+
+
+def test_an_unknown_emission_lr_is_refused():
+    with pytest.raises(
+        ValueError, match=re.escape("model.emission_lr must be one of 'fusion', 'crf', got 'head'")
+    ):
+        ModelConfig(emission_lr="head")
 
 
 def test_heads_must_divide_the_width():

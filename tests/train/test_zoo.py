@@ -6,6 +6,8 @@ ablation files that are one-key diffs changing exactly that key."""
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +225,48 @@ def test_config_json_records_the_model_name_and_the_resolved_config(name, tmp_pa
     assert record["model"]["name"] == name
     assert ModelConfig.from_dict(record["model"]) == model_cfg
     assert evaluate_run(run_dir, split="valid")["micro"]["support"] > 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_emission_layer_trains_at_its_seeds_learning_rate(name):
+    # DeepKE's IFAformer puts its emission layer `fc` in the CRF's group (5e-2); the others train it
+    # with the fusion.
+    cfg = config(name)
+    model = build(cfg)
+    groups = model.param_groups(TrainConfig(lr_encoder=1e-5, lr_fusion=2e-4, lr_crf=3e-2))
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    expected = 3e-2 if name == "ifaformer" else 2e-4
+    assert cfg.emission_lr == ("crf" if name == "ifaformer" else "fusion")
+    assert [lr_of[id(p)] for p in model.emission.parameters()] == [expected, expected]
+    # The rest of the fusion side keeps lr_fusion.
+    if model.visual is not None:
+        assert {lr_of[id(p)] for p in model.visual.parameters()} == {2e-4}
+
+
+def readme_model_rows() -> dict[str, list[str]]:
+    """The README's models table: model name -> its cells (seed, what it adds, knobs, what it leaves out)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in readme.splitlines():
+        match = re.match(r"\| `([a-z-]+)`( \(default\))? \|(.*)\|$", line)
+        if match and match[1] in MODELS:
+            rows[match[1]] = [cell.strip() for cell in match[3].split(" | ")]
+    return rows
+
+
+@pytest.mark.parametrize("name", ["afdvqf", "afner", "ifaformer"])
+def test_the_readme_names_the_original_each_model_follows(name):
+    rows = readme_model_rows()
+    assert set(rows) == set(MODELS)
+    seed, _, knobs, leaves_out = rows[name]
+    repository = {
+        "afdvqf": "liguochun0304/AFDVQF",
+        "afner": "liguochun0304/AFDVQF",
+        "ifaformer": "zjunlp/DeepKE",
+    }
+    assert re.search(rf"follows {re.escape(repository[name])}@[0-9a-f]{{7}}\b", seed), seed
+    # The knob that makes the model its original is documented in its row.
+    knob = {"afdvqf": "adaptive_fusion", "afner": "slot_type_loss_weight", "ifaformer": "emission_lr"}
+    assert f"`{knob[name]}`" in knobs
+    # Both originals freeze CLIP (requires_grad = False), so a frozen CLIP is no deviation.
+    assert "not fine-tuned" not in leaves_out
