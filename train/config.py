@@ -323,6 +323,9 @@ class RunConfig:
     data: DataConfig  # the posts: data folder, or dataset + data_root; image folder
     out_dir: str  # the run folder to create (or resume)
     resume: bool = False  # continue from out_dir/checkpoint instead of starting fresh
+    # root folder of the text-state caches (model.text_frozen_layers > 0); None: $MNER_TEXT_CACHE,
+    # else ~/.cache/mner/text-states (cache/text_states.py)
+    text_cache: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
@@ -343,6 +346,7 @@ class RunConfig:
             "data": self.data.to_dict(),
             "out_dir": self.out_dir,
             "resume": self.resume,
+            "text_cache": self.text_cache,
         }
 
     @classmethod
@@ -365,6 +369,7 @@ class RunConfig:
             data=DataConfig.from_dict(data["data"], source),
             out_dir=data["out_dir"],
             resume=data.get("resume", False),
+            text_cache=data.get("text_cache"),
         )
 
 
