@@ -133,3 +133,58 @@ def test_a_text_cache_inside_the_image_cache_or_data_folder_is_refused(tmp_path)
     ):
         train_from_cache(cfg)
     assert not (cache_dir / "states").exists() and not (tmp_path / "run").exists()
+
+
+def test_evaluate_reads_the_splits_cache_and_predict_computes_the_frozen_layers(tmp_path, caplog):
+    import json
+    import logging
+
+    from click.testing import CliRunner
+
+    from mner.cache.datasets import read_split
+    from mner.cli import main
+    from mner.train.evaluate import evaluate_run
+    from mner.train.predict import predict
+
+    data_dir, _ = make_data(tmp_path)
+    cfg = run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True, text_frozen_layers=1)
+    cfg.text_cache = str(tmp_path / "tc")
+    run_dir = train_from_cache(cfg)
+    recorded = json.loads((run_dir / "results.json").read_text())["test"]
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["text_cache"] == str(tmp_path / "tc") and set(record["text_states"]) == {
+        "train",
+        "valid",
+        "test",
+    }
+    with caplog.at_level(logging.INFO, logger="mner.train.evaluate"):
+        read = evaluate_run(run_dir, split="test")
+    assert f"test: frozen text states read from {record['text_states']['test']}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mner.train.evaluate"):
+        computed = evaluate_run(run_dir, split="test", text_cache=tmp_path / "empty")
+    assert "test: frozen text states computed here (no text-state cache)" in caplog.text
+    assert read == computed == recorded
+    out = predict(run_dir, data_dir / "test.txt", None, tmp_path / "pred.txt")
+    gold = [line.split()[-1] for line in (run_dir / "pred_test.conll").read_text().splitlines() if line]
+    assert [tag for post in read_split(out, require_tags=False).posts for tag in post.tags] == gold
+
+    shown = CliRunner().invoke(main, ["cache", "inspect", record["text_states"]["test"]])
+    assert shown.exit_code == 0, shown.output
+    assert "states after the embeddings and 1 frozen layers of tiny-bert" in shown.output
+    assert "split file test.txt" in shown.output and "4 posts" in shown.output
+
+
+def test_resume_reads_the_cache_it_was_started_with(tmp_path, monkeypatch):
+    data_dir, _ = make_data(tmp_path)
+    cfg = run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True, text_frozen_layers=2)
+    cfg.text_cache = str(tmp_path / "tc")
+    train_from_cache(cfg)
+    built = {f.name: (f / STATES_FILE).stat().st_mtime_ns for f in (tmp_path / "tc").iterdir()}
+    monkeypatch.setattr(
+        "mner.train.text_states.compute_text_states", lambda *a, **k: pytest.fail("the cache was built again")
+    )
+    cfg.resume, cfg.train.epochs = True, 2
+    train_from_cache(cfg)
+    assert {f.name: (f / STATES_FILE).stat().st_mtime_ns for f in (tmp_path / "tc").iterdir()} == built
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
