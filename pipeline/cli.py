@@ -225,10 +225,20 @@ def cache():
 def cache_inspect(cache_dir, as_json):
     """Images per status, shards, token shapes, fingerprint, models, region histogram, top labels, size.
 
+    A text-state cache folder (model.text_frozen_layers > 0): posts, sub-words, width, frozen layers,
+    encoder, split file, size.
+
     \b
     Example:
       mner cache inspect demo_out/cache --json
+      mner cache inspect ~/.cache/mner/text-states/0123456789abcdef
     """
+    from mner.cache.text_states import format_text_states, inspect_text_states, is_text_state_folder
+
+    if is_text_state_folder(cache_dir):
+        info = inspect_text_states(cache_dir)
+        click.echo(json.dumps(info, indent=2) if as_json else format_text_states(info))
+        return
     from mner.cache.inspect import format_inspection, inspect_cache
 
     info = inspect_cache(cache_dir)
@@ -361,6 +371,12 @@ def _run_config(
     help="torch intra-op threads; 0: the CPUs this process may use (affinity, cgroup quota). Two "
     "trainings side by side on a small machine: give each its share [default: from config, 0].",
 )
+@click.option(
+    "--text-cache",
+    type=click.Path(file_okay=False),
+    help="Root folder of the text-state caches that model.text_frozen_layers > 0 computes once and "
+    "reads [default: $MNER_TEXT_CACHE, else ~/.cache/mner/text-states].",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
 @_user_errors
@@ -379,6 +395,7 @@ def train_from_cache_cmd(
     epochs,
     seed,
     threads,
+    text_cache,
     out,
     resume,
 ):
@@ -398,6 +415,7 @@ def train_from_cache_cmd(
     cfg = _run_config(
         cache_dir, data, model, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
     )
+    cfg.text_cache = text_cache
     data.resolve()  # the data folder exists: checked before torch loads
     from mner.train.loop import train_from_cache
 
@@ -537,8 +555,14 @@ def train_classifier_cmd(
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder [default: the run's].")
 @_amp_option
 @_long_posts_option
+@click.option(
+    "--text-cache",
+    type=click.Path(file_okay=False),
+    help="Root of the text-state caches a run with model.text_frozen_layers > 0 reads, when one holds "
+    "this split [default: the run's, else $MNER_TEXT_CACHE, else ~/.cache/mner/text-states].",
+)
 @_user_errors
-def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts):
+def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts, text_cache):
     """Score a run on a split (conlleval semantics); writes RUN_DIR/eval/<split>-<UTC time>/results.json
     and pred.conll, leaving the training-time results.json and pred_<split>.conll as they are.
 
@@ -551,15 +575,23 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts):
     from mner.train.classify import evaluate_classifier, format_class_scores, is_classifier_run
 
     if is_classifier_run(run_dir):
-        if long_posts != "truncate" or amp is not None:
-            raise click.UsageError("--amp and --long-posts apply to tagging runs, not to a classifier run")
+        if long_posts != "truncate" or amp is not None or text_cache is not None:
+            raise click.UsageError(
+                "--amp, --long-posts and --text-cache apply to tagging runs, not to a classifier run"
+            )
         scores, folder = evaluate_classifier(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
         click.echo(f"{run_dir} on {split} (written to {folder}):\n{format_class_scores(scores)}")
         return
     from mner.train.evaluate import evaluate_run, format_scores
 
     scores = evaluate_run(
-        run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir, amp=amp, long_posts=long_posts
+        run_dir,
+        split=split,
+        cache_dir=cache_dir,
+        data_dir=data_dir,
+        amp=amp,
+        long_posts=long_posts,
+        text_cache=text_cache,
     )
     click.echo(f"{run_dir} on {split}:\n{format_scores(scores)}")
 

@@ -19,3 +19,13 @@ def preset_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MNER_PRESET_DIR", str(folder))
         yield folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def text_cache_root(tmp_path_factory):
+    """Text-state caches (model.text_frozen_layers > 0) go to a private folder, never to ~/.cache:
+    cache/text_states.py reads $MNER_TEXT_CACHE."""
+    folder = tmp_path_factory.mktemp("text-states")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MNER_TEXT_CACHE", str(folder))
+        yield folder

@@ -123,6 +123,9 @@ class ModelConfig(_Config):
     bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
     # sub-words per post given to the encoder, specials included; later words are predicted O
     max_length: int = 128
+    # the embeddings and the bottom N text encoder layers are frozen (eval mode, no gradient); their
+    # output is computed once per split into a text-state cache (train/text_states.py). 0: all train
+    text_frozen_layers: int = 0
     # --- model zoo (issue 11): switches the seeds' models differ by; each is off at the AFDVQF value
     # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
     region_meta: bool = True
@@ -220,6 +223,15 @@ class ModelConfig(_Config):
                 "set model.bilstm = true or leave it at 256"
             )
         self._check_mango()
+        if self.text_frozen_layers < 0:
+            raise ValueError(f"model.text_frozen_layers must be >= 0, got {self.text_frozen_layers}")
+        if self.text_frozen_layers and self.fusion == "single_stream":
+            # IFAformer's image enters the encoder's first layer, so no layer's output is text alone.
+            raise ValueError(
+                f"model.text_frozen_layers = {self.text_frozen_layers} freezes text encoder layers whose "
+                "output is computed once from the text, but model.fusion = 'single_stream' (IFAformer) "
+                "feeds the image into every encoder layer; set model.text_frozen_layers = 0"
+            )
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
@@ -342,6 +354,9 @@ class RunConfig:
     data: DataConfig  # the posts: data folder, or dataset + data_root; image folder
     out_dir: str  # the run folder to create (or resume)
     resume: bool = False  # continue from out_dir/checkpoint instead of starting fresh
+    # root folder of the text-state caches (model.text_frozen_layers > 0); None: $MNER_TEXT_CACHE,
+    # else ~/.cache/mner/text-states (cache/text_states.py)
+    text_cache: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
@@ -362,6 +377,7 @@ class RunConfig:
             "data": self.data.to_dict(),
             "out_dir": self.out_dir,
             "resume": self.resume,
+            "text_cache": self.text_cache,
         }
 
     @classmethod
@@ -384,6 +400,7 @@ class RunConfig:
             data=DataConfig.from_dict(data["data"], source),
             out_dir=data["out_dir"],
             resume=data.get("resume", False),
+            text_cache=data.get("text_cache"),
         )
 
 

@@ -53,10 +53,13 @@ class PostDataset(Dataset):
         reader: CacheReader | None = None,
         spec: TokenSpec | None = None,
         path: Path | None = None,
+        text_states=None,
     ):
         """
         Args:
             posts: the posts, in the order items are returned.
+            text_states: the split's text-state cache (cache.text_states.TextStates, rows in the order
+                of `posts`); its sub-words and states join each item as "text_ids" and "text_states".
             path: the file they were read from (named in a tag error); None for posts built in code.
             reader: the feature cache; None for a text-only model (no cache is touched).
             spec: the token shapes the model was built for; defaults to the reader's. A reader whose
@@ -71,6 +74,7 @@ class PostDataset(Dataset):
                 "use the cache the model was trained with"
             )
         self.spec = spec if spec is not None else getattr(reader, "spec", None)
+        self.text_states = text_states
 
     def __len__(self) -> int:
         return len(self.posts)
@@ -86,6 +90,8 @@ class PostDataset(Dataset):
         }
         if self.reader is not None:
             item.update(self._image(post.key))
+        if self.text_states is not None:
+            item["text_ids"], item["text_states"] = self.text_states.get(index, post.key)  # (S,), (S, D)
         return item
 
     def _image(self, key: str) -> dict:
@@ -157,6 +163,10 @@ class Collate:
         }
         if self.with_visual:
             batch.update(_collate_visual(items))
+        if "text_states" in items[0]:
+            batch["text_states"] = _collate_text_states(
+                items, encoded["input_ids"], encoded["attention_mask"]
+            )
         return batch
 
     def _label_ids(self, item: dict) -> list[int]:
@@ -216,6 +226,24 @@ def subword_budget(tokenizer, max_length: int) -> int:
     return max_length - tokenizer.num_special_tokens_to_add(pair=False)
 
 
+def _collate_text_states(
+    items: list[dict], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The cached frozen states (B, S, D) at each post's real sub-words, zero on padding (the top layers
+    mask padding as keys and read no word there). Raises ValueError for a post whose cached sub-words
+    are not the ones tokenised here."""
+    real = attention_mask.bool()  # (B, S)
+    states = torch.zeros((*input_ids.shape, items[0]["text_states"].shape[1]), dtype=torch.float32)
+    for b, item in enumerate(items):
+        if not torch.equal(torch.from_numpy(item["text_ids"]).long(), input_ids[b][real[b]]):
+            raise ValueError(
+                f"post {item['key']!r}: the text-state cache holds other sub-words than the tokenizer gives "
+                "now; it was built with another tokenizer or max_length"
+            )
+        states[b, real[b]] = torch.from_numpy(item["text_states"])
+    return states  # (B, S, D)
+
+
 def _collate_visual(items: list[dict]) -> dict:
     """Stack the cached arrays of a batch and build the patch/region/image masks."""
     if "image_ok" not in items[0]:
@@ -242,10 +270,12 @@ def make_loader(
     train_cfg: TrainConfig,
     shuffle: bool,
     sampler=None,
+    text_states=None,
 ) -> DataLoader:
     """A DataLoader over a split's posts, batched as the model expects.
 
-    A text-only model never reads the cache, even when a reader is given. Shuffling draws from a
+    A text-only model never reads the cache, even when a reader is given. With `text_states` (the
+    split's text-state cache) the batches carry "text_states" (B, S, D), the frozen bottom's output. Shuffling draws from a
     generator seeded with train_cfg.seed, so the order of a run is reproducible.
     """
     with_visual = not model_cfg.text_only
@@ -253,7 +283,9 @@ def make_loader(
         raise ValueError("model.text_only is false, so the loader needs the feature cache (a CacheReader)")
     if shuffle and sampler is not None:
         raise ValueError("give shuffle=True or a sampler, not both (the sampler decides the order)")
-    dataset = PostDataset(split.posts, reader if with_visual else None, path=split.path)
+    dataset = PostDataset(
+        split.posts, reader if with_visual else None, path=split.path, text_states=text_states
+    )
     generator = torch.Generator().manual_seed(train_cfg.seed) if shuffle else None
     return DataLoader(
         dataset,

@@ -50,13 +50,15 @@ def decode_and_score(
     cfg: RunConfig,
     runtime: Runtime,
     long_posts: str = "truncate",
+    text_states=None,
 ) -> tuple[list[list[str]], dict]:
     """Predict tags for every post of a split and score them against its gold tags.
 
     Returns (predicted tags per post, the scores of the model's task: `entity_scores` for tagging). Under
-    torchrun each rank decodes a share and every rank gets the whole list. `long_posts`: see decode_split.
+    torchrun each rank decodes a share and every rank gets the whole list. `long_posts`, `text_states`:
+    see decode_split.
     """
-    predictions = decode_split(model, split, reader, tokenizer, labels, cfg, runtime, long_posts)
+    predictions = decode_split(model, split, reader, tokenizer, labels, cfg, runtime, long_posts, text_states)
     gold = [list(post.tags) for post in split.posts]
     return predictions, model.task.score(gold, predictions)
 
@@ -70,16 +72,19 @@ def decode_split(
     cfg: RunConfig,
     runtime: Runtime,
     long_posts: str = "truncate",
+    text_states=None,
 ) -> list[list[str]]:
     """Predicted tag names for each post of `split`, in file order (one tag per word).
 
     long_posts: "truncate" (words past `max_length` are predicted O) or "window" (overlapping windows
     tag every word; see the module docstring). Raises ValueError for another value.
+    text_states: the split's text-state cache (model.text_frozen_layers > 0), read in truncate mode;
+    windows are other sub-word sequences, so their frozen states are computed on the fly.
     """
     if long_posts not in LONG_POSTS:
         raise ValueError(f"long_posts {long_posts!r}: expected one of {', '.join(LONG_POSTS)}")
     if long_posts == "truncate":
-        return _decode(model, split, reader, tokenizer, labels, cfg, runtime)
+        return _decode(model, split, reader, tokenizer, labels, cfg, runtime, text_states)
     budget = subword_budget(tokenizer, cfg.model.max_length)
     pieces, plans = [], []  # plans: (index of the post's first piece, its windows, each word's window)
     for start in range(0, len(split.posts), _COUNT_CHUNK):
@@ -141,7 +146,14 @@ def plan_windows(counts: list[int], budget: int) -> tuple[list[tuple[int, int]],
 
 
 def _decode(
-    model: MNERModel, split: Split, reader, tokenizer, labels: list[str], cfg: RunConfig, runtime: Runtime
+    model: MNERModel,
+    split: Split,
+    reader,
+    tokenizer,
+    labels: list[str],
+    cfg: RunConfig,
+    runtime: Runtime,
+    text_states=None,
 ) -> list[list[str]]:
     """decode_split's truncate mode: one encoder pass per post."""
     sampler = None
@@ -150,7 +162,15 @@ def _decode(
             split.posts, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=False
         )
     loader = make_loader(
-        split, reader, tokenizer, labels, cfg.model, cfg.train, shuffle=False, sampler=sampler
+        split,
+        reader,
+        tokenizer,
+        labels,
+        cfg.model,
+        cfg.train,
+        shuffle=False,
+        sampler=sampler,
+        text_states=text_states,
     )
     model.eval()
     ids: list[list[int]] = []

@@ -29,6 +29,7 @@ from mner.train.runs import (
     check_cache_keys,
     check_data_files,
     check_fingerprint,
+    encoder_dir_of,
     inference_amp,
     is_recorded_folder,
     is_run_folder,
@@ -42,6 +43,7 @@ from mner.train.runs import (
     warn_if_unfinished,
     write_json,
 )
+from mner.train.text_states import find_text_states
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def evaluate_run(
     data_dir=None,
     amp: str | None = None,
     long_posts: str = "truncate",
+    text_cache=None,
 ) -> dict:
     """Score a run's best model on one split; writes eval/<split>-<UTC time>/results.json and pred.conll.
 
@@ -70,6 +73,9 @@ def evaluate_run(
         long_posts: "truncate" (words past the encoder's limit are predicted O) or "window" (overlapping
             windows tag them; train/decode.py). The eval results.json records it and the count under
             "long_posts" (`decode.long_post_summary`).
+        text_cache: with model.text_frozen_layers > 0, the root of the text-state caches (default: the
+            run's); the split's cache is read when one was built for exactly this file, encoder and
+            settings, else the frozen layers run here.
     Returns:
         `entity_scores` dict: {"micro": {"precision", "recall", "f1", "support"}, "per_type": {...}}.
     Raises:
@@ -107,8 +113,25 @@ def evaluate_run(
     cut = truncated_per_post(data, tokenizer, record["label_names"], cfg.model.max_length)
     long = long_post_summary(cut, cfg.model.max_length, long_posts)
     log_long_posts(split, long)
+    text_states = None
+    if cfg.model.text_frozen_layers and long_posts == "truncate":
+        text_states = find_text_states(
+            encoder_dir_of(record),
+            tokenizer,
+            cfg.model.max_length,
+            cfg.model.text_frozen_layers,
+            data,
+            text_cache if text_cache is not None else cfg.text_cache,
+        )
+        log.info(
+            "%s: frozen text states %s",
+            split,
+            f"read from {text_states.folder}"
+            if text_states is not None
+            else "computed here (no text-state cache)",
+        )
     predictions, scores = decode_and_score(
-        model, data, reader, tokenizer, record["label_names"], cfg, runtime, long_posts
+        model, data, reader, tokenizer, record["label_names"], cfg, runtime, long_posts, text_states
     )
     out = _eval_folder(run_dir, split)
     write_conll(out / "pred.conll", data.posts, predictions)

@@ -64,6 +64,7 @@ from mner.train.runs import (
     write_json,
 )
 from mner.train.text import check_max_length, load_tokenizer, resolve_text_encoder
+from mner.train.text_states import check_text_cache_root, prepare_text_states
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
     )
 
     model = build_model(record, encoder_dir).to(runtime.device)
+    text_states = _text_states(cfg, model, splits, tokenizer, labels, encoder_dir, source, runtime)
+    record["text_states"] = {name: str(states.folder) for name, states in text_states.items()}
     if runtime.is_main:
         # Written once the model builds, so a config the model rejects leaves no half-made run behind.
         write_json(run_dir / CONFIG_FILE, record)
@@ -185,7 +188,15 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         seed=cfg.train.seed,
     )
     train_loader = make_loader(
-        splits["train"], reader, tokenizer, labels, cfg.model, cfg.train, shuffle=False, sampler=sampler
+        splits["train"],
+        reader,
+        tokenizer,
+        labels,
+        cfg.model,
+        cfg.train,
+        shuffle=False,
+        sampler=sampler,
+        text_states=text_states.get("train"),
     )
     optimizer, scheduler, scaler = build_optimizer(
         model, cfg.train, cfg.train.epochs * len(train_loader), runtime
@@ -237,7 +248,16 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
             train_loss = train_epoch(
                 trained, train_loader, bar, optimizer, scheduler, scaler, cfg.train.max_grad_norm, runtime
             )
-            _, dev = decode_and_score(model, splits["valid"], reader, tokenizer, labels, cfg, runtime)
+            _, dev = decode_and_score(
+                model,
+                splits["valid"],
+                reader,
+                tokenizer,
+                labels,
+                cfg,
+                runtime,
+                text_states=text_states.get("valid"),
+            )
             dev_f1 = dev["micro"]["f1"]
             bar.set_postfix(loss=f"{train_loss:.4f}", dev_f1=f"{dev_f1:.4f}")
 
@@ -277,7 +297,14 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
     for name in ("valid", "test"):
         if name in splits:
             predictions, results[name] = decode_and_score(
-                model, splits[name], reader, tokenizer, labels, cfg, runtime
+                model,
+                splits[name],
+                reader,
+                tokenizer,
+                labels,
+                cfg,
+                runtime,
+                text_states=text_states.get(name),
             )
             if runtime.is_main:
                 write_conll(run_dir / f"pred_{name}.conll", splits[name].posts, predictions)
@@ -285,6 +312,29 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         write_json(run_dir / RESULTS_FILE, results)
     runtime.barrier()
     return run_dir
+
+
+def _text_states(cfg: RunConfig, model, splits, tokenizer, labels, encoder_dir, source, runtime) -> dict:
+    """{split: its text-state cache} with model.text_frozen_layers > 0 (built once, then reused by every
+    run of the same encoder, tokenizer, max_length, N and split file); {} otherwise."""
+    frozen = cfg.model.text_frozen_layers
+    if not frozen:
+        return {}
+    root = check_text_cache_root(
+        cfg.text_cache,
+        [
+            ("the feature cache", cfg.cache_dir),
+            ("the data folder", source.data_dir),
+            ("the image folder", source.image_dir),
+            ("the run folder", cfg.out_dir),
+        ],
+    )
+    return {
+        name: prepare_text_states(
+            model.encoder, frozen, split, tokenizer, labels, cfg.model.max_length, encoder_dir, root, runtime
+        )
+        for name, split in splits.items()
+    }
 
 
 def build_optimizer(model: MNERModel, train: TrainConfig, total_steps: int, runtime: Runtime) -> tuple:

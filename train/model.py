@@ -27,7 +27,7 @@ from mner.train.fusion import build_fusion
 from mner.train.heads import Head
 from mner.train.losses import LossInputs, type_presence
 from mner.train.registry import AUX_LOSSES, HEADS, TASKS
-from mner.train.text import load_encoder
+from mner.train.text import encoder_layers, frozen_modules, load_encoder, text_prefix, text_top
 from mner.train.visual import VisualTokenBuilder
 
 # What a text-only model reads of its config: model.text_only builds no visual token builder, no
@@ -90,6 +90,11 @@ class MNERModel(nn.Module):
         self.types = self.task.check_labels(self.label_names)
         self.outside = self.label_names.index("O")
         self.encoder = load_encoder(encoder_dir)
+        self.frozen_layers = cfg.text_frozen_layers
+        if self.frozen_layers:
+            encoder_layers(self.encoder, self.frozen_layers, cfg.text_encoder)
+            for module in frozen_modules(self.encoder, self.frozen_layers):
+                module.requires_grad_(False)
         width = self.encoder.config.hidden_size
         if width % cfg.qfnet_heads:
             raise ValueError(
@@ -137,14 +142,33 @@ class MNERModel(nn.Module):
         """The head named by cfg.head (train/heads.py)."""
         return getattr(self, self._head_attr)
 
+    def train(self, mode: bool = True) -> MNERModel:
+        """Train or eval mode; the frozen bottom of the text encoder stays in eval mode (no dropout),
+        so its output is the text-state cache's."""
+        super().train(mode)
+        if self.frozen_layers:
+            for module in frozen_modules(self.encoder, self.frozen_layers):
+                module.eval()
+        return self
+
     def encode_text(self, batch: dict) -> torch.Tensor:
         """Word states (B, T, D): the encoder state of each word's first sub-word.
 
-        Words cut by truncation get the first sub-word's slot 0 ([CLS]); word_mask hides them.
+        Words cut by truncation get the first sub-word's slot 0 ([CLS]); word_mask hides them. With
+        model.text_frozen_layers = N the top layers run over batch["text_states"] (B, S, D), the states
+        after layer N read from the text-state cache, or over the frozen bottom computed here without it.
         """
-        states = self.encoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state  # (B, S, D)
+        if self.frozen_layers:
+            hidden = batch.get("text_states")
+            if hidden is None:
+                hidden = text_prefix(
+                    self.encoder, self.frozen_layers, batch["input_ids"], batch["attention_mask"]
+                )  # (B, S, D)
+            states = text_top(self.encoder, self.frozen_layers, hidden, batch["attention_mask"])  # (B, S, D)
+        else:
+            states = self.encoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # (B, S, D)
         index = batch["first_subword"][..., None].expand(-1, -1, states.shape[-1])  # (B, T, D)
         return states.gather(1, index)  # (B, T, D)
 

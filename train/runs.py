@@ -164,7 +164,9 @@ def read_record(run_dir) -> dict:
 def run_config(record: dict) -> RunConfig:
     """The RunConfig part of a run record."""
     names = ("model", "train", "cache_dir", "data", "out_dir", "resume")
-    return RunConfig.from_dict({name: record[name] for name in names}, CONFIG_FILE)
+    data = {name: record[name] for name in names}
+    data["text_cache"] = record.get("text_cache")  # absent from runs recorded before the field
+    return RunConfig.from_dict(data, CONFIG_FILE)
 
 
 def read_results(run_dir) -> dict:

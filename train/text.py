@@ -132,6 +132,73 @@ def load_encoder(name_or_path: str | Path) -> torch.nn.Module:
         raise ValueError(f"text encoder folder {folder} cannot be loaded: {err}") from err
 
 
+def encoder_layers(encoder: torch.nn.Module, frozen: int, name: str) -> torch.nn.ModuleList:
+    """The transformer layers of a BERT-family encoder, checked to have at least `frozen` of them.
+
+    Args:
+        encoder: the Hugging Face base model (BertModel, RobertaModel, ...).
+        frozen: model.text_frozen_layers, > 0.
+        name: the encoder as the user named it (model.text_encoder), for the messages.
+    Raises:
+        ValueError for an encoder without BERT's .embeddings / .encoder.layer split, or with fewer layers.
+    """
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not isinstance(getattr(encoder, "embeddings", None), torch.nn.Module) or not isinstance(
+        layers, torch.nn.ModuleList
+    ):
+        raise ValueError(
+            f"model.text_frozen_layers = {frozen} runs the text encoder's embeddings and layers apart, which "
+            f"a {type(encoder).__name__} ({name}) does not expose (.embeddings, .encoder.layer); use a BERT or "
+            "RoBERTa-family encoder or set model.text_frozen_layers = 0"
+        )
+    if frozen > len(layers):
+        raise ValueError(
+            f"model.text_frozen_layers = {frozen} is more than the {len(layers)} layers of text encoder "
+            f"{name}; set it to at most {len(layers)}"
+        )
+    return layers
+
+
+def frozen_modules(encoder: torch.nn.Module, frozen: int) -> list[torch.nn.Module]:
+    """The embeddings and the bottom `frozen` layers (checked by `encoder_layers` first)."""
+    return [encoder.embeddings, *encoder.encoder.layer[:frozen]]
+
+
+def text_prefix(
+    encoder: torch.nn.Module, frozen: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Hidden states (B, S, D) after the embeddings and the bottom `frozen` layers, in float32, no grad.
+
+    What BertModel.forward computes before its layer `frozen` (transformers' modeling_bert.py): the
+    embeddings of input_ids (default position and token type ids), then each layer with the key mask
+    made by the same `create_bidirectional_mask`. Autocast is off so that the states computed here
+    equal those of the text-state cache, which is built in float32 whatever the run's precision.
+    """
+    with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
+        hidden = encoder.embeddings(input_ids=input_ids)  # (B, S, D)
+        return _run_layers(encoder, encoder.encoder.layer[:frozen], hidden, attention_mask)  # (B, S, D)
+
+
+def text_top(
+    encoder: torch.nn.Module, frozen: int, hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states (B, S, D) of the layers from `frozen` on, over `hidden` (B, S, D) (text_prefix's
+    output, or the cache's states of the same sub-words; padding rows may hold anything: they are masked
+    as keys and never gathered as words)."""
+    return _run_layers(encoder, encoder.encoder.layer[frozen:], hidden, attention_mask)  # (B, S, D)
+
+
+def _run_layers(encoder, layers, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    from transformers.masking_utils import create_bidirectional_mask
+
+    mask = create_bidirectional_mask(
+        config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+    )
+    for layer in layers:
+        hidden = layer(hidden, mask)  # (B, S, D)
+    return hidden
+
+
 def _byte_level(tokenizer) -> bool:
     """Whether the tokenizer pre-splits with ByteLevel (directly or inside a Sequence)."""
     pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}

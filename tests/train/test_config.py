@@ -396,3 +396,17 @@ def test_describe_model_strips_labels_and_needs_two_comment_lines(tmp_path, monk
     message = f"{root / 'models' / 'short.toml'}: the first two comment lines must say the seed"
     with pytest.raises(ValueError, match=re.escape(message)):
         describe_model("short")
+
+
+def test_text_frozen_layers_are_refused_for_ifaformer_and_below_zero():
+    with pytest.raises(ValueError, match=re.escape("model.text_frozen_layers must be >= 0, got -1")):
+        ModelConfig(text_frozen_layers=-1)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "model.text_frozen_layers = 2 freezes text encoder layers whose output is computed once from the "
+            "text, but model.fusion = 'single_stream' (IFAformer) feeds the image into every encoder layer; "
+            "set model.text_frozen_layers = 0"
+        ),
+    ):
+        ModelConfig(fusion="single_stream", adaptive_gate=False, text_frozen_layers=2)

@@ -295,3 +295,28 @@ def test_used_settings_leave_out_what_the_built_model_never_reads():
     assert used_settings(ModelConfig()) != used_settings(ModelConfig(alignment_loss_weight=0.0))
     assert used_settings(ModelConfig()) == used_settings(ModelConfig(stack_layers=3))  # MANGO's only
     assert "name" not in used_settings(text)
+
+
+def test_frozen_layers_get_no_gradient_no_dropout_and_no_optimizer_group():
+    model = tiny_model(text_only=True, text_frozen_layers=1)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("encoder.embeddings.", "encoder.encoder.layer.0.")) for n in frozen)
+    assert all(
+        p.requires_grad for n, p in model.named_parameters() if n.startswith("encoder.encoder.layer.1.")
+    )
+    model.train()
+    assert not model.encoder.embeddings.training and not model.encoder.encoder.layer[0].training
+    assert model.encoder.encoder.layer[1].training and model.training
+    grouped = {id(p) for group in model.param_groups(TrainConfig()) for p in group["params"]}
+    assert not any(id(p) in grouped for p in model.parameters() if not p.requires_grad)
+    model(make_batch(with_visual=False))["loss"].backward()
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    assert model.encoder.encoder.layer[1].attention.self.query.weight.grad is not None
+
+
+def test_frozen_layers_change_nothing_in_eval_mode():
+    """With no cached states the model computes the frozen bottom itself: the same word states as N = 0."""
+    batch = make_batch(with_visual=False)
+    plain = tiny_model(text_only=True).eval()
+    frozen = tiny_model(text_only=True, text_frozen_layers=2).eval()
+    torch.testing.assert_close(frozen.encode_text(batch), plain.encode_text(batch), rtol=0, atol=1e-6)

@@ -173,3 +173,47 @@ def test_a_max_length_past_the_encoders_positions_is_refused_by_name():
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         text.check_max_length(folder, 5000, "classifier.max_length")
+
+
+@pytest.mark.parametrize("frozen", [0, 1, 2])
+def test_frozen_prefix_then_top_is_the_encoders_own_forward(frozen):
+    """text_prefix then text_top over padded posts gives BertModel's last_hidden_state (eval mode)."""
+    batch = make_batch(make_posts(4, seed=3), with_visual=False)
+    assert not bool(batch["attention_mask"].all())  # the posts differ in length: padding is exercised
+    encoder = text.load_encoder("tiny-bert").eval()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        expected = encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S, D)
+        hidden = text.text_prefix(encoder, frozen, ids, mask)
+        got = text.text_top(encoder, frozen, hidden, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-6)
+
+
+def test_frozen_prefix_ignores_what_the_padding_rows_hold():
+    """The top layers never read padding rows, so the cache may leave them zero."""
+    batch = make_batch(make_posts(4, seed=3), with_visual=False)
+    encoder = text.load_encoder("tiny-bert").eval()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        hidden = text.text_prefix(encoder, 1, ids, mask)
+        zeroed = hidden * mask[..., None]
+        a, b = text.text_top(encoder, 1, hidden, mask), text.text_top(encoder, 1, zeroed, mask)
+    assert torch.equal(a[mask.bool()], b[mask.bool()])
+
+
+def test_frozen_layers_past_the_encoders_depth_are_refused():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "model.text_frozen_layers = 3 is more than the 2 layers of text encoder tiny-bert; set it to at most 2"
+        ),
+    ):
+        MNERModel(tiny_config(text_only=True, text_frozen_layers=3), LABELS, None, "tiny-bert")
+
+
+def test_frozen_layers_need_a_bert_style_encoder():
+    with pytest.raises(
+        ValueError, match=r"a Linear \(x\) does not expose \(\.embeddings, \.encoder\.layer\)"
+    ):
+        text.encoder_layers(torch.nn.Linear(2, 2), 1, "x")
