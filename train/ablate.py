@@ -3,7 +3,7 @@
 An experiment is a small TOML diff over configs/train/base.toml and the ablation's model (`model`,
 `--model`; configs/models/<name>.toml): a registry name (the file configs/experiments/<name>.toml;
 `full` is the empty diff), a path to a diff file of your own, or `model=NAME`, an arm that trains the
-model NAME as it is (named NAME), so one table compares the model zoo (issue 11).
+model NAME as it is (named NAME), so one table compares the model zoo.
 Every run goes to <out>/<experiment>/seed<k>/ through `train_from_cache`; a run whose results.json
 exists is skipped, so a killed ablation re-run picks up where it stopped. The cache is only read,
 never re-extracted.

@@ -1,4 +1,4 @@
-"""Sentence-level classification from the cache (the BertResNet seed, issue 12):
+"""Sentence-level classification from the cache (the BertResNet seed):
 `train_classifier(ClassifierRunConfig) -> run folder`.
 
 The data is a classification folder (cache/classification.py: MVSA `train.txt` ... or `train.csv`

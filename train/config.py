@@ -3,7 +3,7 @@
 A run's settings come from four layers, later ones winning:
 
     configs/train/base.toml                 every field, with a comment each
-    a model file (configs/models/<model.name>.toml)   the keys a seed's model changes (issue 11)
+    a model file (configs/models/<model.name>.toml)   the keys a seed's model changes
     an experiment file (configs/experiments/no_align.toml, ...)   only the keys it changes
     --set model.qfnet_layers=1 ...          command-line overrides
 
@@ -126,7 +126,7 @@ class ModelConfig(_Config):
     # the embeddings and the bottom N text encoder layers are frozen (eval mode, no gradient); their
     # output is computed once per split into a text-state cache (train/text_states.py). 0: all train
     text_frozen_layers: int = 0
-    # --- model zoo (issue 11): switches the seeds' models differ by; each is off at the AFDVQF value
+    # --- model zoo: switches the seeds' models differ by; each is off at the AFDVQF value
     # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
     region_meta: bool = True
     # weight of the slot type-presence loss (AFNER's typed slots): each entity type's mean final QGF
@@ -264,7 +264,7 @@ class ModelConfig(_Config):
     def from_dict(cls, data: dict, source: str = "dict") -> ModelConfig:
         """Build from a dict (a run's config.json "model" section); missing keys keep their defaults.
 
-        A record without `head` was written before the registries (issue 9) and is read as the model
+        A record without `head` was written before the registries existed and is read as the model
         it built then: fusion "adaptive" was QGF with the gate forced on, and adaptive_gate was
         ignored by the fusions that have no gate. A record without `adaptive_fusion` had only the
         sigmoid gate, so its adaptive_gate = true reads as adaptive_fusion = "gate".

@@ -93,7 +93,7 @@ class QueryGuidedFusion(nn.Module):
     then the adaptive fusion cfg.adaptive_fusion names when cfg.adaptive_gate."""
 
     uses_pooled = False  # reads no pooled image vector (VisualTokenBuilder builds none)
-    # forward leaves its final slots (B, Q, D) in self.final_slots, for the slot_type loss (issue 11)
+    # forward leaves its final slots (B, Q, D) in self.final_slots, for the slot_type loss
     exposes_slots = True
 
     def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str]):

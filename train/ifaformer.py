@@ -2,7 +2,7 @@
 
 IFAformer (Li et al., "On Analyzing the Role of Image for Visual-enhanced Relation Extraction",
 AAAI SA'23; DeepKE's multimodal NER example) lets text and vision meet inside one transformer
-instead of in a fusion module after it. Here that is done on the cached tokens, as issue 11 asks:
+instead of in a fusion module after it. Here that is done on the cached tokens:
 
     text   = encoder.embeddings(input_ids)                         (B, S, D) word + position + type,
                                                                    exactly the text-only embedding

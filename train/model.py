@@ -110,7 +110,7 @@ class MNERModel(nn.Module):
                 )
             self.visual = VisualTokenBuilder(cfg, spec, width, num_detector_classes)
             self.fusion = build_fusion(cfg, width, self.types)
-        # model.bilstm (issue 11): a BiLSTM over the (fused) word states before the emission layer.
+        # model.bilstm: a BiLSTM over the (fused) word states before the emission layer.
         self.bilstm = (
             nn.LSTM(width, cfg.lstm_hidden, batch_first=True, bidirectional=True) if cfg.bilstm else None
         )
