@@ -44,6 +44,8 @@ _TEXT_PATH = (
     "bilstm",
     "lstm_hidden",
     "text_only",
+    "text_frozen_layers",
+    "emission_lr",
 )
 # What only the MANGO fusion reads (train/mango.py); another fusion ignores these fields.
 _MANGO_ONLY = ("resampler", "resampler_queries", "stack_layers", "rel_temp", "align_warmup_epochs", "nce_tau")

@@ -292,6 +292,8 @@ def test_used_settings_leave_out_what_the_built_model_never_reads():
         ModelConfig(text_only=True, alignment_loss_weight=0.0, qfnet_layers=1)
     )
     assert used_settings(text) != used_settings(ModelConfig(text_only=True, dropout=0.3))
+    for key, value in (("text_frozen_layers", 1), ("emission_lr", "crf")):  # read by a text-only model too
+        assert used_settings(text) != used_settings(ModelConfig(text_only=True, **{key: value})), key
     assert used_settings(ModelConfig()) != used_settings(ModelConfig(alignment_loss_weight=0.0))
     assert used_settings(ModelConfig()) == used_settings(ModelConfig(stack_layers=3))  # MANGO's only
     assert "name" not in used_settings(text)
