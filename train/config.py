@@ -299,6 +299,9 @@ class TrainConfig(_Config):
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # fraction of all steps spent in linear warm-up, then linear decay to 0
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
+    # batches whose gradients are summed (each loss / grad_accum) before one optimiser step: an effective
+    # batch of batch_size x grad_accum at the memory of batch_size (AFNER's original uses 2)
+    grad_accum: int = 1
     patience: int = 3  # stop after this many epochs without a better valid F1
     seed: int = 42  # seeds Python, NumPy and torch (model init, shuffling, dropout, image dropout)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -309,7 +312,7 @@ class TrainConfig(_Config):
 
     def __post_init__(self):
         self._check_types()
-        for name in ("epochs", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_encoder", "lr_fusion", "lr_crf", "max_grad_norm"):

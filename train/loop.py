@@ -16,6 +16,7 @@ so no NaN weights are ever saved.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -198,8 +199,9 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         sampler=sampler,
         text_states=text_states.get("train"),
     )
+    steps_per_epoch = optimizer_steps(len(train_loader), cfg.train.grad_accum)
     optimizer, scheduler, scaler = build_optimizer(
-        model, cfg.train, cfg.train.epochs * len(train_loader), runtime
+        model, cfg.train, cfg.train.epochs * steps_per_epoch, runtime
     )
     progress = Progress()
     if checkpoint is not None:
@@ -226,7 +228,7 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
     while progress.epoch < cfg.train.epochs and not progress.stopped:
         epoch = progress.epoch + 1
         started = time.perf_counter()
-        epoch_at.update(epoch=epoch, first_step=scheduler.last_epoch, steps=len(train_loader))
+        epoch_at.update(epoch=epoch, first_step=scheduler.last_epoch, steps=steps_per_epoch)
         sampler.set_epoch(epoch)
         if runtime.world_size > 1:
             # Each rank its own dropout and image-dropout masks (one seed everywhere would repeat them
@@ -246,7 +248,15 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
             every=max(1, -(-len(train_loader) // 10)),
         ) as bar:
             train_loss = train_epoch(
-                trained, train_loader, bar, optimizer, scheduler, scaler, cfg.train.max_grad_norm, runtime
+                trained,
+                train_loader,
+                bar,
+                optimizer,
+                scheduler,
+                scaler,
+                cfg.train.max_grad_norm,
+                runtime,
+                cfg.train.grad_accum,
             )
             _, dev = decode_and_score(
                 model,
@@ -337,6 +347,11 @@ def _text_states(cfg: RunConfig, model, splits, tokenizer, labels, encoder_dir, 
     }
 
 
+def optimizer_steps(batches: int, grad_accum: int) -> int:
+    """Optimiser (and schedule) steps of an epoch of `batches` batches, one per `grad_accum` of them."""
+    return -(-batches // grad_accum)
+
+
 def build_optimizer(model: MNERModel, train: TrainConfig, total_steps: int, runtime: Runtime) -> tuple:
     """(AdamW over the model's per-group learning rates, its LR schedule, the AMP grad scaler).
 
@@ -352,20 +367,30 @@ def build_optimizer(model: MNERModel, train: TrainConfig, total_steps: int, runt
 
 
 def train_step(
-    model, batch: dict, optimizer, scheduler, scaler, max_grad_norm: float, runtime: Runtime
+    model, batch: dict | list[dict], optimizer, scheduler, scaler, max_grad_norm: float, runtime: Runtime
 ) -> float:
-    """One optimiser step on one batch (moved to the device here); returns the batch's loss.
+    """One optimiser step on one batch, or on the gradients of several accumulated (train.grad_accum:
+    each batch's loss divided by their count, so the step is the one of their mean loss); batches are
+    moved to the device here. Returns the mean of the batches' losses.
 
-    `model` may be the DDP wrapper; its forward returns {"loss": scalar, ...}.
+    `model` may be the DDP wrapper; its forward returns {"loss": scalar, ...}; under DDP only the last
+    batch's backward all-reduces the summed gradients.
     Raises NonFiniteLoss, before the optimiser steps, when the loss is NaN or infinite on any rank,
     or the gradient norm is in full precision (under fp16 the scaler skips such steps by design).
     """
-    batch = to_device(batch, runtime.device)
-    with runtime.autocast():
-        loss = model(batch)["loss"]
-    _check_finite("training loss", loss.detach(), scheduler, runtime)
+    batches = [batch] if isinstance(batch, dict) else list(batch)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    losses = []
+    for i, micro in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            micro = to_device(micro, runtime.device)
+            with runtime.autocast():
+                loss = model(micro)["loss"]
+            _check_finite("training loss", loss.detach(), scheduler, runtime)
+            scaler.scale(loss / len(batches)).backward()
+        losses.append(loss.item())
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     if not scaler.is_enabled():
@@ -373,7 +398,7 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    return loss.item()
+    return sum(losses) / len(losses)
 
 
 def _check_finite(what: str, value: torch.Tensor, scheduler, runtime: Runtime) -> None:
@@ -388,16 +413,37 @@ def _check_finite(what: str, value: torch.Tensor, scheduler, runtime: Runtime) -
 
 
 def train_epoch(
-    model, loader, bar, optimizer, scheduler, scaler, max_grad_norm: float, runtime: Runtime
+    model,
+    loader,
+    bar,
+    optimizer,
+    scheduler,
+    scaler,
+    max_grad_norm: float,
+    runtime: Runtime,
+    grad_accum: int = 1,
 ) -> float:
-    """One pass over the training batches; returns the mean loss over all ranks' batches."""
+    """One pass over the training batches, one optimiser step per `grad_accum` of them (the epoch's
+    last step takes what is left); returns the mean loss over all ranks' batches."""
     model.train()
-    total, steps = 0.0, 0
-    for batch in loader:
-        total += train_step(model, batch, optimizer, scheduler, scaler, max_grad_norm, runtime)
-        steps += 1
-        bar.update()
+    total, steps, pending = 0.0, 0, []
+
+    def step() -> None:
+        nonlocal total, steps
+        total += train_step(model, pending, optimizer, scheduler, scaler, max_grad_norm, runtime) * len(
+            pending
+        )
+        steps += len(pending)
+        bar.update(len(pending))
         bar.set_postfix(loss=f"{total / steps:.4f}")
+        pending.clear()
+
+    for batch in loader:
+        pending.append(batch)
+        if len(pending) == grad_accum:
+            step()
+    if pending:
+        step()
     sums = torch.tensor([total, steps], dtype=torch.float64, device=runtime.device)
     if runtime.world_size > 1:
         dist.all_reduce(sums)

@@ -570,3 +570,40 @@ def test_a_cache_with_some_usable_images_records_the_count_without_a_warning(tmp
         run = train_from_cache(run_config(tmp_path / "run", cache_dir, data_dir, epochs=1))
     assert not [r for r in caplog.records if r.name == "mner.train.runs"]
     assert json.loads((run / "config.json").read_text())["no_image"] == {"train": 1, "valid": 1}
+
+
+def test_accumulated_batches_take_the_step_of_their_union():
+    """train.grad_accum: two batches of 4 accumulated give the weights one batch of the same 8 gives
+    (both losses are means over posts, so the mean of the two equals the mean over the eight). Plain
+    SGD without clipping, so the size of the gradient shows, not only its direction."""
+    from mner.runtime import resolve_runtime
+    from tests.train.factories import make_batch, make_posts, tiny_model
+
+    posts = make_posts(8, seed=3)
+    runtime = resolve_runtime("cpu", "off")
+    one = [make_batch(posts, with_visual=False)]
+    two = [make_batch(posts[:4], with_visual=False), make_batch(posts[4:], with_visual=False)]
+    weights = []
+    for batches in (one, two):
+        model = tiny_model(seed=0, text_only=True, dropout=0.0).eval()  # no dropout anywhere (BERT's too)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loop.train_step(model, batches, optimizer, scheduler, scaler, 1e9, runtime)
+        assert scheduler.last_epoch == 1  # one optimiser step either way
+        weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    moved = tiny_model(seed=0, text_only=True, dropout=0.0).crf.crf.transitions
+    assert not torch.allclose(weights[0]["crf.crf.transitions"], moved)  # the step did something
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-5, msg=name)  # fp32 sum order
+
+
+def test_grad_accum_steps_the_schedule_once_per_accumulated_batches(tmp_path):
+    data_dir, _ = make_data(tmp_path, n_train=10, n_valid=2, n_test=None)  # 3 batches of 4 an epoch
+    run = train_from_cache(
+        run_config(tmp_path / "run", None, data_dir, epochs=2, text_only=True, train={"grad_accum": 2})
+    )
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 2 * loop.optimizer_steps(3, 2) == 4
+    with pytest.raises(ValueError, match=r"^train\.grad_accum must be >= 1, got 0$"):
+        TrainConfig(grad_accum=0)
