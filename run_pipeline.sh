@@ -29,16 +29,22 @@ setup() {
     echo "== installing the project into $VENV"
     # First a current pip: the one an interpreter bundles (Debian 12's python3: pip 23.0.1) can fail to
     # build sdists under a newer setuptools, so the install must not depend on which python3 made the venv.
-    # setuptools too: the project is built with the venv's own setuptools (--no-build-isolation), so the
-    # build back-end is the one whose version is printed below, not whatever an isolated build fetches.
+    # setuptools too: the project is built with the venv's own setuptools (below), so the build back-end
+    # is the one whose version is printed, not whatever an isolated build fetches.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip "setuptools>=70.1"
     # These exact versions install from local disk; an unpinned torch would download several GB of CUDA wheels.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
     # setuptools adds an "Editable installation" note to every editable install (it is not about this
     # project's configuration: no folder of the checkout is named like the package, `mner`); it is the
     # only warning left, so it is filtered and any other build warning still shows.
+    # First the project with its dependencies, each sdist among them (seqeval) built in pip's isolated
+    # environment as its own setup expects (seqeval built without one comes out as version 0.0.0);
+    # then the project alone again, built with the venv's setuptools.
     PYTHONWARNINGS="ignore:Editable installation" \
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    PYTHONWARNINGS="ignore:Editable installation" \
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+      --force-reinstall -e .
     touch "$stamp"
   else
     echo "== reusing virtual environment $VENV"
