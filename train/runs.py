@@ -65,8 +65,6 @@ _SHOWN_CHARS = 60
 # bytes of its split files), not the bookkeeping (and, of train, not config.RUNTIME_SETTINGS).
 _RESUME_KEYS = ("model", "train", "label_names", "data_source", "data_files")
 
-log = logging.getLogger(__name__)
-
 
 def write_json(path: Path, data) -> Path:
     """A run folder's JSON file (config, results), replaced atomically."""

@@ -96,7 +96,7 @@ def prepare_text_states(
     Under torchrun rank 0 builds it while the others wait at a barrier. Returns it opened (checked).
     """
     parts = text_state_parts(encoder_dir, tokenizer, max_length, frozen, split)
-    folder, fingerprint = text_state_folder(root, parts)
+    folder, _ = text_state_folder(root, parts)
     if runtime.is_main and not is_text_state_folder(folder):
         log.info("computing the frozen text states of %s once into %s", split.path, folder)
         rows = compute_text_states(encoder, frozen, split, tokenizer, labels, max_length, runtime.device)
