@@ -243,6 +243,13 @@ def set_threads(threads: int = 0) -> int:
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     chosen = threads or min(torch.get_num_threads(), max(1, usable // ranks))
     torch.set_num_threads(chosen)
+    if chosen > usable:
+        log.warning(
+            "torch threads: %d asked, more than the %d CPU(s) this process may use; the threads will wait "
+            "for each other (several times slower: benchmarks/bench_threads.py)",
+            chosen,
+            usable,
+        )
     log.info(
         "torch threads: %d (%s; this process may use %d CPU(s) of the machine's %d)",
         chosen,

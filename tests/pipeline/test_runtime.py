@@ -596,6 +596,10 @@ def test_set_threads_takes_a_count_or_the_share_of_the_usable_cpus(monkeypatch, 
         assert rt.set_threads(0) == 2 == torch.get_num_threads()
     assert "torch threads: 2 (the usable CPUs / 2 local ranks; this process may use 4 CPU(s)" in caplog.text
     assert rt.set_threads(3) == 3 == torch.get_num_threads()
+    assert "more than" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="mner.runtime"):
+        assert rt.set_threads(64) == 64
+    assert "torch threads: 64 asked, more than the 4 CPU(s) this process may use" in caplog.text
     torch.set_num_threads(1)  # OMP_NUM_THREADS=1, or the caller's own choice: never raised
     assert rt.set_threads(0) == 1 == torch.get_num_threads()
 
