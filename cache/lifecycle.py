@@ -39,7 +39,7 @@ from mner.cache.shards import (
     shard_state,
     tmp_path,
 )
-from mner.runtime import LOCK_NAME, FolderLock, refuse_dangling_link
+from mner.runtime import LOCK_NAME, FolderLock, folder_state
 from mner.runtime import lock_folder as runtime_lock_folder
 
 log = logging.getLogger(__name__)
@@ -68,38 +68,29 @@ def _short(fingerprint: str) -> str:
 
 
 def check_folder(out: Path) -> None:
-    """Refuse an `--out` that is neither new, empty, nor a feature cache; reads only, changes nothing.
+    """Refuse an `--out` that is neither new, empty, nor a feature cache (mner.runtime.folder_state);
+    reads only, changes nothing."""
+    folder_state(out, _why_not_a_cache, "feature cache")
+
+
+def _why_not_a_cache(out: Path) -> str:
+    """ "" when the non-empty folder `out` is a feature cache, else why not (for folder_state).
 
     A cache is a folder holding shard files (a run killed before its manifest leaves only shards), our
     manifest.json, or our extract_config.json. A folder whose only sign is an extract_config.json that
-    mner did not write is refused even with --overwrite, which would otherwise delete it. A lock file
-    alone (a run that failed before its first shard) counts as empty.
+    mner did not write is refused even with --overwrite, which would otherwise delete it.
     """
-    refuse_dangling_link(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; give a new or empty folder")
     entries = sorted(path for path in out.iterdir() if path.name != LOCK_NAME)
-    if not entries:
-        return
-    names = [path.name for path in entries]
-    if any(name.startswith("shard-") for name in names) or _our_manifest(out / MANIFEST_NAME):
-        return
+    if any(path.name.startswith("shard-") for path in entries) or _our_manifest(out / MANIFEST_NAME):
+        return ""
     config = out / CONFIG_NAME
     problem = _foreign_config(config) if config.exists() else "missing"
     if problem == "":
-        return
+        return ""
     if problem != "missing":
-        raise ValueError(
-            f"{out} holds an {CONFIG_NAME} that is not an mner extraction record ({problem}); "
-            f"nothing in {out} was changed: give a new or empty --out folder, or move that file away"
-        )
+        return f"its {CONFIG_NAME} is not an mner extraction record: {problem}"
     shown = _listed([path.name + ("/" if path.is_dir() else "") for path in entries])
-    raise ValueError(
-        f"{out} is not empty and holds no feature cache (no {MANIFEST_NAME}, {CONFIG_NAME} or shard "
-        f"files; it holds {shown}); nothing in it was changed: give a new or empty --out folder"
-    )
+    return f"no {MANIFEST_NAME}, {CONFIG_NAME} or shard files; it holds {shown}"
 
 
 def _foreign_config(path: Path) -> str:

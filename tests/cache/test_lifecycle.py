@@ -309,9 +309,9 @@ def test_check_folder_accepts_only_new_empty_or_cache_folders(tmp_path):
     with pytest.raises(ValueError) as refused:
         check_folder(mine)
     assert str(refused.value) == (
-        f"{mine} is not empty and holds no feature cache (no manifest.json, extract_config.json or "
-        "shard files; it holds a, b, c, checkpoint/, notes.txt (+1 more)); nothing in it was changed: "
-        "give a new or empty --out folder"
+        f"--out {mine} is not empty and is not one of our feature cache folders (no manifest.json, "
+        "extract_config.json or shard files; it holds a, b, c, checkpoint/, notes.txt (+1 more)); nothing "
+        "in it was touched — choose a new or empty folder"
     )
     for text, problem in [
         ('{"lr": 1, "clip": "x"}', "no detector, fingerprint_parts"),
@@ -322,8 +322,9 @@ def test_check_folder_accepts_only_new_empty_or_cache_folders(tmp_path):
         with pytest.raises(ValueError) as refused:
             check_folder(mine)
         assert str(refused.value) == (
-            f"{mine} holds an extract_config.json that is not an mner extraction record ({problem}); "
-            f"nothing in {mine} was changed: give a new or empty --out folder, or move that file away"
+            f"--out {mine} is not empty and is not one of our feature cache folders (its extract_config.json "
+            f"is not an mner extraction record: {problem}); nothing in it was touched — choose a new or "
+            "empty folder"
         )
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):

@@ -400,11 +400,17 @@ def test_a_folder_that_is_not_a_cache_is_refused_untouched(image_dataset, tmp_pa
     (mine / "results.json").write_text("{}")
     before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match=f"^{mine} is not empty and holds no feature cache"):
+        with pytest.raises(
+            ValueError,
+            match=f"^--out {mine} is not empty and is not one of our feature cache folders \\(no manifest.json",
+        ):
             extract_features(small_run(ds, mine, overwrite=overwrite))
     (mine / "extract_config.json").write_text('{"lr": 0.1}')  # someone else's file of that name
     before[mine / "extract_config.json"] = b'{"lr": 0.1}'
-    with pytest.raises(ValueError, match=f"^{mine} holds an extract_config.json that is not an mner"):
+    with pytest.raises(
+        ValueError,
+        match=f"^--out {mine} is not empty and is not one of our feature cache folders \\(its extract_config.json is not an mner",
+    ):
         extract_features(small_run(ds, mine, overwrite=True))
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
 
