@@ -75,8 +75,9 @@ from bench_extract import make_full_models  # the sibling script: benchmarks/ is
 from torch.utils.data import DataLoader
 
 from mner.cache.datasets import DataConfig, DataSource, Post, Split, label_names, resolve_data
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import Record, TokenSpec, read_manifest
+from mner.cache.spec import Record, TokenSpec
 from mner.demo.build import DemoConfig, build_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.models import build_detector, load_clip

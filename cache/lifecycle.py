@@ -21,24 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mner.cache.checksums import MEMO_NAME, ChecksumMemo
+from mner.cache.fingerprint import canonical_json, describe_fingerprint_difference
+from mner.cache.manifest import CONFIG_NAME, MANIFEST_NAME, read_manifest
 from mner.cache.shards import (
-    CONFIG_NAME,
     IMAGE_STATS_ATTR,
-    MANIFEST_NAME,
     SHARD_GLOB,
-    Record,
     ShardWriter,
-    TokenSpec,
-    _canonical_json,
     completed_shard,
-    fingerprint_diff,
     image_change,
     open_shard,
-    read_manifest,
     shard_path,
     shard_state,
     tmp_path,
 )
+from mner.cache.spec import Record, TokenSpec
 from mner.runtime import LOCK_NAME, FolderLock, folder_state
 from mner.runtime import lock_folder as runtime_lock_folder
 
@@ -46,10 +42,6 @@ log = logging.getLogger(__name__)
 
 # Batches the writer thread may hold before the model loop waits for it.
 _WRITE_QUEUE_BATCHES = 8
-# Differences a refusal names; the rest are counted.
-_SHOWN_DIFFERENCES = 8
-# A difference shows its two values only when their JSON fits in this many characters.
-_SHOWN_CHARS = 60
 # Names (files, images) a message lists before it counts the rest.
 _SHOWN_NAMES = 5
 # Keys of the extraction record extract_features writes as extract_config.json (and nothing else does).
@@ -167,7 +159,8 @@ def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) ->
             )
     if old_fp is None or old_fp == fingerprint:
         return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
-    differs = _differences((old_config or {}).get("fingerprint_parts"), parts)
+    old_parts = (old_config or {}).get("fingerprint_parts")
+    differs = describe_fingerprint_difference(old_parts, parts) if isinstance(old_parts, dict) else ""
     raise ValueError(
         f"cache at {out} was made with a different configuration (fingerprint {_short(old_fp)} != "
         f"{_short(fingerprint)}); use --overwrite to replace it"
@@ -198,20 +191,6 @@ def _shard_fingerprint(path: Path) -> tuple[str | None, dict | None]:
             )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError):
         return None, None
-
-
-def _differences(old: dict | None, new: dict) -> str:
-    """ "topk 20 -> 10, models.clip.sha256.model.safetensors" for the leaves that differ."""
-    if not isinstance(old, dict):
-        return ""
-    differences = fingerprint_diff(old, new)
-    shown = []
-    for name, values in list(differences.items())[:_SHOWN_DIFFERENCES]:
-        before, after = (json.dumps(value) for value in values)
-        short = len(before) + len(after) <= _SHOWN_CHARS
-        shown.append(f"{name} {before} -> {after}" if short else name)
-    more = len(differences) - _SHOWN_DIFFERENCES
-    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
 def clear_cache(out: Path) -> None:
@@ -366,7 +345,7 @@ class ShardSink:
                     attrs = {**self.attrs, "shard_index": shard}
                     if self.image_stats is not None:
                         stats = [self.image_stats.get(key) for key in self.shard_keys[shard]]
-                        attrs[IMAGE_STATS_ATTR] = _canonical_json(stats)
+                        attrs[IMAGE_STATS_ATTR] = canonical_json(stats)
                     writer = ShardWriter(
                         shard_path(self.out, shard), self.spec, self.shard_keys[shard], attrs
                     )

@@ -31,7 +31,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from mner.cache.shards import file_sha256
+from mner.cache.checksums import file_sha256
 from mner.configs.presets import materialise, preset_dir
 from mner.extract.config import (
     CLIP_VISION,

@@ -30,6 +30,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from mner.cache.classification import ClassDataConfig, classification_images, is_classification_folder
 from mner.cache.datasets import DataSource
+from mner.cache.fingerprint import compute_fingerprint, h5py_version
 from mner.cache.lifecycle import (
     ShardSink,
     check_existing,
@@ -39,19 +40,9 @@ from mner.cache.lifecycle import (
     manifest_problem,
     plan_shards,
 )
-from mner.cache.shards import (
-    NO_REGIONS,
-    SCHEMA_VERSION,
-    Record,
-    TokenSpec,
-    compute_fingerprint,
-    empty_record,
-    h5py_version,
-    image_stat,
-    read_manifest,
-    shard_path,
-    write_manifest,
-)
+from mner.cache.manifest import read_manifest, write_manifest
+from mner.cache.shards import image_stat, shard_path
+from mner.cache.spec import NO_REGIONS, SCHEMA_VERSION, Record, TokenSpec, empty_record
 from mner.extract import images
 from mner.extract.config import NO_DETECTOR, ExtractConfig
 from mner.extract.images import load_image

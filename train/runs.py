@@ -36,8 +36,9 @@ from pathlib import Path
 
 from mner.cache.checksums import file_sha256
 from mner.cache.datasets import SPLITS, DataSource, Split
+from mner.cache.fingerprint import fingerprint_diff
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec, fingerprint_diff
+from mner.cache.spec import TokenSpec
 from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, is_our_folder, write_atomic
 from mner.train.checkpoint import find_checkpoint, load_weights
 from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig

@@ -21,8 +21,8 @@ import mner.extract.images
 import mner.extract.run
 from mner.cache.datasets import DataConfig
 from mner.cache.lifecycle import lock_folder
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import read_manifest
 from mner.cache.verify import verify_cache
 from mner.extract.config import DETECTORS, NO_DETECTOR, ExtractConfig
 from mner.extract.models import build_detector, load_clip, load_resnet, materialise_tiny_resnet
