@@ -6,7 +6,8 @@ The only package that knows the HDF5 layout and the only one that imports h5py; 
 section of docs/design.md.
 """
 
-from mner.cache.datasets import DatasetError, DataSource, Post, Split, label_names, read_split, resolve_data
+from mner.cache.conll import DatasetError, Post, Split, label_names, read_split
+from mner.cache.datasets import DataSource, resolve_data
 from mner.cache.fingerprint import (
     compute_fingerprint,
     describe_fingerprint_difference,

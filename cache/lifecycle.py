@@ -61,8 +61,9 @@ def _short(fingerprint: str) -> str:
 
 def check_folder(out: Path) -> None:
     """Refuse an `--out` that is neither new, empty, nor a feature cache (mner.runtime.folder_state);
-    reads only, changes nothing."""
-    folder_state(out, _why_not_a_cache, "feature cache")
+    reads only, changes nothing. The lock is not looked at here: `extract_features` takes it next on
+    rank 0 and raises a refusal on every rank, so that no rank waits at a barrier for one that left."""
+    folder_state(out, _why_not_a_cache, "feature cache", check_lock=False)
 
 
 def _why_not_a_cache(out: Path) -> str:

@@ -234,7 +234,12 @@ def marker_owner(marker: str, keys: tuple[str, ...]) -> Callable[[Path], str]:
 
 
 def folder_state(
-    path, why_not_ours: Callable[[Path], str], what: str, flag: str = "--out", hint: str = ""
+    path,
+    why_not_ours: Callable[[Path], str],
+    what: str,
+    flag: str = "--out",
+    hint: str = "",
+    check_lock: bool = True,
 ) -> str:
     """The one rule for a folder a command writes: "new" (absent), "empty" (a lone lock file counts as
     empty) or "ours"; anything else is refused. Reads only: nothing is created or changed.
@@ -246,6 +251,8 @@ def folder_state(
         what: the folder kind, e.g. "run", "feature cache", "demo".
         flag: how the user gave the folder, for the message.
         hint: appended to the refusal's advice (claim_folder's "or --resume with ...").
+        check_lock: refuse a folder another command is writing here (`refuse_locked`); False for a
+            caller that takes the lock next and words that refusal itself.
     Raises:
         ValueError naming the folder and saying to pick a new or empty one, for a file or a dangling
         symbolic link in its place, a folder another command is writing (rank 0 only: under torchrun
@@ -257,7 +264,7 @@ def folder_state(
         raise ValueError(f"{flag} {path} is a file, not a folder; choose a new or empty folder")
     if not path.exists():
         return "new"
-    if int(os.environ.get("RANK", "0")) == 0:
+    if check_lock and int(os.environ.get("RANK", "0")) == 0:
         refuse_locked(path, flag)
     if not any(entry.name != LOCK_NAME for entry in path.iterdir()):
         return "empty"
