@@ -6,7 +6,7 @@ ClassifierHead, mode both, head mlp, the image feature the ResNet's global avgpo
     cached   the classifier's own loader (train.classify: the posts' global vectors read through
              cache.CacheReader, the texts tokenised in the collate) + train.loop.train_step
     e2e      the seed notebook's way: every step decodes the JPEGs (extract.images.load_image), applies
-             the ResNet transform (extract.models.resnet_transform, in the loader's collate), runs the
+             the ResNet transform (extract.resnet.resnet_transform, in the loader's collate), runs the
              frozen ResNet forward (ResNetEncoder.encode, eval, inference_mode) and then the same
              train_step on the same posts, the avgpool vectors standing where the cached ones stood
 
@@ -59,7 +59,8 @@ from mner.cache.reader import CacheReader
 from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.images import load_image
-from mner.extract.models import ResNetEncoder, load_resnet, model_info, preprocess_for_resnet
+from mner.extract.models import model_info
+from mner.extract.resnet import ResNetEncoder, load_resnet, preprocess_for_resnet
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime, seed_everything
 from mner.train.classifier_model import ClassifierHead, SentenceClassifier

@@ -50,8 +50,9 @@ from mner.cache.classification import (
     split_files,
     write_predictions,
 )
+from mner.cache.manifest import extract_command
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec, extract_command
+from mner.cache.spec import TokenSpec
 from mner.cache.verify import image_size_mismatches
 from mner.runtime import (
     DEVICE_PATTERN,

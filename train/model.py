@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mner.cache.shards import TokenSpec
+from mner.cache.spec import TokenSpec
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.fusion import build_fusion
 from mner.train.heads import Head

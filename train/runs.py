@@ -37,9 +37,9 @@ from pathlib import Path
 
 from mner.cache.checksums import file_sha256
 from mner.cache.datasets import SPLITS, DataSource, Split
-from mner.cache.lifecycle import _SHOWN_CHARS
+from mner.cache.fingerprint import SHOWN_CHARS, fingerprint_diff
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec, fingerprint_diff
+from mner.cache.spec import TokenSpec
 from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, is_our_folder, write_atomic
 from mner.train.checkpoint import find_checkpoint, load_weights
 from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
@@ -540,4 +540,4 @@ def cache_differences(found: dict, recorded: dict, ignore: tuple[str, ...] = ())
 
 def _short(value) -> str:
     text = json.dumps(value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."

@@ -34,8 +34,8 @@ from mner.cache.classification import (
     read_csv_rows,
 )
 from mner.cache.datasets import DataConfig
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import read_manifest
 from mner.cache.verify import data_for_verify, verify_cache
 from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
