@@ -576,10 +576,10 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts, text_cach
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from mner.train.runs import recorded_task
+    from mner.train.runs import load_run
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
-    if recorded_task(run_dir) == SENTENCE_CLASSIFICATION.name:
+    if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
         from mner.train.classify import evaluate_classifier
 
         if long_posts != "truncate" or amp is not None or text_cache is not None:
@@ -632,10 +632,10 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
       mner predict runs/mvsa_both --input mvsa/test_without_label.txt --out submission.txt
     """
-    from mner.train.runs import recorded_task
+    from mner.train.runs import load_run
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
-    if recorded_task(run_dir) == SENTENCE_CLASSIFICATION.name:
+    if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
         from mner.train.classify import predict_classifier
 
         if image_dir is not None or amp is not None or long_posts != "truncate":

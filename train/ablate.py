@@ -56,6 +56,7 @@ from mner.train.loop import train_from_cache
 from mner.train.model import used_settings
 from mner.train.runs import RESULTS_FILE, differences, is_run_folder, read_results, write_json
 from mner.train.scores import PERCENT
+from mner.train.tasks import TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,9 @@ def run_ablation(cfg: AblationConfig) -> Path:
             claim,
             record,
             [(name, seed) for name in arms for seed in cfg.seed_list()],
-            finished=lambda run_dir: is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file(),
+            finished=lambda run_dir: (
+                is_run_folder(run_dir, TOKEN_TAGGING.name) and (run_dir / RESULTS_FILE).is_file()
+            ),
             train=lambda name, seed, run_dir: train_from_cache(_run_config(cfg, arms[name], seed, run_dir)),
             row=_table_row,
             main=main,

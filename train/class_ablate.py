@@ -48,12 +48,11 @@ from mner.train.classify import (
     TASK,
     ClassifierConfig,
     ClassifierRunConfig,
-    is_classifier_run,
     load_classifier_config,
     train_classifier,
 )
 from mner.train.config import parse_override
-from mner.train.runs import RESULTS_FILE, read_results
+from mner.train.runs import RESULTS_FILE, is_run_folder, read_results
 from mner.train.scores import PERCENT, read_pred_csv
 
 BASE = "base"  # the experiment that changes nothing
@@ -156,7 +155,7 @@ def run_class_ablation(cfg: ClassAblationConfig) -> Path:
             claim,
             record,
             [(experiment, seed) for experiment in cfg.experiments for seed in range(1, cfg.seeds + 1)],
-            finished=lambda run_dir: is_classifier_run(run_dir) and (run_dir / RESULTS_FILE).is_file(),
+            finished=lambda run_dir: is_run_folder(run_dir, TASK) and (run_dir / RESULTS_FILE).is_file(),
             train=train,
             row=_row,
         )

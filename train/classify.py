@@ -53,16 +53,8 @@ from mner.cache.classification import (
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, extract_command
 from mner.cache.verify import image_size_mismatches
-from mner.runtime import (
-    DEVICE_PATTERN,
-    claim_folder,
-    is_our_folder,
-    refuse_inputs_as_output,
-    start_runtime,
-    to_device,
-)
+from mner.runtime import DEVICE_PATTERN, refuse_inputs_as_output, start_runtime, to_device
 from mner.train import scores
-from mner.train.checkpoint import load_weights
 from mner.train.classifier_model import (
     CLASS_HEADS,
     IMAGE_FEATURES,
@@ -79,13 +71,16 @@ from mner.train.model import decayed_parameters
 from mner.train.runs import (
     CONFIG_FILE,
     RESULTS_FILE,
-    WEIGHTS_FILE,
     check_data_files,
+    check_fingerprint,
+    claim_run_folder,
     data_files_record,
+    extractor_differences,
     is_recorded_folder,
+    load_run,
+    load_run_model,
     new_eval_folder,
     prepare_folder,
-    read_record,
     report_images,
     warn_if_unfinished,
     write_json,
@@ -97,7 +92,6 @@ from mner.train.text import check_max_length, load_encoder, load_tokenizer, reso
 log = logging.getLogger(__name__)
 
 TASK = SENTENCE_CLASSIFICATION.name  # config.json "task" of a classifier run
-CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = SENTENCE_CLASSIFICATION.selects
 # The settings a resume may change: how a run is carried out, not what it trains (as config.RUNTIME_SETTINGS).
@@ -212,11 +206,6 @@ def load_classifier_config(
     return ClassifierConfig(**merge_layers({"classifier": ClassifierConfig}, layers)["classifier"])
 
 
-def is_classifier_run(path) -> bool:
-    """Whether `path` is a classifier run folder (config.json with task "classification")."""
-    return is_our_folder(path, CONFIG_FILE, CLASS_RECORD_KEYS)
-
-
 # ------------------------------------------------------------------------------------------ data
 
 
@@ -303,9 +292,7 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         data), a resumed folder was made with other settings (but CLASS_RUNTIME_SETTINGS), the loss
         becomes non-finite (naming epoch and step), or a setting is out of range.
     """
-    claim = claim_folder(
-        cfg.out_dir, CONFIG_FILE, CLASS_RECORD_KEYS, cfg.resume, what="classifier run", finished=RESULTS_FILE
-    )
+    claim = claim_run_folder(cfg.out_dir, cfg.resume, SENTENCE_CLASSIFICATION)
     c = cfg.classifier
     if c.mode != "image":  # before the data is read: a budget past the positions fails only in the forward
         check_max_length(resolve_text_encoder(c.text_encoder), c.max_length, "classifier.max_length")
@@ -530,55 +517,51 @@ def read_pred_csv(path: Path) -> list[list[str]]:
 # ------------------------------------------------------------------------------------------ reuse
 
 
-def load_classifier_run(
-    run_dir, device: str = "auto"
-) -> tuple[dict, ClassifierConfig, SentenceClassifier, object, object]:
-    """(config.json, its classifier config, the best model in eval mode on the device, its tokenizer or
-    None, the runtime) of a
-    classifier run; ValueError when the folder is not one or its weights file is missing or damaged."""
-    run_dir = Path(run_dir)
-    if not is_classifier_run(run_dir):
-        raise ValueError(f"{run_dir} is not a classifier run folder (no config.json with task {TASK!r})")
-    record = read_record(run_dir)
-    c = ClassifierConfig.from_dict(record["classifier"], str(run_dir / CONFIG_FILE))
+def rebuild_classifier(record: dict) -> tuple[SentenceClassifier, object]:
+    """(a fresh classifier as a run record describes it, its tokenizer or None): the classification
+    task's `rebuild` (runs.load_run_model loads the best weights into it)."""
+    c = ClassifierConfig.from_dict(record["classifier"], CONFIG_FILE)
     spec = TokenSpec.from_dict(record["cache"]["spec"]) if record["cache"] else None
-    model, tokenizer = build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec)
-    weights = run_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run did not finish an epoch — train it again")
-    load_weights(model, weights, "cpu", "the file is damaged — train the run again")
+    return build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec)
+
+
+def _load(run_dir, device: str):
+    """(the classifier run in `run_dir`, its classifier config, its best model, its tokenizer, the
+    runtime); ValueError when the folder is not a classifier run."""
+    run = load_run(run_dir)
+    if run.task is not SENTENCE_CLASSIFICATION:
+        raise ValueError(f"{run_dir} is a {run.task.kind} of task {run.task.name}, not a classifier run")
     runtime = start_runtime(device, "off", hint="--device cpu")
-    return record, c, model.to(runtime.device).eval(), tokenizer, runtime
+    try:
+        model, tokenizer = load_run_model(run.path, run.record, runtime)
+    except BaseException:
+        runtime.close()
+        raise
+    c = ClassifierConfig.from_dict(run.record["classifier"], str(run.path / CONFIG_FILE))
+    return run, c, model, tokenizer, runtime
 
 
-def _run_cache(record: dict, cache_dir, run_dir, same_keys: bool) -> CacheReader | None:
+def _run_cache(run, cache_dir, same_keys: bool) -> CacheReader | None:
     """The cache a classifier run reads (None in text mode): `cache_dir` or the run's. With `same_keys`
-    its fingerprint must be the run's; else (new posts) its extractor (models and token spec) must be."""
+    it must be the run's cache (runs.check_fingerprint); else (new posts) made by the run's extractor."""
+    record = run.record
     if record["cache"] is None:
         return None
     reader = CacheReader(cache_dir or record["cache_dir"])
-    trained = record["cache"]
-    if same_keys and reader.fingerprint != trained["fingerprint"]:
+    try:
+        if same_keys:
+            check_fingerprint(reader, record, run.path)
+        else:
+            differs = extractor_differences(reader, record)
+            if differs:
+                raise ValueError(
+                    f"the cache at {reader.cache_dir} was extracted otherwise than {run.path}'s cache; "
+                    f"differs: {'; '.join(differs)}; extract it with the settings recorded in "
+                    f"{record['cache_dir']}/manifest.json"
+                )
+    except ValueError:
         reader.close()
-        raise ValueError(
-            f"the cache at {reader.cache_dir} has fingerprint {reader.fingerprint[:12]}, but {run_dir} was trained "
-            f"on {trained['fingerprint'][:12]} (other images or another extractor); pass the run's cache "
-            f"({record['cache_dir']}) with --cache"
-        )
-    differs = [
-        what
-        for what, found, recorded in (
-            ("models", reader.models, trained["models"]),
-            ("token spec", dataclasses.asdict(reader.spec), trained["spec"]),
-        )
-        if found != recorded
-    ]
-    if differs:
-        reader.close()
-        raise ValueError(
-            f"the cache at {reader.cache_dir} was extracted with another {' and '.join(differs)} than {run_dir}'s "
-            f"cache; extract it with the settings recorded in {record['cache_dir']}/manifest.json"
-        )
+        raise
     return reader
 
 
@@ -599,7 +582,8 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     that is absent or unlabelled, or a cache that is not the one the run was trained on.
     """
     run_dir = Path(run_dir)
-    record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    run, c, model, tokenizer, runtime = _load(run_dir, device)
+    record = run.record
     warn_if_unfinished(run_dir)
     stored = dict(record["data"])
     if is_recorded_folder(stored["data_dir"], data_dir):
@@ -622,7 +606,7 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
                 example.label,
                 record["label_names"],
             )
-    reader = _run_cache(record, cache_dir, run_dir, same_keys=True)
+    reader = _run_cache(run, cache_dir, same_keys=True)
     try:
         _check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
         predicted, scores = _score(
@@ -651,8 +635,8 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
         out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
     )
     split = read_split_file(input_file)
-    record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
-    reader = _run_cache(record, cache_dir, run_dir, same_keys=False)
+    run, c, model, tokenizer, runtime = _load(run_dir, device)
+    reader = _run_cache(run, cache_dir, same_keys=False)
     try:
         if reader is not None:
             command = extract_command(reader.config, Path(input_file).parent)
@@ -661,7 +645,7 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
                 reader,
                 f"extract them with the run's extractor: `{command}`, and pass NEW_CACHE with --cache",
             )
-        predicted = _predict(model, split, reader, tokenizer, c, runtime, record["label_names"])
+        predicted = _predict(model, split, reader, tokenizer, c, runtime, run.record["label_names"])
     finally:
         if reader is not None:
             reader.close()

@@ -22,19 +22,16 @@ from mner.train import significance
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.runs import (
-    RESULTS_FILE,
     check_cache_keys,
     check_data_files,
     check_fingerprint,
     encoder_dir_of,
     inference_amp,
     is_recorded_folder,
-    is_run_folder,
+    load_run,
     load_run_model,
     new_eval_folder,
     open_cache,
-    read_metrics,
-    read_record,
     read_results,
     recorded_task,
     run_config,
@@ -83,7 +80,13 @@ def evaluate_run(
     training-time results.json and pred_<split>.conll are left as they are.
     """
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    run = load_run(run_dir)
+    if run.task is not TOKEN_TAGGING:
+        raise ValueError(
+            f"{run_dir} is a {run.task.kind}: it is scored by train.classify.evaluate_classifier "
+            "(`mner evaluate` picks it by the run's task)"
+        )
+    record = run.record
     warn_if_unfinished(run_dir)
     cfg = run_config(record)
     reader = None
@@ -163,7 +166,7 @@ def results_table(
     classifier), CI95 (its 95% interval) and p, and a last line naming the test. A run whose predictions
     are missing, or cover other posts, gets "-" there.
     """
-    tasks = [recorded_task(run_dir) for run_dir in run_dirs]
+    tasks = [recorded_task(run_dir) for run_dir in run_dirs]  # None: not a run of ours
     classifiers = [task == SENTENCE_CLASSIFICATION.name for task in tasks]
     if len(run_dirs) < 2:
         bootstrap = 0  # nothing to compare with
@@ -243,32 +246,20 @@ def _bootstrap_cells(
 
 
 def _run_scores(run_dir: Path, split: str, task: str | None) -> tuple[dict | None, str]:
-    """(the task's headline scores or None, status) of one run."""
-    if task == SENTENCE_CLASSIFICATION.name:
-        return _class_scores(run_dir, split)
-    return _split_scores(run_dir, split)
-
-
-def _class_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
-    """(macro P/R/F1 as precision/recall/f1, accuracy, support; or None, status) of a classifier run."""
-    if not (run_dir / RESULTS_FILE).is_file():
-        return None, f"unfinished (epoch {len(read_metrics(run_dir))})"
-    results = read_results(run_dir)
-    if split not in results:
-        return None, f"no {split} results (the split has no labels, or the folder has no {split} file)"
-    return SENTENCE_CLASSIFICATION.headline(
-        results[split]
-    ), "finished (classification: macro P/R/F1, accuracy)"
-
-
-def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
-    """(micro scores or None, status) of one run."""
-    if not is_run_folder(run_dir):
+    """(the task's headline scores or None, status) of one run; `task` None: not a run of ours."""
+    if task is None:
         return None, "not a run folder (no config.json of ours)"
     status = unfinished(run_dir)
     if status is not None:
         return None, status
     results = read_results(run_dir)
+    classifier = task == SENTENCE_CLASSIFICATION.name
     if split not in results:
+        if classifier:
+            return None, f"no {split} results (the split has no labels, or the folder has no {split} file)"
         return None, f"no {split} results; run `mner evaluate {run_dir} --split {split}`"
-    return results[split]["micro"], "finished"
+    if classifier:
+        return SENTENCE_CLASSIFICATION.headline(
+            results[split]
+        ), "finished (classification: macro P/R/F1, accuracy)"
+    return TOKEN_TAGGING.headline(results[split]), "finished"

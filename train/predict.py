@@ -42,14 +42,13 @@ from mner.train.decode import (
     truncated_per_post,
 )
 from mner.train.metrics import entities
-from mner.train.runs import cache_differences, inference_amp, load_run_model, read_record, run_config
+from mner.train.runs import extractor_differences, inference_amp, load_run, load_run_model, run_config
+from mner.train.tasks import TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
 # Name of the split the posts are extracted as, inside the temporary data folder.
 _PREDICT_SPLIT = "predict"
-# Fingerprint parts that describe which images a cache holds, not how their tokens were made.
-_DATA_PARTS = ("keys_sha256", "num_images")
 # Posts with a missing or corrupt image named in the log; the rest are counted.
 NAMED_IMAGES = 10
 
@@ -80,7 +79,7 @@ def predict(
     if long_posts not in LONG_POSTS:
         raise ValueError(f"long_posts {long_posts!r}: expected one of {', '.join(LONG_POSTS)}")
     run_dir, out_file = Path(run_dir), Path(out_file)
-    record = read_record(run_dir)
+    record = _tagging_record(run_dir)
     cfg = run_config(record)
     fmt = record["data_source"]["fmt"]
     split = read_split(input_file, fmt=fmt, require_tags=False, columns=cfg.data.columns)
@@ -126,6 +125,17 @@ def predict(
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return out_file
+
+
+def _tagging_record(run_dir: Path) -> dict:
+    """The record of the tagging run in `run_dir` (a classifier run is predicted by train.classify)."""
+    run = load_run(run_dir)
+    if run.task is not TOKEN_TAGGING:
+        raise ValueError(
+            f"{run_dir} is a {run.task.kind}: it labels posts with train.classify.predict_classifier "
+            "(`mner predict` picks it by the run's task)"
+        )
+    return run.record
 
 
 def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | None, run_dir: Path) -> None:
@@ -233,8 +243,7 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Pa
         counts["missing"],
         counts["corrupt"],
     )
-    found = {"config": reader.config, "models": reader.models, "spec": reader.spec.to_dict()}
-    differences = cache_differences(found, record["cache"], ignore=_DATA_PARTS)
+    differences = extractor_differences(reader, record)
     if differences:
         raise ValueError(
             f"the images re-extracted for run {run_dir} do not match the extractor it was trained with; "

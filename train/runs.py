@@ -33,17 +33,22 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from mner.cache.checksums import file_sha256
 from mner.cache.datasets import SPLITS, DataSource, Split
 from mner.cache.lifecycle import _SHOWN_CHARS
 from mner.cache.reader import CacheReader
 from mner.cache.shards import TokenSpec, fingerprint_diff
-from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, is_our_folder, write_atomic
+from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, write_atomic
 from mner.train.checkpoint import find_checkpoint, load_weights
 from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
 from mner.train.model import MNERModel
+from mner.train.registry import TASKS
+from mner.train.tasks import TOKEN_TAGGING
 from mner.train.text import load_tokenizer, resolve_text_encoder
 from mner.train.visual import check_regions
 
@@ -56,8 +61,10 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoint"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_DIR = "eval"
-# The keys of config.json that make a folder one of ours (make_record writes them all).
-RECORD_KEYS = ("model", "train", "label_names", "data_source", "encoder_dir", "cache")
+# The keys of config.json that make a folder a tagging run of ours (make_record writes them all).
+RECORD_KEYS = TOKEN_TAGGING.record_keys
+# Fingerprint parts that describe which images a cache holds, not how their tokens were made.
+DATA_PARTS = ("keys_sha256", "num_images")
 # COCO categories of torchvision detectors (with the background and the 11 unused ids); used only when a
 # cache manifest does not list its detector's categories.
 DEFAULT_DETECTOR_CLASSES = 91
@@ -159,6 +166,45 @@ def read_record(run_dir) -> dict:
     )
 
 
+@dataclass(frozen=True)
+class Run:
+    """A run folder as its config.json records it, of either task: what every command that reads a
+    run (evaluate, predict, results, cases, ablate) starts from."""
+
+    path: Path
+    record: dict  # config.json
+    task: object  # the TASKS entry it records (train/tasks.py)
+
+
+def load_run(run_dir) -> Run:
+    """The run in `run_dir`: its record and task.
+
+    Raises:
+        ValueError when the folder has no config.json, a damaged one, or one that is not a run of
+        ours (an unknown task, or a key of the task's record missing).
+    """
+    record = read_record(run_dir)
+    name = task_of(record) if isinstance(record, dict) else None
+    if name not in TASKS.names:
+        raise ValueError(
+            f"{Path(run_dir) / CONFIG_FILE} is not the record of a run: it names no task of "
+            f"{', '.join(TASKS.names)} (train one with `mner train-from-cache` or `mner train-classifier`)"
+        )
+    task = TASKS.get(name)
+    missing = [key for key in task.record_keys if key not in record]
+    if missing:
+        raise ValueError(
+            f"{Path(run_dir) / CONFIG_FILE} is not the record of a {task.kind}: it lacks {', '.join(missing)}"
+        )
+    return Run(Path(run_dir), record, task)
+
+
+def task_of(record: dict) -> str | None:
+    """The task a run record names: its "task", else its model's (a tagging record keeps it there)."""
+    model = record.get("model")
+    return record.get("task") or (model.get("task") if isinstance(model, dict) else None)
+
+
 def run_config(record: dict) -> RunConfig:
     """The RunConfig part of a run record."""
     names = ("model", "train", "cache_dir", "data", "out_dir", "resume")
@@ -180,8 +226,8 @@ def unfinished(run_dir) -> str | None:
     metrics.jsonl holds of the epochs its record asks for (train.epochs, or classifier.epochs)."""
     if (Path(run_dir) / RESULTS_FILE).is_file():
         return None
-    record = read_record(run_dir)
-    epochs = (record.get("train") or record.get("classifier") or {}).get("epochs", "?")
+    run = load_run(run_dir)
+    epochs = run.record[run.task.settings]["epochs"]
     return f"unfinished (epoch {len(read_metrics(run_dir))}/{epochs})"
 
 
@@ -239,6 +285,12 @@ def encoder_dir_of(record: dict) -> Path:
 # ------------------------------------------------------------------------------------------- model
 
 
+def rebuild_tagger(record: dict) -> tuple[MNERModel, object]:
+    """(a fresh tagging model from its run record, its tokenizer): the tagging task's `rebuild`."""
+    encoder_dir = encoder_dir_of(record)
+    return build_model(record, encoder_dir), load_tokenizer(encoder_dir)
+
+
 def build_model(record: dict, encoder_dir: Path) -> MNERModel:
     """A fresh MNERModel from a run record (config.json): labels, token widths and detector classes
     as recorded from the train split and the cache manifest."""
@@ -253,14 +305,14 @@ def build_model(record: dict, encoder_dir: Path) -> MNERModel:
     return MNERModel(model_cfg, record["label_names"], spec, encoder_dir, num_detector_classes=num_classes)
 
 
-def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[MNERModel, object]:
-    """The run's best model on `runtime.device` in eval mode, and its tokenizer."""
+def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[torch.nn.Module, object]:
+    """The best model of a run of either task on `runtime.device` in eval mode, and its tokenizer
+    (None for a classifier of the image alone); the record's task rebuilds the model."""
     weights = Path(run_dir) / WEIGHTS_FILE
     check_weights_file(run_dir, weights)
-    encoder_dir = encoder_dir_of(record)
-    model = build_model(record, encoder_dir)
+    model, tokenizer = TASKS.get(task_of(record)).rebuild(record)
     load_weights(model, weights, runtime.device, best_weights_fix(run_dir))
-    return model.to(runtime.device).eval(), load_tokenizer(encoder_dir)
+    return model.to(runtime.device).eval(), tokenizer
 
 
 def check_weights_file(run_dir, weights: Path) -> None:
@@ -333,28 +385,24 @@ def new_eval_folder(run_dir, split: str) -> Path:
 
 
 def recorded_task(run_dir) -> str | None:
-    """The task a run folder records (a TASKS name: "tagging", "classification"): config.json's "task",
-    else its model's; None when the folder holds no readable config.json of a run."""
-    path = Path(run_dir) / CONFIG_FILE
+    """The name of the task a run folder records ("tagging", "classification"); None when the folder
+    holds no run of ours (load_run)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_run(run_dir).task.name
+    except ValueError:
         return None
-    if not isinstance(record, dict):
-        return None
-    model = record.get("model")
-    return record.get("task") or (model.get("task") if isinstance(model, dict) else None)
 
 
-def is_run_folder(path) -> bool:
-    """Whether `path` is one of our run folders (config.json with every key of RECORD_KEYS)."""
-    return is_our_folder(path, CONFIG_FILE, RECORD_KEYS)
+def is_run_folder(path, task: str | None = None) -> bool:
+    """Whether `path` is one of our run folders (of `task`, when given)."""
+    found = recorded_task(path)
+    return found is not None and task in (None, found)
 
 
-def claim_run_folder(run_dir, resume: bool) -> FolderClaim:
-    """The run folder training may write: new, empty, or (with `resume`) one of ours; refused
-    otherwise before anything is read or created (mner.runtime.claim_folder)."""
-    return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run", finished=RESULTS_FILE)
+def claim_run_folder(run_dir, resume: bool, task=TOKEN_TAGGING) -> FolderClaim:
+    """The run folder training of `task` may write: new, empty, or (with `resume`) one of its runs;
+    refused otherwise before anything is read or created (mner.runtime.claim_folder)."""
+    return claim_folder(run_dir, CONFIG_FILE, task.record_keys, resume, what=task.kind, finished=RESULTS_FILE)
 
 
 def prepare_folder(
@@ -519,20 +567,29 @@ def check_fingerprint(reader: CacheReader, record: dict, run_dir) -> None:
     )
 
 
+def extractor_differences(reader: CacheReader, record: dict) -> list[str]:
+    """`cache_differences` of a cache of other posts (new images) and the run's: every fingerprinted
+    part but the image list (DATA_PARTS) must be the run's, for its tokens to be made the same way."""
+    found = {"config": reader.config, "models": reader.models, "spec": reader.spec.to_dict()}
+    return cache_differences(found, record["cache"], ignore=DATA_PARTS)
+
+
 def cache_differences(found: dict, recorded: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """Lines "key: cache X, run Y" for every setting where two cache descriptions differ.
 
     Args:
-        found, recorded: {"config", "models", "spec"} of a cache manifest and of the run's record.
+        found: {"config", "models", "spec"} of a cache manifest.
+        recorded: the run record's "cache": the same parts (a classifier run records models and spec).
         ignore: top-level fingerprint parts to leave out.
     When both configs carry the extractor's "fingerprint_parts" only those are compared (paths,
-    workers and the like do not change the tokens); otherwise config, models and spec.
+    workers and the like do not change the tokens); otherwise the parts the run recorded.
     """
-    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
+    parts = found["config"].get("fingerprint_parts"), recorded.get("config", {}).get("fingerprint_parts")
     if parts[0] is not None and parts[1] is not None:
         a, b = parts
     else:
-        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
+        names = [name for name in ("config", "models", "spec") if name in recorded]
+        a, b = ({name: side[name] for name in names} for side in (found, recorded))
     return [
         f"{key}: cache {_short(x)}, run {_short(y)}" for key, (x, y) in fingerprint_diff(a, b, ignore).items()
     ]

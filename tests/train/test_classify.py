@@ -55,7 +55,6 @@ from mner.train.classify import (
     ClassifierConfig,
     ClassifierRunConfig,
     evaluate_classifier,
-    is_classifier_run,
     load_classifier_config,
     predict_classifier,
     submission_file,
@@ -64,6 +63,7 @@ from mner.train.classify import (
 from mner.train.evaluate import results_table
 from mner.train.loop import NonFiniteLoss
 from mner.train.metrics import classification_scores
+from mner.train.runs import load_run
 from tests.cache.factories import make_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -641,7 +641,7 @@ def test_text_mode_never_opens_the_cache(demo_runs):
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_run_folder_config(demo_runs, which):
     run = getattr(demo_runs, which)
-    assert is_classifier_run(run)
+    assert load_run(run).task.name == "classification"
     config = json.loads((run / "config.json").read_text())
     data = read_classification(ClassDataConfig(str(demo_runs.demo)))
     assert config["task"] == "classification"

@@ -159,3 +159,57 @@ def test_check_data_files_names_what_changed_since_training(tmp_path):
         str(data), tmp_path / "data" / ".." / "data"
     )
     assert not is_recorded_folder(str(data), tmp_path)
+
+
+def test_load_run_names_the_task_of_either_kind_of_run_and_refuses_what_is_no_run(tmp_path):
+    from mner.train.runs import RECORD_KEYS, is_run_folder, load_run, recorded_task
+    from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
+
+    def folder(name: str, record) -> object:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(record))
+        return path
+
+    tagger = folder("tagger", {**{key: None for key in RECORD_KEYS}, "model": {"task": "tagging"}})
+    classifier = folder(
+        "classifier", {"task": "classification", "classifier": {}, "label_names": [], "data": {}}
+    )
+    assert load_run(tagger).task is TOKEN_TAGGING and load_run(tagger).path == tagger
+    assert load_run(classifier).task is SENTENCE_CLASSIFICATION
+    assert is_run_folder(tagger, "tagging") and not is_run_folder(tagger, "classification")
+    assert is_run_folder(classifier) and recorded_task(classifier) == "classification"
+
+    unknown = folder("unknown", {"task": "parsing"})
+    lacking = folder("lacking", {"task": "classification", "classifier": {}})
+    for path, message in (
+        (tmp_path / "none", f"{tmp_path / 'none'} is not a run folder: no config.json"),
+        (
+            unknown,
+            f"{unknown / 'config.json'} is not the record of a run: it names no task of tagging, classification",
+        ),
+        (
+            lacking,
+            f"{lacking / 'config.json'} is not the record of a classifier run: it lacks label_names, data",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            load_run(path)
+        assert recorded_task(path) is None and not is_run_folder(path)
+
+
+def test_evaluate_predict_and_cases_of_tagging_refuse_a_classifier_run_by_its_task(tmp_path):
+    from mner.train.cases import CasesConfig, write_cases
+    from mner.train.evaluate import evaluate_run
+    from mner.train.predict import predict
+
+    run = tmp_path / "clf"
+    run.mkdir()
+    record = {"task": "classification", "classifier": {}, "label_names": [], "data": {}}
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=re.escape(f"{run} is a classifier run: it is scored by")):
+        evaluate_run(run)
+    with pytest.raises(ValueError, match=re.escape(f"{run} is a classifier run: it labels posts with")):
+        predict(run, tmp_path / "in.txt", None, tmp_path / "out.txt")
+    with pytest.raises(ValueError, match=re.escape(f"{run} is a classifier run: cases compares tagging")):
+        write_cases(CasesConfig(run_a=str(run), run_b=str(run), out_dir=str(tmp_path / "cases")))
