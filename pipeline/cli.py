@@ -576,7 +576,7 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts, text_cach
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from mner.train.runs import load_run
+    from mner.train.run_files import load_run
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
     if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
@@ -632,7 +632,7 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
       mner predict runs/mvsa_both --input mvsa/test_without_label.txt --out submission.txt
     """
-    from mner.train.runs import load_run
+    from mner.train.run_files import load_run
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
     if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
@@ -892,8 +892,8 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
       mner results runs/text_only runs/full ablations/tw15 --plot figures/
     """
     from mner.train.ablate import ABLATION_MD
-    from mner.train.evaluate import results_table
     from mner.train.plots import write_plots
+    from mner.train.results import results_table
 
     if bootstrap < 0:
         raise click.BadParameter(f"must be >= 0 (0: no test), got {bootstrap}", param_hint="--bootstrap")

@@ -52,9 +52,7 @@ from mner.train.config import (
     load_run_config,
     parse_override,
 )
-from mner.train.loop import train_from_cache
-from mner.train.model import used_settings
-from mner.train.runs import RESULTS_FILE, differences, is_run_folder, read_results, write_json
+from mner.train.run_files import RESULTS_FILE, differences, is_run_folder, read_results, write_json
 from mner.train.scores import PERCENT
 from mner.train.tasks import TOKEN_TAGGING
 
@@ -298,6 +296,10 @@ def run_ablation(cfg: AblationConfig) -> Path:
     Returns the path of ablation.md (ablation.csv beside it has one row per run). Under torchrun
     every rank trains; rank 0 writes the tables.
     """
+    # Imported here: the tables (ABLATION_CSV, ABLATION_MD) are read by torch-free commands.
+    from mner.train.loop import train_from_cache
+    from mner.train.model import used_settings
+
     out = Path(cfg.out_dir)
     # Checked for every experiment before the first run, not after hours of the earlier ones.
     for experiment in cfg.experiments:
@@ -572,6 +574,8 @@ def _changes_config(diff: Path | None, overrides: list[str], model: str | None) 
 
 
 def _used(pair: tuple[ModelConfig, TrainConfig]) -> dict:
+    from mner.train.model import used_settings
+
     model_cfg, train_cfg = pair
     return {"model": used_settings(model_cfg), "train": train_cfg.to_dict()}
 

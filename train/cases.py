@@ -34,7 +34,7 @@ from mner.cache.reader import CacheReader
 from mner.cache.shards import MANIFEST_NAME
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
 from mner.train.metrics import entities
-from mner.train.runs import check_data_files, load_run, run_config, unfinished
+from mner.train.run_files import check_data_files, load_run, run_config, unfinished
 from mner.train.significance import read_predictions
 from mner.train.tasks import TOKEN_TAGGING
 

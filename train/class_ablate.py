@@ -52,7 +52,7 @@ from mner.train.classify import (
     train_classifier,
 )
 from mner.train.config import parse_override
-from mner.train.runs import RESULTS_FILE, is_run_folder, read_results
+from mner.train.run_files import RESULTS_FILE, is_run_folder, read_results
 from mner.train.scores import PERCENT, read_pred_csv
 
 BASE = "base"  # the experiment that changes nothing

@@ -68,7 +68,7 @@ from mner.train.config import Config, merge_layers, override_layers
 from mner.train.data import unknown_label
 from mner.train.loop import Fitting, run_training
 from mner.train.model import decayed_parameters
-from mner.train.runs import (
+from mner.train.run_files import (
     CONFIG_FILE,
     RESULTS_FILE,
     check_data_files,
@@ -78,13 +78,11 @@ from mner.train.runs import (
     extractor_differences,
     is_recorded_folder,
     load_run,
-    load_run_model,
     new_eval_folder,
-    prepare_folder,
-    report_images,
     warn_if_unfinished,
     write_json,
 )
+from mner.train.runs import load_run_model, prepare_folder, report_images
 from mner.train.scores import write_pred_csv
 from mner.train.tasks import SENTENCE_CLASSIFICATION
 from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder

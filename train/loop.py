@@ -49,25 +49,27 @@ from mner.train.data import make_loader
 from mner.train.decode import count_truncated, decode_and_score
 from mner.train.model import MNERModel
 from mner.train.registry import TASKS
-from mner.train.runs import (
+from mner.train.run_files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     RESULTS_FILE,
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
     append_metrics,
+    claim_run_folder,
+    make_record,
+    precision_name,
+    trim_metrics,
+    write_json,
+)
+from mner.train.runs import (
     best_weights_fix,
     build_model,
     check_cache_keys,
     check_tags,
-    claim_run_folder,
-    make_record,
     open_cache,
-    precision_name,
     prepare_folder,
     report_images,
-    trim_metrics,
-    write_json,
 )
 from mner.train.text import check_max_length, load_tokenizer, resolve_text_encoder
 from mner.train.text_states import check_text_cache_root, prepare_text_states

@@ -42,7 +42,8 @@ from mner.train.decode import (
     truncated_per_post,
 )
 from mner.train.metrics import entities
-from mner.train.runs import extractor_differences, inference_amp, load_run, load_run_model, run_config
+from mner.train.run_files import extractor_differences, inference_amp, load_run, run_config
+from mner.train.runs import load_run_model
 from mner.train.tasks import TOKEN_TAGGING
 
 log = logging.getLogger(__name__)

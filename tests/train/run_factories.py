@@ -21,7 +21,7 @@ from mner.cache.datasets import DataConfig, Post, resolve_data, write_split
 from mner.cache.reader import CacheReader
 from mner.train.config import ModelConfig, RunConfig, TrainConfig
 from mner.train.metrics import write_conll
-from mner.train.runs import make_record, write_json
+from mner.train.run_files import make_record, write_json
 from tests.cache.factories import make_cache
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import mner.train.ablate as ablate
+import mner.train.loop as loop
 from mner.cache.datasets import DataConfig
 from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
@@ -191,13 +192,13 @@ def test_rerun_skips_finished_runs_and_redoes_only_the_missing_one(ablation, mon
     cfg, md_path = ablation
     before = md_path.read_text()
     trained = []
-    real = ablate.train_from_cache
+    real = loop.train_from_cache
 
     def counting(run_cfg):
         trained.append(run_cfg.out_dir)
         return real(run_cfg)
 
-    monkeypatch.setattr(ablate, "train_from_cache", counting)
+    monkeypatch.setattr(loop, "train_from_cache", counting)
     run_ablation(cfg)
     assert trained == []
     assert md_path.read_text() == before
@@ -444,7 +445,7 @@ def test_malformed_grids_are_refused(grid, message):
 
 def test_grid_conflicts_and_bad_values_fail_before_any_run(tmp_path, monkeypatch):
     trained = []
-    monkeypatch.setattr(ablate, "train_from_cache", lambda run_cfg: trained.append(run_cfg))
+    monkeypatch.setattr(loop, "train_from_cache", lambda run_cfg: trained.append(run_cfg))
     data_dir, _ = make_data(tmp_path)
     base = {"data": DataConfig(data_dir=str(data_dir)), "out_dir": str(tmp_path / "out")}
     with pytest.raises(
@@ -473,7 +474,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
         epochs=1,
         bootstrap=0,
     )
-    real, trained = ablate.train_from_cache, []
+    real, trained = loop.train_from_cache, []
 
     def killed_on_the_second_arm(run_cfg):
         if run_cfg.model.qfnet_layers == 2:
@@ -481,7 +482,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
         trained.append(run_cfg.out_dir)
         return real(run_cfg)
 
-    monkeypatch.setattr(ablate, "train_from_cache", killed_on_the_second_arm)
+    monkeypatch.setattr(loop, "train_from_cache", killed_on_the_second_arm)
     with pytest.raises(KeyboardInterrupt):
         run_ablation(cfg)
     first = tmp_path / "sweep" / "model.qfnet_layers=1" / "seed1"
@@ -491,7 +492,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
         trained.append(run_cfg.out_dir)
         return real(run_cfg)
 
-    monkeypatch.setattr(ablate, "train_from_cache", counting)
+    monkeypatch.setattr(loop, "train_from_cache", counting)
     md_path = run_ablation(cfg)
     second = tmp_path / "sweep" / "model.qfnet_layers=2" / "seed1"
     assert trained == [str(first), str(second)]  # the finished arm was not trained again
@@ -568,7 +569,7 @@ def _stop_at_training(monkeypatch) -> list:
         started.append(run_cfg)
         raise Trained
 
-    monkeypatch.setattr(ablate, "train_from_cache", train)
+    monkeypatch.setattr(loop, "train_from_cache", train)
     return started
 
 

@@ -60,10 +60,10 @@ from mner.train.classify import (
     submission_file,
     train_classifier,
 )
-from mner.train.evaluate import results_table
 from mner.train.loop import NonFiniteLoss
 from mner.train.metrics import classification_scores
-from mner.train.runs import load_run
+from mner.train.results import results_table
+from mner.train.run_files import load_run
 from tests.cache.factories import make_cache
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import mner.train.loop as loop
 from mner.cache.classification import ClassDataConfig, read_classification
 from mner.demo.classification import make_mvsa_demo
 from mner.train.classify import ClassifierConfig, ClassifierRunConfig, evaluate_classifier, train_classifier
-from mner.train.evaluate import results_table
+from mner.train.results import results_table
 from mner.train.scores import read_pred_csv
 
 # End-to-end training runs: outside the `pytest -m "not slow"` inner loop.

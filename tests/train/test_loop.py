@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from seqeval.metrics import f1_score, precision_score, recall_score
 
 import mner.train.loop as loop
+import mner.train.run_files as run_files
 import mner.train.runs as runs
 import mner.train.tasks as tasks
 from mner.cache.datasets import Post, read_split
@@ -414,7 +415,9 @@ def test_a_run_failing_before_its_first_epoch_leaves_no_folder(tmp_path, existin
 
 
 def test_metrics_lines_are_strict_json(tmp_path):
-    runs.append_metrics(tmp_path, {"epoch": 1, "train_loss": float("nan"), "dev_f1": float("inf"), "best": 0})
+    run_files.append_metrics(
+        tmp_path, {"epoch": 1, "train_loss": float("nan"), "dev_f1": float("inf"), "best": 0}
+    )
 
     def refuse(name):
         raise AssertionError(f"bare {name} in metrics.jsonl")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mner.cli import main
 from mner.train import plots
-from mner.train.runs import RECORD_KEYS
+from mner.train.run_files import RECORD_KEYS
 
 
 def fake_run(folder, losses, dev_f1, per_type):
@@ -197,7 +197,7 @@ def test_what_is_not_a_tagging_run_is_refused_before_anything_is_made(tmp_path):
     running = tmp_path / "running"
     running.mkdir()
     (running / "ablation.json").write_text("{}")
-    from mner.train.runs import load_run
+    from mner.train.run_files import load_run
 
     assert load_run(classifier).task.name == "classification", "the fake must look like a classifier run"
     for path, message in (

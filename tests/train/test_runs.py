@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from mner.train.runs import cache_differences, check_data_files, data_files_record, is_recorded_folder
+from mner.train.run_files import cache_differences, check_data_files, data_files_record, is_recorded_folder
 from tests.cache.factories import TINY_SPEC, synthetic_models
 
 
@@ -73,7 +73,7 @@ def test_fingerprint_diff_words_as_the_old_cache_differences(found, recorded, ig
 def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path):
     """mner.runtime.claim_folder over every kind of folder, as train_from_cache calls it (claim_run_folder)."""
     from mner.runtime import claim_folder
-    from mner.train.runs import RECORD_KEYS, claim_run_folder
+    from mner.train.run_files import RECORD_KEYS, claim_run_folder
 
     assert claim_run_folder(tmp_path / "a" / "b", resume=False).state == "new"
     assert not (tmp_path / "a").exists()
@@ -113,7 +113,7 @@ def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path)
 
 
 def test_release_removes_only_what_the_command_created(tmp_path):
-    from mner.train.runs import claim_run_folder
+    from mner.train.run_files import claim_run_folder
 
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "sibling.txt").write_text("the user's")
@@ -162,7 +162,7 @@ def test_check_data_files_names_what_changed_since_training(tmp_path):
 
 
 def test_load_run_names_the_task_of_either_kind_of_run_and_refuses_what_is_no_run(tmp_path):
-    from mner.train.runs import RECORD_KEYS, is_run_folder, load_run, recorded_task
+    from mner.train.run_files import RECORD_KEYS, is_run_folder, load_run, recorded_task
     from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 
     def folder(name: str, record) -> object:
