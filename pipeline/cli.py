@@ -768,11 +768,11 @@ def ablate_cmd(
                 "apply to tagging runs"
             )
         from mner.cache.classification import ClassDataConfig
-        from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
+        from mner.train.ablate import ClassAblationConfig, run_ablation
 
         settings = [*overrides]
         settings += [f"classifier.text_encoder={text_encoder}"] if text_encoder is not None else []
-        path = run_class_ablation(
+        path = run_ablation(
             ClassAblationConfig(
                 data=ClassDataConfig(data_dir),
                 cache_dir=cache_dir,

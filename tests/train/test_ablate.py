@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 
 import mner.train.ablate as ablate
+import mner.train.classify as classify
 import mner.train.loop as loop
+from mner.cache.classification import ClassDataConfig
 from mner.cache.datasets import DataConfig
-from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
+from mner.demo.classification import make_mvsa_demo
+from mner.train.ablate import ABLATIONS, AblationConfig, ClassAblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
@@ -687,3 +690,136 @@ def test_arm_folders_stay_inside_the_ablation_folder(tmp_path, monkeypatch):
         run_ablation(cfg)
     assert started[0].out_dir == str(out / "text_only,model.text_encoder=.._.._.._enc" / "seed1")
     assert not out.exists() and not (tmp_path / "deep").exists()  # nothing was trained: nothing is left
+
+
+# ------------------------------------------------------------------- a classification folder
+
+
+@pytest.fixture(scope="module")
+def mvsa(tmp_path_factory):
+    return make_mvsa_demo(tmp_path_factory.mktemp("mvsa") / "mvsa", seed=0, n=24)
+
+
+def _class_config(mvsa, out, **changes) -> ClassAblationConfig:
+    fields = dict(
+        data=ClassDataConfig(str(mvsa)),
+        cache_dir=None,
+        experiments=["mode=text"],
+        out_dir=str(out),
+        seeds=1,
+        overrides=["classifier.text_encoder=tiny-bert"],
+    )
+    return ClassAblationConfig(**{**fields, **changes})
+
+
+def _stop_at_classifier_training(monkeypatch) -> list:
+    started = []
+
+    def train(run_cfg):
+        started.append(run_cfg)
+        raise Trained
+
+    monkeypatch.setattr(classify, "train_classifier", train)
+    return started
+
+
+def test_full_is_the_base_arm_and_all_or_a_tagging_name_is_refused(mvsa, tmp_path):
+    assert _class_config(mvsa, tmp_path / "o", experiments=["full", "head=cnn"]).experiments == [
+        "base",
+        "head=cnn",
+    ]
+    for name in ("all", "no_align"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{re.escape(f'experiment {name!r} is not a classifier diff')}.*are the tagging ablation's$",
+        ):
+            _class_config(mvsa, tmp_path / "o", experiments=[name])
+
+
+def test_classifier_an_ablation_failing_before_any_training_leaves_no_folder(mvsa, tmp_path, monkeypatch):
+    out = tmp_path / "deep" / "out"
+
+    def fails(run_cfg):
+        raise ValueError("the encoder folder is gone")
+
+    monkeypatch.setattr(classify, "train_classifier", fails)
+    with pytest.raises(ValueError, match="the encoder folder is gone"):
+        run_ablation(_class_config(mvsa, out))
+    assert not (tmp_path / "deep").exists()
+
+
+def test_an_arm_naming_a_path_trains_inside_the_ablation_folder(mvsa, tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b" / "out"
+    started = _stop_at_classifier_training(monkeypatch)
+    with pytest.raises(Trained):
+        run_ablation(
+            _class_config(
+                mvsa, out, experiments=["text_encoder=../../../x"], overrides=["classifier.mode=text"]
+            )
+        )
+    assert started[0].out_dir == str(out / "text_encoder=.._.._.._x" / "seed1")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing was trained: nothing is left
+
+
+def test_classifier_a_rerun_with_other_settings_is_refused_naming_the_difference(mvsa, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ablation.json").write_text(json.dumps(_class_config(mvsa, out, epochs=1).record()))
+    for changes, difference in (
+        (dict(epochs=3), "arms.mode=text.epochs 1 -> 3"),
+        (
+            dict(epochs=1, overrides=["classifier.text_encoder=minilm"]),
+            'arms.mode=text.text_encoder "tiny-bert"',
+        ),
+        (dict(epochs=1, experiments=["mode=text", "mode=image"]), "arms.mode=image null -> "),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{re.escape(f'the classifier ablation in {out} was started with other settings: ')}.*"
+            + re.escape(difference),
+        ):
+            run_ablation(_class_config(mvsa, out, **changes))
+    started = _stop_at_classifier_training(monkeypatch)
+    with pytest.raises(Trained):  # the same settings continue it; the device is not one of them
+        run_ablation(
+            _class_config(
+                mvsa, out, epochs=1, overrides=["classifier.text_encoder=tiny-bert", "classifier.device=cpu"]
+            )
+        )
+    assert [run.classifier.epochs for run in started] == [1]
+
+
+def test_classifier_the_seed_and_the_epochs_are_not_overridden_in_silence(mvsa, tmp_path):
+    for changes, message in (
+        (
+            dict(overrides=["classifier.seed=9"]),
+            "--set classifier.seed=9 sets classifier.seed, but the seed comes from --seeds",
+        ),
+        (
+            dict(experiments=["seed=3"]),
+            "experiment 'seed=3' sets classifier.seed, but the seed comes from --seeds",
+        ),
+        (
+            dict(experiments=["epochs=3"], epochs=2),
+            "experiment 'epochs=3' sets classifier.epochs, and so does --epochs 2",
+        ),
+        (
+            dict(overrides=["classifier.epochs=3"], epochs=2),
+            "--set classifier.epochs=3 sets classifier.epochs, and so does --epochs 2",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            _class_config(mvsa, tmp_path / "o", **changes)
+    assert (
+        _class_config(mvsa, tmp_path / "o", experiments=["epochs=3"]).arm_config("epochs=3", seed=1).epochs
+        == 3
+    )
+
+
+def test_arms_that_train_the_same_classifier_are_refused(mvsa, tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("experiments 'base' and 'mode=both' would train the same model the same way"),
+    ):
+        run_ablation(_class_config(mvsa, tmp_path / "o", experiments=["base", "mode=both"], cache_dir="c"))
+    assert not (tmp_path / "o").exists()

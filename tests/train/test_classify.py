@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-import mner.train.class_ablate as class_ablate
+import mner.train.ablate as ablate
 import mner.train.classify as classify
 import mner.train.loop as loop
 from mner.cache.classification import (
@@ -42,7 +42,7 @@ from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import collect_images, extract_features
 from mner.runtime import write_atomic
-from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
+from mner.train.ablate import ClassAblationConfig, run_ablation
 from mner.train.classifier_model import (
     CLASS_HEADS,
     ClassifierHead,
@@ -1045,7 +1045,7 @@ def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
     ]
     (tmp_path / "r").mkdir()
     write_atomic(tmp_path / "r" / "pred_train.csv", csv_text(train_rows))
-    gold, preds = class_ablate._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
+    gold, preds = ablate._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
     assert gold[0] == [e.guid for e in data.splits["train"].examples] and odd[0] in gold[0]
     assert preds == [gold[1]]
 
@@ -1190,7 +1190,7 @@ def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, m
         overrides=[f"classifier.{key}={value}" for key, value in QUICK.items()],
         bootstrap=200,
     )
-    md = run_class_ablation(cfg)
+    md = run_ablation(cfg)
     table = pd.read_csv(md.parent / "ablation.csv")
     assert list(table["experiment"]) == ["mode=text"] * 2 + ["mode=both,head=attention"] * 2
     for row in table.itertuples():
@@ -1208,8 +1208,8 @@ def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, m
     if abs(delta) > 0.005:
         assert row.split(" | ")[2] == f"{delta:+.2f}"
     # A re-run trains nothing: every run is finished.
-    monkeypatch.setattr(class_ablate, "train_classifier", refuse_cache)
-    assert run_class_ablation(cfg).read_text() == md.read_text()
+    monkeypatch.setattr(classify, "train_classifier", refuse_cache)
+    assert run_ablation(cfg).read_text() == md.read_text()
 
 
 @pytest.mark.slow
