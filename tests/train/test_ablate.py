@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import mner.train.ablate as ablate
+import mner.train.ablation_tables as ablation_tables
 import mner.train.classify as classify
 import mner.train.loop as loop
 from mner.cache.classification import ClassDataConfig
@@ -183,7 +184,7 @@ def test_significance_markdown_on_identical_and_different_arms(tmp_path):
         ]
         (run_dir / "pred_test.conll").write_text("".join(lines).replace("w1 O O\n", "w1 O O\n\n"))
         rows.append({"experiment": name, "seed": 1, "split": "test", "run_dir": str(run_dir)})
-    lines = ablate.significance_markdown(pd.DataFrame(rows), resamples=200).splitlines()
+    lines = ablation_tables.significance_markdown(pd.DataFrame(rows), resamples=200).splitlines()
     assert lines[4] == "| same | 1 | +0.00 | [+0.00,+0.00] | 1.000 |"
     better = [cell.strip() for cell in lines[5].strip("|").split("|")]
     # base finds 1 of 2 entities (F1 2/3), better both (F1 1): +33.33 points
@@ -231,7 +232,7 @@ def test_single_seed_shows_the_mean_only():
         ]
     )
     assert (
-        ablate.summary_markdown(table).splitlines()[-1]
+        ablation_tables.summary_markdown(table).splitlines()[-1]
         == "| full | 1 | 50.00 | 25.00 | 33.33 | 60.00 | 30.00 | 40.00 |"
     )
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-import mner.train.ablate as ablate
+import mner.train.ablation_tables as ablation_tables
 import mner.train.classify as classify
 import mner.train.loop as loop
 from mner.cache.classification import (
@@ -1045,7 +1045,7 @@ def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
     ]
     (tmp_path / "r").mkdir()
     write_atomic(tmp_path / "r" / "pred_train.csv", csv_text(train_rows))
-    gold, preds = ablate._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
+    gold, preds = ablation_tables._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
     assert gold[0] == [e.guid for e in data.splits["train"].examples] and odd[0] in gold[0]
     assert preds == [gold[1]]
 
