@@ -311,7 +311,7 @@ def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
             for i, tags in enumerate(tag_rows)
         ]
         write_split(data_dir / f"{name}.txt", [*read_split(data_dir / f"{name}.txt").posts, *extra])
-    with caplog.at_level(logging.INFO, logger="mner.train.loop"):
+    with caplog.at_level(logging.INFO, logger="mner.train.tagging"):
         run_dir = train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
     assert json.loads((run_dir / "config.json").read_text())["orphan_i"] == {"train": 3, "valid": 1}
     assert (
