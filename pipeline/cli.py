@@ -580,7 +580,7 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts, text_cach
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
     if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
-        from mner.train.classify import evaluate_classifier
+        from mner.train.evaluate import evaluate_classifier
 
         if long_posts != "truncate" or amp is not None or text_cache is not None:
             raise click.UsageError(
@@ -636,7 +636,7 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
     if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
-        from mner.train.classify import predict_classifier
+        from mner.train.predict import predict_classifier
 
         if image_dir is not None or amp is not None or long_posts != "truncate":
             raise click.UsageError(

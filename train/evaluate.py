@@ -1,5 +1,5 @@
-"""Score a finished run on a split (`mner evaluate` of a tagging run; a classifier run's is
-train/classify.py's `evaluate_classifier`).
+"""Score a finished run on a split: `evaluate_run` (tagging), `evaluate_classifier` (classification);
+`mner evaluate` picks one by the run's recorded task.
 
 The model is rebuilt from the run folder alone (config.json + model.safetensors). A multimodal run
 only accepts a cache with the fingerprint it was trained on: the same images through different
@@ -16,9 +16,11 @@ from pathlib import Path
 
 from mner.cache.datasets import SPLITS, resolve_data
 from mner.runtime import resolve_runtime
+from mner.train.data import unknown_label
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.run_files import (
+    RESULTS_FILE,
     check_data_files,
     check_fingerprint,
     inference_amp,
@@ -30,7 +32,7 @@ from mner.train.run_files import (
     write_json,
 )
 from mner.train.runs import check_cache_keys, encoder_dir_of, load_run_model, open_cache
-from mner.train.scores import format_entity_scores
+from mner.train.scores import format_entity_scores, write_pred_csv
 from mner.train.tasks import TOKEN_TAGGING
 from mner.train.text_states import find_text_states
 
@@ -74,7 +76,7 @@ def evaluate_run(
     run = load_run(run_dir)
     if run.task is not TOKEN_TAGGING:
         raise ValueError(
-            f"{run_dir} is a {run.task.kind}: it is scored by train.classify.evaluate_classifier "
+            f"{run_dir} is a {run.task.kind}: it is scored by evaluate_classifier "
             "(`mner evaluate` picks it by the run's task)"
         )
     record = run.record
@@ -135,3 +137,55 @@ def evaluate_run(
 def format_scores(scores: dict) -> str:
     """Micro and per-type P/R/F1 (percent) and support, one line each (train.scores)."""
     return format_entity_scores(scores)
+
+
+def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=None, device: str = "auto"):
+    """Score a classifier run's best model on a labelled split of its data folder (or `data_dir`).
+
+    Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), never the
+    training-time files. Returns (classification_scores, that folder). Raises ValueError for a split
+    that is absent or unlabelled, or a cache that is not the one the run was trained on.
+    """
+    # Imported here: the classifier's model code is classification's (a tagging evaluation never loads it).
+    from mner.cache.classification import ClassDataConfig, read_classification, split_files
+    from mner.train.classify import check_guids_cached, load_classifier_run, open_run_cache, score_split
+
+    run_dir = Path(run_dir)
+    run, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    record = run.record
+    warn_if_unfinished(run_dir)
+    stored = dict(record["data"])
+    if is_recorded_folder(stored["data_dir"], data_dir):
+        check_data_files(record, split_files(stored["data_dir"]), run_dir)
+    if data_dir is not None:
+        stored["data_dir"] = str(data_dir)
+    data = read_classification(ClassDataConfig(**stored))
+    if split not in data.splits or not data.splits[split].labelled:
+        labelled = [name for name, s in data.splits.items() if s.labelled]
+        raise ValueError(
+            f"{stored['data_dir']} has no labelled {split} split (labelled: {', '.join(labelled)}); "
+            "use `mner predict` for unlabelled posts"
+        )
+    for example in data.splits[split].examples:
+        if example.label not in record["label_names"]:
+            raise unknown_label(
+                data.splits[split].path,
+                example.line,
+                f"guid {example.guid!r}",
+                example.label,
+                record["label_names"],
+            )
+    reader = open_run_cache(run, cache_dir, same_keys=True)
+    try:
+        check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
+        predicted, scores = score_split(
+            model, data.splits[split], reader, tokenizer, c, runtime, record["label_names"]
+        )
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+    out = new_eval_folder(run_dir, split)
+    write_json(out / RESULTS_FILE, {split: scores})
+    write_pred_csv(out / "pred.csv", data.splits[split], predicted)
+    return scores, out

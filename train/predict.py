@@ -1,4 +1,6 @@
-"""Tag new posts with a trained run: `predict(run_dir, input_file, image_dir, out_file)`.
+"""Tag new posts with a trained run: `predict(run_dir, input_file, image_dir, out_file)`; label them
+with a classifier run: `predict_classifier(run_dir, input_file, out_file)` (`mner predict` picks one by
+the run's recorded task).
 
 A multimodal run needs the posts' images as tokens from the very extractor it was trained on: the
 images are extracted into a temporary cache with the CLIP model, detector, checkpoint and thresholds
@@ -133,7 +135,7 @@ def _tagging_record(run_dir: Path) -> dict:
     run = load_run(run_dir)
     if run.task is not TOKEN_TAGGING:
         raise ValueError(
-            f"{run_dir} is a {run.task.kind}: it labels posts with train.classify.predict_classifier "
+            f"{run_dir} is a {run.task.kind}: it labels posts with predict_classifier "
             "(`mner predict` picks it by the run's task)"
         )
     return run.record
@@ -251,3 +253,38 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Pa
             f"differs: {'; '.join(differences)}"
         )
     return reader
+
+
+def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: str = "auto") -> Path:
+    """Label the posts of `input_file` (a split file of a classification folder, read_split_file) with a
+    classifier run; writes `out_file`, the seed's submission format (guid,tag in the input's order).
+
+    Their images come from `cache_dir` (else the run's cache), which must hold every guid and have been
+    extracted with the run's extractor; text mode reads no cache. Raises ValueError otherwise, or when
+    `out_file` would overwrite the input or a file of the run.
+    """
+    from mner.cache.classification import read_split_file, write_predictions
+    from mner.cache.shards import extract_command
+    from mner.train.classify import check_guids_cached, load_classifier_run, open_run_cache, predict_split
+
+    run_dir = Path(run_dir)
+    refuse_inputs_as_output(
+        out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
+    )
+    split = read_split_file(input_file)
+    run, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    reader = open_run_cache(run, cache_dir, same_keys=False)
+    try:
+        if reader is not None:
+            command = extract_command(reader.config, Path(input_file).parent)
+            check_guids_cached(
+                split,
+                reader,
+                f"extract them with the run's extractor: `{command}`, and pass NEW_CACHE with --cache",
+            )
+        predicted = predict_split(model, split, reader, tokenizer, c, runtime, run.record["label_names"])
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+    return write_predictions(out_file, split.examples, predicted)

@@ -44,12 +44,11 @@ from mner.train.classify import (
     ClassifierConfig,
     ClassifierRunConfig,
     load_classifier_config,
-    predict_classifier,
 )
 from mner.train.config import ModelConfig, RunConfig, load_run_config
 from mner.train.decode import LONG_POSTS
 from mner.train.evaluate import evaluate_run
-from mner.train.predict import predict
+from mner.train.predict import predict, predict_classifier
 from mner.train.results import results_table
 from mner.train.text import PRESETS
 from tests.train.run_factories import make_data, make_images, make_prediction_pair

@@ -54,16 +54,17 @@ from mner.train.classify import (
     SUBMISSION_FILE,
     ClassifierConfig,
     ClassifierRunConfig,
-    evaluate_classifier,
     load_classifier_config,
-    predict_classifier,
     submission_file,
     train_classifier,
 )
+from mner.train.evaluate import evaluate_classifier
 from mner.train.loop import NonFiniteLoss
 from mner.train.metrics import classification_scores
+from mner.train.predict import predict_classifier
 from mner.train.results import results_table
 from mner.train.run_files import load_run
+from mner.train.scores import read_pred_csv
 from tests.cache.factories import make_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1034,7 +1035,7 @@ def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
         csv.writer(handle).writerows([("guid", "tag", "text"), (odd[2], "", "a"), (odd[3], "null", "b")])
     run = train_classifier(run_config(folder, tmp_path / "run", None, mode="text", **QUICK))
     data = read_classification(ClassDataConfig(str(folder)))
-    rows = classify.read_pred_csv(run / "pred_valid.csv")
+    rows = read_pred_csv(run / "pred_valid.csv")
     assert [r[:2] for r in rows] == [[e.guid, e.label] for e in data.splits["valid"].examples]
     submission = read_csv_rows(run / submission_file("test"))
     assert submission[0] == ["guid", "tag"] and [r[0] for r in submission[1:]] == [odd[2], odd[3]]
