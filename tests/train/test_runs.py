@@ -1,4 +1,5 @@
-"""train/runs.py: the run folder's fingerprint check words the shared cache diff as it always did."""
+"""The run folder's files (train/run_files.py): the cache diff's wording, the folder claim, the data-file
+check, and load_run over both tasks."""
 
 import hashlib
 import json
@@ -10,64 +11,54 @@ from mner.train.run_files import cache_differences, check_data_files, data_files
 from tests.cache.factories import TINY_SPEC, synthetic_models
 
 
-def reference_cache_differences(found: dict, recorded: dict, ignore=()) -> list[str]:
-    """train/evaluate.py's `cache_differences` and `_diff` at commit 049bece, kept as the reference."""
-
-    def diff(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            out = {}
-            for key in sorted(set(a) | set(b)):
-                out.update(diff(a.get(key), b.get(key), f"{prefix}{key}."))
-            return out
-        return {} if a == b else {prefix.rstrip("."): (a, b)}
-
-    def short(value):
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
-    if parts[0] is not None and parts[1] is not None:
-        a, b = parts
-    else:
-        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
-    a, b = ({key: value for key, value in side.items() if key not in ignore} for side in (a, b))
-    return [f"{key}: cache {short(x)}, run {short(y)}" for key, (x, y) in sorted(diff(a, b).items())]
-
-
 def side(config: dict, **changes) -> dict:
     """A {"config", "models", "spec"} cache description, as evaluate and predict build them."""
     return {"config": config, "models": synthetic_models(), "spec": TINY_SPEC.to_dict(), **changes}
 
 
-@pytest.mark.parametrize(
-    "found, recorded, ignore",
-    [
-        (
-            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
-            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
-            (),
-        ),
-        (
-            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
-            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
-            ("topk",),
-        ),
-        (  # no parts recorded: config, models and spec are compared, long values cut at 60 characters
-            side({"out": "/b", "topk": 10}, spec={**TINY_SPEC.to_dict(), "patch_source": "p" * 80}),
-            side({"out": "/a", "topk": 20}),
-            (),
-        ),
-        (
-            side({"fingerprint_parts": {"versions": {"torch": "2.4"}, "keys_sha256": "k", "x": {"y": 1}}}),
-            side({"fingerprint_parts": {"keys_sha256": "j", "x": 5, "a-b": [1]}}),
-            ("keys_sha256",),
-        ),
-    ],
-)
-def test_fingerprint_diff_words_as_the_old_cache_differences(found, recorded, ignore):
-    expected = reference_cache_differences(found, recorded, ignore)
-    assert expected  # each case differs somewhere
-    assert cache_differences(found, recorded, ignore) == expected  # the shipped train.runs wording
+def test_with_fingerprint_parts_on_both_sides_only_they_are_compared():
+    found = side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}})
+    recorded = side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}})
+    # "out" differs but is no fingerprint part (where a cache was written does not change its tokens)
+    assert cache_differences(found, recorded) == [
+        'models.clip.sha256: cache "y", run "x"',
+        "topk: cache 10, run 20",
+    ]
+    assert cache_differences(found, recorded, ignore=("topk",)) == ['models.clip.sha256: cache "y", run "x"']
+    assert cache_differences(found, found) == []
+
+
+def test_without_parts_config_models_and_spec_are_compared_and_long_values_cut_to_60_characters():
+    long = "p" * 80
+    spec = TINY_SPEC.to_dict()
+    found = side({"out": "/b", "topk": 10}, spec={**spec, "patch_source": long})
+    recorded = side({"out": "/a", "topk": 20})
+    shown = '"' + "p" * 56 + "..."  # the JSON text, 57 characters and "..."
+    assert len(shown) == 60
+    assert cache_differences(found, recorded) == [
+        'config.out: cache "/b", run "/a"',
+        "config.topk: cache 10, run 20",
+        f"spec.patch_source: cache {shown}, run {json.dumps(spec['patch_source'])}",
+    ]
+
+
+def test_a_part_on_one_side_is_null_on_the_other_and_a_table_against_a_value_is_one_line():
+    found = side({"fingerprint_parts": {"versions": {"torch": "2.4"}, "keys_sha256": "k", "x": {"y": 1}}})
+    recorded = side({"fingerprint_parts": {"keys_sha256": "j", "x": 5, "a-b": [1]}})
+    assert cache_differences(found, recorded, ignore=("keys_sha256",)) == [
+        "a-b: cache null, run [1]",
+        'versions: cache {"torch": "2.4"}, run null',
+        'x: cache {"y": 1}, run 5',
+    ]
+
+
+def test_a_classifier_record_without_the_extraction_config_is_compared_on_models_and_spec():
+    spec = TINY_SPEC.to_dict()
+    found = side({"fingerprint_parts": {"topk": 10}})
+    recorded = {"models": synthetic_models(), "spec": {**spec, "patch_dim": spec["patch_dim"] + 1}}
+    assert cache_differences(found, recorded) == [
+        f"spec.patch_dim: cache {spec['patch_dim']}, run {spec['patch_dim'] + 1}"
+    ]
 
 
 def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path):
