@@ -6,7 +6,7 @@ A task's preparation reads the data and builds a `Fitting`: model, loaders, para
 a split is scored; `fit` owns the optimiser, schedule and AMP scaler, the epochs, the progress log,
 the metrics line, early stopping (checkpoint.Progress), the best-weights save and reload, the resume
 checkpoint and DDP. The best epoch is chosen on the task's valid score (train/tasks.py; never on
-test). The run folder's files are train/runs.py's, the resume checkpoint is train/checkpoint.py's.
+test). The run folder's files are train/run_files.py's, the resume checkpoint is train/checkpoint.py's.
 
 Under torchrun (WORLD_SIZE > 1) every rank trains on its DistributedSampler shard and rank 0 alone
 writes files; tagging splits dev/test decoding across ranks and gathers it.
