@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mner.cache.datasets import read_split, write_split
+from mner.cache.conll import read_split, write_split
 from mner.demo.build import DemoConfig, build_demo
 
 

@@ -74,7 +74,8 @@ import transformers
 from bench_extract import make_full_models  # the sibling script: benchmarks/ is sys.path[0]
 from torch.utils.data import DataLoader
 
-from mner.cache.datasets import DataConfig, DataSource, Post, Split, label_names, resolve_data
+from mner.cache.conll import Post, Split, label_names
+from mner.cache.datasets import DataConfig, DataSource, resolve_data
 from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
 from mner.cache.spec import Record, TokenSpec

@@ -13,19 +13,13 @@ from pathlib import Path, PurePosixPath
 
 from mner import configs
 
-# The format's names both stages import from this module, beside the DataSource that reads them.
-from mner.cache.conll import (  # noqa: F401
+from mner.cache.conll import (
     FORMATS,
-    DatasetError,
-    Post,
     Split,
     check_format,
-    label_names,
     parse_columns,
     read_split,
-    tag_line,
     unsafe_key_reason,
-    write_split,
 )
 
 log = logging.getLogger(__name__)

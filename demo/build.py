@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mner.cache.datasets import Post, write_split
+from mner.cache.conll import Post, write_split
 
 log = logging.getLogger(__name__)
 

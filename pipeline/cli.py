@@ -576,11 +576,11 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts, text_cach
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from mner.train.runs import recorded_task
+    from mner.train.run_files import load_run
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
-    if recorded_task(run_dir) == SENTENCE_CLASSIFICATION.name:
-        from mner.train.classify import evaluate_classifier
+    if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
+        from mner.train.evaluate import evaluate_classifier
 
         if long_posts != "truncate" or amp is not None or text_cache is not None:
             raise click.UsageError(
@@ -632,11 +632,11 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
       mner predict runs/mvsa_both --input mvsa/test_without_label.txt --out submission.txt
     """
-    from mner.train.runs import recorded_task
+    from mner.train.run_files import load_run
     from mner.train.tasks import SENTENCE_CLASSIFICATION
 
-    if recorded_task(run_dir) == SENTENCE_CLASSIFICATION.name:
-        from mner.train.classify import predict_classifier
+    if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
+        from mner.train.predict import predict_classifier
 
         if image_dir is not None or amp is not None or long_posts != "truncate":
             raise click.UsageError(
@@ -768,11 +768,11 @@ def ablate_cmd(
                 "apply to tagging runs"
             )
         from mner.cache.classification import ClassDataConfig
-        from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
+        from mner.train.ablate import ClassAblationConfig, run_ablation
 
         settings = [*overrides]
         settings += [f"classifier.text_encoder={text_encoder}"] if text_encoder is not None else []
-        path = run_class_ablation(
+        path = run_ablation(
             ClassAblationConfig(
                 data=ClassDataConfig(data_dir),
                 cache_dir=cache_dir,
@@ -892,8 +892,8 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
       mner results runs/text_only runs/full ablations/tw15 --plot figures/
     """
     from mner.train.ablate import ABLATION_MD
-    from mner.train.evaluate import results_table
     from mner.train.plots import write_plots
+    from mner.train.results import results_table
 
     if bootstrap < 0:
         raise click.BadParameter(f"must be >= 0 (0: no test), got {bootstrap}", param_hint="--bootstrap")

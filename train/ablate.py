@@ -20,8 +20,21 @@ ablation of ours continues it only when every arm resolves to the settings it re
 The seed of run k is k (`seeds`): a seed set anywhere else is refused, and so are epochs set by an
 experiment, `--set` or `--grid` beside `epochs`. Two arms that train the same thing (equal in what
 the model reads, model.used_settings) are refused; `all` leaves such experiments out. An arm's folder
-is `arm_folder(name)`, one path part. The classifier ablation (train/class_ablate.py) runs through
-the same functions (the section "shared with the classifier ablation" below).
+is `arm_folder(name)`, one path part.
+
+A classification folder (`--data-dir` of `mner train-classifier`) is ablated by `ClassAblationConfig`:
+an experiment is a diff over the base classifier config (`--config`, `--set classifier.KEY=VALUE`),
+`KEY=VALUE[,KEY=VALUE...]` of ClassifierConfig fields (`mode=both,head=xattn`), or `base` (also `full`)
+for none; its runs go through `train_classifier` (classifier.seed = k). Its ablation.csv has accuracy,
+macro P/R/F1 and per-class F1 (percent) on test, or valid without a labelled test split; its ablation.md
+compares the experiments by a paired bootstrap of the accuracy (significance.py on one-word "tag
+sequences", for which micro F1 is exactly the accuracy); its ablation.json has task "classification".
+
+One runner, `run_ablation`, serves both (hence one module over 500 lines: the two tasks' configs
+differ in what an experiment is, and everything after is shared; the tables are
+train/ablation_tables.py's): the folder, the resume rule (the same resolved settings), the
+seed and epochs rules, the refusal of arms that train the same thing and the tables are shared; the
+config of the task says what an arm trains and what its row of the table holds.
 """
 
 from __future__ import annotations
@@ -30,7 +43,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Callable
@@ -40,9 +52,18 @@ from pathlib import Path
 import pandas as pd
 
 from mner import configs
+from mner.cache.classification import ClassDataConfig
 from mner.cache.datasets import DataConfig
 from mner.runtime import LOCK_NAME, FolderClaim, claim_folder, write_atomic
 from mner.train import significance
+from mner.train.ablation_tables import (
+    accuracy_significance_markdown,
+    class_summary_markdown,
+    class_table_row,
+    significance_markdown,
+    summary_markdown,
+    table_row,
+)
 from mner.train.config import (
     RUNTIME_SETTINGS,
     ModelConfig,
@@ -52,10 +73,8 @@ from mner.train.config import (
     load_run_config,
     parse_override,
 )
-from mner.train.loop import train_from_cache
-from mner.train.model import used_settings
-from mner.train.runs import RESULTS_FILE, differences, is_run_folder, read_results, write_json
-from mner.train.scores import PERCENT
+from mner.train.run_files import RESULTS_FILE, differences, is_run_folder, write_json
+from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +102,6 @@ ABLATION_FILE = "ablation.json"
 ABLATION_CSV, ABLATION_MD = "ablation.csv", "ablation.md"
 ABLATION_KEYS = ("experiments", "seeds", "overrides", "epochs", "cache_dir", "data")
 
-# Per-type scores in ablation.csv: results.json metric -> column prefix (column `<prefix>_<TYPE>`).
-_TYPE_METRICS = (("precision", "p"), ("recall", "r"), ("f1", "f1"))
-# Column prefix -> ablation.md header suffix.
-_TYPE_HEADERS = {"p": "P", "r": "R", "f1": "F1"}
-
 
 @dataclass
 class AblationConfig:
@@ -108,6 +122,9 @@ class AblationConfig:
     # "section.key=v1,v2,...": the sweep's axes; every combination is an arm (crossed with experiments)
     grid: list[str] = field(default_factory=list)
     model: str | None = None  # the model every experiment but `model=NAME` starts from; None: the config's
+
+    task = TOKEN_TAGGING  # the task its arms train
+    what = "ablation"  # how messages name it
 
     def __post_init__(self):
         if not isinstance(self.data, DataConfig):
@@ -174,6 +191,28 @@ class AblationConfig:
     def seed_list(self) -> list[int]:
         """The seeds to run: 1..N for a count, else the list as given."""
         return list(range(1, self.seeds + 1)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def keys(self) -> tuple[str, ...]:
+        return ABLATION_KEYS
+
+    def plan(self) -> dict:
+        return _plan(self)
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(arm name, seed) of every run, in order."""
+        return [(arm.name, seed) for arm in self.arms() for seed in self.seed_list()]
+
+    def train_arm(self, name: str, seed: int, run_dir: Path) -> None:
+        _train_tagger(self, name, seed, run_dir)
+
+    def row(self, name: str, seed: int, run_dir: Path) -> dict:
+        return table_row(name, seed, run_dir)
+
+    def summary(self, table: pd.DataFrame) -> str:
+        return summary_markdown(table)
+
+    def significance(self, table: pd.DataFrame, resamples: int) -> str:
+        return significance_markdown(table, resamples)
 
     def arms(self) -> list[Arm]:
         """Every experiment crossed with every grid point, in order (the grid's last axis fastest)."""
@@ -291,14 +330,45 @@ def experiment_file(experiment: str) -> Path | None:
     return Path(experiment)
 
 
-def run_ablation(cfg: AblationConfig) -> Path:
-    """Train every experiment x seed (skipping finished runs) and write the summary tables.
+def run_ablation(cfg: AblationConfig | ClassAblationConfig) -> Path:
+    """Train every experiment x seed of either task (skipping finished runs) and write the tables.
 
-    Returns the path of ablation.md (ablation.csv beside it has one row per run). Under torchrun
-    every rank trains; rank 0 writes the tables.
+    Returns the path of ablation.md (ablation.csv beside it has one row per run). Every setting is
+    checked before the first run; under torchrun every rank trains and rank 0 writes the tables.
     """
     out = Path(cfg.out_dir)
-    # Checked for every experiment before the first run, not after hours of the earlier ones.
+    record = cfg.plan()
+    claim = claim_ablation(out, record, cfg.keys(), cfg.what)
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        rows = train_arms(
+            claim,
+            record,
+            cfg.runs(),
+            finished=lambda run_dir: (
+                is_run_folder(run_dir, cfg.task.name) and (run_dir / RESULTS_FILE).is_file()
+            ),
+            train=cfg.train_arm,
+            row=cfg.row,
+            main=main,
+        )
+        table = pd.DataFrame(rows)
+        md_path = out / ABLATION_MD
+        if main:
+            write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
+            summary = cfg.summary(table)
+            if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
+                summary += "\n" + cfg.significance(table, cfg.bootstrap)
+            write_atomic(md_path, summary)
+        return md_path
+    finally:
+        claim.unlock()
+
+
+def _plan(cfg: AblationConfig) -> dict:
+    """The tagging ablation's checks of every experiment before the first run; its ablation.json."""
+    from mner.train.model import used_settings  # torch: the tables' readers never come here
+
     for experiment in cfg.experiments:
         name, diff = experiment_name(experiment), experiment_file(experiment)
         _refuse_conflicting_overrides(name, diff, cfg.overrides)
@@ -306,37 +376,20 @@ def run_ablation(cfg: AblationConfig) -> Path:
     _refuse_grid_conflicts(cfg)
     refuse_seed_and_epochs(_set_keys(cfg), "train.seed", "train.epochs", cfg.epochs)
     record = _record(cfg)
-    resolved = record[RESOLVED]["arms"]
     refuse_identical_arms(
         {
             name: {"model": used_settings(ModelConfig.from_dict(arm["model"])), "train": arm["train"]}
-            for name, arm in resolved.items()
+            for name, arm in record[RESOLVED]["arms"].items()
         }
     )
-    arms = {arm.name: arm for arm in cfg.arms()}
-    claim = claim_ablation(out, record, ABLATION_KEYS, "ablation")
-    main = int(os.environ.get("RANK", "0")) == 0
-    try:
-        rows = train_arms(
-            claim,
-            record,
-            [(name, seed) for name in arms for seed in cfg.seed_list()],
-            finished=lambda run_dir: is_run_folder(run_dir) and (run_dir / RESULTS_FILE).is_file(),
-            train=lambda name, seed, run_dir: train_from_cache(_run_config(cfg, arms[name], seed, run_dir)),
-            row=_table_row,
-            main=main,
-        )
-        table = pd.DataFrame(rows)
-        md_path = out / ABLATION_MD
-        if main:
-            write_atomic(out / ABLATION_CSV, table.to_csv(index=False))
-            summary = summary_markdown(table)
-            if cfg.bootstrap > 0 and table["experiment"].nunique() > 1:
-                summary += "\n" + significance_markdown(table, cfg.bootstrap)
-            write_atomic(md_path, summary)
-        return md_path
-    finally:
-        claim.unlock()
+    return record
+
+
+def _train_tagger(cfg: AblationConfig, name: str, seed: int, run_dir: Path) -> None:
+    from mner.train.loop import train_from_cache  # torch: the tables' readers never come here
+
+    arm = next(arm for arm in cfg.arms() if arm.name == name)
+    train_from_cache(_run_config(cfg, arm, seed, run_dir))
 
 
 def _record(cfg: AblationConfig) -> dict:
@@ -569,6 +622,8 @@ def _changes_config(diff: Path | None, overrides: list[str], model: str | None) 
 
 
 def _used(pair: tuple[ModelConfig, TrainConfig]) -> dict:
+    from mner.train.model import used_settings
+
     model_cfg, train_cfg = pair
     return {"model": used_settings(model_cfg), "train": train_cfg.to_dict()}
 
@@ -591,117 +646,119 @@ def _refuse_noop_experiment(name: str, diff: Path | None, overrides: list[str], 
         )
 
 
-def _table_row(name: str, seed: int, run_dir: Path) -> dict:
-    """One ablation.csv row: micro and per-type P/R/F1 (percent) on test, or valid without a test split."""
-    results = read_results(run_dir)
-    split = "test" if "test" in results else "valid"
-    scores = results[split]
-    row = {"experiment": name, "seed": seed, "split": split, "best_epoch": results["best_epoch"]}
-    row["dev_f1"] = results["valid"]["micro"]["f1"] * PERCENT
-    for metric in ("precision", "recall", "f1"):
-        row[metric] = scores["micro"][metric] * PERCENT
-    for entity_type, type_scores in sorted(scores["per_type"].items()):
-        for metric, prefix in _TYPE_METRICS:
-            row[f"{prefix}_{entity_type}"] = type_scores[metric] * PERCENT
-    row["run_dir"] = str(run_dir)
-    return row
+# ------------------------------------------------------------------------------- classification
+
+BASE = "base"  # the experiment that changes nothing
+FULL = "full"  # the tagging side's name of the same arm, accepted as BASE
+CLASS_ABLATION_KEYS = ("task", "experiments", "seeds", "overrides", "cache_dir", "data")
+CLASS_TASK = SENTENCE_CLASSIFICATION.name  # ablation.json "task" of a classifier ablation
 
 
-def summary_markdown(table: pd.DataFrame) -> str:
-    """Markdown table: per experiment (in the given order), mean ± sample std over seeds, percent.
+@dataclass
+class ClassAblationConfig:
+    """Classifier experiments x seeds on one classification folder and one cache."""
 
-    Args:
-        table: ablation.csv rows: experiment, seed, split, precision, recall, f1, and per type
-            p_<TYPE>, r_<TYPE>, f1_<TYPE>.
-    Per-type columns come after the micro ones, type by type (sorted), as P, R, F1.
-    """
-    types = sorted(c[len("f1_") :] for c in table.columns if c.startswith("f1_"))
-    metrics = ["precision", "recall", "f1"]
-    headers = ["experiment", "seeds", "P", "R", "F1"]
-    for entity_type in types:
-        for _, prefix in _TYPE_METRICS:
-            metrics.append(f"{prefix}_{entity_type}")
-            headers.append(f"{entity_type} {_TYPE_HEADERS[prefix]}")
-    splits = sorted(set(table["split"]))
-    intro = f"Micro and per-type P/R/F1 on {'/'.join(splits)}, percent, mean ± sample std over seeds."
-    return mean_std_markdown(table, intro, headers, metrics)
+    data: ClassDataConfig
+    cache_dir: str | None  # read only; None when every arm is mode=text
+    experiments: list[str]  # "KEY=VALUE[,KEY=VALUE]" diffs of ClassifierConfig, or "base"
+    out_dir: str
+    seeds: int = 3  # seeds 1..N
+    config_file: str | None = None  # a TOML [classifier] table under every run
+    overrides: list[str] = field(default_factory=list)  # classifier.KEY=VALUE for every run
+    bootstrap: int = significance.DEFAULT_RESAMPLES  # resamples of the accuracy test; 0: none
+    epochs: int | None = None  # epochs per run (--epochs); None keeps the config's
 
+    task = SENTENCE_CLASSIFICATION
+    what = "classifier ablation"
 
-def mean_std_markdown(table: pd.DataFrame, intro: str, headers: list[str], metrics: list[str]) -> str:
-    """`intro`, then a Markdown table: per experiment (in the table's order) its seed count and, per
-    metric column of `table`, mean ± sample std over its seeds; `headers` names experiment, seeds, metrics."""
-    lines = [
-        intro,
-        "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|",
-    ]
-    for experiment, runs in table.groupby("experiment", sort=False):
-        cells = [str(experiment), str(len(runs))]
-        for metric in metrics:
-            values = runs[metric].dropna()
-            cells.append(_mean_std(values.mean(), values.std(ddof=1), len(values)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    def __post_init__(self):
+        if not self.experiments:
+            raise ValueError(f"no experiments given; e.g. --exp mode=text --exp mode=both, or --exp {BASE}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds!r}")
+        self.experiments = [BASE if name == FULL else name for name in self.experiments]
+        for experiment in self.experiments:
+            if experiment != BASE and "=" not in experiment:
+                raise ValueError(
+                    f"experiment {experiment!r} is not a classifier diff: a classification folder's arms are "
+                    f"KEY=VALUE[,KEY=VALUE] diffs of the classifier config (--exp mode=text --exp head=cnn) "
+                    f"or {BASE} (or {FULL}): the config as it is; {ALL} and the named experiments "
+                    "(`mner ablate --list`) are the tagging ablation's"
+                )
+        refuse_repeated_arms(self.experiments)
+        refuse_seed_and_epochs(self._set_keys(), "classifier.seed", "classifier.epochs", self.epochs)
+        for experiment in self.experiments:
+            self.arm_config(experiment, seed=1)  # a bad key or value fails here, before any run
 
+    def _diff(self, experiment: str) -> list[str]:
+        return [] if experiment == BASE else [f"classifier.{part}" for part in experiment.split(",")]
 
-def significance_markdown(table: pd.DataFrame, resamples: int, seed: int = 0) -> str:
-    """Markdown table: every experiment against the first by the paired bootstrap over posts
-    (train/significance.py), all seeds of a side averaged on each resample.
+    def _set_keys(self) -> list[tuple[str, str]]:
+        """(where, classifier.KEY) of every setting the file, --set and the arms give."""
+        found = []
+        if self.config_file is not None:
+            table = configs.load_toml(Path(self.config_file)).get("classifier", {})
+            found += [(str(self.config_file), f"classifier.{key}") for key in table]
+        found += [(f"--set {text}", text.split("=", 1)[0].strip()) for text in self.overrides]
+        for experiment in self.experiments:
+            found += [
+                (f"experiment {experiment!r}", text.split("=", 1)[0]) for text in self._diff(experiment)
+            ]
+        return found
 
-    Args:
-        table: ablation.csv rows (experiment, seed, split, run_dir); each run's pred_<split>.conll is read.
-    """
-    return bootstrap_markdown(table, resamples, seed, _seed_predictions, "", "dF1", "tagged")
+    def keys(self) -> tuple[str, ...]:
+        return CLASS_ABLATION_KEYS
 
+    def plan(self) -> dict:
+        record = self.record()
+        refuse_identical_arms(record[RESOLVED]["arms"])
+        return record
 
-def bootstrap_markdown(table, resamples: int, seed: int, read, measure: str, delta: str, did: str) -> str:
-    """Every experiment of `table` against the first, by significance.paired_bootstrap on what
-    `read(runs, split)` gives: ((posts' key, gold tag sequences), one prediction list per seed).
+    def runs(self) -> list[tuple[str, int]]:
+        return [(experiment, seed) for experiment in self.experiments for seed in range(1, self.seeds + 1)]
 
-    `measure` names what is compared in the intro ("" for entity F1, " of the accuracy"), `delta` its
-    column ("dF1"), `did` what the runs did to the posts ("tagged"), for a row of other posts.
-    """
-    split = table["split"].iloc[0]
-    groups = list(table.groupby("experiment", sort=False))
-    base_name, base_runs = groups[0]
-    posts, base_preds = read(base_runs, split)
-    lines = [
-        f"{significance.TEST_NAME}{measure} against {base_name} on {split}: {resamples} resamples "
-        f"(seed {seed}), the seeds of each side averaged on every resample; {delta} and its 95% interval "
-        "in percentage points, p two-sided.",
-        "",
-        f"| experiment | seeds | {delta} | 95% CI | p |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, runs in groups[1:]:
-        other_posts, preds = read(runs, split)
-        if other_posts != posts:
-            lines.append(f"| {name} | {len(runs)} | - | {did} other posts than {base_name} | - |")
-            continue
-        result = significance.paired_bootstrap(posts[1], base_preds, preds, resamples=resamples, seed=seed)
-        shown, interval, p = significance.format_comparison(result)
-        lines.append(f"| {name} | {len(runs)} | {shown} | {interval} | {p} |")
-    return "\n".join(lines) + "\n"
+    def train_arm(self, experiment: str, seed: int, run_dir: Path) -> None:
+        from mner.train.classify import ClassifierRunConfig, train_classifier  # torch
 
+        c = self.arm_config(experiment, seed)  # a mode=text arm never opens cache_dir
+        train_classifier(
+            ClassifierRunConfig(data=self.data, out_dir=str(run_dir), classifier=c, cache_dir=self.cache_dir)
+        )
 
-def _seed_predictions(runs: pd.DataFrame, split: str) -> tuple[tuple, list]:
-    """((words, gold) of the posts, one prediction list per seed) of one experiment's runs."""
-    keyed, preds = None, []
-    for run_dir in runs["run_dir"]:
-        words, gold, pred = significance.read_predictions(Path(run_dir) / f"pred_{split}.conll")
-        if keyed is not None and (words, gold) != keyed:
-            raise ValueError(
-                f"{run_dir}: its pred_{split}.conll holds other posts than its experiment's first seed"
+    def row(self, experiment: str, seed: int, run_dir: Path) -> dict:
+        return class_table_row(experiment, seed, run_dir)
+
+    def summary(self, table: pd.DataFrame) -> str:
+        return class_summary_markdown(table)
+
+    def significance(self, table: pd.DataFrame, resamples: int) -> str:
+        return accuracy_significance_markdown(table, resamples)
+
+    def arm_config(self, experiment: str, seed: int):
+        """The classifier config of one arm and seed: the file, the overrides, the arm's diff, the seed
+        and --epochs."""
+        diff = self._diff(experiment)
+        for text in diff:
+            section, key, _ = parse_override(text)
+            if any(o.split("=", 1)[0].strip() == f"classifier.{key}" for o in self.overrides):
+                raise ValueError(f"experiment {experiment!r} sets classifier.{key}, which --set also sets")
+        from mner.train.classify import load_classifier_config  # its config validates against the model zoo
+
+        try:
+            return load_classifier_config(
+                self.config_file, [*self.overrides, *diff], seed=seed, epochs=self.epochs
             )
-        keyed = (words, gold)
-        preds.append(pred)
-    return keyed, preds
+        except ValueError as err:
+            raise ValueError(f"experiment {experiment!r}: {err}") from None
 
-
-def _mean_std(mean: float, std: float, n: int) -> str:
-    if n == 0:
-        return "-"
-    if n == 1 or math.isnan(std):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {std:.2f}"
+    def record(self) -> dict:
+        """ablation.json: the settings as given, and under RESOLVED as every arm resolves them (less
+        the seed and the device) with the seeds, the cache and the data: what a re-run must match."""
+        given = {key: getattr(self, key) for key in CLASS_ABLATION_KEYS if key not in ("task", "data")}
+        arms = {}
+        for experiment in self.experiments:
+            settings = self.arm_config(experiment, seed=0).to_dict()
+            arms[experiment] = {k: v for k, v in settings.items() if k not in ("seed", "device")}
+        data = self.data.to_dict()
+        resolved = resolved_record(list(range(1, self.seeds + 1)), self.cache_dir, data, arms)
+        return {"task": CLASS_TASK, **given, "data": data, "epochs": self.epochs, RESOLVED: resolved}

@@ -28,15 +28,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mner.cache.datasets import SPLITS, Split, resolve_data
+from mner.cache.conll import Split
+from mner.cache.datasets import SPLITS, resolve_data
 from mner.cache.inspect import draw_regions, record_regions, save_png
 from mner.cache.manifest import MANIFEST_NAME
 from mner.cache.reader import CacheReader
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
-from mner.train.classify import is_classifier_run
 from mner.train.metrics import entities
-from mner.train.runs import check_data_files, read_record, run_config, unfinished
+from mner.train.run_files import check_data_files, load_run, run_config, unfinished
 from mner.train.significance import read_predictions
+from mner.train.tasks import TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +250,13 @@ def summary_line(summary: dict) -> str:
 
 def _tagging_run(run_dir: Path) -> dict:
     """The record of a tagging run; ValueError for a classifier run or a folder that is no run."""
-    if is_classifier_run(run_dir):
+    run = load_run(run_dir)
+    if run.task is not TOKEN_TAGGING:
         raise ValueError(
-            f"{run_dir} is a classifier run: cases compares tagging runs only (their pred_<split>.conll "
+            f"{run_dir} is a {run.task.kind}: cases compares tagging runs only (their pred_<split>.conll "
             "of tagged words); compare classifier runs with `mner results`"
         )
-    return read_record(run_dir)
+    return run.record
 
 
 def _pred_file(run_dir: Path, split: str) -> Path:

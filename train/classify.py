@@ -25,7 +25,12 @@ weights are reloaded at the end to score valid and test. The run folder:
 The training loop is the one both tasks share (train/loop.py `fit`), with its checkpoint/: the folder
 must be new, empty, or (with --resume) one of ours, a run that fails before its first epoch removes
 what it created, a killed one continues with --resume, and torchrun trains on every rank. A
-non-finite loss stops training naming the epoch and step.
+non-finite loss stops training naming the epoch and step. `mner evaluate` and `mner predict` of a
+classifier run are train/evaluate.py's and train/predict.py's, through `load_classifier_run`.
+
+One concern over 500 lines: the classification task end to end (its config, data, model, the
+preparation for the shared loop, and reloading a run), as train/tagging.py, data.py and model.py
+are tagging's.
 """
 
 from __future__ import annotations
@@ -46,24 +51,13 @@ from mner.cache.classification import (
     ClassDataConfig,
     ClassSplit,
     read_classification,
-    read_split_file,
     split_files,
     write_predictions,
 )
-from mner.cache.manifest import extract_command
 from mner.cache.reader import CacheReader
 from mner.cache.spec import TokenSpec
 from mner.cache.verify import image_size_mismatches
-from mner.runtime import (
-    DEVICE_PATTERN,
-    claim_folder,
-    is_our_folder,
-    refuse_inputs_as_output,
-    start_runtime,
-    to_device,
-)
-from mner.train import scores
-from mner.train.checkpoint import load_weights
+from mner.runtime import DEVICE_PATTERN, start_runtime, to_device
 from mner.train.classifier_model import (
     CLASS_HEADS,
     IMAGE_FEATURES,
@@ -74,31 +68,24 @@ from mner.train.classifier_model import (
     reads_tokens,
 )
 from mner.train.config import Config, merge_layers, override_layers
-from mner.train.data import unknown_label
 from mner.train.loop import Fitting, run_training
 from mner.train.model import decayed_parameters
-from mner.train.runs import (
+from mner.train.run_files import (
     CONFIG_FILE,
-    RESULTS_FILE,
-    WEIGHTS_FILE,
-    check_data_files,
+    check_fingerprint,
+    claim_run_folder,
     data_files_record,
-    is_recorded_folder,
-    new_eval_folder,
-    prepare_folder,
-    read_record,
-    report_images,
-    warn_if_unfinished,
+    extractor_differences,
+    load_run,
     write_json,
 )
-from mner.train.scores import write_pred_csv
+from mner.train.runs import load_run_model, prepare_folder, report_images
 from mner.train.tasks import SENTENCE_CLASSIFICATION
 from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
 TASK = SENTENCE_CLASSIFICATION.name  # config.json "task" of a classifier run
-CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = SENTENCE_CLASSIFICATION.selects
 # The settings a resume may change: how a run is carried out, not what it trains (as config.RUNTIME_SETTINGS).
@@ -213,11 +200,6 @@ def load_classifier_config(
     return ClassifierConfig(**merge_layers({"classifier": ClassifierConfig}, layers)["classifier"])
 
 
-def is_classifier_run(path) -> bool:
-    """Whether `path` is a classifier run folder (config.json with task "classification")."""
-    return is_our_folder(path, CONFIG_FILE, CLASS_RECORD_KEYS)
-
-
 # ------------------------------------------------------------------------------------------ data
 
 
@@ -304,9 +286,7 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         data), a resumed folder was made with other settings (but CLASS_RUNTIME_SETTINGS), the loss
         becomes non-finite (naming epoch and step), or a setting is out of range.
     """
-    claim = claim_folder(
-        cfg.out_dir, CONFIG_FILE, CLASS_RECORD_KEYS, cfg.resume, what="classifier run", finished=RESULTS_FILE
-    )
+    claim = claim_run_folder(cfg.out_dir, cfg.resume, SENTENCE_CLASSIFICATION)
     c = cfg.classifier
     if c.mode != "image":  # before the data is read: a budget past the positions fails only in the forward
         check_max_length(resolve_text_encoder(c.text_encoder), c.max_length, "classifier.max_length")
@@ -329,7 +309,7 @@ def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None
     )
     try:
         for split in data.splits.values():
-            _check_guids_cached(split, reader, hint)
+            check_guids_cached(split, reader, hint)
     except ValueError:
         reader.close()
         raise
@@ -423,12 +403,12 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
     )
 
     def score(model, name: str):
-        return _score(model, data.splits[name], reader, tokenizer, c, runtime, labels)
+        return score_split(model, data.splits[name], reader, tokenizer, c, runtime, labels)
 
     def finish(model) -> None:
         for name, split in data.splits.items():
             if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
-                predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
+                predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
                 write_predictions(claim.path / submission_file(name), split.examples, predicted)
 
     fitting = Fitting(
@@ -508,7 +488,7 @@ def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:
 
 
 @torch.no_grad()
-def _predict(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
+def predict_split(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
     """The predicted label of every example of `split`, in file order."""
     model.eval()
     predicted = []
@@ -518,153 +498,63 @@ def _predict(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
     return predicted
 
 
-def _score(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[str], dict]:
-    predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
+def score_split(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[str], dict]:
+    predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
     return predicted, SENTENCE_CLASSIFICATION.score([e.label for e in split.examples], predicted, labels)
 
 
-def read_pred_csv(path: Path) -> list[list[str]]:
-    """The [guid, gold, pred] rows of a pred_<split>.csv, in file order (train.scores.read_pred_csv)."""
-    return scores.read_pred_csv(path)
-
-
-# ------------------------------------------------------------------------------------------ reuse
-
-
-def load_classifier_run(
-    run_dir, device: str = "auto"
-) -> tuple[dict, ClassifierConfig, SentenceClassifier, object, object]:
-    """(config.json, its classifier config, the best model in eval mode on the device, its tokenizer or
-    None, the runtime) of a
-    classifier run; ValueError when the folder is not one or its weights file is missing or damaged."""
-    run_dir = Path(run_dir)
-    if not is_classifier_run(run_dir):
-        raise ValueError(f"{run_dir} is not a classifier run folder (no config.json with task {TASK!r})")
-    record = read_record(run_dir)
-    c = ClassifierConfig.from_dict(record["classifier"], str(run_dir / CONFIG_FILE))
+def rebuild_classifier(record: dict) -> tuple[SentenceClassifier, object]:
+    """(a fresh classifier as a run record describes it, its tokenizer or None): the classification
+    task's `rebuild` (runs.load_run_model loads the best weights into it)."""
+    c = ClassifierConfig.from_dict(record["classifier"], CONFIG_FILE)
     spec = TokenSpec.from_dict(record["cache"]["spec"]) if record["cache"] else None
-    model, tokenizer = build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec)
-    weights = run_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{run_dir}: no {WEIGHTS_FILE}; the run did not finish an epoch — train it again")
-    load_weights(model, weights, "cpu", "the file is damaged — train the run again")
+    return build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec)
+
+
+def load_classifier_run(run_dir, device: str):
+    """For evaluate and predict: (the classifier run in `run_dir`, its classifier config, its best model, its tokenizer, the
+    runtime); ValueError when the folder is not a classifier run."""
+    run = load_run(run_dir)
+    if run.task is not SENTENCE_CLASSIFICATION:
+        raise ValueError(f"{run_dir} is a {run.task.kind} of task {run.task.name}, not a classifier run")
     runtime = start_runtime(device, "off", hint="--device cpu")
-    return record, c, model.to(runtime.device).eval(), tokenizer, runtime
+    try:
+        model, tokenizer = load_run_model(run.path, run.record, runtime)
+    except BaseException:
+        runtime.close()
+        raise
+    c = ClassifierConfig.from_dict(run.record["classifier"], str(run.path / CONFIG_FILE))
+    return run, c, model, tokenizer, runtime
 
 
-def _run_cache(record: dict, cache_dir, run_dir, same_keys: bool) -> CacheReader | None:
+def open_run_cache(run, cache_dir, same_keys: bool) -> CacheReader | None:
     """The cache a classifier run reads (None in text mode): `cache_dir` or the run's. With `same_keys`
-    its fingerprint must be the run's; else (new posts) its extractor (models and token spec) must be."""
+    it must be the run's cache (runs.check_fingerprint); else (new posts) made by the run's extractor."""
+    record = run.record
     if record["cache"] is None:
         return None
     reader = CacheReader(cache_dir or record["cache_dir"])
-    trained = record["cache"]
-    if same_keys and reader.fingerprint != trained["fingerprint"]:
+    try:
+        if same_keys:
+            check_fingerprint(reader, record, run.path)
+        else:
+            differs = extractor_differences(reader, record)
+            if differs:
+                raise ValueError(
+                    f"the cache at {reader.cache_dir} was extracted otherwise than {run.path}'s cache; "
+                    f"differs: {'; '.join(differs)}; extract it with the settings recorded in "
+                    f"{record['cache_dir']}/manifest.json"
+                )
+    except ValueError:
         reader.close()
-        raise ValueError(
-            f"the cache at {reader.cache_dir} has fingerprint {reader.fingerprint[:12]}, but {run_dir} was trained "
-            f"on {trained['fingerprint'][:12]} (other images or another extractor); pass the run's cache "
-            f"({record['cache_dir']}) with --cache"
-        )
-    differs = [
-        what
-        for what, found, recorded in (
-            ("models", reader.models, trained["models"]),
-            ("token spec", dataclasses.asdict(reader.spec), trained["spec"]),
-        )
-        if found != recorded
-    ]
-    if differs:
-        reader.close()
-        raise ValueError(
-            f"the cache at {reader.cache_dir} was extracted with another {' and '.join(differs)} than {run_dir}'s "
-            f"cache; extract it with the settings recorded in {record['cache_dir']}/manifest.json"
-        )
+        raise
     return reader
 
 
-def _check_guids_cached(split: ClassSplit, reader: CacheReader | None, hint: str) -> None:
+def check_guids_cached(split: ClassSplit, reader: CacheReader | None, hint: str) -> None:
     absent = [e for e in split.examples if reader is not None and e.guid not in reader]
     if absent:
         raise ValueError(
             f"{split.path}:{absent[0].line}: guid {absent[0].guid!r} is not in the cache at {reader.cache_dir} "
             f"({len(absent)} of {len(split.examples)} posts are absent); {hint}"
         )
-
-
-def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=None, device: str = "auto"):
-    """Score a classifier run's best model on a labelled split of its data folder (or `data_dir`).
-
-    Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), never the
-    training-time files. Returns (classification_scores, that folder). Raises ValueError for a split
-    that is absent or unlabelled, or a cache that is not the one the run was trained on.
-    """
-    run_dir = Path(run_dir)
-    record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
-    warn_if_unfinished(run_dir)
-    stored = dict(record["data"])
-    if is_recorded_folder(stored["data_dir"], data_dir):
-        check_data_files(record, split_files(stored["data_dir"]), run_dir)
-    if data_dir is not None:
-        stored["data_dir"] = str(data_dir)
-    data = read_classification(ClassDataConfig(**stored))
-    if split not in data.splits or not data.splits[split].labelled:
-        labelled = [name for name, s in data.splits.items() if s.labelled]
-        raise ValueError(
-            f"{stored['data_dir']} has no labelled {split} split (labelled: {', '.join(labelled)}); "
-            "use `mner predict` for unlabelled posts"
-        )
-    for example in data.splits[split].examples:
-        if example.label not in record["label_names"]:
-            raise unknown_label(
-                data.splits[split].path,
-                example.line,
-                f"guid {example.guid!r}",
-                example.label,
-                record["label_names"],
-            )
-    reader = _run_cache(record, cache_dir, run_dir, same_keys=True)
-    try:
-        _check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
-        predicted, scores = _score(
-            model, data.splits[split], reader, tokenizer, c, runtime, record["label_names"]
-        )
-    finally:
-        if reader is not None:
-            reader.close()
-        runtime.close()
-    out = new_eval_folder(run_dir, split)
-    write_json(out / RESULTS_FILE, {split: scores})
-    write_pred_csv(out / "pred.csv", data.splits[split], predicted)
-    return scores, out
-
-
-def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: str = "auto") -> Path:
-    """Label the posts of `input_file` (a split file of a classification folder, read_split_file) with a
-    classifier run; writes `out_file`, the seed's submission format (guid,tag in the input's order).
-
-    Their images come from `cache_dir` (else the run's cache), which must hold every guid and have been
-    extracted with the run's extractor; text mode reads no cache. Raises ValueError otherwise, or when
-    `out_file` would overwrite the input or a file of the run.
-    """
-    run_dir = Path(run_dir)
-    refuse_inputs_as_output(
-        out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
-    )
-    split = read_split_file(input_file)
-    record, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
-    reader = _run_cache(record, cache_dir, run_dir, same_keys=False)
-    try:
-        if reader is not None:
-            command = extract_command(reader.config, Path(input_file).parent)
-            _check_guids_cached(
-                split,
-                reader,
-                f"extract them with the run's extractor: `{command}`, and pass NEW_CACHE with --cache",
-            )
-        predicted = _predict(model, split, reader, tokenizer, c, runtime, record["label_names"])
-    finally:
-        if reader is not None:
-            reader.close()
-        runtime.close()
-    return write_predictions(out_file, split.examples, predicted)

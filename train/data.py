@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mner.cache.datasets import Post, Split, tag_line
+from mner.cache.conll import Post, Split, tag_line
 from mner.cache.reader import CacheReader
 from mner.cache.spec import Record, TokenSpec, empty_record
 from mner.train.config import ModelConfig, TrainConfig

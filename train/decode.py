@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from mner.cache.datasets import Split
+from mner.cache.conll import Split
 from mner.runtime import Runtime, to_device
 from mner.train.config import RunConfig
 from mner.train.data import Collate, PostDataset, make_loader, subword_budget, subword_counts

@@ -1,12 +1,12 @@
-"""Score a finished run on a split, and tabulate the results of several runs.
+"""Score a finished run on a split: `evaluate_run` (tagging), `evaluate_classifier` (classification);
+`mner evaluate` picks one by the run's recorded task.
 
 The model is rebuilt from the run folder alone (config.json + model.safetensors). A multimodal run
 only accepts a cache with the fingerprint it was trained on: the same images through different
 models or settings give different tokens, and the scores would be meaningless.
 
 `evaluate_run` never overwrites what training wrote (results.json, pred_<split>.conll): each call
-writes its own eval/<split>-<UTC time>/ folder. `results_table` reads the training-time
-results.json only, so its numbers are the run's, whatever was evaluated since.
+writes its own eval/<split>-<UTC time>/ folder. The table of several runs' scores is train/results.py's.
 """
 
 from __future__ import annotations
@@ -14,36 +14,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pandas as pd
-
 from mner.cache.datasets import SPLITS, resolve_data
 from mner.runtime import resolve_runtime
-from mner.train import significance
+from mner.train.data import unknown_label
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
-from mner.train.runs import (
+from mner.train.run_files import (
     RESULTS_FILE,
-    check_cache_keys,
     check_data_files,
     check_fingerprint,
-    encoder_dir_of,
     inference_amp,
     is_recorded_folder,
-    is_run_folder,
-    load_run_model,
+    load_run,
     new_eval_folder,
-    open_cache,
-    read_metrics,
-    read_record,
-    read_results,
-    recorded_task,
     run_config,
-    unfinished,
     warn_if_unfinished,
     write_json,
 )
-from mner.train.scores import PERCENT, format_entity_scores, read_pred_csv
-from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
+from mner.train.runs import check_cache_keys, encoder_dir_of, load_run_model, open_cache
+from mner.train.scores import format_entity_scores, write_pred_csv
+from mner.train.tasks import TOKEN_TAGGING
 from mner.train.text_states import find_text_states
 
 log = logging.getLogger(__name__)
@@ -83,7 +73,13 @@ def evaluate_run(
     training-time results.json and pred_<split>.conll are left as they are.
     """
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    run = load_run(run_dir)
+    if run.task is not TOKEN_TAGGING:
+        raise ValueError(
+            f"{run_dir} is a {run.task.kind}: it is scored by evaluate_classifier "
+            "(`mner evaluate` picks it by the run's task)"
+        )
+    record = run.record
     warn_if_unfinished(run_dir)
     cfg = run_config(record)
     reader = None
@@ -143,132 +139,53 @@ def format_scores(scores: dict) -> str:
     return format_entity_scores(scores)
 
 
-def results_table(
-    run_dirs: list,
-    split: str = "test",
-    bootstrap: int = significance.DEFAULT_RESAMPLES,
-    bootstrap_seed: int = 0,
-) -> str:
-    """The scores (percent) of each run on `split`, from its training-time results.json.
+def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=None, device: str = "auto"):
+    """Score a classifier run's best model on a labelled split of its data folder (or `data_dir`).
 
-    A tagging run shows micro P/R/F1; a classifier run (`mner train-classifier`) its macro P/R/F1 and an
-    Acc column (accuracy): the run's task says which (tasks.headline). A run without them gets a row
-    all the same, its status saying why: "unfinished (epoch k/N)", "no <split> results", "not a run
-    folder", or the error reading a damaged file.
-
-    With two or more runs and `bootstrap` > 0 every run is compared with the first one by a paired bootstrap over posts
-    (train/significance.py; `bootstrap` resamples drawn with `bootstrap_seed`) on the predictions each run wrote
-    (pred_<split>.conll, or a classifier's pred_<split>.csv, whose labels are one-word tag sequences, so the
-    bootstrapped F1 is the accuracy): columns dF1 (percentage points; dAcc when the first run is a
-    classifier), CI95 (its 95% interval) and p, and a last line naming the test. A run whose predictions
-    are missing, or cover other posts, gets "-" there.
+    Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), never the
+    training-time files. Returns (classification_scores, that folder). Raises ValueError for a split
+    that is absent or unlabelled, or a cache that is not the one the run was trained on.
     """
-    tasks = [recorded_task(run_dir) for run_dir in run_dirs]
-    classifiers = [task == SENTENCE_CLASSIFICATION.name for task in tasks]
-    if len(run_dirs) < 2:
-        bootstrap = 0  # nothing to compare with
-    delta = "dAcc" if classifiers and classifiers[0] else "dF1"
-    rows = []
-    base_preds = _predictions(Path(run_dirs[0]), split, tasks[0]) if bootstrap > 0 and run_dirs else None
-    for index, run_dir in enumerate(run_dirs):
-        row = {"run": str(run_dir), "P": "-", "R": "-", "F1": "-", "support": "-"}
-        if any(classifiers):
-            row["Acc"] = "-"
-        try:
-            micro, status = _run_scores(Path(run_dir), split, tasks[index])
-        except ValueError as err:
-            micro, status = None, str(err)
-        if micro is not None:
-            row.update(
-                {
-                    name: f"{micro[key] * PERCENT:.2f}"
-                    for name, key in (("P", "precision"), ("R", "recall"), ("F1", "f1"), ("Acc", "accuracy"))
-                    if key in micro
-                }
-            )
-            row["support"] = str(micro["support"])
-        if bootstrap > 0:
-            cells, note = _bootstrap_cells(
-                index, base_preds, Path(run_dir), split, tasks[index], bootstrap, bootstrap_seed, delta
-            )
-            row.update(cells)
-            status = f"{status}; {note}" if note else status
-        rows.append({**row, "status": status})
-    table = pd.DataFrame(rows).to_string(index=False)
-    if bootstrap > 0:
-        table += (
-            f"\n{delta} in percentage points against {run_dirs[0]}: {significance.TEST_NAME} on {split}, "
-            f"{bootstrap} resamples, seed {bootstrap_seed}; p two-sided"
+    # Imported here: the classifier's model code is classification's (a tagging evaluation never loads it).
+    from mner.cache.classification import ClassDataConfig, read_classification, split_files
+    from mner.train.classify import check_guids_cached, load_classifier_run, open_run_cache, score_split
+
+    run_dir = Path(run_dir)
+    run, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    record = run.record
+    warn_if_unfinished(run_dir)
+    stored = dict(record["data"])
+    if is_recorded_folder(stored["data_dir"], data_dir):
+        check_data_files(record, split_files(stored["data_dir"]), run_dir)
+    if data_dir is not None:
+        stored["data_dir"] = str(data_dir)
+    data = read_classification(ClassDataConfig(**stored))
+    if split not in data.splits or not data.splits[split].labelled:
+        labelled = [name for name, s in data.splits.items() if s.labelled]
+        raise ValueError(
+            f"{stored['data_dir']} has no labelled {split} split (labelled: {', '.join(labelled)}); "
+            "use `mner predict` for unlabelled posts"
         )
-    return table
-
-
-def _predictions(run_dir: Path, split: str, task: str | None):
-    """(post keys or words, gold, pred) of the predictions a run wrote for `split`, or None when it
-    has not written them. A classifier's labels become one-word tag sequences ("B-<label>"), whose
-    entity F1 is the accuracy."""
-    if task == SENTENCE_CLASSIFICATION.name:
-        path = run_dir / SENTENCE_CLASSIFICATION.prediction_file(split)
-        if not path.is_file():
-            return None
-        rows = read_pred_csv(path)
-        return (
-            [guid for guid, _, _ in rows],
-            [[f"B-{g}"] for _, g, _ in rows],
-            [[f"B-{p}"] for _, _, p in rows],
+    for example in data.splits[split].examples:
+        if example.label not in record["label_names"]:
+            raise unknown_label(
+                data.splits[split].path,
+                example.line,
+                f"guid {example.guid!r}",
+                example.label,
+                record["label_names"],
+            )
+    reader = open_run_cache(run, cache_dir, same_keys=True)
+    try:
+        check_guids_cached(data.splits[split], reader, "pass the run's cache with --cache")
+        predicted, scores = score_split(
+            model, data.splits[split], reader, tokenizer, c, runtime, record["label_names"]
         )
-    path = run_dir / TOKEN_TAGGING.prediction_file(split)
-    return significance.read_predictions(path) if path.is_file() else None
-
-
-def _bootstrap_cells(
-    index: int, base, run_dir: Path, split: str, task, resamples: int, seed: int, delta: str = "dF1"
-):
-    """(the delta / 95% CI / p cells of one results row, a note for its status or ""); run 0 is the base."""
-    cells = {delta: "-", "CI95": "-", "p": "-"}
-    mine = base if index == 0 else _predictions(run_dir, split, task)
-    if mine is None:
-        kind = SENTENCE_CLASSIFICATION if task == SENTENCE_CLASSIFICATION.name else TOKEN_TAGGING
-        return cells, f"no {kind.prediction_file(split)} to compare"
-    if index == 0:
-        return {**cells, delta: "base"}, ""
-    if base is None:
-        return cells, ""
-    if mine[:2] != base[:2]:
-        did = "labelled" if task == SENTENCE_CLASSIFICATION.name else "tagged"
-        return cells, f"{did} other posts than the base run: not compared"
-    result = significance.paired_bootstrap(base[1], [base[2]], [mine[2]], resamples=resamples, seed=seed)
-    shown, ci, p = significance.format_comparison(result)
-    return {delta: shown, "CI95": ci, "p": p}, ""
-
-
-def _run_scores(run_dir: Path, split: str, task: str | None) -> tuple[dict | None, str]:
-    """(the task's headline scores or None, status) of one run."""
-    if task == SENTENCE_CLASSIFICATION.name:
-        return _class_scores(run_dir, split)
-    return _split_scores(run_dir, split)
-
-
-def _class_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
-    """(macro P/R/F1 as precision/recall/f1, accuracy, support; or None, status) of a classifier run."""
-    if not (run_dir / RESULTS_FILE).is_file():
-        return None, f"unfinished (epoch {len(read_metrics(run_dir))})"
-    results = read_results(run_dir)
-    if split not in results:
-        return None, f"no {split} results (the split has no labels, or the folder has no {split} file)"
-    return SENTENCE_CLASSIFICATION.headline(
-        results[split]
-    ), "finished (classification: macro P/R/F1, accuracy)"
-
-
-def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
-    """(micro scores or None, status) of one run."""
-    if not is_run_folder(run_dir):
-        return None, "not a run folder (no config.json of ours)"
-    status = unfinished(run_dir)
-    if status is not None:
-        return None, status
-    results = read_results(run_dir)
-    if split not in results:
-        return None, f"no {split} results; run `mner evaluate {run_dir} --split {split}`"
-    return results[split]["micro"], "finished"
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+    out = new_eval_folder(run_dir, split)
+    write_json(out / RESULTS_FILE, {split: scores})
+    write_pred_csv(out / "pred.csv", data.splits[split], predicted)
+    return scores, out

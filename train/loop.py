@@ -1,14 +1,12 @@
 """Stage two's training loop, one for both tasks: `fit(Fitting)`, and the tagging entry
-`train_from_cache(RunConfig) -> run folder` (the classifier's is train/classify.py's).
+`train_from_cache(RunConfig) -> run folder`, whose preparation is train/tagging.py's (the classifier's
+entry and preparation are train/classify.py's).
 
 A task's preparation reads the data and builds a `Fitting`: model, loaders, parameter groups and how
 a split is scored; `fit` owns the optimiser, schedule and AMP scaler, the epochs, the progress log,
 the metrics line, early stopping (checkpoint.Progress), the best-weights save and reload, the resume
 checkpoint and DDP. The best epoch is chosen on the task's valid score (train/tasks.py; never on
-test). The run folder's files are train/runs.py's, the resume checkpoint is train/checkpoint.py's.
-
-For tagging, labels come from the train split, token shapes and the fingerprint from the cache
-manifest, so a run can only be built from what is on disk.
+test). The run folder's files are train/run_files.py's, the resume checkpoint is train/checkpoint.py's.
 
 Under torchrun (WORLD_SIZE > 1) every rank trains on its DistributedSampler shard and rank 0 alone
 writes files; tagging splits dev/test decoding across ranks and gathers it.
@@ -32,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from transformers import get_linear_schedule_with_warmup
 
 from mner.runtime import FolderClaim, ProgressLog, Runtime, seed_everything, start_runtime, to_device
@@ -45,32 +42,20 @@ from mner.train.checkpoint import (
     save_weights,
 )
 from mner.train.config import RunConfig, TrainConfig
-from mner.train.data import make_loader
-from mner.train.decode import count_truncated, decode_and_score
 from mner.train.model import MNERModel
-from mner.train.registry import TASKS
-from mner.train.runs import (
+from mner.train.run_files import (
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     RESULTS_FILE,
     TENSORBOARD_DIR,
     WEIGHTS_FILE,
     append_metrics,
-    best_weights_fix,
-    build_model,
-    check_cache_keys,
-    check_tags,
     claim_run_folder,
-    make_record,
-    open_cache,
-    precision_name,
-    prepare_folder,
-    report_images,
     trim_metrics,
     write_json,
 )
-from mner.train.text import check_max_length, load_tokenizer, resolve_text_encoder
-from mner.train.text_states import check_text_cache_root, prepare_text_states
+from mner.train.runs import (
+    best_weights_fix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +83,9 @@ def train_from_cache(cfg: RunConfig) -> Path:
         holds a run and resume is off, or a resumed folder was made with different settings (other
         than config.RUNTIME_SETTINGS), or the loss becomes non-finite (naming epoch and step).
     """
+    # Imported here: the tagging preparation builds this module's Fitting.
+    from mner.train.tagging import prepare_tagging
+
     # Checked before anything is read or built: a folder of other files is never written.
     claim = claim_run_folder(cfg.out_dir, cfg.resume)
     train = cfg.train
@@ -107,7 +95,7 @@ def train_from_cache(cfg: RunConfig) -> Path:
         start=lambda: start_runtime(
             train.device, train.amp, hint="--set train.device=cpu", threads=train.threads
         ),
-        prepare=lambda runtime, _: _prepare_tagging(cfg, runtime, claim),
+        prepare=lambda runtime, _: prepare_tagging(cfg, runtime, claim),
     )
 
 
@@ -304,116 +292,6 @@ def fit(job: Fitting, runtime: Runtime, run_dir: Path, checkpoint: Path | None, 
         write_json(run_dir / RESULTS_FILE, results)
     runtime.barrier()
     return results
-
-
-def _prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tuple[Fitting, Path | None]:
-    """The tagging task's data, model and loaders; creates the folder and writes config.json."""
-    run_dir = claim.path
-    task = TASKS.get(cfg.model.task)
-    # Before the data is read: a budget past the encoder's positions fails only inside its forward.
-    encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
-    check_max_length(encoder_dir, cfg.model.max_length, "model.max_length")
-    source = cfg.data.resolve()
-    splits = {name: source.read(name) for name in ("train", "valid")}
-    if source.split_path("test").is_file():
-        splits["test"] = source.read("test")
-    labels = task.label_names(splits["train"])
-    # Checked before anything is built: a tag unknown to the model would only fail after a full epoch.
-    check_tags(splits, labels)
-    reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
-    if reader is not None:
-        check_cache_keys(list(splits.values()), reader)
-    tokenizer = load_tokenizer(encoder_dir)
-
-    record = make_record(cfg, source, labels, encoder_dir, reader)
-    record["precision"] = precision_name(runtime)  # what evaluate and predict reproduce
-    checkpoint = prepare_folder(claim, cfg.resume, record, runtime)
-    record["truncated_words"] = {
-        name: count_truncated(split, tokenizer, labels, cfg.model.max_length)
-        for name, split in splits.items()
-    }
-    log.log(
-        logging.WARNING if any(record["truncated_words"].values()) else logging.INFO,
-        "words past the encoder's %d sub-word limit (predicted O, still scored): %s",
-        cfg.model.max_length,
-        record["truncated_words"],
-    )
-    if reader is not None:
-        keys = {name: [post.key for post in split.posts] for name, split in splits.items()}
-        record["no_image"] = report_images(keys, reader, "no visual tokens: the text alone")
-    record["orphan_i"] = {name: split.orphan_i for name, split in splits.items()}
-    log.info(
-        "I- tags with no B- before them (kept, counted as entity starts as conlleval does): %s",
-        ", ".join(f"{name} {count}" for name, count in record["orphan_i"].items()),
-    )
-
-    model = build_model(record, encoder_dir).to(runtime.device)
-    text_states = _text_states(cfg, model, splits, tokenizer, labels, encoder_dir, source, runtime)
-    record["text_states"] = {name: str(states.folder) for name, states in text_states.items()}
-    if runtime.is_main:
-        # Written once the model builds, so a config the model rejects leaves no half-made run behind.
-        write_json(run_dir / CONFIG_FILE, record)
-    sampler = DistributedSampler(
-        splits["train"].posts,
-        num_replicas=runtime.world_size,
-        rank=runtime.rank,
-        shuffle=True,
-        seed=cfg.train.seed,
-    )
-    train_loader = make_loader(
-        splits["train"],
-        reader,
-        tokenizer,
-        labels,
-        cfg.model,
-        cfg.train,
-        shuffle=False,
-        sampler=sampler,
-        text_states=text_states.get("train"),
-    )
-
-    def score(model, name: str):
-        return decode_and_score(
-            model, splits[name], reader, tokenizer, labels, cfg, runtime, text_states=text_states.get(name)
-        )
-
-    fitting = Fitting(
-        task=task,
-        select=task.selects[0],
-        settings=cfg.train,
-        model=model,
-        param_groups=model.param_groups(cfg.train),
-        loader=train_loader,
-        splits=splits,
-        score=score,
-        scored=tuple(name for name in ("valid", "test") if name in splits),
-        sampler=sampler,
-        grad_accum=cfg.train.grad_accum,
-    )
-    return fitting, checkpoint
-
-
-def _text_states(cfg: RunConfig, model, splits, tokenizer, labels, encoder_dir, source, runtime) -> dict:
-    """{split: its text-state cache} with model.text_frozen_layers > 0 (built once, then reused by every
-    run of the same encoder, tokenizer, max_length, N and split file); {} otherwise."""
-    frozen = cfg.model.text_frozen_layers
-    if not frozen:
-        return {}
-    root = check_text_cache_root(
-        cfg.text_cache,
-        [
-            ("the feature cache", cfg.cache_dir),
-            ("the data folder", source.data_dir),
-            ("the image folder", source.image_dir),
-            ("the run folder", cfg.out_dir),
-        ],
-    )
-    return {
-        name: prepare_text_states(
-            model.encoder, frozen, split, tokenizer, labels, cfg.model.max_length, encoder_dir, root, runtime
-        )
-        for name, split in splits.items()
-    }
 
 
 def optimizer_steps(batches: int, grad_accum: int) -> int:

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from mner.cache.datasets import Post
+from mner.cache.conll import Post
 
 
 def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:

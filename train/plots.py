@@ -24,8 +24,8 @@ import pandas as pd
 
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
 from mner.train.ablate import ABLATION_CSV, ABLATION_FILE
-from mner.train.classify import is_classifier_run
-from mner.train.runs import is_run_folder, read_metrics, read_results, unfinished
+from mner.train.run_files import is_run_folder, read_metrics, read_results, recorded_task, unfinished
+from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,12 @@ def write_plots(paths: Sequence, out_dir, split: str = "test") -> list[Path]:
     for path in map(Path, paths):
         if (path / ABLATION_CSV).is_file():
             ablations.append(path)
-        elif is_classifier_run(path):
+        elif recorded_task(path) == SENTENCE_CLASSIFICATION.name:
             raise ValueError(
                 f"{path} is a classifier run: --plot draws the learning curves and per-type F1 of tagging "
                 f"runs only (and the {ABLATION_CSV} of an ablation of either task); see `mner results {path}`"
             )
-        elif is_run_folder(path):
+        elif is_run_folder(path, TOKEN_TAGGING.name):
             runs.append(path)
             status = unfinished(path)
             if status is not None:

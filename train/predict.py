@@ -1,4 +1,6 @@
-"""Tag new posts with a trained run: `predict(run_dir, input_file, image_dir, out_file)`.
+"""Tag new posts with a trained run: `predict(run_dir, input_file, image_dir, out_file)`; label them
+with a classifier run: `predict_classifier(run_dir, input_file, out_file)` (`mner predict` picks one by
+the run's recorded task).
 
 A multimodal run needs the posts' images as tokens from the very extractor it was trained on: the
 images are extracted into a temporary cache with the CLIP model, detector, checkpoint and thresholds
@@ -31,7 +33,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from mner.cache.datasets import DataConfig, DataSource, Split, read_split, write_split
+from mner.cache.conll import Split, read_split, write_split
+from mner.cache.datasets import DataConfig, DataSource
 from mner.cache.reader import CacheReader
 from mner.runtime import refuse_inputs_as_output, resolve_runtime
 from mner.train.decode import (
@@ -42,14 +45,14 @@ from mner.train.decode import (
     truncated_per_post,
 )
 from mner.train.metrics import entities
-from mner.train.runs import cache_differences, inference_amp, load_run_model, read_record, run_config
+from mner.train.run_files import extractor_differences, inference_amp, load_run, run_config
+from mner.train.runs import load_run_model
+from mner.train.tasks import TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
 # Name of the split the posts are extracted as, inside the temporary data folder.
 _PREDICT_SPLIT = "predict"
-# Fingerprint parts that describe which images a cache holds, not how their tokens were made.
-_DATA_PARTS = ("keys_sha256", "num_images")
 # Posts with a missing or corrupt image named in the log; the rest are counted.
 NAMED_IMAGES = 10
 
@@ -80,7 +83,7 @@ def predict(
     if long_posts not in LONG_POSTS:
         raise ValueError(f"long_posts {long_posts!r}: expected one of {', '.join(LONG_POSTS)}")
     run_dir, out_file = Path(run_dir), Path(out_file)
-    record = read_record(run_dir)
+    record = _tagging_record(run_dir)
     cfg = run_config(record)
     fmt = record["data_source"]["fmt"]
     split = read_split(input_file, fmt=fmt, require_tags=False, columns=cfg.data.columns)
@@ -126,6 +129,17 @@ def predict(
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return out_file
+
+
+def _tagging_record(run_dir: Path) -> dict:
+    """The record of the tagging run in `run_dir` (a classifier run is predicted by train.classify)."""
+    run = load_run(run_dir)
+    if run.task is not TOKEN_TAGGING:
+        raise ValueError(
+            f"{run_dir} is a {run.task.kind}: it labels posts with predict_classifier "
+            "(`mner predict` picks it by the run's task)"
+        )
+    return run.record
 
 
 def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | None, run_dir: Path) -> None:
@@ -233,11 +247,45 @@ def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Pa
         counts["missing"],
         counts["corrupt"],
     )
-    found = {"config": reader.config, "models": reader.models, "spec": reader.spec.to_dict()}
-    differences = cache_differences(found, record["cache"], ignore=_DATA_PARTS)
+    differences = extractor_differences(reader, record)
     if differences:
         raise ValueError(
             f"the images re-extracted for run {run_dir} do not match the extractor it was trained with; "
             f"differs: {'; '.join(differences)}"
         )
     return reader
+
+
+def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: str = "auto") -> Path:
+    """Label the posts of `input_file` (a split file of a classification folder, read_split_file) with a
+    classifier run; writes `out_file`, the seed's submission format (guid,tag in the input's order).
+
+    Their images come from `cache_dir` (else the run's cache), which must hold every guid and have been
+    extracted with the run's extractor; text mode reads no cache. Raises ValueError otherwise, or when
+    `out_file` would overwrite the input or a file of the run.
+    """
+    from mner.cache.classification import read_split_file, write_predictions
+    from mner.cache.manifest import extract_command
+    from mner.train.classify import check_guids_cached, load_classifier_run, open_run_cache, predict_split
+
+    run_dir = Path(run_dir)
+    refuse_inputs_as_output(
+        out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
+    )
+    split = read_split_file(input_file)
+    run, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
+    reader = open_run_cache(run, cache_dir, same_keys=False)
+    try:
+        if reader is not None:
+            command = extract_command(reader.config, Path(input_file).parent)
+            check_guids_cached(
+                split,
+                reader,
+                f"extract them with the run's extractor: `{command}`, and pass NEW_CACHE with --cache",
+            )
+        predicted = predict_split(model, split, reader, tokenizer, c, runtime, run.record["label_names"])
+    finally:
+        if reader is not None:
+            reader.close()
+        runtime.close()
+    return write_predictions(out_file, split.examples, predicted)

@@ -12,7 +12,8 @@ to metrics.jsonl and the log, and the prediction files a run writes.
   targets are (B,); heads score (B, L) (train/classifier_model.py); the metric is accuracy and
   macro P/R/F1, `classifier.select` (macro_f1 or accuracy) selects; pred_<split>.csv.
 
-Torch-free: the tables of `mner results` and the ablation read a run's task through here.
+Torch-free: the tables of `mner results` and the ablation read a run's task through here; `rebuild`
+imports the task's model code when it is called.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mner.cache.datasets import Split, label_names
+from mner.cache.conll import Split, label_names
 from mner.train.metrics import classification_scores, entity_scores
 from mner.train.scores import format_class_scores, format_entity_scores, write_pred_csv
 
@@ -36,6 +37,9 @@ class TokenTagging:
     # config.json keys a resume must find unchanged (besides the cache fingerprint)
     resume_keys: tuple[str, ...] = ("model", "train", "label_names", "data_source", "data_files")
     settings: str = "train"  # the record's table of epochs, seed and the training settings
+    # config.json keys that make a folder a run of this task (runs.make_record writes them all)
+    record_keys: tuple[str, ...] = ("model", "train", "label_names", "data_source", "encoder_dir", "cache")
+    kind: str = "run"  # what messages call one of its runs
 
     def label_names(self, split: Split) -> list[str]:
         """The label list a run learns: "O", then B-/I- of every type in the training split."""
@@ -107,6 +111,12 @@ class TokenTagging:
     def format_scores(self, scores: dict) -> str:
         return format_entity_scores(scores)
 
+    def rebuild(self, record: dict) -> tuple:
+        """(a fresh model as the run record describes it, its tokenizer); imports torch."""
+        from mner.train.runs import rebuild_tagger
+
+        return rebuild_tagger(record)
+
 
 @dataclass(frozen=True)
 class SentenceClassification:
@@ -117,6 +127,8 @@ class SentenceClassification:
     selects: tuple[str, ...] = ("macro_f1", "accuracy")  # classifier.select
     resume_keys: tuple[str, ...] = ("classifier", "label_names", "data", "data_files")
     settings: str = "classifier"
+    record_keys: tuple[str, ...] = ("task", "classifier", "label_names", "data")
+    kind: str = "classifier run"
 
     def label_names(self, labels: Sequence[str]) -> list[str]:
         """The label list a run learns: the train split's labels, as the data reader sorted them."""
@@ -164,6 +176,12 @@ class SentenceClassification:
 
     def format_scores(self, scores: dict) -> str:
         return format_class_scores(scores)
+
+    def rebuild(self, record: dict) -> tuple:
+        """(a fresh classifier as the run record describes it, its tokenizer or None); imports torch."""
+        from mner.train.classify import rebuild_classifier
+
+        return rebuild_classifier(record)
 
 
 TOKEN_TAGGING = TokenTagging()

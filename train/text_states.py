@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from mner.cache.checksums import file_sha256
-from mner.cache.datasets import Split
+from mner.cache.conll import Split
 from mner.cache.text_states import (
     TEXT_STATES_SCHEMA,
     TextStates,

@@ -24,7 +24,7 @@ from mner.cache.classification import (
     split_train,
     write_predictions,
 )
-from mner.cache.datasets import DatasetError
+from mner.cache.conll import DatasetError
 
 TRAIN = [("1", "positive", "what a day"), ("2", "negative", "so sad"), ("3", "neutral", "a bus")]
 

@@ -8,19 +8,8 @@ from pathlib import Path
 import pytest
 
 from mner import configs
-from mner.cache.datasets import (
-    DATA_FIELDS,
-    DataConfig,
-    DatasetError,
-    DataSource,
-    Post,
-    label_names,
-    parse_columns,
-    read_split,
-    recorded_data,
-    resolve_data,
-    write_split,
-)
+from mner.cache.conll import DatasetError, Post, label_names, parse_columns, read_split, write_split
+from mner.cache.datasets import DATA_FIELDS, DataConfig, DataSource, recorded_data, resolve_data
 
 TWO_POSTS = "IMGID:101\nGeorge\tB-PER\nZimmerman\tI-PER\nshot\tO\n\nIMGID:O_996\nParis\tB-LOC\nrocks\tO\n"
 

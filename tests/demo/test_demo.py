@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mner.cache.datasets import label_names, read_split, resolve_data
+from mner.cache.conll import label_names, read_split
+from mner.cache.datasets import resolve_data
 from mner.demo import DemoConfig, build_demo
 from mner.demo.build import NAMES, TYPES
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mner.cache.datasets import Post, write_split
+from mner.cache.conll import Post, write_split
 
 # Four well-separated colours; image i gets COLOURS[i % 4], so several images share a colour.
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 210), (240, 200, 20)]

@@ -27,7 +27,8 @@ from PIL import Image
 
 from mner import configs
 from mner.cache.classification import ClassDataConfig
-from mner.cache.datasets import SPLITS, DataConfig, read_split
+from mner.cache.conll import read_split
+from mner.cache.datasets import SPLITS, DataConfig
 from mner.cache.inspect import inspect_cache, show_record
 from mner.cache.manifest import read_manifest
 from mner.cache.verify import verify_cache
@@ -44,12 +45,12 @@ from mner.train.classify import (
     ClassifierConfig,
     ClassifierRunConfig,
     load_classifier_config,
-    predict_classifier,
 )
 from mner.train.config import ModelConfig, RunConfig, load_run_config
 from mner.train.decode import LONG_POSTS
-from mner.train.evaluate import evaluate_run, results_table
-from mner.train.predict import predict
+from mner.train.evaluate import evaluate_run
+from mner.train.predict import predict, predict_classifier
+from mner.train.results import results_table
 from mner.train.text import PRESETS
 from tests.train.run_factories import make_data, make_images, make_prediction_pair
 

@@ -33,7 +33,8 @@ from mner.train.config import RunConfig, load_run_config
 from mner.train.data import make_loader
 from mner.train.loop import train_from_cache
 from mner.train.metrics import entity_scores
-from mner.train.runs import load_run_model, read_record, run_config
+from mner.train.run_files import read_record, run_config
+from mner.train.runs import load_run_model
 
 # Subprocess / end-to-end: outside the `pytest -m "not slow"` inner loop.
 pytestmark = pytest.mark.slow

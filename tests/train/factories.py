@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mner.cache.datasets import Post
+from mner.cache.conll import Post
 from mner.cache.spec import Record, TokenSpec
 from mner.train.config import ModelConfig
 from mner.train.data import Collate, PostDataset

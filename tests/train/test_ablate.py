@@ -11,8 +11,13 @@ import pandas as pd
 import pytest
 
 import mner.train.ablate as ablate
+import mner.train.ablation_tables as ablation_tables
+import mner.train.classify as classify
+import mner.train.loop as loop
+from mner.cache.classification import ClassDataConfig
 from mner.cache.datasets import DataConfig
-from mner.train.ablate import ABLATIONS, AblationConfig, experiment_file, run_ablation
+from mner.demo.classification import make_mvsa_demo
+from mner.train.ablate import ABLATIONS, AblationConfig, ClassAblationConfig, experiment_file, run_ablation
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
@@ -33,33 +38,39 @@ OVERRIDES = ["train.batch_size=4", "train.device=cpu", "model.max_length=32"] + 
 ABLATION_MODEL = {"no_slot_type": "afner", "no_resampler": "mango", "no_preserve": "mango"}
 
 
-def test_every_registry_experiment_changes_one_documented_key():
+# What each registry experiment's name says it does to the model it is measured on: (the one ModelConfig
+# field it changes, whether that part is on in the base and off (or cut to one layer) in the arm).
+SAYS = {
+    "no_align": ("alignment_loss_weight", lambda base, arm: base > 0 and arm == 0),
+    "no_adapt": ("adaptive_gate", lambda base, arm: base is True and arm is False),
+    "no_region": ("use_regions", lambda base, arm: base is True and arm is False),
+    "no_patch": ("use_patches", lambda base, arm: base is True and arm is False),
+    "text_only": ("text_only", lambda base, arm: base is False and arm is True),
+    "qfnet1": ("qfnet_layers", lambda base, arm: base > 1 and arm == 1),
+    "no_slot_type": ("slot_type_loss_weight", lambda base, arm: base > 0 and arm == 0),
+    "no_resampler": ("resampler", lambda base, arm: base is True and arm is False),
+    "no_preserve": ("preserve_lambda", lambda base, arm: base > 0 and arm == 0),
+}
+
+
+@pytest.mark.parametrize("name", [name for name in ABLATIONS if name != "full"])
+def test_each_registry_experiment_turns_off_what_its_name_says_and_nothing_else(name):
     assert experiment_file("full") is None
-    changed = {}
-    for name in ABLATIONS:
-        if name == "full":
-            continue
-        path = experiment_file(name)
-        assert path.read_text().startswith(f"# {name}: ")
-        base_model, base_train = load_run_config(model=ABLATION_MODEL.get(name))
-        model_cfg, train_cfg = load_run_config(config_file=path, model=ABLATION_MODEL.get(name))
-        assert train_cfg == base_train
-        changed[name] = {
-            f.name: getattr(model_cfg, f.name)
-            for f in dataclasses.fields(model_cfg)
-            if getattr(model_cfg, f.name) != getattr(base_model, f.name)
-        }
-    assert changed == {
-        "no_align": {"alignment_loss_weight": 0.0},
-        "no_adapt": {"adaptive_gate": False},
-        "no_region": {"use_regions": False},
-        "no_patch": {"use_patches": False},
-        "text_only": {"text_only": True},
-        "qfnet1": {"qfnet_layers": 1},
-        "no_slot_type": {"slot_type_loss_weight": 0.0},
-        "no_resampler": {"resampler": False},
-        "no_preserve": {"preserve_lambda": 0.0},
-    }
+    path = experiment_file(name)
+    assert path.read_text().startswith(f"# {name}: ")
+    base_model, base_train = load_run_config(model=ABLATION_MODEL.get(name))
+    model_cfg, train_cfg = load_run_config(config_file=path, model=ABLATION_MODEL.get(name))
+    assert train_cfg == base_train
+    changed = [
+        f.name
+        for f in dataclasses.fields(model_cfg)
+        if getattr(model_cfg, f.name) != getattr(base_model, f.name)
+    ]
+    field, says = SAYS[name]
+    assert changed == [field]
+    assert says(getattr(base_model, field), getattr(model_cfg, field)), (
+        f"{name}: {field} {getattr(base_model, field)!r} -> {getattr(model_cfg, field)!r}"
+    )
 
 
 def test_no_resampler_over_the_base_fails_instead_of_doing_nothing():
@@ -179,7 +190,7 @@ def test_significance_markdown_on_identical_and_different_arms(tmp_path):
         ]
         (run_dir / "pred_test.conll").write_text("".join(lines).replace("w1 O O\n", "w1 O O\n\n"))
         rows.append({"experiment": name, "seed": 1, "split": "test", "run_dir": str(run_dir)})
-    lines = ablate.significance_markdown(pd.DataFrame(rows), resamples=200).splitlines()
+    lines = ablation_tables.significance_markdown(pd.DataFrame(rows), resamples=200).splitlines()
     assert lines[4] == "| same | 1 | +0.00 | [+0.00,+0.00] | 1.000 |"
     better = [cell.strip() for cell in lines[5].strip("|").split("|")]
     # base finds 1 of 2 entities (F1 2/3), better both (F1 1): +33.33 points
@@ -191,13 +202,13 @@ def test_rerun_skips_finished_runs_and_redoes_only_the_missing_one(ablation, mon
     cfg, md_path = ablation
     before = md_path.read_text()
     trained = []
-    real = ablate.train_from_cache
+    real = loop.train_from_cache
 
     def counting(run_cfg):
         trained.append(run_cfg.out_dir)
         return real(run_cfg)
 
-    monkeypatch.setattr(ablate, "train_from_cache", counting)
+    monkeypatch.setattr(loop, "train_from_cache", counting)
     run_ablation(cfg)
     assert trained == []
     assert md_path.read_text() == before
@@ -227,7 +238,7 @@ def test_single_seed_shows_the_mean_only():
         ]
     )
     assert (
-        ablate.summary_markdown(table).splitlines()[-1]
+        ablation_tables.summary_markdown(table).splitlines()[-1]
         == "| full | 1 | 50.00 | 25.00 | 33.33 | 60.00 | 30.00 | 40.00 |"
     )
 
@@ -444,7 +455,7 @@ def test_malformed_grids_are_refused(grid, message):
 
 def test_grid_conflicts_and_bad_values_fail_before_any_run(tmp_path, monkeypatch):
     trained = []
-    monkeypatch.setattr(ablate, "train_from_cache", lambda run_cfg: trained.append(run_cfg))
+    monkeypatch.setattr(loop, "train_from_cache", lambda run_cfg: trained.append(run_cfg))
     data_dir, _ = make_data(tmp_path)
     base = {"data": DataConfig(data_dir=str(data_dir)), "out_dir": str(tmp_path / "out")}
     with pytest.raises(
@@ -473,7 +484,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
         epochs=1,
         bootstrap=0,
     )
-    real, trained = ablate.train_from_cache, []
+    real, trained = loop.train_from_cache, []
 
     def killed_on_the_second_arm(run_cfg):
         if run_cfg.model.qfnet_layers == 2:
@@ -481,7 +492,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
         trained.append(run_cfg.out_dir)
         return real(run_cfg)
 
-    monkeypatch.setattr(ablate, "train_from_cache", killed_on_the_second_arm)
+    monkeypatch.setattr(loop, "train_from_cache", killed_on_the_second_arm)
     with pytest.raises(KeyboardInterrupt):
         run_ablation(cfg)
     first = tmp_path / "sweep" / "model.qfnet_layers=1" / "seed1"
@@ -491,7 +502,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
         trained.append(run_cfg.out_dir)
         return real(run_cfg)
 
-    monkeypatch.setattr(ablate, "train_from_cache", counting)
+    monkeypatch.setattr(loop, "train_from_cache", counting)
     md_path = run_ablation(cfg)
     second = tmp_path / "sweep" / "model.qfnet_layers=2" / "seed1"
     assert trained == [str(first), str(second)]  # the finished arm was not trained again
@@ -568,7 +579,7 @@ def _stop_at_training(monkeypatch) -> list:
         started.append(run_cfg)
         raise Trained
 
-    monkeypatch.setattr(ablate, "train_from_cache", train)
+    monkeypatch.setattr(loop, "train_from_cache", train)
     return started
 
 
@@ -686,3 +697,136 @@ def test_arm_folders_stay_inside_the_ablation_folder(tmp_path, monkeypatch):
         run_ablation(cfg)
     assert started[0].out_dir == str(out / "text_only,model.text_encoder=.._.._.._enc" / "seed1")
     assert not out.exists() and not (tmp_path / "deep").exists()  # nothing was trained: nothing is left
+
+
+# ------------------------------------------------------------------- a classification folder
+
+
+@pytest.fixture(scope="module")
+def mvsa(tmp_path_factory):
+    return make_mvsa_demo(tmp_path_factory.mktemp("mvsa") / "mvsa", seed=0, n=24)
+
+
+def _class_config(mvsa, out, **changes) -> ClassAblationConfig:
+    fields = dict(
+        data=ClassDataConfig(str(mvsa)),
+        cache_dir=None,
+        experiments=["mode=text"],
+        out_dir=str(out),
+        seeds=1,
+        overrides=["classifier.text_encoder=tiny-bert"],
+    )
+    return ClassAblationConfig(**{**fields, **changes})
+
+
+def _stop_at_classifier_training(monkeypatch) -> list:
+    started = []
+
+    def train(run_cfg):
+        started.append(run_cfg)
+        raise Trained
+
+    monkeypatch.setattr(classify, "train_classifier", train)
+    return started
+
+
+def test_full_is_the_base_arm_and_all_or_a_tagging_name_is_refused(mvsa, tmp_path):
+    assert _class_config(mvsa, tmp_path / "o", experiments=["full", "head=cnn"]).experiments == [
+        "base",
+        "head=cnn",
+    ]
+    for name in ("all", "no_align"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{re.escape(f'experiment {name!r} is not a classifier diff')}.*are the tagging ablation's$",
+        ):
+            _class_config(mvsa, tmp_path / "o", experiments=[name])
+
+
+def test_classifier_an_ablation_failing_before_any_training_leaves_no_folder(mvsa, tmp_path, monkeypatch):
+    out = tmp_path / "deep" / "out"
+
+    def fails(run_cfg):
+        raise ValueError("the encoder folder is gone")
+
+    monkeypatch.setattr(classify, "train_classifier", fails)
+    with pytest.raises(ValueError, match="the encoder folder is gone"):
+        run_ablation(_class_config(mvsa, out))
+    assert not (tmp_path / "deep").exists()
+
+
+def test_an_arm_naming_a_path_trains_inside_the_ablation_folder(mvsa, tmp_path, monkeypatch):
+    out = tmp_path / "a" / "b" / "out"
+    started = _stop_at_classifier_training(monkeypatch)
+    with pytest.raises(Trained):
+        run_ablation(
+            _class_config(
+                mvsa, out, experiments=["text_encoder=../../../x"], overrides=["classifier.mode=text"]
+            )
+        )
+    assert started[0].out_dir == str(out / "text_encoder=.._.._.._x" / "seed1")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []  # nothing was trained: nothing is left
+
+
+def test_classifier_a_rerun_with_other_settings_is_refused_naming_the_difference(mvsa, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ablation.json").write_text(json.dumps(_class_config(mvsa, out, epochs=1).record()))
+    for changes, difference in (
+        (dict(epochs=3), "arms.mode=text.epochs 1 -> 3"),
+        (
+            dict(epochs=1, overrides=["classifier.text_encoder=minilm"]),
+            'arms.mode=text.text_encoder "tiny-bert"',
+        ),
+        (dict(epochs=1, experiments=["mode=text", "mode=image"]), "arms.mode=image null -> "),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{re.escape(f'the classifier ablation in {out} was started with other settings: ')}.*"
+            + re.escape(difference),
+        ):
+            run_ablation(_class_config(mvsa, out, **changes))
+    started = _stop_at_classifier_training(monkeypatch)
+    with pytest.raises(Trained):  # the same settings continue it; the device is not one of them
+        run_ablation(
+            _class_config(
+                mvsa, out, epochs=1, overrides=["classifier.text_encoder=tiny-bert", "classifier.device=cpu"]
+            )
+        )
+    assert [run.classifier.epochs for run in started] == [1]
+
+
+def test_classifier_the_seed_and_the_epochs_are_not_overridden_in_silence(mvsa, tmp_path):
+    for changes, message in (
+        (
+            dict(overrides=["classifier.seed=9"]),
+            "--set classifier.seed=9 sets classifier.seed, but the seed comes from --seeds",
+        ),
+        (
+            dict(experiments=["seed=3"]),
+            "experiment 'seed=3' sets classifier.seed, but the seed comes from --seeds",
+        ),
+        (
+            dict(experiments=["epochs=3"], epochs=2),
+            "experiment 'epochs=3' sets classifier.epochs, and so does --epochs 2",
+        ),
+        (
+            dict(overrides=["classifier.epochs=3"], epochs=2),
+            "--set classifier.epochs=3 sets classifier.epochs, and so does --epochs 2",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            _class_config(mvsa, tmp_path / "o", **changes)
+    assert (
+        _class_config(mvsa, tmp_path / "o", experiments=["epochs=3"]).arm_config("epochs=3", seed=1).epochs
+        == 3
+    )
+
+
+def test_arms_that_train_the_same_classifier_are_refused(mvsa, tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("experiments 'base' and 'mode=both' would train the same model the same way"),
+    ):
+        run_ablation(_class_config(mvsa, tmp_path / "o", experiments=["base", "mode=both"], cache_dir="c"))
+    assert not (tmp_path / "o").exists()

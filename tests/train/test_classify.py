@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-import mner.train.class_ablate as class_ablate
+import mner.train.ablation_tables as ablation_tables
 import mner.train.classify as classify
 import mner.train.loop as loop
 from mner.cache.classification import (
@@ -42,7 +42,7 @@ from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import collect_images, extract_features
 from mner.runtime import write_atomic
-from mner.train.class_ablate import ClassAblationConfig, run_class_ablation
+from mner.train.ablate import ClassAblationConfig, run_ablation
 from mner.train.classifier_model import (
     CLASS_HEADS,
     ClassifierHead,
@@ -54,16 +54,17 @@ from mner.train.classify import (
     SUBMISSION_FILE,
     ClassifierConfig,
     ClassifierRunConfig,
-    evaluate_classifier,
-    is_classifier_run,
     load_classifier_config,
-    predict_classifier,
     submission_file,
     train_classifier,
 )
-from mner.train.evaluate import results_table
+from mner.train.evaluate import evaluate_classifier
 from mner.train.loop import NonFiniteLoss
 from mner.train.metrics import classification_scores
+from mner.train.predict import predict_classifier
+from mner.train.results import results_table
+from mner.train.run_files import load_run
+from mner.train.scores import read_pred_csv
 from tests.cache.factories import make_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -641,7 +642,7 @@ def test_text_mode_never_opens_the_cache(demo_runs):
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_run_folder_config(demo_runs, which):
     run = getattr(demo_runs, which)
-    assert is_classifier_run(run)
+    assert load_run(run).task.name == "classification"
     config = json.loads((run / "config.json").read_text())
     data = read_classification(ClassDataConfig(str(demo_runs.demo)))
     assert config["task"] == "classification"
@@ -683,9 +684,13 @@ def test_run_folder_scores_and_predictions(demo_runs, which):
     test_file = split_file(demo_runs.demo / "test.txt")
     assert [r[:2] for r in rows] == test_file
     assert all(r[2] in labels for r in rows)
-    # ... whose scores are results.json's.
+    # ... whose scores are results.json's, as scikit-learn computes them from the same predictions.
+    from sklearn import metrics  # a declared test dependency (setup.cfg [test])
+
     gold, pred = [r[1] for r in rows], [r[2] for r in rows]
-    assert classification_scores(gold, pred, labels) == scores["test"]
+    assert scores["test"]["accuracy"] == pytest.approx(metrics.accuracy_score(gold, pred), rel=1e-12)
+    macro = metrics.f1_score(gold, pred, labels=labels, average="macro", zero_division=0)
+    assert scores["test"]["macro_f1"] == pytest.approx(macro, rel=1e-12)
     valid_rows = split_file(run / "pred_valid.csv")
     assert [r[0] for r in valid_rows] == [e.guid for e in data.splits["valid"].examples]
 
@@ -1034,7 +1039,7 @@ def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
         csv.writer(handle).writerows([("guid", "tag", "text"), (odd[2], "", "a"), (odd[3], "null", "b")])
     run = train_classifier(run_config(folder, tmp_path / "run", None, mode="text", **QUICK))
     data = read_classification(ClassDataConfig(str(folder)))
-    rows = classify.read_pred_csv(run / "pred_valid.csv")
+    rows = read_pred_csv(run / "pred_valid.csv")
     assert [r[:2] for r in rows] == [[e.guid, e.label] for e in data.splits["valid"].examples]
     submission = read_csv_rows(run / submission_file("test"))
     assert submission[0] == ["guid", "tag"] and [r[0] for r in submission[1:]] == [odd[2], odd[3]]
@@ -1045,7 +1050,7 @@ def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
     ]
     (tmp_path / "r").mkdir()
     write_atomic(tmp_path / "r" / "pred_train.csv", csv_text(train_rows))
-    gold, preds = class_ablate._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
+    gold, preds = ablation_tables._seed_labels(pd.DataFrame({"run_dir": [str(tmp_path / "r")]}), "train")
     assert gold[0] == [e.guid for e in data.splits["train"].examples] and odd[0] in gold[0]
     assert preds == [gold[1]]
 
@@ -1190,7 +1195,7 @@ def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, m
         overrides=[f"classifier.{key}={value}" for key, value in QUICK.items()],
         bootstrap=200,
     )
-    md = run_class_ablation(cfg)
+    md = run_ablation(cfg)
     table = pd.read_csv(md.parent / "ablation.csv")
     assert list(table["experiment"]) == ["mode=text"] * 2 + ["mode=both,head=attention"] * 2
     for row in table.itertuples():
@@ -1208,8 +1213,8 @@ def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, m
     if abs(delta) > 0.005:
         assert row.split(" | ")[2] == f"{delta:+.2f}"
     # A re-run trains nothing: every run is finished.
-    monkeypatch.setattr(class_ablate, "train_classifier", refuse_cache)
-    assert run_class_ablation(cfg).read_text() == md.read_text()
+    monkeypatch.setattr(classify, "train_classifier", refuse_cache)
+    assert run_ablation(cfg).read_text() == md.read_text()
 
 
 @pytest.mark.slow

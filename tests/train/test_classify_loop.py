@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 import mner.train.loop as loop
 from mner.cache.classification import ClassDataConfig, read_classification
 from mner.demo.classification import make_mvsa_demo
-from mner.train.classify import ClassifierConfig, ClassifierRunConfig, evaluate_classifier, train_classifier
-from mner.train.evaluate import results_table
+from mner.train.classify import ClassifierConfig, ClassifierRunConfig, train_classifier
+from mner.train.evaluate import evaluate_classifier
+from mner.train.results import results_table
 from mner.train.scores import read_pred_csv
 
 # End-to-end training runs: outside the `pytest -m "not slow"` inner loop.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import SequentialSampler
 
-from mner.cache.datasets import Post, Split
+from mner.cache.conll import Post, Split
 from mner.cache.reader import CacheReader
 from mner.train.config import TrainConfig
 from mner.train.data import IGNORE_INDEX, Collate, PostDataset, make_loader

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mner.cache.datasets import read_split
+from mner.cache.conll import read_split
 from mner.train.metrics import entities, entity_scores
 from mner.train.text import resolve_text_encoder
 from tests.train.factories import make_cache

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from mner.cache.datasets import DataConfig, Post, Split
+from mner.cache.conll import Post, Split
+from mner.cache.datasets import DataConfig
 from mner.runtime import resolve_runtime
 from mner.train.config import RunConfig, TrainConfig
 from mner.train.data import Collate, PostDataset, subword_budget, subword_counts

@@ -10,11 +10,12 @@ import shutil
 
 import pytest
 
-from mner.cache.datasets import Post, read_split
+from mner.cache.conll import Post, read_split
 from mner.cache.reader import CacheReader
-from mner.train.evaluate import evaluate_run, results_table
+from mner.train.evaluate import evaluate_run
 from mner.train.loop import train_from_cache
-from mner.train.runs import cache_differences
+from mner.train.results import results_table
+from mner.train.run_files import cache_differences
 from tests.train.factories import make_cache, tiny_spec
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
     make_data,

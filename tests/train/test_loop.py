@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from seqeval.metrics import f1_score, precision_score, recall_score
 
 import mner.train.loop as loop
+import mner.train.run_files as run_files
 import mner.train.runs as runs
 import mner.train.tasks as tasks
-from mner.cache.datasets import Post, read_split
+from mner.cache.conll import Post, read_split
 from mner.cache.reader import CacheReader
 from mner.train.config import TrainConfig
 from mner.train.loop import train_from_cache
@@ -310,7 +311,7 @@ def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
             for i, tags in enumerate(tag_rows)
         ]
         write_split(data_dir / f"{name}.txt", [*read_split(data_dir / f"{name}.txt").posts, *extra])
-    with caplog.at_level(logging.INFO, logger="mner.train.loop"):
+    with caplog.at_level(logging.INFO, logger="mner.train.tagging"):
         run_dir = train_from_cache(run_config(tmp_path / "run", None, data_dir, epochs=1, text_only=True))
     assert json.loads((run_dir / "config.json").read_text())["orphan_i"] == {"train": 3, "valid": 1}
     assert (
@@ -414,7 +415,9 @@ def test_a_run_failing_before_its_first_epoch_leaves_no_folder(tmp_path, existin
 
 
 def test_metrics_lines_are_strict_json(tmp_path):
-    runs.append_metrics(tmp_path, {"epoch": 1, "train_loss": float("nan"), "dev_f1": float("inf"), "best": 0})
+    run_files.append_metrics(
+        tmp_path, {"epoch": 1, "train_loss": float("nan"), "dev_f1": float("inf"), "best": 0}
+    )
 
     def refuse(name):
         raise AssertionError(f"bare {name} in metrics.jsonl")

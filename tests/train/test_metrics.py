@@ -5,7 +5,7 @@ import random
 import pytest
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from mner.cache.datasets import Post
+from mner.cache.conll import Post
 from mner.train.metrics import entities, entity_scores, write_conll
 from tests.train.factories import random_tags
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mner.cache.datasets import Post
+from mner.cache.conll import Post
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.metrics import entity_scores
 from mner.train.model import MNERModel

@@ -13,13 +13,15 @@ from PIL import Image
 
 from mner.cli import main
 from mner.train import plots
-from mner.train.runs import RECORD_KEYS
+from mner.train.run_files import RECORD_KEYS
 
 
 def fake_run(folder, losses, dev_f1, per_type):
     """A finished run folder as training leaves it, as far as the figures read it."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({key: {} for key in RECORD_KEYS}))
+    (folder / "config.json").write_text(
+        json.dumps({**{key: {} for key in RECORD_KEYS}, "model": {"task": "tagging"}})
+    )
     lines = [
         {
             "epoch": i + 1,
@@ -150,7 +152,9 @@ def test_runs_of_the_same_name_get_distinct_labels(tmp_path):
 def test_a_run_still_training_is_drawn_as_far_as_it_got(folders, tmp_path, caplog):
     a, b, _ = folders
     (b / "results.json").unlink()  # b has finished 2 of its 5 epochs
-    (b / "config.json").write_text(json.dumps({**{key: {} for key in RECORD_KEYS}, "train": {"epochs": 5}}))
+    (b / "config.json").write_text(
+        json.dumps({**{key: {} for key in RECORD_KEYS}, "model": {"task": "tagging"}, "train": {"epochs": 5}})
+    )
     out = tmp_path / "figs"
     with caplog.at_level("WARNING"):
         written = plots.write_plots([a, b], out)
@@ -193,9 +197,9 @@ def test_what_is_not_a_tagging_run_is_refused_before_anything_is_made(tmp_path):
     running = tmp_path / "running"
     running.mkdir()
     (running / "ablation.json").write_text("{}")
-    from mner.train.classify import is_classifier_run
+    from mner.train.run_files import load_run
 
-    assert is_classifier_run(classifier), "the fake must look like a classifier run"
+    assert load_run(classifier).task.name == "classification", "the fake must look like a classifier run"
     for path, message in (
         (other, f"{other / 'ablation.csv'} has none of the columns an ablation is drawn by"),
         (

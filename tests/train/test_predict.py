@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from seqeval.metrics.sequence_labeling import get_entities
 
-from mner.cache.datasets import read_split
+from mner.cache.conll import read_split
 from mner.train.loop import train_from_cache
 from mner.train.predict import predict
 from tests.train.run_factories import extract_cache, make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)

@@ -1,4 +1,5 @@
-"""train/runs.py: the run folder's fingerprint check words the shared cache diff as it always did."""
+"""The run folder's files (train/run_files.py): the cache diff's wording, the folder claim, the data-file
+check, and load_run over both tasks."""
 
 import hashlib
 import json
@@ -6,32 +7,8 @@ import re
 
 import pytest
 
-from mner.train.runs import cache_differences, check_data_files, data_files_record, is_recorded_folder
+from mner.train.run_files import cache_differences, check_data_files, data_files_record, is_recorded_folder
 from tests.cache.factories import TINY_SPEC, synthetic_models
-
-
-def reference_cache_differences(found: dict, recorded: dict, ignore=()) -> list[str]:
-    """train/evaluate.py's `cache_differences` and `_diff` at commit 049bece, kept as the reference."""
-
-    def diff(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            out = {}
-            for key in sorted(set(a) | set(b)):
-                out.update(diff(a.get(key), b.get(key), f"{prefix}{key}."))
-            return out
-        return {} if a == b else {prefix.rstrip("."): (a, b)}
-
-    def short(value):
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    parts = found["config"].get("fingerprint_parts"), recorded["config"].get("fingerprint_parts")
-    if parts[0] is not None and parts[1] is not None:
-        a, b = parts
-    else:
-        a, b = ({name: side[name] for name in ("config", "models", "spec")} for side in (found, recorded))
-    a, b = ({key: value for key, value in side.items() if key not in ignore} for side in (a, b))
-    return [f"{key}: cache {short(x)}, run {short(y)}" for key, (x, y) in sorted(diff(a, b).items())]
 
 
 def side(config: dict, **changes) -> dict:
@@ -39,41 +16,55 @@ def side(config: dict, **changes) -> dict:
     return {"config": config, "models": synthetic_models(), "spec": TINY_SPEC.to_dict(), **changes}
 
 
-@pytest.mark.parametrize(
-    "found, recorded, ignore",
-    [
-        (
-            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
-            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
-            (),
-        ),
-        (
-            side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}}),
-            side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}}),
-            ("topk",),
-        ),
-        (  # no parts recorded: config, models and spec are compared, long values cut at 60 characters
-            side({"out": "/b", "topk": 10}, spec={**TINY_SPEC.to_dict(), "patch_source": "p" * 80}),
-            side({"out": "/a", "topk": 20}),
-            (),
-        ),
-        (
-            side({"fingerprint_parts": {"versions": {"torch": "2.4"}, "keys_sha256": "k", "x": {"y": 1}}}),
-            side({"fingerprint_parts": {"keys_sha256": "j", "x": 5, "a-b": [1]}}),
-            ("keys_sha256",),
-        ),
-    ],
-)
-def test_fingerprint_diff_words_as_the_old_cache_differences(found, recorded, ignore):
-    expected = reference_cache_differences(found, recorded, ignore)
-    assert expected  # each case differs somewhere
-    assert cache_differences(found, recorded, ignore) == expected  # the shipped train.runs wording
+def test_with_fingerprint_parts_on_both_sides_only_they_are_compared():
+    found = side({"out": "/b", "fingerprint_parts": {"topk": 10, "models": {"clip": {"sha256": "y"}}}})
+    recorded = side({"out": "/a", "fingerprint_parts": {"topk": 20, "models": {"clip": {"sha256": "x"}}}})
+    # "out" differs but is no fingerprint part (where a cache was written does not change its tokens)
+    assert cache_differences(found, recorded) == [
+        'models.clip.sha256: cache "y", run "x"',
+        "topk: cache 10, run 20",
+    ]
+    assert cache_differences(found, recorded, ignore=("topk",)) == ['models.clip.sha256: cache "y", run "x"']
+    assert cache_differences(found, found) == []
+
+
+def test_without_parts_config_models_and_spec_are_compared_and_long_values_cut_to_60_characters():
+    long = "p" * 80
+    spec = TINY_SPEC.to_dict()
+    found = side({"out": "/b", "topk": 10}, spec={**spec, "patch_source": long})
+    recorded = side({"out": "/a", "topk": 20})
+    shown = '"' + "p" * 56 + "..."  # the JSON text, 57 characters and "..."
+    assert len(shown) == 60
+    assert cache_differences(found, recorded) == [
+        'config.out: cache "/b", run "/a"',
+        "config.topk: cache 10, run 20",
+        f"spec.patch_source: cache {shown}, run {json.dumps(spec['patch_source'])}",
+    ]
+
+
+def test_a_part_on_one_side_is_null_on_the_other_and_a_table_against_a_value_is_one_line():
+    found = side({"fingerprint_parts": {"versions": {"torch": "2.4"}, "keys_sha256": "k", "x": {"y": 1}}})
+    recorded = side({"fingerprint_parts": {"keys_sha256": "j", "x": 5, "a-b": [1]}})
+    assert cache_differences(found, recorded, ignore=("keys_sha256",)) == [
+        "a-b: cache null, run [1]",
+        'versions: cache {"torch": "2.4"}, run null',
+        'x: cache {"y": 1}, run 5',
+    ]
+
+
+def test_a_classifier_record_without_the_extraction_config_is_compared_on_models_and_spec():
+    spec = TINY_SPEC.to_dict()
+    found = side({"fingerprint_parts": {"topk": 10}})
+    recorded = {"models": synthetic_models(), "spec": {**spec, "patch_dim": spec["patch_dim"] + 1}}
+    assert cache_differences(found, recorded) == [
+        f"spec.patch_dim: cache {spec['patch_dim']}, run {spec['patch_dim'] + 1}"
+    ]
 
 
 def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path):
     """mner.runtime.claim_folder over every kind of folder, as train_from_cache calls it (claim_run_folder)."""
     from mner.runtime import claim_folder
-    from mner.train.runs import RECORD_KEYS, claim_run_folder
+    from mner.train.run_files import RECORD_KEYS, claim_run_folder
 
     assert claim_run_folder(tmp_path / "a" / "b", resume=False).state == "new"
     assert not (tmp_path / "a").exists()
@@ -113,7 +104,7 @@ def test_claim_folder_says_what_a_folder_is_and_never_creates_anything(tmp_path)
 
 
 def test_release_removes_only_what_the_command_created(tmp_path):
-    from mner.train.runs import claim_run_folder
+    from mner.train.run_files import claim_run_folder
 
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "sibling.txt").write_text("the user's")
@@ -159,3 +150,57 @@ def test_check_data_files_names_what_changed_since_training(tmp_path):
         str(data), tmp_path / "data" / ".." / "data"
     )
     assert not is_recorded_folder(str(data), tmp_path)
+
+
+def test_load_run_names_the_task_of_either_kind_of_run_and_refuses_what_is_no_run(tmp_path):
+    from mner.train.run_files import RECORD_KEYS, is_run_folder, load_run, recorded_task
+    from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
+
+    def folder(name: str, record) -> object:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(record))
+        return path
+
+    tagger = folder("tagger", {**{key: None for key in RECORD_KEYS}, "model": {"task": "tagging"}})
+    classifier = folder(
+        "classifier", {"task": "classification", "classifier": {}, "label_names": [], "data": {}}
+    )
+    assert load_run(tagger).task is TOKEN_TAGGING and load_run(tagger).path == tagger
+    assert load_run(classifier).task is SENTENCE_CLASSIFICATION
+    assert is_run_folder(tagger, "tagging") and not is_run_folder(tagger, "classification")
+    assert is_run_folder(classifier) and recorded_task(classifier) == "classification"
+
+    unknown = folder("unknown", {"task": "parsing"})
+    lacking = folder("lacking", {"task": "classification", "classifier": {}})
+    for path, message in (
+        (tmp_path / "none", f"{tmp_path / 'none'} is not a run folder: no config.json"),
+        (
+            unknown,
+            f"{unknown / 'config.json'} is not the record of a run: it names no task of tagging, classification",
+        ),
+        (
+            lacking,
+            f"{lacking / 'config.json'} is not the record of a classifier run: it lacks label_names, data",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            load_run(path)
+        assert recorded_task(path) is None and not is_run_folder(path)
+
+
+def test_evaluate_predict_and_cases_of_tagging_refuse_a_classifier_run_by_its_task(tmp_path):
+    from mner.train.cases import CasesConfig, write_cases
+    from mner.train.evaluate import evaluate_run
+    from mner.train.predict import predict
+
+    run = tmp_path / "clf"
+    run.mkdir()
+    record = {"task": "classification", "classifier": {}, "label_names": [], "data": {}}
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=re.escape(f"{run} is a classifier run: it is scored by")):
+        evaluate_run(run)
+    with pytest.raises(ValueError, match=re.escape(f"{run} is a classifier run: it labels posts with")):
+        predict(run, tmp_path / "in.txt", None, tmp_path / "out.txt")
+    with pytest.raises(ValueError, match=re.escape(f"{run} is a classifier run: cases compares tagging")):
+        write_cases(CasesConfig(run_a=str(run), run_b=str(run), out_dir=str(tmp_path / "cases")))

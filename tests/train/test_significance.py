@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mner.cache.datasets import Post
+from mner.cache.conll import Post
 from mner.train import significance
 from mner.train.metrics import entity_scores, write_conll
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tokenizers import ByteLevelBPETokenizer
 from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
-from mner.cache.datasets import Post
+from mner.cache.conll import Post
 from mner.train import text
 from mner.train.data import Collate, PostDataset
 from mner.train.model import MNERModel

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mner.train.loop as loop
+import mner.train.tagging as tagging
 from mner.cache.datasets import resolve_data
 from mner.cache.text_states import MARKER_FILE, STATES_FILE, open_text_states
 from mner.runtime import resolve_runtime
@@ -22,7 +22,7 @@ from tests.train.run_factories import make_data, run_config, single_thread  # no
 
 def _in_loop(monkeypatch):
     """Train with the frozen bottom computed in the loop: no text-state cache is built or read."""
-    monkeypatch.setattr(loop, "_text_states", lambda *args, **kwargs: {})
+    monkeypatch.setattr(tagging, "text_states_of", lambda *args, **kwargs: {})
 
 
 @pytest.mark.parametrize("text_only", [True, False], ids=["text-only", "multimodal"])
@@ -141,7 +141,7 @@ def test_evaluate_reads_the_splits_cache_and_predict_computes_the_frozen_layers(
 
     from click.testing import CliRunner
 
-    from mner.cache.datasets import read_split
+    from mner.cache.conll import read_split
     from mner.cli import main
     from mner.train.evaluate import evaluate_run
     from mner.train.predict import predict
