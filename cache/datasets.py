@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mner import configs
-
 from mner.cache.conll import (
     FORMATS,
     Split,
