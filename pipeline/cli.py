@@ -652,8 +652,17 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
         )
     from mner.train.predict import predict
 
-    out = predict(run_dir, input_file, image_dir, out_file, amp=amp, long_posts=long_posts)
+    out = predict(
+        run_dir, input_file, image_dir, out_file, amp=amp, long_posts=long_posts, extract=_extract_images
+    )
     click.echo(f"predictions written to {out}")
+
+
+def _extract_images(*args, **kwargs):
+    """Stage one for predict's new images (mner.extract.reextract), imported only when a run needs it."""
+    from mner.extract.reextract import extract_from_record
+
+    return extract_from_record(*args, **kwargs)
 
 
 @main.command("ablate", context_settings=CONTEXT)
@@ -891,7 +900,7 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
       mner results runs/text_only runs/full --bootstrap 10000 --bootstrap-seed 1
       mner results runs/text_only runs/full ablations/tw15 --plot figures/
     """
-    from mner.train.ablate import ABLATION_MD
+    from mner.train.ablation_tables import ABLATION_MD
     from mner.train.plots import write_plots
     from mner.train.results import results_table
 
@@ -911,7 +920,7 @@ def results_cmd(run_dirs, split, bootstrap, bootstrap_seed, plot):
 
 def _is_ablation_folder(path) -> bool:
     """An ablation folder goes to the plots only; its own table is its ablation.md."""
-    from mner.train.ablate import ABLATION_CSV
+    from mner.train.ablation_tables import ABLATION_CSV
 
     return (Path(path) / ABLATION_CSV).is_file()
 

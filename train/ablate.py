@@ -57,6 +57,9 @@ from mner.cache.datasets import DataConfig
 from mner.runtime import LOCK_NAME, FolderClaim, claim_folder, write_atomic
 from mner.train import significance
 from mner.train.ablation_tables import (
+    ABLATION_CSV,
+    ABLATION_FILE,
+    ABLATION_MD,
     accuracy_significance_markdown,
     class_summary_markdown,
     class_table_row,
@@ -96,10 +99,8 @@ ABLATIONS: dict[str, str | None] = {
 MODEL_ARM = "model="
 
 
-# The ablation folder's record; a folder holding it with these keys is ours (mner.runtime.claim_folder).
-ABLATION_FILE = "ablation.json"
-# The tables an ablation writes beside its runs (the plots and `mner results` read them).
-ABLATION_CSV, ABLATION_MD = "ablation.csv", "ablation.md"
+# The ablation folder's record keys; a folder holding ABLATION_FILE with them is ours
+# (mner.runtime.claim_folder).
 ABLATION_KEYS = ("experiments", "seeds", "overrides", "epochs", "cache_dir", "data")
 
 

@@ -16,6 +16,11 @@ from mner.train.run_files import read_results
 from mner.train.scores import PERCENT, read_pred_csv
 
 # Per-type scores in ablation.csv: results.json metric -> column prefix (column `<prefix>_<TYPE>`).
+# The ablation folder's files: its record and the tables written beside its runs (`mner results`, the
+# plots and `mner ablate` read them; torch-free, so the readers need not load the runner).
+ABLATION_FILE = "ablation.json"
+ABLATION_CSV, ABLATION_MD = "ablation.csv", "ablation.md"
+
 _TYPE_METRICS = (("precision", "p"), ("recall", "r"), ("f1", "f1"))
 # Column prefix -> ablation.md header suffix.
 _TYPE_HEADERS = {"p": "P", "r": "R", "f1": "F1"}

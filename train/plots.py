@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
-from mner.train.ablate import ABLATION_CSV, ABLATION_FILE
+from mner.train.ablation_tables import ABLATION_CSV, ABLATION_FILE
 from mner.train.run_files import is_run_folder, read_metrics, read_results, recorded_task, unfinished
 from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 

@@ -31,6 +31,7 @@ import json
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from mner.cache.conll import Split, read_split, write_split
@@ -58,7 +59,13 @@ NAMED_IMAGES = 10
 
 
 def predict(
-    run_dir, input_file, image_dir, out_file, amp: str | None = None, long_posts: str = "truncate"
+    run_dir,
+    input_file,
+    image_dir,
+    out_file,
+    amp: str | None = None,
+    long_posts: str = "truncate",
+    extract: Callable[..., Path] | None = None,
 ) -> Path:
     """Tag the posts of `input_file` and write CoNLL + JSON-lines spans.
 
@@ -71,6 +78,8 @@ def predict(
         amp: autocast mode on a GPU; None: the precision the run trained in (runs.inference_amp).
         long_posts: "truncate" or "window": how words past the encoder's limit are tagged
             (train/decode.py).
+        extract: stage one, for a multimodal run: `mner.extract.reextract.extract_from_record` (the
+            CLI passes it; stage two never imports stage one). Not needed by a text-only run.
     Returns:
         out_file as a Path.
     Raises:
@@ -92,6 +101,11 @@ def predict(
         split, posts=[dataclasses.replace(p, tags=("O",) * len(p.words)) for p in split.posts]
     )
     if not cfg.model.text_only:
+        if extract is None:
+            raise ValueError(
+                f"run {run_dir} uses images: predict needs stage one to extract them "
+                "(pass extract=mner.extract.reextract.extract_from_record)"
+            )
         # Checked before the model loads: without the images every post would be tagged image-masked.
         image_dir = _image_dir(run_dir, split, image_dir)
     _refuse_inputs_as_output(out_file, split, None if cfg.model.text_only else image_dir, run_dir)
@@ -104,7 +118,7 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="mner-predict-") as tmp:
         reader = None
         if not cfg.model.text_only:
-            reader = _extract(record, run_dir, split, image_dir, Path(tmp))
+            reader = _extract(record, run_dir, split, image_dir, Path(tmp), extract)
             statuses = _image_statuses(reader, split)
         predictions = decode_split(model, split, reader, tokenizer, labels, cfg, runtime, long_posts)
         if reader is not None:
@@ -199,46 +213,37 @@ def _image_dir(run_dir: Path, split: Split, image_dir) -> Path:
     return Path(image_dir)
 
 
-def _extract(record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Path) -> CacheReader:
+def _extract(
+    record: dict, run_dir: Path, split: Split, image_dir: Path, tmp: Path, extract: Callable[..., Path]
+) -> CacheReader:
     """Extract the posts' images with the run's recorded extractor into tmp/cache.
 
     The new cache's fingerprint cannot equal the run's, because the fingerprint also covers which
     images a cache holds; what must be equal is every other fingerprinted part (models and their
     weight hashes, token spec, thresholds, batch size, library versions).
     """
-    # Imported here: a text-only prediction never loads the vision stack.
-    from mner.extract.config import TINY_CLIP, ExtractConfig
-    from mner.extract.run import extract_features
-
     recorded = record["cache"]["config"]
     if "fingerprint_parts" not in recorded:
         raise ValueError(
             f"run {run_dir} was trained on a cache that records no extraction settings "
             f"({record['cache']['dir']}); predict can only re-extract images for runs on `mner extract-features` caches"
         )
-    for name in ("clip", "detector_ckpt"):
-        value = recorded.get(name)
-        if value and value != TINY_CLIP and not Path(value).expanduser().exists():
-            raise ValueError(
-                f"run {run_dir} was trained on tokens from {name} {value}, which does not exist here; "
-                "predict re-extracts the images and needs the same local weights"
-            )
     # The extractor reads a data folder: the posts (tags as O) become its one split.
     data_dir = tmp / "data"
     data_dir.mkdir()
     _write_tagged(
         data_dir / f"{_PREDICT_SPLIT}.txt", split, [["O"] * len(post.words) for post in split.posts]
     )
-    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
-    settings = {name: value for name, value in recorded.items() if name in fields}
-    settings.update(
+    cache_dir = extract(
+        recorded,
+        f"run {run_dir}",
         data=DataConfig(data_dir=str(data_dir), image_dir=str(image_dir)),
         out=str(tmp / "cache"),
         splits=(_PREDICT_SPLIT,),
         overwrite=False,
         device="auto",  # not fingerprinted: the training machine's device need not exist here
     )
-    reader = CacheReader(extract_features(ExtractConfig(**settings)))
+    reader = CacheReader(cache_dir)
     counts = Counter(reader.status(key) for key in reader.keys)
     log.info(
         "images of the %d posts: %d ok, %d missing, %d corrupt (missing and corrupt ones are masked)",

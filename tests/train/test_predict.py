@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -12,9 +13,13 @@ import pytest
 from seqeval.metrics.sequence_labeling import get_entities
 
 from mner.cache.conll import read_split
+from mner.extract.reextract import extract_from_record
 from mner.train.loop import train_from_cache
-from mner.train.predict import predict
+from mner.train.predict import predict as predict_without_stage_one
 from tests.train.run_factories import extract_cache, make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
+
+# What the CLI passes: stage one for a multimodal run's new images (stage two never imports it).
+predict = functools.partial(predict_without_stage_one, extract=extract_from_record)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +245,11 @@ def test_predict_counts_words_past_the_limit_and_can_tag_them_by_windows(runs, t
     else:
         # the words past the limit are tagged by the model (its windows), not left O
         assert any(tag != "O" for tag in tags[30:])
+
+
+def test_a_multimodal_run_needs_stage_one_passed_in(runs, tmp_path):
+    with pytest.raises(ValueError, match=r"uses images: predict needs stage one to extract them"):
+        predict_without_stage_one(
+            runs["mm"], runs["data"] / "valid.txt", runs["data"] / "images", tmp_path / "o"
+        )
+    assert not (tmp_path / "o").exists()
