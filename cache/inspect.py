@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageOps
 from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
 from mner.cache.shards import open_shard_checked
-from mner.cache.spec import STATUS_NAMES, TokenSpec
+from mner.cache.spec import DTYPES, STATUS_NAMES, VISION_STATE, TokenSpec
 from mner.runtime import refuse_inputs_as_output
 
 # Box colours, picked by label id so one class keeps one colour across images.
@@ -34,7 +34,9 @@ def inspect_cache(cache_dir) -> dict:
     shards {count, rows, rows_per_shard}, tokens {dataset: {shape (per image), dtype}}, spec,
     models {clip: {path, untrained} (or vision: {name, untrained} for a ResNet), detector: {name, untrained}},
     region_histogram {regions: images}
-    (ok images), top_labels [{label, name, count}] (10 most detected), disk {bytes, per_image}.
+    (ok images), top_labels [{label, name, count}] (10 most detected), disk {bytes, per_image}, and for a
+    cache made with --vision-trainable-blocks K > 0, vision_blocks {blocks (K), kind, state {shape,
+    dtype, source}, state_bytes (the vision_state datasets' payload, every image), weights_bytes}.
     """
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
@@ -59,6 +61,23 @@ def inspect_cache(cache_dir) -> dict:
                     if name != "keys"
                 }
     disk = sum(path.stat().st_size for path in cache_dir.iterdir() if path.is_file())
+    blocks = manifest.get("vision_blocks")
+    vision_blocks = {}
+    if blocks is not None:
+        state = spec.shapes()[VISION_STATE]
+        vision_blocks = {
+            "vision_blocks": {
+                "blocks": blocks["config"]["blocks"],
+                "kind": blocks["config"]["kind"],
+                "state": {
+                    "shape": list(state),
+                    "dtype": str(DTYPES[VISION_STATE]),
+                    "source": spec.vision_state_source,
+                },
+                "state_bytes": int(np.prod(state)) * DTYPES[VISION_STATE].itemsize * len(images),
+                "weights_bytes": blocks["bytes"],
+            }
+        }
     models = manifest["models"]
     clip, vision, detector = models.get("clip", {}), models.get("vision", {}), models.get("detector", {})
     return {
@@ -88,6 +107,7 @@ def inspect_cache(cache_dir) -> dict:
             for label, count in labels.most_common(_TOP_LABELS)
         ],
         "disk": {"bytes": disk, "per_image": disk / len(images) if images else 0.0},
+        **vision_blocks,
     }
 
 
@@ -114,8 +134,16 @@ def format_inspection(info: dict) -> str:
     spec = info["spec"]
     lines += [
         f"  patches from {spec['patch_source']}; global from {spec['global_source']}; regions from {spec['region_source']}",
-        "regions per ok image:",
     ]
+    if "vision_blocks" in info:
+        blocks = info["vision_blocks"]
+        lines += [
+            f"vision blocks {blocks['blocks']} trainable ({blocks['kind']}): state {tuple(blocks['state']['shape'])} "
+            f"{blocks['state']['dtype']} from {blocks['state']['source']}",
+            f"  extra bytes: {blocks['state_bytes']:,} of states in the shards, {blocks['weights_bytes']:,} of "
+            "weights (vision_blocks.safetensors)",
+        ]
+    lines.append("regions per ok image:")
     peak = max(info["region_histogram"].values(), default=0) or 1
     lines += [
         f"  {count:>3} {images:>7}  {'#' * round(40 * images / peak)}"

@@ -35,6 +35,7 @@ from mner.cache.shards import (
     tmp_path,
 )
 from mner.cache.spec import Record, TokenSpec
+from mner.cache.vision_blocks import BLOCKS_FILE
 from mner.runtime import LOCK_NAME, FolderLock, folder_state
 from mner.runtime import lock_folder as runtime_lock_folder
 
@@ -195,9 +196,10 @@ def _shard_fingerprint(path: Path) -> tuple[str | None, dict | None]:
 
 
 def clear_cache(out: Path) -> None:
-    """Delete the cache files in `out` (shards, tmp shards, manifest, config, checksum memo); other
-    files stay, and so does the lock file the caller holds."""
-    for pattern in (SHARD_GLOB, SHARD_GLOB + ".tmp", MANIFEST_NAME + "*", CONFIG_NAME + "*", MEMO_NAME + "*"):
+    """Delete the cache files in `out` (shards, tmp shards, manifest, config, checksum memo, vision
+    blocks' weights); other files stay, and so does the lock file the caller holds."""
+    patterns = (SHARD_GLOB, SHARD_GLOB + ".tmp", MANIFEST_NAME + "*", CONFIG_NAME + "*", MEMO_NAME + "*")
+    for pattern in (*patterns, BLOCKS_FILE + "*"):
         for path in out.glob(pattern):
             path.unlink()
 

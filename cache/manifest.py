@@ -21,7 +21,14 @@ CONFIG_NAME = "extract_config.json"
 
 
 def write_manifest(
-    cache_dir, fingerprint: str, config: dict, models: dict, spec: TokenSpec, shard_files, errors
+    cache_dir,
+    fingerprint: str,
+    config: dict,
+    models: dict,
+    spec: TokenSpec,
+    shard_files,
+    errors,
+    vision_blocks: dict | None = None,
 ) -> Path:
     """Write manifest.json (and extract_config.json) describing the committed shards.
 
@@ -33,6 +40,8 @@ def write_manifest(
         spec: the token spec of every shard.
         shard_files: committed shard paths (or names inside cache_dir), in order.
         errors: {key: message} for images whose status is not ok.
+        vision_blocks: cache.vision_blocks.write_vision_blocks's entry for a cache that stores the state
+            before the last K vision blocks; None (no "vision_blocks" key) otherwise.
     Returns the manifest path. The per-image rows (with the image file's size and mtime the shard
     records) are read back from the shards, so the manifest describes what is on disk, not what the
     caller meant to write. Checksums go through the folder's ChecksumMemo.
@@ -81,6 +90,8 @@ def write_manifest(
         "shards": shards,
         "images": images,
     }
+    if vision_blocks is not None:
+        manifest["vision_blocks"] = vision_blocks
     # extract_config.json first: manifest.json is the marker of a finished cache.
     _write_json_atomic(cache_dir / CONFIG_NAME, config)
     return _write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
@@ -105,6 +116,7 @@ _TOKEN_FLAGS = (
     ("topk", "--topk"),
     ("score_thr", "--score-thr"),
     ("nms_iou", "--nms-iou"),
+    ("vision_trainable_blocks", "--vision-trainable-blocks"),
 )
 
 

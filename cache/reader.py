@@ -23,7 +23,8 @@ import numpy as np
 from mner.cache.checksums import ChecksumMemo, file_stat
 from mner.cache.manifest import read_manifest
 from mner.cache.shards import open_shard_checked
-from mner.cache.spec import STATUS_NAMES, TOKEN_DATASETS, Record, TokenSpec
+from mner.cache.spec import STATUS_NAMES, VISION_STATE, Record, TokenSpec
+from mner.cache.vision_blocks import read_vision_blocks
 
 # Small per-image datasets loaded whole when a shard is opened.
 _META_DATASETS = (
@@ -70,11 +71,13 @@ class _Shard:
             self.region_boxes = meta["region_boxes"]  # (N, K, 4)
             shapes = spec.shapes()
             if in_memory:
-                self.tokens = {name: _RamTokens(self.file[name][:]) for name in TOKEN_DATASETS}
+                self.tokens = {name: _RamTokens(self.file[name][:]) for name in spec.token_datasets()}
                 self.file.close()
                 self.file = None
             else:
-                self.tokens = {name: _DiskTokens(self.file[name], shapes[name]) for name in TOKEN_DATASETS}
+                self.tokens = {
+                    name: _DiskTokens(self.file[name], shapes[name]) for name in spec.token_datasets()
+                }
         except BaseException:
             if self.file is not None:
                 self.file.close()
@@ -95,6 +98,7 @@ class _Shard:
             region_scores=self.region_scores[row].copy(),
             region_boxes=self.region_boxes[row].copy(),
             error=error,
+            vision_state=self.tokens[VISION_STATE].read(row) if VISION_STATE in self.tokens else None,
         )
 
     def close(self) -> None:
@@ -139,7 +143,8 @@ class CacheReader:
     in_memory=True loads every shard into RAM once in __init__ (and closes the files).
 
     Attributes: fingerprint (str), config (dict, the extraction config), models (dict),
-    spec (TokenSpec), keys (list[str], manifest order), cache_dir (Path).
+    spec (TokenSpec), keys (list[str], manifest order), cache_dir (Path), trainable_blocks (int: the K
+    of --vision-trainable-blocks, 0 when the cache stores no vision state).
     """
 
     def __init__(self, cache_dir, in_memory: bool = False):
@@ -149,6 +154,10 @@ class CacheReader:
         self.config: dict = manifest["config"]
         self.models: dict = manifest["models"]
         self.spec = TokenSpec.from_dict(manifest["spec"])
+        self._vision_blocks: dict | None = manifest.get("vision_blocks")
+        self.trainable_blocks: int = (
+            0 if self._vision_blocks is None else self._vision_blocks["config"]["blocks"]
+        )
         self.in_memory = in_memory
         self._shard_files = [shard["file"] for shard in manifest["shards"]]
         self._shard_sha256 = [shard["sha256"] for shard in manifest["shards"]]
@@ -206,6 +215,18 @@ class CacheReader:
                 "`mner extract-features` command that made the cache to extract that shard again"
             )
         self._checked[shard] = stat
+
+    def vision_blocks(self) -> tuple[dict, dict]:
+        """(config, arrays) of the vision blocks stage two runs on each record's `vision_state`: the
+        module config the manifest records ({"kind": "clip" | "resnet", "blocks": K, ...}) and the
+        weight file's arrays by name (numpy), its sha256 checked first. ValueError for a cache that
+        stores no vision state, naming the option that makes one."""
+        if self._vision_blocks is None:
+            raise ValueError(
+                f"cache {self.cache_dir} stores no vision state to train vision blocks on: it was extracted "
+                "without --vision-trainable-blocks; extract it again with --vision-trainable-blocks K"
+            )
+        return self._vision_blocks["config"], read_vision_blocks(self.cache_dir, self._vision_blocks)
 
     def __len__(self) -> int:
         return len(self.keys)

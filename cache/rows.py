@@ -11,11 +11,9 @@ import numpy as np
 
 from mner.cache.spec import (
     DTYPES,
-    RECORD_ARRAYS,
     REGION_DATASETS,
     STATUS_CODES,
     STATUS_NAMES,
-    TOKEN_DATASETS,
     Record,
     TokenSpec,
 )
@@ -30,8 +28,13 @@ def checked_arrays(record: Record, spec: TokenSpec) -> dict[str, np.ndarray]:
     if record.status not in STATUS_NAMES:
         raise ValueError(f"image {key!r}: unknown status {record.status!r}; expected one of {STATUS_NAMES}")
     shapes = spec.shapes()
+    if record.vision_state is not None and not spec.has_vision_state:
+        raise ValueError(
+            f"image {key!r}: vision_state is given, but the spec stores none (extracted without "
+            "--vision-trainable-blocks)"
+        )
     given = {}
-    for name in RECORD_ARRAYS:
+    for name in spec.record_arrays():
         array = np.asarray(getattr(record, name))
         if array.shape != shapes[name]:
             raise ValueError(f"image {key!r}: {name} has shape {array.shape}, the spec needs {shapes[name]}")
@@ -62,7 +65,7 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
 
     Args:
         block: "status" (B,) status codes, "image_size" (B, 2) width and height, "num_regions" (B,),
-            and each of RECORD_ARRAYS at (B, *shape) for the spec's shapes (any real dtype).
+            and each of `spec.record_arrays()` at (B, *shape) for the spec's shapes (any real dtype).
     ShardWriter raises the first problem of the record it is given (B = 1); verify_cache lists every
     problem of each block of stored rows. The shapes are the caller's to check.
     """
@@ -71,7 +74,8 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
     width, height = block["image_size"][:, 0], block["image_size"][:, 1]  # (B,), (B,)
     B = len(codes)
     # An explicit size: with K = 0 the region arrays are empty and numpy cannot infer a -1.
-    flat = {name: block[name].reshape(B, int(np.prod(block[name].shape[1:]))) for name in RECORD_ARRAYS}
+    arrays, tokens = spec.record_arrays(), spec.token_datasets()
+    flat = {name: block[name].reshape(B, int(np.prod(block[name].shape[1:]))) for name in arrays}
     padding = np.arange(K)[None, :] >= np.clip(count, 0, K)[:, None]  # (B, K) True on padding rows
     boxes = block["region_boxes"]  # (B, K, 4) xyxy
     not_ok = codes != STATUS_CODES["ok"]  # (B,)
@@ -99,11 +103,11 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
         ),
     ]
     finite = {name: np.isfinite(values) for name, values in flat.items()}  # (B, size) each
-    for name in RECORD_ARRAYS:
+    for name in arrays:
         rules.append(
             (f"nan {name}", ~finite[name].all(axis=1), *same(lambda i, d=name: f"{d} contains NaN or inf"))
         )
-    for name in TOKEN_DATASETS:
+    for name in tokens:
         peak = np.abs(np.where(finite[name], flat[name], 0)).max(axis=1, initial=0.0)  # (B,)
         rules.append(
             (
@@ -149,7 +153,7 @@ def row_problems(block: dict[str, np.ndarray], spec: TokenSpec) -> list[RowProbl
         ),
         (
             "not ok tokens",
-            not_ok & np.any([flat[name].any(axis=1) for name in TOKEN_DATASETS], axis=0),
+            not_ok & np.any([flat[name].any(axis=1) for name in tokens], axis=0),
             not_empty,
             lambda i: "status is not ok but its tokens are not zero",
         ),

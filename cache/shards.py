@@ -22,7 +22,7 @@ import numpy as np
 
 from mner.cache.fingerprint import canonical_json
 from mner.cache.rows import checked_arrays
-from mner.cache.spec import DTYPES, SCHEMA_VERSION, STATUS_CODES, TOKEN_DATASETS, Record, TokenSpec
+from mner.cache.spec import DTYPES, SCHEMA_VERSION, STATUS_CODES, Record, TokenSpec
 from mner.runtime import fsync_dir, fsync_file
 
 SHARD_GLOB = "shard-*.h5"
@@ -131,7 +131,7 @@ class ShardWriter:
         self._tokens = {}
         self._meta = {}
         for name, shape in self.spec.shapes().items():
-            if name in TOKEN_DATASETS:
+            if name in self.spec.token_datasets():
                 # One image per chunk: a reader fetches an image's tensor with one chunk read. HDF5 has
                 # no empty chunks, so the zero-size region_feats (N, 0, 0) of a K = 0 cache is contiguous.
                 self._tokens[name] = self._file.create_dataset(
@@ -173,7 +173,7 @@ class ShardWriter:
             )
         arrays = checked_arrays(record, self.spec)
         for name, array in arrays.items():
-            if name in TOKEN_DATASETS:
+            if name in self._tokens:
                 self._tokens[name][row] = array
             else:
                 self._meta[name][row] = array

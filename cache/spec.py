@@ -20,6 +20,9 @@ STATUS_CODES = {name: code for code, name in enumerate(STATUS_NAMES)}
 NO_REGIONS = "none"
 # The three token tensors, stored one image per chunk; everything else is small per-image metadata.
 TOKEN_DATASETS = ("patch_tokens", "global_embed", "region_feats")
+# The state before the last K vision blocks (extract-features --vision-trainable-blocks K > 0): a fourth
+# token tensor, present only in the caches that store it.
+VISION_STATE = "vision_state"
 # Per-region arrays; rows >= num_regions are zero padding.
 REGION_DATASETS = ("region_feats", "region_labels", "region_scores", "region_boxes")
 # The array fields of a Record, in shard order.
@@ -45,8 +48,22 @@ class TokenSpec:
     patch_source: str  # e.g. "vision_model.last_hidden_state (CLS first)" or "resnet50.layer4 (7x7 grid)"
     global_source: str  # e.g. "image_embeds (visual_projection)", "pooler_output" or "resnet50.avgpool"
     region_source: str  # "frcnn_box_head" | "clip_crop" | "none" (extracted with --detector none: K = Dr = 0)
+    # Per-image shape of `vision_state`, the input of the last trainable vision blocks: (P, Dp) for CLIP
+    # (CLS first), (C, H, W) for a ResNet's layer3 map; () when the cache stores none. Left out of
+    # to_dict() when empty, so a cache without it keeps the spec, and so the fingerprint, it always had.
+    vision_state_shape: tuple[int, ...] = ()
+    vision_state_source: str = ""  # e.g. "vision_model.hidden_states[-2] (input to the last 1 encoder layer)"
 
     def __post_init__(self):
+        object.__setattr__(self, "vision_state_shape", tuple(self.vision_state_shape))
+        shape, source = self.vision_state_shape, self.vision_state_source
+        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in shape):
+            raise ValueError(f"TokenSpec.vision_state_shape must hold positive integers, got {shape!r}")
+        if not isinstance(source, str) or bool(shape) != bool(source):
+            raise ValueError(
+                f"TokenSpec.vision_state_shape and vision_state_source are given together or not at all, "
+                f"got {shape!r} and {source!r}"
+            )
         for name in ("num_patches", "patch_dim", "global_dim", "max_regions", "region_dim"):
             value = getattr(self, name)
             least = 0 if name in ("max_regions", "region_dim") and self.region_source == NO_REGIONS else 1
@@ -63,20 +80,44 @@ class TokenSpec:
             )
 
     @property
+    def has_vision_state(self) -> bool:
+        """True for a cache extracted with --vision-trainable-blocks K > 0."""
+        return bool(self.vision_state_shape)
+
+    def token_datasets(self) -> tuple[str, ...]:
+        """The token tensors of this spec's shards (one image per chunk): TOKEN_DATASETS, + vision_state."""
+        return (*TOKEN_DATASETS, VISION_STATE) if self.has_vision_state else TOKEN_DATASETS
+
+    def record_arrays(self) -> tuple[str, ...]:
+        """The array fields of this spec's records, in shard order: RECORD_ARRAYS, + vision_state."""
+        return (*RECORD_ARRAYS, VISION_STATE) if self.has_vision_state else RECORD_ARRAYS
+
+    @property
     def has_regions(self) -> bool:
         """False for a cache extracted with --detector none (its region datasets hold K = 0 rows)."""
         return self.max_regions > 0
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready dict (what the manifest and the `spec_json` attribute hold)."""
-        return {field.name: json_default(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        """Plain JSON-ready dict (what the manifest and the `spec_json` attribute hold); the vision state
+        fields only when the cache stores one."""
+        out = {
+            field.name: json_default(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if field.name not in _OPTIONAL_FIELDS
+        }
+        if self.has_vision_state:
+            out.update(
+                vision_state_shape=[int(n) for n in self.vision_state_shape],
+                vision_state_source=self.vision_state_source,
+            )
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenSpec:
         """Inverse of `to_dict`; unknown or missing fields raise ValueError."""
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - set(_OPTIONAL_FIELDS))
         if unknown or missing:
             raise ValueError(f"token spec has unknown fields {unknown} and missing fields {missing}")
         return cls(**data)
@@ -95,7 +136,12 @@ class TokenSpec:
             "region_scores": (K,),
             "region_boxes": (K, 4),
             "num_regions": (),
+            **({VISION_STATE: self.vision_state_shape} if self.has_vision_state else {}),
         }
+
+
+# TokenSpec fields a spec written before them lacks (from_dict) and to_dict leaves out when empty.
+_OPTIONAL_FIELDS = ("vision_state_shape", "vision_state_source")
 
 
 # dtype of every dataset except `keys`, whose fixed-length bytes width depends on the shard.
@@ -109,6 +155,7 @@ DTYPES = {
     "region_scores": np.dtype(np.float32),
     "region_boxes": np.dtype(np.float32),
     "num_regions": np.dtype(np.int32),
+    VISION_STATE: np.dtype(np.float16),
 }
 
 
@@ -128,6 +175,9 @@ class Record:
     region_scores: np.ndarray  # (K,) float32
     region_boxes: np.ndarray  # (K, 4) float32 xyxy in [0, 1] of the original width/height
     error: str = ""  # why status != ok (kept in the manifest, not in the shard)
+    # TokenSpec.vision_state_shape float16: the input of the last trainable vision blocks; None when the
+    # cache stores none
+    vision_state: np.ndarray | None = None
 
 
 def empty_record(key: str, spec: TokenSpec, status: str, error: str = "") -> Record:
@@ -144,6 +194,6 @@ def empty_record(key: str, spec: TokenSpec, status: str, error: str = "") -> Rec
         width=0,
         height=0,
         num_regions=0,
-        **{name: np.zeros(shapes[name], DTYPES[name]) for name in RECORD_ARRAYS},
+        **{name: np.zeros(shapes[name], DTYPES[name]) for name in spec.record_arrays()},
         error=error,
     )

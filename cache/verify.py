@@ -23,7 +23,8 @@ from mner.cache.datasets import SPLITS, DataConfig, DataSource, recorded_data
 from mner.cache.manifest import read_manifest
 from mner.cache.rows import row_problems
 from mner.cache.shards import SHARD_GLOB, image_change, image_stat, open_shard
-from mner.cache.spec import DTYPES, RECORD_ARRAYS, SCHEMA_VERSION, STATUS_NAMES, TokenSpec
+from mner.cache.spec import DTYPES, SCHEMA_VERSION, STATUS_NAMES, TokenSpec
+from mner.cache.vision_blocks import blocks_problem
 
 # Rows read at once when scanning token tensors (bounded memory for B/32-size shards).
 _BLOCK_ROWS = 256
@@ -70,7 +71,8 @@ def verify_cache(cache_dir, data: DataSource | None = None, images: bool = False
 
     Checks: every manifest shard exists and matches its sha256; no stray or .tmp shard; shard
     attributes, dataset shapes/dtypes, row counts, keys and per-image status/size/counts agree with
-    the manifest; and every row keeps the rules ShardWriter enforces (`row_problems`): status codes
+    the manifest; the vision blocks' weight file (a cache made with --vision-trainable-blocks) matches
+    its sha256; and every row keeps the rules ShardWriter enforces (`row_problems`): status codes
     valid; num_regions in [0, K]; region padding zero; no NaN/inf; boxes in [0, 1] with x2 >= x1,
     y2 >= y1; ok images have a size; non-ok images have zero size, regions and tokens. With `data`,
     every image key of each split file present (train/valid/test) is in the cache and every cache
@@ -128,6 +130,7 @@ def verify_cache(cache_dir, data: DataSource | None = None, images: bool = False
             # Flipped bytes can break HDF5 structures in many ways; each surfaces as one of these.
             problems.add(name, "unreadable", f"{name}: cannot be read by HDF5 ({type(err).__name__}: {err})")
 
+    _check_vision_blocks(cache_dir, manifest, spec, problems, checked)
     if data is None:  # the data folder the cache was extracted from, when it is still there
         data = _recorded(manifest["config"])
     if isinstance(data, ClassImages):
@@ -148,6 +151,29 @@ def verify_cache(cache_dir, data: DataSource | None = None, images: bool = False
 
     lines = problems.finish()
     return VerifyReport(ok=not lines, problems=lines, checked=checked, count=problems.total())
+
+
+def _check_vision_blocks(
+    cache_dir: Path, manifest: dict, spec: TokenSpec, problems: _Problems, checked
+) -> None:
+    """The vision blocks' weight file against its manifest sha256, listed exactly when the spec stores a
+    vision state (--vision-trainable-blocks K > 0)."""
+    entry = manifest.get("vision_blocks")
+    if (entry is not None) != spec.has_vision_state:
+        has, lacks = ("lists", "stores no") if entry is not None else ("lists no", "stores a")
+        problems.add(
+            "manifest.json",
+            "vision blocks",
+            f"manifest.json {has} vision blocks' weight file but its spec {lacks} vision state",
+        )
+    if entry is None:
+        return
+    problem = blocks_problem(cache_dir, entry)
+    if problem:
+        problems.add(entry["file"], "vision blocks", problem)
+    else:
+        checked["bytes_hashed"] += (cache_dir / entry["file"]).stat().st_size
+    checked["vision_blocks"] = entry["config"]["blocks"]
 
 
 def _check_shard(
@@ -231,7 +257,7 @@ def _check_block(
     f, name, keys, status, sizes, counts, rows: slice, spec: TokenSpec, problems: _Problems
 ) -> None:
     """Content checks on rows [rows.start, rows.stop) of one shard: ShardWriter's rules, over the block."""
-    block = {dataset: f[dataset][rows] for dataset in RECORD_ARRAYS}  # each (B, ...)
+    block = {dataset: f[dataset][rows] for dataset in spec.record_arrays()}  # each (B, ...)
     block.update(status=status[rows], image_size=sizes[rows], num_regions=counts[rows])
     for problem in row_problems(block, spec):
         for i in problem.rows:

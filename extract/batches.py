@@ -86,7 +86,13 @@ def encode_batch(
     if not ok:
         return [empty_record(meta["key"], spec, meta["status"], meta["error"]) for meta in metas]
     pixel_values = batch["pixel_values"].to(device, non_blocking=True)  # (B_ok, 3, S, S)
-    patches, globals_ = clip.encode(pixel_values)  # (B_ok, P, Dp), (B_ok, Dg)
+    states = None
+    if cfg.vision_trainable_blocks:
+        # (B_ok, P, Dp), (B_ok, Dg), and the input of the last K blocks: (B_ok, P, Dp) or (B_ok, C3, H3, W3)
+        patches, globals_, states = clip.encode_with_state(pixel_values, cfg.vision_trainable_blocks)
+        states = states.float().cpu().numpy()
+    else:
+        patches, globals_ = clip.encode(pixel_values)  # (B_ok, P, Dp), (B_ok, Dg)
     crops = cfg.region_features == "clip-crop"
     if detector is None:  # --detector none: every record gets K = 0 region rows
         regions, region_feats = [None] * len(ok), [None] * len(ok)
@@ -110,7 +116,10 @@ def encode_batch(
             records.append(empty_record(meta["key"], spec, meta["status"], meta["error"]))
             continue
         i = next(found)
-        records.append(_padded_record(meta, patches[i], globals_[i], regions[i], region_feats[i], spec))
+        record = _padded_record(meta, patches[i], globals_[i], regions[i], region_feats[i], spec)
+        if states is not None:
+            record.vision_state = states[i].astype(np.float16)
+        records.append(record)
     return records
 
 

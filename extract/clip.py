@@ -66,6 +66,68 @@ class ClipEncoder:
         global_embed = self.projection(pooled) if self.projection is not None else pooled  # (B, Dg)
         return out.last_hidden_state, global_embed
 
+    @property
+    def num_layers(self) -> int:
+        """The encoder layers of the tower: the most --vision-trainable-blocks can be."""
+        return self.vision.config.num_hidden_layers
+
+    def check_blocks(self, blocks: int) -> None:
+        """Refuse more trainable blocks than the tower has layers."""
+        if blocks > self.num_layers:
+            raise ValueError(
+                f"--vision-trainable-blocks {blocks} is more than the {self.num_layers} encoder layers of "
+                f"{self.info['name']}; give 0 to {self.num_layers} ({self.num_layers} stores the embedding "
+                "output, so the whole tower trains)"
+            )
+
+    def state_spec(self, blocks: int) -> tuple[tuple[int, ...], str]:
+        """(per-image shape, source) of the state before the last `blocks` layers: every token, CLS first."""
+        if blocks == self.num_layers:
+            source = f"vision_model.hidden_states[0] (the embedding output, input to all {blocks} encoder layers, CLS first)"
+        else:
+            source = f"vision_model.hidden_states[-{blocks + 1}] (input to the last {blocks} encoder layers, CLS first)"
+        return (self.num_patches, self.patch_dim), source
+
+    @torch.inference_mode()
+    def encode_with_state(self, pixel_values: Tensor, blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`encode`, plus the input of the last `blocks` encoder layers (B, P, Dp): hidden_states[-blocks-1],
+        which is the pre-layernormed embedding output when `blocks` is the layer count."""
+        out = self.vision(pixel_values=pixel_values, output_hidden_states=True)
+        pooled = out.pooler_output  # (B, Dp) post-layernormed CLS
+        global_embed = self.projection(pooled) if self.projection is not None else pooled  # (B, Dg)
+        return out.last_hidden_state, global_embed, out.hidden_states[-blocks - 1]
+
+    def block_weights(self, blocks: int) -> tuple[dict, dict[str, Tensor]]:
+        """(config, tensors) of what turns the stored state into the cached tokens: the last `blocks`
+        encoder layers (renumbered 0..blocks-1), post_layernorm (the pooled CLS) and the projection.
+
+        last_hidden_state, the cached patch tokens, is the last layer's output itself (CLIP applies
+        post_layernorm to the pooled CLS only); the global embedding is projection(post_layernorm(CLS)).
+        """
+        cfg = self.vision.config
+        first = self.num_layers - blocks
+        tensors = {
+            f"layers.{i}.{name}": value
+            for i, layer in enumerate(self.vision.encoder.layers[first:])
+            for name, value in layer.state_dict().items()
+        }
+        tensors.update({f"post_layernorm.{n}": v for n, v in self.vision.post_layernorm.state_dict().items()})
+        if self.projection is not None:
+            tensors.update({f"projection.{n}": v for n, v in self.projection.state_dict().items()})
+        config = {
+            "kind": "clip",
+            "blocks": blocks,
+            "layers": self.num_layers,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "hidden_act": cfg.hidden_act,
+            "layer_norm_eps": cfg.layer_norm_eps,
+            "attention_dropout": cfg.attention_dropout,
+            "projection_dim": None if self.projection is None else self.projection.out_features,
+        }
+        return config, tensors
+
     def to(self, device: torch.device) -> ClipEncoder:
         self.vision.to(device)
         if self.projection is not None:

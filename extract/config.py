@@ -55,6 +55,10 @@ class ExtractConfig:
     # avgpool, from the vision_ckpt state dict) or "tiny-resnet" (seeded random preset); one of VISIONS.
     vision: str = CLIP_VISION
     vision_ckpt: str | None = None  # ResNet state-dict file; required for resnet50/101/152
+    # K > 0 also stores the state before the vision model's last K blocks (`vision_state`) and their weights,
+    # so stage two can train them: CLIP's hidden_states[-K-1] (K = its layer count: the embedding output),
+    # a ResNet's layer3 map for layer4 (K = 1 only). 0: the frozen tokens alone.
+    vision_trainable_blocks: int = 0
     # region token: "frcnn" box-head feature or "clip-crop" CLIP embed of the crop
     region_features: str = "frcnn"
     topk: int = 20  # regions kept per image (highest scores after threshold and NMS); K in the shards
@@ -91,6 +95,7 @@ class ExtractConfig:
         if self.vision not in VISIONS:
             raise ValueError(f"unknown vision {self.vision!r}; known: {', '.join(VISIONS)}")
         self._check_vision()
+        self._check_trainable_blocks()
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown detector {self.detector!r}; known: {', '.join(DETECTORS)}")
         if self.region_features not in REGION_FEATURES:
@@ -155,6 +160,18 @@ class ExtractConfig:
                 "(weights are never downloaded)"
             )
 
+    def _check_trainable_blocks(self) -> None:
+        """K >= 0; a ResNet trains layer4 (K = 1) or nothing. CLIP's layer count is checked once it loads."""
+        K = self.vision_trainable_blocks
+        if isinstance(K, bool) or not isinstance(K, int) or K < 0:
+            raise ValueError(f"vision_trainable_blocks must be an integer >= 0, got {K!r}")
+        if self.vision != CLIP_VISION and K > 1:
+            raise ValueError(
+                f"--vision-trainable-blocks {K} is not possible with --vision {self.vision}: a ResNet stores "
+                "the layer3 map so that its layer4 trains (1), or nothing (0); its stages differ in width "
+                "and stride, so there is no stack of equal blocks to cut deeper"
+            )
+
     def _default_models(self) -> None:
         """The untrained presets for a clip/detector left unset, unless the data is a named (real) dataset."""
         models = (("--detector", self.detector),)
@@ -193,9 +210,13 @@ class ExtractConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able copy: the data fields first and flat (as manifests have always held them),
-        then every other field in order, splits as a list."""
+        then every other field in order, splits as a list; vision_trainable_blocks only when not 0."""
         out = {**self.data.to_dict(), **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         del out["data"]
+        if not self.vision_trainable_blocks:
+            # A cache without vision state records exactly the config it did before the option existed:
+            # its shards' config_json, and so their bytes, stay what they were.
+            del out["vision_trainable_blocks"]
         out["splits"] = list(self.splits)
         return out
 

@@ -81,6 +81,43 @@ class ResNetEncoder:
         global_embed = torch.flatten(m.avgpool(grid), 1)  # (B, Dp): the grid's mean, as torchvision's forward
         return grid.flatten(2).transpose(1, 2), global_embed  # (B, P, Dp) row-major cells, (B, Dp)
 
+    def check_blocks(self, blocks: int) -> None:
+        """ExtractConfig refuses K > 1 for a ResNet; layer4 is its one trainable block."""
+        assert blocks <= 1, blocks
+
+    def state_spec(self, blocks: int) -> tuple[tuple[int, ...], str]:
+        """(per-image shape, source) of the layer3 map layer4 reads: (C3, 2G, 2G) for a GxG layer4 grid."""
+        side = 2 * round(self.num_patches**0.5)  # layer4 halves layer3's map
+        channels = self.model.layer4[0].conv1.in_channels
+        return (channels, side, side), f"{self.info['name']}.layer3 ({side}x{side} map, channels first)"
+
+    @torch.inference_mode()
+    def encode_with_state(self, pixel_values: Tensor, blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`encode`, plus the layer3 map (B, C3, S/16, S/16) that layer4 turns into the grid tokens."""
+        assert blocks == 1, blocks
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(pixel_values))))  # (B, 64, S/4, S/4)
+        state = m.layer3(m.layer2(m.layer1(x)))  # (B, C3, S/16, S/16)
+        grid = m.layer4(state)  # (B, Dp, S/32, S/32)
+        global_embed = torch.flatten(m.avgpool(grid), 1)  # (B, Dp)
+        return grid.flatten(2).transpose(1, 2), global_embed, state
+
+    def block_weights(self, blocks: int) -> tuple[dict, dict[str, Tensor]]:
+        """(config, tensors) of layer4 (BatchNorm running statistics included): torchvision's
+        `_make_layer(block, planes, len(layer4), stride=2)` on the layer3 width rebuilds it."""
+        assert blocks == 1, blocks
+        layer4 = self.model.layer4
+        config = {
+            "kind": "resnet",
+            "blocks": 1,
+            "block": type(layer4[0]).__name__,  # "BasicBlock" | "Bottleneck"
+            "inplanes": layer4[0].conv1.in_channels,
+            "planes": layer4[0].conv1.out_channels,
+            "depth": len(layer4),
+            "stride": 2,
+        }
+        return config, {f"layer4.{name}": value for name, value in layer4.state_dict().items()}
+
     def to(self, device: torch.device) -> ResNetEncoder:
         self.model.to(device)
         return self

@@ -41,6 +41,7 @@ from mner.cache.lifecycle import (
 from mner.cache.manifest import read_manifest, write_manifest
 from mner.cache.shards import image_stat, shard_path
 from mner.cache.spec import NO_REGIONS, SCHEMA_VERSION, TokenSpec
+from mner.cache.vision_blocks import write_vision_blocks
 from mner.extract import images
 from mner.extract.batches import Images, collate, encode_batch
 from mner.extract.clip import ClipEncoder
@@ -90,6 +91,7 @@ def extract_features(cfg: ExtractConfig) -> Path:
         if cfg.detector != NO_DETECTOR:
             detector = build_detector(cfg.detector, cfg.detector_ckpt, cfg).to(device)
         clip = load_vision(cfg, device)  # CLIP or a ResNet: both give patch tokens and a global embedding
+        clip.check_blocks(cfg.vision_trainable_blocks)
         models = model_info(clip, detector)
         for role, info in models.items():
             if info["untrained"]:
@@ -123,7 +125,8 @@ def extract_features(cfg: ExtractConfig) -> Path:
         errors = {**known_errors, **_gather_errors(errors, runtime.world_size)}
         if rank == 0:
             files = [shard_path(out, index) for index in range(len(shard_keys))]
-            _write_manifest(out, fingerprint, config, models, spec, files, errors, paths)
+            blocks = _write_blocks(out, clip, cfg.vision_trainable_blocks)
+            _write_manifest(out, fingerprint, config, models, spec, files, errors, paths, blocks)
             if damaged:
                 log.warning(
                     "manifest.json in %s was %s: rebuilt it from the shards (%d reused, %d extracted)",
@@ -228,8 +231,13 @@ def collect_keys(source: DataSource, splits: tuple[str, ...]) -> list[str]:
 def token_spec(
     clip: ClipEncoder | ResNetEncoder, detector: RegionDetector | None, cfg: ExtractConfig
 ) -> TokenSpec:
-    """Shapes and sources of the tokens this configuration writes; K = Dr = 0 without a detector."""
+    """Shapes and sources of the tokens this configuration writes; K = Dr = 0 without a detector, and the
+    vision state's with --vision-trainable-blocks."""
     crops = cfg.region_features == "clip-crop"
+    state = {}
+    if cfg.vision_trainable_blocks:
+        shape, source = clip.state_spec(cfg.vision_trainable_blocks)
+        state = {"vision_state_shape": shape, "vision_state_source": source}
     if detector is None:
         return TokenSpec(
             num_patches=clip.num_patches,
@@ -240,6 +248,7 @@ def token_spec(
             patch_source=clip.patch_source,
             global_source=clip.global_source,
             region_source=NO_REGIONS,
+            **state,
         )
     return TokenSpec(
         num_patches=clip.num_patches,
@@ -250,11 +259,17 @@ def token_spec(
         patch_source=clip.patch_source,
         global_source=clip.global_source,
         region_source="clip_crop" if crops else "frcnn_box_head",
+        **state,
     )
 
 
 def fingerprint_parts(cfg: ExtractConfig, models: dict, spec: TokenSpec, keys: list[str]) -> dict:
-    """Everything that decides the values in the cache; its canonical hash is the cache fingerprint."""
+    """Everything that decides the values in the cache; its canonical hash is the cache fingerprint.
+
+    vision_trainable_blocks is a part only when not 0, so a cache without vision state keeps the
+    fingerprint it had before the option existed (and the runs that recorded it keep matching it).
+    """
+    blocks = {"vision_trainable_blocks": cfg.vision_trainable_blocks} if cfg.vision_trainable_blocks else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "models": {
@@ -281,6 +296,7 @@ def fingerprint_parts(cfg: ExtractConfig, models: dict, spec: TokenSpec, keys: l
             "h5py": h5py_version(),
             "pillow": PIL.__version__,
         },
+        **blocks,
     }
 
 
@@ -378,6 +394,16 @@ def _gather_errors(errors: dict[str, str], world: int) -> dict[str, str]:
     return {key: message for part in gathered for key, message in part.items()}
 
 
+def _write_blocks(out: Path, vision: ClipEncoder | ResNetEncoder, blocks: int) -> dict | None:
+    """The weights of the last `blocks` vision blocks into the cache folder; their manifest entry (None
+    for 0). Written again on every run that writes the manifest: the same bytes from the same weights."""
+    if not blocks:
+        return None
+    config, tensors = vision.block_weights(blocks)
+    arrays = {name: value.detach().cpu().numpy() for name, value in tensors.items()}
+    return write_vision_blocks(out, arrays, config)
+
+
 def _write_manifest(
     out: Path,
     fingerprint: str,
@@ -387,9 +413,10 @@ def _write_manifest(
     files: list[Path],
     errors: dict[str, str],
     paths: dict[str, Path],
+    blocks: dict | None = None,
 ) -> Path:
     """write_manifest, then recover messages for failed images of shards an earlier, killed run finished."""
-    manifest = write_manifest(out, fingerprint, config, models, spec, files, errors)
+    manifest = write_manifest(out, fingerprint, config, models, spec, files, errors, blocks)
     lacking = [
         image["key"]
         for image in read_manifest(out)["images"]
@@ -399,4 +426,4 @@ def _write_manifest(
         return manifest
     # Failures are cheap to reproduce (missing files, or decoders that stop early), and deterministic.
     errors = {**errors, **{key: load_image(paths[key]).error for key in lacking}}
-    return write_manifest(out, fingerprint, config, models, spec, files, errors)
+    return write_manifest(out, fingerprint, config, models, spec, files, errors, blocks)

@@ -154,6 +154,14 @@ def main():
     help="torchvision state_dict file for a ResNet --vision (required for resnet50/101/152).",
 )
 @click.option(
+    "--vision-trainable-blocks",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also store the state before the vision model's last K blocks, and their weights, so stage two "
+    "can train them: CLIP 1 to its layer count (all: the embedding output), a ResNet 1 (layer4).",
+)
+@click.option(
     "--region-features",
     type=click.Choice(["frcnn", "clip-crop"]),
     default="frcnn",

@@ -36,6 +36,10 @@ TINY_SPEC = TokenSpec(
 )
 # A cache extracted with --detector none: the same patches and global embedding, K = Dr = 0.
 NO_REGION_SPEC = dataclasses.replace(TINY_SPEC, max_regions=0, region_dim=0, region_source="none")
+# A cache extracted with --vision-trainable-blocks: TINY_SPEC + a (P, Dp) state before the last blocks.
+STATE_SPEC = dataclasses.replace(
+    TINY_SPEC, vision_state_shape=(5, 8), vision_state_source="vision_model.hidden_states[-2] (synthetic)"
+)
 # 91 detector category names indexed by COCO id, like torchvision's (id 0 is the background).
 CATEGORIES = ["__background__"] + [f"class{i}" for i in range(1, 91)]
 
@@ -61,7 +65,7 @@ def make_record(key: str, spec: TokenSpec, rng: np.random.Generator, status: str
     corners = np.sort(rng.uniform(0.0, 1.0, (n, 2, 2)), axis=1)  # (n, 2 corners sorted, x/y)
     boxes = np.zeros((K, 4), np.float32)
     boxes[:n] = np.stack([corners[:, 0, 0], corners[:, 0, 1], corners[:, 1, 0], corners[:, 1, 1]], axis=1)
-    return Record(
+    record = Record(
         key=key,
         status="ok",
         width=int(rng.integers(32, 400)),
@@ -74,6 +78,9 @@ def make_record(key: str, spec: TokenSpec, rng: np.random.Generator, status: str
         region_scores=scores,
         region_boxes=boxes,
     )
+    if spec.has_vision_state:
+        record.vision_state = rng.standard_normal(spec.vision_state_shape).astype(np.float16)
+    return record
 
 
 def make_records(
