@@ -61,7 +61,7 @@ from pathlib import Path
 
 from mner.cache.conll import DatasetError
 from mner.cache.datasets import unsafe_path_reason, unsafe_relative_path_reason
-from mner.runtime import write_atomic
+from mner.runtime import SettingError, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,15 @@ class ClassDataConfig:
         if isinstance(self.data_dir, Path):
             object.__setattr__(self, "data_dir", str(self.data_dir))
         if not isinstance(self.data_dir, str) or not self.data_dir:
-            raise ValueError(f"data_dir must name a folder, got {self.data_dir!r}")
+            raise SettingError("{data_dir} must name a folder, got {got!r}", got=self.data_dir)
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
         fraction = self.valid_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise ValueError(f"valid_fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+            raise SettingError(
+                "{valid_fraction} must be a number between 0 and 1 (exclusive), got {got!r}",
+                got=fraction,
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         encodings = (self.encodings,) if isinstance(self.encodings, str) else tuple(self.encodings)

@@ -13,7 +13,6 @@ import errno
 import functools
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,24 +20,36 @@ from pathlib import Path
 import click
 
 from mner import configs
+from mner.runtime.errors import SettingError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def _user_errors(fn):
     """Turn a ValueError from a stage (bad input, refused cache) into a clean click error: no traceback,
-    and the settings it names spelled as this command's flags (`--data-dir`, not `data_dir`)."""
+    and the settings a SettingError names spelled as this command's flags (`--data-dir`, not `data_dir`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except SettingError as err:
+            raise click.ClickException(err.worded(_flags(click.get_current_context().command))) from err
         except (ValueError, FileNotFoundError) as err:
-            raise click.ClickException(_flag_names(str(err), click.get_current_context().command)) from err
+            raise click.ClickException(str(err)) from err
         except OSError as err:
             raise click.ClickException(_os_error(err)) from err
 
     return wrapper
+
+
+def _flags(command: click.Command) -> dict[str, str]:
+    """Each long option of `command` by the name of the setting it fills: {"data_dir": "--data-dir"}."""
+    return {
+        param.name: param.opts[0]
+        for param in command.params
+        if isinstance(param, click.Option) and param.name and param.opts[0].startswith("--")
+    }
 
 
 def _os_error(err: OSError) -> str:
@@ -52,23 +63,6 @@ def _os_error(err: OSError) -> str:
             "(what was finished is kept; a training run continues with --resume)"
         )
     return f"cannot write or read{where}: {err.strerror or err}; check its permissions and attributes (chattr -i)"
-
-
-def _flag_names(message: str, command: click.Command) -> str:
-    """`message` with the config field names of `command`'s options written as their flags.
-
-    A name is replaced where it is a subject of the sentence: at the start ("topk must be ...",
-    "cache_dir is required ...") or after give / either / or / with ("give data_dir, or dataset with
-    data_root"), and followed by a verb or punctuation. Elsewhere the same words are prose ("detector
-    checkpoint not found"), dotted keys (train.batch_size) or lists of config keys, and stay as they are.
-    """
-    for param in command.params:
-        if not isinstance(param, click.Option) or not param.name or not param.opts[0].startswith("--"):
-            continue
-        before = r"(?:^|(?<=give )|(?<=either )|(?<=or )|(?<=with ))"
-        after = r"(?= must| is required| goes| \(| or| with|,|;|\)|$)"
-        message = re.sub(before + re.escape(param.name) + after, param.opts[0], message)
-    return message
 
 
 def _data_options(fn):

@@ -33,7 +33,7 @@ from mner.cache.datasets import SPLITS, resolve_data
 from mner.cache.inspect import draw_regions, record_regions, save_png
 from mner.cache.manifest import MANIFEST_NAME
 from mner.cache.reader import CacheReader
-from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
+from mner.runtime import SettingError, claim_folder, refuse_inputs_as_output, write_atomic
 from mner.train.metrics import entities
 from mner.train.run_files import check_data_files, load_run, run_config, unfinished
 from mner.train.significance import read_predictions
@@ -70,11 +70,14 @@ class CasesConfig:
 
     def __post_init__(self):
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
-            raise ValueError(
-                f"limit must be an integer >= 0 (0: every post that differs), got {self.limit!r}"
+            raise SettingError(
+                "{limit} must be an integer >= 0 (0: every post that differs), got {got!r}",
+                got=self.limit,
             )
         if not self.split or "/" in self.split:
-            raise ValueError(f"split must be a split name such as test or valid, got {self.split!r}")
+            raise SettingError(
+                "{split} must be a split name such as test or valid, got {got!r}", got=self.split
+            )
         self.ids = list(self.ids)
 
     def to_dict(self) -> dict:
