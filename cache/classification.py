@@ -1,7 +1,7 @@
 """Labelled post collections for sentence-level multimodal classification (MVSA-style sentiment, the
 BertResNet seed): the reader of both layouts, the writer of the submission file, and the split rule.
 
-One concern, the classification folder format, and so one module past 500 lines: both layouts go
+It is one concern, the classification folder format, and so one module past 500 lines: both layouts go
 through one reader (`_Reader`: decoding, fallbacks, `file:line` errors) that fills the same
 `ClassSplit` / `ReadReport`, and the writer and the split rule are the inverse and the completion of
 that reader. Split apart, each half would need the other's private rules.
