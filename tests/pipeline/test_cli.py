@@ -1,4 +1,4 @@
-"""Tests for pipeline/cli.py: every command's --help, user errors as clean click errors, and every command
+"""Tests for the CLI (pipeline/cli/): every command's --help, user errors as clean click errors, and every command
 run end to end on a tiny IMGID data folder with the untrained presets (tiny-clip, tiny-frcnn, tiny-bert).
 
 The stages themselves are tested in tests/extract, tests/cache and tests/train; here the question is
@@ -197,13 +197,19 @@ def extract_args(data_dir: Path, cache_dir: Path, topk: int = TOPK) -> list:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A data folder of 10/4/4 posts with 40x32 solid-colour JPEGs (the last test post has none),
-    extracted through `mner extract-features`."""
+def data_folder(tmp_path_factory):
+    """A data folder of 10/4/4 posts with 40x32 solid-colour JPEGs (the last test post has none)."""
     root = tmp_path_factory.mktemp("cli")
     data_dir, posts = make_data(root)
     keys = [post.key for post in posts]
     make_images(data_dir / "images", keys[:-1])
+    return SimpleNamespace(root=root, data_dir=data_dir, keys=keys)
+
+
+@pytest.fixture(scope="module")
+def workspace(data_folder):
+    """The data folder extracted through `mner extract-features` (the end-to-end tests, all slow)."""
+    root, data_dir, keys = data_folder.root, data_folder.data_dir, data_folder.keys
     cache_dir = root / "cache"
     extracted = ok(*extract_args(data_dir, cache_dir))
     return SimpleNamespace(
@@ -229,6 +235,7 @@ def runs(workspace):
     return SimpleNamespace(full=full, text=text, outputs=outputs)
 
 
+@pytest.mark.slow
 def test_extract_features_writes_the_cache_and_a_summary(workspace):
     manifest = read_manifest(workspace.cache_dir)
     assert sorted(image["key"] for image in manifest["images"]) == sorted(workspace.keys)
@@ -239,6 +246,7 @@ def test_extract_features_writes_the_cache_and_a_summary(workspace):
     assert f"18 images (ok 17, missing 1, corrupt 0) in {workspace.cache_dir}" in workspace.extract_output
 
 
+@pytest.mark.slow
 def test_cache_verify_inspect_and_show(workspace, tmp_path):
     cache_dir, data_dir = workspace.cache_dir, workspace.data_dir
     verified = ok("cache", "verify", cache_dir, "--data-dir", data_dir).stdout.strip().splitlines()
@@ -278,6 +286,7 @@ def test_cache_verify_inspect_and_show(workspace, tmp_path):
         assert drawn.size == (120, 96)
 
 
+@pytest.mark.slow
 def test_show_refuses_to_draw_an_image_that_is_missing(workspace, tmp_path):
     missing = workspace.missing
     line = user_error("cache", "show", workspace.cache_dir, "--id", missing, "--png", tmp_path / "x.png")
@@ -286,6 +295,7 @@ def test_show_refuses_to_draw_an_image_that_is_missing(workspace, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_cache_verify_fails_on_a_damaged_shard(workspace, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(workspace.cache_dir, damaged)
@@ -298,6 +308,7 @@ def test_cache_verify_fails_on_a_damaged_shard(workspace, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"Error: {damaged}: {len(problems)} problem(s) found"
 
 
+@pytest.mark.slow
 def test_cache_verify_images_reports_each_changed_image(workspace, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(workspace.data_dir, data)  # copy2 keeps each file's mtime to the nanosecond
@@ -314,6 +325,7 @@ def test_cache_verify_images_reports_each_changed_image(workspace, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_second_extract_reuses_the_completed_shards(workspace):
     shards = sorted(workspace.cache_dir.glob("shard-*.h5"))
     before = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in shards}
@@ -326,6 +338,7 @@ def test_second_extract_reuses_the_completed_shards(workspace):
     assert "18 images (ok 17, missing 1, corrupt 0)" in output
 
 
+@pytest.mark.slow
 def test_extract_with_another_topk_into_the_same_folder_is_refused(workspace):
     shards = sorted(workspace.cache_dir.glob("shard-*.h5"))
     before = {path.name: path.stat().st_mtime_ns for path in shards}
@@ -534,9 +547,9 @@ def test_inspect_refuses_a_folder_that_is_not_a_cache(tmp_path):
     )
 
 
-def test_torchvision_detector_without_a_checkpoint(workspace, tmp_path):
+def test_torchvision_detector_without_a_checkpoint(data_folder, tmp_path):
     out = tmp_path / "cache"
-    args = ["extract-features", "--data-dir", workspace.data_dir, "--num-workers", "0", "--out", out]
+    args = ["extract-features", "--data-dir", data_folder.data_dir, "--num-workers", "0", "--out", out]
     line = user_error(*args, "--detector", "fasterrcnn_resnet50_fpn")
     assert line == (
         "Error: --detector-ckpt is required for fasterrcnn_resnet50_fpn: "
@@ -545,14 +558,14 @@ def test_torchvision_detector_without_a_checkpoint(workspace, tmp_path):
     assert not out.exists()
 
 
-def test_unknown_set_key(workspace, tmp_path):
+def test_unknown_set_key(data_folder, tmp_path):
     out = tmp_path / "run"
     known = ", ".join(sorted(field.name for field in dataclasses.fields(ModelConfig)))
     line = user_error(
         "train-from-cache",
         "--text-only",
         "--data-dir",
-        workspace.data_dir,
+        data_folder.data_dir,
         "--set",
         "model.nope=1",
         "--out",
@@ -562,8 +575,8 @@ def test_unknown_set_key(workspace, tmp_path):
     assert not out.exists()
 
 
-def test_multimodal_training_without_a_cache(workspace, tmp_path):
-    line = user_error("train-from-cache", "--data-dir", workspace.data_dir, "--out", tmp_path / "run")
+def test_multimodal_training_without_a_cache(data_folder, tmp_path):
+    line = user_error("train-from-cache", "--data-dir", data_folder.data_dir, "--out", tmp_path / "run")
     assert (
         line == "Error: --cache is required unless model.text_only is true (pass --cache DIR, or --text-only)"
     )
@@ -577,9 +590,9 @@ def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):
     )
 
 
-def test_ablate_refuses_an_unknown_experiment(workspace, tmp_path):
+def test_ablate_refuses_an_unknown_experiment(data_folder, tmp_path):
     line = user_error(
-        "ablate", "--data-dir", workspace.data_dir, "--exp", "no_such", "--out", tmp_path / "ablation"
+        "ablate", "--data-dir", data_folder.data_dir, "--exp", "no_such", "--out", tmp_path / "ablation"
     )
     assert line == (
         f"Error: unknown experiment 'no_such': use one of {', '.join(ABLATIONS)}, all, "
@@ -655,7 +668,7 @@ def test_real_dataset_refuses_the_untrained_defaults(tmp_path, args):
     assert not out.exists()
 
 
-def test_missing_model_files_are_reported_before_any_model_loads(workspace, tmp_path, monkeypatch):
+def test_missing_model_files_are_reported_before_any_model_loads(data_folder, tmp_path, monkeypatch):
     import mner.extract.run
 
     def never(*args, **kwargs):
@@ -663,7 +676,7 @@ def test_missing_model_files_are_reported_before_any_model_loads(workspace, tmp_
 
     monkeypatch.setattr(mner.extract.run, "load_vision", never)
     monkeypatch.setattr(mner.extract.run, "build_detector", never)
-    base = ["extract-features", "--data-dir", workspace.data_dir, "--out", tmp_path / "cache"]
+    base = ["extract-features", "--data-dir", data_folder.data_dir, "--out", tmp_path / "cache"]
     line = user_error(*base, "--clip", tmp_path / "no-clip")
     assert line == (
         f"Error: CLIP model folder not found or has no config.json: {tmp_path / 'no-clip'} "
@@ -675,7 +688,7 @@ def test_missing_model_files_are_reported_before_any_model_loads(workspace, tmp_
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_bad_detector_checkpoint_is_reported_before_clip_loads(workspace, tmp_path, monkeypatch):
+def test_a_bad_detector_checkpoint_is_reported_before_clip_loads(data_folder, tmp_path, monkeypatch):
     import mner.extract.run
 
     def never(*args, **kwargs):
@@ -685,7 +698,7 @@ def test_a_bad_detector_checkpoint_is_reported_before_clip_loads(workspace, tmp_
     ckpt = tmp_path / "frcnn.pt"
     ckpt.write_text("not a checkpoint\n")
     result = invoke(
-        "extract-features", "--data-dir", workspace.data_dir, "--out", tmp_path / "cache", "--device", "cpu",
+        "extract-features", "--data-dir", data_folder.data_dir, "--out", tmp_path / "cache", "--device", "cpu",
         "--detector", "fasterrcnn_mobilenet_v3_large_320_fpn", "--detector-ckpt", ckpt,
     )  # fmt: skip
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output

@@ -541,6 +541,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ model zoo
 
 
+@pytest.mark.slow  # trains: an integration test
 def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
     """`model=NAME` arms train each model as its file gives it (arm named NAME); with --model afner,
     `full` is afner and no_slot_type is afner without its loss. ablation.json records the model."""
