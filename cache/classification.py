@@ -1,7 +1,7 @@
 """Labelled post collections for sentence-level multimodal classification (MVSA-style sentiment, the
 BertResNet seed): the reader of both layouts, the writer of the submission file, and the split rule.
 
-One concern, the classification folder format, and so one module past 500 lines: both layouts go
+It is one concern, the classification folder format, and so one module past 500 lines: both layouts go
 through one reader (`_Reader`: decoding, fallbacks, `file:line` errors) that fills the same
 `ClassSplit` / `ReadReport`, and the writer and the split rule are the inverse and the completion of
 that reader. Split apart, each half would need the other's private rules.
@@ -61,7 +61,7 @@ from pathlib import Path
 
 from mner.cache.conll import DatasetError
 from mner.cache.datasets import unsafe_path_reason, unsafe_relative_path_reason
-from mner.runtime import write_atomic
+from mner.runtime import SettingError, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,15 @@ class ClassDataConfig:
         if isinstance(self.data_dir, Path):
             object.__setattr__(self, "data_dir", str(self.data_dir))
         if not isinstance(self.data_dir, str) or not self.data_dir:
-            raise ValueError(f"data_dir must name a folder, got {self.data_dir!r}")
+            raise SettingError("{data_dir} must name a folder, got {got!r}", got=self.data_dir)
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; expected one of {', '.join(LAYOUTS)}")
         fraction = self.valid_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise ValueError(f"valid_fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+            raise SettingError(
+                "{valid_fraction} must be a number between 0 and 1 (exclusive), got {got!r}",
+                got=fraction,
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         encodings = (self.encodings,) if isinstance(self.encodings, str) else tuple(self.encodings)

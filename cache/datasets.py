@@ -20,6 +20,7 @@ from mner.cache.conll import (
     read_split,
     unsafe_key_reason,
 )
+from mner.runtime import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,13 @@ class DataConfig:
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, os.fspath(value))
             elif value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a path or None, got {value!r}")
+                raise SettingError("{" + name + "} must be a path or None, got {got!r}", got=value)
         if self.data_dir is not None and self.dataset is not None:
-            raise ValueError("give either data_dir or dataset (with data_root), not both")
+            raise SettingError("give either {data_dir} or {dataset} (with {data_root}), not both")
         if self.data_dir is None and self.dataset is None:
-            raise ValueError("give data_dir, or dataset with data_root")
+            raise SettingError("give {data_dir}, or {dataset} with {data_root}")
         if self.data_dir is not None and self.data_root is not None:
-            raise ValueError("data_root goes with dataset; with data_dir, leave it out")
+            raise SettingError("{data_root} goes with {dataset}; with {data_dir}, leave it out")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "dict") -> DataConfig:

@@ -12,7 +12,7 @@ from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
 from mner.cache.shards import open_shard_checked
 from mner.cache.spec import DTYPES, STATUS_NAMES, VISION_STATE, TokenSpec
-from mner.runtime import refuse_inputs_as_output
+from mner.runtime import SettingError, refuse_inputs_as_output
 
 # Box colours, picked by label id so one class keeps one colour across images.
 _PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6")
@@ -166,7 +166,7 @@ def show_record(cache_dir, key: str, png=None, image_path=None, scale: float = 1
     canvas of the recorded size, enlarged `scale` times (tweet thumbnails are small), and saves it there.
     """
     if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+        raise SettingError("{scale} must be > 0, got {got}", got=scale)
     with CacheReader(cache_dir) as reader:
         record = reader.get(key)
         regions = record_regions(record, reader.models)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mner.cache.datasets import DATA_FIELDS, DataConfig
-from mner.runtime import DEVICE_PATTERN
+from mner.runtime import DEVICE_PATTERN, SettingError
 
 # Registry names understood by `extract.models.build_detector`; the four torchvision ones need an explicit
 # checkpoint file, "tiny-frcnn" is the seeded random preset for tests and demos.
@@ -91,7 +91,7 @@ class ExtractConfig:
             self.clip = str(Path(self.clip).expanduser().absolute())
         self.splits = tuple(self.splits)
         if not self.out:
-            raise ValueError("out (the cache folder to write) is required")
+            raise SettingError("{out} (the cache folder to write) is required")
         if self.vision not in VISIONS:
             raise ValueError(f"unknown vision {self.vision!r}; known: {', '.join(VISIONS)}")
         self._check_vision()
@@ -99,28 +99,35 @@ class ExtractConfig:
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown detector {self.detector!r}; known: {', '.join(DETECTORS)}")
         if self.region_features not in REGION_FEATURES:
-            raise ValueError(
-                f"region_features must be one of {', '.join(REGION_FEATURES)}, got {self.region_features!r}"
+            raise SettingError(
+                "{region_features} must be one of {known}, got {got!r}",
+                known=", ".join(REGION_FEATURES),
+                got=self.region_features,
             )
         if self.topk < 1:
-            raise ValueError(f"topk must be >= 1, got {self.topk}")
+            raise SettingError("{topk} must be >= 1, got {got}", got=self.topk)
         if self.score_thr is None:
             # A random detector scores every class near 1/91; any positive threshold would leave no regions.
             self.score_thr = 0.0 if self.detector == TINY_FRCNN else DEFAULT_SCORE_THR
         if not 0.0 <= self.score_thr <= 1.0:
-            raise ValueError(f"score_thr must be in [0, 1], got {self.score_thr}")
+            raise SettingError("{score_thr} must be in [0, 1], got {got}", got=self.score_thr)
         if not 0.0 < self.nms_iou <= 1.0:
-            raise ValueError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
+            raise SettingError("{nms_iou} must be in (0, 1], got {got}", got=self.nms_iou)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise SettingError("{batch_size} must be >= 1, got {got}", got=self.batch_size)
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise SettingError("{num_workers} must be >= 0, got {got}", got=self.num_workers)
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ValueError(f"device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {self.device!r}")
+            raise SettingError(
+                "{device} must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got {got!r}",
+                got=self.device,
+            )
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+            raise SettingError(
+                "{amp} must be one of {known}, got {got!r}", known=", ".join(AMP_MODES), got=self.amp
+            )
         if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+            raise SettingError("{shard_size} must be >= 1, got {got}", got=self.shard_size)
         if not self.splits:
             raise ValueError("splits must name at least one split")
         if self.detector == NO_DETECTOR:
@@ -141,7 +148,7 @@ class ExtractConfig:
         """The CLIP folder for vision clip; for a ResNet no CLIP at all, and its checkpoint."""
         if self.vision == CLIP_VISION:
             if not self.clip:
-                raise ValueError("clip must be 'tiny-clip' or a local CLIP model folder")
+                raise SettingError("{clip} must be 'tiny-clip' or a local CLIP model folder")
             if self.vision_ckpt:
                 raise ValueError(
                     "--vision-ckpt is for a ResNet --vision; --vision clip reads the --clip folder"

@@ -32,12 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mner.train.tasks import SENTENCE_CLASSIFICATION
-
-MODES = ("text", "image", "both")
-CLASS_HEADS = SENTENCE_CLASSIFICATION.heads  # the classification task's heads, built here
-TEXT_POOLS = ("cls", "mean")
-IMAGE_FEATURES = ("global", "patches")
+from mner.train.classifier_config import CLASS_HEADS, MODES, TEXT_POOLS
 
 
 def reads_tokens(head: str, mode: str) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.runtime import AMP_MODES, DEVICE_PATTERN
+from mner.runtime import AMP_MODES, DEVICE_PATTERN, SettingError
 from mner.train.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
 
 # The model zoo: one small TOML diff over the base per model, configs/models/<name>.toml. Its first two
@@ -373,8 +373,8 @@ class RunConfig:
         if not self.out_dir:
             raise ValueError("out_dir must name the run folder, got ''")
         if self.cache_dir is None and not self.model.text_only:
-            raise ValueError(
-                "cache_dir is required unless model.text_only is true (pass --cache DIR, or --text-only)"
+            raise SettingError(
+                "{cache_dir} is required unless model.text_only is true (pass --cache DIR, or --text-only)"
             )
 
     def to_dict(self) -> dict:

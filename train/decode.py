@@ -32,13 +32,12 @@ from mner.runtime import Runtime, to_device
 from mner.train.config import RunConfig
 from mner.train.data import Collate, PostDataset, make_loader, subword_budget, subword_counts
 from mner.train.model import MNERModel
+from mner.train.run_files import LONG_POSTS
 
 log = logging.getLogger(__name__)
 
 # Posts per tokenizer call when counting truncated words.
 _COUNT_CHUNK = 256
-# How long posts are tagged (module docstring); the first is the default everywhere.
-LONG_POSTS = ("truncate", "window")
 
 
 def decode_and_score(

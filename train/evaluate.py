@@ -1,5 +1,5 @@
 """Score a finished run on a split: `evaluate_run` (tagging), `evaluate_classifier` (classification);
-`mner evaluate` picks one by the run's recorded task.
+`evaluate`, `mner evaluate`'s entry, picks one by the run's recorded task.
 
 The model is rebuilt from the run folder alone (config.json + model.safetensors). A multimodal run
 only accepts a cache with the fingerprint it was trained on: the same images through different
@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from mner.cache.datasets import SPLITS, resolve_data
-from mner.runtime import resolve_runtime
+from mner.runtime import SettingError, resolve_runtime
 from mner.train.data import unknown_label
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
@@ -33,10 +33,34 @@ from mner.train.run_files import (
 )
 from mner.train.runs import check_cache_keys, encoder_dir_of, load_run_model, open_cache
 from mner.train.scores import format_entity_scores, write_pred_csv
-from mner.train.tasks import TOKEN_TAGGING
+from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 from mner.train.text_states import find_text_states
 
 log = logging.getLogger(__name__)
+
+
+def evaluate(*, run_dir, split, cache_dir, data_dir, amp, long_posts, text_cache) -> str:
+    """`mner evaluate`: score a run of either task on `split` by its task's evaluation; returns the report.
+
+    `amp`, `long_posts` other than "truncate" and `text_cache` tag words: a classifier run refuses them.
+    """
+    if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
+        if long_posts != "truncate" or amp is not None or text_cache is not None:
+            raise SettingError(
+                "{amp}, {long_posts} and {text_cache} apply to tagging runs, not to a classifier run"
+            )
+        scores, folder = evaluate_classifier(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
+        return f"{run_dir} on {split} (written to {folder}):\n{SENTENCE_CLASSIFICATION.format_scores(scores)}"
+    scores = evaluate_run(
+        run_dir,
+        split=split,
+        cache_dir=cache_dir,
+        data_dir=data_dir,
+        amp=amp,
+        long_posts=long_posts,
+        text_cache=text_cache,
+    )
+    return f"{run_dir} on {split}:\n{format_scores(scores)}"
 
 
 def evaluate_run(

@@ -37,7 +37,7 @@ from pathlib import Path
 from mner.cache.conll import Split, read_split, write_split
 from mner.cache.datasets import DataConfig, DataSource
 from mner.cache.reader import CacheReader
-from mner.runtime import refuse_inputs_as_output, resolve_runtime
+from mner.runtime import SettingError, refuse_inputs_as_output, resolve_runtime
 from mner.train.decode import (
     LONG_POSTS,
     decode_split,
@@ -48,7 +48,7 @@ from mner.train.decode import (
 from mner.train.metrics import entities
 from mner.train.run_files import extractor_differences, inference_amp, load_run, run_config
 from mner.train.runs import load_run_model
-from mner.train.tasks import TOKEN_TAGGING
+from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,27 @@ log = logging.getLogger(__name__)
 _PREDICT_SPLIT = "predict"
 # Posts with a missing or corrupt image named in the log; the rest are counted.
 NAMED_IMAGES = 10
+
+
+def predict_posts(*, run_dir, input_file, out_file, image_dir, cache_dir, amp, long_posts, extract) -> Path:
+    """`mner predict`: label new posts with a run of either task (`predict` or `predict_classifier`, by
+    the run's recorded task); returns the file written.
+
+    A tagging run takes its images from `image_dir` (re-extracted by `extract`), a classifier run from
+    `cache_dir`; each refuses the other's options.
+    """
+    if load_run(run_dir).task is SENTENCE_CLASSIFICATION:
+        if image_dir is not None or amp is not None or long_posts != "truncate":
+            raise SettingError(
+                "{image_dir}, {amp} and {long_posts} apply to tagging runs; a classifier run reads images "
+                "from {cache_dir}"
+            )
+        return predict_classifier(run_dir, input_file, out_file, cache_dir=cache_dir)
+    if cache_dir is not None:
+        raise SettingError(
+            "{cache_dir} applies to classifier runs; a tagging run re-extracts with {image_dir}"
+        )
+    return predict(run_dir, input_file, image_dir, out_file, amp=amp, long_posts=long_posts, extract=extract)
 
 
 def predict(

@@ -1,4 +1,4 @@
-"""`mner results`: a table of the training-time scores of several runs of either task, each compared
+"""`mner results` (`results`): a table of the training-time scores of several runs of either task, each compared
 with the first by a paired bootstrap over posts (train/significance.py).
 
 Torch-free: it reads each run's results.json and prediction file (train/run_files.py), never a model,
@@ -12,9 +12,28 @@ from pathlib import Path
 import pandas as pd
 
 from mner.train import significance
+from mner.train.ablation_tables import ABLATION_CSV, ABLATION_MD
 from mner.train.run_files import read_results, recorded_task, unfinished
 from mner.train.scores import PERCENT, read_pred_csv
 from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
+
+
+def results(*, run_dirs, split, bootstrap, bootstrap_seed, plot) -> str:
+    """`mner results`: the table of the runs among `run_dirs` (results_table), then the table of each
+    ablation folder among them (its ablation.md), then, with `plot` a folder, the PNGs written there
+    (train/plots.py, of runs and ablations alike); returns what the command prints."""
+    runs = [path for path in run_dirs if not (Path(path) / ABLATION_CSV).is_file()]
+    chunks = (
+        [results_table(runs, split=split, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)] if runs else []
+    )
+    for path in run_dirs:
+        if path not in runs and (Path(path) / ABLATION_MD).is_file():
+            chunks.append(f"\n{path}:\n" + (Path(path) / ABLATION_MD).read_text(encoding="utf-8"))
+    if plot is not None:
+        from mner.train.plots import write_plots  # matplotlib: only for --plot
+
+        chunks += [f"wrote {png}" for png in write_plots(list(run_dirs), plot, split=split)]
+    return "\n".join(chunks)
 
 
 def results_table(

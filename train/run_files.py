@@ -277,6 +277,11 @@ def precision_name(runtime: Runtime) -> str:
     return _DTYPE_PRECISION[str(runtime.amp_dtype).removeprefix("torch.")]
 
 
+# How `evaluate` and `predict` tag a post longer than the encoder's max_length sub-words (train/decode.py);
+# the first is the default everywhere.
+LONG_POSTS = ("truncate", "window")
+
+
 def inference_amp(record: dict, requested: str | None = None) -> str:
     """The amp mode `evaluate` and `predict` run in: `requested` (their --amp) when given, else the
     precision the run trained in (config.json "precision"), so a run trained in fp32 (on a CPU, or

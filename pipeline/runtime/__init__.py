@@ -8,6 +8,7 @@
 - `folders.py`: `FolderLock` (one writer per folder) and `claim_folder` / `folder_state` (the one
   rule for a folder a command writes: new, empty or ours).
 - `progress.py`: `ProgressLog`, `quiet_library_progress`.
+- `errors.py`: `SettingError`, a refused setting that the CLI words with its option's flag.
 
 Callers import these names from `mner.runtime`. torch is imported inside the functions that need
 it: `cache/` writes its manifest through `write_atomic`, and the cache commands (`mner cache
@@ -28,6 +29,7 @@ from mner.runtime.device import (
     to_device,
     usable_cpus,
 )
+from mner.runtime.errors import SettingError
 from mner.runtime.files import fsync_dir, fsync_file, refuse_inputs_as_output, write_atomic
 from mner.runtime.folders import (
     LOCK_NAME,
@@ -52,6 +54,7 @@ __all__ = [
     "FolderLock",
     "ProgressLog",
     "Runtime",
+    "SettingError",
     "cgroup_cpu_quota",
     "claim_folder",
     "folder_state",

@@ -6,18 +6,22 @@ import dataclasses
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-import mner.train.ablate as ablate
+import mner.train.ablation_config as ablation_config
+import mner.train.ablation_rules as ablation_rules
 import mner.train.ablation_tables as ablation_tables
 import mner.train.classify as classify
 import mner.train.loop as loop
 from mner.cache.classification import ClassDataConfig
 from mner.cache.datasets import DataConfig
 from mner.demo.classification import make_mvsa_demo
-from mner.train.ablate import ABLATIONS, AblationConfig, ClassAblationConfig, experiment_file, run_ablation
+from mner.train.ablate import run_ablation
+from mner.train.ablation_config import ABLATIONS, AblationConfig, experiment_file
+from mner.train.class_ablation import ClassAblationConfig
 from mner.train.config import load_run_config
 from tests.train.factories import make_cache
 from tests.train.run_factories import (  # noqa: F401 (single_thread: autouse fixture)
@@ -102,7 +106,7 @@ def ablation(tmp_path_factory):
 
 
 def _results(cfg: AblationConfig, name: str, seed: int) -> dict:
-    return json.loads((ablate.Path(cfg.out_dir) / name / f"seed{seed}" / "results.json").read_text())
+    return json.loads((Path(cfg.out_dir) / name / f"seed{seed}" / "results.json").read_text())
 
 
 @pytest.mark.slow
@@ -333,6 +337,26 @@ def test_a_folder_of_other_files_is_refused_untouched(tmp_path):
     assert tree(out) == before
 
 
+def test_a_classification_folder_is_ablated_by_classifier_diffs_and_refuses_tagging_options(tmp_path):
+    """`mner ablate` picks the task by the data folder; a classification folder's refusal of the tagging
+    options names them as flags, before anything is written."""
+    from click.testing import CliRunner
+
+    from mner.cli import main
+
+    data = make_mvsa_demo(tmp_path / "mvsa", seed=0, n=12)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["ablate", "--data-dir", str(data), "--exp", "mode=text", "--grid", "x.y=1,2", "--out", str(out)],
+    )
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
+        "Error: a classification folder's ablation takes --exp KEY=VALUE diffs of the classifier (--exp "
+        "mode=text --exp head=cnn); --grid, --model, --dataset, --image-dir and --columns apply to tagging runs"
+    )
+    assert not out.exists()
+
+
 def test_a_second_ablation_into_a_folder_being_written_is_refused(tmp_path):
     out = tmp_path / "out"
     with held_by_another_process(out, "mner ablate") as pid:
@@ -353,7 +377,7 @@ def test_a_seed_folder_that_is_not_a_run_of_ours_is_refused_not_skipped(tmp_path
     seed = tmp_path / "out" / "text_only" / "seed1"
     seed.mkdir(parents=True)
     (seed / "results.json").write_text('{"the user": 1}')
-    (tmp_path / "out" / "ablation.json").write_text(json.dumps(ablate._record(cfg)))
+    (tmp_path / "out" / "ablation.json").write_text(json.dumps(ablation_config._record(cfg)))
     with pytest.raises(
         ValueError, match=re.escape(f"--out {seed} is not empty and is not one of our run folders")
     ):
@@ -381,11 +405,11 @@ def test_an_ablation_failing_before_any_training_leaves_no_folder(tmp_path):
 
 
 def test_list_gives_every_experiment_its_diff_from_the_file():
-    lines = ablate.list_experiments().splitlines()
+    lines = ablation_config.list_experiments().splitlines()
     assert [line.split()[0] for line in lines] == list(ABLATIONS)
     for line in lines[1:]:
         name = line.split()[0]
-        table = ablate.configs.load_toml(experiment_file(name))
+        table = ablation_config.configs.load_toml(experiment_file(name))
         for section, values in table.items():
             for key, value in values.items():
                 shown = str(value).lower() if isinstance(value, bool) else str(value)
@@ -408,8 +432,8 @@ def test_all_names_every_registry_experiment_that_changes_the_model():
 
 
 def test_grid_points_are_the_cartesian_product_in_order():
-    assert ablate.grid_points([]) == [()]
-    assert ablate.grid_points(["model.qfnet_layers=1,2", "train.lr_fusion=1e-4, 3e-4"]) == [
+    assert ablation_config.grid_points([]) == [()]
+    assert ablation_config.grid_points(["model.qfnet_layers=1,2", "train.lr_fusion=1e-4, 3e-4"]) == [
         ("model.qfnet_layers=1", "train.lr_fusion=1e-4"),
         ("model.qfnet_layers=1", "train.lr_fusion=3e-4"),
         ("model.qfnet_layers=2", "train.lr_fusion=1e-4"),
@@ -517,6 +541,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ model zoo
 
 
+@pytest.mark.slow  # trains: an integration test
 def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
     """`model=NAME` arms train each model as its file gives it (arm named NAME); with --model afner,
     `full` is afner and no_slot_type is afner without its loss. ablation.json records the model."""
@@ -557,7 +582,10 @@ def test_model_arm_and_model_errors(tmp_path):
         _config(experiments=["model=nope"])
     with pytest.raises(ValueError, match=re.escape(f"model.name must be one of {names}; got 'nope'")):
         _config(model="nope")
-    assert ablate.experiment_name("model=afner") == "afner" and ablate.experiment_file("model=afner") is None
+    assert (
+        ablation_config.experiment_name("model=afner") == "afner"
+        and ablation_config.experiment_file("model=afner") is None
+    )
     # no_slot_type over the base (afdvqf, whose slot_type loss is off) would retrain it: refused.
     cfg = _config(experiments=["no_slot_type"], out_dir=str(tmp_path / "out"))
     message = f"experiment no_slot_type ({experiment_file('no_slot_type')}) changes nothing"
@@ -593,7 +621,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, 
         out_dir=str(out),
     )
     out.mkdir()
-    (out / "ablation.json").write_text(json.dumps(ablate._record(_config(**base, epochs=1))))
+    (out / "ablation.json").write_text(json.dumps(ablation_config._record(_config(**base, epochs=1))))
     (out / "text_only").mkdir()  # an earlier arm's folder: the re-run must not be told it is ours to skip
     for changes, difference in (
         (dict(epochs=3), "arms.text_only.train.epochs 1 -> 3"),
@@ -680,10 +708,10 @@ def test_arms_that_train_the_same_model_are_left_out_or_refused(tmp_path):
 
 
 def test_arm_folders_stay_inside_the_ablation_folder(tmp_path, monkeypatch):
-    assert ablate.arm_folder("model.text_encoder=../../x") == "model.text_encoder=.._.._x"
-    assert ablate.arm_folder("..") == "__"
+    assert ablation_rules.arm_folder("model.text_encoder=../../x") == "model.text_encoder=.._.._x"
+    assert ablation_rules.arm_folder("..") == "__"
     with pytest.raises(ValueError, match=re.escape("experiments 'a/b' and 'a_b' would share the folder a_b")):
-        ablate.refuse_repeated_arms(["a/b", "a_b"])
+        ablation_rules.refuse_repeated_arms(["a/b", "a_b"])
     data_dir, _ = make_data(tmp_path)
     out = tmp_path / "deep" / "out"
     started = _stop_at_training(monkeypatch)

@@ -42,7 +42,9 @@ from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import collect_images, extract_features
 from mner.runtime import write_atomic
-from mner.train.ablate import ClassAblationConfig, run_ablation
+from mner.train.ablate import run_ablation
+from mner.train.class_ablation import ClassAblationConfig
+from mner.train.classifier_config import ClassifierConfig, ClassifierRunConfig, load_classifier_config
 from mner.train.classifier_model import (
     CLASS_HEADS,
     ClassifierHead,
@@ -50,14 +52,7 @@ from mner.train.classifier_model import (
     SentenceClassifier,
     pool_text,
 )
-from mner.train.classify import (
-    SUBMISSION_FILE,
-    ClassifierConfig,
-    ClassifierRunConfig,
-    load_classifier_config,
-    submission_file,
-    train_classifier,
-)
+from mner.train.classify import SUBMISSION_FILE, submission_file, train_classifier
 from mner.train.evaluate import evaluate_classifier
 from mner.train.loop import NonFiniteLoss
 from mner.train.metrics import classification_scores
@@ -750,6 +745,30 @@ def test_the_cli_needs_a_cache_for_both(demo_runs, tmp_path):
     )
     assert result.exit_code == 1 and "--cache DIR" in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_commands_take_the_classifier_path_by_the_run_record(demo_runs, tmp_path):
+    """`mner evaluate` / `mner predict` read the run's task: a classifier run is scored as one (its
+    eval folder named in the output) and refuses the tagging options, naming them as flags."""
+    run = demo_runs.both
+    result = CliRunner().invoke(main, ["evaluate", str(run), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    [folder] = (run / "eval").glob("test-*")
+    assert result.output.startswith(f"{run} on test (written to {folder}):\n")
+    refused = CliRunner().invoke(main, ["evaluate", str(run), "--amp", "off"])
+    assert refused.exit_code == 1 and refused.output.strip().splitlines()[-1] == (
+        "Error: --amp, --long-posts and --text-cache apply to tagging runs, not to a classifier run"
+    )
+    source = demo_runs.demo / "test.txt"
+    args = ["predict", str(run), "--input", str(source), "--out", str(tmp_path / "pred.txt")]
+    refused = CliRunner().invoke(main, [*args, "--image-dir", str(tmp_path)])
+    assert refused.exit_code == 1 and refused.output.strip().splitlines()[-1] == (
+        "Error: --image-dir, --amp and --long-posts apply to tagging runs; a classifier run reads images "
+        "from --cache"
+    )
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0 and done.output == f"predictions written to {tmp_path / 'pred.txt'}\n"
 
 
 # ============================================================================ small runs and refusals

@@ -247,6 +247,7 @@ def test_predict_counts_words_past_the_limit_and_can_tag_them_by_windows(runs, t
         assert any(tag != "O" for tag in tags[30:])
 
 
+@pytest.mark.slow  # trains: an integration test
 def test_a_multimodal_run_needs_stage_one_passed_in(runs, tmp_path):
     with pytest.raises(ValueError, match=r"uses images: predict needs stage one to extract them"):
         predict_without_stage_one(

@@ -14,7 +14,7 @@ import torch
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.train.ablate import ABLATIONS, experiment_file
+from mner.train.ablation_config import ABLATIONS, experiment_file
 from mner.train.config import ModelConfig, TrainConfig, load_run_config, model_names
 from mner.train.model import MNERModel
 from mner.train.registry import AUX_LOSSES
