@@ -63,10 +63,10 @@ from mner.extract.models import model_info
 from mner.extract.resnet import ResNetEncoder, load_resnet, preprocess_for_resnet
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime, seed_everything
-from mner.train.classifier_model import ClassifierHead, SentenceClassifier
-from mner.train.classify import ClassifierConfig, collate_posts, param_groups, post_loader
-from mner.train.loop import train_step
-from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
+from mner.train.engine.classify import ClassifierConfig, collate_posts, param_groups, post_loader
+from mner.train.engine.loop import train_step
+from mner.train.zoo.classifier_model import ClassifierHead, SentenceClassifier
+from mner.train.zoo.text import load_encoder, load_tokenizer, resolve_text_encoder
 
 MVSA_SINGLE_POSTS = 4500  # MVSA-Single after the usual cleaning: about 4,500 image-text posts
 MODES = ("cached", "e2e")

@@ -86,11 +86,11 @@ from mner.extract.config import ExtractConfig
 from mner.extract.detector import build_detector
 from mner.extract.run import extract_features, token_spec
 from mner.runtime import resolve_runtime, seed_everything
-from mner.train.config import ModelConfig, TrainConfig, load_run_config, model_names
-from mner.train.data import Collate, PostDataset, make_loader
-from mner.train.loop import build_optimizer, train_step
-from mner.train.model import MNERModel
-from mner.train.text import load_tokenizer, minilm_dir, resolve_text_encoder
+from mner.train.engine.config import ModelConfig, TrainConfig, load_run_config, model_names
+from mner.train.engine.data import Collate, PostDataset, make_loader
+from mner.train.engine.loop import build_optimizer, train_step
+from mner.train.zoo.model import MNERModel
+from mner.train.zoo.text import load_tokenizer, minilm_dir, resolve_text_encoder
 
 TARGET_OVERHEAD = 1.25  # issue "Stage two" section 6: cached step <= 1.25 x text-only step
 POSTS_PER_EPOCH = 64  # the demo's train posts are repeated up to this many per epoch

@@ -36,7 +36,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from mner.cache.spec import DTYPES, TokenSpec
 from mner.extract.clip import ClipEncoder
 from mner.extract.resnet import IMAGENET_PREPROCESS, ResNetEncoder, resnet_transform
-from mner.train.vision_blocks import VisionBlocks
+from mner.train.zoo.vision_blocks import VisionBlocks
 
 BATCH = 16
 

@@ -2,7 +2,7 @@
 frozen bottom layers (model.text_frozen_layers = N), at the post's sub-word positions.
 
 Those states depend only on the post's text and the frozen weights, so they are computed once and
-read by every epoch, arm and seed that trains the layers above N (train/text_states.py computes them;
+read by every epoch, arm and seed that trains the layers above N (train/engine/text_states.py computes them;
 this module alone knows the file). One folder per fingerprint under a root folder:
 
     ROOT/<fingerprint[:16]>/
@@ -69,7 +69,7 @@ def write_text_states(
 
     Args:
         folder: `text_state_folder(root, parts)[0]`.
-        parts: what the states depend on (train/text_states.py: encoder and tokenizer files, max_length,
+        parts: what the states depend on (train/engine/text_states.py: encoder and tokenizer files, max_length,
             frozen layers, the split file's sha256, versions); hashed into the fingerprint.
         rows: (post key, input_ids (S_i,), states (S_i, D) float32) per post, in file order.
         width: D.

@@ -2,7 +2,7 @@
 
 `mner predict` tags new posts with a multimodal run; their images must become tokens through the very
 extractor the run's cache was made with. Stage two never imports stage one, so the CLI hands this
-function to `mner.train.predict.predict` (its `extract` argument).
+function to `mner.train.report.predict.predict` (its `extract` argument).
 """
 
 from __future__ import annotations

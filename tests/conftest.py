@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session", autouse=True)
 def preset_dir(tmp_path_factory):
     """Materialise the tiny presets (tiny-clip, tiny-frcnn, tiny-resnet, tiny-bert) once per session in a
-    private folder, never in ~/.cache; extract/models.py and train/text.py both read $MNER_PRESET_DIR."""
+    private folder, never in ~/.cache; extract/models.py and train/zoo/text.py both read $MNER_PRESET_DIR."""
     folder = tmp_path_factory.mktemp("presets")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MNER_PRESET_DIR", str(folder))

@@ -135,7 +135,7 @@ def _top_level_imports(path: Path) -> tuple[tuple[int, str], ...]:
 
 def _loaded_by(module: str) -> dict[str, str]:
     """Every module importing `module` loads (ours followed transitively, parent packages included),
-    each with the chain that loads it: {"torch": "mner.train.plots -> mner.train.runs -> torch"}."""
+    each with the chain that loads it: {"torch": "mner.train.report.plots -> mner.train.engine.runs -> torch"}."""
     chains: dict[str, str] = {}
     todo = [(module, module)]
     while todo:
@@ -169,6 +169,18 @@ def _imports_under(
                 if any(name == bad or name.startswith(bad + ".") for bad in forbidden):
                     hits.append(f"{path.relative_to(ROOT)}:{line}: {name}")
     return hits
+
+
+def test_the_zoo_imports_only_the_configs_of_the_engine_and_the_engine_never_imports_report():
+    """train/zoo is what a model is made of: it reads configs, never the loop, the run folder or a report;
+    train/engine trains and never needs what reads finished runs."""
+    engine_but_configs = tuple(
+        f"mner.train.engine.{path.stem}"
+        for path in (ROOT / "train" / "engine").glob("*.py")
+        if path.stem not in ("__init__", "config", "classifier_config")
+    )
+    assert _imports_under(("train/zoo",), (*engine_but_configs, "mner.train.report")) == []
+    assert _imports_under(("train/engine",), ("mner.train.report",)) == []
 
 
 def test_extract_and_cache_never_import_train():

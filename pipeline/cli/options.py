@@ -15,7 +15,7 @@ import click
 from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import AMP_MODES, SettingError
-from mner.train.run_files import LONG_POSTS
+from mner.train.engine.run_files import LONG_POSTS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 # The split a command reads when none is given.

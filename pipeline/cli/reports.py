@@ -6,8 +6,8 @@ import click
 
 from mner.cache.datasets import SPLITS
 from mner.cli.options import CONTEXT, SPLIT, amp_option, default, long_posts_option, user_errors
-from mner.train import significance
-from mner.train.cases import CasesConfig
+from mner.train.report import significance
+from mner.train.report.cases import CasesConfig
 
 
 @click.command("evaluate", context_settings=CONTEXT)
@@ -34,7 +34,7 @@ def evaluate_cmd(run_dir, **options):
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from mner.train.evaluate import evaluate
+    from mner.train.report.evaluate import evaluate
 
     click.echo(evaluate(run_dir=run_dir, **options))
 
@@ -66,7 +66,7 @@ def predict_cmd(run_dir, **options):
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
       mner predict runs/mvsa_both --input mvsa/test_without_label.txt --out submission.txt
     """
-    from mner.train.predict import predict_posts
+    from mner.train.report.predict import predict_posts
 
     out = predict_posts(run_dir=run_dir, **options, extract=_extract_images)
     click.echo(f"predictions written to {out}")
@@ -112,7 +112,7 @@ def results_cmd(bootstrap, **options):
       mner results runs/text_only runs/full --bootstrap 10000 --bootstrap-seed 1
       mner results runs/text_only runs/full ablations/tw15 --plot figures/
     """
-    from mner.train.results import results
+    from mner.train.report.results import results
 
     if bootstrap < 0:
         raise click.BadParameter(f"must be >= 0 (0: no test), got {bootstrap}", param_hint="--bootstrap")
@@ -161,6 +161,6 @@ def cases_cmd(out, ids, **options):
       mner cases demo_out/runs/text_only demo_out/runs/afdvqf --out demo_out/cases
       mner cases runs/text runs/full --split valid --ids 1015799 --ids 1017446 --out cases/picked
     """
-    from mner.train.cases import case_study
+    from mner.train.report.cases import case_study
 
     click.echo(case_study(CasesConfig(out_dir=out, ids=list(ids), **options)))

@@ -8,8 +8,7 @@ import click
 
 from mner.cache.classification import ClassDataConfig
 from mner.cli.options import CONTEXT, data_config, data_options, default, user_errors
-from mner.train.ablation_config import ABLATIONS, ALL, AblationConfig, list_experiments
-from mner.train.classifier_config import (
+from mner.train.engine.classifier_config import (
     CLASS_HEADS,
     CLASS_WEIGHTS,
     IMAGE_FEATURES,
@@ -19,12 +18,13 @@ from mner.train.classifier_config import (
     ClassifierRunConfig,
     load_classifier_config,
 )
+from mner.train.report.ablation_config import ABLATIONS, ALL, AblationConfig, list_experiments
 
 
 def _run_config(
     cache_dir, data, model, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
 ):
-    from mner.train.config import RunConfig, load_run_config
+    from mner.train.engine.config import RunConfig, load_run_config
 
     overrides = list(overrides)
     if text_encoder:
@@ -119,7 +119,7 @@ def train_from_cache_cmd(
     )
     cfg.text_cache = text_cache
     data.resolve()  # the data folder exists: checked before torch loads
-    from mner.train.loop import train_from_cache
+    from mner.train.engine.loop import train_from_cache
 
     run_dir = train_from_cache(cfg)
     click.echo(f"run written to {run_dir}")
@@ -234,7 +234,7 @@ def train_classifier_cmd(
       mner train-classifier --data-dir mvsa --mode text --out runs/mvsa_text
       mner train-classifier --data-dir mvsa --cache cache/mvsa --mode both --head cnn --out runs/mvsa_cnn
     """
-    from mner.train.classify import train_classifier
+    from mner.train.engine.classify import train_classifier
 
     classifier = load_classifier_config(
         config_file,
@@ -270,7 +270,7 @@ def models_cmd():
     Example:
       mner models
     """
-    from mner.train.config import describe_model, model_names
+    from mner.train.engine.config import describe_model, model_names
 
     rows = [(name, *describe_model(name)) for name in model_names()]
     widths = [max(len(row[i]) for row in [("name", "seed", ""), *rows]) for i in range(2)]
@@ -361,6 +361,6 @@ def ablate_cmd(list_only, out, **options):
         return
     if out is None:
         raise click.UsageError("Missing option '--out' (the ablation folder).")
-    from mner.train.ablate import ablate
+    from mner.train.report.ablate import ablate
 
     click.echo(ablate(out_dir=out, **options))

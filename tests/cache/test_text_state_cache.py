@@ -1,4 +1,4 @@
-"""cache/text_states.py (named apart from tests/train/test_text_states.py: pytest needs unique basenames): round trip, checks before use, atomic and locked writes, inspection."""
+"""cache/text_states.py (named apart from tests/train/engine/test_text_states.py: pytest needs unique basenames): round trip, checks before use, atomic and locked writes, inspection."""
 
 from __future__ import annotations
 

@@ -29,9 +29,9 @@ from mner.cache.manifest import read_manifest
 from mner.cli import main
 from mner.demo.build import DemoConfig
 from mner.extract.config import DETECTORS
-from mner.train.ablation_config import ABLATIONS
-from mner.train.config import ModelConfig
-from mner.train.text import PRESETS
+from mner.train.engine.config import ModelConfig
+from mner.train.report.ablation_config import ABLATIONS
+from mner.train.zoo.text import PRESETS
 from tests.train.run_factories import make_data, make_images, make_prediction_pair
 
 # Every leaf command, as the words typed after `mner`.
@@ -437,8 +437,8 @@ def test_cases_prints_the_counts_and_writes_the_page(tmp_path):
 def test_cases_on_the_trained_runs(runs, tmp_path):
     """Text-only against multimodal: the regions come from the multimodal run's cache, and the
     printed counts are a recount from the two prediction files."""
-    from mner.train.metrics import entities
-    from mner.train.significance import read_predictions
+    from mner.train.engine.metrics import entities
+    from mner.train.report.significance import read_predictions
 
     out = tmp_path / "cases"
     first = ok("cases", runs.text, runs.full, "--out", out, "--limit", "0").stdout.splitlines()[0]
@@ -751,7 +751,7 @@ def test_ablate_list_needs_no_folder_and_a_run_needs_out():
 
 
 def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
-    from mner.train.config import describe_model, model_names
+    from mner.train.engine.config import describe_model, model_names
 
     lines = ok("models").output.splitlines()
     assert lines[0].split() == ["name", "seed", "adds"]
@@ -764,7 +764,7 @@ def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
 
 
 def test_an_unknown_model_is_a_clean_error_listing_the_models(tmp_path):
-    from mner.train.config import model_names
+    from mner.train.engine.config import model_names
 
     data_dir, _ = make_data(tmp_path)
     line = user_error(
@@ -775,15 +775,15 @@ def test_an_unknown_model_is_a_clean_error_listing_the_models(tmp_path):
 
 @pytest.mark.parametrize("command", ["train-from-cache", "train-classifier"])
 def test_threads_option_reaches_the_config(command, tmp_path, monkeypatch):
-    import mner.train.classify
-    import mner.train.loop
+    import mner.train.engine.classify
+    import mner.train.engine.loop
 
     seen = []
     monkeypatch.setattr(
-        mner.train.loop, "train_from_cache", lambda cfg: seen.append(cfg.train.threads) or "r"
+        mner.train.engine.loop, "train_from_cache", lambda cfg: seen.append(cfg.train.threads) or "r"
     )
     monkeypatch.setattr(
-        mner.train.classify, "train_classifier", lambda cfg: seen.append(cfg.classifier.threads) or "r"
+        mner.train.engine.classify, "train_classifier", lambda cfg: seen.append(cfg.classifier.threads) or "r"
     )
     data = tmp_path / "data"
     data.mkdir()
@@ -815,12 +815,12 @@ def test_threads_option_reaches_the_config(command, tmp_path, monkeypatch):
 )
 def test_a_file_the_command_cannot_write_is_one_line_not_a_traceback(tmp_path, monkeypatch, error, message):
     """An immutable metrics.jsonl at --resume, a full disk: the CLI's error net words every OSError."""
-    import mner.train.loop
+    import mner.train.engine.loop
 
     def fails(cfg):
         raise error
 
-    monkeypatch.setattr(mner.train.loop, "train_from_cache", fails)
+    monkeypatch.setattr(mner.train.engine.loop, "train_from_cache", fails)
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "valid"):

@@ -29,12 +29,12 @@ from mner.demo.build import DemoConfig, build_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime
-from mner.train.config import RunConfig, load_run_config
-from mner.train.data import make_loader
-from mner.train.loop import train_from_cache
-from mner.train.metrics import entity_scores
-from mner.train.run_files import read_record, run_config
-from mner.train.runs import load_run_model
+from mner.train.engine.config import RunConfig, load_run_config
+from mner.train.engine.data import make_loader
+from mner.train.engine.loop import train_from_cache
+from mner.train.engine.metrics import entity_scores
+from mner.train.engine.run_files import read_record, run_config
+from mner.train.engine.runs import load_run_model
 
 # Subprocess / end-to-end: outside the `pytest -m "not slow"` inner loop.
 pytestmark = pytest.mark.slow

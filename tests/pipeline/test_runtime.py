@@ -26,7 +26,7 @@ from mner.runtime import device as rt_device
 from mner.runtime import folders as rt_folders
 from mner.runtime import progress as rt_progress
 from mner.runtime import resolve_amp, resolve_device, resolve_runtime, start_runtime, write_atomic
-from mner.train.config import TrainConfig
+from mner.train.engine.config import TrainConfig
 
 
 @pytest.fixture
@@ -529,7 +529,7 @@ def test_library_loading_bars_are_switched_off():
 
 @pytest.mark.slow
 def test_training_logs_about_ten_lines_per_epoch(tmp_path, caplog):
-    from mner.train.loop import train_from_cache
+    from mner.train.engine.loop import train_from_cache
     from tests.train.run_factories import make_data, run_config
 
     data_dir, _ = make_data(tmp_path, n_train=40, n_valid=4, n_test=None)

@@ -19,10 +19,10 @@ import torch
 
 from mner.cache.conll import Post
 from mner.cache.spec import Record, TokenSpec
-from mner.train.config import ModelConfig
-from mner.train.data import Collate, PostDataset
-from mner.train.model import MNERModel
-from mner.train.text import load_tokenizer
+from mner.train.engine.config import ModelConfig
+from mner.train.engine.data import Collate, PostDataset
+from mner.train.zoo.model import MNERModel
+from mner.train.zoo.text import load_tokenizer
 from tests.cache.factories import CATEGORIES, TINY_SPEC, make_records, write_cache
 
 # The label set of every factory post: what cache.datasets.label_names gives for LOC and PER.

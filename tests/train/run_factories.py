@@ -20,9 +20,9 @@ import torch
 from mner.cache.conll import Post, write_split
 from mner.cache.datasets import DataConfig, resolve_data
 from mner.cache.reader import CacheReader
-from mner.train.config import ModelConfig, RunConfig, TrainConfig
-from mner.train.metrics import write_conll
-from mner.train.run_files import make_record, write_json
+from mner.train.engine.config import ModelConfig, RunConfig, TrainConfig
+from mner.train.engine.metrics import write_conll
+from mner.train.engine.run_files import make_record, write_json
 from tests.cache.factories import make_cache
 
 

@@ -1,0 +1,82 @@
+"""train/zoo/visual.py: a cache without region tokens (--detector none) feeds a patch-only model and
+refuses one that asks for regions, naming the cache."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from mner.cache.reader import CacheReader
+from mner.train.engine.loop import train_from_cache
+from mner.train.engine.runs import build_model
+from tests.cache.factories import NO_REGION_SPEC
+from tests.train.factories import LABELS, make_batch, tiny_config, tiny_model
+from tests.train.run_factories import make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
+
+
+def no_region_record(cache_dir: str, **changes) -> dict:
+    """The parts of a run's config.json that build_model reads, for a --detector none cache."""
+    cache = {"dir": cache_dir, "models": {"detector": {"name": "none"}}, "spec": NO_REGION_SPEC.to_dict()}
+    return {"model": tiny_config(**changes).to_dict(), "label_names": LABELS, "cache": cache}
+
+
+def test_use_regions_on_a_cache_without_regions_is_refused_naming_it():
+    message = (
+        "the cache /caches/plain holds no region tokens (extracted with --detector none); "
+        "set model.use_regions = false"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_model(no_region_record("/caches/plain"), "tiny-bert")
+    with pytest.raises(ValueError, match="^the cache holds no region tokens"):
+        tiny_model(NO_REGION_SPEC)  # the builder itself refuses too, without a folder to name
+
+
+def test_a_patch_only_model_takes_a_batch_without_regions():
+    model = build_model(no_region_record("/caches/plain", use_regions=False), "tiny-bert")
+    batch = make_batch(spec=NO_REGION_SPEC)
+    assert batch["region_feats"].shape[1:] == (0, 0) and batch["region_mask"].shape[1] == 0  # (B, 0, 0)
+    loss = model(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+def resnet_cache(tmp_path, detector: str):
+    """Posts with images and a cache of them extracted with the tiny-resnet preset and `detector`."""
+    from mner.cache.datasets import DataConfig
+    from mner.extract.config import ExtractConfig
+    from mner.extract.run import extract_features
+
+    data_dir, posts = make_data(tmp_path, n_train=6, n_valid=3, n_test=None)
+    make_images(data_dir / "images", [post.key for post in posts])
+    cfg = ExtractConfig(
+        data=DataConfig(data_dir=str(data_dir)),
+        out=str(tmp_path / f"cache-{detector}"),
+        vision="tiny-resnet",
+        detector=detector,
+        num_workers=0,
+        device="cpu",
+        topk=4,
+    )
+    return extract_features(cfg), data_dir
+
+
+def test_ner_models_train_on_resnet_grid_caches(tmp_path):
+    """The default model (patches + regions) on a tiny-resnet + tiny-frcnn cache, a patch-only one on a
+    --detector none cache; the default one on the latter is refused by train_from_cache itself."""
+    cache_dir, data_dir = resnet_cache(tmp_path, "tiny-frcnn")
+    with CacheReader(cache_dir) as reader:
+        assert (reader.spec.num_patches, reader.spec.patch_dim, reader.spec.max_regions) == (4, 64, 4)
+    run_dir = train_from_cache(run_config(tmp_path / "full", cache_dir, data_dir, epochs=1))
+    [line] = [json.loads(text) for text in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(line["train_loss"])
+
+    plain, data_dir = resnet_cache(tmp_path / "plain", "none")
+    message = f"the cache {plain.resolve()} holds no region tokens (extracted with --detector none); set model.use_regions = false"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        train_from_cache(run_config(tmp_path / "refused", plain, data_dir, epochs=1))
+    assert not (tmp_path / "refused" / "config.json").exists()
+    run_dir = train_from_cache(run_config(tmp_path / "patches", plain, data_dir, epochs=1, use_regions=False))
+    [line] = [json.loads(text) for text in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(line["train_loss"])

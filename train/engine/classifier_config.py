@@ -1,0 +1,129 @@
+"""The classifier's settings, torch-free: `ClassifierConfig` (the TOML table [classifier]),
+`ClassifierRunConfig` (one run) and `load_classifier_config` (file, then `--set`, then options), with
+the names each setting may take. The classifier itself is train/zoo/classifier_model.py's, its training
+train/engine/classify.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from mner import configs
+from mner.cache.classification import ClassDataConfig
+from mner.runtime import DEVICE_PATTERN
+from mner.train.engine.config import Config, merge_layers, override_layers
+from mner.train.engine.tasks import SENTENCE_CLASSIFICATION
+
+MODES = ("text", "image", "both")
+CLASS_HEADS = SENTENCE_CLASSIFICATION.heads  # the classification task's heads (train/zoo/classifier_model.py)
+TEXT_POOLS = ("cls", "mean")
+IMAGE_FEATURES = ("global", "patches")
+CLASS_WEIGHTS = ("none", "balanced")
+SELECT = SENTENCE_CLASSIFICATION.selects
+
+
+@dataclass
+class ClassifierConfig(Config):
+    """The classifier and its optimisation; the TOML table [classifier], `--set classifier.KEY=VALUE`."""
+
+    SECTION = "classifier"
+
+    mode: str = "both"  # text | image | both: what the head sees (text never opens the cache)
+    head: str = "mlp"  # mlp | cnn | attention | xattn (train/zoo/classifier_model.py)
+    text_encoder: str = "minilm"  # "minilm", "tiny-bert" or a local Hugging Face folder
+    text_pool: str = "cls"  # cls ([CLS] state, the seed's) | mean (over real sub-words)
+    image_feature: str = (
+        "global"  # global (the cached global vector) | patches (their mean); xattn reads patches
+    )
+    max_length: int = 128  # sub-words per post; longer texts are cut (counted in config.json)
+    hidden_size: int = 512  # the seed's hidden size of mlp_both (mlp, attention heads)
+    attention_heads: int = 4  # heads of the xattn layer
+    dropout: float = 0.1
+    class_weights: str = "none"  # none | balanced (n / (labels * count) per label, from train)
+    select: str = "macro_f1"  # macro_f1 | accuracy: the valid score that picks the best epoch
+    epochs: int = 5
+    batch_size: int = 16
+    lr_encoder: float = 2e-5  # AdamW learning rate of the text encoder
+    lr_head: float = 1e-3  # of the head
+    weight_decay: float = 0.01  # on weight matrices only (train.model's rule)
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    patience: int = 3  # stop after this many epochs without a better valid score
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # torch intra-op threads; 0: the CPUs this process may use (mner.runtime.set_threads)
+
+    def __post_init__(self):
+        self._check_types()
+        for name, known in (
+            ("mode", MODES),
+            ("head", CLASS_HEADS),
+            ("text_pool", TEXT_POOLS),
+            ("image_feature", IMAGE_FEATURES),
+            ("class_weights", CLASS_WEIGHTS),
+            ("select", SELECT),
+        ):
+            if getattr(self, name) not in known:
+                raise ValueError(
+                    f"classifier.{name} must be one of {', '.join(known)}; got {getattr(self, name)!r}"
+                )
+        for name in ("max_length", "hidden_size", "attention_heads", "epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"classifier.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_encoder", "lr_head", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
+        for name in ("weight_decay", "seed", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
+
+
+@dataclass
+class ClassifierRunConfig:
+    """Everything one classifier run needs; recorded in its config.json."""
+
+    data: ClassDataConfig  # the classification folder
+    out_dir: str  # the run folder to create (new or empty)
+    classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    cache_dir: str | None = None  # the feature cache; required unless classifier.mode is text (then unused)
+    resume: bool = False  # continue a run of ours from its checkpoint/
+
+    def __post_init__(self):
+        if not isinstance(self.data, ClassDataConfig):
+            raise ValueError(f"data must be a ClassDataConfig, got {self.data!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must name the run folder, got ''")
+        if self.classifier.mode != "text" and self.cache_dir is None:
+            raise ValueError(
+                f"mode {self.classifier.mode} reads images from a feature cache: pass --cache DIR "
+                "(from `mner extract-features --data-dir` on this folder), or --mode text"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "data": self.data.to_dict(),
+            "out_dir": self.out_dir,
+            "classifier": self.classifier.to_dict(),
+            "cache_dir": self.cache_dir,
+            "resume": self.resume,
+        }
+
+
+def load_classifier_config(
+    config_file: str | Path | None = None, overrides=(), **settings
+) -> ClassifierConfig:
+    """A ClassifierConfig from an optional TOML file (table [classifier]), then `--set classifier.KEY=VALUE`
+    overrides, then `settings` (the CLI's options; None values are skipped), later ones winning.
+
+    Raises ValueError naming the file or the override for an unknown table or key, a bad value.
+    """
+    layers = [(configs.load_toml(Path(config_file)), str(config_file))] if config_file is not None else []
+    layers += override_layers(overrides)
+    layers.append(({"classifier": {k: v for k, v in settings.items() if v is not None}}, "the options"))
+    return ClassifierConfig(**merge_layers({"classifier": ClassifierConfig}, layers)["classifier"])

@@ -1,0 +1,555 @@
+"""Stage-two configs: the model, the training run, and how they are read from TOML.
+
+A run's settings come from four layers, later ones winning:
+
+    configs/train/base.toml                 every field, with a comment each
+    a model file (configs/models/<model.name>.toml)   the keys a seed's model changes
+    an experiment file (configs/experiments/no_align.toml, ...)   only the keys it changes
+    --set model.qfnet_layers=1 ...          command-line overrides
+
+The model file is the one `model.name` names, wherever that is said: `--model NAME`
+(load_run_config's `model`), an experiment file or `--set model.name=...` (the last one wins).
+
+`load_run_config` merges them and returns validated `ModelConfig` and `TrainConfig` objects. The
+knob names follow the systems this project grew from (AFDVQF: `qfnet_layers`, `qfnet_heads`,
+`slots_per_type`, `alignment_loss_weight`, `alignment_temperature`; MANGO: `image_dropout`, and the
+seed-003 block at the end of ModelConfig: `rel_temp`, `align_lambda`, `nce_tau`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mner import configs
+from mner.cache.datasets import DataConfig
+from mner.runtime import AMP_MODES, DEVICE_PATTERN, SettingError
+from mner.train.zoo.registry import AUX_LOSSES, FUSIONS, HEADS, TASKS
+
+# The model zoo: one small TOML diff over the base per model, configs/models/<name>.toml. Its first two
+# comment lines say the seed it follows and what it adds (`mner models` prints them); the files are
+# the one list of model names.
+MODELS_DIR = "models"
+
+# AFDVQF's adaptive fusion after QGF (ModelConfig.adaptive_fusion; train/zoo/fusion.py).
+ADAPTIVE_FUSIONS = ("weights", "gate")
+
+# The learning rates the emission layer may train at (ModelConfig.emission_lr): train.lr_<name>.
+EMISSION_LRS = ("fusion", "crf")
+
+# Readable names of the value types a config field may hold, for error messages.
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+class Config:
+    """Shared helpers of the flat configs (model, train, classifier): type checks, dict round trip,
+    the refusal of an unknown key."""
+
+    SECTION = ""  # the TOML table this config is read from
+
+    def _check_types(self) -> None:
+        # TOML and JSON hand us plain values; a wrong type must fail here, not deep in the model.
+        for f in dataclasses.fields(self):
+            value, expected = getattr(self, f.name), type(f.default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, value := float(value))
+            elif isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                raise ValueError(f"{self.SECTION}.{f.name} must be {_TYPE_NAMES[expected]}, got {value!r}")
+            # TOML has nan and inf literals; a range check (`lr > 0`) lets inf through and NaN
+            # compares false to everything, so a non-finite value would only fail mid-training.
+            if expected is float and not math.isfinite(value):
+                raise ValueError(f"{self.SECTION}.{f.name} must be a finite number, got {value}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON/TOML-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict"):
+        """Build from a dict holding some or all fields (missing ones keep their defaults).
+
+        Raises ValueError naming `source` and the key for a key that is not a field.
+        """
+        cls.check_keys(data, source)
+        return cls(**data)
+
+    @classmethod
+    def check_keys(cls, keys, source: str) -> None:
+        """ValueError naming `source`, the first key that is not a field, and the known keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in keys:
+            if key not in names:
+                raise ValueError(
+                    f"{source}: unknown key {cls.SECTION}.{key}; known keys: {', '.join(sorted(names))}"
+                )
+
+
+@dataclass
+class ModelConfig(Config):
+    """The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> head.
+
+    task, fusion and head are names in the registries of train/zoo/registry.py; each auxiliary loss
+    there has its own weight field here (alignment_loss_weight), 0 turning it off.
+    """
+
+    SECTION = "model"
+
+    # the model file (configs/models/<name>.toml) the settings start from; `mner models` lists them
+    name: str = "afdvqf"
+    # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
+    text_encoder: str = "minilm"
+    task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/engine/tasks.py)
+    fusion: str = "qgf"  # registry name: qgf | concat | gated | mango | single_stream (train/zoo/fusion.py)
+    qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
+    qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
+    slots_per_type: int = 4  # learnable query slots per entity type (QGF)
+    # AFDVQF's adaptive fusion after QGF; the one switch of it, so it must be false for a fusion other
+    # than qgf. Which one is adaptive_fusion.
+    adaptive_gate: bool = True
+    # "weights": AFDVQF's AdaptiveFusionLayer, text_weight * fused + vision_weight * mean visual token, two
+    # learnable scalars from 1 (liguochun0304/AFDVQF, model/query_guided_fusion.py); "gate": ours, a
+    # per-word, per-dimension sigmoid gate between the text states and the fused states
+    adaptive_fusion: str = "weights"
+    use_patches: bool = True  # visual tokens include the CLIP patch tokens
+    use_regions: bool = True  # visual tokens include the detector region tokens
+    text_only: bool = False  # no image at all: no visual modules are built, the cache is never read
+    alignment_loss_weight: float = 0.1  # weight of the text-image InfoNCE loss; 0 turns it off
+    alignment_temperature: float = 0.07  # InfoNCE temperature (CLIP's initial value)
+    # training only: drop all visual tokens of a post with this probability (MANGO)
+    image_dropout: float = 0.1
+    dropout: float = 0.1  # dropout in the fusion, the visual tokens and before the emission layer
+    # the learning rate the emission layer trains at: "fusion" (train.lr_fusion) or "crf" (train.lr_crf,
+    # DeepKE's IFAformer: its `fc` is in the CRF's group, modules/train.py multiModal_before_train)
+    emission_lr: str = "fusion"
+    head: str = "crf"  # registry name: crf (train/zoo/heads.py); must be one the task allows
+    bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
+    # sub-words per post given to the encoder, specials included; later words are predicted O
+    max_length: int = 128
+    # the embeddings and the bottom N text encoder layers are frozen (eval mode, no gradient); their
+    # output is computed once per split into a text-state cache (train/engine/text_states.py). 0: all train
+    text_frozen_layers: int = 0
+    # --- model zoo: switches the seeds' models differ by; each is off at the AFDVQF value
+    # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
+    region_meta: bool = True
+    # weight of the slot type-presence loss (AFNER's typed slots): each entity type's mean final QGF
+    # slot predicts whether the post holds an entity of that type (BCE); 0 turns it off
+    slot_type_loss_weight: float = 0.0
+    label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
+    emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
+    bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model
+    # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden); with bilstm only
+    lstm_hidden: int = 256
+    # --- fusion "single_stream" (IFAformer, seed 002; train/zoo/ifaformer.py) ---
+    # learned position embeddings of the visual tokens appended after the text; the cache's
+    # P patches + K regions per post must fit
+    visual_positions: int = 256
+
+    # ---- MANGO (seed 003; fusion "mango", train/zoo/mango.py); the seed's names. Its model file sets them.
+    resampler: bool = True  # learned queries resample the visual tokens; false: the stack reads them all
+    resampler_queries: int = 8  # learned queries of the visual resampler (Q)
+    stack_layers: int = 7  # multimodal Transformer blocks: self-attn over words, cross-attn to the image, FFN
+    rel_temp: float = 1.0  # temperature of the per-word relevance sigmoid(rel_head(.) / rel_temp)
+    align_lambda: float = 0.0  # weight of the relevance + entity weighted text/fused alignment loss
+    align_warmup_epochs: int = 5  # align_lambda grows linearly to its value over this many epochs; 0: none
+    preserve_lambda: float = 0.0  # weight of the (1 - relevance) weighted fused/text MSE
+    nce_lambda: float = 0.0  # weight of the text / CLIP global embedding InfoNCE
+    nce_tau: float = 0.15  # temperature of that InfoNCE
+    sparsity_lambda: float = 0.0  # weight of the mean relevance (few words lean on the image)
+
+    def __post_init__(self):
+        self._check_types()
+        check_model_name(self.name)
+        if not self.text_encoder:
+            raise ValueError("model.text_encoder must name a preset (minilm, tiny-bert) or a folder, got ''")
+        TASKS.check(self.task)
+        FUSIONS.check(self.fusion)
+        HEADS.check(self.head)
+        task_heads = TASKS.get(self.task).heads
+        if self.head not in task_heads:
+            raise ValueError(
+                f"model.head {self.head!r} does not fit model.task {self.task!r}; "
+                f"its heads are {', '.join(task_heads)}"
+            )
+        if self.adaptive_gate and self.fusion != "qgf":
+            # A switch that does nothing would make an ablation that flips it (no_adapt) a silent no-op.
+            raise ValueError(
+                f"model.adaptive_gate = true gates query-guided fusion only, but model.fusion is "
+                f"{self.fusion!r}; set model.adaptive_gate = false"
+            )
+        if self.adaptive_fusion not in ADAPTIVE_FUSIONS:
+            raise ValueError(
+                f"model.adaptive_fusion must be one of {', '.join(map(repr, ADAPTIVE_FUSIONS))}, "
+                f"got {self.adaptive_fusion!r}"
+            )
+        if not self.adaptive_gate and self.adaptive_fusion != "weights":
+            raise ValueError(
+                f"model.adaptive_fusion = {self.adaptive_fusion!r} chooses the adaptive fusion, but "
+                "model.adaptive_gate is false; set model.adaptive_gate = true or leave it at 'weights'"
+            )
+        if self.emission_lr not in EMISSION_LRS:
+            raise ValueError(
+                f"model.emission_lr must be one of {', '.join(map(repr, EMISSION_LRS))}, got {self.emission_lr!r}"
+            )
+        for name in ("qfnet_layers", "qfnet_heads", "slots_per_type", "visual_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.text_only and not (self.use_patches or self.use_regions):
+            raise ValueError(
+                "model.use_patches and model.use_regions are both false: there would be no visual tokens; "
+                "set model.text_only = true for a text-only model"
+            )
+        for name in AUX_LOSSES.weights.values():
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.alignment_temperature <= 0:
+            raise ValueError(f"model.alignment_temperature must be > 0, got {self.alignment_temperature}")
+        for name in ("image_dropout", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.emission_temperature <= 0:
+            raise ValueError(f"model.emission_temperature must be > 0, got {self.emission_temperature}")
+        for name, default in (("label_smoothing", 0.0), ("emission_temperature", 1.0)):
+            # A knob that does nothing would make an experiment that turns it a silent no-op.
+            if self.head != "softmax" and getattr(self, name) != default:
+                raise ValueError(
+                    f"model.{name} applies to the softmax head only, but model.head is {self.head!r}; "
+                    f"leave it at {default}"
+                )
+        if self.lstm_hidden < 1:
+            raise ValueError(f"model.lstm_hidden must be >= 1, got {self.lstm_hidden}")
+        if not self.bilstm and self.lstm_hidden != 256:
+            raise ValueError(
+                "model.lstm_hidden sets the BiLSTM's width, but model.bilstm is false; "
+                "set model.bilstm = true or leave it at 256"
+            )
+        self._check_mango()
+        if self.text_frozen_layers < 0:
+            raise ValueError(f"model.text_frozen_layers must be >= 0, got {self.text_frozen_layers}")
+        if self.text_frozen_layers and self.fusion == "single_stream":
+            # IFAformer's image enters the encoder's first layer, so no layer's output is text alone.
+            raise ValueError(
+                f"model.text_frozen_layers = {self.text_frozen_layers} freezes text encoder layers whose "
+                "output is computed once from the text, but model.fusion = 'single_stream' (IFAformer) "
+                "feeds the image into every encoder layer; set model.text_frozen_layers = 0"
+            )
+        if self.max_length < 3:
+            # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
+            raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
+
+    def _check_mango(self) -> None:
+        for name in ("resampler_queries", "stack_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rel_temp", "nce_tau"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.align_warmup_epochs < 0:
+            raise ValueError(f"model.align_warmup_epochs must be >= 0, got {self.align_warmup_epochs}")
+        if self.fusion == "mango":
+            return
+        # Off the mango fusion these knobs would do nothing: an ablation flipping one must fail, not no-op.
+        if not self.resampler:
+            raise ValueError(
+                f"model.resampler = false removes the resampler of model.fusion = 'mango', but model.fusion "
+                f"is {self.fusion!r}"
+            )
+        for name in ("align_lambda", "preserve_lambda", "nce_lambda", "sparsity_lambda"):
+            if getattr(self, name) > 0:
+                raise ValueError(
+                    f"model.{name} > 0 weighs a loss of model.fusion = 'mango' (it reads that fusion's "
+                    f"relevance and states), but model.fusion is {self.fusion!r}; set it to 0"
+                )
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> ModelConfig:
+        """Build from a dict (a run's config.json "model" section); missing keys keep their defaults.
+
+        A record without `head` was written before the registries existed and is read as the model
+        it built then: fusion "adaptive" was QGF with the gate forced on, and adaptive_gate was
+        ignored by the fusions that have no gate. A record without `adaptive_fusion` had only the
+        sigmoid gate, so its adaptive_gate = true reads as adaptive_fusion = "gate".
+        """
+        data = dict(data)
+        if "head" not in data:
+            if data.get("fusion") == "adaptive":
+                data.update(fusion="qgf", adaptive_gate=True)
+            elif data.get("fusion") in ("concat", "gated"):
+                data["adaptive_gate"] = False
+        # A full record always names adaptive_gate; a partial dict without it keeps the defaults.
+        if "adaptive_fusion" not in data and data.get("adaptive_gate") is True:
+            data["adaptive_fusion"] = "gate"
+        return super().from_dict(data, source)
+
+
+@dataclass
+class TrainConfig(Config):
+    """The optimisation: schedule, learning rates, early stopping, hardware."""
+
+    SECTION = "train"
+
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 16  # posts per step
+    lr_encoder: float = 3e-5  # AdamW learning rate of the text encoder
+    lr_fusion: float = 1e-4  # learning rate of the visual token builder, fusion and emission layer
+    # learning rate of the CRF transition scores: they start small (pytorch-crf draws them from
+    # U(-0.1, 0.1)) and must grow to several units to forbid moves, so they need a larger step
+    lr_crf: float = 5e-3
+    # AdamW weight decay on weight matrices; none on biases, LayerNorm, embeddings, the CRF's
+    # transition scores or the fusion's query slots (the BERT recipe; MNERModel.param_groups)
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # fraction of all steps spent in linear warm-up, then linear decay to 0
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
+    # batches whose gradients are summed (each loss / grad_accum) before one optimiser step: an effective
+    # batch of batch_size x grad_accum at the memory of batch_size (AFNER's original uses 2)
+    grad_accum: int = 1
+    patience: int = 3  # stop after this many epochs without a better valid F1
+    seed: int = 42  # seeds Python, NumPy and torch (model init, shuffling, dropout, image dropout)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # mixed precision: auto | off | fp16 | bf16
+    num_workers: int = 0  # DataLoader worker processes (the cache reader is fork-safe)
+    threads: int = 0  # torch intra-op threads; 0: the CPUs this process may use (mner.runtime.set_threads)
+    cache_in_memory: bool = False  # load the whole feature cache into RAM before training
+
+    def __post_init__(self):
+        self._check_types()
+        for name in ("epochs", "batch_size", "patience", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_encoder", "lr_fusion", "lr_crf", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("seed", "num_workers", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"train.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"train.amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
+
+
+# Settings that change how a run is carried out, not the model it trains or the data it sees: a
+# --resume may change them (to extend a finished run: --resume --epochs N), and the run's record
+# takes the new values. Every other recorded setting must be as the run was started.
+RUNTIME_SETTINGS = frozenset(
+    {
+        "train.epochs",
+        "train.patience",
+        "train.device",
+        "train.amp",
+        "train.num_workers",
+        "train.threads",
+        "train.cache_in_memory",
+    }
+)
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved whole as the run folder's config.json."""
+
+    model: ModelConfig  # the model
+    train: TrainConfig  # the optimisation
+    cache_dir: str | None  # the feature cache folder; None only for a text-only model
+    data: DataConfig  # the posts: data folder, or dataset + data_root; image folder
+    out_dir: str  # the run folder to create (or resume)
+    resume: bool = False  # continue from out_dir/checkpoint instead of starting fresh
+    # root folder of the text-state caches (model.text_frozen_layers > 0); None: $MNER_TEXT_CACHE,
+    # else ~/.cache/mner/text-states (cache/text_states.py)
+    text_cache: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.data, DataConfig):
+            raise ValueError(f"data must be a DataConfig, got {self.data!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must name the run folder, got ''")
+        if self.cache_dir is None and not self.model.text_only:
+            raise SettingError(
+                "{cache_dir} is required unless model.text_only is true (pass --cache DIR, or --text-only)"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict, nested by section."""
+        return {
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "cache_dir": self.cache_dir,
+            "data": self.data.to_dict(),
+            "out_dir": self.out_dir,
+            "resume": self.resume,
+            "text_cache": self.text_cache,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dict") -> RunConfig:
+        """Inverse of `to_dict`; raises ValueError naming `source` for unknown or missing keys.
+
+        A "data" table may hold only some of DataConfig's keys (runs made before it listed all four).
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: unknown run config keys {unknown}; known keys: {', '.join(names)}")
+        missing = [name for name in ("model", "train", "cache_dir", "data", "out_dir") if name not in data]
+        if missing:
+            raise ValueError(f"{source}: run config is missing {missing}")
+        return cls(
+            model=ModelConfig.from_dict(data["model"], source),
+            train=TrainConfig.from_dict(data["train"], source),
+            cache_dir=data["cache_dir"],
+            data=DataConfig.from_dict(data["data"], source),
+            out_dir=data["out_dir"],
+            resume=data.get("resume", False),
+            text_cache=data.get("text_cache"),
+        )
+
+
+# The TOML tables a config file may hold, and the config each one builds.
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def base_config_path() -> Path:
+    """configs/train/base.toml: the commented base every run starts from."""
+    return configs.path("train", "base.toml")
+
+
+def model_names() -> tuple[str, ...]:
+    """Every model of the zoo: the stems of configs/models/*.toml, sorted."""
+    return tuple(sorted(p.stem for p in configs.path(MODELS_DIR).glob("*.toml")))
+
+
+def check_model_name(name: str) -> None:
+    """ValueError listing the models when `name` has no configs/models/<name>.toml."""
+    if name not in model_names():
+        raise ValueError(f"model.name must be one of {', '.join(model_names())}; got {name!r}")
+
+
+def model_file(name: str) -> Path:
+    """configs/models/<name>.toml; ValueError listing the models for an unknown name."""
+    check_model_name(name)
+    return configs.path(MODELS_DIR, f"{name}.toml")
+
+
+def describe_model(name: str) -> tuple[str, str]:
+    """(seed, what it adds): the first two comment lines of the model's file, "# " and an optional
+    "seed:" / "adds:" label stripped. ValueError naming the file when it has fewer than two."""
+    path = model_file(name)
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    if len(lines) < 2:
+        raise ValueError(
+            f"{path}: the first two comment lines must say the seed the model follows and what it adds"
+        )
+    seed, adds = (_strip_label(text, label) for text, label in zip(lines, ("seed", "adds")))
+    return seed, adds
+
+
+def _strip_label(text: str, label: str) -> str:
+    """ "seed: 000 AFNER" -> "000 AFNER" (label "seed"); text without the label as it is."""
+    head, colon, rest = text.partition(":")
+    return rest.strip() if colon and head.strip().lower() == label else text
+
+
+def load_run_config(
+    base_toml: str | Path | None = None,
+    config_file: str | Path | Sequence[str | Path] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    model: str | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Merge the base TOML, a model file, experiment diffs and `--set` overrides into validated configs.
+
+    Args:
+        base_toml: the base file; None means configs/train/base.toml.
+        config_file: optional diffs over the base (only the keys they set), e.g.
+            configs/experiments/no_align.toml; one path or a list, applied in order.
+        overrides: "section.key=value" strings; value is a TOML literal (1, 0.5, true, "x") or a
+            bare string (`model.text_encoder=/models/bert`).
+        model: a model name (`--model`): its configs/models/<name>.toml is applied right after the base.
+            An experiment file or override that sets model.name picks the file instead (last wins).
+    Returns:
+        (ModelConfig, TrainConfig); ModelConfig.name is the model whose file was applied.
+    Raises:
+        ValueError naming the file (or the override) and the key for an unknown table or key, a
+        malformed override, a value of the wrong type or out of range; listing the models for an
+        unknown model name.
+    """
+    base = Path(base_toml) if base_toml is not None else base_config_path()
+    if config_file is None:
+        diffs = []
+    elif isinstance(config_file, (str, Path)):
+        diffs = [Path(config_file)]
+    else:
+        diffs = [Path(path) for path in config_file]
+    layers = [(configs.load_toml(path), str(path)) for path in [base, *diffs]] + override_layers(overrides)
+    # The model file sits between the base and the diffs, but any layer may name it: find the name first.
+    name = model
+    for i, (data, _) in enumerate(layers):
+        said = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
+        if said is not None and (i > 0 or model is None):
+            name = said
+    if name is None:
+        name = ModelConfig.name
+    if not isinstance(name, str):
+        raise ValueError(f"model.name must be a string, got {name!r}")
+    path = model_file(name)
+    layers.insert(1, (configs.load_toml(path), str(path)))
+    merged = merge_layers(SECTIONS, layers)
+    said = layers[1][0].get("model", {}).get("name", name)
+    if said != name:
+        raise ValueError(f"{path}: model.name is {said!r}, but this file is the model {name!r}; drop the key")
+    merged["model"]["name"] = name
+    return ModelConfig(**merged["model"]), TrainConfig(**merged["train"])
+
+
+def merge_layers(sections: dict[str, type[Config]], layers: list[tuple[dict, str]]) -> dict[str, dict]:
+    """{section: {key: value}} of TOML-shaped `layers` ((data, where it came from), later ones
+    winning), refusing a key outside a table, a section not in `sections` and a key its config lacks."""
+    merged: dict[str, dict] = {section: {} for section in sections}
+    expected = ", ".join(f"[{s}]" for s in sections)
+    for data, source in layers:
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ValueError(
+                    f"{source}: key {section!r} is outside a table; put it under {expected.replace(', ', ' or ')}"
+                )
+            if section not in sections:
+                raise ValueError(f"{source}: unknown section [{section}]; expected {expected}")
+            sections[section].check_keys(table, source)
+            merged[section].update(table)
+    return merged
+
+
+def override_layers(overrides) -> list[tuple[dict, str]]:
+    """`--set section.key=value` overrides as layers for `merge_layers`."""
+    layers = []
+    for text in overrides:
+        section, key, value = parse_override(text)
+        layers.append(({section: {key: value}}, f"--set {text}"))
+    return layers
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'model.qfnet_layers=1' -> ("model", "qfnet_layers", 1)."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ValueError(f"--set {text}: expected section.key=value, e.g. model.qfnet_layers=1")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        # Not a TOML literal: take it as a bare string (paths, names) rather than make users quote.
+        value = raw
+    return section, key, value

@@ -1,0 +1,198 @@
+"""The sentence classifier of the BertResNet seed (seed 004): features and heads.
+
+A post is one text feature t (the encoder's [CLS] state or its mean over real sub-words,
+`text_pool`) and one image feature i (the cached global vector, or the mean of the cached patch
+tokens, `image_feature`; the `xattn` head reads the patch tokens themselves). `mode` picks what the
+head sees: `text` (t only: the cache is never opened), `image` (i only: no text encoder is loaded)
+or `both`.
+
+Heads (`head`), as in the seed's notebook:
+
+- `mlp`: `mlp_text` Linear(Dt, L) and `mlp_image` Linear(Di, L) for the single modes, and
+  `mlp_both`, the seed's TwoInputMLP, for both: Linear(Dt + Di, H) -> ReLU -> dropout -> Linear(H, L)
+  over the concatenation.
+- `cnn`: the seed's stack over the mode's feature vector read as a 1-channel signal of length D:
+  Conv1d(1, 32, 3, pad 1) -> ReLU -> MaxPool(2) -> Conv1d(32, 64, 3, pad 1) -> ReLU -> MaxPool(2) ->
+  Flatten -> Linear(64 * (D // 4), L), D = Dt + Di for both (as the seed), Dt or Di for one modality.
+- `attention`: the single modes as `mlp`; for both, per-modality scores s_t = Linear(Dt, 1)(t) and
+  s_i = Linear(Di, 1)(i) weight the features before `mlp_both`. The seed applies its softmax to
+  each (B, 1) score on its own, which always gives 1 (the weights do nothing); here the softmax runs
+  over the two modalities, so the weights sum to 1 and a post can lean on one modality.
+- `xattn` (ours): for both, t attends to the patch tokens projected to Dt (one multi-head attention
+  layer, `heads` heads), t + attended goes through LayerNorm -> Linear(Dt, L); the single modes as `mlp`.
+
+Missing images. A post whose image is missing or unreadable has has_image False: its image feature
+is zeroed, its attention weight on the image is exactly 0 (score -inf) and `xattn` skips the
+attention, so such a post gets, bitwise, what the head gives with no image whatever the cache holds
+for it (tests/train/engine/test_classify.py checks every head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mner.train.engine.classifier_config import CLASS_HEADS, MODES, TEXT_POOLS
+
+
+def reads_tokens(head: str, mode: str) -> bool:
+    """Whether the head reads the patch tokens (B, P, Dp): xattn in both mode. In the single modes xattn
+    is mlp over one vector, as every other head."""
+    return head == "xattn" and mode == "both"
+
+
+class TwoInputMLP(nn.Module):
+    """The seed's mlp_both: (t (B, Dt), i (B, Di)) -> logits (B, L) through one hidden layer of H."""
+
+    def __init__(self, text_dim: int, image_dim: int, hidden: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.hidden = nn.Linear(text_dim + image_dim, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, num_labels)
+
+    def forward(self, text: Tensor, image: Tensor) -> Tensor:
+        joined = torch.cat([text, image], dim=1)  # (B, Dt + Di)
+        return self.out(self.dropout(torch.relu(self.hidden(joined))))  # (B, L)
+
+
+class SeedCNN(nn.Module):
+    """The seed's Conv1d stack: a feature vector (B, D) -> logits (B, L)."""
+
+    def __init__(self, dim: int, num_labels: int):
+        super().__init__()
+        if dim < 4:
+            raise ValueError(f"the cnn head needs a feature of at least 4 values, got {dim}")
+        self.net = nn.Sequential(
+            nn.Conv1d(1, 32, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(kernel_size=2, stride=2),
+            nn.Conv1d(32, 64, kernel_size=3, stride=1, padding=1),
+            nn.ReLU(),
+            nn.MaxPool1d(kernel_size=2, stride=2),
+            nn.Flatten(),
+            nn.Linear(64 * (dim // 4), num_labels),
+        )
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return self.net(feature.unsqueeze(1))  # (B, 1, D) -> (B, L)
+
+
+class ClassifierHead(nn.Module):
+    """One head (CLASS_HEADS) for one mode (MODES): features -> logits (B, L)."""
+
+    def __init__(
+        self,
+        head: str,
+        mode: str,
+        text_dim: int,
+        image_dim: int,
+        num_labels: int,
+        hidden: int = 512,
+        dropout: float = 0.1,
+        heads: int = 4,
+    ):
+        super().__init__()
+        if head not in CLASS_HEADS:
+            raise ValueError(f"unknown classifier head {head!r}; known: {', '.join(CLASS_HEADS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        self.head, self.mode = head, mode
+        if head == "cnn":
+            dim = {"text": text_dim, "image": image_dim, "both": text_dim + image_dim}[mode]
+            self.cnn = SeedCNN(dim, num_labels)
+        elif mode == "text":
+            self.mlp_text = nn.Linear(text_dim, num_labels)
+        elif mode == "image":
+            self.mlp_image = nn.Linear(image_dim, num_labels)
+        elif head in ("mlp", "attention"):
+            self.mlp_both = TwoInputMLP(text_dim, image_dim, hidden, num_labels, dropout)
+            if head == "attention":
+                self.attention_text = nn.Linear(text_dim, 1)
+                self.attention_image = nn.Linear(image_dim, 1)
+        else:  # xattn, both
+            if text_dim % heads:
+                raise ValueError(f"xattn: the text width {text_dim} is not divisible by {heads} heads")
+            self.project = nn.Linear(image_dim, text_dim)
+            self.attend = nn.MultiheadAttention(text_dim, heads, dropout=dropout, batch_first=True)
+            self.norm = nn.LayerNorm(text_dim)
+            self.out = nn.Linear(text_dim, num_labels)
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether forward wants the patch tokens (B, P, Dp) rather than one image vector (B, Di)."""
+        return reads_tokens(self.head, self.mode)
+
+    def forward(self, text: Tensor | None, image: Tensor | None, has_image: Tensor | None) -> Tensor:
+        """text (B, Dt) or None; image (B, Di) or, for xattn, (B, P, Dp), or None; has_image (B,) bool.
+
+        Returns logits (B, L). A post with has_image False is scored as if it had no image.
+        """
+        if image is not None:
+            keep = has_image.view(-1, *([1] * (image.dim() - 1)))
+            image = torch.where(keep, image, torch.zeros((), dtype=image.dtype, device=image.device))
+        if self.head == "cnn":
+            feature = {"text": text, "image": image}.get(self.mode)
+            return self.cnn(feature if feature is not None else torch.cat([text, image], dim=1))
+        if self.mode == "text":
+            return self.mlp_text(text)
+        if self.mode == "image":
+            return self.mlp_image(image)
+        if self.head == "mlp":
+            return self.mlp_both(text, image)
+        if self.head == "attention":
+            scores = torch.cat([self.attention_text(text), self.attention_image(image)], dim=1)  # (B, 2)
+            scores = scores.masked_fill(
+                ~torch.stack([torch.ones_like(has_image), has_image], dim=1), -torch.inf
+            )
+            weights = torch.softmax(scores, dim=1)  # (B, 2): exactly (1, 0) without an image
+            return self.mlp_both(weights[:, :1] * text, weights[:, 1:] * image)
+        tokens = self.project(image)  # (B, P, Dt)
+        attended, _ = self.attend(text.unsqueeze(1), tokens, tokens, need_weights=False)  # (B, 1, Dt)
+        fused = torch.where(has_image.unsqueeze(1), text + attended.squeeze(1), text)  # (B, Dt)
+        return self.out(self.norm(fused))
+
+
+def pool_text(hidden: Tensor, attention_mask: Tensor, how: str) -> Tensor:
+    """hidden (B, S, Dt), attention_mask (B, S) -> (B, Dt): the [CLS] state (position 0) or the mean
+    over real sub-words ([CLS] and [SEP] included, padding not)."""
+    if how == "cls":
+        return hidden[:, 0]
+    if how != "mean":
+        raise ValueError(f"unknown text_pool {how!r}; known: {', '.join(TEXT_POOLS)}")
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, S, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class SentenceClassifier(nn.Module):
+    """Text encoder (None in image mode) + ClassifierHead; forward(batch) -> {"logits", "loss"?}.
+
+    batch: input_ids / attention_mask (B, S) unless mode is image; image (B, Di) or (B, P, Dp) and
+    has_image (B,) unless mode is text; labels (B,) for the loss. class_weights (L,) or None weight
+    the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module | None,
+        head: ClassifierHead,
+        text_pool: str,
+        class_weights: Tensor | None = None,
+    ):
+        super().__init__()
+        self.encoder, self.head, self.text_pool = encoder, head, text_pool
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, batch: dict) -> dict:
+        text = None
+        if self.encoder is not None:
+            hidden = self.encoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # (B, S, Dt)
+            text = pool_text(hidden, batch["attention_mask"], self.text_pool)
+        logits = self.head(text, batch.get("image"), batch.get("has_image"))  # (B, L)
+        out = {"logits": logits}
+        if "labels" in batch:
+            out["loss"] = nn.functional.cross_entropy(
+                logits.float(), batch["labels"], weight=self.class_weights
+            )
+        return out

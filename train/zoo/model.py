@@ -1,0 +1,325 @@
+"""The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> head.
+
+The fusion, the head, the auxiliary losses and the task are entries of train/zoo/registry.py named in
+the ModelConfig.
+
+Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
+              + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/zoo/losses.py:
+                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token;
+                AFNER's slot type presence from the fusion's final query slots; MANGO's four losses in
+                train/zoo/mango.py).
+With model.bilstm a BiLSTM runs over the (fused) word states before the emission layer.
+Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
+training, so the model also learns to tag posts whose image is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mner.cache.spec import TokenSpec
+from mner.train.engine.config import ModelConfig, TrainConfig
+from mner.train.zoo.fusion import build_fusion
+from mner.train.zoo.heads import Head
+from mner.train.zoo.losses import LossInputs, type_presence
+from mner.train.zoo.registry import AUX_LOSSES, HEADS, TASKS
+from mner.train.zoo.text import encoder_layers, frozen_modules, load_encoder, text_prefix, text_top
+from mner.train.zoo.visual import VisualTokenBuilder
+
+# What a text-only model reads of its config: model.text_only builds no visual token builder, no
+# fusion and none of the auxiliary losses that need an image (MNERModel.__init__).
+_TEXT_PATH = (
+    "text_encoder",
+    "task",
+    "head",
+    "bio_constraints",
+    "max_length",
+    "dropout",
+    "label_smoothing",
+    "emission_temperature",
+    "bilstm",
+    "lstm_hidden",
+    "text_only",
+    "text_frozen_layers",
+    "emission_lr",
+)
+# What only the MANGO fusion reads (train/zoo/mango.py); another fusion ignores these fields.
+_MANGO_ONLY = ("resampler", "resampler_queries", "stack_layers", "rel_temp", "align_warmup_epochs", "nce_tau")
+
+
+def used_settings(cfg: ModelConfig) -> dict:
+    """The fields of `cfg` the model built from it reads (model.name, which only records the file the
+    settings came from, left out): two configs with equal used settings train the same model, so an
+    ablation arm that differs from another only elsewhere is a no-op."""
+    settings = cfg.to_dict()
+    del settings["name"]
+    if cfg.text_only:
+        image_free = {w for n, w in AUX_LOSSES.weights.items() if not AUX_LOSSES.get(n).needs_image}
+        return {key: value for key, value in settings.items() if key in {*_TEXT_PATH, *image_free}}
+    if cfg.fusion != "mango":
+        for key in _MANGO_ONLY:
+            del settings[key]
+    return settings
+
+
+class MNERModel(nn.Module):
+    """Multimodal NER tagger over cached image tokens (text-only when cfg.text_only)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        label_names: Sequence[str],
+        spec: TokenSpec | None,
+        encoder_dir: str | Path,
+        num_detector_classes: int = 91,
+    ):
+        """
+        Args:
+            cfg: the model config.
+            label_names: ["O", "B-X", "I-X", ...] as cache.datasets.label_names gives them.
+            spec: the token shapes of the cache (None only when cfg.text_only).
+            encoder_dir: the text encoder folder or preset name (train.text.resolve_text_encoder).
+            num_detector_classes: region label ids lie in [0, this) (91 for torchvision's COCO).
+        """
+        super().__init__()
+        self.cfg = cfg
+        self.label_names = list(label_names)
+        self.task = TASKS.get(cfg.task)
+        self.types = self.task.check_labels(self.label_names)
+        self.outside = self.label_names.index("O")
+        self.encoder = load_encoder(encoder_dir)
+        self.frozen_layers = cfg.text_frozen_layers
+        if self.frozen_layers:
+            encoder_layers(self.encoder, self.frozen_layers, cfg.text_encoder)
+            for module in frozen_modules(self.encoder, self.frozen_layers):
+                module.requires_grad_(False)
+        width = self.encoder.config.hidden_size
+        if width % cfg.qfnet_heads:
+            raise ValueError(
+                f"the text encoder's width {width} is not divisible by model.qfnet_heads={cfg.qfnet_heads}; "
+                "pick a head count that divides it"
+            )
+        if cfg.text_only:
+            self.visual = self.fusion = None
+        else:
+            if spec is None:
+                raise ValueError(
+                    "a multimodal model needs the cache's TokenSpec; pass spec or set model.text_only"
+                )
+            self.visual = VisualTokenBuilder(cfg, spec, width, num_detector_classes)
+            self.fusion = build_fusion(cfg, width, self.types)
+        # model.bilstm: a BiLSTM over the (fused) word states before the emission layer.
+        self.bilstm = (
+            nn.LSTM(width, cfg.lstm_hidden, batch_first=True, bidirectional=True) if cfg.bilstm else None
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.emission = nn.Linear(2 * cfg.lstm_hidden if cfg.bilstm else width, len(self.label_names))
+        # Registered under its registry name, so checkpoint keys name the head that made them
+        # (crf.crf.transitions, as before the registry) and another head's weights fail to load.
+        self._head_attr = cfg.head.replace("-", "_")
+        self.add_module(self._head_attr, HEADS.get(cfg.head)(cfg, self.label_names))
+        # Only the losses that are on are built: weight > 0, and an image if the loss needs one.
+        self.aux_losses = nn.ModuleDict()
+        for name, weight in AUX_LOSSES.weights.items():
+            loss = AUX_LOSSES.get(name)
+            if getattr(cfg, weight) > 0 and not (loss.needs_image and cfg.text_only):
+                self.aux_losses[name] = loss(cfg, width)
+                if getattr(loss, "needs_slots", False) and not getattr(self.fusion, "exposes_slots", False):
+                    raise ValueError(
+                        f"model.{weight} > 0 needs a fusion with query slots (qgf), but model.fusion is "
+                        f"{cfg.fusion!r}; set model.{weight} = 0"
+                    )
+        # label id -> entity type index (-1 for O), for the losses that read type presence
+        self._label_type = [self.types.index(n[2:]) if n != "O" else -1 for n in self.label_names]
+        # The training epoch (1, 2, ...), set by the loop before each epoch for the losses that warm up
+        # (MANGO's alignment); None outside the loop, where they count as warmed up.
+        self.epoch: int | None = None
+
+    @property
+    def head(self) -> Head:
+        """The head named by cfg.head (train/zoo/heads.py)."""
+        return getattr(self, self._head_attr)
+
+    def train(self, mode: bool = True) -> MNERModel:
+        """Train or eval mode; the frozen bottom of the text encoder stays in eval mode (no dropout),
+        so its output is the text-state cache's."""
+        super().train(mode)
+        if self.frozen_layers:
+            for module in frozen_modules(self.encoder, self.frozen_layers):
+                module.eval()
+        return self
+
+    def encode_text(self, batch: dict) -> torch.Tensor:
+        """Word states (B, T, D): the encoder state of each word's first sub-word.
+
+        Words cut by truncation get the first sub-word's slot 0 ([CLS]); word_mask hides them. With
+        model.text_frozen_layers = N the top layers run over batch["text_states"] (B, S, D), the states
+        after layer N read from the text-state cache, or over the frozen bottom computed here without it.
+        """
+        if self.frozen_layers:
+            hidden = batch.get("text_states")
+            if hidden is None:
+                hidden = text_prefix(
+                    self.encoder, self.frozen_layers, batch["input_ids"], batch["attention_mask"]
+                )  # (B, S, D)
+            states = text_top(self.encoder, self.frozen_layers, hidden, batch["attention_mask"])  # (B, S, D)
+        else:
+            states = self.encoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # (B, S, D)
+        index = batch["first_subword"][..., None].expand(-1, -1, states.shape[-1])  # (B, T, D)
+        return states.gather(1, index)  # (B, T, D)
+
+    def encode_visual(
+        self, batch: dict, image_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens (B, V, D) and their mask (B, V); all masked for a post whose image is masked.
+
+        image_mask (B,) defaults to batch["image_mask"]; forward passes the image-dropped one.
+        """
+        if self.visual is None:
+            raise ValueError("this model is text-only (model.text_only = true): it has no visual tokens")
+        return self.visual(batch, batch["image_mask"] if image_mask is None else image_mask)
+
+    def _emissions(self, batch: dict, image_mask: torch.Tensor | None):
+        """Emissions (B, T, L), word states (B, T, D) before fusion, the visual tokens (B, V, D) with
+        their mask (B, V) and the pooled image vector (B, D) (None for a text-only model, the pooled one
+        also for a fusion that does not use it), for the given image mask."""
+        words = self.encode_text(batch)  # (B, T, D)
+        visual = visual_mask = pooled = None
+        fused = words
+        if self.fusion is not None:
+            visual, visual_mask = self.encode_visual(batch, image_mask)  # (B, V, D), (B, V)
+            pooled = (
+                self.visual.encode_global(batch, image_mask) if self.visual.global_proj is not None else None
+            )
+            if getattr(self.fusion, "single_stream", False):
+                # IFAformer: the encoder's own layers run over words + visual tokens (train/zoo/ifaformer.py)
+                fused = self.fusion.encode(self.encoder, batch, words, visual, visual_mask)  # (B, T, D)
+            else:
+                fused = self.fusion(words, batch["word_mask"], visual, visual_mask, pooled)  # (B, T, D)
+        if self.bilstm is not None:
+            fused = self._bilstm(fused, batch["word_mask"])  # (B, T, 2H)
+        # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
+        emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
+        return emissions, words, visual, visual_mask, pooled
+
+    def _bilstm(self, states: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """states (B, T, D) -> (B, T, 2H), run over each post's words only (packed), so the backward
+        direction starts at the post's last word, not at the batch's padding; zero past it."""
+        lengths = word_mask.sum(dim=1).clamp(min=1).cpu()  # (B,); word_mask is a prefix of each row
+        packed = nn.utils.rnn.pack_padded_sequence(states, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.bilstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=states.shape[1])
+        return out  # (B, T, 2H)
+
+    def forward(self, batch: dict) -> dict:
+        """Training losses, scalars: "loss" (the total), "<head>_loss" ("crf_loss") and "<name>_loss" for
+        every auxiliary loss ("align_loss", "slot_type_loss"), 0 for one that is off."""
+        image_mask = None
+        if self.fusion is not None:
+            image_mask = batch["image_mask"]  # (B,)
+            if self.training and self.cfg.image_dropout > 0:
+                keep = torch.rand(image_mask.shape, device=image_mask.device) >= self.cfg.image_dropout
+                image_mask = image_mask & keep
+        emissions, words, visual, visual_mask, pooled = self._emissions(
+            batch, image_mask
+        )  # (B, T, L), (B, T, D), ...
+        tags, word_mask = self.task.targets(batch, self.outside)  # (B, T), (B, T)
+        head_loss = self.head.loss(emissions, tags, word_mask)  # ()
+        losses = {f"{self._head_attr}_loss": head_loss}
+        loss = head_loss
+        inputs = LossInputs(
+            words,
+            word_mask,
+            emissions,
+            visual,
+            visual_mask,
+            pooled=pooled,
+            entities=word_mask & (tags != self.outside),  # (B, T)
+            fusion_state=getattr(self.fusion, "state", None),
+            epoch=self.epoch,
+        )
+        if any(getattr(loss, "needs_slots", False) for loss in self.aux_losses.values()):
+            inputs.slots = self.fusion.final_slots  # (B, Q, D)
+            label_type = torch.tensor(self._label_type, device=tags.device)  # (L,)
+            inputs.type_presence = type_presence(tags, word_mask, label_type, len(self.types))  # (B, E)
+        for name, weight in AUX_LOSSES.weights.items():
+            if name in self.aux_losses:
+                losses[f"{name}_loss"] = self.aux_losses[name](inputs)
+                loss = loss + getattr(self.cfg, weight) * losses[f"{name}_loss"]
+            else:
+                losses[f"{name}_loss"] = emissions.new_zeros(())
+        return {"loss": loss, **losses}
+
+    @torch.no_grad()
+    def decode(self, batch: dict) -> list[list[int]]:
+        """A label id per word (len == num_words); words cut by truncation are predicted O.
+
+        Uses batch["image_mask"] as given (no image dropout), whatever the module's mode.
+        """
+        image_mask = batch["image_mask"] if self.fusion is not None else None
+        emissions = self._emissions(batch, image_mask)[0]  # (B, T, L)
+        paths = self.head.decode(emissions, batch["word_mask"])
+        return [
+            path + [self.outside] * (n - len(path)) for path, n in zip(paths, batch["num_words"].tolist())
+        ]
+
+    def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
+        """AdamW parameter groups: encoder at lr_encoder, visual/fusion at lr_fusion, CRF at lr_crf, the
+        emission layer at lr_fusion or, with model.emission_lr = "crf", at lr_crf (IFAformer).
+
+        Weight decay goes to the weight matrices that multiply an input (nn.Linear, the attention
+        projections, convolutions) and nothing else: not biases or LayerNorm, not embedding tables
+        (word, position, region label, token type), not the CRF's transition scores and not the
+        fusion's query slots, as BERT fine-tuning recipes exclude them. Empty groups are left out.
+        Each group has "name", "params", "lr" and "weight_decay".
+        """
+        parts = {
+            "encoder": ([], train_cfg.lr_encoder),
+            "fusion": ([], train_cfg.lr_fusion),
+            "crf": ([], train_cfg.lr_crf),
+        }
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("encoder."):
+                part = "encoder"
+            elif name.startswith("crf.") or (name.startswith("emission.") and self.cfg.emission_lr == "crf"):
+                part = "crf"
+            else:
+                part = "fusion"
+            parts[part][0].append(param)
+        decayed = decayed_parameters(self)
+        groups = []
+        for part, (params, lr) in parts.items():
+            decay = [p for p in params if id(p) in decayed]
+            no_decay = [p for p in params if id(p) not in decayed]
+            for suffix, chosen, weight_decay in (
+                ("", decay, train_cfg.weight_decay),
+                ("_no_decay", no_decay, 0.0),
+            ):
+                if chosen:
+                    groups.append(
+                        {"name": part + suffix, "params": chosen, "lr": lr, "weight_decay": weight_decay}
+                    )
+        return groups
+
+
+# Modules whose matrices multiply an input; their >= 2-D parameters are weight-decayed.
+_DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d, nn.LSTM)
+
+
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters to weight-decay: the matrices (dim >= 2) owned by a _DECAYED_MODULES module."""
+    return {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, _DECAYED_MODULES)
+        for param in module.parameters(recurse=False)
+        if param.dim() >= 2
+    }
