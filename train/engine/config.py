@@ -266,26 +266,6 @@ class ModelConfig(Config):
                     f"relevance and states), but model.fusion is {self.fusion!r}; set it to 0"
                 )
 
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "dict") -> ModelConfig:
-        """Build from a dict (a run's config.json "model" section); missing keys keep their defaults.
-
-        A record without `head` was written before the registries existed and is read as the model
-        it built then: fusion "adaptive" was QGF with the gate forced on, and adaptive_gate was
-        ignored by the fusions that have no gate. A record without `adaptive_fusion` had only the
-        sigmoid gate, so its adaptive_gate = true reads as adaptive_fusion = "gate".
-        """
-        data = dict(data)
-        if "head" not in data:
-            if data.get("fusion") == "adaptive":
-                data.update(fusion="qgf", adaptive_gate=True)
-            elif data.get("fusion") in ("concat", "gated"):
-                data["adaptive_gate"] = False
-        # A full record always names adaptive_gate; a partial dict without it keeps the defaults.
-        if "adaptive_fusion" not in data and data.get("adaptive_gate") is True:
-            data["adaptive_fusion"] = "gate"
-        return super().from_dict(data, source)
-
 
 @dataclass
 class TrainConfig(Config):

@@ -226,59 +226,8 @@ def test_run_config_errors():
         RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "")
 
 
-# The "model" section of a run's config.json as written before the registries (issue 9): no task,
-# no head, and fusion "adaptive" still a name. Copied from a demo run's config.json of that code.
-OLD_MODEL_RECORD = {
-    "text_encoder": "minilm", "fusion": "qgf", "qfnet_layers": 2, "qfnet_heads": 4, "slots_per_type": 4,
-    "adaptive_gate": True, "use_patches": True, "use_regions": True, "text_only": False,
-    "alignment_loss_weight": 0.1, "alignment_temperature": 0.07, "image_dropout": 0.1, "dropout": 0.1,
-    "bio_constraints": True, "max_length": 128,
-}  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "changes, expected",
-    [
-        # The sigmoid gate was the only adaptive fusion before adaptive_fusion was recorded.
-        ({}, {"adaptive_fusion": "gate"}),
-        # "adaptive" was QGF with the gate forced on, whatever adaptive_gate said.
-        (
-            {"fusion": "adaptive", "adaptive_gate": False},
-            {"fusion": "qgf", "adaptive_gate": True, "adaptive_fusion": "gate"},
-        ),
-        ({"fusion": "adaptive"}, {"fusion": "qgf", "adaptive_gate": True, "adaptive_fusion": "gate"}),
-        # The fusions without a gate ignored adaptive_gate = true.
-        ({"fusion": "gated"}, {"fusion": "gated", "adaptive_gate": False}),
-        ({"fusion": "concat"}, {"fusion": "concat", "adaptive_gate": False}),
-        ({"adaptive_gate": False}, {"adaptive_gate": False}),
-    ],
-)
-def test_old_run_records_load_as_the_model_they_built(tmp_path, changes, expected):
-    old = {**OLD_MODEL_RECORD, **changes}
-    model = ModelConfig.from_dict(old, source="run/config.json")
-    assert model == dataclasses.replace(ModelConfig(), **expected)
-    assert (model.task, model.head) == ("tagging", "crf")
-    run = {
-        "model": old,
-        "train": TrainConfig().to_dict(),
-        "cache_dir": "/c",
-        "data": {"data_dir": "/d"},
-        "out_dir": "o",
-    }
-    assert RunConfig.from_dict(run).model == model
-    # A record written now keeps what it says (no upgrade once `head` is there).
-    assert ModelConfig.from_dict(model.to_dict()) == model
-
-
-def test_a_record_without_adaptive_fusion_reads_as_the_sigmoid_gate_it_built():
-    record = ModelConfig().to_dict()
-    del record["adaptive_fusion"]
-    assert ModelConfig.from_dict(record).adaptive_fusion == "gate"
-    assert ModelConfig.from_dict({**record, "adaptive_gate": False}).adaptive_fusion == "weights"
-    assert ModelConfig().adaptive_fusion == "weights"  # AFDVQF's own, the default
-
-
-def test_records_written_now_are_not_upgraded():
+def test_a_record_is_read_as_it_is_written():
+    """No name is upgraded: a fusion the registry does not hold is refused, whatever wrote the record."""
     record = {**ModelConfig().to_dict(), "fusion": "adaptive"}
     with pytest.raises(
         ValueError, match=re.escape("model.fusion must be one of qgf, concat, gated, mango, single_stream")

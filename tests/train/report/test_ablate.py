@@ -304,7 +304,7 @@ def test_an_experiment_that_changes_nothing_is_refused(tmp_path):
 
 
 def test_no_adapt_cannot_be_silent_over_a_fusion_without_a_gate(tmp_path):
-    # Before issue 9, fusion "adaptive" (or "gated") ignored adaptive_gate, so no_adapt trained the base.
+    # A fusion without a gate would ignore adaptive_gate, and no_adapt would silently train the base.
     cfg = _config(experiments=["no_adapt"], overrides=["model.fusion=gated"], out_dir=str(tmp_path))
     with pytest.raises(
         ValueError, match=re.escape("model.adaptive_gate = true gates query-guided fusion only")
