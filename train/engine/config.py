@@ -132,6 +132,10 @@ class ModelConfig(Config):
     # the embeddings and the bottom N text encoder layers are frozen (eval mode, no gradient); their
     # output is computed once per split into a text-state cache (train/engine/text_states.py). 0: all train
     text_frozen_layers: int = 0
+    # the last N vision blocks train (at train.lr_vision) on the state the cache stores before them
+    # (`extract-features --vision-trainable-blocks K`, N <= K; train/zoo/vision_blocks.py). 0: the cached
+    # tokens are read as they are, frozen
+    vision_trainable_blocks: int = 0
     # --- model zoo: switches the seeds' models differ by; each is off at the AFDVQF value
     # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
     region_meta: bool = True
@@ -238,6 +242,15 @@ class ModelConfig(Config):
                 "output is computed once from the text, but model.fusion = 'single_stream' (IFAformer) "
                 "feeds the image into every encoder layer; set model.text_frozen_layers = 0"
             )
+        if self.vision_trainable_blocks < 0:
+            raise ValueError(
+                f"model.vision_trainable_blocks must be >= 0, got {self.vision_trainable_blocks}"
+            )
+        if self.vision_trainable_blocks and self.text_only:
+            raise ValueError(
+                f"model.vision_trainable_blocks = {self.vision_trainable_blocks} trains vision blocks, but "
+                "model.text_only = true reads no image; set model.vision_trainable_blocks = 0"
+            )
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
@@ -280,6 +293,9 @@ class TrainConfig(Config):
     # learning rate of the CRF transition scores: they start small (pytorch-crf draws them from
     # U(-0.1, 0.1)) and must grow to several units to forbid moves, so they need a larger step
     lr_crf: float = 5e-3
+    # learning rate of the vision blocks that train (model.vision_trainable_blocks > 0); MANGO trains
+    # CLIP's last 2 blocks at 1e-5
+    lr_vision: float = 1e-5
     # AdamW weight decay on weight matrices; none on biases, LayerNorm, embeddings, the CRF's
     # transition scores or the fusion's query slots (the BERT recipe; MNERModel.param_groups)
     weight_decay: float = 0.01
@@ -301,7 +317,7 @@ class TrainConfig(Config):
         for name in ("epochs", "batch_size", "patience", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_encoder", "lr_fusion", "lr_crf", "max_grad_norm"):
+        for name in ("lr_encoder", "lr_fusion", "lr_crf", "lr_vision", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mner.cache.conll import Post, Split, tag_line
 from mner.cache.reader import CacheReader
-from mner.cache.spec import Record, TokenSpec, empty_record
+from mner.cache.spec import VISION_STATE, Record, TokenSpec, empty_record
 from mner.train.engine.config import ModelConfig, TrainConfig
 
 # Label id of positions that are not words (padding); ignored by every loss.
@@ -44,7 +44,8 @@ class PostDataset(Dataset):
     Each item is a dict: "key", "path", "line", "words" (list[str]), "tags" (list[str]) and, when a reader is
     given, "image_ok" (bool), "num_regions" (int) and the record arrays "patch_tokens" (P, Dp),
     "global_embed" (Dg,), "region_feats" (K, Dr), "region_labels" (K,), "region_scores" (K,),
-    "region_boxes" (K, 4) as numpy arrays (float16 tokens stay float16 until collation).
+    "region_boxes" (K, 4) as numpy arrays (float16 tokens stay float16 until collation); with
+    `vision_state`, also "vision_state" (the record's, (P, Dp) or (C3, H3, W3)).
     """
 
     def __init__(
@@ -54,10 +55,13 @@ class PostDataset(Dataset):
         spec: TokenSpec | None = None,
         path: Path | None = None,
         text_states=None,
+        vision_state: bool = False,
     ):
         """
         Args:
             posts: the posts, in the order items are returned.
+            vision_state: add each record's vision_state (for model.vision_trainable_blocks > 0 only:
+                the other models never pay for collating it).
             text_states: the split's text-state cache (cache.text_states.TextStates, rows in the order
                 of `posts`); its sub-words and states join each item as "text_ids" and "text_states".
             path: the file they were read from (named in a tag error); None for posts built in code.
@@ -75,6 +79,12 @@ class PostDataset(Dataset):
             )
         self.spec = spec if spec is not None else getattr(reader, "spec", None)
         self.text_states = text_states
+        if vision_state and not (self.spec is not None and self.spec.has_vision_state):
+            raise ValueError(
+                f"cache {getattr(reader, 'cache_dir', None)} stores no vision state (extracted without "
+                "--vision-trainable-blocks), so there is none to add to the items"
+            )
+        self.vision_state = vision_state
 
     def __len__(self) -> int:
         return len(self.posts)
@@ -101,6 +111,8 @@ class PostDataset(Dataset):
             record = empty_record(key, self.spec, "missing")
         # Non-ok records are already zero (cache.shards.empty_record); image_ok is what masks them.
         arrays = {name: getattr(record, name) for name in _VISUAL_ARRAYS}
+        if self.vision_state:
+            arrays[VISION_STATE] = record.vision_state  # (P, Dp) | (C3, H3, W3) float16
         return {"image_ok": record.status == "ok", "num_regions": record.num_regions, **arrays}
 
 
@@ -258,6 +270,8 @@ def _collate_visual(items: list[dict]) -> dict:
     batch["patch_mask"] = image_ok[:, None].expand(-1, P).clone()  # (B, P)
     batch["region_mask"] = (torch.arange(K)[None, :] < num_regions[:, None]) & image_ok[:, None]  # (B, K)
     batch["image_mask"] = image_ok
+    if VISION_STATE in items[0]:
+        batch[VISION_STATE] = torch.from_numpy(np.stack([item[VISION_STATE] for item in items])).float()
     return batch
 
 
@@ -276,7 +290,8 @@ def make_loader(
 
     A text-only model never reads the cache, even when a reader is given. With `text_states` (the
     split's text-state cache) the batches carry "text_states" (B, S, D), the frozen bottom's output. Shuffling draws from a
-    generator seeded with train_cfg.seed, so the order of a run is reproducible.
+    generator seeded with train_cfg.seed, so the order of a run is reproducible. With
+    model.vision_trainable_blocks > 0 they carry "vision_state" (B, P, Dp) | (B, C3, H3, W3) float32.
     """
     with_visual = not model_cfg.text_only
     if with_visual and reader is None:
@@ -284,7 +299,11 @@ def make_loader(
     if shuffle and sampler is not None:
         raise ValueError("give shuffle=True or a sampler, not both (the sampler decides the order)")
     dataset = PostDataset(
-        split.posts, reader if with_visual else None, path=split.path, text_states=text_states
+        split.posts,
+        reader if with_visual else None,
+        path=split.path,
+        text_states=text_states,
+        vision_state=with_visual and model_cfg.vision_trainable_blocks > 0,
     )
     generator = torch.Generator().manual_seed(train_cfg.seed) if shuffle else None
     return DataLoader(

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mner.cache.conll import Split
+from mner.cache.manifest import extract_command
 from mner.cache.reader import CacheReader
 from mner.cache.spec import TokenSpec
 from mner.runtime import FolderClaim, Runtime
@@ -59,9 +60,11 @@ def rebuild_tagger(record: dict) -> tuple[MNERModel, object]:
     return build_model(record, encoder_dir), load_tokenizer(encoder_dir)
 
 
-def build_model(record: dict, encoder_dir: Path) -> MNERModel:
+def build_model(record: dict, encoder_dir: Path, vision_weights: dict | None = None) -> MNERModel:
     """A fresh MNERModel from a run record (config.json): labels, token widths and detector classes
-    as recorded from the train split and the cache manifest."""
+    as recorded from the train split and the cache manifest; with model.vision_trainable_blocks > 0
+    the blocks' structure from the recorded cache's "vision_blocks", their weights `vision_weights`
+    (the cache's, to start training) or freshly initialised (for a run's model.safetensors)."""
     model_cfg = ModelConfig.from_dict(record["model"], CONFIG_FILE)
     cache = record["cache"]
     if cache is None:
@@ -70,7 +73,52 @@ def build_model(record: dict, encoder_dir: Path) -> MNERModel:
     num_classes = len(categories) if categories else DEFAULT_DETECTOR_CLASSES
     spec = TokenSpec.from_dict(cache["spec"])
     check_regions(model_cfg, spec, cache["dir"])  # before the text encoder loads; names the cache
-    return MNERModel(model_cfg, record["label_names"], spec, encoder_dir, num_detector_classes=num_classes)
+    return MNERModel(
+        model_cfg,
+        record["label_names"],
+        spec,
+        encoder_dir,
+        num_detector_classes=num_classes,
+        vision_blocks=cache.get("vision_blocks"),
+        vision_weights=vision_weights,
+    )
+
+
+def vision_blocks_of(
+    model_cfg: ModelConfig, reader: CacheReader | None, data_dir
+) -> tuple[dict, dict] | None:
+    """(config, weights) of the vision blocks model.vision_trainable_blocks = k trains, from the cache
+    (None for k = 0). A cache that stores the state before fewer than k blocks is refused with the
+    `mner extract-features` command that makes one for `data_dir`: the blocks never silently stay frozen."""
+    k = model_cfg.vision_trainable_blocks
+    if not k or reader is None:
+        return None
+    stored = reader.trainable_blocks
+    if k > stored:
+        if reader.config.get("vision", "clip") != "clip" and k > 1:
+            raise ValueError(
+                f"model.vision_trainable_blocks = {k}, but the cache {reader.cache_dir} is a ResNet's, whose "
+                "stage two trains layer4 alone (its stages differ in width and stride); set "
+                "model.vision_trainable_blocks = 1"
+                + ("" if stored else f" on a cache made by `{_extract_blocks(reader, 1, data_dir)}`")
+            )
+        held = (
+            f"stores the state before the last {stored} only (--vision-trainable-blocks {stored})"
+            if stored
+            else "stores no vision state (extracted without --vision-trainable-blocks)"
+        )
+        raise ValueError(
+            f"model.vision_trainable_blocks = {k} trains the last {k} vision blocks on the state the cache "
+            f"stores before them, but the cache {reader.cache_dir} {held}; extract one with "
+            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set model.vision_trainable_blocks "
+            f"<= {stored}"
+        )
+    return reader.vision_blocks()
+
+
+def _extract_blocks(reader: CacheReader, k: int, data_dir) -> str:
+    """The extract-features command of the reader's cache, storing the state before the last k blocks."""
+    return extract_command({**reader.config, "vision_trainable_blocks": k}, data_dir)
 
 
 def load_run_model(run_dir, record: dict, runtime: Runtime) -> tuple[torch.nn.Module, object]:

@@ -26,6 +26,7 @@ from mner.train.engine.runs import (
     open_cache,
     prepare_folder,
     report_images,
+    vision_blocks_of,
 )
 from mner.train.engine.text_states import check_text_cache_root, prepare_text_states
 from mner.train.zoo.registry import TASKS
@@ -51,9 +52,14 @@ def prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tup
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
     if reader is not None:
         check_cache_keys(list(splits.values()), reader)
+    # Before the folder is made: a cache without the vision state would only leave a half-made run.
+    vision = vision_blocks_of(cfg.model, reader, source.data_dir)
     tokenizer = load_tokenizer(encoder_dir)
 
     record = make_record(cfg, source, labels, encoder_dir, reader)
+    if vision is not None:
+        # What rebuilds the blocks for evaluate and predict; their trained weights are the run's.
+        record["cache"]["vision_blocks"] = vision[0]
     record["precision"] = precision_name(runtime)  # what evaluate and predict reproduce
     checkpoint = prepare_folder(claim, cfg.resume, record, runtime)
     record["truncated_words"] = {
@@ -75,7 +81,7 @@ def prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tup
         ", ".join(f"{name} {count}" for name, count in record["orphan_i"].items()),
     )
 
-    model = build_model(record, encoder_dir).to(runtime.device)
+    model = build_model(record, encoder_dir, None if vision is None else vision[1]).to(runtime.device)
     text_states = text_states_of(cfg, model, splits, tokenizer, labels, encoder_dir, source, runtime)
     record["text_states"] = {name: str(states.folder) for name, states in text_states.items()}
     if runtime.is_main:

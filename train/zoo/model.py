@@ -11,6 +11,9 @@ Training loss = the head's loss, mean over posts (the CRF's negative log-likelih
 With model.bilstm a BiLSTM runs over the (fused) word states before the emission layer.
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
+With model.vision_trainable_blocks = k > 0 the patch tokens and the global embedding are not read from
+the cache as they are: the last k vision blocks (train/zoo/vision_blocks.py) make them at every step
+from the state the cache stores before those blocks, and train at train.lr_vision.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mner.train.zoo.heads import Head
 from mner.train.zoo.losses import LossInputs, type_presence
 from mner.train.zoo.registry import AUX_LOSSES, HEADS, TASKS
 from mner.train.zoo.text import encoder_layers, frozen_modules, load_encoder, text_prefix, text_top
+from mner.train.zoo.vision_blocks import VisionBlocks
 from mner.train.zoo.visual import VisualTokenBuilder
 
 # What a text-only model reads of its config: model.text_only builds no visual token builder, no
@@ -76,6 +80,8 @@ class MNERModel(nn.Module):
         spec: TokenSpec | None,
         encoder_dir: str | Path,
         num_detector_classes: int = 91,
+        vision_blocks: dict | None = None,
+        vision_weights: dict | None = None,
     ):
         """
         Args:
@@ -84,6 +90,10 @@ class MNERModel(nn.Module):
             spec: the token shapes of the cache (None only when cfg.text_only).
             encoder_dir: the text encoder folder or preset name (train.text.resolve_text_encoder).
             num_detector_classes: region label ids lie in [0, this) (91 for torchvision's COCO).
+            vision_blocks: the cache's vision blocks config (manifest "vision_blocks" "config"); needed,
+                and read, only with cfg.vision_trainable_blocks > 0.
+            vision_weights: their weights as the cache stores them (`CacheReader.vision_blocks()`); None
+                leaves them freshly initialised, for a trained run's weights to be loaded.
         """
         super().__init__()
         self.cfg = cfg
@@ -138,6 +148,34 @@ class MNERModel(nn.Module):
         # The training epoch (1, 2, ...), set by the loop before each epoch for the losses that warm up
         # (MANGO's alignment); None outside the loop, where they count as warmed up.
         self.epoch: int | None = None
+        self.vision_blocks = self._build_vision_blocks(vision_blocks, vision_weights)
+
+    def _build_vision_blocks(self, config: dict | None, weights: dict | None) -> VisionBlocks | None:
+        """The trainable vision blocks of cfg.vision_trainable_blocks (None for 0). Built last and on a
+        fork of the random state, so every other module starts from the weights of the same model with
+        0, and training draws the same random numbers."""
+        k = self.cfg.vision_trainable_blocks
+        if not k:
+            return None
+        if config is None:
+            raise ValueError(
+                f"model.vision_trainable_blocks = {k} needs the vision blocks of a cache extracted with "
+                "--vision-trainable-blocks; pass the cache's vision blocks config"
+            )
+        if not self.cfg.use_patches and self.visual.global_proj is None:
+            # The blocks make the patch tokens and the global embedding: with neither read they learn nothing.
+            raise ValueError(
+                f"model.vision_trainable_blocks = {k} trains the blocks that make the patch tokens and the "
+                f"global embedding, but model.use_patches is false and model.fusion {self.cfg.fusion!r} reads "
+                "no global embedding; set model.vision_trainable_blocks = 0"
+            )
+        with torch.random.fork_rng(devices=[]):
+            blocks = VisionBlocks(config, weights, blocks=k)
+        if self.visual.global_proj is None:
+            # A fusion that reads no global embedding gives these no gradient: they stay as stored.
+            for parameter in blocks.global_parameters():
+                parameter.requires_grad_(False)
+        return blocks
 
     @property
     def head(self) -> Head:
@@ -183,7 +221,26 @@ class MNERModel(nn.Module):
         """
         if self.visual is None:
             raise ValueError("this model is text-only (model.text_only = true): it has no visual tokens")
-        return self.visual(batch, batch["image_mask"] if image_mask is None else image_mask)
+        image_mask = batch["image_mask"] if image_mask is None else image_mask
+        return self.visual(self.vision_inputs(batch, image_mask), image_mask)
+
+    def vision_inputs(self, batch: dict, image_mask: torch.Tensor) -> dict:
+        """The batch the visual token builder reads: with trainable vision blocks, a copy whose
+        patch_tokens (B, P, Dp) and global_embed (B, Dg) are the blocks' output over batch["vision_state"]
+        for the posts whose image_mask (B,) is True and zero for the others, as the cache stores a missing
+        image (so a masked post stays bitwise image-less, and a dropped image costs no block run);
+        otherwise the batch itself."""
+        if self.vision_blocks is None:
+            return batch
+        rows = image_mask.nonzero().squeeze(1)  # (B',) posts whose image is read
+        patches, pooled = batch["patch_tokens"], batch["global_embed"]  # (B, P, Dp), (B, Dg)
+        if len(rows):
+            made, made_pooled = self.vision_blocks(batch["vision_state"][rows])  # (B', P, Dp), (B', Dg)
+            patches = made.new_zeros(patches.shape).index_copy(0, rows, made)  # (B, P, Dp)
+            pooled = made_pooled.new_zeros(pooled.shape).index_copy(0, rows, made_pooled)  # (B, Dg)
+        else:
+            patches, pooled = torch.zeros_like(patches), torch.zeros_like(pooled)
+        return {**batch, "patch_tokens": patches, "global_embed": pooled}
 
     def _emissions(self, batch: dict, image_mask: torch.Tensor | None):
         """Emissions (B, T, L), word states (B, T, D) before fusion, the visual tokens (B, V, D) with
@@ -193,9 +250,11 @@ class MNERModel(nn.Module):
         visual = visual_mask = pooled = None
         fused = words
         if self.fusion is not None:
-            visual, visual_mask = self.encode_visual(batch, image_mask)  # (B, V, D), (B, V)
+            image_mask = batch["image_mask"] if image_mask is None else image_mask  # (B,)
+            tokens = self.vision_inputs(batch, image_mask)  # the blocks run once for both readers
+            visual, visual_mask = self.visual(tokens, image_mask)  # (B, V, D), (B, V)
             pooled = (
-                self.visual.encode_global(batch, image_mask) if self.visual.global_proj is not None else None
+                self.visual.encode_global(tokens, image_mask) if self.visual.global_proj is not None else None
             )
             if getattr(self.fusion, "single_stream", False):
                 # IFAformer: the encoder's own layers run over words + visual tokens (train/zoo/ifaformer.py)
@@ -271,7 +330,8 @@ class MNERModel(nn.Module):
 
     def param_groups(self, train_cfg: TrainConfig) -> list[dict]:
         """AdamW parameter groups: encoder at lr_encoder, visual/fusion at lr_fusion, CRF at lr_crf, the
-        emission layer at lr_fusion or, with model.emission_lr = "crf", at lr_crf (IFAformer).
+        emission layer at lr_fusion or, with model.emission_lr = "crf", at lr_crf (IFAformer), the
+        trainable vision blocks at lr_vision (their frozen prefix requires no grad and is in no group).
 
         Weight decay goes to the weight matrices that multiply an input (nn.Linear, the attention
         projections, convolutions) and nothing else: not biases or LayerNorm, not embedding tables
@@ -283,12 +343,15 @@ class MNERModel(nn.Module):
             "encoder": ([], train_cfg.lr_encoder),
             "fusion": ([], train_cfg.lr_fusion),
             "crf": ([], train_cfg.lr_crf),
+            "vision": ([], train_cfg.lr_vision),
         }
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             if name.startswith("encoder."):
                 part = "encoder"
+            elif name.startswith("vision_blocks."):
+                part = "vision"
             elif name.startswith("crf.") or (name.startswith("emission.") and self.cfg.emission_lr == "crf"):
                 part = "crf"
             else:

@@ -38,11 +38,12 @@ class VisionBlocks(nn.Module):
     state is (B, P, Dp) for CLIP, (B, C3, H3, W3) for a ResNet's layer3 map.
     """
 
-    def __init__(self, config: dict, arrays: dict[str, np.ndarray], blocks: int | None = None):
+    def __init__(self, config: dict, arrays: dict[str, np.ndarray] | None, blocks: int | None = None):
         """
         Args:
             config: the cache's vision blocks config ({"kind": "clip" | "resnet", "blocks": K, ...}).
-            arrays: the weights by name, as `CacheReader.vision_blocks()` returns them.
+            arrays: the weights by name, as `CacheReader.vision_blocks()` returns them; None builds the
+                structure alone (freshly initialised), for a trained model's weights to be loaded into.
             blocks: k, how many of the last blocks train (1 <= k <= K); None: all K.
         Raises ValueError for a k outside [1, K].
         """
@@ -61,7 +62,8 @@ class VisionBlocks(nn.Module):
             self._build_resnet(config)
         else:
             raise ValueError(f"unknown vision blocks kind {self.kind!r}; known: clip, resnet")
-        self._load(arrays)
+        if arrays is not None:
+            self._load(arrays)
         for parameter in self.frozen.parameters():
             parameter.requires_grad_(False)
 
@@ -70,6 +72,16 @@ class VisionBlocks(nn.Module):
         """The blocks of the cache `reader` reads (ValueError when it stores no vision state)."""
         config, arrays = reader.vision_blocks()
         return cls(config, arrays, blocks)
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        """The parameters that make the global embedding alone (CLIP's post_layernorm and projection; a
+        ResNet's is the grid's mean): a model that reads no global embedding freezes them."""
+        if self.kind != "clip":
+            return []
+        return [
+            *self.post_layernorm.parameters(),
+            *([] if self.projection is None else self.projection.parameters()),
+        ]
 
     def _build_clip(self, config: dict) -> None:
         hf = CLIPVisionConfig(
