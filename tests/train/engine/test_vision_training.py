@@ -23,8 +23,8 @@ from mner.extract.config import ExtractConfig
 from mner.extract.reextract import extract_from_record
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime
-from mner.train.engine.config import TrainConfig, load_run_config, model_names
-from mner.train.engine.data import make_loader
+from mner.train.engine.config import ModelConfig, TrainConfig, load_run_config, model_names
+from mner.train.engine.data import PostDataset, make_loader
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.run_files import make_record
 from mner.train.engine.runs import build_model, vision_blocks_of
@@ -295,3 +295,42 @@ def test_a_run_evaluates_predicts_and_resumes_as_it_trained(data, tmp_path, monk
     x, y = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(x[key], y[key]) for key in x)
     shutil.rmtree(killed)
+
+
+def test_settings_that_train_nothing_are_refused(data):
+    for changes, message in (
+        ({"vision_trainable_blocks": -1}, "model.vision_trainable_blocks must be >= 0, got -1"),
+        (
+            {"vision_trainable_blocks": 2, "text_only": True},
+            "model.vision_trainable_blocks = 2 trains vision blocks, but model.text_only = true reads no "
+            "image; set model.vision_trainable_blocks = 0",
+        ),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ModelConfig(**TINY, **changes)
+    with pytest.raises(ValueError, match=re.escape("train.lr_vision must be > 0, got 0.0")):
+        TrainConfig(lr_vision=0.0)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"cache {data['k0']} stores no vision state (extracted without --vision-trainable-blocks), so "
+            "there is none to add to the items"
+        ),
+    ):
+        PostDataset([], CacheReader(data["k0"]), vision_state=True)
+
+
+def test_a_record_without_the_blocks_config_is_refused(data):
+    """A config.json whose cache entry lost "vision_blocks" cannot rebuild the blocks' structure."""
+    cfg = run_config(data["tmp"] / "unused", data["k2"], data["data"], vision_trainable_blocks=2, **TINY)
+    record = make_record(
+        cfg, cfg.data.resolve(), ["O", "B-LOC"], resolve_text_encoder("tiny-bert"), CacheReader(data["k2"])
+    )
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "model.vision_trainable_blocks = 2 needs the vision blocks of a cache extracted with "
+            "--vision-trainable-blocks; pass the cache's vision blocks config"
+        ),
+    ):
+        build_model(record, "tiny-bert")
