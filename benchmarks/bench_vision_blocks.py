@@ -17,13 +17,20 @@ shapes and dtypes, and stage two's `VisionBlocks`.
                      cached tokens); "end to end" runs the whole vision model on pixels, trainable
     x end to end     step / the end-to-end step of the same model, measured in the same run
 
-    python benchmarks/bench_vision_blocks.py            # B/32 at K = 0, 2, all; ResNet-50 at K = 0, 1
-    python benchmarks/bench_vision_blocks.py --reps 5 --no-resnet
+The MANGO table times the whole stage-two step (`train.loop.train_step`: forward, loss, backward, clip,
+AdamW) of the MANGO model (configs/models/mango.toml on MiniLM, no regions) on 16 posts of 20 words
+with B/32 tokens, at model.vision_trainable_blocks = 0, 2 and 12 (all), against the k = 0 model with
+the whole B/32 tower run on the pixels inside the step and trained with it (end to end). Image dropout
+is off, so every variant runs its vision part on all 16 images.
+
+    python benchmarks/bench_vision_blocks.py            # B/32 at K = 0, 2, all; ResNet-50 at K = 0, 1; MANGO
+    python benchmarks/bench_vision_blocks.py --reps 5 --no-resnet --no-mango
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -36,6 +43,12 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from mner.cache.spec import DTYPES, TokenSpec
 from mner.extract.clip import ClipEncoder
 from mner.extract.resnet import IMAGENET_PREPROCESS, ResNetEncoder, resnet_transform
+from mner.runtime import resolve_runtime
+from mner.train.engine.config import load_run_config
+from mner.train.engine.data import Collate
+from mner.train.engine.loop import make_optimizer, train_step
+from mner.train.zoo.model import MNERModel
+from mner.train.zoo.text import load_tokenizer, resolve_text_encoder
 from mner.train.zoo.vision_blocks import VisionBlocks
 
 BATCH = 16
@@ -80,13 +93,13 @@ def r50() -> ResNetEncoder:
     )
 
 
-def image_bytes(encoder, blocks: int) -> int:
-    """One image's shard payload with --detector none, as ShardWriter lays it out."""
+def spec_of(encoder, blocks: int) -> TokenSpec:
+    """The cache's TokenSpec for `encoder` with --detector none and --vision-trainable-blocks `blocks`."""
     state = {}
     if blocks:
         shape, source = encoder.state_spec(blocks)
         state = {"vision_state_shape": shape, "vision_state_source": source}
-    spec = TokenSpec(
+    return TokenSpec(
         num_patches=encoder.num_patches,
         patch_dim=encoder.patch_dim,
         global_dim=encoder.global_dim,
@@ -97,6 +110,11 @@ def image_bytes(encoder, blocks: int) -> int:
         region_source="none",
         **state,
     )
+
+
+def image_bytes(encoder, blocks: int) -> int:
+    """One image's shard payload with --detector none, as ShardWriter lays it out."""
+    spec = spec_of(encoder, blocks)
     return sum(
         int(np.prod(shape)) * DTYPES[name].itemsize for name, shape in spec.shapes().items() if name in DTYPES
     )
@@ -179,6 +197,93 @@ def measure(name: str, encoder, ks: list[int], layers: int, reps: int) -> list[t
     return rows
 
 
+class EndToEnd(nn.Module):
+    """The k = 0 model with the whole CLIP tower in the loop: tokens made from batch["pixels"], trained."""
+
+    def __init__(self, model: MNERModel, encoder: ClipEncoder):
+        super().__init__()
+        self.model, self.vision, self.projection = model, encoder.vision, encoder.projection
+
+    def forward(self, batch: dict) -> dict:
+        out = self.vision(pixel_values=batch["pixels"])
+        tokens = {
+            **batch,
+            "patch_tokens": out.last_hidden_state,
+            "global_embed": self.projection(out.pooler_output),
+        }
+        return self.model(tokens)
+
+
+def mango_batch(encoder: ClipEncoder, pixels: torch.Tensor, state, tokenizer, labels) -> dict:
+    """16 posts of 20 words with the cached tokens of `pixels` (and their vision state) through Collate."""
+    rng = np.random.default_rng(0)
+    words = ["paris", "obama", "the", "game", "today", "#rt", "@user", "visited", "london", "rain"]
+    patches, pooled = (t.clone() for t in encoder.encode(pixels))  # (B, P, Dp), (B, Dg)
+    items = []
+    for b in range(BATCH):
+        post = [str(w) for w in rng.choice(words, 20)]
+        item = {"key": str(b), "path": None, "line": 0, "words": post, "tags": ["O"] * 20}
+        item.update(image_ok=True, num_regions=0, region_feats=np.zeros((0, 0), np.float16))
+        item.update(region_labels=np.zeros(0, np.int32), region_scores=np.zeros(0, np.float32))
+        item.update(region_boxes=np.zeros((0, 4), np.float32))
+        item.update(patch_tokens=patches[b].half().numpy(), global_embed=pooled[b].half().numpy())
+        if state is not None:
+            item["vision_state"] = state[b].half().numpy()
+        items.append(item)
+    batch = Collate(tokenizer, labels, 64, with_visual=True)(items)
+    batch["pixels"] = pixels
+    return batch
+
+
+def measure_mango(encoder: ClipEncoder, ks: list[int], reps: int) -> list[tuple]:
+    """[(variant, seconds)] of MANGO's train_step at each k, and end to end."""
+    size = IMAGENET_PREPROCESS["crop"]
+    pixels = torch.randn(BATCH, 3, size, size)  # (B, 3, S, S)
+    labels = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    encoder_dir = resolve_text_encoder("minilm")
+    tokenizer = load_tokenizer(encoder_dir)
+    runtime = resolve_runtime("cpu", "off")
+    rows = []
+    for k in ["end to end", *ks]:
+        blocks = 0 if k == "end to end" else k
+        overrides = [
+            "model.use_regions=false",
+            "model.image_dropout=0.0",
+            f"model.vision_trainable_blocks={blocks}",
+        ]
+        model_cfg, train_cfg = load_run_config(model="mango", overrides=overrides)
+        config = arrays = state = None
+        if blocks:
+            config, tensors = encoder.block_weights(blocks)
+            arrays = {name: value.detach().numpy() for name, value in tensors.items()}
+            with torch.no_grad():
+                _, _, state = encoder.encode_with_state(pixels, blocks)
+        torch.manual_seed(0)
+        model = MNERModel(
+            model_cfg,
+            labels,
+            spec_of(encoder, blocks),
+            encoder_dir,
+            vision_blocks=config,
+            vision_weights=arrays,
+        ).train()
+        groups = model.param_groups(train_cfg)
+        if k == "end to end":
+            model = EndToEnd(model, encoder).train()
+            tower = [*encoder.vision.parameters(), *encoder.projection.parameters()]
+            for parameter in tower:
+                parameter.requires_grad_(True)
+            groups.append({"name": "vision", "params": tower, "lr": train_cfg.lr_vision, "weight_decay": 0.0})
+        optimizer, scheduler, scaler = make_optimizer(groups, train_cfg.weight_decay, 0.0, 10**6, runtime)
+        batch = mango_batch(encoder, pixels, state, tokenizer, labels)
+        step = functools.partial(
+            train_step, model, batch, optimizer, scheduler, scaler, train_cfg.max_grad_norm, runtime
+        )
+        label = k if k == "end to end" else f"k={k}" + (" (all)" if k == 12 else "")
+        rows.append((label, timed(step, reps)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,6 +292,7 @@ def main() -> None:
         "--reps", type=int, default=3, help="timed steps per variant (median), after a warm-up"
     )
     parser.add_argument("--no-resnet", action="store_true", help="B/32 only")
+    parser.add_argument("--no-mango", action="store_true", help="leave out the MANGO step table")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, CPU, {args.reps} reps (median)"
@@ -214,6 +320,21 @@ def main() -> None:
         print(
             f"B/32: K=2 step / K=0 step = {k2 / k0['B/32']:.1f}; end to end / K=2 step = {ends['B/32'] / k2:.1f}"
         )
+    if args.no_mango:
+        return
+    mango = dict(measure_mango(clip, [0, 2, 12], args.reps))
+    print(
+        f"MANGO train_step, B/32 tokens, batch {BATCH}: {'variant':<12} {'step ms':>9} {'x k=0':>7} {'x end to end':>13}"
+    )
+    for label, seconds in mango.items():
+        print(
+            f"{'':<39}{label:<12} {seconds * 1e3:>9.1f} {seconds / mango['k=0']:>7.2f} "
+            f"{seconds / mango['end to end']:>13.3f}"
+        )
+    print(
+        f"MANGO: k=2 step / k=0 step = {mango['k=2'] / mango['k=0']:.2f}; "
+        f"end to end / k=2 step = {mango['end to end'] / mango['k=2']:.1f}"
+    )
 
 
 if __name__ == "__main__":
