@@ -86,7 +86,8 @@ from mner.extract.config import ExtractConfig
 from mner.extract.detector import build_detector
 from mner.extract.run import extract_features, token_spec
 from mner.runtime import resolve_runtime, seed_everything
-from mner.train.engine.config import ModelConfig, TrainConfig, load_run_config, model_names
+from mner.train.engine.config import ModelConfig, TrainConfig, model_names
+from mner.train.engine.config_files import load_run_config
 from mner.train.engine.data import Collate, PostDataset, make_loader
 from mner.train.engine.loop import build_optimizer, train_step
 from mner.train.zoo.model import MNERModel

@@ -44,7 +44,7 @@ from mner.cache.spec import DTYPES, TokenSpec
 from mner.extract.clip import ClipEncoder
 from mner.extract.resnet import IMAGENET_PREPROCESS, ResNetEncoder, resnet_transform
 from mner.runtime import resolve_runtime
-from mner.train.engine.config import load_run_config
+from mner.train.engine.config_files import load_run_config
 from mner.train.engine.data import Collate
 from mner.train.engine.loop import make_optimizer, train_step
 from mner.train.zoo.model import MNERModel

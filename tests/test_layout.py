@@ -207,8 +207,6 @@ def test_no_stage_imports_the_cli():
     assert _imports_under(folders, ("mner.cli",)) == []
 
 
-# The rule below holds once the CLI and the last big train/ modules are cut.
-UNTIL_TRAIN_RESTRUCTURE = pytest.mark.xfail(strict=False, reason="until the train restructure lands")
 
 
 def test_train_never_imports_extract():
@@ -235,7 +233,6 @@ def test_reporting_modules_load_neither_torch_nor_the_training_loop(name):
 LONG_MODULE_LINES = 500
 
 
-@UNTIL_TRAIN_RESTRUCTURE
 def test_no_package_module_is_longer_than_500_lines_unless_it_says_why():
     """A module over LONG_MODULE_LINES lines is a grab-bag unless its docstring says it is one concern."""
     long = []

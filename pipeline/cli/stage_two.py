@@ -24,7 +24,8 @@ from mner.train.report.ablation_config import ABLATIONS, ALL, AblationConfig, li
 def _run_config(
     cache_dir, data, model, text_encoder, config_file, overrides, text_only, epochs, seed, out, resume
 ):
-    from mner.train.engine.config import RunConfig, load_run_config
+    from mner.train.engine.config import RunConfig
+    from mner.train.engine.config_files import load_run_config
 
     overrides = list(overrides)
     if text_encoder:
@@ -270,7 +271,8 @@ def models_cmd():
     Example:
       mner models
     """
-    from mner.train.engine.config import describe_model, model_names
+    from mner.train.engine.config import model_names
+    from mner.train.engine.config_files import describe_model
 
     rows = [(name, *describe_model(name)) for name in model_names()]
     widths = [max(len(row[i]) for row in [("name", "seed", ""), *rows]) for i in range(2)]

@@ -751,7 +751,8 @@ def test_ablate_list_needs_no_folder_and_a_run_needs_out():
 
 
 def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
-    from mner.train.engine.config import describe_model, model_names
+    from mner.train.engine.config import model_names
+    from mner.train.engine.config_files import describe_model
 
     lines = ok("models").output.splitlines()
     assert lines[0].split() == ["name", "seed", "adds"]

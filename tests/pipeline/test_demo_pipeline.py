@@ -29,7 +29,8 @@ from mner.demo.build import DemoConfig, build_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime
-from mner.train.engine.config import RunConfig, load_run_config
+from mner.train.engine.config import RunConfig
+from mner.train.engine.config_files import load_run_config
 from mner.train.engine.data import make_loader
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.metrics import entity_scores

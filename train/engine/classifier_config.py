@@ -13,7 +13,8 @@ from pathlib import Path
 from mner import configs
 from mner.cache.classification import ClassDataConfig
 from mner.runtime import DEVICE_PATTERN
-from mner.train.engine.config import Config, merge_layers, override_layers
+from mner.train.engine.config import Config
+from mner.train.engine.config_files import merge_layers, override_layers
 from mner.train.engine.tasks import SENTENCE_CLASSIFICATION
 
 MODES = ("text", "image", "both")

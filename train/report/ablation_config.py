@@ -27,15 +27,8 @@ from pathlib import Path
 from mner import configs
 from mner.cache.datasets import DataConfig
 from mner.runtime import SettingError
-from mner.train.engine.config import (
-    RUNTIME_SETTINGS,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    check_model_name,
-    load_run_config,
-    parse_override,
-)
+from mner.train.engine.config import RUNTIME_SETTINGS, ModelConfig, RunConfig, TrainConfig, check_model_name
+from mner.train.engine.config_files import load_run_config, parse_override
 from mner.train.engine.tasks import TOKEN_TAGGING
 from mner.train.report import significance
 from mner.train.report.ablation_rules import (

@@ -19,7 +19,7 @@ from mner import configs
 from mner.cache.classification import ClassDataConfig
 from mner.runtime import SettingError
 from mner.train.engine.classifier_config import ClassifierRunConfig, load_classifier_config
-from mner.train.engine.config import parse_override
+from mner.train.engine.config_files import parse_override
 from mner.train.engine.tasks import SENTENCE_CLASSIFICATION
 from mner.train.report import significance
 from mner.train.report.ablation_config import ALL

@@ -7,7 +7,8 @@ import pytest
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.train.engine.config import ModelConfig, RunConfig, TrainConfig, base_config_path, load_run_config
+from mner.train.engine.config import ModelConfig, RunConfig, TrainConfig
+from mner.train.engine.config_files import base_config_path, load_run_config
 
 
 def write(tmp_path, text: str, name: str = "diff.toml"):
@@ -319,7 +320,8 @@ def test_unknown_model_lists_the_models():
 
 
 def test_every_model_file_describes_itself_and_loads():
-    from mner.train.engine.config import describe_model, model_file, model_names
+    from mner.train.engine.config import model_names
+    from mner.train.engine.config_files import describe_model, model_file
 
     assert "afdvqf" in model_names()
     for name in model_names():
@@ -333,7 +335,7 @@ def test_every_model_file_describes_itself_and_loads():
 
 
 def test_describe_model_strips_labels_and_needs_two_comment_lines(tmp_path, monkeypatch):
-    from mner.train.engine.config import describe_model
+    from mner.train.engine.config_files import describe_model
 
     root = model_dir(
         tmp_path,

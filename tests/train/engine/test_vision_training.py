@@ -23,7 +23,8 @@ from mner.extract.config import ExtractConfig
 from mner.extract.reextract import extract_from_record
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime
-from mner.train.engine.config import ModelConfig, TrainConfig, load_run_config, model_names
+from mner.train.engine.config import ModelConfig, TrainConfig, model_names
+from mner.train.engine.config_files import load_run_config
 from mner.train.engine.data import PostDataset, make_loader
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.run_files import make_record

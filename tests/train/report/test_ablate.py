@@ -19,7 +19,7 @@ import mner.train.report.ablation_tables as ablation_tables
 from mner.cache.classification import ClassDataConfig
 from mner.cache.datasets import DataConfig
 from mner.demo.classification import make_mvsa_demo
-from mner.train.engine.config import load_run_config
+from mner.train.engine.config_files import load_run_config
 from mner.train.report.ablate import run_ablation
 from mner.train.report.ablation_config import ABLATIONS, AblationConfig, experiment_file
 from mner.train.report.class_ablation import ClassAblationConfig

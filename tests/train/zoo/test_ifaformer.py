@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from transformers import RobertaConfig, RobertaModel
 
 from mner.cli import main
-from mner.train.engine.config import ModelConfig, TrainConfig, describe_model, load_run_config
+from mner.train.engine.config import ModelConfig, TrainConfig
+from mner.train.engine.config_files import describe_model, load_run_config
 from mner.train.zoo.ifaformer import SingleStreamFusion, joint_key_mask
 from mner.train.zoo.registry import AUX_LOSSES
 from tests.train.factories import make_batch, make_cache, make_posts, tiny_model, tiny_spec, tiny_tokenizer

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import mner.train.zoo.mango as mango
 from mner import configs
-from mner.train.engine.config import ModelConfig, load_run_config
+from mner.train.engine.config import ModelConfig
+from mner.train.engine.config_files import load_run_config
 from mner.train.engine.loop import train_from_cache
 from mner.train.zoo.losses import LossInputs
 from mner.train.zoo.mango import (

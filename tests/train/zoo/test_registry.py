@@ -46,7 +46,7 @@ def test_every_task_names_heads_that_build():
 
 
 def test_validating_a_config_does_not_import_torch():
-    code = "import sys; from mner.train.engine.config import load_run_config; load_run_config(); print('torch' in sys.modules)"
+    code = "import sys; from mner.train.engine.config_files import load_run_config; load_run_config(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

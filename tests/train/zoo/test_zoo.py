@@ -14,7 +14,8 @@ import torch
 
 from mner import configs
 from mner.cache.datasets import DataConfig
-from mner.train.engine.config import ModelConfig, TrainConfig, load_run_config, model_names
+from mner.train.engine.config import ModelConfig, TrainConfig, model_names
+from mner.train.engine.config_files import load_run_config
 from mner.train.report.ablation_config import ABLATIONS, experiment_file
 from mner.train.zoo.model import MNERModel
 from mner.train.zoo.registry import AUX_LOSSES
