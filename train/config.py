@@ -153,6 +153,12 @@ class ModelConfig(_Config):
     nce_lambda: float = 0.0  # weight of the text / CLIP global embedding InfoNCE
     nce_tau: float = 0.15  # temperature of that InfoNCE
     sparsity_lambda: float = 0.0  # weight of the mean relevance (few words lean on the image)
+    # ---- the CLIP CLS state (patch token 0 of a cache whose patch_source says "CLS first")
+    # a visual token like the patches; false drops it (the originals read last_hidden_state[:, 1:])
+    patch_cls: bool = True
+    # the pooled image vector is the patch projection of the CLS state (MANGO's clip_proj(v_cls)),
+    # not the projection of the cache's global embedding
+    global_from_cls: bool = False
 
     def __post_init__(self):
         self._check_types()
@@ -223,6 +229,11 @@ class ModelConfig(_Config):
                 "set model.bilstm = true or leave it at 256"
             )
         self._check_mango()
+        if self.global_from_cls and not self.use_patches:
+            raise ValueError(
+                "model.global_from_cls = true projects the CLS state with the patch projection, but "
+                "model.use_patches is false; set model.use_patches = true or model.global_from_cls = false"
+            )
         if self.text_frozen_layers < 0:
             raise ValueError(f"model.text_frozen_layers must be >= 0, got {self.text_frozen_layers}")
         if self.text_frozen_layers and self.fusion == "single_stream":

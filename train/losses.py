@@ -83,8 +83,11 @@ class AlignmentLoss(AuxLoss):
         return info_nce(text, image, self.temperature, self.training)
 
 
-def info_nce(text: torch.Tensor, image: torch.Tensor, temperature: float, training: bool) -> torch.Tensor:
-    """Symmetric InfoNCE of matching rows of text (N, D) and image (N, D), both L2-normalised -> scalar.
+def info_nce(
+    text: torch.Tensor, image: torch.Tensor, temperature: float, training: bool, symmetric: bool = True
+) -> torch.Tensor:
+    """InfoNCE of matching rows of text (N, D) and image (N, D), both L2-normalised -> scalar: the mean of
+    the text -> image and image -> text cross-entropies, or (symmetric false) the first alone.
 
     0 with fewer than two pairs. While training under DDP the negatives are every rank's rows.
     """
@@ -97,7 +100,9 @@ def info_nce(text: torch.Tensor, image: torch.Tensor, temperature: float, traini
         return text.new_zeros(())
     logits = text @ image.T / temperature  # (N, N)
     target = torch.arange(logits.shape[0], device=logits.device)
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.T, target)) / 2
     if world > 1:
         # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
         # by the world size; scaling the gradient (not the value) by it gives the union's gradient.

@@ -194,9 +194,7 @@ class MNERModel(nn.Module):
         fused = words
         if self.fusion is not None:
             visual, visual_mask = self.encode_visual(batch, image_mask)  # (B, V, D), (B, V)
-            pooled = (
-                self.visual.encode_global(batch, image_mask) if self.visual.global_proj is not None else None
-            )
+            pooled = self.visual.encode_global(batch, image_mask) if self.visual.builds_global else None
             if getattr(self.fusion, "single_stream", False):
                 # IFAformer: the encoder's own layers run over words + visual tokens (train/ifaformer.py)
                 fused = self.fusion.encode(self.encoder, batch, words, visual, visual_mask)  # (B, T, D)

@@ -1,7 +1,8 @@
 """Cached image tokens -> visual tokens at the text width D.
 
 Two token types, as in AFDVQF's dual-branch vision tokens:
-- patch tokens: CLIP patch states (CLS first), Linear + LayerNorm to D;
+- patch tokens: CLIP patch states, Linear + LayerNorm to D; the CLS state (token 0 of a CLIP cache)
+  is one of them unless model.patch_cls is false (the originals drop it: last_hidden_state[:, 1:]);
 - region tokens: detector region features, Linear + LayerNorm to D, plus (model.region_meta, AFDVQF)
   what the detector knows about the region: an embedding of its COCO label, a projection of its
   score and of its box (x1, y1, x2, y2, w, h, area in [0, 1]). AFNER uses the features alone.
@@ -20,6 +21,8 @@ from mner.train.registry import FUSIONS
 
 # Type ids of the visual tokens (rows of VisualTokenBuilder.type_embed).
 PATCH, REGION = 0, 1
+# How TokenSpec.patch_source marks a cache whose patch token 0 is the encoder's CLS state.
+CLS_FIRST = "(CLS first)"
 
 
 def check_regions(cfg: ModelConfig, spec: TokenSpec, cache_dir: str | None = None) -> None:
@@ -34,8 +37,10 @@ def check_regions(cfg: ModelConfig, spec: TokenSpec, cache_dir: str | None = Non
 class VisualTokenBuilder(nn.Module):
     """Projects a batch's cached tokens to (B, V, D) visual tokens with a (B, V) mask.
 
-    V = P (if use_patches) + K (if use_regions), patches first. `encode_global` gives the projected
-    global image embedding (B, D), built only for a fusion that reads it (its `uses_pooled`).
+    V = P (if use_patches; P - 1 without the CLS state) + K (if use_regions), patches first.
+    `encode_global` gives the pooled image vector (B, D): the projected global embedding, or with
+    model.global_from_cls the patch projection of the CLS state; built only for a fusion that reads it
+    (its `uses_pooled`, `builds_global`).
     """
 
     def __init__(self, cfg: ModelConfig, spec: TokenSpec, width: int, num_detector_classes: int = 91):
@@ -45,6 +50,15 @@ class VisualTokenBuilder(nn.Module):
         self.use_regions = cfg.use_regions
         self.num_detector_classes = num_detector_classes
         D = width
+        has_cls = CLS_FIRST in spec.patch_source
+        if cfg.global_from_cls and not has_cls:
+            raise ValueError(
+                f"model.global_from_cls = true reads the CLIP CLS state, but the cache's patch tokens come "
+                f"from {spec.patch_source}, which has none; set model.global_from_cls = false"
+            )
+        # Only a CLS state is dropped: a grid encoder's token 0 is a real cell.
+        self.drop_cls = not cfg.patch_cls and has_cls
+        self.global_from_cls = cfg.global_from_cls
         if self.use_patches:
             self.patch_proj = nn.Sequential(nn.Linear(spec.patch_dim, D), nn.LayerNorm(D))
         self.region_meta = cfg.region_meta
@@ -57,9 +71,10 @@ class VisualTokenBuilder(nn.Module):
         self.type_embed = nn.Embedding(2, D)
         self.norm = nn.LayerNorm(D)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.builds_global = FUSIONS.get(cfg.fusion).uses_pooled
         self.global_proj = (
             nn.Sequential(nn.Linear(spec.global_dim, D), nn.LayerNorm(D))
-            if FUSIONS.get(cfg.fusion).uses_pooled
+            if self.builds_global and not cfg.global_from_cls
             else None
         )
 
@@ -74,9 +89,12 @@ class VisualTokenBuilder(nn.Module):
         """
         tokens, masks = [], []
         if self.use_patches:
-            patches = self.patch_proj(batch["patch_tokens"]) + self.type_embed.weight[PATCH]  # (B, P, D)
+            start = 1 if self.drop_cls else 0
+            patches = (
+                self.patch_proj(batch["patch_tokens"][:, start:]) + self.type_embed.weight[PATCH]
+            )  # (B, P, D)
             tokens.append(patches)
-            masks.append(batch["patch_mask"])
+            masks.append(batch["patch_mask"][:, start:])
         if self.use_regions:
             tokens.append(self._regions(batch))
             masks.append(batch["region_mask"])
@@ -106,7 +124,10 @@ class VisualTokenBuilder(nn.Module):
         )  # (B, K, D)
 
     def encode_global(self, batch: dict, image_mask: torch.Tensor) -> torch.Tensor:
-        """The projected global image embedding (B, D); exactly zero where image_mask is False."""
-        assert self.global_proj is not None, "encode_global is built for a fusion that uses_pooled only"
-        pooled = self.global_proj(batch["global_embed"])  # (B, D)
+        """The pooled image vector (B, D); exactly zero where image_mask is False."""
+        assert self.builds_global, "encode_global is built for a fusion that uses_pooled only"
+        if self.global_from_cls:
+            pooled = self.patch_proj(batch["patch_tokens"][:, 0])  # (B, D) MANGO's clip_proj(v_cls)
+        else:
+            pooled = self.global_proj(batch["global_embed"])  # (B, D)
         return pooled.masked_fill(~image_mask[:, None], 0.0)

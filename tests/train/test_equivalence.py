@@ -106,3 +106,120 @@ def test_decode_is_the_crfs_viterbi_without_constraints(batch):
     crf = torchcrf.CRF(len(LABELS), batch_first=True)
     crf.load_state_dict(model.crf.crf.state_dict())
     assert model.decode(batch) == crf.decode(emissions, mask=batch["word_mask"])
+
+
+# ------------------------------------------------------------------ MANGO (liguochun0304/AFDVQF@a20bc9e)
+
+
+class GatedConcatFusion(nn.Module):
+    """model.py:108-140 of the original, verbatim but for the init (weights are loaded)."""
+
+    def __init__(self, hidden_dim, rel_temp=2.0):
+        super().__init__()
+        self.ln_t = nn.LayerNorm(hidden_dim)
+        self.ln_v = nn.LayerNorm(hidden_dim)
+        self.proj = nn.Linear(hidden_dim * 2, hidden_dim)
+        self.gate = nn.Linear(hidden_dim * 2, hidden_dim)
+        self.rel_head = nn.Sequential(
+            nn.Linear(hidden_dim * 2, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1)
+        )
+        self.alpha = nn.Parameter(torch.tensor(0.02))
+        self.rel_temp = rel_temp
+
+    def forward(self, text_feat, img_ctx):
+        t = self.ln_t(text_feat)
+        v = self.ln_v(img_ctx)
+        z = torch.cat([t, v], dim=-1)
+        rel = torch.sigmoid(self.rel_head(z) / self.rel_temp)
+        v = v * rel
+        zf = torch.cat([t, v], dim=-1)
+        fused = self.proj(zf)
+        g = torch.sigmoid(self.gate(zf))
+        return text_feat + self.alpha * (g * fused), rel
+
+
+def compute_alignment_loss_v2(text_ctx, fused, mask=None, beta=0.3):
+    """model.py:276-291 of the original."""
+    t = F.normalize(text_ctx, dim=-1)
+    v = F.normalize(fused, dim=-1)
+    cos = (t * v).sum(-1)
+    loss = (1.0 - cos) + beta * F.mse_loss(fused, text_ctx, reduction="none").mean(-1)
+    return (loss * mask).sum() / (mask.sum() + 1e-6)
+
+
+def info_nce(z1, z2, tau=0.15):
+    """model.py:294-298 of the original: one direction, text -> image."""
+    logits = torch.matmul(z1, z2.t()) / tau
+    labels = torch.arange(z1.size(0), device=z1.device)
+    return F.cross_entropy(logits, labels)
+
+
+def test_mango_fusion_and_every_loss_term_are_the_originals():
+    cfg = dict(
+        fusion="mango",
+        adaptive_gate=False,
+        alignment_loss_weight=0.0,
+        head="softmax",
+        emission_temperature=2.5,
+        stack_layers=2,
+        resampler_queries=4,
+        rel_temp=2.0,
+        use_regions=False,
+        patch_cls=False,
+        global_from_cls=True,
+        align_lambda=0.2,
+        preserve_lambda=0.05,
+        nce_lambda=0.02,
+        sparsity_lambda=0.01,
+        dropout=0.0,
+        image_dropout=0.0,
+    )
+    model = tiny_model(seed=7, **cfg).eval()
+    model.epoch = 2  # warm-up factor 2 / 5
+    batch = make_batch(make_posts(4, seed=5))
+    fusion = model.fusion
+    # text and image sides as the model gives them (the visual token builder is the project's)
+    txt = word_states(model, batch)  # (B, T, D)
+    img, img_mask = model.encode_visual(batch)  # (B, P - 1, D): the CLS state is dropped
+    assert img.shape[1] == batch["patch_tokens"].shape[1] - 1
+    # VisualResampler (model.py:243-256): LN(attn(queries, img, img))
+    q = fusion.resampler.queries.unsqueeze(0).expand(img.shape[0], -1, -1)
+    out, _ = fusion.resampler.attention(q, img, img, key_padding_mask=~img_mask)
+    img_tokens = fusion.resampler.ln(out)
+    # the stack the README describes: per block self-attn, cross-attn, FFN, each residual + LayerNorm
+    h = txt
+    for block in fusion.blocks:
+        a, _ = block.self_attention(h, h, h, key_padding_mask=~batch["word_mask"])
+        h = block.norms[0](h + a)
+        c, _ = block.cross_attention(h, img_tokens, img_tokens)
+        h = block.norms[1](h + c)
+        h = block.norms[2](h + block.ffn(h))
+    gated = GatedConcatFusion(txt.shape[-1])
+    gated.load_state_dict(fusion.gated.state_dict())
+    fused, rel = gated(txt, h)  # fusion(txt, txt_ctx)
+    mask = batch["word_mask"].float()
+    tags, word_mask = targets(batch)
+    entity_mask = (tags > 0).float()  # label id 0 is "O"
+    align = (
+        2 / 5 * compute_alignment_loss_v2(txt, fused, mask=mask * (rel.detach().squeeze(-1) + entity_mask))
+    )
+    preserve_map = F.mse_loss(fused, txt, reduction="none").mean(-1)
+    preserve = (preserve_map * mask * (1.0 - rel.squeeze(-1))).sum() / (mask.sum() + 1e-6)
+    txt_pool = F.normalize((txt * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    v_global = F.normalize(model.visual.patch_proj(batch["patch_tokens"][:, 0]), dim=-1)  # clip_proj(CLS)
+    nce = info_nce(txt_pool, v_global, tau=0.15)
+    sparsity = (rel.squeeze(-1) * mask).sum() / mask.sum()  # over the words (see mango.py's deviations)
+    emissions = model.emission(fused) / 2.5
+    B, T, L = emissions.shape
+    ce = F.cross_entropy(emissions.view(-1, L), tags.view(-1), reduction="none").view(B, T)
+    ce = (ce * mask).sum() / mask.sum()
+
+    emitted = model._emissions(batch, batch["image_mask"])[0]
+    torch.testing.assert_close(emitted, model.emission(fused), atol=TOL, rtol=0)
+    got = model(batch)  # eval mode: the text encoder's own dropout is off
+    terms = {"softmax": ce, "mango_align": align, "mango_preserve": preserve, "mango_nce": nce}
+    terms["mango_sparsity"] = sparsity
+    for name, expected in terms.items():
+        assert got[f"{name}_loss"].item() == pytest.approx(expected.item(), abs=TOL), name
+    total = ce + 0.2 * align + 0.05 * preserve + 0.02 * nce + 0.01 * sparsity
+    assert got["loss"].item() == pytest.approx(total.item(), abs=TOL)

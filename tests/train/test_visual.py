@@ -1,6 +1,7 @@
 """train/visual.py: a cache without region tokens (--detector none) feeds a patch-only model and
 refuses one that asks for regions, naming the cache."""
 
+import dataclasses
 import json
 import math
 import re
@@ -9,10 +10,12 @@ import pytest
 import torch
 
 from mner.cache.reader import CacheReader
+from mner.train.config import ModelConfig
 from mner.train.loop import train_from_cache
 from mner.train.runs import build_model
+from mner.train.visual import VisualTokenBuilder
 from tests.cache.factories import NO_REGION_SPEC
-from tests.train.factories import LABELS, make_batch, tiny_config, tiny_model
+from tests.train.factories import LABELS, make_batch, tiny_config, tiny_model, tiny_spec
 from tests.train.run_factories import make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -80,3 +83,17 @@ def test_ner_models_train_on_resnet_grid_caches(tmp_path):
     run_dir = train_from_cache(run_config(tmp_path / "patches", plain, data_dir, epochs=1, use_regions=False))
     [line] = [json.loads(text) for text in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(line["train_loss"])
+
+
+def test_global_from_cls_needs_patches_and_a_cls_state():
+    with pytest.raises(ValueError, match="model.global_from_cls = true projects the CLS state"):
+        ModelConfig(fusion="mango", adaptive_gate=False, use_patches=False, global_from_cls=True)
+    grid = dataclasses.replace(tiny_spec(), patch_source="resnet50.layer4 (7x7 grid)")
+    cfg = tiny_config(fusion="mango", adaptive_gate=False, global_from_cls=True)
+    with pytest.raises(
+        ValueError, match=r"reads the CLIP CLS state, but the cache's patch tokens come from resnet50"
+    ):
+        VisualTokenBuilder(cfg, grid, 32)
+    # a grid's first cell is a real token: patch_cls = false drops nothing there
+    kept = VisualTokenBuilder(tiny_config(fusion="mango", adaptive_gate=False, patch_cls=False), grid, 32)
+    assert not kept.drop_cls
