@@ -31,18 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from mner.cache.checksums import MEMO_NAME, file_sha256
+from mner.cache.fingerprint import compute_fingerprint
+from mner.cache.manifest import read_manifest, write_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import (
-    STATUS_NAMES,
-    Record,
-    ShardWriter,
-    TokenSpec,
-    compute_fingerprint,
-    open_shard,
-    read_manifest,
-    shard_path,
-    write_manifest,
-)
+from mner.cache.shards import ShardWriter, open_shard, shard_path
+from mner.cache.spec import STATUS_NAMES, Record, TokenSpec
 
 # Required CacheReader lazy speed (records/s, one process, random order, full records).
 TARGETS = {"tiny": 20_000, "b32": 3_000}

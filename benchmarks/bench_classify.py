@@ -6,7 +6,7 @@ ClassifierHead, mode both, head mlp, the image feature the ResNet's global avgpo
     cached   the classifier's own loader (train.classify: the posts' global vectors read through
              cache.CacheReader, the texts tokenised in the collate) + train.loop.train_step
     e2e      the seed notebook's way: every step decodes the JPEGs (extract.images.load_image), applies
-             the ResNet transform (extract.models.resnet_transform, in the loader's collate), runs the
+             the ResNet transform (extract.resnet.resnet_transform, in the loader's collate), runs the
              frozen ResNet forward (ResNetEncoder.encode, eval, inference_mode) and then the same
              train_step on the same posts, the avgpool vectors standing where the cached ones stood
 
@@ -59,11 +59,12 @@ from mner.cache.reader import CacheReader
 from mner.demo.classification import make_mvsa_demo
 from mner.extract.config import ExtractConfig
 from mner.extract.images import load_image
-from mner.extract.models import ResNetEncoder, load_resnet, model_info, preprocess_for_resnet
+from mner.extract.models import model_info
+from mner.extract.resnet import ResNetEncoder, load_resnet, preprocess_for_resnet
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime, seed_everything
 from mner.train.classifier_model import ClassifierHead, SentenceClassifier
-from mner.train.classify import ClassifierConfig, _collate, _loader, _param_groups
+from mner.train.classify import ClassifierConfig, collate_posts, param_groups, post_loader
 from mner.train.loop import train_step
 from mner.train.text import load_encoder, load_tokenizer, resolve_text_encoder
 
@@ -183,20 +184,22 @@ class ModeRun:
         self.model = SentenceClassifier(encoder, head, c.text_pool).to(runtime.device)
         self.model.train()
         if mode == "cached":
-            loader = _loader(split, reader, labels, tokenizer, c, True, c.seed)
+            loader = post_loader(split, reader, labels, tokenizer, c, True, c.seed)
         else:
             side = vision.info["preprocessing"]["crop"]
             loader = DataLoader(
-                split.examples,  # the same sampler and generator as _loader: the same posts per step
+                split.examples,  # the same sampler and generator as post_loader: the same posts per step
                 batch_size=c.batch_size,
                 shuffle=True,
                 generator=torch.Generator().manual_seed(c.seed),
                 num_workers=args.num_workers,
-                collate_fn=ImageCollate(_collate(tokenizer, c.max_length), vision.transform, side, label_ids),
+                collate_fn=ImageCollate(
+                    collate_posts(tokenizer, c.max_length), vision.transform, side, label_ids
+                ),
             )
         self.batches = forever(loader)
         total = args.warmup + args.steps
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, c), weight_decay=c.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, c), weight_decay=c.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, round(c.warmup_ratio * total), total)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
         self.times = {"step": [], "data": [], "vision": [], "train": []}

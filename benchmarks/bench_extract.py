@@ -30,9 +30,11 @@ from torchvision.models import detection
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from mner.cache.datasets import DataConfig
+from mner.extract.clip import load_clip
 from mner.extract.config import ExtractConfig
+from mner.extract.detector import build_detector
 from mner.extract.images import load_image
-from mner.extract.models import build_detector, load_clip, model_info
+from mner.extract.models import model_info
 from mner.extract.run import extract_features
 from mner.runtime import resolve_device
 

@@ -75,12 +75,15 @@ from bench_extract import make_full_models  # the sibling script: benchmarks/ is
 from torch.utils.data import DataLoader
 
 from mner.cache.datasets import DataConfig, DataSource, Post, Split, label_names, resolve_data
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import Record, TokenSpec, read_manifest
+from mner.cache.spec import Record, TokenSpec
 from mner.demo.build import DemoConfig, build_demo
+from mner.extract.batches import Images, collate, encode_batch
+from mner.extract.clip import load_clip
 from mner.extract.config import ExtractConfig
-from mner.extract.models import build_detector, load_clip
-from mner.extract.run import _collate, _encode_batch, _Images, extract_features, token_spec
+from mner.extract.detector import build_detector
+from mner.extract.run import extract_features, token_spec
 from mner.runtime import resolve_runtime, seed_everything
 from mner.train.config import ModelConfig, TrainConfig, load_run_config, model_names
 from mner.train.data import Collate, PostDataset, make_loader
@@ -187,7 +190,7 @@ class RecordReader:
 
 class PostImages:
     """DataLoader collate_fn of the e2e mode: a batch of posts plus their images decoded and preprocessed
-    by stage one's own dataset and collate (extract.run), in loader workers when num_workers > 0."""
+    by stage one's own dataset and collate (extract.batches), in loader workers when num_workers > 0."""
 
     def __init__(self, source: DataSource, preprocess, detector_transform, keep_original: bool):
         self.source = source  # resolves image keys to files
@@ -196,13 +199,13 @@ class PostImages:
         self.keep_original = keep_original  # clip-crop region features crop the original pixels
 
     def __call__(self, posts: list[Post]) -> tuple[list[Post], dict]:
-        images = _Images(
+        images = Images(
             [(post.key, self.source.image_path(post.key)) for post in posts],
             self.preprocess,
             self.detector_transform,
             self.keep_original,
         )
-        return posts, _collate([images[i] for i in range(len(images))])
+        return posts, collate([images[i] for i in range(len(images))])
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -275,7 +278,7 @@ class ModeRun:
     def step(self) -> None:
         """One `train.loop.train_step`, with the loader fetch and (e2e) the extractors before it.
 
-        e2e: stage one's batch encoder (extract.run._encode_batch) turns the batch's images into records,
+        e2e: stage one's batch encoder (extract.batches.encode_batch) turns the batch's images into records,
         which the training collate then batches as it batches cached records.
         """
         runtime = self.runtime
@@ -287,7 +290,7 @@ class ModeRun:
             posts, images = batch
             clip, detector, spec, cfg = self.extractors
             with runtime.autocast():
-                records = _encode_batch(images, clip, detector, spec, cfg, runtime.device)
+                records = encode_batch(images, clip, detector, spec, cfg, runtime.device)
             dataset = PostDataset(posts, RecordReader(records, spec))
             batch = self.collate([dataset[i] for i in range(len(dataset))])
             self._sync()

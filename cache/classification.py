@@ -1,6 +1,11 @@
 """Labelled post collections for sentence-level multimodal classification (MVSA-style sentiment, the
 BertResNet seed): the reader of both layouts, the writer of the submission file, and the split rule.
 
+One concern, the classification folder format, and so one module past 500 lines: both layouts go
+through one reader (`_Reader`: decoding, fallbacks, `file:line` errors) that fills the same
+`ClassSplit` / `ReadReport`, and the writer and the split rule are the inverse and the completion of
+that reader. Split apart, each half would need the other's private rules.
+
 Layouts (`ClassDataConfig.layout`, "auto" picks by the train file present):
 
 - `mvsa`: `train.txt` (a header `guid,tag`, then `guid,label` lines), optional `valid.txt` and a
@@ -54,7 +59,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mner.cache.datasets import DatasetError, unsafe_path_reason, unsafe_relative_path_reason
+from mner.cache.conll import DatasetError
+from mner.cache.datasets import unsafe_path_reason, unsafe_relative_path_reason
 from mner.runtime import write_atomic
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import STATUS_NAMES, TokenSpec, open_shard_checked, read_manifest
+from mner.cache.shards import open_shard_checked
+from mner.cache.spec import STATUS_NAMES, TokenSpec
 from mner.runtime import refuse_inputs_as_output
 
 # Box colours, picked by label id so one class keeps one colour across images.

@@ -21,35 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mner.cache.checksums import MEMO_NAME, ChecksumMemo
+from mner.cache.fingerprint import canonical_json, describe_fingerprint_difference
+from mner.cache.manifest import CONFIG_NAME, MANIFEST_NAME, read_manifest
 from mner.cache.shards import (
-    CONFIG_NAME,
     IMAGE_STATS_ATTR,
-    MANIFEST_NAME,
     SHARD_GLOB,
-    Record,
     ShardWriter,
-    TokenSpec,
-    _canonical_json,
     completed_shard,
-    fingerprint_diff,
     image_change,
     open_shard,
-    read_manifest,
     shard_path,
     shard_state,
     tmp_path,
 )
-from mner.runtime import LOCK_NAME, FolderLock, refuse_dangling_link
+from mner.cache.spec import Record, TokenSpec
+from mner.runtime import LOCK_NAME, FolderLock, folder_state
 from mner.runtime import lock_folder as runtime_lock_folder
 
 log = logging.getLogger(__name__)
 
 # Batches the writer thread may hold before the model loop waits for it.
 _WRITE_QUEUE_BATCHES = 8
-# Differences a refusal names; the rest are counted.
-_SHOWN_DIFFERENCES = 8
-# A difference shows its two values only when their JSON fits in this many characters.
-_SHOWN_CHARS = 60
 # Names (files, images) a message lists before it counts the rest.
 _SHOWN_NAMES = 5
 # Keys of the extraction record extract_features writes as extract_config.json (and nothing else does).
@@ -68,38 +60,30 @@ def _short(fingerprint: str) -> str:
 
 
 def check_folder(out: Path) -> None:
-    """Refuse an `--out` that is neither new, empty, nor a feature cache; reads only, changes nothing.
+    """Refuse an `--out` that is neither new, empty, nor a feature cache (mner.runtime.folder_state);
+    reads only, changes nothing. The lock is not looked at here: `extract_features` takes it next on
+    rank 0 and raises a refusal on every rank, so that no rank waits at a barrier for one that left."""
+    folder_state(out, _why_not_a_cache, "feature cache", check_lock=False)
+
+
+def _why_not_a_cache(out: Path) -> str:
+    """ "" when the non-empty folder `out` is a feature cache, else why not (for folder_state).
 
     A cache is a folder holding shard files (a run killed before its manifest leaves only shards), our
     manifest.json, or our extract_config.json. A folder whose only sign is an extract_config.json that
-    mner did not write is refused even with --overwrite, which would otherwise delete it. A lock file
-    alone (a run that failed before its first shard) counts as empty.
+    mner did not write is refused even with --overwrite, which would otherwise delete it.
     """
-    refuse_dangling_link(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; give a new or empty folder")
     entries = sorted(path for path in out.iterdir() if path.name != LOCK_NAME)
-    if not entries:
-        return
-    names = [path.name for path in entries]
-    if any(name.startswith("shard-") for name in names) or _our_manifest(out / MANIFEST_NAME):
-        return
+    if any(path.name.startswith("shard-") for path in entries) or _our_manifest(out / MANIFEST_NAME):
+        return ""
     config = out / CONFIG_NAME
     problem = _foreign_config(config) if config.exists() else "missing"
     if problem == "":
-        return
+        return ""
     if problem != "missing":
-        raise ValueError(
-            f"{out} holds an {CONFIG_NAME} that is not an mner extraction record ({problem}); "
-            f"nothing in {out} was changed: give a new or empty --out folder, or move that file away"
-        )
+        return f"its {CONFIG_NAME} is not an mner extraction record: {problem}"
     shown = _listed([path.name + ("/" if path.is_dir() else "") for path in entries])
-    raise ValueError(
-        f"{out} is not empty and holds no feature cache (no {MANIFEST_NAME}, {CONFIG_NAME} or shard "
-        f"files; it holds {shown}); nothing in it was changed: give a new or empty --out folder"
-    )
+    return f"no {MANIFEST_NAME}, {CONFIG_NAME} or shard files; it holds {shown}"
 
 
 def _foreign_config(path: Path) -> str:
@@ -176,7 +160,8 @@ def check_existing(out: Path, fingerprint: str, parts: dict, overwrite: bool) ->
             )
     if old_fp is None or old_fp == fingerprint:
         return {image["key"]: image["error"] for image in manifest.get("images", []) if image.get("error")}
-    differs = _differences((old_config or {}).get("fingerprint_parts"), parts)
+    old_parts = (old_config or {}).get("fingerprint_parts")
+    differs = describe_fingerprint_difference(old_parts, parts) if isinstance(old_parts, dict) else ""
     raise ValueError(
         f"cache at {out} was made with a different configuration (fingerprint {_short(old_fp)} != "
         f"{_short(fingerprint)}); use --overwrite to replace it"
@@ -207,20 +192,6 @@ def _shard_fingerprint(path: Path) -> tuple[str | None, dict | None]:
             )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError):
         return None, None
-
-
-def _differences(old: dict | None, new: dict) -> str:
-    """ "topk 20 -> 10, models.clip.sha256.model.safetensors" for the leaves that differ."""
-    if not isinstance(old, dict):
-        return ""
-    differences = fingerprint_diff(old, new)
-    shown = []
-    for name, values in list(differences.items())[:_SHOWN_DIFFERENCES]:
-        before, after = (json.dumps(value) for value in values)
-        short = len(before) + len(after) <= _SHOWN_CHARS
-        shown.append(f"{name} {before} -> {after}" if short else name)
-    more = len(differences) - _SHOWN_DIFFERENCES
-    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
 def clear_cache(out: Path) -> None:
@@ -375,7 +346,7 @@ class ShardSink:
                     attrs = {**self.attrs, "shard_index": shard}
                     if self.image_stats is not None:
                         stats = [self.image_stats.get(key) for key in self.shard_keys[shard]]
-                        attrs[IMAGE_STATS_ATTR] = _canonical_json(stats)
+                        attrs[IMAGE_STATS_ATTR] = canonical_json(stats)
                     writer = ShardWriter(
                         shard_path(self.out, shard), self.spec, self.shard_keys[shard], attrs
                     )

@@ -21,14 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from mner.cache.checksums import ChecksumMemo, file_stat
-from mner.cache.shards import (
-    STATUS_NAMES,
-    TOKEN_DATASETS,
-    Record,
-    TokenSpec,
-    open_shard_checked,
-    read_manifest,
-)
+from mner.cache.manifest import read_manifest
+from mner.cache.shards import open_shard_checked
+from mner.cache.spec import STATUS_NAMES, TOKEN_DATASETS, Record, TokenSpec
 
 # Small per-image datasets loaded whole when a shard is opened.
 _META_DATASETS = (

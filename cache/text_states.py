@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from mner.cache.checksums import ChecksumMemo
-from mner.cache.shards import compute_fingerprint, fingerprint_diff
+from mner.cache.fingerprint import compute_fingerprint, fingerprint_diff
 from mner.runtime import fsync_dir, fsync_file, lock_folder, write_atomic
 
 TEXT_STATES_SCHEMA = 1

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mner.cache.checksums import file_sha256
 from mner.cache.classification import (
     ClassDataConfig,
     ClassImages,
@@ -19,20 +20,10 @@ from mner.cache.classification import (
     is_classification_folder,
 )
 from mner.cache.datasets import SPLITS, DataConfig, DataSource, recorded_data
-from mner.cache.shards import (
-    DTYPES,
-    RECORD_ARRAYS,
-    SCHEMA_VERSION,
-    SHARD_GLOB,
-    STATUS_NAMES,
-    TokenSpec,
-    file_sha256,
-    image_change,
-    image_stat,
-    open_shard,
-    read_manifest,
-    row_problems,
-)
+from mner.cache.manifest import read_manifest
+from mner.cache.rows import row_problems
+from mner.cache.shards import SHARD_GLOB, image_change, image_stat, open_shard
+from mner.cache.spec import DTYPES, RECORD_ARRAYS, SCHEMA_VERSION, STATUS_NAMES, TokenSpec
 
 # Rows read at once when scanning token tensors (bounded memory for B/32-size shards).
 _BLOCK_ROWS = 256

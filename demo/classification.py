@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mner.cache.classification import NULL_LABEL, TEXT_DIR, UNLABELLED_FILE, Example, write_predictions
+from mner.runtime import LOCK_NAME, folder_state
 
 # Bump when the generator changes what it writes.
 MVSA_DEMO_VERSION = 1
@@ -135,19 +136,18 @@ def make_mvsa_demo(
 
 
 def _clear(out: Path) -> None:
-    """Make `out` an empty folder to write into, refusing one that holds anything not ours."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"demo out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / "demo.json").is_file():
-            raise ValueError(
-                f"demo out {out} is not empty and holds no demo.json; give an empty or new folder"
-            )
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OWNED)
-        if foreign:
-            raise ValueError(f"demo out {out} holds files no demo wrote: {', '.join(foreign)}")
+    """Make `out` an empty folder to write into: new, empty, or an earlier build (mner.runtime.folder_state)."""
+    if folder_state(out, _why_not_a_demo, "demo") == "ours":
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _why_not_a_demo(out: Path) -> str:
+    """ "" when the non-empty folder `out` is an earlier build of this demo, else why not."""
+    if not (out / "demo.json").is_file():
+        return "no demo.json"
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*_OWNED, LOCK_NAME))
+    return f"it holds files no demo wrote: {', '.join(foreign)}" if foreign else ""
 
 
 def _text(label: str, with_cue: bool, rng: np.random.Generator) -> str:

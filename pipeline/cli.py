@@ -493,6 +493,7 @@ def _amp_option(fn):
     "trainings side by side on a small machine: give each its share [default: from config, 0].",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
 @_user_errors
 def train_classifier_cmd(
     data_dir,
@@ -511,6 +512,7 @@ def train_classifier_cmd(
     overrides,
     threads,
     out,
+    resume,
 ):
     """Sentence classification (the BertResNet seed): text, image or both, from one feature cache.
 
@@ -543,7 +545,9 @@ def train_classifier_cmd(
     )
     data = ClassDataConfig(data_dir, valid_fraction=valid_fraction, seed=split_seed)
     # --mode text never opens --cache (train_classifier records none)
-    cfg = ClassifierRunConfig(data=data, out_dir=out, classifier=classifier, cache_dir=cache_dir)
+    cfg = ClassifierRunConfig(
+        data=data, out_dir=out, classifier=classifier, cache_dir=cache_dir, resume=resume
+    )
     run_dir = train_classifier(cfg)
     click.echo(f"run written to {run_dir}")
 
@@ -572,15 +576,20 @@ def evaluate_cmd(run_dir, split, cache_dir, data_dir, amp, long_posts, text_cach
     Example:
       mner evaluate runs/tw15_qf1 --split test
     """
-    from mner.train.classify import evaluate_classifier, format_class_scores, is_classifier_run
+    from mner.train.runs import recorded_task
+    from mner.train.tasks import SENTENCE_CLASSIFICATION
 
-    if is_classifier_run(run_dir):
+    if recorded_task(run_dir) == SENTENCE_CLASSIFICATION.name:
+        from mner.train.classify import evaluate_classifier
+
         if long_posts != "truncate" or amp is not None or text_cache is not None:
             raise click.UsageError(
                 "--amp, --long-posts and --text-cache apply to tagging runs, not to a classifier run"
             )
         scores, folder = evaluate_classifier(run_dir, split=split, cache_dir=cache_dir, data_dir=data_dir)
-        click.echo(f"{run_dir} on {split} (written to {folder}):\n{format_class_scores(scores)}")
+        click.echo(
+            f"{run_dir} on {split} (written to {folder}):\n{SENTENCE_CLASSIFICATION.format_scores(scores)}"
+        )
         return
     from mner.train.evaluate import evaluate_run, format_scores
 
@@ -623,9 +632,12 @@ def predict_cmd(run_dir, input_file, image_dir, cache_dir, out_file, amp, long_p
       mner predict runs/tw15_qf1 --input new.txt --image-dir new_images --out new.pred.conll
       mner predict runs/mvsa_both --input mvsa/test_without_label.txt --out submission.txt
     """
-    from mner.train.classify import is_classifier_run, predict_classifier
+    from mner.train.runs import recorded_task
+    from mner.train.tasks import SENTENCE_CLASSIFICATION
 
-    if is_classifier_run(run_dir):
+    if recorded_task(run_dir) == SENTENCE_CLASSIFICATION.name:
+        from mner.train.classify import predict_classifier
+
         if image_dir is not None or amp is not None or long_posts != "truncate":
             raise click.UsageError(
                 "--image-dir, --amp and --long-posts apply to tagging runs; a classifier run reads images "

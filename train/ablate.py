@@ -48,14 +48,14 @@ from mner.train.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    _parse_override,
     check_model_name,
     load_run_config,
+    parse_override,
 )
-from mner.train.evaluate import PERCENT
 from mner.train.loop import train_from_cache
 from mner.train.model import used_settings
 from mner.train.runs import RESULTS_FILE, differences, is_run_folder, read_results, write_json
+from mner.train.scores import PERCENT
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
         options = [value.strip() for value in values.split(",")]
         if not all(options) or len(set(options)) != len(options):
             raise ValueError(f"--grid {text!r}: its values must be non-empty and distinct")
-        parsed = [_parse_override(f"{key}={value}")[2] for value in options]
+        parsed = [parse_override(f"{key}={value}")[2] for value in options]
         for i, j in itertools.combinations(range(len(options)), 2):
             if parsed[i] == parsed[j] and type(parsed[i]) is type(parsed[j]):
                 raise ValueError(

@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mner.cache.datasets import SPLITS, Split, resolve_data
 from mner.cache.inspect import draw_regions, record_regions, save_png
+from mner.cache.manifest import MANIFEST_NAME
 from mner.cache.reader import CacheReader
-from mner.cache.shards import MANIFEST_NAME
 from mner.runtime import claim_folder, refuse_inputs_as_output, write_atomic
 from mner.train.classify import is_classifier_run
 from mner.train.metrics import entities

@@ -1,5 +1,5 @@
 """The resume checkpoint of a run: the last finished epoch's weights, optimiser, scheduler, scaler,
-early-stopping counters and every RNG, so `--resume` continues exactly where a run stopped.
+early-stopping counters and every RNG (the training loader's shuffling generator too), so `--resume` continues exactly where a run stopped.
 
 Crash safety: a kill at any instant leaves a loadable checkpoint (the old one or the new one).
 `save_checkpoint` writes `<folder>.tmp/` completely (files fsynced), then swaps it in with two
@@ -38,13 +38,15 @@ class Progress:
     """Early-stopping counters; saved in the checkpoint."""
 
     epoch: int = 0  # last finished epoch
-    best_f1: float = -1.0  # best dev micro F1 so far (-1: none yet, so epoch 1 is always kept)
+    # best selection score so far (the task's: dev micro F1, valid macro-F1 or accuracy; -1: none yet,
+    # so epoch 1 is always kept)
+    best_f1: float = -1.0
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the last improvement
     stopped: bool = False  # patience ran out
 
     def update(self, epoch: int, dev_f1: float, patience: int) -> bool:
-        """Count a finished epoch; returns whether its dev F1 is the best so far."""
+        """Count a finished epoch; returns whether its score is the best so far."""
         self.epoch = epoch
         if dev_f1 > self.best_f1:
             self.best_f1, self.best_epoch, self.bad_epochs = dev_f1, epoch, 0
@@ -97,9 +99,17 @@ def find_checkpoint(folder) -> Path | None:
 
 
 def save_checkpoint(
-    folder: Path, model, optimizer, scheduler, scaler, progress: Progress, device: torch.device
+    folder: Path,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    progress: Progress,
+    device: torch.device,
+    generator: torch.Generator | None = None,
 ) -> None:
-    """Write the checkpoint to `folder` by the protocol of the module docstring."""
+    """Write the checkpoint to `folder` by the protocol of the module docstring; `generator` is the
+    training loader's own shuffling generator, when it has one."""
     tmp, old = _sibling(folder, ".tmp"), _sibling(folder, ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -111,6 +121,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
         "rng": _rng_state(device),
+        "loader_rng": None if generator is None else generator.get_state(),
     }
     with writing(tmp / STATE_FILE):
         torch.save(state, tmp / STATE_FILE)
@@ -126,7 +137,9 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> Progress:
+def load_checkpoint(
+    folder: Path, model, optimizer, scheduler, scaler, generator: torch.Generator | None = None
+) -> Progress:
     """Restore everything `save_checkpoint` wrote; tensors and plain values only (weights_only).
 
     Raises ValueError, one line naming the file, when a file is truncated, empty or not this run's.
@@ -145,6 +158,8 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> Progre
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])
+        if generator is not None:
+            generator.set_state(state["loader_rng"])
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path} cannot be loaded ({_reason(err, path)}); {fix}") from None
     _set_rng_state(state["rng"], device)

@@ -50,12 +50,11 @@ from mner.train.classify import (
     ClassifierRunConfig,
     is_classifier_run,
     load_classifier_config,
-    read_pred_csv,
     train_classifier,
 )
-from mner.train.config import _parse_override
-from mner.train.evaluate import PERCENT
+from mner.train.config import parse_override
 from mner.train.runs import RESULTS_FILE, read_results
+from mner.train.scores import PERCENT, read_pred_csv
 
 BASE = "base"  # the experiment that changes nothing
 FULL = "full"  # the tagging side's name of the same arm, accepted as BASE
@@ -116,7 +115,7 @@ class ClassAblationConfig:
         and --epochs."""
         diff = self._diff(experiment)
         for text in diff:
-            section, key, _ = _parse_override(text)
+            section, key, _ = parse_override(text)
             if any(o.split("=", 1)[0].strip() == f"classifier.{key}" for o in self.overrides):
                 raise ValueError(f"experiment {experiment!r} sets classifier.{key}, which --set also sets")
         try:

@@ -32,8 +32,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mner.train.tasks import SENTENCE_CLASSIFICATION
+
 MODES = ("text", "image", "both")
-CLASS_HEADS = ("mlp", "cnn", "attention", "xattn")
+CLASS_HEADS = SENTENCE_CLASSIFICATION.heads  # the classification task's heads, built here
 TEXT_POOLS = ("cls", "mean")
 IMAGE_FEATURES = ("global", "patches")
 

@@ -22,23 +22,22 @@ weights are reloaded at the end to score valid and test. The run folder:
     pred_<split>.txt     the seed's submission file (guid,tag in the input's order) of an unlabelled split:
                           pred_test_without_label.txt (MVSA), pred_test.txt (an unlabelled test.csv)
 
-The folder must be new or empty (a classifier run is not resumable: it trains in minutes); a run that
-fails removes what it created. A non-finite loss stops training naming the epoch and step.
+The training loop is the one both tasks share (train/loop.py `fit`), with its checkpoint/: the folder
+must be new, empty, or (with --resume) one of ours, a run that fails before its first epoch removes
+what it created, a killed one continues with --resume, and torchrun trains on every rank. A
+non-finite loss stops training naming the epoch and step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
-from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
+from torch.utils.data import DataLoader, DistributedSampler
 
 from mner import configs
 from mner.cache.classification import (
@@ -46,28 +45,25 @@ from mner.cache.classification import (
     ClassData,
     ClassDataConfig,
     ClassSplit,
-    csv_text,
     read_classification,
-    read_csv_rows,
     read_split_file,
     split_files,
     write_predictions,
 )
+from mner.cache.manifest import extract_command
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec, extract_command
+from mner.cache.spec import TokenSpec
 from mner.cache.verify import image_size_mismatches
 from mner.runtime import (
     DEVICE_PATTERN,
-    ProgressLog,
     claim_folder,
     is_our_folder,
     refuse_inputs_as_output,
-    seed_everything,
     start_runtime,
     to_device,
-    write_atomic,
 )
-from mner.train.checkpoint import load_weights, save_weights
+from mner.train import scores
+from mner.train.checkpoint import load_weights
 from mner.train.classifier_model import (
     CLASS_HEADS,
     IMAGE_FEATURES,
@@ -77,38 +73,43 @@ from mner.train.classifier_model import (
     SentenceClassifier,
     reads_tokens,
 )
-from mner.train.config import _Config, _parse_override
+from mner.train.config import Config, merge_layers, override_layers
 from mner.train.data import unknown_label
-from mner.train.loop import NonFiniteLoss, train_step
-from mner.train.metrics import classification_scores
-from mner.train.model import _decayed_parameters
+from mner.train.loop import Fitting, run_training
+from mner.train.model import decayed_parameters
 from mner.train.runs import (
     CONFIG_FILE,
-    EVAL_DIR,
     RESULTS_FILE,
     WEIGHTS_FILE,
-    append_metrics,
     check_data_files,
     data_files_record,
     is_recorded_folder,
+    new_eval_folder,
+    prepare_folder,
     read_record,
     report_images,
     warn_if_unfinished,
     write_json,
 )
+from mner.train.scores import write_pred_csv
+from mner.train.tasks import SENTENCE_CLASSIFICATION
 from mner.train.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
-TASK = "classification"  # config.json "task" of a classifier run
+TASK = SENTENCE_CLASSIFICATION.name  # config.json "task" of a classifier run
 CLASS_RECORD_KEYS = ("task", "classifier", "label_names", "data")
 CLASS_WEIGHTS = ("none", "balanced")
-SELECT = ("macro_f1", "accuracy")
+SELECT = SENTENCE_CLASSIFICATION.selects
+# The settings a resume may change: how a run is carried out, not what it trains (as config.RUNTIME_SETTINGS).
+CLASS_RUNTIME_SETTINGS = frozenset(
+    {"classifier.epochs", "classifier.patience", "classifier.device", "classifier.threads"}
+)
 _SHOWN_GUIDS = 5  # guids named in a warning about many posts
 
 
 @dataclass
-class ClassifierConfig(_Config):
+class ClassifierConfig(Config):
     """The classifier and its optimisation; the TOML table [classifier], `--set classifier.KEY=VALUE`."""
 
     SECTION = "classifier"
@@ -175,6 +176,7 @@ class ClassifierRunConfig:
     out_dir: str  # the run folder to create (new or empty)
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     cache_dir: str | None = None  # the feature cache; required unless classifier.mode is text (then unused)
+    resume: bool = False  # continue a run of ours from its checkpoint/
 
     def __post_init__(self):
         if not isinstance(self.data, ClassDataConfig):
@@ -193,6 +195,7 @@ class ClassifierRunConfig:
             "out_dir": self.out_dir,
             "classifier": self.classifier.to_dict(),
             "cache_dir": self.cache_dir,
+            "resume": self.resume,
         }
 
 
@@ -204,28 +207,10 @@ def load_classifier_config(
 
     Raises ValueError naming the file or the override for an unknown table or key, a bad value.
     """
-    merged: dict = {}
-    layers = []
-    if config_file is not None:
-        layers.append((configs.load_toml(Path(config_file)), str(config_file)))
-    for text in overrides:
-        section, key, value = _parse_override(text)
-        layers.append(({section: {key: value}}, f"--set {text}"))
+    layers = [(configs.load_toml(Path(config_file)), str(config_file))] if config_file is not None else []
+    layers += override_layers(overrides)
     layers.append(({"classifier": {k: v for k, v in settings.items() if v is not None}}, "the options"))
-    names = {f.name for f in dataclasses.fields(ClassifierConfig)}
-    for data, source in layers:
-        for section, table in data.items():
-            if section != ClassifierConfig.SECTION or not isinstance(table, dict):
-                raise ValueError(
-                    f"{source}: unknown section {section!r}; a classifier config has only [classifier]"
-                )
-            for key, value in table.items():
-                if key not in names:
-                    raise ValueError(
-                        f"{source}: unknown key classifier.{key}; known keys: {', '.join(sorted(names))}"
-                    )
-                merged[key] = value
-    return ClassifierConfig(**merged)
+    return ClassifierConfig(**merge_layers({"classifier": ClassifierConfig}, layers)["classifier"])
 
 
 def is_classifier_run(path) -> bool:
@@ -265,7 +250,9 @@ class _Posts(torch.utils.data.Dataset):
         return item
 
 
-def _collate(tokenizer, max_length: int):
+def collate_posts(tokenizer, max_length: int):
+    """The classifier's collate: labels (B,), the tokenised texts (B, S), the image features."""
+
     def collate(items: list[dict]) -> dict:
         batch = {"labels": torch.tensor([item["label"] for item in items])}
         if tokenizer is not None:
@@ -285,8 +272,11 @@ def _collate(tokenizer, max_length: int):
     return collate
 
 
-def _loader(split, reader, labels: list[str], tokenizer, cfg: ClassifierConfig, shuffle: bool, seed: int):
-    """Batches of `split` for the classifier of `cfg` (label ids from the run's label list)."""
+def post_loader(
+    split, reader, labels: list[str], tokenizer, cfg: ClassifierConfig, shuffle: bool, seed: int, sampler=None
+):
+    """Batches of `split` for the classifier of `cfg` (label ids from the run's label list), shuffled
+    by a generator seeded with `seed`, or drawn by `sampler` (a rank's DistributedSampler)."""
     label_ids = {label: i for i, label in enumerate(labels)}
     tokens = reads_tokens(cfg.head, cfg.mode)
     posts = _Posts(split, reader, label_ids, tokens, cfg.image_feature == "patches")
@@ -295,8 +285,9 @@ def _loader(split, reader, labels: list[str], tokenizer, cfg: ClassifierConfig, 
         posts,
         batch_size=cfg.batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         generator=generator,
-        collate_fn=_collate(tokenizer, cfg.max_length),
+        collate_fn=collate_posts(tokenizer, cfg.max_length),
     )
 
 
@@ -304,48 +295,27 @@ def _loader(split, reader, labels: list[str], tokenizer, cfg: ClassifierConfig, 
 
 
 def train_classifier(cfg: ClassifierRunConfig) -> Path:
-    """Train one sentence classifier and write its run folder (see the module docstring).
+    """Train one sentence classifier and write its run folder (see the module docstring), through the
+    training loop both tasks share (train/loop.py `fit`).
 
     Raises:
-        ValueError when the folder is neither new nor empty, the data is malformed (DatasetError,
-        `file:line`), the cache lacks a post's guid (it was extracted from other data), the loss
+        ValueError when the folder is neither new, empty nor (with resume) one of ours, the data is
+        malformed (DatasetError, `file:line`), the cache lacks a post's guid (it was extracted from other
+        data), a resumed folder was made with other settings (but CLASS_RUNTIME_SETTINGS), the loss
         becomes non-finite (naming epoch and step), or a setting is out of range.
     """
-    out = Path(cfg.out_dir)
-    if is_classifier_run(out):
-        if not (out / RESULTS_FILE).is_file():
-            raise ValueError(
-                f"{out} holds an unfinished classifier run (config.json but no {RESULTS_FILE}: it was stopped "
-                "before the end); a classifier run cannot be resumed: delete the folder to train it again, "
-                "or choose another --out"
-            )
-        raise ValueError(f"{out} already holds a classifier run (config.json); choose another --out")
-    claim = claim_folder(out, CONFIG_FILE, CLASS_RECORD_KEYS, resume=None, what="classifier run")
+    claim = claim_folder(
+        cfg.out_dir, CONFIG_FILE, CLASS_RECORD_KEYS, cfg.resume, what="classifier run", finished=RESULTS_FILE
+    )
     c = cfg.classifier
     if c.mode != "image":  # before the data is read: a budget past the positions fails only in the forward
         check_max_length(resolve_text_encoder(c.text_encoder), c.max_length, "classifier.max_length")
-    seed_everything(c.seed)
-    runtime = start_runtime(c.device, "off", hint="--set classifier.device=cpu", threads=c.threads)
-    reader = None
-    try:
-        data = read_classification(cfg.data)
-        reader = _open_cache(cfg, data)
-        claim.create()
-        return _train(cfg, data, reader, runtime, claim.path)
-    except NonFiniteLoss as err:
-        claim.release()
-        raise ValueError(
-            f"{out}: training stopped: the {err}; no run was kept. A corrupt feature cache (check it with "
-            "`mner cache verify`) or an unstable setting (a high learning rate) can cause this"
-        ) from None
-    except BaseException:
-        claim.release()
-        raise
-    finally:
-        claim.unlock()
-        if reader is not None:
-            reader.close()
-        runtime.close()
+    return run_training(
+        claim,
+        c.seed,
+        start=lambda: start_runtime(c.device, "off", hint="--set classifier.device=cpu", threads=c.threads),
+        prepare=lambda runtime, resources: _prepare(cfg, runtime, claim, resources),
+    )
 
 
 def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None:
@@ -381,9 +351,14 @@ def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None
     return reader
 
 
-def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: Path) -> Path:
+def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitting, Path | None]:
+    """The classification task's data, model and loaders; creates the folder and writes config.json."""
     c = cfg.classifier
-    labels = list(data.labels)
+    data = read_classification(cfg.data)
+    reader = _open_cache(cfg, data)
+    if reader is not None:
+        resources.callback(reader.close)
+    labels = SENTENCE_CLASSIFICATION.label_names(data.labels)
     encoder_dir = resolve_text_encoder(c.text_encoder) if c.mode != "image" else None
     weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
     model, tokenizer = build_classifier(c, len(labels), encoder_dir, reader.spec if reader else None, weights)
@@ -426,85 +401,52 @@ def _train(cfg: ClassifierRunConfig, data: ClassData, reader, runtime, run_dir: 
     }
     if any(record["truncated_posts"].values()):
         log.warning("posts longer than %d sub-words (cut): %s", c.max_length, record["truncated_posts"])
-    write_json(run_dir / CONFIG_FILE, record)
+    checkpoint = prepare_folder(
+        claim, cfg.resume, record, runtime, SENTENCE_CLASSIFICATION.resume_keys, CLASS_RUNTIME_SETTINGS
+    )
+    if runtime.is_main:
+        write_json(claim.path / CONFIG_FILE, record)
 
-    train_loader = _loader(data.splits["train"], reader, labels, tokenizer, c, True, c.seed)
-    total = c.epochs * len(train_loader)
-    optimizer = torch.optim.AdamW(_param_groups(model, c), weight_decay=c.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(c.warmup_ratio * total), total)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
-    best, best_epoch, bad = -1.0, 0, 0
-    epoch = 0
-    for epoch in range(1, c.epochs + 1):
-        started = time.perf_counter()
-        model.train()
-        losses = []
-        with ProgressLog(
-            len(train_loader),
-            f"epoch {epoch}/{c.epochs}",
-            unit="step",
-            every=max(1, -(-len(train_loader) // 10)),
-        ) as bar:
-            for batch in train_loader:
-                try:
-                    losses.append(
-                        train_step(model, batch, optimizer, scheduler, scaler, c.max_grad_norm, runtime)
-                    )
-                except NonFiniteLoss as err:
-                    step = err.step - (epoch - 1) * len(train_loader)
-                    raise NonFiniteLoss(
-                        f"{err.what} at epoch {epoch}, step {step} of {len(train_loader)}",
-                        err.value,
-                        err.step,
-                    ) from None
-                bar.update()
-                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-            valid = _score(model, data.splits["valid"], reader, tokenizer, c, runtime, labels)[1]
-            bar.set_postfix(
-                loss=f"{np.mean(losses):.4f}",
-                valid_acc=f"{valid['accuracy']:.4f}",
-                valid_f1=f"{valid['macro_f1']:.4f}",
-            )
-        improved = valid[c.select] > best
-        if improved:
-            best, best_epoch, bad = valid[c.select], epoch, 0
-            save_weights(model, run_dir / WEIGHTS_FILE)
-        else:
-            bad += 1
-        line = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "valid_accuracy": valid["accuracy"],
-            "valid_macro_f1": valid["macro_f1"],
-            "best": improved,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        append_metrics(run_dir, line)
-        log.info(
-            "epoch %d: train loss %.4f, valid accuracy %.4f, macro-F1 %.4f%s",
-            epoch,
-            line["train_loss"],
-            valid["accuracy"],
-            valid["macro_f1"],
-            " (best)" if improved else "",
+    # One process: the loader shuffles with its own generator (checkpointed); under torchrun each rank
+    # reads its DistributedSampler shard.
+    sampler = None
+    if runtime.world_size > 1:
+        sampler = DistributedSampler(
+            _Posts(data.splits["train"], None, {}, False, False),
+            num_replicas=runtime.world_size,
+            rank=runtime.rank,
+            shuffle=True,
+            seed=c.seed,
         )
-        if bad >= c.patience:
-            log.info(
-                "valid %s did not improve for %d epochs; stopped after epoch %d", c.select, c.patience, epoch
-            )
-            break
+    train_loader = post_loader(
+        data.splits["train"], reader, labels, tokenizer, c, sampler is None, c.seed, sampler
+    )
 
-    load_model(model, str(run_dir / WEIGHTS_FILE))  # the best epoch's weights, as saved
-    results = {"best_epoch": best_epoch, "epochs_run": epoch, "select": c.select}
-    for name in scored:
-        predicted, results[name] = _score(model, data.splits[name], reader, tokenizer, c, runtime, labels)
-        _write_pred_csv(run_dir / f"pred_{name}.csv", data.splits[name], predicted)
-    for name, split in data.splits.items():
-        if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
-            predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
-            write_predictions(run_dir / submission_file(name), split.examples, predicted)
-    write_json(run_dir / RESULTS_FILE, results)
-    return run_dir
+    def score(model, name: str):
+        return _score(model, data.splits[name], reader, tokenizer, c, runtime, labels)
+
+    def finish(model) -> None:
+        for name, split in data.splits.items():
+            if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
+                predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
+                write_predictions(claim.path / submission_file(name), split.examples, predicted)
+
+    fitting = Fitting(
+        task=SENTENCE_CLASSIFICATION,
+        select=c.select,
+        settings=c,
+        model=model,
+        param_groups=param_groups(model, c),
+        loader=train_loader,
+        splits=data.splits,
+        score=score,
+        scored=tuple(scored),
+        sampler=sampler,
+        generator=train_loader.generator,
+        results={"select": c.select},
+        finish=finish,
+    )
+    return fitting, checkpoint
 
 
 def build_classifier(
@@ -534,9 +476,9 @@ def submission_file(split: str) -> str:
 SUBMISSION_FILE = submission_file(UNLABELLED_SPLIT)  # the MVSA layout's test_without_label.txt
 
 
-def _param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
+def param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
     """AdamW groups: encoder at lr_encoder, head at lr_head; weight decay on weight matrices only."""
-    decayed = _decayed_parameters(model)
+    decayed = decayed_parameters(model)
     groups = []
     for part, lr in (("encoder.", c.lr_encoder), ("head.", c.lr_head)):
         params = [p for name, p in model.named_parameters() if name.startswith(part) and p.requires_grad]
@@ -570,7 +512,7 @@ def _predict(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
     """The predicted label of every example of `split`, in file order."""
     model.eval()
     predicted = []
-    for batch in _loader(split, reader, labels, tokenizer, c, False, c.seed):
+    for batch in post_loader(split, reader, labels, tokenizer, c, False, c.seed):
         logits = model(to_device({k: v for k, v in batch.items() if k != "labels"}, runtime.device))["logits"]
         predicted.extend(labels[i] for i in logits.argmax(1).tolist())
     return predicted
@@ -578,18 +520,12 @@ def _predict(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
 
 def _score(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[str], dict]:
     predicted = _predict(model, split, reader, tokenizer, c, runtime, labels)
-    return predicted, classification_scores([e.label for e in split.examples], predicted, labels)
-
-
-def _write_pred_csv(path: Path, split: ClassSplit, predicted: list[str]) -> Path:
-    rows = [["guid", "gold", "pred"], *([e.guid, e.label, p] for e, p in zip(split.examples, predicted))]
-    return write_atomic(path, csv_text(rows))
+    return predicted, SENTENCE_CLASSIFICATION.score([e.label for e in split.examples], predicted, labels)
 
 
 def read_pred_csv(path: Path) -> list[list[str]]:
-    """The [guid, gold, pred] rows of a pred_<split>.csv (what _write_pred_csv wrote), in file order;
-    a guid holding a comma, a quote or a newline reads back as itself (both go through the csv module)."""
-    return read_csv_rows(path)[1:]
+    """The [guid, gold, pred] rows of a pred_<split>.csv, in file order (train.scores.read_pred_csv)."""
+    return scores.read_pred_csv(path)
 
 
 # ------------------------------------------------------------------------------------------ reuse
@@ -697,10 +633,9 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
         if reader is not None:
             reader.close()
         runtime.close()
-    out = run_dir / EVAL_DIR / f"{split}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    out.mkdir(parents=True, exist_ok=False)
+    out = new_eval_folder(run_dir, split)
     write_json(out / RESULTS_FILE, {split: scores})
-    _write_pred_csv(out / "pred.csv", data.splits[split], predicted)
+    write_pred_csv(out / "pred.csv", data.splits[split], predicted)
     return scores, out
 
 
@@ -733,31 +668,3 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
             reader.close()
         runtime.close()
     return write_predictions(out_file, split.examples, predicted)
-
-
-def format_class_scores(scores: dict) -> str:
-    """classification_scores as text: accuracy and macro P/R/F1, a per-class table, the confusion
-    matrix (rows gold, columns predicted); percentages to 2 decimals."""
-    import pandas as pd
-
-    percent = 100.0
-    lines = [
-        f"accuracy {scores['accuracy'] * percent:.2f}  macro P {scores['macro_precision'] * percent:.2f}  "
-        f"R {scores['macro_recall'] * percent:.2f}  F1 {scores['macro_f1'] * percent:.2f}  "
-        f"({scores['support']} posts)"
-    ]
-    per_class = pd.DataFrame(
-        {
-            "P": [s["precision"] * percent for s in scores["per_class"].values()],
-            "R": [s["recall"] * percent for s in scores["per_class"].values()],
-            "F1": [s["f1"] * percent for s in scores["per_class"].values()],
-            "support": [s["support"] for s in scores["per_class"].values()],
-        },
-        index=list(scores["per_class"]),
-    )
-    lines.append(per_class.to_string(float_format=lambda x: f"{x:.2f}"))
-    labels = scores["confusion"]["labels"]
-    matrix = pd.DataFrame(scores["confusion"]["matrix"], index=labels, columns=labels)
-    matrix.index.name = "gold \\ pred"
-    lines.append(matrix.to_string())
-    return "\n".join(lines)

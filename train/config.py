@@ -45,8 +45,9 @@ EMISSION_LRS = ("fusion", "crf")
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-class _Config:
-    """Shared helpers of the flat configs: type checks, dict round trip."""
+class Config:
+    """Shared helpers of the flat configs (model, train, classifier): type checks, dict round trip,
+    the refusal of an unknown key."""
 
     SECTION = ""  # the TOML table this config is read from
 
@@ -73,17 +74,22 @@ class _Config:
 
         Raises ValueError naming `source` and the key for a key that is not a field.
         """
+        cls.check_keys(data, source)
+        return cls(**data)
+
+    @classmethod
+    def check_keys(cls, keys, source: str) -> None:
+        """ValueError naming `source`, the first key that is not a field, and the known keys."""
         names = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
+        for key in keys:
             if key not in names:
                 raise ValueError(
                     f"{source}: unknown key {cls.SECTION}.{key}; known keys: {', '.join(sorted(names))}"
                 )
-        return cls(**data)
 
 
 @dataclass
-class ModelConfig(_Config):
+class ModelConfig(Config):
     """The stage-two model: text encoder -> visual token builder -> fusion -> emissions -> head.
 
     task, fusion and head are names in the registries of train/registry.py; each auxiliary loss
@@ -293,7 +299,7 @@ class ModelConfig(_Config):
 
 
 @dataclass
-class TrainConfig(_Config):
+class TrainConfig(Config):
     """The optimisation: schedule, learning rates, early stopping, hardware."""
 
     SECTION = "train"
@@ -497,10 +503,7 @@ def load_run_config(
         diffs = [Path(config_file)]
     else:
         diffs = [Path(path) for path in config_file]
-    layers = [(configs.load_toml(path), str(path)) for path in [base, *diffs]]
-    for text in overrides:
-        section, key, value = _parse_override(text)
-        layers.append(({section: {key: value}}, f"--set {text}"))
+    layers = [(configs.load_toml(path), str(path)) for path in [base, *diffs]] + override_layers(overrides)
     # The model file sits between the base and the diffs, but any layer may name it: find the name first.
     name = model
     for i, (data, _) in enumerate(layers):
@@ -513,9 +516,7 @@ def load_run_config(
         raise ValueError(f"model.name must be a string, got {name!r}")
     path = model_file(name)
     layers.insert(1, (configs.load_toml(path), str(path)))
-    merged: dict[str, dict] = {section: {} for section in SECTIONS}
-    for data, source in layers:
-        _merge(merged, data, source)
+    merged = merge_layers(SECTIONS, layers)
     said = layers[1][0].get("model", {}).get("name", name)
     if said != name:
         raise ValueError(f"{path}: model.name is {said!r}, but this file is the model {name!r}; drop the key")
@@ -523,25 +524,34 @@ def load_run_config(
     return ModelConfig(**merged["model"]), TrainConfig(**merged["train"])
 
 
-def _merge(merged: dict[str, dict], data: dict, source: str) -> None:
-    """Copy `data`'s [model]/[train] keys into `merged`, refusing any name the configs do not have."""
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            raise ValueError(f"{source}: key {section!r} is outside a table; put it under [model] or [train]")
-        if section not in SECTIONS:
-            raise ValueError(
-                f"{source}: unknown section [{section}]; expected {', '.join(f'[{s}]' for s in SECTIONS)}"
-            )
-        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
-        for key, value in table.items():
-            if key not in names:
+def merge_layers(sections: dict[str, type[Config]], layers: list[tuple[dict, str]]) -> dict[str, dict]:
+    """{section: {key: value}} of TOML-shaped `layers` ((data, where it came from), later ones
+    winning), refusing a key outside a table, a section not in `sections` and a key its config lacks."""
+    merged: dict[str, dict] = {section: {} for section in sections}
+    expected = ", ".join(f"[{s}]" for s in sections)
+    for data, source in layers:
+        for section, table in data.items():
+            if not isinstance(table, dict):
                 raise ValueError(
-                    f"{source}: unknown key {section}.{key}; known keys: {', '.join(sorted(names))}"
+                    f"{source}: key {section!r} is outside a table; put it under {expected.replace(', ', ' or ')}"
                 )
-            merged[section][key] = value
+            if section not in sections:
+                raise ValueError(f"{source}: unknown section [{section}]; expected {expected}")
+            sections[section].check_keys(table, source)
+            merged[section].update(table)
+    return merged
 
 
-def _parse_override(text: str) -> tuple[str, str, object]:
+def override_layers(overrides) -> list[tuple[dict, str]]:
+    """`--set section.key=value` overrides as layers for `merge_layers`."""
+    layers = []
+    for text in overrides:
+        section, key, value = parse_override(text)
+        layers.append(({section: {key: value}}, f"--set {text}"))
+    return layers
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
     """'model.qfnet_layers=1' -> ("model", "qfnet_layers", 1)."""
     name, sep, raw = text.partition("=")
     section, dot, key = name.strip().partition(".")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mner.cache.datasets import Post, Split, tag_line
 from mner.cache.reader import CacheReader
-from mner.cache.shards import Record, TokenSpec, empty_record
+from mner.cache.spec import Record, TokenSpec, empty_record
 from mner.train.config import ModelConfig, TrainConfig
 
 # Label id of positions that are not words (padding); ignored by every loss.

@@ -12,7 +12,6 @@ results.json only, so its numbers are the run's, whatever was evaluated since.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +19,9 @@ import pandas as pd
 from mner.cache.datasets import SPLITS, resolve_data
 from mner.runtime import resolve_runtime
 from mner.train import significance
-from mner.train.classify import is_classifier_run
 from mner.train.decode import decode_and_score, log_long_posts, long_post_summary, truncated_per_post
 from mner.train.metrics import write_conll
 from mner.train.runs import (
-    EVAL_DIR,
     RESULTS_FILE,
     check_cache_keys,
     check_data_files,
@@ -34,21 +31,22 @@ from mner.train.runs import (
     is_recorded_folder,
     is_run_folder,
     load_run_model,
+    new_eval_folder,
     open_cache,
     read_metrics,
     read_record,
     read_results,
+    recorded_task,
     run_config,
     unfinished,
     warn_if_unfinished,
     write_json,
 )
+from mner.train.scores import PERCENT, format_entity_scores, read_pred_csv
+from mner.train.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 from mner.train.text_states import find_text_states
 
 log = logging.getLogger(__name__)
-
-# Scores are fractions in results files; tables print percent.
-PERCENT = 100.0
 
 
 def evaluate_run(
@@ -133,41 +131,16 @@ def evaluate_run(
     predictions, scores = decode_and_score(
         model, data, reader, tokenizer, record["label_names"], cfg, runtime, long_posts, text_states
     )
-    out = _eval_folder(run_dir, split)
+    out = new_eval_folder(run_dir, split)
     write_conll(out / "pred.conll", data.posts, predictions)
     write_json(out / "results.json", {**scores, "long_posts": long})
     log.info("evaluation of %s on %s written to %s", run_dir, split, out)
     return scores
 
 
-def _eval_folder(run_dir: Path, split: str) -> Path:
-    """A new run_dir/eval/<split>-<UTC time>[-k]/ (k counts evaluations within the same second)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    parent = run_dir / EVAL_DIR
-    parent.mkdir(exist_ok=True)
-    for k in range(1, 1000):
-        out = parent / (f"{split}-{stamp}" if k == 1 else f"{split}-{stamp}-{k}")
-        try:
-            out.mkdir()
-        except FileExistsError:
-            continue
-        return out
-    raise ValueError(f"{parent}: too many evaluations of {split} within one second")
-
-
 def format_scores(scores: dict) -> str:
-    """Micro and per-type P/R/F1 (percent) and support, one line each."""
-    rows = {"micro": scores["micro"], **dict(sorted(scores["per_type"].items()))}
-    table = pd.DataFrame(
-        {
-            "P": [row["precision"] * PERCENT for row in rows.values()],
-            "R": [row["recall"] * PERCENT for row in rows.values()],
-            "F1": [row["f1"] * PERCENT for row in rows.values()],
-            "support": [row["support"] for row in rows.values()],
-        },
-        index=list(rows),
-    )
-    return table.to_string(float_format=lambda x: f"{x:.2f}")
+    """Micro and per-type P/R/F1 (percent) and support, one line each (train.scores)."""
+    return format_entity_scores(scores)
 
 
 def results_table(
@@ -176,28 +149,33 @@ def results_table(
     bootstrap: int = significance.DEFAULT_RESAMPLES,
     bootstrap_seed: int = 0,
 ) -> str:
-    """Micro P/R/F1 (percent) of each run on `split`, from its training-time results.json.
+    """The scores (percent) of each run on `split`, from its training-time results.json.
 
-    A classifier run (`mner train-classifier`) gets its macro P/R/F1 and an Acc column (accuracy); it is
-    never bootstrapped. A run without them gets a row all the same, its status saying why: "unfinished (epoch k/N)",
-    "no <split> results", "not a run folder", or the error reading a damaged file.
+    A tagging run shows micro P/R/F1; a classifier run (`mner train-classifier`) its macro P/R/F1 and an
+    Acc column (accuracy): the run's task says which (tasks.headline). A run without them gets a row
+    all the same, its status saying why: "unfinished (epoch k/N)", "no <split> results", "not a run
+    folder", or the error reading a damaged file.
 
     With two or more runs and `bootstrap` > 0 every run is compared with the first one by a paired bootstrap over posts
     (train/significance.py; `bootstrap` resamples drawn with `bootstrap_seed`) on the predictions each run wrote
-    (pred_<split>.conll): columns dF1 (percentage points), CI95 (its 95% interval) and p, and a last line
-    naming the test. A run whose predictions are missing, or cover other posts, gets "-" there.
+    (pred_<split>.conll, or a classifier's pred_<split>.csv, whose labels are one-word tag sequences, so the
+    bootstrapped F1 is the accuracy): columns dF1 (percentage points; dAcc when the first run is a
+    classifier), CI95 (its 95% interval) and p, and a last line naming the test. A run whose predictions
+    are missing, or cover other posts, gets "-" there.
     """
-    classifiers = [is_classifier_run(run_dir) for run_dir in run_dirs]
-    if len(run_dirs) < 2 or classifiers[0]:
-        bootstrap = 0  # nothing to compare with (the bootstrap compares entity F1 of tagging runs)
+    tasks = [recorded_task(run_dir) for run_dir in run_dirs]
+    classifiers = [task == SENTENCE_CLASSIFICATION.name for task in tasks]
+    if len(run_dirs) < 2:
+        bootstrap = 0  # nothing to compare with
+    delta = "dAcc" if classifiers and classifiers[0] else "dF1"
     rows = []
-    base_preds = _predictions(Path(run_dirs[0]), split) if bootstrap > 0 and run_dirs else None
+    base_preds = _predictions(Path(run_dirs[0]), split, tasks[0]) if bootstrap > 0 and run_dirs else None
     for index, run_dir in enumerate(run_dirs):
         row = {"run": str(run_dir), "P": "-", "R": "-", "F1": "-", "support": "-"}
         if any(classifiers):
             row["Acc"] = "-"
         try:
-            micro, status = (_class_scores if classifiers[index] else _split_scores)(Path(run_dir), split)
+            micro, status = _run_scores(Path(run_dir), split, tasks[index])
         except ValueError as err:
             micro, status = None, str(err)
         if micro is not None:
@@ -209,44 +187,66 @@ def results_table(
                 }
             )
             row["support"] = str(micro["support"])
-        if bootstrap > 0 and classifiers[index]:
-            row.update({"dF1": "-", "CI95": "-", "p": "-"})
-            status = f"{status}; not compared (the bootstrap is over tagged posts)"
-        elif bootstrap > 0:
-            cells, note = _bootstrap_cells(index, base_preds, Path(run_dir), split, bootstrap, bootstrap_seed)
+        if bootstrap > 0:
+            cells, note = _bootstrap_cells(
+                index, base_preds, Path(run_dir), split, tasks[index], bootstrap, bootstrap_seed, delta
+            )
             row.update(cells)
             status = f"{status}; {note}" if note else status
         rows.append({**row, "status": status})
     table = pd.DataFrame(rows).to_string(index=False)
     if bootstrap > 0:
         table += (
-            f"\ndF1 in percentage points against {run_dirs[0]}: {significance.TEST_NAME} on {split}, "
+            f"\n{delta} in percentage points against {run_dirs[0]}: {significance.TEST_NAME} on {split}, "
             f"{bootstrap} resamples, seed {bootstrap_seed}; p two-sided"
         )
     return table
 
 
-def _predictions(run_dir: Path, split: str):
-    """(words, gold, pred) of a run's pred_<split>.conll, or None when the run has not written it."""
-    path = run_dir / f"pred_{split}.conll"
+def _predictions(run_dir: Path, split: str, task: str | None):
+    """(post keys or words, gold, pred) of the predictions a run wrote for `split`, or None when it
+    has not written them. A classifier's labels become one-word tag sequences ("B-<label>"), whose
+    entity F1 is the accuracy."""
+    if task == SENTENCE_CLASSIFICATION.name:
+        path = run_dir / SENTENCE_CLASSIFICATION.prediction_file(split)
+        if not path.is_file():
+            return None
+        rows = read_pred_csv(path)
+        return (
+            [guid for guid, _, _ in rows],
+            [[f"B-{g}"] for _, g, _ in rows],
+            [[f"B-{p}"] for _, _, p in rows],
+        )
+    path = run_dir / TOKEN_TAGGING.prediction_file(split)
     return significance.read_predictions(path) if path.is_file() else None
 
 
-def _bootstrap_cells(index: int, base, run_dir: Path, split: str, resamples: int, seed: int):
-    """(the dF1 / 95% CI / p cells of one results row, a note for its status or ""); run 0 is the base."""
-    cells = {"dF1": "-", "CI95": "-", "p": "-"}
-    mine = base if index == 0 else _predictions(run_dir, split)
+def _bootstrap_cells(
+    index: int, base, run_dir: Path, split: str, task, resamples: int, seed: int, delta: str = "dF1"
+):
+    """(the delta / 95% CI / p cells of one results row, a note for its status or ""); run 0 is the base."""
+    cells = {delta: "-", "CI95": "-", "p": "-"}
+    mine = base if index == 0 else _predictions(run_dir, split, task)
     if mine is None:
-        return cells, f"no pred_{split}.conll to compare"
+        kind = SENTENCE_CLASSIFICATION if task == SENTENCE_CLASSIFICATION.name else TOKEN_TAGGING
+        return cells, f"no {kind.prediction_file(split)} to compare"
     if index == 0:
-        return {**cells, "dF1": "base"}, ""
+        return {**cells, delta: "base"}, ""
     if base is None:
         return cells, ""
     if mine[:2] != base[:2]:
-        return cells, "tagged other posts than the base run: not compared"
+        did = "labelled" if task == SENTENCE_CLASSIFICATION.name else "tagged"
+        return cells, f"{did} other posts than the base run: not compared"
     result = significance.paired_bootstrap(base[1], [base[2]], [mine[2]], resamples=resamples, seed=seed)
-    delta, ci, p = significance.format_comparison(result)
-    return {"dF1": delta, "CI95": ci, "p": p}, ""
+    shown, ci, p = significance.format_comparison(result)
+    return {delta: shown, "CI95": ci, "p": p}, ""
+
+
+def _run_scores(run_dir: Path, split: str, task: str | None) -> tuple[dict | None, str]:
+    """(the task's headline scores or None, status) of one run."""
+    if task == SENTENCE_CLASSIFICATION.name:
+        return _class_scores(run_dir, split)
+    return _split_scores(run_dir, split)
 
 
 def _class_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
@@ -256,14 +256,9 @@ def _class_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:
     results = read_results(run_dir)
     if split not in results:
         return None, f"no {split} results (the split has no labels, or the folder has no {split} file)"
-    scores = results[split]
-    return {
-        "precision": scores["macro_precision"],
-        "recall": scores["macro_recall"],
-        "f1": scores["macro_f1"],
-        "accuracy": scores["accuracy"],
-        "support": scores["support"],
-    }, "finished (classification: macro P/R/F1, accuracy)"
+    return SENTENCE_CLASSIFICATION.headline(
+        results[split]
+    ), "finished (classification: macro P/R/F1, accuracy)"
 
 
 def _split_scores(run_dir: Path, split: str) -> tuple[dict | None, str]:

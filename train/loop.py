@@ -1,12 +1,17 @@
-"""Stage two's training loop: `train_from_cache(RunConfig) -> run folder`.
+"""Stage two's training loop, one for both tasks: `fit(Fitting)`, and the tagging entry
+`train_from_cache(RunConfig) -> run folder` (the classifier's is train/classify.py's).
 
-Labels come from the train split, token shapes and the fingerprint from the cache manifest, so a run
-can only be built from what is on disk. The best epoch is chosen on dev F1 (never on test); its
-weights are reloaded at the end to write the valid/test predictions and results. The run folder's
-files are train/runs.py's, the resume checkpoint is train/checkpoint.py's.
+A task's preparation reads the data and builds a `Fitting`: model, loaders, parameter groups and how
+a split is scored; `fit` owns the optimiser, schedule and AMP scaler, the epochs, the progress log,
+the metrics line, early stopping (checkpoint.Progress), the best-weights save and reload, the resume
+checkpoint and DDP. The best epoch is chosen on the task's valid score (train/tasks.py; never on
+test). The run folder's files are train/runs.py's, the resume checkpoint is train/checkpoint.py's.
 
-Under torchrun (WORLD_SIZE > 1) every rank trains on its DistributedSampler shard, dev/test decoding
-is split across ranks and gathered, and rank 0 alone writes files.
+For tagging, labels come from the train split, token shapes and the fingerprint from the cache
+manifest, so a run can only be built from what is on disk.
+
+Under torchrun (WORLD_SIZE > 1) every rank trains on its DistributedSampler shard and rank 0 alone
+writes files; tagging splits dev/test decoding across ranks and gathers it.
 
 The run folder must be new, empty, or (with --resume) one of ours; it is checked before anything is
 read, and a run that fails before its first epoch is checkpointed removes what it created. A
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +47,6 @@ from mner.train.checkpoint import (
 from mner.train.config import RunConfig, TrainConfig
 from mner.train.data import make_loader
 from mner.train.decode import count_truncated, decode_and_score
-from mner.train.metrics import write_conll
 from mner.train.model import MNERModel
 from mner.train.registry import TASKS
 from mner.train.runs import (
@@ -79,7 +84,7 @@ class NonFiniteLoss(ValueError):
 
 
 def train_from_cache(cfg: RunConfig) -> Path:
-    """Train one model and write its run folder.
+    """Train one tagging model and write its run folder.
 
     Args:
         cfg: the resolved run config. `cfg.cache_dir` is required unless `cfg.model.text_only`, in
@@ -95,15 +100,37 @@ def train_from_cache(cfg: RunConfig) -> Path:
     """
     # Checked before anything is read or built: a folder of other files is never written.
     claim = claim_run_folder(cfg.out_dir, cfg.resume)
-    # Seeded first: the CUDA determinism setting must be in place before any CUDA context exists.
-    seed_everything(cfg.train.seed)
-    runtime = start_runtime(
-        cfg.train.device, cfg.train.amp, hint="--set train.device=cpu", threads=cfg.train.threads
+    train = cfg.train
+    return run_training(
+        claim,
+        train.seed,
+        start=lambda: start_runtime(
+            train.device, train.amp, hint="--set train.device=cpu", threads=train.threads
+        ),
+        prepare=lambda runtime, _: _prepare_tagging(cfg, runtime, claim),
     )
+
+
+def run_training(claim: FolderClaim, seed: int, start, prepare) -> Path:
+    """Seed, start the runtime, build the task's `Fitting` and `fit` it into the claimed run folder.
+
+    Args:
+        claim: the run folder, checked (runs.claim_run_folder); created by `prepare`.
+        start: () -> Runtime. prepare: (runtime, ExitStack for what to close at the end) ->
+            (Fitting, the checkpoint to resume from or None); it writes config.json.
+    A run that fails before its first checkpoint removes what it created; a non-finite loss is
+    reported naming the epoch and step and what was kept.
+    """
+    # Seeded first: the CUDA determinism setting must be in place before any CUDA context exists.
+    seed_everything(seed)
+    runtime = start()
     epoch_at: dict = {}  # epoch, its first global step and step count, for the non-finite message
     try:
-        runtime.barrier()  # every rank has checked the folder before rank 0 creates anything in it
-        return _train(cfg, runtime, claim, epoch_at)
+        with contextlib.ExitStack() as resources:
+            runtime.barrier()  # every rank has checked the folder before rank 0 creates anything in it
+            fitting, checkpoint = prepare(runtime, resources)
+            fit(fitting, runtime, claim.path, checkpoint, epoch_at)
+        return claim.path
     except NonFiniteLoss as err:
         _release_unstarted(claim, runtime)
         raise ValueError(_non_finite_message(err, epoch_at, claim.path)) from None
@@ -136,8 +163,153 @@ def _non_finite_message(err: NonFiniteLoss, epoch_at: dict, run_dir: Path) -> st
     )
 
 
-def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict) -> Path:
+@dataclass
+class Fitting:
+    """What `fit` trains and how it scores, as a task's preparation builds it."""
+
+    task: object  # the run's TASKS entry: selection metric, metrics line, prediction files
+    select: str  # the task's score that picks the best epoch (task.selects)
+    settings: (
+        object  # epochs, patience, weight_decay, warmup_ratio, max_grad_norm (TrainConfig, ClassifierConfig)
+    )
+    model: torch.nn.Module  # on the runtime's device
+    param_groups: list[dict]  # AdamW groups: learning rates and weight decay per parameter group
+    loader: object  # this rank's training batches
+    splits: dict  # split name -> what `score` and task.write_predictions read
+    score: object  # (model, split name) -> (predictions, scores), on every rank
+    scored: tuple[str, ...]  # the splits scored with the best weights and written at the end
+    sampler: object = None  # a DistributedSampler, given each epoch's number; None: the loader shuffles
+    generator: torch.Generator | None = None  # the loader's shuffling state, checkpointed for resume
+    grad_accum: int = 1  # batches per optimiser step
+    results: dict = field(default_factory=dict)  # results.json keys after best_epoch and epochs_run
+    finish: object = None  # (model) -> None: more files of the best model, on rank 0
+
+
+def fit(job: Fitting, runtime: Runtime, run_dir: Path, checkpoint: Path | None, epoch_at: dict) -> dict:
+    """Train `job.model` epoch by epoch, keep the best weights on the task's selection score, and
+    score `job.scored` with them; returns results.json's content (written by rank 0).
+
+    Every epoch appends its metrics line and saves the resume checkpoint; patience counts epochs
+    without a better score (checkpoint.Progress). Under torchrun the model trains wrapped in DDP.
+    """
+    model, s, task = job.model, job.settings, job.task
+    steps_per_epoch = optimizer_steps(len(job.loader), job.grad_accum)
+    optimizer, scheduler, scaler = make_optimizer(
+        job.param_groups, s.weight_decay, s.warmup_ratio, s.epochs * steps_per_epoch, runtime
+    )
+    metric = task.metric_name(job.select)
+    progress = Progress()
+    if checkpoint is not None:
+        progress = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler, job.generator)
+        # patience is a runtime setting: a resume with more patience (or epochs) continues a stopped run.
+        progress.stopped = progress.bad_epochs >= s.patience
+        if runtime.is_main:
+            trim_metrics(run_dir, progress.epoch)
+        log.info(
+            "resuming %s from %s after epoch %d (best %s %.4f at epoch %d)",
+            run_dir,
+            checkpoint.name,
+            progress.epoch,
+            metric,
+            progress.best_f1,
+            progress.best_epoch,
+        )
+    trained = model
+    if runtime.world_size > 1:
+        # Some modules get no gradient in a batch (all images missing or dropped), hence find_unused_parameters.
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+    board = _tensorboard(run_dir) if runtime.is_main else None
+    while progress.epoch < s.epochs and not progress.stopped:
+        epoch = progress.epoch + 1
+        started = time.perf_counter()
+        epoch_at.update(epoch=epoch, first_step=scheduler.last_epoch, steps=steps_per_epoch)
+        if job.sampler is not None:
+            job.sampler.set_epoch(epoch)
+        if runtime.world_size > 1:
+            # Each rank its own dropout and image-dropout masks (one seed everywhere would repeat them
+            # across ranks, also after a resume restores rank 0's RNG), drawn from (seed, epoch, rank)
+            # so that a resumed run draws what the uninterrupted one drew.
+            torch.manual_seed(int(np.random.SeedSequence([s.seed, epoch, runtime.rank]).generate_state(1)[0]))
+        model.epoch = epoch  # for the losses that warm up over epochs (MANGO's alignment); resumes too
+        # A manual bar (not tqdm(loader)), so it is still open to show the dev score after the epoch; in
+        # a log file (stderr not a terminal) about ten plain lines per epoch instead of `\r` redraws.
+        with ProgressLog(
+            len(job.loader),
+            f"epoch {epoch}/{s.epochs}",
+            unit="step",
+            enabled=runtime.is_main,
+            every=max(1, -(-len(job.loader) // 10)),
+        ) as bar:
+            train_loss = train_epoch(
+                trained,
+                job.loader,
+                bar,
+                optimizer,
+                scheduler,
+                scaler,
+                s.max_grad_norm,
+                runtime,
+                job.grad_accum,
+            )
+            _, dev = job.score(model, "valid")
+            bar.set_postfix(loss=f"{train_loss:.4f}", **task.postfix(dev))
+
+        improved = progress.update(epoch, task.selected(dev, job.select), s.patience)
+        line = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            **task.epoch_line(dev),
+            "best": improved,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        log.info(
+            "epoch %d: train loss %.4f, %s%s",
+            epoch,
+            train_loss,
+            task.describe(dev),
+            " (best)" if improved else "",
+        )
+        if runtime.is_main:
+            _write_epoch(run_dir, line, model if improved else None, board)
+            save_checkpoint(
+                run_dir / CHECKPOINT_DIR,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                progress,
+                runtime.device,
+                job.generator,
+            )
+        runtime.barrier()
+    if progress.stopped:
+        log.info(
+            "%s did not improve for %d epochs; stopped after epoch %d", metric, s.patience, progress.epoch
+        )
+    if board is not None:
+        board.close()
+
+    # The reported model is the best epoch, as saved, not the last one.
+    load_weights(model, run_dir / WEIGHTS_FILE, runtime.device, best_weights_fix(run_dir))
+    results = {"best_epoch": progress.best_epoch, "epochs_run": progress.epoch, **job.results}
+    for name in job.scored:
+        predictions, results[name] = job.score(model, name)
+        if runtime.is_main:
+            task.write_predictions(run_dir, job.splits[name], name, predictions)
+    if runtime.is_main:
+        if job.finish is not None:
+            job.finish(model)
+        write_json(run_dir / RESULTS_FILE, results)
+    runtime.barrier()
+    return results
+
+
+def _prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tuple[Fitting, Path | None]:
+    """The tagging task's data, model and loaders; creates the folder and writes config.json."""
     run_dir = claim.path
+    task = TASKS.get(cfg.model.task)
     # Before the data is read: a budget past the encoder's positions fails only inside its forward.
     encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
     check_max_length(encoder_dir, cfg.model.max_length, "model.max_length")
@@ -145,7 +317,7 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
     splits = {name: source.read(name) for name in ("train", "valid")}
     if source.split_path("test").is_file():
         splits["test"] = source.read("test")
-    labels = TASKS.get(cfg.model.task).label_names(splits["train"])
+    labels = task.label_names(splits["train"])
     # Checked before anything is built: a tag unknown to the model would only fail after a full epoch.
     check_tags(splits, labels)
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
@@ -199,129 +371,26 @@ def _train(cfg: RunConfig, runtime: Runtime, claim: FolderClaim, epoch_at: dict)
         sampler=sampler,
         text_states=text_states.get("train"),
     )
-    steps_per_epoch = optimizer_steps(len(train_loader), cfg.train.grad_accum)
-    optimizer, scheduler, scaler = build_optimizer(
-        model, cfg.train, cfg.train.epochs * steps_per_epoch, runtime
+
+    def score(model, name: str):
+        return decode_and_score(
+            model, splits[name], reader, tokenizer, labels, cfg, runtime, text_states=text_states.get(name)
+        )
+
+    fitting = Fitting(
+        task=task,
+        select=task.selects[0],
+        settings=cfg.train,
+        model=model,
+        param_groups=model.param_groups(cfg.train),
+        loader=train_loader,
+        splits=splits,
+        score=score,
+        scored=tuple(name for name in ("valid", "test") if name in splits),
+        sampler=sampler,
+        grad_accum=cfg.train.grad_accum,
     )
-    progress = Progress()
-    if checkpoint is not None:
-        progress = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
-        # patience is a runtime setting: a resume with more patience (or epochs) continues a stopped run.
-        progress.stopped = progress.bad_epochs >= cfg.train.patience
-        if runtime.is_main:
-            trim_metrics(run_dir, progress.epoch)
-        log.info(
-            "resuming %s from %s after epoch %d (best dev F1 %.4f at epoch %d)",
-            run_dir,
-            checkpoint.name,
-            progress.epoch,
-            progress.best_f1,
-            progress.best_epoch,
-        )
-    trained = model
-    if runtime.world_size > 1:
-        # Some modules get no gradient in a batch (all images missing or dropped), hence find_unused_parameters.
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        trained = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
-
-    board = _tensorboard(run_dir) if runtime.is_main else None
-    while progress.epoch < cfg.train.epochs and not progress.stopped:
-        epoch = progress.epoch + 1
-        started = time.perf_counter()
-        epoch_at.update(epoch=epoch, first_step=scheduler.last_epoch, steps=steps_per_epoch)
-        sampler.set_epoch(epoch)
-        if runtime.world_size > 1:
-            # Each rank its own dropout and image-dropout masks (one seed everywhere would repeat them
-            # across ranks, also after a resume restores rank 0's RNG), drawn from (seed, epoch, rank)
-            # so that a resumed run draws what the uninterrupted one drew.
-            torch.manual_seed(
-                int(np.random.SeedSequence([cfg.train.seed, epoch, runtime.rank]).generate_state(1)[0])
-            )
-        model.epoch = epoch  # for the losses that warm up over epochs (MANGO's alignment); resumes too
-        # A manual bar (not tqdm(loader)), so it is still open to show dev F1 after the epoch; in a log
-        # file (stderr not a terminal) about ten plain lines per epoch instead of `\r` redraws.
-        with ProgressLog(
-            len(train_loader),
-            f"epoch {epoch}/{cfg.train.epochs}",
-            unit="step",
-            enabled=runtime.is_main,
-            every=max(1, -(-len(train_loader) // 10)),
-        ) as bar:
-            train_loss = train_epoch(
-                trained,
-                train_loader,
-                bar,
-                optimizer,
-                scheduler,
-                scaler,
-                cfg.train.max_grad_norm,
-                runtime,
-                cfg.train.grad_accum,
-            )
-            _, dev = decode_and_score(
-                model,
-                splits["valid"],
-                reader,
-                tokenizer,
-                labels,
-                cfg,
-                runtime,
-                text_states=text_states.get("valid"),
-            )
-            dev_f1 = dev["micro"]["f1"]
-            bar.set_postfix(loss=f"{train_loss:.4f}", dev_f1=f"{dev_f1:.4f}")
-
-        improved = progress.update(epoch, dev_f1, cfg.train.patience)
-        line = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "dev_precision": dev["micro"]["precision"],
-            "dev_recall": dev["micro"]["recall"],
-            "dev_f1": dev_f1,
-            "best": improved,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        log.info(
-            "epoch %d: train loss %.4f, dev F1 %.4f%s",
-            epoch,
-            train_loss,
-            dev_f1,
-            " (best)" if improved else "",
-        )
-        if runtime.is_main:
-            _write_epoch(run_dir, line, model if improved else None, board)
-            save_checkpoint(
-                run_dir / CHECKPOINT_DIR, model, optimizer, scheduler, scaler, progress, runtime.device
-            )
-        runtime.barrier()
-    if progress.stopped:
-        log.info(
-            "dev F1 did not improve for %d epochs; stopped after epoch %d", cfg.train.patience, progress.epoch
-        )
-    if board is not None:
-        board.close()
-
-    # The reported model is the best dev epoch, as saved, not the last one.
-    load_weights(model, run_dir / WEIGHTS_FILE, runtime.device, best_weights_fix(run_dir))
-    results = {"best_epoch": progress.best_epoch, "epochs_run": progress.epoch}
-    for name in ("valid", "test"):
-        if name in splits:
-            predictions, results[name] = decode_and_score(
-                model,
-                splits[name],
-                reader,
-                tokenizer,
-                labels,
-                cfg,
-                runtime,
-                text_states=text_states.get(name),
-            )
-            if runtime.is_main:
-                write_conll(run_dir / f"pred_{name}.conll", splits[name].posts, predictions)
-    if runtime.is_main:
-        write_json(run_dir / RESULTS_FILE, results)
-    runtime.barrier()
-    return run_dir
+    return fitting, checkpoint
 
 
 def _text_states(cfg: RunConfig, model, splits, tokenizer, labels, encoder_dir, source, runtime) -> dict:
@@ -353,15 +422,22 @@ def optimizer_steps(batches: int, grad_accum: int) -> int:
 
 
 def build_optimizer(model: MNERModel, train: TrainConfig, total_steps: int, runtime: Runtime) -> tuple:
-    """(AdamW over the model's per-group learning rates, its LR schedule, the AMP grad scaler).
+    """`make_optimizer` over a tagging model's per-group learning rates (MNERModel.param_groups)."""
+    return make_optimizer(
+        model.param_groups(train), train.weight_decay, train.warmup_ratio, total_steps, runtime
+    )
+
+
+def make_optimizer(
+    groups: list[dict], weight_decay: float, warmup_ratio: float, total_steps: int, runtime: Runtime
+) -> tuple:
+    """(AdamW over the parameter groups, its LR schedule, the AMP grad scaler).
 
     The schedule warms up linearly from 0 over `warmup_ratio` of `total_steps`, then decays linearly to
     0 at the last step (the BERT fine-tuning schedule). The scaler only scales under fp16 autocast.
     """
-    optimizer = torch.optim.AdamW(model.param_groups(train), weight_decay=train.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, round(train.warmup_ratio * total_steps), total_steps
-    )
+    optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mner.cache.shards import TokenSpec
+from mner.cache.spec import TokenSpec
 from mner.train.config import ModelConfig, TrainConfig
 from mner.train.fusion import build_fusion
 from mner.train.heads import Head
@@ -292,7 +292,7 @@ class MNERModel(nn.Module):
             else:
                 part = "fusion"
             parts[part][0].append(param)
-        decayed = _decayed_parameters(self)
+        decayed = decayed_parameters(self)
         groups = []
         for part, (params, lr) in parts.items():
             decay = [p for p in params if id(p) in decayed]
@@ -312,7 +312,7 @@ class MNERModel(nn.Module):
 _DECAYED_MODULES = (nn.Linear, nn.MultiheadAttention, nn.Conv1d, nn.Conv2d, nn.LSTM)
 
 
-def _decayed_parameters(model: nn.Module) -> set[int]:
+def decayed_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters to weight-decay: the matrices (dim >= 2) owned by a _DECAYED_MODULES module."""
     return {
         id(param)

@@ -3,7 +3,9 @@
     fusion       model.fusion     how word states meet the visual tokens       train/fusion.py
     head         model.head       emissions -> loss and decoded label ids      train/heads.py
     aux loss     (one weight each) extra training losses, added with a weight   train/losses.py
-    task         model.task       what is predicted: labels, targets, metric   train/tasks.py
+    task         model.task       what is predicted: labels, targets, metric,  train/tasks.py
+                 (a classifier    selection, metrics line, prediction files
+                 run: its record)
 
 A config holds names only. Each table maps a name to its builder written as "module:attribute" and
 imported on first use (the lazy mapping of Hugging Face's auto classes), so validating a config, or
@@ -93,4 +95,10 @@ AUX_LOSSES = Registry(
 )
 
 # Entries: tasks.Task instances (what a task needs from the data and gives the heads).
-TASKS = Registry("model.task", {"tagging": "mner.train.tasks:TOKEN_TAGGING"})
+TASKS = Registry(
+    "model.task",
+    {
+        "tagging": "mner.train.tasks:TOKEN_TAGGING",  # one BIO tag per word (mner train-from-cache)
+        "classification": "mner.train.tasks:SENTENCE_CLASSIFICATION",  # one label per post
+    },
+)

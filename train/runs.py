@@ -30,14 +30,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from mner.cache.checksums import file_sha256
 from mner.cache.datasets import SPLITS, DataSource, Split
+from mner.cache.fingerprint import SHOWN_CHARS, fingerprint_diff
 from mner.cache.reader import CacheReader
-from mner.cache.shards import TokenSpec, fingerprint_diff
+from mner.cache.spec import TokenSpec
 from mner.runtime import AMP_MODES, FolderClaim, Runtime, claim_folder, is_our_folder, write_atomic
 from mner.train.checkpoint import find_checkpoint, load_weights
 from mner.train.config import RUNTIME_SETTINGS, ModelConfig, RunConfig
@@ -59,8 +61,6 @@ RECORD_KEYS = ("model", "train", "label_names", "data_source", "encoder_dir", "c
 # COCO categories of torchvision detectors (with the background and the 11 unused ids); used only when a
 # cache manifest does not list its detector's categories.
 DEFAULT_DETECTOR_CLASSES = 91
-# Longest value shown when listing what differs between two caches.
-_SHOWN_CHARS = 60
 # What must match for a folder to be resumed: the same model, training and data (the folder and the
 # bytes of its split files), not the bookkeeping (and, of train, not config.RUNTIME_SETTINGS).
 _RESUME_KEYS = ("model", "train", "label_names", "data_source", "data_files")
@@ -316,6 +316,36 @@ def inference_amp(record: dict, requested: str | None = None) -> str:
 # ------------------------------------------------------------------------------------------ folder
 
 
+def new_eval_folder(run_dir, split: str) -> Path:
+    """A new run_dir/eval/<split>-<UTC time>[-k]/ for one evaluation, both tasks (k counts the
+    evaluations of the split within the same second, so none lands in another's folder)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    parent = Path(run_dir) / EVAL_DIR
+    parent.mkdir(exist_ok=True)
+    for k in range(1, 1000):
+        out = parent / (f"{split}-{stamp}" if k == 1 else f"{split}-{stamp}-{k}")
+        try:
+            out.mkdir()
+        except FileExistsError:
+            continue
+        return out
+    raise ValueError(f"{parent}: too many evaluations of {split} within one second")
+
+
+def recorded_task(run_dir) -> str | None:
+    """The task a run folder records (a TASKS name: "tagging", "classification"): config.json's "task",
+    else its model's; None when the folder holds no readable config.json of a run."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    model = record.get("model")
+    return record.get("task") or (model.get("task") if isinstance(model, dict) else None)
+
+
 def is_run_folder(path) -> bool:
     """Whether `path` is one of our run folders (config.json with every key of RECORD_KEYS)."""
     return is_our_folder(path, CONFIG_FILE, RECORD_KEYS)
@@ -327,19 +357,29 @@ def claim_run_folder(run_dir, resume: bool) -> FolderClaim:
     return claim_folder(run_dir, CONFIG_FILE, RECORD_KEYS, resume, what="run", finished=RESULTS_FILE)
 
 
-def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runtime) -> Path | None:
-    """Create the run folder; returns the checkpoint training continues from, or None for a fresh start."""
+def prepare_folder(
+    claim: FolderClaim,
+    resume: bool,
+    record: dict,
+    runtime: Runtime,
+    keys: tuple[str, ...] = _RESUME_KEYS,
+    runtime_settings: frozenset = RUNTIME_SETTINGS,
+) -> Path | None:
+    """Create the run folder; returns the checkpoint training continues from, or None for a fresh start.
+
+    A resume must find the record's `keys` (the task's: tagging's _RESUME_KEYS) and cache fingerprint
+    unchanged, but for the dotted `runtime_settings` (how a run is carried out, not what it trains)."""
     run_dir = claim.path
     if runtime.is_main:
         claim.create()  # locked before anything in it is read: one writer per run folder
     checkpoint = find_checkpoint(run_dir / CHECKPOINT_DIR) if resume and claim.state == "ours" else None
     if checkpoint is not None:
         old = read_record(run_dir)
-        differs = resume_differences(old, record)
+        differs = resume_differences(old, record, keys, runtime_settings)
         if differs:
             raise ValueError(
                 f"cannot resume {run_dir}: settings differ from the run's: {'; '.join(differs)}; use another "
-                f"--out, or change only {', '.join(sorted(RUNTIME_SETTINGS))}, which a resume may change"
+                f"--out, or change only {', '.join(sorted(runtime_settings))}, which a resume may change"
             )
     elif runtime.is_main:
         # A fresh start (or a resume that never finished an epoch) must not append to stale epochs.
@@ -348,12 +388,14 @@ def prepare_folder(claim: FolderClaim, resume: bool, record: dict, runtime: Runt
     return checkpoint
 
 
-def resume_differences(old: dict, new: dict) -> list[str]:
+def resume_differences(
+    old: dict, new: dict, keys: tuple[str, ...] = _RESUME_KEYS, skip: frozenset = RUNTIME_SETTINGS
+) -> list[str]:
     """Lines "train.lr_encoder 3e-05 -> 0.001" for every recorded setting a resume may not change."""
-    a, b = ({key: record.get(key) for key in _RESUME_KEYS} for record in (old, new))
+    a, b = ({key: record.get(key) for key in keys} for record in (old, new))
     for side, record in ((a, old), (b, new)):
         side["cache.fingerprint"] = (record.get("cache") or {}).get("fingerprint")
-    return differences(a, b, skip=RUNTIME_SETTINGS)
+    return differences(a, b, skip=skip)
 
 
 def differences(old: dict, new: dict, skip=frozenset()) -> list[str]:
@@ -498,4 +540,4 @@ def cache_differences(found: dict, recorded: dict, ignore: tuple[str, ...] = ())
 
 def _short(value) -> str:
     text = json.dumps(value)
-    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mner.cache.shards import TokenSpec
+from mner.cache.spec import TokenSpec
 from mner.train.config import ModelConfig
 from mner.train.registry import FUSIONS
 

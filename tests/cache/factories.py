@@ -17,19 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mner.cache.shards import (
-    IMAGE_STATS_ATTR,
-    MANIFEST_NAME,
-    STATUS_NAMES,
-    Record,
-    ShardWriter,
-    TokenSpec,
-    compute_fingerprint,
-    empty_record,
-    file_sha256,
-    shard_path,
-    write_manifest,
-)
+from mner.cache.checksums import file_sha256
+from mner.cache.fingerprint import compute_fingerprint
+from mner.cache.manifest import MANIFEST_NAME, write_manifest
+from mner.cache.shards import IMAGE_STATS_ATTR, ShardWriter, shard_path
+from mner.cache.spec import STATUS_NAMES, Record, TokenSpec, empty_record
 
 # Tiny shapes: P=5 patches of width 8, global width 6, K=4 regions of width 10.
 TINY_SPEC = TokenSpec(

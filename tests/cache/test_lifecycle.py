@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
+from mner.cache.fingerprint import compute_fingerprint
 from mner.cache.lifecycle import (
     LOCK_NAME,
     ShardSink,
-    _differences,
     check_existing,
     check_folder,
     clear_cache,
@@ -23,15 +23,10 @@ from mner.cache.lifecycle import (
     manifest_problem,
     plan_shards,
 )
+from mner.cache.manifest import write_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import (
-    ShardWriter,
-    compute_fingerprint,
-    empty_record,
-    image_stat,
-    shard_path,
-    write_manifest,
-)
+from mner.cache.shards import ShardWriter, image_stat, shard_path
+from mner.cache.spec import empty_record
 from tests.cache.factories import (
     TINY_SPEC,
     assert_same_record,
@@ -128,80 +123,6 @@ def test_a_foreign_cache_without_recorded_parts_is_refused_without_details(tmp_p
     (out / "manifest.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=refusal(old, "0" * 64)):
         check_existing(out, "0" * 64, PARTS, overwrite=False)
-
-
-def test_differences_summary_shows_short_values_and_counts_the_rest():
-    old = {f"k{i}": i for i in range(10)} | {"long": "x" * 40, "nested": {"a": [1, 2]}}
-    new = {f"k{i}": i + 1 for i in range(10)} | {"long": "y" * 40, "nested": {"a": [1, 3]}}
-    assert _differences(old, new) == (
-        "k0 0 -> 1, k1 1 -> 2, k2 2 -> 3, k3 3 -> 4, k4 4 -> 5, k5 5 -> 6, k6 6 -> 7, k7 7 -> 8 (+4 more)"
-    )
-    assert _differences(
-        {"long": "x" * 40, "nested": {"a": [1, 2]}}, {"long": "y" * 40, "nested": {"a": [1, 3]}}
-    ) == ("long, nested.a [1, 2] -> [1, 3]")
-    assert _differences(None, new) == ""
-    assert _differences(old, old) == ""
-
-
-def reference_differences(old, new) -> str:
-    """extract/run.py's `_differences` before it moved here (commit 049bece), kept as the reference."""
-
-    def flatten(tree, prefix=""):
-        flat = {}
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{name}."))
-            else:
-                flat[f"{prefix}{name}"] = value
-        return flat
-
-    if not isinstance(old, dict):
-        return ""
-    old_flat, new_flat = flatten(old), flatten(new)
-    names = sorted(n for n in old_flat.keys() | new_flat.keys() if old_flat.get(n) != new_flat.get(n))
-    shown = []
-    for name in names[:8]:
-        before, after = json.dumps(old_flat.get(name)), json.dumps(new_flat.get(name))
-        shown.append(f"{name} {before} -> {after}" if len(before) + len(after) <= 60 else name)
-    return ", ".join(shown) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-
-
-def changed_leaves(tree: dict, rng: np.random.Generator) -> dict:
-    """A copy of `tree` with some leaves changed, dropped or added, its dict structure kept."""
-    out = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            out[name] = changed_leaves(value, rng)
-            continue
-        roll = rng.random()
-        if roll < 0.15:
-            continue  # dropped
-        out[name] = value if roll < 0.6 else ["changed", int(rng.integers(100))] if roll < 0.8 else "z" * 50
-    if rng.random() < 0.3:
-        out[f"added{int(rng.integers(10))}"] = int(rng.integers(3))
-    return out
-
-
-@pytest.mark.parametrize("seed", range(30))
-def test_differences_equal_the_old_extract_wording(seed):
-    rng = np.random.default_rng(seed)
-    old = {
-        **PARTS,
-        "dtype": {"compute": "float32", "stored": "float16"},
-        "num_images": 40,
-        "keys_sha256": "k" * 64,
-    }
-    new = changed_leaves(old, rng)
-    assert _differences(old, new) == reference_differences(old, new)
-    assert _differences(new, old) == reference_differences(new, old)
-
-
-def test_differences_where_a_dict_is_on_one_side_only():
-    # The old flattening listed each leaf under a dict that one side lacks; fingerprint_diff (shared
-    # with evaluate and predict) names the dict's path once, as does this summary now.
-    old, new = {"topk": 20}, {"topk": 20, "versions": {"torch": "2.3.0"}}
-    assert reference_differences(old, new) == 'versions.torch null -> "2.3.0"'
-    assert _differences(old, new) == 'versions null -> {"torch": "2.3.0"}'
 
 
 def test_clear_cache_deletes_only_cache_files(tmp_path):
@@ -309,9 +230,9 @@ def test_check_folder_accepts_only_new_empty_or_cache_folders(tmp_path):
     with pytest.raises(ValueError) as refused:
         check_folder(mine)
     assert str(refused.value) == (
-        f"{mine} is not empty and holds no feature cache (no manifest.json, extract_config.json or "
-        "shard files; it holds a, b, c, checkpoint/, notes.txt (+1 more)); nothing in it was changed: "
-        "give a new or empty --out folder"
+        f"--out {mine} is not empty and is not one of our feature cache folders (no manifest.json, "
+        "extract_config.json or shard files; it holds a, b, c, checkpoint/, notes.txt (+1 more)); nothing "
+        "in it was touched — choose a new or empty folder"
     )
     for text, problem in [
         ('{"lr": 1, "clip": "x"}', "no detector, fingerprint_parts"),
@@ -322,8 +243,9 @@ def test_check_folder_accepts_only_new_empty_or_cache_folders(tmp_path):
         with pytest.raises(ValueError) as refused:
             check_folder(mine)
         assert str(refused.value) == (
-            f"{mine} holds an extract_config.json that is not an mner extraction record ({problem}); "
-            f"nothing in {mine} was changed: give a new or empty --out folder, or move that file away"
+            f"--out {mine} is not empty and is not one of our feature cache folders (its extract_config.json "
+            f"is not an mner extraction record: {problem}); nothing in it was touched — choose a new or "
+            "empty folder"
         )
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a folder"):

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import mner.cache.checksums
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import read_manifest
 from tests.cache.factories import (
     TINY_SPEC,
     assert_same_record,

@@ -11,23 +11,12 @@ import h5py
 import numpy as np
 import pytest
 
+from mner.cache.fingerprint import compute_fingerprint, fingerprint_diff
+from mner.cache.manifest import read_manifest, write_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import (
-    RECORD_ARRAYS,
-    SCHEMA_VERSION,
-    STATUS_NAMES,
-    Record,
-    ShardWriter,
-    TokenSpec,
-    completed_shard,
-    compute_fingerprint,
-    empty_record,
-    fingerprint_diff,
-    read_manifest,
-    row_problems,
-    shard_path,
-    write_manifest,
-)
+from mner.cache.rows import row_problems
+from mner.cache.shards import ShardWriter, completed_shard, shard_path
+from mner.cache.spec import RECORD_ARRAYS, SCHEMA_VERSION, STATUS_NAMES, Record, TokenSpec, empty_record
 from tests.cache.factories import (
     CATEGORIES,
     NO_REGION_SPEC,

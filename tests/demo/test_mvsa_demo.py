@@ -86,10 +86,12 @@ def test_argument_errors(tmp_path, changes, message):
 def test_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="is not empty and holds no demo.json"):
+    with pytest.raises(ValueError, match=r"is not empty and is not one of our demo folders \(no demo.json\)"):
         make_mvsa_demo(tmp_path / "mine")
     folder = make_mvsa_demo(tmp_path / "demo", n=12)
     (folder / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="holds files no demo wrote: notes.txt"):
+    with pytest.raises(
+        ValueError, match=r"is not one of our demo folders \(it holds files no demo wrote: notes.txt\)"
+    ):
         make_mvsa_demo(folder, n=12)
     assert (folder / "notes.txt").read_text() == "keep me"

@@ -21,16 +21,11 @@ from transformers import (
 )
 
 from mner.cache.datasets import DataConfig
+from mner.extract.clip import load_clip, materialise_tiny_clip
 from mner.extract.config import RESNETS, ExtractConfig
-from mner.extract.models import (
-    build_detector,
-    load_clip,
-    load_resnet,
-    materialise_tiny_clip,
-    materialise_tiny_frcnn,
-    materialise_tiny_resnet,
-    one_thread,
-)
+from mner.extract.detector import build_detector, materialise_tiny_frcnn
+from mner.extract.resnet import load_resnet, materialise_tiny_resnet
+from mner.extract.weights import one_thread
 
 VISION = dict(
     image_size=32,

@@ -17,15 +17,18 @@ import pytest
 import torch
 from PIL import Image
 
+import mner.extract.batches
 import mner.extract.images
 import mner.extract.run
 from mner.cache.datasets import DataConfig
 from mner.cache.lifecycle import lock_folder
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import read_manifest
 from mner.cache.verify import verify_cache
+from mner.extract.clip import load_clip
 from mner.extract.config import DETECTORS, NO_DETECTOR, ExtractConfig
-from mner.extract.models import build_detector, load_clip, load_resnet, materialise_tiny_resnet
+from mner.extract.detector import build_detector
+from mner.extract.resnet import load_resnet, materialise_tiny_resnet
 from mner.extract.run import extract_features, summarize
 from mner.runtime import LOCK_NAME
 from tests.cache.factories import flip_token_byte
@@ -174,7 +177,7 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
     reference = extract_features(ExtractConfig(out=str(tmp_path / "reference"), **base))
     out = tmp_path / "crashed"
     cfg = ExtractConfig(out=str(out), **base)
-    real_encode = mner.extract.run._encode_batch
+    real_encode = mner.extract.run.encode_batch
     calls, crashed = [], []
 
     def crash_on_fourth_batch(*args, **kwargs):
@@ -184,7 +187,7 @@ def test_resume_after_crash_equals_uninterrupted_run(image_dataset, tmp_path, mo
             raise RuntimeError("simulated crash")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(mner.extract.run, "_encode_batch", crash_on_fourth_batch)
+    monkeypatch.setattr(mner.extract.run, "encode_batch", crash_on_fourth_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_features(cfg)
     # Shard 1 aborted, its tmp removed; the lock file stays (its flock went with the run).
@@ -249,13 +252,13 @@ import json, sys, time
 from pathlib import Path
 import mner.extract.run as run
 from mner.extract.config import ExtractConfig
-real, calls = run._encode_batch, []
+real, calls = run.encode_batch, []
 def held(*args, **kwargs):
     calls.append(1)
     while len(calls) > 1 and not Path(sys.argv[2]).exists():
         time.sleep(0.05)
     return real(*args, **kwargs)
-run._encode_batch = held
+run.encode_batch = held
 run.extract_features(ExtractConfig.from_dict(json.loads(sys.argv[1])))
 """
 
@@ -359,13 +362,13 @@ def small_run(ds, out, **changes) -> ExtractConfig:
 @pytest.fixture
 def counted_batches(monkeypatch):
     """The image keys of every batch extraction encodes, in order."""
-    real, seen = mner.extract.run._encode_batch, []
+    real, seen = mner.extract.run.encode_batch, []
 
     def counting(batch, *args, **kwargs):
         seen.append([meta["key"] for meta in batch["items"]])
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(mner.extract.run, "_encode_batch", counting)
+    monkeypatch.setattr(mner.extract.run, "encode_batch", counting)
     return seen
 
 
@@ -400,11 +403,17 @@ def test_a_folder_that_is_not_a_cache_is_refused_untouched(image_dataset, tmp_pa
     (mine / "results.json").write_text("{}")
     before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match=f"^{mine} is not empty and holds no feature cache"):
+        with pytest.raises(
+            ValueError,
+            match=f"^--out {mine} is not empty and is not one of our feature cache folders \\(no manifest.json",
+        ):
             extract_features(small_run(ds, mine, overwrite=overwrite))
     (mine / "extract_config.json").write_text('{"lr": 0.1}')  # someone else's file of that name
     before[mine / "extract_config.json"] = b'{"lr": 0.1}'
-    with pytest.raises(ValueError, match=f"^{mine} holds an extract_config.json that is not an mner"):
+    with pytest.raises(
+        ValueError,
+        match=f"^--out {mine} is not empty and is not one of our feature cache folders \\(its extract_config.json is not an mner",
+    ):
         extract_features(small_run(ds, mine, overwrite=True))
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
 
@@ -663,14 +672,14 @@ def test_every_detector_takes_what_the_rule_lets_through(tmp_path, monkeypatch, 
     lifted: each extreme picture either preprocesses to inputs with no empty side, which detect() runs
     on, or becomes corrupt with the preprocessing error; and every picture the rule lets through
     (up to 100:1) preprocesses."""
-    from mner.extract.models import _TORCHVISION_DETECTORS, RegionDetector
+    from mner.extract.detector import TORCHVISION_DETECTORS, RegionDetector
 
     cfg = ExtractConfig(data=DataConfig(data_dir="unused"), out="unused", detector="tiny-frcnn")
     if name == "tiny-frcnn":
         detector = build_detector(name, None, cfg)
     else:
         torch.manual_seed(0)
-        model = _TORCHVISION_DETECTORS[name](weights=None, weights_backbone=None, num_classes=91)
+        model = TORCHVISION_DETECTORS[name](weights=None, weights_backbone=None, num_classes=91)
         detector = RegionDetector(model, 5, {})
     clip = load_clip("tiny-clip")
     monkeypatch.setattr(mner.extract.images, "MAX_ASPECT_RATIO", 10**6)
@@ -679,7 +688,9 @@ def test_every_detector_takes_what_the_rule_lets_through(tmp_path, monkeypatch, 
         path = tmp_path / f"{width}x{height}.png"
         Image.new("RGB", (width, height), (90, 120, 30)).save(path)
         items.append((path.stem, path))
-    dataset = mner.extract.run._Images(items, clip.image_preprocess, detector.transform, keep_original=False)
+    dataset = mner.extract.batches.Images(
+        items, clip.image_preprocess, detector.transform, keep_original=False
+    )
     for (width, height), item in zip(DETECTOR_SIZES, [dataset[i] for i in range(len(items))]):
         within = max(width, height) <= 100 * min(width, height)
         if item["status"] == "corrupt":

@@ -29,7 +29,7 @@ from mner import configs
 from mner.cache.classification import ClassDataConfig
 from mner.cache.datasets import SPLITS, DataConfig, read_split
 from mner.cache.inspect import inspect_cache, show_record
-from mner.cache.shards import read_manifest
+from mner.cache.manifest import read_manifest
 from mner.cache.verify import verify_cache
 from mner.cli import main
 from mner.demo.build import DemoConfig

@@ -22,6 +22,9 @@ import torch.distributed as dist
 from mner import runtime as rt
 from mner.cache.datasets import DataConfig
 from mner.extract.config import ExtractConfig
+from mner.runtime import device as rt_device
+from mner.runtime import folders as rt_folders
+from mner.runtime import progress as rt_progress
 from mner.runtime import resolve_amp, resolve_device, resolve_runtime, start_runtime, write_atomic
 from mner.train.config import TrainConfig
 
@@ -288,7 +291,7 @@ def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monke
     def immutable(src, dst):
         raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
 
-    monkeypatch.setattr(rt.os, "replace", immutable)
+    monkeypatch.setattr(os, "replace", immutable)
     with pytest.raises(PermissionError):
         write_atomic(path, "new\n")
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
@@ -451,7 +454,7 @@ def test_a_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkey
     def read_only(path):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(rt, "_open_lock_file", read_only)
+    monkeypatch.setattr(rt_folders, "_open_lock_file", read_only)
     with pytest.raises(ValueError) as refused:
         rt.lock_folder(tmp_path, command="mner extract-features")
     assert str(refused.value) == (
@@ -502,7 +505,7 @@ def test_extraction_logs_progress_lines_when_stderr_is_not_a_terminal(tmp_path, 
 
     data_dir, posts = make_data(tmp_path, n_train=6, n_valid=2, n_test=None)
     make_images(data_dir / "images", [post.key for post in posts])
-    monkeypatch.setattr(rt, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(rt_progress, "PROGRESS_INTERVAL_S", 0.0)
     caplog.set_level(logging.INFO, logger="mner.runtime")
     cfg = ExtractConfig(
         data=DataConfig(data_dir=str(data_dir)), out=str(tmp_path / "cache"), num_workers=0, batch_size=2,
@@ -538,6 +541,85 @@ def test_training_logs_about_ten_lines_per_epoch(tmp_path, caplog):
     assert all(m["unit"] == "step" and m["total"] == "10" for m in lines)
     assert re.fullmatch(r", loss=\d+\.\d{4}", lines[-2].group(6))
     assert re.fullmatch(r", loss=\d+\.\d{4}, dev_f1=\d\.\d{4}", lines[-1].group(6))  # the epoch's end
+
+
+# ------------------------------------------------------------------------- new, empty or ours
+
+
+def test_folder_state_is_new_empty_or_ours_and_refuses_anything_else(tmp_path):
+    def why_not_ours(path):
+        return "" if (path / "mark.json").is_file() else "no mark.json"
+
+    assert rt.folder_state(tmp_path / "absent", why_not_ours, "thing") == "new"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / rt.LOCK_NAME).write_text("")  # a lone lock file: a start that failed early
+    assert rt.folder_state(tmp_path / "empty", why_not_ours, "thing") == "empty"
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "mark.json").write_text("{}")
+    assert rt.folder_state(tmp_path / "ours", why_not_ours, "thing") == "ours"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError) as refused:
+        rt.folder_state(tmp_path / "other", why_not_ours, "thing", flag="--to", hint=", or else")
+    assert str(refused.value) == (
+        f"--to {tmp_path / 'other'} is not empty and is not one of our thing folders (no mark.json); "
+        "nothing in it was touched — choose a new or empty folder, or else"
+    )
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        ValueError, match=r"^--out .*file is a file, not a folder; choose a new or empty folder$"
+    ):
+        rt.folder_state(tmp_path / "file", why_not_ours, "thing")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
+
+
+# The refusal every command that writes a folder gives for a folder of someone else's files.
+NOT_OURS = re.compile(
+    r"--out (?P<path>\S+) is not empty and is not one of our (?P<what>.+?) folders \((?P<why>.+)\); "
+    r"nothing in it was touched — choose a new or empty folder(?P<hint>.*)"
+)
+
+
+def test_every_command_that_writes_a_folder_refuses_a_foreign_one_with_the_one_wording(tmp_path):
+    from click.testing import CliRunner
+
+    from mner.cli import main
+
+    runner = CliRunner()
+    data = tmp_path / "data"
+    assert runner.invoke(main, ["demo-data", "--out", str(data)]).exit_code == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    commands = {
+        "feature cache": [
+            "extract-features",
+            "--data-dir",
+            str(data),
+            "--clip",
+            "tiny-clip",
+            "--out",
+            str(foreign),
+        ],
+        "demo": ["demo-data", "--classification", "--out", str(foreign)],
+        "run": [
+            "train-from-cache",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--data-dir",
+            str(data),
+            "--out",
+            str(foreign),
+        ],
+    }
+    for what, args in commands.items():
+        result = runner.invoke(main, args)
+        message = " ".join(result.output.split())  # click may wrap a long line
+        found = NOT_OURS.search(message)
+        assert result.exit_code == 1 and found, f"{args[0]}: {result.output}"
+        assert (found["path"], found["what"]) == (str(foreign), what)
+    assert [entry.name for entry in foreign.iterdir()] == ["notes.txt"]
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
 
 # ------------------------------------------------------------------------------- threads
@@ -576,7 +658,7 @@ def test_cgroup_cpu_quota_without_a_proc_file_is_none(tmp_path):
 
 
 def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path, monkeypatch):
-    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     assert rt.usable_cpus(*cgroup_tree(tmp_path, "0::/\n", {"cpu.max": "200000 100000"})) == 2
     assert rt.usable_cpus(*cgroup_tree(tmp_path, "0::/\n", {"cpu.max": "max 100000"})) == 6
 
@@ -589,7 +671,7 @@ def restore_threads():
 
 
 def test_set_threads_takes_a_count_or_the_share_of_the_usable_cpus(monkeypatch, restore_threads, caplog):
-    monkeypatch.setattr(rt, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(rt_device, "usable_cpus", lambda: 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     torch.set_num_threads(8)
     with caplog.at_level(logging.INFO, logger="mner.runtime"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mner.cache.datasets import Post
-from mner.cache.shards import Record, TokenSpec
+from mner.cache.spec import Record, TokenSpec
 from mner.train.config import ModelConfig
 from mner.train.data import Collate, PostDataset
 from mner.train.model import MNERModel

@@ -25,6 +25,7 @@ from torch import nn
 
 import mner.train.class_ablate as class_ablate
 import mner.train.classify as classify
+import mner.train.loop as loop
 from mner.cache.classification import (
     UNLABELLED_FILE,
     ClassDataConfig,
@@ -33,8 +34,8 @@ from mner.cache.classification import (
     read_csv_rows,
 )
 from mner.cache.datasets import DataConfig
+from mner.cache.manifest import read_manifest
 from mner.cache.reader import CacheReader
-from mner.cache.shards import read_manifest
 from mner.cache.verify import data_for_verify, verify_cache
 from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
@@ -540,12 +541,12 @@ def test_the_demo_config_file_loads_as_written():
     "overrides, toml, message",
     [
         (["classifier.nope=1"], None, "--set classifier.nope=1: unknown key classifier.nope; known keys:"),
-        (["train.epochs=2"], None, "--set train.epochs=2: unknown section 'train'"),
+        (["train.epochs=2"], None, "--set train.epochs=2: unknown section [train]; expected [classifier]"),
         (["classifier.lr_head=nan"], None, "classifier.lr_head must be a finite number"),
         (["classifier.lr_encoder=inf"], None, "classifier.lr_encoder must be a finite number"),
         (["classifier.epochs"], None, "expected section.key=value"),
         ([], "[classifier]\nnope = 1\n", "c.toml: unknown key classifier.nope"),
-        ([], "[model]\nepochs = 1\n", "c.toml: unknown section 'model'"),
+        ([], "[model]\nepochs = 1\n", "c.toml: unknown section [model]; expected [classifier]"),
         ([], "[classifier]\nlr_head = nan\n", "classifier.lr_head must be a finite number"),
     ],
 )
@@ -614,16 +615,19 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_cli_demo_is_make_mvsa_demo(demo_runs, tmp_path):
     direct = make_mvsa_demo(tmp_path / "direct", seed=0, n=300)
     assert all_bytes(demo_runs.demo) == all_bytes(direct)
 
 
+@pytest.mark.slow
 def test_both_beats_text_by_the_issue_margin(demo_runs):
     text, both = results(demo_runs.text)["test"]["accuracy"], results(demo_runs.both)["test"]["accuracy"]
     assert both >= text + 0.15, (text, both)
 
 
+@pytest.mark.slow
 def test_text_mode_never_opens_the_cache(demo_runs):
     """The fixture's text run had CacheReader replaced by a function that fails, and a --cache that
     does not exist: it trained anyway, and the CLI dropped the cache from the record."""
@@ -633,6 +637,7 @@ def test_text_mode_never_opens_the_cache(demo_runs):
     assert not (demo_runs.root / "no-such-cache").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_run_folder_config(demo_runs, which):
     run = getattr(demo_runs, which)
@@ -658,6 +663,7 @@ def test_run_folder_config(demo_runs, which):
     assert (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_run_folder_scores_and_predictions(demo_runs, which):
     run = getattr(demo_runs, which)
@@ -701,6 +707,7 @@ def test_run_folder_scores_and_predictions(demo_runs, which):
     assert scores["valid"]["accuracy"] == epochs[scores["best_epoch"] - 1]["valid_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten(demo_runs):
     before = all_bytes(demo_runs.both)
     cfg = run_config(demo_runs.demo, demo_runs.both, demo_runs.cache, mode="both", **QUICK)
@@ -709,6 +716,7 @@ def test_a_finished_run_is_not_overwritten(demo_runs):
     assert all_bytes(demo_runs.both) == before
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_called_unfinished_by_a_rerun_and_by_evaluate(demo_runs, tmp_path, caplog):
     killed = tmp_path / "killed"
     shutil.copytree(demo_runs.both, killed)
@@ -718,7 +726,7 @@ def test_a_killed_run_is_called_unfinished_by_a_rerun_and_by_evaluate(demo_runs,
         train_classifier(cfg)
     assert str(refused.value) == (
         f"{killed} holds an unfinished classifier run (config.json but no results.json: it was stopped before "
-        "the end); a classifier run cannot be resumed: delete the folder to train it again, or choose another --out"
+        "the end); pass --resume to continue it or choose another --out"
     )
     with caplog.at_level(logging.WARNING):
         evaluate_classifier(killed, split="test", device="cpu")
@@ -730,6 +738,7 @@ def test_a_killed_run_is_called_unfinished_by_a_rerun_and_by_evaluate(demo_runs,
     )
 
 
+@pytest.mark.slow
 def test_the_cli_needs_a_cache_for_both(demo_runs, tmp_path):
     result = CliRunner().invoke(
         main, ["train-classifier", "--data-dir", str(demo_runs.demo), "--out", str(tmp_path / "r")]
@@ -760,6 +769,7 @@ def small(tmp_path_factory):
     ],
     ids=["cnn", "attention", "xattn", "patches-balanced", "image"],
 )
+@pytest.mark.slow
 def test_every_head_and_mode_trains_end_to_end(small, tmp_path, settings):
     run = train_classifier(run_config(small.demo, tmp_path / "run", small.cache, **{**QUICK, **settings}))
     config = json.loads((run / "config.json").read_text())
@@ -778,6 +788,7 @@ def test_every_head_and_mode_trains_end_to_end(small, tmp_path, settings):
     assert (run / SUBMISSION_FILE).is_file()
 
 
+@pytest.mark.slow
 def test_the_bertresnet_seeds_folder_extracts_and_trains_as_it_is(tmp_path):
     # TOMYUE/BertResNet@90e59ac's layout: train.csv / val.csv / test.csv with `text_id,text,img_path,tag`,
     # images in data/img/, the test tags `null`.
@@ -820,6 +831,7 @@ def clip_like(small, tmp_path_factory):
         *(("image", h) for h in CLASS_HEADS),
     ],
 )
+@pytest.mark.slow
 def test_every_head_trains_on_a_cache_whose_patch_and_global_widths_differ(
     small, clip_like, tmp_path, mode, head_name
 ):
@@ -834,6 +846,7 @@ def test_every_head_trains_on_a_cache_whose_patch_and_global_widths_differ(
     assert (run / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_text_mode_with_a_cache_path_given_does_not_open_it(small, tmp_path, monkeypatch):
     monkeypatch.setattr(classify, "CacheReader", refuse_cache)
     cfg = run_config(small.demo, tmp_path / "run", tmp_path / "absent", mode="text", **QUICK)
@@ -842,6 +855,7 @@ def test_text_mode_with_a_cache_path_given_does_not_open_it(small, tmp_path, mon
     assert (run / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_folder_of_other_files_is_refused_untouched(small, tmp_path):
     out = tmp_path / "mine"
     (out / "sub").mkdir(parents=True)
@@ -856,6 +870,7 @@ def test_a_folder_of_other_files_is_refused_untouched(small, tmp_path):
     assert sorted(p.name for p in out.rglob("*")) == ["config.json", "data.bin", "notes.txt", "sub"]
 
 
+@pytest.mark.slow
 def test_a_cache_of_other_data_is_refused_naming_file_and_line(small, tmp_path):
     other = make_mvsa_demo(tmp_path / "other", seed=1, n=24)
     cache = extract(other, tmp_path / "other-cache")
@@ -875,6 +890,7 @@ def test_a_cache_of_other_data_is_refused_naming_file_and_line(small, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_images_moved_between_posts_since_extraction_are_warned_about(small, tmp_path, caplog):
     data = shutil.copytree(small.demo, tmp_path / "data")
     with CacheReader(small.cache) as reader:
@@ -894,21 +910,24 @@ def test_images_moved_between_posts_since_extraction_are_warned_about(small, tmp
     assert not [r for r in caplog.records if "another size" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_and_keeps_nothing(small, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise NonFiniteLoss("training loss", float("nan"), 1)
 
-    monkeypatch.setattr(classify, "train_step", explode)
+    monkeypatch.setattr(loop, "train_step", explode)
     out = tmp_path / "run"
     with pytest.raises(
-        ValueError, match=r"the training loss at epoch 1, step 1 of \d+ is nan; no run was kept"
+        ValueError,
+        match=r"training stopped at epoch 1, step 1 of \d+: the training loss is nan; the epoch was not saved "
+        "and no epoch was finished, so nothing is kept",
     ):
         train_classifier(run_config(small.demo, out, None, mode="text", **QUICK))
     assert not out.exists()
     # An empty folder given by the user stays, emptied of what the run wrote (config.json, metrics).
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="no run was kept"):
+    with pytest.raises(ValueError, match="nothing is kept"):
         train_classifier(run_config(small.demo, empty, None, mode="text", **QUICK))
     assert empty.is_dir() and not any(empty.iterdir())
 
@@ -949,6 +968,7 @@ def csv_cache(tmp_path_factory):
     return SimpleNamespace(folder=folder, cache=extract(folder, root / "cache"))
 
 
+@pytest.mark.slow
 def test_a_csv_folder_is_extracted_with_guids_as_keys(csv_cache):
     guids = sorted(row[0] for row in CSV_TRAIN + CSV_TEST)
     keys, paths = collect_images(ExtractConfig(data=DataConfig(data_dir=str(csv_cache.folder)), out="x"))
@@ -970,6 +990,7 @@ def test_a_csv_folder_is_extracted_with_guids_as_keys(csv_cache):
         assert all(reader.get(g).global_embed.any() for g in ok)
 
 
+@pytest.mark.slow
 def test_a_csv_folder_trains_with_its_missing_images_counted(csv_cache, tmp_path):
     run = train_classifier(
         run_config(csv_cache.folder, tmp_path / "run", csv_cache.cache, mode="both", **QUICK)
@@ -985,6 +1006,7 @@ def test_a_csv_folder_trains_with_its_missing_images_counted(csv_cache, tmp_path
     assert not (run / SUBMISSION_FILE).exists()  # a csv folder has no test_without_label.txt
 
 
+@pytest.mark.slow
 def test_an_unlabelled_test_csv_gets_a_submission_file_in_its_order(tmp_path):
     folder = make_csv_folder(tmp_path / "data")
     rows = [("u2", "", "later", ""), ("u1", "null", "earlier", "")]  # unsorted, every tag empty or null
@@ -1001,6 +1023,7 @@ def test_an_unlabelled_test_csv_gets_a_submission_file_in_its_order(tmp_path):
     assert not (run / "pred_test.csv").exists()
 
 
+@pytest.mark.slow
 def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
     # a csv folder may name such guids: the run finishes, and every file it writes reads them back
     folder = make_csv_folder(tmp_path / "data")
@@ -1030,6 +1053,7 @@ def test_guids_with_comma_quote_or_newline_round_trip_through_a_run(tmp_path):
 # ============================================================================ evaluate / predict / results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_evaluate_reproduces_the_training_time_test_scores(demo_runs, which):
     run = getattr(demo_runs, which)
@@ -1039,6 +1063,7 @@ def test_evaluate_reproduces_the_training_time_test_scores(demo_runs, which):
     assert split_file(folder / "pred.csv") == split_file(run / "pred_test.csv")
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_another_cache_and_an_unlabelled_split(demo_runs, small):
     with pytest.raises(ValueError, match="has fingerprint .* but .* was trained on"):
         evaluate_classifier(demo_runs.both, split="test", cache_dir=small.cache, device="cpu")
@@ -1046,6 +1071,7 @@ def test_evaluate_refuses_another_cache_and_an_unlabelled_split(demo_runs, small
         evaluate_classifier(demo_runs.both, split="test_without_label", device="cpu")
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_the_runs_data_folder_changed_since_training(demo_runs, tmp_path):
     # 12 more train lines would redraw the valid split: training posts would be scored as valid
     data = shutil.copytree(demo_runs.demo, tmp_path / "data")
@@ -1068,6 +1094,7 @@ def test_evaluate_refuses_the_runs_data_folder_changed_since_training(demo_runs,
         evaluate_classifier(run, split="valid", device="cpu")
 
 
+@pytest.mark.slow
 def test_evaluate_names_a_label_the_run_lacks_by_file_and_line(demo_runs, tmp_path):
     folder = shutil.copytree(demo_runs.demo, tmp_path / "other")
     with open(folder / "train.txt", "a") as train, open(folder / "test.txt", "a") as test:
@@ -1085,6 +1112,7 @@ def test_evaluate_names_a_label_the_run_lacks_by_file_and_line(demo_runs, tmp_pa
         evaluate_classifier(demo_runs.text, split="test", data_dir=folder, device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["text", "both"])
 def test_predict_writes_the_submission_training_wrote(demo_runs, tmp_path, which):
     run = getattr(demo_runs, which)
@@ -1094,6 +1122,7 @@ def test_predict_writes_the_submission_training_wrote(demo_runs, tmp_path, which
     assert out.read_text(encoding="utf-8") == (run / SUBMISSION_FILE).read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_predict_refuses_its_input_as_output_and_guids_not_cached(demo_runs, tmp_path):
     source = demo_runs.demo / "test_without_label.txt"
     before = source.read_bytes()
@@ -1105,6 +1134,7 @@ def test_predict_refuses_its_input_as_output_and_guids_not_cached(demo_runs, tmp
         predict_classifier(demo_runs.both, other / "test_without_label.txt", tmp_path / "p.txt", device="cpu")
 
 
+@pytest.mark.slow
 def test_predict_hints_an_extraction_that_works_on_a_folder_of_posts_to_label(demo_runs, tmp_path):
     # a new folder holds only the posts to label (no train.txt): the hinted command extracts it
     other = make_mvsa_demo(tmp_path / "other", seed=5, n=24)
@@ -1132,6 +1162,7 @@ def test_predict_hints_an_extraction_that_works_on_a_folder_of_posts_to_label(de
     ]
 
 
+@pytest.mark.slow
 def test_results_table_gives_a_classifier_run_accuracy_and_macro_scores(demo_runs):
     table = results_table([str(demo_runs.text), str(demo_runs.both)], split="test")
     header, *rows = table.splitlines()
@@ -1148,6 +1179,7 @@ def test_results_table_gives_a_classifier_run_accuracy_and_macro_scores(demo_run
 # ============================================================================ classifier ablations
 
 
+@pytest.mark.slow
 def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, monkeypatch):
     cfg = ClassAblationConfig(
         data=ClassDataConfig(str(small.demo)),
@@ -1180,6 +1212,7 @@ def test_a_classifier_ablation_tabulates_its_runs_and_resumes(small, tmp_path, m
     assert run_class_ablation(cfg).read_text() == md.read_text()
 
 
+@pytest.mark.slow
 def test_a_classifier_ablation_refuses_a_bad_arm_before_any_run(small, tmp_path):
     for experiments, message in (
         (["mode=sideways"], "experiment 'mode=sideways': classifier.mode must be one of"),
@@ -1197,6 +1230,7 @@ def test_a_classifier_ablation_refuses_a_bad_arm_before_any_run(small, tmp_path)
     assert not (tmp_path / "abl").exists()
 
 
+@pytest.mark.slow
 def test_cache_verify_checks_a_classification_cache_against_its_guids(small, tmp_path):
     report = verify_cache(small.cache)  # against the recorded folder
     guids = {
@@ -1218,6 +1252,7 @@ def test_cache_verify_checks_a_classification_cache_against_its_guids(small, tmp
     assert len(report.problems) == 1
 
 
+@pytest.mark.slow
 def test_a_max_length_past_the_encoders_positions_is_refused_before_any_folder(small, tmp_path):
     out = tmp_path / "run"
     cfg = run_config(small.demo, out, None, mode="text", **{**QUICK, "max_length": 100000})
@@ -1236,6 +1271,7 @@ def imageless(tmp_path_factory):
     return SimpleNamespace(demo=demo, cache=extract(demo, root / "cache"))
 
 
+@pytest.mark.slow
 def test_image_mode_with_no_usable_train_image_is_refused(imageless, tmp_path):
     out = tmp_path / "run"
     cfg = run_config(imageless.demo, out, imageless.cache, mode="image", **QUICK)
@@ -1249,6 +1285,7 @@ def test_image_mode_with_no_usable_train_image_is_refused(imageless, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_both_mode_with_no_usable_train_image_warns_and_records_it(imageless, tmp_path, caplog):
     cfg = run_config(imageless.demo, tmp_path / "run", imageless.cache, mode="both", **QUICK)
     with caplog.at_level(logging.WARNING, logger="mner.train.runs"):

@@ -138,7 +138,7 @@ def test_missing_config_file(tmp_path):
             "set model.adaptive_gate = false",
         ),
         ("model.head=svm", "model.head must be one of crf, softmax; got 'svm'"),
-        ("model.task=parsing", "model.task must be one of tagging; got 'parsing'"),
+        ("model.task=parsing", "model.task must be one of tagging, classification; got 'parsing'"),
         ("model.qfnet_layers=0", "model.qfnet_layers must be >= 1, got 0"),
         ("model.qfnet_heads=0", "model.qfnet_heads must be >= 1, got 0"),
         ("model.slots_per_type=0", "model.slots_per_type must be >= 1, got 0"),

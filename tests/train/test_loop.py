@@ -172,10 +172,10 @@ def test_resume_after_kill_equals_straight_run(tmp_path, monkeypatch):
     # Kill during epoch 2's bookkeeping: its metrics line and best weights are written, its checkpoint is not.
     real_save = loop.save_checkpoint
 
-    def save_then_die(folder, model, optimizer, scheduler, scaler, progress, device):
+    def save_then_die(folder, model, optimizer, scheduler, scaler, progress, device, generator=None):
         if progress.epoch == 2:
             raise _Killed
-        real_save(folder, model, optimizer, scheduler, scaler, progress, device)
+        real_save(folder, model, optimizer, scheduler, scaler, progress, device, generator)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):

@@ -32,9 +32,17 @@ def test_unknown_name_names_the_key_and_the_choices():
         registry.get("c")
 
 
-def test_every_task_names_registered_heads():
-    for name in TASKS.names:
-        assert set(TASKS.get(name).heads) <= set(HEADS.names), name
+def test_every_task_names_heads_that_build():
+    """Tagging's heads are HEADS entries; the classifier's are the names ClassifierHead builds."""
+    from mner.train.classifier_model import ClassifierHead
+
+    assert set(TASKS.get("tagging").heads) <= set(HEADS.names)
+    for head in TASKS.get("classification").heads:
+        built = ClassifierHead(head, "both", 8, 8, 3, 8, 0.0, 2)
+        assert sum(p.numel() for p in built.parameters()) > 0, head
+    with pytest.raises(ValueError):
+        ClassifierHead("crf", "both", 8, 8, 3, 8, 0.0, 2)
+    assert set(TASKS.names) == {"tagging", "classification"}
 
 
 def test_validating_a_config_does_not_import_torch():
