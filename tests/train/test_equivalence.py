@@ -6,6 +6,9 @@ model's total loss must equal the weighted sum of the reference's terms. The ori
 
 - the CRF seeds (AFNER / AFDVQF, liguochun0304/AFDVQF@034b93f model/base_model.py:216):
   ner_loss = -torchcrf.CRF(emissions, labels, mask, reduction="mean"), emissions = classifier(states);
+- AFNER (@e0b3496) and AFDVQF (@034b93f): TypeQueryGenerator, MultiGrainedQuerySet, QueryGuidedFusion,
+  AdaptiveFusionLayer (model/query_guided_fusion.py), the patch and region tokens of
+  DualVisionTokenExtractor (model/dual_vision_extractor.py) and contrastive_loss (model/loss_functions.py);
 - the softmax head (MANGO's README, "实体分类损失"): ce = cross_entropy(emissions / T, reduction="none"),
   loss = (ce * mask).sum() / mask.sum(), a token mean;
 - the BiLSTM (MANGO, liguochun0304/AFDVQF@d3b9439 model.py, "（可选）BiLSTM pack"): pack_padded_sequence
@@ -17,13 +20,26 @@ the encoder's last hidden state there, as the model does.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchcrf
 from torch import nn
 
-from tests.train.factories import LABELS, make_batch, make_posts, tiny_model
+from mner.train.config import load_run_config
+from mner.train.model import MNERModel
+from tests.train.factories import (
+    LABELS,
+    NUM_DETECTOR_CLASSES,
+    TYPES,
+    make_batch,
+    make_posts,
+    tiny_model,
+    tiny_spec,
+    tiny_tokenizer,
+)
 
 TOL = 1e-5
 
@@ -222,4 +238,161 @@ def test_mango_fusion_and_every_loss_term_are_the_originals():
     for name, expected in terms.items():
         assert got[f"{name}_loss"].item() == pytest.approx(expected.item(), abs=TOL), name
     total = ce + 0.2 * align + 0.05 * preserve + 0.02 * nce + 0.01 * sparsity
+    assert got["loss"].item() == pytest.approx(total.item(), abs=TOL)
+
+
+# ------------------------------------- AFNER (liguochun0304/AFDVQF@e0b3496) and AFDVQF (@034b93f)
+
+
+def type_query_init(text_encoder, tokenizer, type_names):
+    """TypeQueryGenerator._build_init_queries (query_guided_fusion.py:22-37)."""
+    prompts = [f"{tokenizer.mask_token} is {t}" for t in type_names]
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    out = text_encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    mask_pos = (enc["input_ids"] == tokenizer.mask_token_id).long().argmax(dim=1)
+    return out[torch.arange(out.size(0)), mask_pos]  # [T,H]
+
+
+def multi_grained_queries(type_queries, entity_queries, slots_per_type):
+    """MultiGrainedQuerySet.forward (query_guided_fusion.py:50-55)."""
+    T, H = type_queries.shape
+    type_rep = type_queries.unsqueeze(1).repeat(1, slots_per_type, 1).view(-1, H)  # [Q,H]
+    return type_rep + entity_queries
+
+
+class QueryGuidedFusion(nn.Module):
+    """query_guided_fusion.py:58-108, verbatim but for the init (weights are loaded)."""
+
+    def __init__(self, hidden_dim, num_heads, num_layers, dropout):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers):
+            ffn = [
+                nn.Sequential(
+                    nn.Linear(hidden_dim, hidden_dim * 4),
+                    nn.GELU(),
+                    nn.Dropout(dropout),
+                    nn.Linear(hidden_dim * 4, hidden_dim),
+                    nn.Dropout(dropout),
+                )
+                for _ in range(2)
+            ]
+            self.layers.append(
+                nn.ModuleDict({
+                    "q2t": nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True),
+                    "q2v": nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True),
+                    "t2v": nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True),
+                    "norm_q": nn.LayerNorm(hidden_dim),
+                    "norm_t": nn.LayerNorm(hidden_dim),
+                    "ffn_q": ffn[0],
+                    "ffn_t": ffn[1],
+                })
+            )  # fmt: skip
+
+    def forward(self, queries, text_feat, text_mask, vision_feat, vision_mask):
+        key_padding_text = text_mask == 0
+        key_padding_vis = vision_mask == 0
+        for layer in self.layers:
+            q1, _ = layer["q2t"](queries, text_feat, text_feat, key_padding_mask=key_padding_text)
+            queries = layer["norm_q"](queries + q1)
+            q2, _ = layer["q2v"](queries, vision_feat, vision_feat, key_padding_mask=key_padding_vis)
+            queries = layer["norm_q"](queries + q2)
+            t1, _ = layer["t2v"](text_feat, vision_feat, vision_feat, key_padding_mask=key_padding_vis)
+            text_feat = layer["norm_t"](text_feat + t1)
+            queries = queries + layer["ffn_q"](queries)
+            text_feat = text_feat + layer["ffn_t"](text_feat)
+        return queries, text_feat
+
+
+def dual_vision_tokens(visual, batch):
+    """DualVisionTokenExtractor (dual_vision_extractor.py) from the cached tokens, with the model's weights:
+    _encode_patch_tokens (:111-124) over last_hidden_state[:, 1:], then the region tokens of
+    _encode_regions (:293-305), feature + label + box + score under det_norm, zero where no region."""
+    patch = visual.patch_proj(batch["patch_tokens"][:, 1:])  # vision_proj(patch)
+    q = visual.resampler_queries.unsqueeze(0).expand(patch.size(0), -1, -1)
+    resampled, _ = visual.resampler(q, patch, patch, key_padding_mask=None)
+    resampled = visual.resampler_norm(resampled)
+    feat = visual.region_proj(batch["region_feats"])  # the region's embedding through a projection
+    feat = feat + visual.label_embed(batch["region_labels"])
+    feat = feat + visual.box_embed(batch["region_boxes"])  # det_box_proj: Linear(4) + LayerNorm
+    feat = feat + visual.score_embed(batch["region_scores"][..., None])
+    region_mask = batch["region_mask"].long()
+    region_feat = visual.region_norm(feat) * region_mask[..., None]
+    tokens = torch.cat([resampled, region_feat], dim=1)
+    mask = torch.cat([torch.ones_like(resampled[..., 0], dtype=torch.long), region_mask], dim=1)
+    return tokens, mask
+
+
+def masked_mean(feat, mask):
+    """base_model.py _masked_mean."""
+    m = mask.to(dtype=feat.dtype)
+    denom = m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return (feat * m.unsqueeze(-1)).sum(dim=1) / denom
+
+
+def contrastive_loss(text_features, image_features, temperature=0.07):
+    """loss_functions.py: symmetric InfoNCE."""
+    t = F.normalize(text_features, dim=-1)
+    i = F.normalize(image_features, dim=-1)
+    logits = torch.matmul(t, i.transpose(0, 1)) / temperature
+    labels = torch.arange(logits.size(0))
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.transpose(0, 1), labels))
+
+
+def qgf_model(name: str, seed: int) -> MNERModel:
+    """The model file's settings on tiny-bert (width 32), smaller where size does not matter."""
+    cfg, _ = load_run_config(model=name)
+    cfg = dataclasses.replace(
+        cfg, text_encoder="tiny-bert", max_length=32, slots_per_type=3, patch_resampler_queries=4, dropout=0.0
+    )
+    torch.manual_seed(seed)
+    return MNERModel(cfg, LABELS, tiny_spec(), cfg.text_encoder, NUM_DETECTOR_CLASSES).eval()
+
+
+@pytest.mark.parametrize("name", ["afner", "afdvqf"])
+def test_query_guided_fusion_and_every_loss_term_are_the_originals(name):
+    model = qgf_model(name, seed=11)
+    cfg = model.cfg
+    assert (cfg.qfnet_heads, cfg.visual_builder, cfg.patch_cls, cfg.alignment_pooling) == (
+        8,
+        "dual",
+        False,
+        "cls",
+    )
+    fusion = model.fusion
+    # The query init: "[MASK] is TYPE" through the (untrained) text encoder.
+    with torch.no_grad():
+        init = type_query_init(model.encoder, tiny_tokenizer(), list(TYPES))
+    torch.testing.assert_close(fusion.type_queries.detach(), init, atol=TOL, rtol=0)
+    with torch.no_grad():  # move the weights off their init, so a wrong wiring cannot hide behind it
+        fusion.type_queries.add_(torch.randn_like(fusion.type_queries))
+        fusion.adaptive_weights.text_weight.fill_(0.8)
+        fusion.adaptive_weights.vision_weight.fill_(-1.7)
+    batch = make_batch(make_posts(4, seed=6), statuses={})
+    assert batch["image_mask"].all() and batch["region_mask"].any(dim=1).all()
+
+    text_out = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    text_feat = torch.stack([text_out[b, batch["first_subword"][b]] for b in range(4)])  # words, (B, T, H)
+    vis_feat, vis_mask = dual_vision_tokens(model.visual, batch)
+    vision_global = masked_mean(vis_feat, vis_mask)
+    queries = multi_grained_queries(fusion.type_queries, fusion.slots, cfg.slots_per_type)
+    queries = queries.unsqueeze(0).expand(4, -1, -1)
+    qfnet = QueryGuidedFusion(32, 8, cfg.qfnet_layers, 0.0)
+    qfnet.load_state_dict(fusion.layers.state_dict(prefix="layers."))
+    final_queries, enhanced_text = qfnet(queries, text_feat, batch["word_mask"].long(), vis_feat, vis_mask)
+    enhanced_text = 0.8 * enhanced_text + -1.7 * vision_global.unsqueeze(1)  # AdaptiveFusionLayer
+    emissions = model.emission(enhanced_text)  # classifier
+    tags, mask = targets(batch)
+    ner_loss = reference_crf_loss(model, emissions, tags, mask)
+    align_loss = contrastive_loss(text_out[:, 0, :], vision_global, temperature=0.07)  # text_feat[:, 0]
+
+    visual, visual_mask = model.encode_visual(batch)
+    torch.testing.assert_close(visual * visual_mask[..., None], vis_feat, atol=TOL, rtol=0)
+    torch.testing.assert_close(model._emissions(batch, batch["image_mask"])[0], emissions, atol=TOL, rtol=0)
+    torch.testing.assert_close(fusion.final_slots, final_queries, atol=TOL, rtol=0)
+    got = model(batch)
+    assert got["crf_loss"].item() == pytest.approx(ner_loss.item(), abs=TOL)
+    assert got["align_loss"].item() == pytest.approx(align_loss.item(), abs=TOL)
+    assert got["slot_type_loss"].item() == 0.0  # ours, off: the originals have no such term
+    total = ner_loss + 0.1 * align_loss
     assert got["loss"].item() == pytest.approx(total.item(), abs=TOL)

@@ -109,15 +109,22 @@ def test_truncated_words_are_predicted_o_and_still_scored():
     assert scores["per_type"]["LOC"]["support"] == 1 and scores["per_type"]["LOC"]["correct"] == 0
 
 
-def test_alignment_loss_is_infonce_over_posts_with_an_image():
-    model = tiny_model(dropout=0.0, image_dropout=0.0, alignment_loss_weight=0.5).eval()
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_alignment_loss_is_infonce_over_posts_with_an_image(pooling):
+    model = tiny_model(
+        dropout=0.0, image_dropout=0.0, alignment_loss_weight=0.5, alignment_pooling=pooling
+    ).eval()
     batch = make_batch(make_posts(5, seed=2), statuses={"img3": "missing"})
     with torch.no_grad():
         out = model(batch)
         words, word_mask = model.encode_text(batch), batch["word_mask"]
         visual, visual_mask = model.encode_visual(batch)
+        cls = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0][:, 0]
     rows = [0, 1, 2, 4]
-    text = torch.stack([words[b][word_mask[b]].mean(0) for b in rows])
+    if pooling == "cls":  # the encoder's [CLS] state, as AFDVQF's text_feat[:, 0]
+        text = cls[rows]
+    else:
+        text = torch.stack([words[b][word_mask[b]].mean(0) for b in rows])
     image = torch.stack([visual[b][visual_mask[b]].mean(0) for b in rows])
     logits = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T / 0.07
     target = torch.arange(4)

@@ -15,7 +15,7 @@ from mner.train.loop import train_from_cache
 from mner.train.runs import build_model
 from mner.train.visual import VisualTokenBuilder
 from tests.cache.factories import NO_REGION_SPEC
-from tests.train.factories import LABELS, make_batch, tiny_config, tiny_model, tiny_spec
+from tests.train.factories import LABELS, make_batch, make_posts, tiny_config, tiny_model, tiny_spec
 from tests.train.run_factories import make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -97,3 +97,44 @@ def test_global_from_cls_needs_patches_and_a_cls_state():
     # a grid's first cell is a real token: patch_cls = false drops nothing there
     kept = VisualTokenBuilder(tiny_config(fusion="mango", adaptive_gate=False, patch_cls=False), grid, 32)
     assert not kept.drop_cls
+
+
+def test_patch_resampler_gives_its_query_count_of_tokens_and_masks_an_image_less_post():
+    model = tiny_model(patch_resampler_queries=3, use_regions=False).eval()
+    batch = make_batch(make_posts(3), statuses={"img1": "missing"})
+    with torch.no_grad():
+        visual, mask = model.encode_visual(batch)
+    assert visual.shape == (3, 3, 32)
+    assert mask[[0, 2]].all() and not mask[1].any() and not visual[1].any()
+
+
+def test_the_dual_builder_is_the_originals_token_sum_without_type_embedding():
+    model = tiny_model(visual_builder="dual", patch_cls=False, use_patches=False).eval()
+    assert not hasattr(model.visual, "type_embed") and model.visual.label_embed.num_embeddings == 92
+    batch = make_batch(make_posts(2), statuses={})
+    v = model.visual
+    with torch.no_grad():
+        visual, mask = model.encode_visual(batch)
+        expected = v.region_norm(
+            v.region_proj(batch["region_feats"])
+            + v.label_embed(batch["region_labels"])
+            + v.box_embed(batch["region_boxes"])
+            + v.score_embed(batch["region_scores"][..., None])
+        )
+    torch.testing.assert_close(visual, expected * mask[..., None], rtol=0, atol=1e-6)
+
+
+def test_visual_token_settings_are_checked():
+    cases = {
+        "model.patch_resampler_queries must be >= 0, got -1": dict(patch_resampler_queries=-1),
+        "model.visual_builder must be one of 'shared', 'dual', got 'x'": dict(visual_builder="x"),
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tiny_config(**changes)
+    message = (
+        "model.patch_resampler_queries > 0 resamples with 8 attention heads, which do not divide the text "
+        "encoder's width 36; set model.patch_resampler_queries = 0"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VisualTokenBuilder(tiny_config(patch_resampler_queries=2), tiny_spec(), 36)
