@@ -269,7 +269,7 @@ def test_the_readme_names_the_original_each_model_follows(name):
     }
     assert re.search(rf"follows {re.escape(repository[name])}@[0-9a-f]{{7}}\b", seed), seed
     # The knob that makes the model its original is documented in its row.
-    knob = {"afdvqf": "adaptive_fusion", "afner": "slot_type_loss_weight", "ifaformer": "emission_lr"}
+    knob = {"afdvqf": "adaptive_fusion", "afner": "typed_queries", "ifaformer": "emission_lr"}
     assert f"`{knob[name]}`" in knobs
     # Both originals freeze CLIP (requires_grad = False), so a frozen CLIP is no deviation.
     assert "not fine-tuned" not in leaves_out
