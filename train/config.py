@@ -110,7 +110,7 @@ class ModelConfig(Config):
     text_encoder: str = "minilm"
     task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/tasks.py)
     fusion: str = "qgf"  # registry name: qgf | concat | gated | mango | single_stream (train/fusion.py)
-    qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
+    qfnet_layers: int = 2  # query-guided fusion layers (AFNER, AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
     # AFDVQF's adaptive fusion after QGF; the one switch of it, so it must be false for a fusion other
@@ -139,9 +139,9 @@ class ModelConfig(Config):
     # output is computed once per split into a text-state cache (train/text_states.py). 0: all train
     text_frozen_layers: int = 0
     # --- model zoo: switches the seeds' models differ by; each is off at the AFDVQF value
-    # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
+    # region tokens add embeddings of the detector's label, score and box (AFNER, AFDVQF)
     region_meta: bool = True
-    # weight of the slot type-presence loss (AFNER's typed slots): each entity type's mean final QGF
+    # weight of the slot type-presence loss (ours, no seed has it): each entity type's mean final QGF
     # slot predicts whether the post holds an entity of that type (BCE); 0 turns it off
     slot_type_loss_weight: float = 0.0
     label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
