@@ -119,7 +119,7 @@ class QueryGuidedFusion(nn.Module):
     uses_pooled = False  # reads no pooled image vector (VisualTokenBuilder builds none)
     # forward leaves its final slots (B, Q, D) in self.final_slots, for the slot_type loss
     exposes_slots = True
-    # The originals drop out the encoder's states before the fusion (base_model.py:158 in
+    # The originals drop out the encoder's states before the fusion (base_model.py:147 in
     # liguochun0304/AFDVQF@e0b3496) and feed the fused states to the emission layer undropped.
     drops_text = True
 

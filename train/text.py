@@ -137,7 +137,7 @@ def type_prompt_states(encoder: torch.nn.Module, tokenizer, types: Sequence[str]
     """(E, D): the encoder's last state at the mask token of "<mask> is TYPE", one row per type.
 
     AFNER's and AFDVQF's query initialisation (TypeQueryGenerator in liguochun0304/AFDVQF@e0b3496,
-    model/query_guided_fusion.py:22-37), run in eval mode and without gradient, so it draws no random
+    model/query_guided_fusion.py:24-38), run in eval mode and without gradient, so it draws no random
     numbers. Raises ValueError for a tokenizer without a mask token.
     """
     if tokenizer.mask_token is None:

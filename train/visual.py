@@ -9,7 +9,7 @@ Two token types, as in AFDVQF's dual-branch vision tokens:
 A learned type embedding tells the two apart, and one LayerNorm and dropout act on every token.
 
 model.visual_builder = "dual" builds the tokens as the originals' DualVisionTokenExtractor does
-(liguochun0304/AFDVQF@e0b3496, model/dual_vision_extractor.py:111-124 and 293-305): patch tokens
+(liguochun0304/AFDVQF@e0b3496, model/dual_vision_extractor.py:111-124 and 276-292): patch tokens
 Linear + LayerNorm, region tokens LayerNorm(Linear + LayerNorm of the feature + label embedding (one
 row per COCO id 0..91) + Linear + LayerNorm of the box (x1, y1, x2, y2) + Linear of the score), no type
 embedding, no shared LayerNorm, no dropout. Either builder can resample the patch tokens

@@ -245,7 +245,7 @@ def test_mango_fusion_and_every_loss_term_are_the_originals():
 
 
 def type_query_init(text_encoder, tokenizer, type_names):
-    """TypeQueryGenerator._build_init_queries (query_guided_fusion.py:22-37)."""
+    """TypeQueryGenerator._build_init_queries (query_guided_fusion.py:24-38)."""
     prompts = [f"{tokenizer.mask_token} is {t}" for t in type_names]
     enc = tokenizer(prompts, padding=True, return_tensors="pt")
     out = text_encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
@@ -254,14 +254,14 @@ def type_query_init(text_encoder, tokenizer, type_names):
 
 
 def multi_grained_queries(type_queries, entity_queries, slots_per_type):
-    """MultiGrainedQuerySet.forward (query_guided_fusion.py:50-55)."""
+    """MultiGrainedQuerySet.forward (query_guided_fusion.py:52-57)."""
     T, H = type_queries.shape
     type_rep = type_queries.unsqueeze(1).repeat(1, slots_per_type, 1).view(-1, H)  # [Q,H]
     return type_rep + entity_queries
 
 
 class QueryGuidedFusion(nn.Module):
-    """query_guided_fusion.py:58-108, verbatim but for the init (weights are loaded)."""
+    """query_guided_fusion.py:60-108, verbatim but for the init (weights are loaded)."""
 
     def __init__(self, hidden_dim, num_heads, num_layers, dropout):
         super().__init__()
@@ -307,7 +307,7 @@ class QueryGuidedFusion(nn.Module):
 def dual_vision_tokens(visual, batch):
     """DualVisionTokenExtractor (dual_vision_extractor.py) from the cached tokens, with the model's weights:
     _encode_patch_tokens (:111-124) over last_hidden_state[:, 1:], then the region tokens of
-    _encode_regions (:293-305), feature + label + box + score under det_norm, zero where no region."""
+    _encode_regions (:276-292), feature + label + box + score under det_norm, zero where no region."""
     patch = visual.patch_proj(batch["patch_tokens"][:, 1:])  # vision_proj(patch)
     q = visual.resampler_queries.unsqueeze(0).expand(patch.size(0), -1, -1)
     resampled, _ = visual.resampler(q, patch, patch, key_padding_mask=None)
