@@ -3,9 +3,9 @@
 Two token types, as in AFDVQF's dual-branch vision tokens:
 - patch tokens: CLIP patch states, Linear + LayerNorm to D; the CLS state (token 0 of a CLIP cache)
   is one of them unless model.patch_cls is false (the originals drop it: last_hidden_state[:, 1:]);
-- region tokens: detector region features, Linear + LayerNorm to D, plus (model.region_meta, AFDVQF)
+- region tokens: detector region features, Linear + LayerNorm to D, plus (model.region_meta, AFNER and AFDVQF)
   what the detector knows about the region: an embedding of its COCO label, a projection of its
-  score and of its box (x1, y1, x2, y2, w, h, area in [0, 1]). AFNER uses the features alone.
+  score and of its box (x1, y1, x2, y2, w, h, area in [0, 1]).
 A learned type embedding tells the two apart, and one LayerNorm and dropout act on every token.
 
 model.visual_builder = "dual" builds the tokens as the originals' DualVisionTokenExtractor does
@@ -50,7 +50,8 @@ def check_regions(cfg: ModelConfig, spec: TokenSpec, cache_dir: str | None = Non
 class VisualTokenBuilder(nn.Module):
     """Projects a batch's cached tokens to (B, V, D) visual tokens with a (B, V) mask.
 
-    V = P (if use_patches; P - 1 without the CLS state) + K (if use_regions), patches first.
+    V = P (if use_patches; P - 1 without the CLS state, or the resampler's query count) + K (if
+    use_regions), patches first.
     `encode_global` gives the pooled image vector (B, D): the projected global embedding, or with
     model.global_from_cls the patch projection of the CLS state; built only for a fusion that reads it
     (its `uses_pooled`, `builds_global`).
