@@ -207,8 +207,6 @@ def test_no_stage_imports_the_cli():
     assert _imports_under(folders, ("mner.cli",)) == []
 
 
-
-
 def test_train_never_imports_extract():
     """Stage two never imports stage one (predict re-extracts images through a command-level call)."""
     assert _imports_under(("train",), ("mner.extract",)) == []

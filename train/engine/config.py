@@ -26,6 +26,12 @@ MODELS_DIR = "models"
 # AFDVQF's adaptive fusion after QGF (ModelConfig.adaptive_fusion; train/zoo/fusion.py).
 ADAPTIVE_FUSIONS = ("weights", "gate")
 
+# How cached tokens become visual tokens (ModelConfig.visual_builder; train/zoo/visual.py).
+VISUAL_BUILDERS = ("shared", "dual")
+
+# The text side of the InfoNCE alignment (ModelConfig.alignment_pooling; train/zoo/losses.py).
+ALIGNMENT_POOLINGS = ("cls", "mean")
+
 # The learning rates the emission layer may train at (ModelConfig.emission_lr): train.lr_<name>.
 EMISSION_LRS = ("fusion", "crf")
 
@@ -92,7 +98,7 @@ class ModelConfig(Config):
     text_encoder: str = "minilm"
     task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/engine/tasks.py)
     fusion: str = "qgf"  # registry name: qgf | concat | gated | mango | single_stream (train/zoo/fusion.py)
-    qfnet_layers: int = 2  # query-guided fusion layers (AFDVQF); the gated fusion stacks as many
+    qfnet_layers: int = 2  # query-guided fusion layers (AFNER, AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
     # AFDVQF's adaptive fusion after QGF; the one switch of it, so it must be false for a fusion other
@@ -125,9 +131,9 @@ class ModelConfig(Config):
     # tokens are read as they are, frozen
     vision_trainable_blocks: int = 0
     # --- model zoo: switches the seeds' models differ by; each is off at the AFDVQF value
-    # region tokens add embeddings of the detector's label, score and box (AFDVQF); AFNER has none
+    # region tokens add embeddings of the detector's label, score and box (AFNER, AFDVQF)
     region_meta: bool = True
-    # weight of the slot type-presence loss (AFNER's typed slots): each entity type's mean final QGF
+    # weight of the slot type-presence loss (ours, no seed has it): each entity type's mean final QGF
     # slot predicts whether the post holds an entity of that type (BCE); 0 turns it off
     slot_type_loss_weight: float = 0.0
     label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
@@ -151,6 +157,29 @@ class ModelConfig(Config):
     nce_lambda: float = 0.0  # weight of the text / CLIP global embedding InfoNCE
     nce_tau: float = 0.15  # temperature of that InfoNCE
     sparsity_lambda: float = 0.0  # weight of the mean relevance (few words lean on the image)
+    # ---- the CLIP CLS state (patch token 0 of a cache whose patch_source says "CLS first")
+    # a visual token like the patches; false drops it (the originals read last_hidden_state[:, 1:])
+    patch_cls: bool = True
+    # the pooled image vector is the patch projection of the CLS state (MANGO's clip_proj(v_cls)),
+    # not the projection of the cache's global embedding
+    global_from_cls: bool = False
+    # ---- query-guided fusion's queries, patch resampler and alignment (AFNER, AFDVQF: the originals'
+    # TypeQueryGenerator + MultiGrainedQuerySet, DualVisionTokenExtractor, alignment_pooling)
+    # the QGF query slots start as the text encoder's state at [MASK] in "[MASK] is TYPE" for their type
+    # plus a random offset per slot (N(0, 0.02^2)); false: random slots alone. Fusion "qgf" only
+    typed_queries: bool = True
+    # learned queries resample the projected patch tokens, LayerNorm(attention(queries, patches)), to this
+    # many visual tokens (the originals: 16); 0 keeps every patch as a visual token. Without patches
+    # (the no_patch ablation) there is nothing to resample and it is not built
+    patch_resampler_queries: int = 0
+    # how cached tokens become visual tokens (train/zoo/visual.py): "shared", the zoo's (a type embedding, one
+    # LayerNorm and dropout over all tokens; a region's box as 7 numbers), or "dual", the originals'
+    # DualVisionTokenExtractor (no type embedding, no shared LayerNorm or dropout; a region's feature,
+    # label, box (x1, y1, x2, y2) and score embeddings summed under a LayerNorm)
+    visual_builder: str = "shared"
+    # the text side of the InfoNCE alignment: "cls", the encoder's [CLS] state (AFDVQF's default), or
+    # "mean", the mean word state
+    alignment_pooling: str = "cls"
 
     def __post_init__(self):
         self._check_types()
@@ -221,6 +250,12 @@ class ModelConfig(Config):
                 "set model.bilstm = true or leave it at 256"
             )
         self._check_mango()
+        self._check_queries()
+        if self.global_from_cls and not self.use_patches:
+            raise ValueError(
+                "model.global_from_cls = true projects the CLS state with the patch projection, but "
+                "model.use_patches is false; set model.use_patches = true or model.global_from_cls = false"
+            )
         if self.text_frozen_layers < 0:
             raise ValueError(f"model.text_frozen_layers must be >= 0, got {self.text_frozen_layers}")
         if self.text_frozen_layers and self.fusion == "single_stream":
@@ -242,6 +277,27 @@ class ModelConfig(Config):
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
+
+    def _check_queries(self) -> None:
+        if not self.typed_queries and self.fusion != "qgf":
+            raise ValueError(
+                f"model.typed_queries = false changes the query slots of model.fusion = 'qgf', but "
+                f"model.fusion is {self.fusion!r}; leave it at true"
+            )
+        if self.patch_resampler_queries < 0:
+            raise ValueError(
+                f"model.patch_resampler_queries must be >= 0, got {self.patch_resampler_queries}"
+            )
+        if self.visual_builder not in VISUAL_BUILDERS:
+            raise ValueError(
+                f"model.visual_builder must be one of {', '.join(map(repr, VISUAL_BUILDERS))}, "
+                f"got {self.visual_builder!r}"
+            )
+        if self.alignment_pooling not in ALIGNMENT_POOLINGS:
+            raise ValueError(
+                f"model.alignment_pooling must be one of {', '.join(map(repr, ALIGNMENT_POOLINGS))}, "
+                f"got {self.alignment_pooling!r}"
+            )
 
     def _check_mango(self) -> None:
         for name in ("resampler_queries", "stack_layers"):

@@ -5,8 +5,9 @@ with no usable visual token (image missing, corrupt or dropped) gets exactly the
 gives with no image. Attention over an all-masked key set would softmax over nothing (NaN), so
 `masked_attention` lets such rows see one dummy key and then replaces their output by zeros.
 
-- qgf (AFDVQF query-guided fusion): learnable query slots per entity type; in each layer the slots
-  read the text, then the visual tokens, then the words read the slots. Then, when
+- qgf (AFNER's and AFDVQF's query-guided fusion): query slots per entity type, typed by a prompt; in
+  each layer the slots read the text, then the visual tokens, the words read the visual tokens, and a
+  residual FFN runs on each branch (the words never read the slots, as in the originals). Then, when
   model.adaptive_gate, the adaptive fusion model.adaptive_fusion names: "weights", AFDVQF's own
   (AdaptiveFusionLayer in liguochun0304/AFDVQF@034b93f, model/query_guided_fusion.py: two learnable
   scalars, text_weight * fused + vision_weight * the mean visual token), or "gate", ours: a per-word,
@@ -44,27 +45,44 @@ def masked_attention(attention: nn.MultiheadAttention, query, keys, key_mask) ->
     return torch.where(has_key[:, None, None], out, torch.zeros_like(out))
 
 
+def feed_forward(width: int, dropout: float) -> nn.Sequential:
+    """The position-wise FFN of a QGF layer: Linear(D, 4D) -> GELU -> Dropout -> Linear(4D, D) -> Dropout."""
+    return nn.Sequential(
+        nn.Linear(width, 4 * width),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(4 * width, width),
+        nn.Dropout(dropout),
+    )
+
+
 class QueryGuidedLayer(nn.Module):
-    """One QGF layer: slots <- text, slots <- visual, text <- slots; each residual + LayerNorm."""
+    """One QGF layer of the originals (liguochun0304/AFDVQF@e0b3496, model/query_guided_fusion.py:96-106).
+
+    queries <- LN_q(queries + attn(queries, text)); queries <- LN_q(queries + attn(queries, visual)), the
+    same LayerNorm twice; text <- LN_t(text + attn(text, visual)); then a residual FFN on each branch.
+    The words read the visual tokens directly; the queries never reach the words.
+    """
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
-        self.slots_from_text = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.slots_from_visual = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.text_from_slots = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
-        self.dropout = nn.Dropout(dropout)
+        self.q2t = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.q2v = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.t2v = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_t = nn.LayerNorm(width)
+        self.ffn_q = feed_forward(width, dropout)
+        self.ffn_t = feed_forward(width, dropout)
 
-    def forward(self, slots, text, text_mask, visual, visual_mask):
-        """slots (B, Q, D), text (B, T, D), visual (B, V, D) -> (slots, text) updated."""
-        read = masked_attention(self.slots_from_text, slots, text, text_mask)  # (B, Q, D)
-        slots = self.norms[0](slots + self.dropout(read))
-        seen = masked_attention(self.slots_from_visual, slots, visual, visual_mask)  # (B, Q, D)
-        slots = self.norms[1](slots + self.dropout(seen))
-        # Every slot is always visible to the words, so no mask is needed here.
-        told, _ = self.text_from_slots(text, slots, slots, need_weights=False)  # (B, T, D)
-        text = self.norms[2](text + self.dropout(told))
-        return slots, text
+    def forward(self, queries, text, text_mask, visual, visual_mask):
+        """queries (B, Q, D), text (B, T, D), visual (B, V, D) -> (queries, text) updated."""
+        read = masked_attention(self.q2t, queries, text, text_mask)  # (B, Q, D)
+        queries = self.norm_q(queries + read)
+        seen = masked_attention(self.q2v, queries, visual, visual_mask)  # (B, Q, D)
+        queries = self.norm_q(queries + seen)
+        told = masked_attention(self.t2v, text, visual, visual_mask)  # (B, T, D)
+        text = self.norm_t(text + told)
+        return queries + self.ffn_q(queries), text + self.ffn_t(text)
 
 
 class AdaptiveWeights(nn.Module):
@@ -89,20 +107,33 @@ class AdaptiveWeights(nn.Module):
 
 
 class QueryGuidedFusion(nn.Module):
-    """AFDVQF query-guided fusion: slots_per_type query slots per entity type, qfnet_layers layers,
-    then the adaptive fusion cfg.adaptive_fusion names when cfg.adaptive_gate."""
+    """The query-guided fusion of AFNER and AFDVQF: slots_per_type query slots per entity type,
+    qfnet_layers QueryGuidedLayers, then the adaptive fusion cfg.adaptive_fusion names when
+    cfg.adaptive_gate.
+
+    Slot k of type i is type_queries[i] + slots[k] (the originals' MultiGrainedQuerySet), with
+    type_queries (E, D) the encoder's "[MASK] is TYPE" states that MNERModel writes in
+    (train/zoo/text.py type_prompt_states) when cfg.typed_queries, else the offsets alone.
+    """
 
     uses_pooled = False  # reads no pooled image vector (VisualTokenBuilder builds none)
     # forward leaves its final slots (B, Q, D) in self.final_slots, for the slot_type loss
     exposes_slots = True
+    # The originals drop out the encoder's states before the fusion (base_model.py:147 in
+    # liguochun0304/AFDVQF@e0b3496) and feed the fused states to the emission layer undropped.
+    drops_text = True
 
     def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str]):
         super().__init__()
         self.final_slots: torch.Tensor | None = None
+        self.slots_per_type = cfg.slots_per_type
         num_slots = len(entity_types) * cfg.slots_per_type
         assert num_slots > 0, "query-guided fusion needs at least one entity type"
         # Slots of type i are rows i * slots_per_type ... (i + 1) * slots_per_type - 1.
-        self.slots = nn.Parameter(torch.randn(num_slots, width) * 0.02)  # (Q, D)
+        self.slots = nn.Parameter(torch.randn(num_slots, width) * 0.02)  # (Q, D) per-slot offsets
+        self.type_queries = (
+            nn.Parameter(torch.zeros(len(entity_types), width)) if cfg.typed_queries else None
+        )  # (E, D)
         self.layers = nn.ModuleList(
             QueryGuidedLayer(width, cfg.qfnet_heads, cfg.dropout) for _ in range(cfg.qfnet_layers)
         )
@@ -111,9 +142,15 @@ class QueryGuidedFusion(nn.Module):
         self.adaptive_weights = AdaptiveWeights() if weights else None
         self.gate = nn.Linear(2 * width, width) if cfg.adaptive_gate and not weights else None
 
+    def queries(self) -> torch.Tensor:
+        """The query slots (Q, D), type-major."""
+        if self.type_queries is None:
+            return self.slots
+        return self.slots + self.type_queries.repeat_interleave(self.slots_per_type, dim=0)  # (Q, D)
+
     def forward(self, text, text_mask, visual, visual_mask, pooled=None) -> torch.Tensor:
         """text (B, T, D), text_mask (B, T), visual (B, V, D), visual_mask (B, V) -> (B, T, D)."""
-        slots = self.slots.expand(text.shape[0], -1, -1)  # (B, Q, D)
+        slots = self.queries().expand(text.shape[0], -1, -1)  # (B, Q, D)
         fused = text
         for layer in self.layers:
             slots, fused = layer(slots, fused, text_mask, visual, visual_mask)

@@ -8,16 +8,19 @@ off (it is not built, not computed, and reported as 0) and changes nothing else.
 that needs parameters (a type-presence classifier, a projection) owns them; it reads what the
 model computed from `LossInputs` and returns a scalar.
 
-- align (AFDVQF's alignment loss; CLIP's contrastive objective): symmetric InfoNCE between each
-  post's mean word state and its mean visual token, over the posts that have an image. Under DDP
+- align (AFNER's and AFDVQF's alignment loss; CLIP's contrastive objective): symmetric InfoNCE between
+  each post's text, the encoder's [CLS] state (model.alignment_pooling "cls", the originals' default)
+  or its mean word state ("mean"), and its mean visual token, over the posts that have an image
+  (contrastive_loss in liguochun0304/AFDVQF@034b93f, model/loss_functions.py). Under DDP
   (training, world size > 1) the negatives are every rank's posts, as CLIP trains: each rank gathers
   all ranks' embeddings (its own keep their gradient) and computes the loss of the union batch, so
   the loss, and after DDP's gradient averaging the update, are those of one process on the union.
-- slot_type (AFNER's typed slots): QGF's query slots of type i are rows
+- slot_type (ours; off in every model file): QGF's query slots of type i are rows
   i * slots_per_type ... (i + 1) * slots_per_type - 1; the mean of each type's final slots goes
   through one shared Linear(D, 1) to a logit of "this post holds an entity of type i", trained by
-  binary cross-entropy against the gold tags (mean over posts and types). It gives the slots the
-  meaning their layout promises. It reads the fusion's final slots (a fusion with `exposes_slots`).
+  binary cross-entropy against the gold tags (mean over posts and types). In the originals the slots
+  never reach the words, so without this loss they do not change a prediction. It reads the fusion's
+  final slots (a fusion with `exposes_slots`).
 - mango_align, mango_preserve, mango_nce, mango_sparsity: MANGO's losses, in train/zoo/mango.py beside
   the fusion whose relevance they read (LossInputs.fusion_state); mango_nce shares `info_nce`.
 """
@@ -51,6 +54,7 @@ class LossInputs:
     type_presence: torch.Tensor | None = None  # (B, E) float 0/1
     # Optional, for the losses of one model (None where the model has none; train/zoo/mango.py reads them):
     pooled: torch.Tensor | None = None  # (B, D) projected global image embedding, 0 for a masked image
+    text_cls: torch.Tensor | None = None  # (B, D) the encoder's [CLS] state (sub-word 0)
     entities: torch.Tensor | None = None  # (B, T) bool: the word's target tag is not O
     fusion_state: object | None = None  # what the fusion kept of its forward (MangoFusion.state)
     epoch: int | None = None  # the training epoch (1, 2, ...) for warm-ups; None outside training
@@ -73,18 +77,27 @@ class AlignmentLoss(AuxLoss):
     def __init__(self, cfg: ModelConfig, width: int):
         super().__init__()
         self.temperature = cfg.alignment_temperature
+        self.pooling = cfg.alignment_pooling
 
     def forward(self, inputs: LossInputs) -> torch.Tensor:
-        words, visual, visual_mask = inputs.words, inputs.visual, inputs.visual_mask
+        visual, visual_mask = inputs.visual, inputs.visual_mask
         assert visual is not None and visual_mask is not None, "the alignment loss needs the visual tokens"
         has_image = visual_mask.any(dim=1)  # (B,)
-        text = F.normalize(masked_mean(words, inputs.word_mask)[has_image], dim=-1)  # (N_r, D)
+        if self.pooling == "cls":
+            assert inputs.text_cls is not None, "alignment_pooling 'cls' needs the [CLS] state"
+            pooled_text = inputs.text_cls  # (B, D)
+        else:
+            pooled_text = masked_mean(inputs.words, inputs.word_mask)  # (B, D)
+        text = F.normalize(pooled_text[has_image], dim=-1)  # (N_r, D)
         image = F.normalize(masked_mean(visual, visual_mask)[has_image], dim=-1)  # (N_r, D)
         return info_nce(text, image, self.temperature, self.training)
 
 
-def info_nce(text: torch.Tensor, image: torch.Tensor, temperature: float, training: bool) -> torch.Tensor:
-    """Symmetric InfoNCE of matching rows of text (N, D) and image (N, D), both L2-normalised -> scalar.
+def info_nce(
+    text: torch.Tensor, image: torch.Tensor, temperature: float, training: bool, symmetric: bool = True
+) -> torch.Tensor:
+    """InfoNCE of matching rows of text (N, D) and image (N, D), both L2-normalised -> scalar: the mean of
+    the text -> image and image -> text cross-entropies, or (symmetric false) the first alone.
 
     0 with fewer than two pairs. While training under DDP the negatives are every rank's rows.
     """
@@ -97,7 +110,9 @@ def info_nce(text: torch.Tensor, image: torch.Tensor, temperature: float, traini
         return text.new_zeros(())
     logits = text @ image.T / temperature  # (N, N)
     target = torch.arange(logits.shape[0], device=logits.device)
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.T, target)) / 2
     if world > 1:
         # Each rank back-propagates only through its own rows, and DDP divides the summed gradients
         # by the world size; scaling the gradient (not the value) by it gives the union's gradient.

@@ -1,33 +1,39 @@
 """MANGO (seed 003): visual resampler -> multimodal Transformer stack -> gated relevance fusion, + its losses.
 
 Read top to bottom, as the seed's README describes the model ("多模态Transformer Stack", "门控相关性融合",
-"多任务损失函数设计"); the knobs keep the seed's names (rel_temp, align_lambda, nce_tau, ...):
+"多任务损失函数设计"); the knobs keep the seed's names (rel_temp, align_lambda, nce_tau, ...). Where the
+README is silent the code decides: its parts and defaults from liguochun0304/AFDVQF@a20bc9e (model.py,
+config.py, the README's commit), their wiring from the last model.py that used them, @d3b9439
+(MultimodalNER.forward):
 
-    visual tokens (B, V, D) (patches, + regions if use_regions) --VisualResampler--> (B, Q, D)
+    visual tokens (B, V, D) (CLIP patches, CLS dropped) --VisualResampler--> (B, Q, D)  LN(attn(queries))
     words (B, T, D) --stack_layers x MangoBlock--> h (B, T, D): self-attn, cross-attn to the Q tokens, FFN
-    stack output h --GatedRelevanceFusion--> h + alpha * g * proj([LN(h); LN(c) * rel])
-        rel = sigmoid(rel_head([LN(h); LN(c)]) / rel_temp)  (B, T, 1), c = attention of h over the Q tokens
+    words, h --GatedRelevanceFusion--> words + alpha * g * proj([LN(words); LN(h) * rel])
+        rel = sigmoid(rel_head([LN(words); LN(h)]) / rel_temp)  (B, T, 1), rel_head a 2-layer MLP
 
 Losses (registry.AUX_LOSSES, weights model.<name>_lambda; 0 is off):
-    mango_align     sum_t w_t (1 - cos(h_t, fused_t)) / sum_t w_t,  w = word_mask * (rel + entity)
-                    (rel detached: a weight, not a target), times the warm-up factor min(1, epoch / warmup);
-                    the seed names compute_alignment_loss_v2 without defining it, so 1 - cosine is ours
-    mango_preserve  sum_t mask_t (1 - rel_t) |fused_t - h_t|^2 / D / sum_t mask_t
-    mango_nce       symmetric InfoNCE (tau = nce_tau) of the mean encoder word state with the projected CLIP
-                    global embedding, over the posts that have an image
-    mango_sparsity  mean relevance over the words of posts that have an image (L1 on the sigmoid outputs)
+    mango_align     sum_t w_t (1 - cos(words_t, fused_t) + 0.3 |fused_t - words_t|^2 / D) / (sum_t w_t + 1e-6),
+                    w = word_mask * (rel + entity) (rel detached: a weight, not a target), times the
+                    warm-up factor min(1, epoch / warmup) (compute_alignment_loss_v2)
+    mango_preserve  sum_t mask_t (1 - rel_t) |fused_t - words_t|^2 / D / sum_t mask_t
+    mango_nce       text -> image InfoNCE (tau = nce_tau) of the mean word state with the CLS state through
+                    the patch projection (model.global_from_cls), over the posts that have an image
+    mango_sparsity  mean relevance over the words of posts that have an image
 
-The fusion keeps what its losses read in `MangoFusion.state` after each forward (MangoState: the stack
-output h, the fused states and the relevance); the model hands it to the losses as
-LossInputs.fusion_state. A post with no usable image gets resampled tokens that are all masked, zero
-cross-attention (fusion.masked_attention), no gated update and relevance 0: its output is bitwise the
-one the model gives with no image.
+The fusion keeps what its losses read in `MangoFusion.state` after each forward (MangoState: the word
+states, the fused states and the relevance); the model hands it to the losses as
+LossInputs.fusion_state. A post with no usable image gets no gated update and relevance 0: its output
+is bitwise the one the model gives with no image.
 
-Left out from the seed: its dual-granularity trainable vision encoder (coarse Swin + delegate branch,
-fine adaptive patch branch) and "选择性解冻CLIP": stage two reads frozen cached tokens, so nothing on the
-image side before the cache can train; clip_lr therefore has no parameters to apply to. Also its
-"视觉编码器预热" (first epochs train the text encoder only) and the softmax head's label smoothing /
-emission temperature (the head is another registry entry).
+Deviations from the original, each with its reason (README models table):
+- forced by the cache: its dual-granularity trainable vision encoder and "选择性解冻CLIP" (nothing before
+  the cache trains; clip_lr has no parameters); "视觉编码器预热" (the README's first epochs of text-only
+  training) trains nothing here either, and the original code has no such step.
+- the original's align warm-up reads `current_epoch`, which its train.py never sets (always 0): its
+  alignment loss is always 0, a bug; here the loop sets model.epoch, so the README's 5-epoch warm-up runs.
+- sparsity is the mean over the words of posts with an image; the original's rel.mean() also averages
+  the padding positions, so its size depends on how a batch is padded (a bug).
+- image dropout drops each post's image (model.image_dropout); the original drops the whole batch's.
 """
 
 from __future__ import annotations
@@ -48,22 +54,25 @@ if TYPE_CHECKING:
 
 
 def _ffn(width: int, dropout: float) -> nn.Sequential:
-    """The Transformer feed-forward: D -> 4D -> D with GELU."""
+    """The feed-forward of the original's CrossAttentionBlock: D -> 4D -> ReLU -> D, dropout after each."""
     return nn.Sequential(
-        nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width)
+        nn.Linear(width, 4 * width),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(4 * width, width),
+        nn.Dropout(dropout),
     )
 
 
 class VisualResampler(nn.Module):
-    """Q learned queries read the visual tokens: cross-attention, then FFN, each residual + LayerNorm."""
+    """The original's VisualResampler (liguochun0304/AFDVQF@a20bc9e model.py:243-256): Q learned queries
+    (standard normal) read the visual tokens, then LayerNorm; no residual, no FFN."""
 
     def __init__(self, width: int, heads: int, queries: int, dropout: float):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(queries, width) * 0.02)  # (Q, D)
+        self.queries = nn.Parameter(torch.randn(queries, width))  # (Q, D)
         self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.ffn = _ffn(width, dropout)
-        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2))
-        self.dropout = nn.Dropout(dropout)
+        self.ln = nn.LayerNorm(width)
 
     def forward(self, visual: torch.Tensor, visual_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """visual (B, V, D), visual_mask (B, V) -> tokens (B, Q, D), mask (B, Q).
@@ -73,8 +82,7 @@ class VisualResampler(nn.Module):
         """
         has_image = visual_mask.any(dim=1)  # (B,)
         x = self.queries.expand(visual.shape[0], -1, -1)  # (B, Q, D)
-        x = self.norms[0](x + self.dropout(masked_attention(self.attention, x, visual, visual_mask)))
-        x = self.norms[1](x + self.dropout(self.ffn(x)))  # (B, Q, D)
+        x = self.ln(masked_attention(self.attention, x, visual, visual_mask))  # (B, Q, D)
         mask = has_image[:, None].expand(-1, x.shape[1])  # (B, Q)
         return x.masked_fill(~mask[..., None], 0.0), mask
 
@@ -102,18 +110,22 @@ class MangoBlock(nn.Module):
 
 
 class GatedRelevanceFusion(nn.Module):
-    """The seed's GatedConcatFusion: a per-word relevance (temperature rel_temp) scales the image context,
-    a sigmoid gate and a learned scale alpha (initially 1) the update added to the words."""
+    """The seed's GatedConcatFusion (liguochun0304/AFDVQF@a20bc9e model.py:108-140): a per-word relevance
+    (a 2-layer MLP, temperature rel_temp) scales the image context, a sigmoid gate (bias from -1.5) and a
+    learned scale alpha (from 0.02) the update added to the words."""
 
     def __init__(self, width: int, rel_temp: float):
         super().__init__()
         self.rel_temp = rel_temp
         self.ln_t = nn.LayerNorm(width)
         self.ln_v = nn.LayerNorm(width)
-        self.rel_head = nn.Linear(2 * width, 1)
+        self.rel_head = nn.Sequential(nn.Linear(2 * width, width), nn.ReLU(), nn.Linear(width, 1))
         self.proj = nn.Linear(2 * width, width)
         self.gate = nn.Linear(2 * width, width)
-        self.alpha = nn.Parameter(torch.ones(()))
+        # The original's inits: the gate starts mostly closed and the update small, so training starts
+        # from the text model's states.
+        nn.init.constant_(self.gate.bias, -1.5)
+        self.alpha = nn.Parameter(torch.tensor(0.02))
 
     def forward(self, text, context, has_image) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, T, D), context (B, T, D), has_image (B,) -> fused (B, T, D), relevance (B, T).
@@ -134,7 +146,7 @@ class GatedRelevanceFusion(nn.Module):
 class MangoState:
     """What MangoFusion computed in its last forward, for the MANGO losses."""
 
-    text: torch.Tensor  # (B, T, D) the stack's output, the gated fusion's input
+    text: torch.Tensor  # (B, T, D) the word states before fusion (the original's txt)
     fused: torch.Tensor  # (B, T, D) the gated fusion's output
     relevance: torch.Tensor  # (B, T) in (0, 1); 0 for a post with no image
 
@@ -153,7 +165,6 @@ class MangoFusion(nn.Module):
             VisualResampler(width, heads, cfg.resampler_queries, cfg.dropout) if cfg.resampler else None
         )
         self.blocks = nn.ModuleList(MangoBlock(width, heads, cfg.dropout) for _ in range(cfg.stack_layers))
-        self.context = nn.MultiheadAttention(width, heads, dropout=cfg.dropout, batch_first=True)
         self.gated = GatedRelevanceFusion(width, cfg.rel_temp)
         self.state: MangoState | None = None
 
@@ -164,13 +175,18 @@ class MangoFusion(nn.Module):
         h = text
         for block in self.blocks:
             h = block(h, text_mask, visual, visual_mask)  # (B, T, D)
-        context = masked_attention(self.context, h, visual, visual_mask)  # (B, T, D)
-        fused, relevance = self.gated(h, context, visual_mask.any(dim=1))  # (B, T, D), (B, T)
-        self.state = MangoState(h, fused, relevance)
+        # The original fuses the encoder's words with their image-attended states: fusion(txt, txt_ctx),
+        # txt_ctx = cross_attn(txt, img_tokens) (liguochun0304/AFDVQF@d3b9439 model.py, MultimodalNER).
+        fused, relevance = self.gated(text, h, visual_mask.any(dim=1))  # (B, T, D), (B, T)
+        self.state = MangoState(text, fused, relevance)
         return fused
 
 
 # ------------------------------------------------------------------------------------------ losses
+
+
+# compute_alignment_loss_v2's beta: the weight of the MSE next to 1 - cosine.
+ALIGN_BETA = 0.3
 
 
 def warmup_factor(epoch: int | None, warmup_epochs: int) -> float:
@@ -203,8 +219,11 @@ class MangoAlignLoss(AuxLoss):
         # The seed's align_w = attention_mask * (rel_w + entity_mask); the relevance weighs, it is not
         # pushed by this loss (else it would learn to sit where the states already agree).
         weight = inputs.word_mask * (state.relevance.detach() + inputs.entities)  # (B, T)
-        distance = 1 - F.cosine_similarity(state.text, state.fused, dim=-1)  # (B, T)
-        loss = (distance * weight).sum() / weight.sum().clamp(min=1e-6)
+        # compute_alignment_loss_v2 (liguochun0304/AFDVQF@a20bc9e model.py:276-291): 1 - cosine plus
+        # 0.3 x the MSE, "to hold the fusion's direction and lightly penalise a shift in magnitude".
+        cosine = (F.normalize(state.text, dim=-1) * F.normalize(state.fused, dim=-1)).sum(dim=-1)  # (B, T)
+        mse = F.mse_loss(state.fused, state.text, reduction="none").mean(dim=-1)  # (B, T)
+        loss = ((1 - cosine + ALIGN_BETA * mse) * weight).sum() / (weight.sum() + 1e-6)
         return warmup_factor(inputs.epoch, self.warmup_epochs) * loss
 
 
@@ -224,7 +243,7 @@ class MangoPreserveLoss(AuxLoss):
 
 
 class MangoNCELoss(AuxLoss):
-    """Symmetric InfoNCE of each post's mean word state with its projected CLIP global embedding."""
+    """Text-to-image InfoNCE of each post's mean word state with its projected CLIP global embedding."""
 
     needs_image = True
 
@@ -239,7 +258,8 @@ class MangoNCELoss(AuxLoss):
         has_image = inputs.visual_mask.any(dim=1)  # (B,)
         text = F.normalize(masked_mean(inputs.words, inputs.word_mask)[has_image], dim=-1)  # (N, D)
         image = F.normalize(inputs.pooled[has_image], dim=-1)  # (N, D)
-        return info_nce(text, image, self.tau, self.training)
+        # The original's info_nce is one-directional: text -> image only (model.py:294-298).
+        return info_nce(text, image, self.tau, self.training, symmetric=False)
 
 
 class MangoSparsityLoss(AuxLoss):

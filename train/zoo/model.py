@@ -5,9 +5,9 @@ the ModelConfig.
 
 Training loss = the head's loss, mean over posts (the CRF's negative log-likelihood)
               + weight_i * loss_i for every auxiliary loss whose weight is > 0 (train/zoo/losses.py:
-                AFDVQF's InfoNCE alignment of each post's mean word state with its mean visual token;
-                AFNER's slot type presence from the fusion's final query slots; MANGO's four losses in
-                train/zoo/mango.py).
+                AFNER's and AFDVQF's InfoNCE alignment of each post's [CLS] state with its mean visual
+                token; our slot type presence from the fusion's final query slots; MANGO's four losses
+                in train/zoo/mango.py).
 With model.bilstm a BiLSTM runs over the (fused) word states before the emission layer.
 Image dropout (MANGO) masks every visual token of a post with probability image_dropout while
 training, so the model also learns to tag posts whose image is missing.
@@ -30,7 +30,15 @@ from mner.train.zoo.fusion import build_fusion
 from mner.train.zoo.heads import Head
 from mner.train.zoo.losses import LossInputs, type_presence
 from mner.train.zoo.registry import AUX_LOSSES, HEADS, TASKS
-from mner.train.zoo.text import encoder_layers, frozen_modules, load_encoder, text_prefix, text_top
+from mner.train.zoo.text import (
+    encoder_layers,
+    frozen_modules,
+    load_encoder,
+    load_tokenizer,
+    text_prefix,
+    text_top,
+    type_prompt_states,
+)
 from mner.train.zoo.vision_blocks import VisionBlocks
 from mner.train.zoo.visual import VisualTokenBuilder
 
@@ -122,6 +130,9 @@ class MNERModel(nn.Module):
                 )
             self.visual = VisualTokenBuilder(cfg, spec, width, num_detector_classes)
             self.fusion = build_fusion(cfg, width, self.types)
+            if getattr(self.fusion, "type_queries", None) is not None:
+                prompts = type_prompt_states(self.encoder, load_tokenizer(encoder_dir), self.types)  # (E, D)
+                self.fusion.type_queries.data.copy_(prompts)
         # model.bilstm: a BiLSTM over the (fused) word states before the emission layer.
         self.bilstm = (
             nn.LSTM(width, cfg.lstm_hidden, batch_first=True, bidirectional=True) if cfg.bilstm else None
@@ -198,6 +209,10 @@ class MNERModel(nn.Module):
         model.text_frozen_layers = N the top layers run over batch["text_states"] (B, S, D), the states
         after layer N read from the text-state cache, or over the frozen bottom computed here without it.
         """
+        return word_states(self._subword_states(batch), batch["first_subword"])  # (B, T, D)
+
+    def _subword_states(self, batch: dict) -> torch.Tensor:
+        """The encoder's last hidden states (B, S, D), [CLS] first."""
         if self.frozen_layers:
             hidden = batch.get("text_states")
             if hidden is None:
@@ -209,8 +224,7 @@ class MNERModel(nn.Module):
             states = self.encoder(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state  # (B, S, D)
-        index = batch["first_subword"][..., None].expand(-1, -1, states.shape[-1])  # (B, T, D)
-        return states.gather(1, index)  # (B, T, D)
+        return states
 
     def encode_visual(
         self, batch: dict, image_mask: torch.Tensor | None = None
@@ -244,18 +258,25 @@ class MNERModel(nn.Module):
 
     def _emissions(self, batch: dict, image_mask: torch.Tensor | None):
         """Emissions (B, T, L), word states (B, T, D) before fusion, the visual tokens (B, V, D) with
-        their mask (B, V) and the pooled image vector (B, D) (None for a text-only model, the pooled one
-        also for a fusion that does not use it), for the given image mask."""
-        words = self.encode_text(batch)  # (B, T, D)
+        their mask (B, V), the pooled image vector (B, D) (None for a text-only model, the pooled one
+        also for a fusion that does not use it) and the encoder's [CLS] state (B, D), for the given
+        image mask.
+
+        Dropout acts on the fused states before the emission layer, or, for a fusion that `drops_text`
+        (QGF, as its originals), on the encoder's states before the fusion (and the losses) instead.
+        """
+        states = self._subword_states(batch)  # (B, S, D)
+        drops_text = getattr(self.fusion, "drops_text", False)
+        if drops_text:
+            states = self.dropout(states)
+        words = word_states(states, batch["first_subword"])  # (B, T, D)
         visual = visual_mask = pooled = None
         fused = words
         if self.fusion is not None:
             image_mask = batch["image_mask"] if image_mask is None else image_mask  # (B,)
             tokens = self.vision_inputs(batch, image_mask)  # the blocks run once for both readers
             visual, visual_mask = self.visual(tokens, image_mask)  # (B, V, D), (B, V)
-            pooled = (
-                self.visual.encode_global(tokens, image_mask) if self.visual.global_proj is not None else None
-            )
+            pooled = self.visual.encode_global(tokens, image_mask) if self.visual.builds_global else None
             if getattr(self.fusion, "single_stream", False):
                 # IFAformer: the encoder's own layers run over words + visual tokens (train/zoo/ifaformer.py)
                 fused = self.fusion.encode(self.encoder, batch, words, visual, visual_mask)  # (B, T, D)
@@ -264,8 +285,8 @@ class MNERModel(nn.Module):
         if self.bilstm is not None:
             fused = self._bilstm(fused, batch["word_mask"])  # (B, T, 2H)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
-        emissions = self.emission(self.dropout(fused)).float()  # (B, T, L)
-        return emissions, words, visual, visual_mask, pooled
+        emissions = self.emission(fused if drops_text else self.dropout(fused)).float()  # (B, T, L)
+        return emissions, words, visual, visual_mask, pooled, states[:, 0]
 
     def _bilstm(self, states: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         """states (B, T, D) -> (B, T, 2H), run over each post's words only (packed), so the backward
@@ -285,7 +306,7 @@ class MNERModel(nn.Module):
             if self.training and self.cfg.image_dropout > 0:
                 keep = torch.rand(image_mask.shape, device=image_mask.device) >= self.cfg.image_dropout
                 image_mask = image_mask & keep
-        emissions, words, visual, visual_mask, pooled = self._emissions(
+        emissions, words, visual, visual_mask, pooled, cls = self._emissions(
             batch, image_mask
         )  # (B, T, L), (B, T, D), ...
         tags, word_mask = self.task.targets(batch, self.outside)  # (B, T), (B, T)
@@ -299,6 +320,7 @@ class MNERModel(nn.Module):
             visual,
             visual_mask,
             pooled=pooled,
+            text_cls=cls,
             entities=word_mask & (tags != self.outside),  # (B, T)
             fusion_state=getattr(self.fusion, "state", None),
             epoch=self.epoch,
@@ -371,6 +393,13 @@ class MNERModel(nn.Module):
                         {"name": part + suffix, "params": chosen, "lr": lr, "weight_decay": weight_decay}
                     )
         return groups
+
+
+def word_states(states: torch.Tensor, first_subword: torch.Tensor) -> torch.Tensor:
+    """The state (B, T, D) of each word's first sub-word, from sub-word states (B, S, D) and the index of
+    each word's first sub-word (B, T)."""
+    index = first_subword[..., None].expand(-1, -1, states.shape[-1])  # (B, T, D)
+    return states.gather(1, index)  # (B, T, D)
 
 
 # Modules whose matrices multiply an input; their >= 2-D parameters are weight-decayed.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -130,6 +131,33 @@ def load_encoder(name_or_path: str | Path) -> torch.nn.Module:
         return AutoModel.from_pretrained(folder, local_files_only=True)
     except OSError as err:  # transformers' word for missing/unreadable weight files
         raise ValueError(f"text encoder folder {folder} cannot be loaded: {err}") from err
+
+
+def type_prompt_states(encoder: torch.nn.Module, tokenizer, types: Sequence[str]) -> torch.Tensor:
+    """(E, D): the encoder's last state at the mask token of "<mask> is TYPE", one row per type.
+
+    AFNER's and AFDVQF's query initialisation (TypeQueryGenerator in liguochun0304/AFDVQF@e0b3496,
+    model/query_guided_fusion.py:24-38), run in eval mode and without gradient, so it draws no random
+    numbers. Raises ValueError for a tokenizer without a mask token.
+    """
+    if tokenizer.mask_token is None:
+        raise ValueError(
+            "the text encoder's tokenizer has no mask token, which typed query slots are read at "
+            '("<mask> is TYPE"); set model.typed_queries = false'
+        )
+    prompts = [f"{tokenizer.mask_token} is {name}" for name in types]
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    device = next(encoder.parameters()).device
+    input_ids = enc["input_ids"].to(device)  # (E, S)
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        states = encoder(
+            input_ids=input_ids, attention_mask=enc["attention_mask"].to(device)
+        ).last_hidden_state
+    encoder.train(was_training)
+    where = (input_ids == tokenizer.mask_token_id).long().argmax(dim=1)  # (E,)
+    return states[torch.arange(len(types), device=device), where]  # (E, D)
 
 
 def encoder_layers(encoder: torch.nn.Module, frozen: int, name: str) -> torch.nn.ModuleList:

@@ -18,8 +18,9 @@ def write(tmp_path, text: str, name: str = "diff.toml"):
 
 
 def test_base_toml_restates_every_default():
-    assert load_run_config() == (ModelConfig(), TrainConfig())
     data = configs.load_toml(base_config_path())
+    assert ModelConfig.from_dict(data["model"]) == ModelConfig()
+    assert TrainConfig.from_dict(data["train"]) == TrainConfig()
     for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
         assert list(data[section]) == [f.name for f in dataclasses.fields(cls)]
 
@@ -37,8 +38,9 @@ def test_diff_file_changes_only_its_keys(tmp_path):
         tmp_path, "[model]\nqfnet_layers = 1\nfusion = 'gated'\nadaptive_gate = false\n[train]\nepochs = 3\n"
     )
     model, train = load_run_config(config_file=diff)
-    assert model == dataclasses.replace(ModelConfig(), qfnet_layers=1, fusion="gated", adaptive_gate=False)
-    assert train == dataclasses.replace(TrainConfig(), epochs=3)
+    base_model, base_train = load_run_config()
+    assert model == dataclasses.replace(base_model, qfnet_layers=1, fusion="gated", adaptive_gate=False)
+    assert train == dataclasses.replace(base_train, epochs=3)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in configs.path("experiments").glob("*.toml")))
@@ -331,7 +333,10 @@ def test_every_model_file_describes_itself_and_loads():
         assert model.name == name
         table = configs.load_toml(model_file(name))
         assert set(table) <= {"model", "train"}, name
-    assert load_run_config(model="afdvqf") == (ModelConfig(), TrainConfig())  # the base is AFDVQF
+    # The base's architecture is AFDVQF's; its original's training values are in its model file.
+    model, _ = load_run_config(model="afdvqf")
+    assert (model.fusion, model.adaptive_fusion, model.alignment_loss_weight) == ("qgf", "weights", 0.1)
+    assert model == dataclasses.replace(ModelConfig(), **configs.load_toml(model_file("afdvqf"))["model"])
 
 
 def test_describe_model_strips_labels_and_needs_two_comment_lines(tmp_path, monkeypatch):
@@ -361,3 +366,14 @@ def test_text_frozen_layers_are_refused_for_ifaformer_and_below_zero():
         ),
     ):
         ModelConfig(fusion="single_stream", adaptive_gate=False, text_frozen_layers=2)
+
+
+def test_query_and_alignment_settings_are_checked():
+    cases = {
+        "model.typed_queries = false changes the query slots of model.fusion = 'qgf', but model.fusion is "
+        "'gated'; leave it at true": dict(fusion="gated", adaptive_gate=False, typed_queries=False),
+        "model.alignment_pooling must be one of 'cls', 'mean', got 'max'": dict(alignment_pooling="max"),
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ModelConfig(**changes)

@@ -323,14 +323,14 @@ def test_orphan_i_tags_are_logged_and_recorded(tmp_path, caplog):
 def _expected_decay(name: str, param) -> bool:
     """The BERT recipe by brute force over a parameter's name and shape: decay the weight matrices
     that multiply an input; not biases or LayerNorm (the vectors), embedding tables, the CRF's
-    transition scores or the fusion's query slots (QGF's slots, MANGO's resampler queries)."""
+    transition scores or the fusion's query slots (QGF's slots and type queries, the resampler queries)."""
     if param.dim() < 2:  # biases (bias, in_proj_bias), LayerNorm weights, CRF start/end scores
         return False
     if ".embeddings." in name or name.endswith(("label_embed.weight", "type_embed.weight")):
         return False
     if name.startswith("crf."):
         return False
-    return name.rsplit(".", 1)[-1] not in ("slots", "queries")
+    return name.rsplit(".", 1)[-1] not in ("slots", "queries", "type_queries", "resampler_queries")
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS.names))

@@ -51,7 +51,7 @@ SAYS = {
     "no_patch": ("use_patches", lambda base, arm: base is True and arm is False),
     "text_only": ("text_only", lambda base, arm: base is False and arm is True),
     "qfnet1": ("qfnet_layers", lambda base, arm: base > 1 and arm == 1),
-    "no_slot_type": ("slot_type_loss_weight", lambda base, arm: base > 0 and arm == 0),
+    "no_slot_type": ("typed_queries", lambda base, arm: base is True and arm is False),
     "no_resampler": ("resampler", lambda base, arm: base is True and arm is False),
     "no_preserve": ("preserve_lambda", lambda base, arm: base > 0 and arm == 0),
 }
@@ -418,13 +418,10 @@ def test_list_gives_every_experiment_its_diff_from_the_file():
 
 def test_all_names_every_registry_experiment_that_changes_the_model():
     mango_only = ("no_resampler", "no_preserve")  # not even valid without the mango fusion
-    # over afdvqf (the default), no_slot_type changes nothing (its loss is off already)
-    expected = [n for n in ABLATIONS if n != "no_slot_type" and n not in mango_only]
+    expected = [n for n in ABLATIONS if n not in mango_only]
     assert _config(experiments=["all"]).experiments == expected
-    # over afner (no gate, no alignment loss), no_adapt and no_align change nothing
-    afner = _config(experiments=["all"], model="afner").experiments
-    assert afner == [n for n in ABLATIONS if n not in ("no_adapt", "no_align", *mango_only)]
-    assert "no_slot_type" in afner
+    # afner's original computes what afdvqf's does: the same experiments apply
+    assert _config(experiments=["all"], model="afner").experiments == expected
     mango = _config(experiments=["all"], model="mango").experiments
     assert set(mango_only) <= set(mango) and "no_slot_type" not in mango
     with pytest.raises(ValueError, match=r"^experiment 'all' already names every experiment; give it alone$"):
@@ -551,7 +548,7 @@ def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
         cache_dir=str(cache_dir),
         data=DataConfig(data_dir=str(data_dir)),
         text_encoder="tiny-bert",
-        experiments=["full", "no_slot_type", "model=bert-softmax", "model=afdvqf"],
+        experiments=["full", "no_slot_type", "model=bert-softmax", "model=bert-crf"],
         seeds=1,
         out_dir=str(tmp_path / "out"),
         overrides=OVERRIDES + ["model.qfnet_heads=2"],
@@ -560,18 +557,18 @@ def test_model_arms_and_a_models_own_ablation_in_one_table(tmp_path):
     )
     md_path = run_ablation(cfg)
     expected = {
-        "full": ("afner", 0.1, "crf"),
-        "no_slot_type": ("afner", 0.0, "crf"),
-        "bert-softmax": ("bert-softmax", 0.0, "softmax"),
-        "afdvqf": ("afdvqf", 0.0, "crf"),
+        "full": ("afner", True, "crf"),
+        "no_slot_type": ("afner", False, "crf"),
+        "bert-softmax": ("bert-softmax", True, "softmax"),
+        "bert-crf": ("bert-crf", True, "crf"),
     }
-    for arm, (name, weight, head) in expected.items():
+    for arm, (name, typed, head) in expected.items():
         record = json.loads((md_path.parent / arm / "seed1" / "config.json").read_text())
         model = record["model"]
-        assert (model["name"], model["slot_type_loss_weight"], model["head"]) == (name, weight, head), arm
+        assert (model["name"], model["typed_queries"], model["head"]) == (name, typed, head), arm
     assert json.loads((md_path.parent / "ablation.json").read_text())["model"] == "afner"
     rows = [line.split(" | ")[0].lstrip("| ") for line in md_path.read_text().splitlines()[4:8]]
-    assert rows == ["full", "no_slot_type", "bert-softmax", "afdvqf"]
+    assert rows == ["full", "no_slot_type", "bert-softmax", "bert-crf"]
 
 
 def test_model_arm_and_model_errors(tmp_path):
@@ -586,9 +583,9 @@ def test_model_arm_and_model_errors(tmp_path):
         ablation_config.experiment_name("model=afner") == "afner"
         and ablation_config.experiment_file("model=afner") is None
     )
-    # no_slot_type over the base (afdvqf, whose slot_type loss is off) would retrain it: refused.
-    cfg = _config(experiments=["no_slot_type"], out_dir=str(tmp_path / "out"))
-    message = f"experiment no_slot_type ({experiment_file('no_slot_type')}) changes nothing"
+    # no_align over bert-crf (no image, no alignment loss) would retrain it: refused.
+    cfg = _config(experiments=["no_align"], model="bert-crf", out_dir=str(tmp_path / "out"))
+    message = f"experiment no_align ({experiment_file('no_align')}) changes nothing"
     with pytest.raises(ValueError, match=re.escape(message)):
         run_ablation(cfg)
 
@@ -625,7 +622,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_the_difference(tmp_path, 
     (out / "text_only").mkdir()  # an earlier arm's folder: the re-run must not be told it is ours to skip
     for changes, difference in (
         (dict(epochs=3), "arms.text_only.train.epochs 1 -> 3"),
-        (dict(epochs=1, overrides=["train.lr_fusion=0.5"]), "arms.text_only.train.lr_fusion 0.0001 -> 0.5"),
+        (dict(epochs=1, overrides=["train.lr_fusion=0.5"]), "arms.text_only.train.lr_fusion 0.0004 -> 0.5"),
         (dict(epochs=1, seeds=2), "seeds [1] -> [1, 2]"),
         (dict(epochs=1, experiments=["text_only", "qfnet1"]), "arms.qfnet1 null -> "),
     ):
@@ -698,12 +695,14 @@ def test_arms_that_train_the_same_model_are_left_out_or_refused(tmp_path):
         match=re.escape(f"experiment no_align ({experiment_file('no_align')}) changes nothing the model"),
     ):
         run_ablation(_config(**base, experiments=["full", "no_align"], model="bert-crf"))
-    # afdvqf made text-only reads exactly what bert-crf reads.
+    # afner's original computes what afdvqf's does, at the same training settings.
     with pytest.raises(
         ValueError,
-        match=re.escape("experiments 'text_only' and 'bert-crf' would train the same model the same way"),
+        match=re.escape("experiments 'afner' and 'afdvqf' would train the same model the same way"),
     ):
-        run_ablation(_config(**base, experiments=["text_only", "model=bert-crf"]))
+        run_ablation(
+            _config(**base, cache_dir=str(tmp_path / "cache"), experiments=["model=afner", "model=afdvqf"])
+        )
     assert not (tmp_path / "out").exists()
 
 

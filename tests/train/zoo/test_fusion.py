@@ -173,3 +173,40 @@ def test_gated_fusion_leaves_image_less_words_untouched():
         words = model.encode_text(batch)
         out = fused(model, batch)
     assert torch.equal(out[2], words[2]) and not torch.equal(out[0], words[0])
+
+
+def test_qgf_slots_are_the_type_prompt_plus_an_offset_per_slot():
+    model = tiny_model(slots_per_type=3).eval()
+    fusion = model.fusion
+    assert fusion.type_queries.shape == (2, 32) and fusion.slots.shape == (6, 32)
+    queries = fusion.queries()
+    for slot in range(6):  # slots 0-2 are LOC's, 3-5 PER's (types sorted)
+        expected = fusion.type_queries[slot // 3] + fusion.slots[slot]
+        assert torch.equal(queries[slot], expected)
+    untyped = tiny_model(slots_per_type=3, typed_queries=False).fusion
+    assert untyped.type_queries is None and torch.equal(untyped.queries(), untyped.slots)
+
+
+def test_qgf_words_never_read_the_slots():
+    """In the originals the query branch is computed and dropped: the slots cannot move a prediction."""
+    model = tiny_model().eval()
+    batch = make_batch(make_posts(3, seed=2))
+    with torch.no_grad():
+        before = fused(model, batch)
+        model.fusion.slots.add_(torch.randn_like(model.fusion.slots))
+        model.fusion.type_queries.mul_(-3.0)
+        assert torch.equal(fused(model, batch), before)
+        assert not torch.equal(model.fusion.final_slots, torch.zeros_like(model.fusion.final_slots))
+
+
+@pytest.mark.parametrize("name", ["qgf", "gated"])
+def test_dropout_acts_on_the_encoder_states_for_qgf_and_on_the_fused_states_otherwise(name):
+    model = tiny_model(**with_fusion(name, dropout=0.5)).train()
+    batch = make_batch(make_posts(2))
+    shapes = []
+    model.dropout.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    model(batch)
+    B, S = batch["input_ids"].shape
+    T = batch["word_mask"].shape[1]
+    # QGF's originals drop out the encoder's sub-word states, then feed the fused states undropped.
+    assert shapes == ([(B, S, 32)] if name == "qgf" else [(B, T, 32)])

@@ -95,7 +95,7 @@ def _rank_of_the_gathered_loss(rank: int, world: int, store: str, results: str) 
         mine = LossInputs(
             words, union.word_mask[part], union.emissions[part], visual, union.visual_mask[part]
         )
-        loss = AlignmentLoss(ModelConfig(), 8).train()(mine)
+        loss = AlignmentLoss(ModelConfig(alignment_pooling="mean"), 8).train()(mine)
         loss.backward()
         torch.save({"loss": loss.detach(), "words": words.grad, "visual": visual.grad}, f"{results}.{rank}")
     finally:
@@ -114,7 +114,7 @@ def test_alignment_loss_gathers_the_negatives_of_every_rank(tmp_path):
     union, parts = _union_inputs()
     words, visual = union.words.clone().requires_grad_(True), union.visual.clone().requires_grad_(True)
     inputs = LossInputs(words, union.word_mask, union.emissions, visual, union.visual_mask)
-    reference = AlignmentLoss(ModelConfig(), 8).train()(inputs)
+    reference = AlignmentLoss(ModelConfig(alignment_pooling="mean"), 8).train()(inputs)
     reference.backward()
     local_only = []
     for rank, part in enumerate(parts):
@@ -124,7 +124,7 @@ def test_alignment_loss_gathers_the_negatives_of_every_rank(tmp_path):
         torch.testing.assert_close(got["visual"] / world, visual.grad[part])
         local = LossInputs(*(getattr(union, name)[part] for name in ("words", "word_mask", "emissions")),
                            union.visual[part], union.visual_mask[part])  # fmt: skip
-        local_only.append(AlignmentLoss(ModelConfig(), 8)(local).item())
+        local_only.append(AlignmentLoss(ModelConfig(alignment_pooling="mean"), 8)(local).item())
     # The per-rank loss without gathering differs: the test can tell the two apart.
     assert all(abs(value - reference.item()) > 1e-3 for value in local_only)
 

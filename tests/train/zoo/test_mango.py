@@ -146,19 +146,13 @@ def test_loss_falls_on_a_tiny_fixed_batch():
     assert all(out[f"mango_{n}_loss"].item() > 0 for n in ("align", "preserve", "nce", "sparsity"))
 
 
-# The first training step's losses of mango_model(seed=0) with dropout 0.1 and image dropout 0.3 on
-# make_posts(4, seed=0) with img3 missing, after torch.manual_seed(0); recorded when MANGO was added.
-FIRST_LOSSES = {"crf": 9.8534, "mango_align": 0.02467, "mango_preserve": 0.01837, "mango_nce": 0.7681}
-
-
-def test_first_step_loss_regression_and_the_total_is_the_weighted_sum():
+def test_the_total_is_the_weighted_sum_of_the_terms():
     model = mango_model(seed=0, dropout=0.1, image_dropout=0.3).train()
     batch = make_batch(make_posts(4, seed=0), statuses={"img3": "missing"})
     torch.manual_seed(0)
     out = {key: value.item() for key, value in model(batch).items()}
-    for name, value in FIRST_LOSSES.items():
-        assert out[f"{name}_loss"] == pytest.approx(value, abs=1e-4), name
     weights = {f"mango_{name.split('_')[0]}_loss": w for name, w in LOSSES_ON.items()}
+    assert all(out[k] != 0 for k in weights if k != "mango_align_loss")
     assert out["loss"] == pytest.approx(
         out["crf_loss"] + sum(w * out[k] for k, w in weights.items()), abs=1e-5
     )
@@ -179,17 +173,22 @@ def test_same_seed_gives_identical_losses_and_gradients():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
-def test_weights_zero_build_no_mango_loss_and_the_model_file_builds_three():
+def test_weights_zero_build_no_mango_loss_and_the_model_file_builds_the_originals_four():
     off = mango_model(**dict.fromkeys(LOSSES_ON, 0.0))
     assert len(off.aux_losses) == 0
     model_cfg, train_cfg = load_run_config(
         config_file=configs.path("models", "mango.toml"), overrides=["model.text_encoder=tiny-bert"]
     )
     model = MNERModel(model_cfg, LABELS, tiny_spec(), "tiny-bert", NUM_DETECTOR_CLASSES)
-    assert set(model.aux_losses) == {"mango_align", "mango_preserve", "mango_nce"}
-    assert (model_cfg.image_dropout, train_cfg.max_grad_norm) == (0.3, 2.0)
-    assert (train_cfg.lr_encoder, train_cfg.lr_fusion) == (5e-5, 3e-4)
+    assert set(model.aux_losses) == {"mango_align", "mango_preserve", "mango_nce", "mango_sparsity"}
+    # liguochun0304/AFDVQF@a20bc9e config.py and model.py's GatedConcatFusion defaults
+    assert (model_cfg.image_dropout, model_cfg.dropout, train_cfg.max_grad_norm) == (0.3, 0.3, 2.0)
+    assert (train_cfg.lr_encoder, train_cfg.lr_fusion, train_cfg.grad_accum) == (5e-5, 3e-4, 2)
     assert (model_cfg.align_lambda, model_cfg.nce_lambda, model_cfg.preserve_lambda) == (0.2, 0.02, 0.05)
+    assert (model_cfg.sparsity_lambda, model_cfg.emission_temperature, model_cfg.rel_temp) == (0.01, 2.5, 2.0)
+    assert (model_cfg.use_regions, model_cfg.patch_cls, model_cfg.global_from_cls) == (False, False, True)
+    assert model.fusion.gated.alpha.item() == pytest.approx(0.02)
+    assert torch.all(model.fusion.gated.gate.bias == -1.5)
 
 
 # ------------------------------------------------------------------------- losses by hand
@@ -233,10 +232,12 @@ def test_align_loss_by_hand(epoch, factor):
         for t in range(3):
             if inputs.word_mask[b, t]:
                 w = float(s.relevance[b, t]) + float(inputs.entities[b, t])
-                num += w * (1 - _cos(s.text[b, t].tolist(), s.fused[b, t].tolist()))
+                mse = sum((float(f) - float(x)) ** 2 for f, x in zip(s.fused[b, t], s.text[b, t])) / 2
+                # compute_alignment_loss_v2: (1 - cos) + beta * MSE, beta = 0.3, / (sum w + 1e-6)
+                num += w * (1 - _cos(s.text[b, t].tolist(), s.fused[b, t].tolist()) + 0.3 * mse)
                 den += w
     got = MangoAlignLoss(_cfg(align_lambda=0.2), 2)(inputs)
-    assert got.item() == pytest.approx(factor * num / den, rel=1e-5)
+    assert got.item() == pytest.approx(factor * num / (den + 1e-6), rel=1e-5)
 
 
 def test_align_loss_does_not_push_the_relevance():
@@ -282,10 +283,10 @@ def test_nce_loss_by_hand():
     def ce(row, target):
         return -row[target] + math.log(sum(math.exp(x) for x in row))
 
+    # the original's info_nce: text -> image only
     t2i = sum(ce(logits[i], i) for i in range(2)) / 2
-    i2t = sum(ce([logits[j][i] for j in range(2)], i) for i in range(2)) / 2
     got = MangoNCELoss(_cfg(nce_tau=tau), 2)(inputs)
-    assert got.item() == pytest.approx((t2i + i2t) / 2, rel=1e-5)
+    assert got.item() == pytest.approx(t2i, rel=1e-5)
 
 
 def test_gated_relevance_fusion_follows_the_seed_formula():

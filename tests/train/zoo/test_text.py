@@ -217,3 +217,22 @@ def test_frozen_layers_need_a_bert_style_encoder():
         ValueError, match=r"a Linear \(x\) does not expose \(\.embeddings, \.encoder\.layer\)"
     ):
         text.encoder_layers(torch.nn.Linear(2, 2), 1, "x")
+
+
+def test_type_prompt_states_read_the_mask_position_and_need_a_mask_token():
+    from mner.train.zoo.text import load_encoder, load_tokenizer, type_prompt_states
+
+    encoder, tokenizer = load_encoder("tiny-bert"), load_tokenizer("tiny-bert")
+    encoder.train()
+    states = type_prompt_states(encoder, tokenizer, ["LOC", "PER"])
+    assert encoder.training  # its mode is restored
+    encoder.eval()
+    alone = encoder(**tokenizer(["[MASK] is PER"], return_tensors="pt")).last_hidden_state[0, 1]
+    torch.testing.assert_close(states[1], alone, rtol=0, atol=1e-5)  # [CLS] [MASK] is per [SEP]
+
+    class NoMask:
+        mask_token = None
+
+    message = "the text encoder's tokenizer has no mask token, which typed query slots are read at"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        type_prompt_states(encoder, NoMask(), ["LOC"])

@@ -1,6 +1,7 @@
 """train/zoo/visual.py: a cache without region tokens (--detector none) feeds a patch-only model and
 refuses one that asks for regions, naming the cache."""
 
+import dataclasses
 import json
 import math
 import re
@@ -9,10 +10,12 @@ import pytest
 import torch
 
 from mner.cache.reader import CacheReader
+from mner.train.engine.config import ModelConfig
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.runs import build_model
+from mner.train.zoo.visual import VisualTokenBuilder
 from tests.cache.factories import NO_REGION_SPEC
-from tests.train.factories import LABELS, make_batch, tiny_config, tiny_model
+from tests.train.factories import LABELS, make_batch, make_posts, tiny_config, tiny_model, tiny_spec
 from tests.train.run_factories import make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
 
 
@@ -80,3 +83,58 @@ def test_ner_models_train_on_resnet_grid_caches(tmp_path):
     run_dir = train_from_cache(run_config(tmp_path / "patches", plain, data_dir, epochs=1, use_regions=False))
     [line] = [json.loads(text) for text in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert math.isfinite(line["train_loss"])
+
+
+def test_global_from_cls_needs_patches_and_a_cls_state():
+    with pytest.raises(ValueError, match="model.global_from_cls = true projects the CLS state"):
+        ModelConfig(fusion="mango", adaptive_gate=False, use_patches=False, global_from_cls=True)
+    grid = dataclasses.replace(tiny_spec(), patch_source="resnet50.layer4 (7x7 grid)")
+    cfg = tiny_config(fusion="mango", adaptive_gate=False, global_from_cls=True)
+    with pytest.raises(
+        ValueError, match=r"reads the CLIP CLS state, but the cache's patch tokens come from resnet50"
+    ):
+        VisualTokenBuilder(cfg, grid, 32)
+    # a grid's first cell is a real token: patch_cls = false drops nothing there
+    kept = VisualTokenBuilder(tiny_config(fusion="mango", adaptive_gate=False, patch_cls=False), grid, 32)
+    assert not kept.drop_cls
+
+
+def test_patch_resampler_gives_its_query_count_of_tokens_and_masks_an_image_less_post():
+    model = tiny_model(patch_resampler_queries=3, use_regions=False).eval()
+    batch = make_batch(make_posts(3), statuses={"img1": "missing"})
+    with torch.no_grad():
+        visual, mask = model.encode_visual(batch)
+    assert visual.shape == (3, 3, 32)
+    assert mask[[0, 2]].all() and not mask[1].any() and not visual[1].any()
+
+
+def test_the_dual_builder_is_the_originals_token_sum_without_type_embedding():
+    model = tiny_model(visual_builder="dual", patch_cls=False, use_patches=False).eval()
+    assert not hasattr(model.visual, "type_embed") and model.visual.label_embed.num_embeddings == 92
+    batch = make_batch(make_posts(2), statuses={})
+    v = model.visual
+    with torch.no_grad():
+        visual, mask = model.encode_visual(batch)
+        expected = v.region_norm(
+            v.region_proj(batch["region_feats"])
+            + v.label_embed(batch["region_labels"])
+            + v.box_embed(batch["region_boxes"])
+            + v.score_embed(batch["region_scores"][..., None])
+        )
+    torch.testing.assert_close(visual, expected * mask[..., None], rtol=0, atol=1e-6)
+
+
+def test_visual_token_settings_are_checked():
+    cases = {
+        "model.patch_resampler_queries must be >= 0, got -1": dict(patch_resampler_queries=-1),
+        "model.visual_builder must be one of 'shared', 'dual', got 'x'": dict(visual_builder="x"),
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            tiny_config(**changes)
+    message = (
+        "model.patch_resampler_queries > 0 resamples with 8 attention heads, which do not divide the text "
+        "encoder's width 36; set model.patch_resampler_queries = 0"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VisualTokenBuilder(tiny_config(patch_resampler_queries=2), tiny_spec(), 36)

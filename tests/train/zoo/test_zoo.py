@@ -97,9 +97,11 @@ def test_loss_falls_on_a_fixed_batch(name):
     model = build(cfg).train()
     batch = batch_for(cfg)
     # MANGO's 7-block stack is too deep for 5e-3 on a 32-wide model (the loss stalls near half); its
-    # own file trains the fusion at 3e-4, so 1e-3 is still its fast setting.
-    lr_fusion = 1e-3 if cfg.fusion == "mango" else 5e-3
-    losses = train_steps(model, batch, TrainConfig(lr_encoder=1e-3, lr_fusion=lr_fusion, lr_crf=1e-2), 20)
+    # own file trains the fusion at 3e-4, so 1e-3 is still its fast setting. Its emissions are divided
+    # by the original's temperature 2.5, which slows the cross-entropy's fall: it gets more steps.
+    mango = cfg.fusion == "mango"
+    train_cfg = TrainConfig(lr_encoder=1e-3, lr_fusion=1e-3 if mango else 5e-3, lr_crf=1e-2)
+    losses = train_steps(model, batch, train_cfg, 40 if mango else 20)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -166,7 +168,8 @@ def test_without_regions_no_region_tensor_is_read(name):
     model.train()(batch)["loss"].backward()
     assert [len(p) for p in model.eval().decode(batch)] == batch["num_words"].tolist()
     with pytest.raises(AssertionError, match="read region_"):
-        build(config(name)).eval().decode(batch)  # the guard works: a model with regions trips it
+        # the guard works: a model with regions trips it
+        build(config(name, "model.use_regions=true")).eval().decode(batch)
 
 
 def ablation_files():
@@ -267,7 +270,7 @@ def test_the_readme_names_the_original_each_model_follows(name):
     }
     assert re.search(rf"follows {re.escape(repository[name])}@[0-9a-f]{{7}}\b", seed), seed
     # The knob that makes the model its original is documented in its row.
-    knob = {"afdvqf": "adaptive_fusion", "afner": "slot_type_loss_weight", "ifaformer": "emission_lr"}
+    knob = {"afdvqf": "adaptive_fusion", "afner": "typed_queries", "ifaformer": "emission_lr"}
     assert f"`{knob[name]}`" in knobs
     # Both originals freeze CLIP (requires_grad = False), so a frozen CLIP is no deviation.
     assert "not fine-tuned" not in leaves_out
