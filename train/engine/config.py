@@ -151,6 +151,11 @@ class ModelConfig(Config):
     resampler_queries: int = 8  # learned queries of the visual resampler (Q)
     stack_layers: int = 7  # multimodal Transformer blocks: self-attn over words, cross-attn to the image, FFN
     rel_temp: float = 1.0  # temperature of the per-word relevance sigmoid(rel_head(.) / rel_temp)
+    # the gated fusion's update starts small: alpha (a learned scale) and the gate's bias at their
+    # original inits (liguochun0304/AFDVQF@a20bc9e model.py GatedConcatFusion: 0.02 and -1.5). On a small
+    # set that update never grows enough to carry the image (README, MANGO row): 1.0 and 0.0 open it
+    gate_alpha_init: float = 0.02
+    gate_bias_init: float = -1.5
     align_lambda: float = 0.0  # weight of the relevance + entity weighted text/fused alignment loss
     align_warmup_epochs: int = 5  # align_lambda grows linearly to its value over this many epochs; 0: none
     preserve_lambda: float = 0.0  # weight of the (1 - relevance) weighted fused/text MSE
@@ -308,8 +313,17 @@ class ModelConfig(Config):
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.align_warmup_epochs < 0:
             raise ValueError(f"model.align_warmup_epochs must be >= 0, got {self.align_warmup_epochs}")
+        for name in ("gate_alpha_init", "gate_bias_init"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"model.{name} must be a finite number, got {getattr(self, name)}")
         if self.fusion == "mango":
             return
+        for name, default in (("gate_alpha_init", 0.02), ("gate_bias_init", -1.5)):
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"model.{name} sets the init of model.fusion = 'mango''s gated fusion, but model.fusion "
+                    f"is {self.fusion!r}; leave it at {default}"
+                )
         # Off the mango fusion these knobs would do nothing: an ablation flipping one must fail, not no-op.
         if not self.resampler:
             raise ValueError(

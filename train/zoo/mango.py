@@ -112,9 +112,9 @@ class MangoBlock(nn.Module):
 class GatedRelevanceFusion(nn.Module):
     """The seed's GatedConcatFusion (liguochun0304/AFDVQF@a20bc9e model.py:108-140): a per-word relevance
     (a 2-layer MLP, temperature rel_temp) scales the image context, a sigmoid gate (bias from -1.5) and a
-    learned scale alpha (from 0.02) the update added to the words."""
+    learned scale alpha (from 0.02) the update added to the words (model.gate_bias_init / gate_alpha_init)."""
 
-    def __init__(self, width: int, rel_temp: float):
+    def __init__(self, width: int, rel_temp: float, alpha_init: float = 0.02, gate_bias: float = -1.5):
         super().__init__()
         self.rel_temp = rel_temp
         self.ln_t = nn.LayerNorm(width)
@@ -124,8 +124,8 @@ class GatedRelevanceFusion(nn.Module):
         self.gate = nn.Linear(2 * width, width)
         # The original's inits: the gate starts mostly closed and the update small, so training starts
         # from the text model's states.
-        nn.init.constant_(self.gate.bias, -1.5)
-        self.alpha = nn.Parameter(torch.tensor(0.02))
+        nn.init.constant_(self.gate.bias, gate_bias)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
 
     def forward(self, text, context, has_image) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, T, D), context (B, T, D), has_image (B,) -> fused (B, T, D), relevance (B, T).
@@ -165,7 +165,7 @@ class MangoFusion(nn.Module):
             VisualResampler(width, heads, cfg.resampler_queries, cfg.dropout) if cfg.resampler else None
         )
         self.blocks = nn.ModuleList(MangoBlock(width, heads, cfg.dropout) for _ in range(cfg.stack_layers))
-        self.gated = GatedRelevanceFusion(width, cfg.rel_temp)
+        self.gated = GatedRelevanceFusion(width, cfg.rel_temp, cfg.gate_alpha_init, cfg.gate_bias_init)
         self.state: MangoState | None = None
 
     def forward(self, text, text_mask, visual, visual_mask, pooled=None) -> torch.Tensor:
