@@ -97,6 +97,29 @@ def test_stack_has_stack_layers_blocks_and_the_seed_defaults():
     assert (cfg.rel_temp, cfg.nce_tau, cfg.align_warmup_epochs) == (1.0, 0.15, 5)
 
 
+def test_the_gated_update_starts_at_the_originals_inits_unless_opened():
+    cfg = ModelConfig(fusion="mango", adaptive_gate=False, text_encoder="tiny-bert", qfnet_heads=2)
+    original = MangoFusion(cfg, 32).gated
+    assert original.alpha.item() == pytest.approx(0.02) and bool((original.gate.bias == -1.5).all())
+    opened = MangoFusion(
+        ModelConfig(**{**cfg.to_dict(), "gate_alpha_init": 1.0, "gate_bias_init": 0.0}), 32
+    ).gated
+    assert opened.alpha.item() == 1.0 and bool((opened.gate.bias == 0.0).all())
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"gate_alpha_init": 1.0}, "model.gate_alpha_init sets the init of model.fusion = 'mango''s gated"),
+        ({"gate_bias_init": 0.0}, "model.gate_bias_init sets the init of model.fusion = 'mango''s gated"),
+        ({"fusion": "mango", "adaptive_gate": False, "gate_alpha_init": math.nan}, "must be a finite number"),
+    ],
+)
+def test_gate_inits_are_refused_off_mango_or_not_finite(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig(text_encoder="tiny-bert", **changes)
+
+
 # ------------------------------------------------------------------------------ masked image rule
 
 
