@@ -7,6 +7,9 @@ The data is a classification folder (cache/classification.py: MVSA `train.txt` .
 `mode` text trains on the text alone and never opens the cache; image reads only the cache (no text
 encoder); both reads the two. The model is train/classifier_model.py's.
 
+With image_norm "standard" (the default) the image feature is standardised with the train split's
+per-dimension statistics (`image_statistics`), held in the model's buffers.
+
 The best epoch is chosen on the valid split (`select`: macro-F1 by default, or accuracy); its
 weights are reloaded at the end to score valid and test. The run folder:
 
@@ -61,7 +64,6 @@ from mner.train.classifier_model import (
     reads_tokens,
 )
 from mner.train.loop import Fitting, run_training
-from mner.train.model import decayed_parameters
 from mner.train.run_files import (
     CONFIG_FILE,
     check_fingerprint,
@@ -227,6 +229,8 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
     encoder_dir = resolve_text_encoder(c.text_encoder) if c.mode != "image" else None
     weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
     model, tokenizer = build_classifier(c, len(labels), encoder_dir, reader.spec if reader else None, weights)
+    if model.standardises:
+        model.set_image_statistics(*image_statistics(data.splits["train"], reader, c))
     model = model.to(runtime.device)
 
     scored = [name for name in ("valid", "test") if name in data.splits and data.splits[name].labelled]
@@ -308,6 +312,7 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
         scored=tuple(scored),
         sampler=sampler,
         generator=train_loader.generator,
+        schedule=c.schedule,
         results={"select": c.select},
         finish=finish,
     )
@@ -330,7 +335,32 @@ def build_classifier(
     head = ClassifierHead(
         c.head, c.mode, text_dim, image_dim, num_labels, c.hidden_size, c.dropout, c.attention_heads
     )
-    return SentenceClassifier(encoder, head, c.text_pool, class_weights), tokenizer
+    model = SentenceClassifier(encoder, head, c.text_pool, class_weights, c.image_norm, image_dim)
+    return model, tokenizer
+
+
+def image_statistics(
+    train: ClassSplit, reader: CacheReader, c: ClassifierConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-dimension mean and (population) std (D,) of the image feature the head of `c` reads,
+    over the train posts with a usable image (every patch token of each for xattn); (0, 1) when none has
+    one. Accumulated in float64."""
+    posts = _Posts(train, reader, {}, reads_tokens(c.head, c.mode), c.image_feature == "patches")
+    total = squares = None
+    count = 0
+    for item in posts:
+        if not item["has_image"]:
+            continue
+        rows = item["image"].double().reshape(-1, item["image"].shape[-1])  # (1 or P, D)
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        squares = (rows**2).sum(0) if squares is None else squares + (rows**2).sum(0)
+        count += rows.shape[0]
+    if count == 0:
+        dim = reader.spec.patch_dim if posts.tokens or posts.patches else reader.spec.global_dim
+        return torch.zeros(dim), torch.ones(dim)
+    mean = total / count
+    std = (squares / count - mean**2).clamp_min(0).sqrt()
+    return mean.float(), std.float()
 
 
 def submission_file(split: str) -> str:
@@ -342,17 +372,13 @@ SUBMISSION_FILE = submission_file(UNLABELLED_SPLIT)  # the MVSA layout's test_wi
 
 
 def param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
-    """AdamW groups: encoder at lr_encoder, head at lr_head; weight decay on weight matrices only."""
-    decayed = decayed_parameters(model)
+    """AdamW groups: encoder at lr_encoder, head at lr_head, weight decay on every parameter (biases and
+    LayerNorm too), as the BertResNet notebook's AdamW(model.parameters(), weight_decay=0.01) (cell 39)."""
     groups = []
     for part, lr in (("encoder.", c.lr_encoder), ("head.", c.lr_head)):
         params = [p for name, p in model.named_parameters() if name.startswith(part) and p.requires_grad]
-        for chosen, decay in (
-            ([p for p in params if id(p) in decayed], c.weight_decay),
-            ([p for p in params if id(p) not in decayed], 0.0),
-        ):
-            if chosen:
-                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": c.weight_decay})
     return groups
 
 

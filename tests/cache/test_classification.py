@@ -172,7 +172,7 @@ def test_layout_detection_and_config_errors(tmp_path):
     assert ClassDataConfig(data_dir=tmp_path, encodings="utf-8").to_dict() == {
         "data_dir": str(tmp_path),
         "layout": "auto",
-        "valid_fraction": 0.1,
+        "valid_fraction": 0.2,
         "seed": 0,
         "encodings": ["utf-8"],
     }

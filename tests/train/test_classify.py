@@ -65,7 +65,7 @@ from tests.cache.factories import make_cache
 REPO = Path(__file__).resolve().parents[2]
 # configs/classify/demo.toml's settings, with tiny-bert's learning rate (a random 2-layer BERT needs a
 # larger step than MiniLM to learn the cue phrases in 8 epochs).
-DEMO_SETTINGS = dict(epochs=8, patience=8, lr_head=1e-2, lr_encoder=1e-3, device="cpu")
+DEMO_SETTINGS = dict(epochs=8, patience=8, batch_size=16, lr_head=1e-2, lr_encoder=1e-3, device="cpu")
 # Small, fast settings for the runs whose scores do not matter.
 QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, device="cpu")
 
@@ -488,7 +488,9 @@ def test_sentence_classifier_loss_is_the_weighted_cross_entropy():
         ("attention_heads", 0, "classifier.attention_heads must be >= 1"),
         ("lr_head", 0.0, "classifier.lr_head must be > 0"),
         ("lr_encoder", -1e-5, "classifier.lr_encoder must be > 0"),
-        ("max_grad_norm", 0.0, "classifier.max_grad_norm must be > 0"),
+        ("max_grad_norm", -1.0, "classifier.max_grad_norm must be >= 0, got -1.0"),
+        ("image_norm", "l2", "classifier.image_norm must be one of standard, none; got 'l2'"),
+        ("schedule", "step", "classifier.schedule must be one of cosine, linear; got 'step'"),
         ("lr_head", float("nan"), "classifier.lr_head must be a finite number"),
         ("lr_head", float("inf"), "classifier.lr_head must be a finite number"),
         ("lr_encoder", float("-inf"), "classifier.lr_encoder must be a finite number"),
