@@ -302,6 +302,45 @@ def write_predictions(path: str | Path, examples: Sequence[Example], labels: Seq
     return write_atomic(path, csv_text(rows))
 
 
+def seed_form_file(path: str | Path) -> Path:
+    """Where the seed's output form goes beside the `guid,tag` (or `guid,gold,pred`) file `path`:
+    pred_test.txt -> pred_test.seed.csv."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.seed.csv")
+
+
+def write_seed_form(
+    path: str | Path, source: str | Path, labels: Sequence[str], encodings: Sequence[str] = DEFAULT_ENCODINGS
+) -> Path:
+    """The BertResNet seed's output form of a csv split file: `source` as read, every column in its
+    order and every field as written (texts unstripped), with the tag column filled in by `labels`.
+    The seed's notebook writes its test.csv so (TOMYUE/BertResNet@0d5c628, BertResNet.ipynb cell 53:
+    `df_test.at[i, 'tag'] = label; df_test.to_csv(..., index=False)`); like pandas' `to_csv`, fields
+    are quoted only where needed (csv_text), in UTF-8 with "\n" line ends.
+
+    Args:
+        path: the output file (replaced atomically).
+        source: the csv split file the predictions are for (its tag column is `tag`, or the seed's).
+        labels: one predicted label per post of `source`, in file order (blank records are skipped,
+            as the reader skips them).
+    Returns:
+        path as a Path.
+    Raises:
+        ValueError when the counts differ; a DatasetError for a file the reader refuses.
+    """
+    source = Path(source)
+    encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
+    reader = _Reader(source.parent, encodings, ReadReport("csv", encodings))
+    (_, header), *records = reader.records(source)
+    if len(records) != len(labels):
+        raise ValueError(f"{source} holds {len(records)} posts but {len(labels)} labels were given")
+    tag = [_CSV_SEED_COLUMNS.get(cell.strip(), cell.strip()) for cell in header].index("tag")
+    rows = [header]
+    for (_, row), label in zip(records, labels):
+        rows.append([*row[:tag], label, *row[tag + 1 :]])
+    return write_atomic(path, csv_text(rows))
+
+
 def csv_text(rows: Sequence[Sequence[str]]) -> str:
     """Rows as CSV text ("\\n" line ends, fields quoted only where needed): the one way a
     classification CSV is written (the submission file, a run's pred_<split>.csv)."""

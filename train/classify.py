@@ -24,6 +24,8 @@ weights are reloaded at the end to score valid and test. The run folder:
     pred_<split>.csv     guid,gold,pred per post of valid / test, in file order
     pred_<split>.txt     the seed's submission file (guid,tag in the input's order) of an unlabelled split:
                           pred_test_without_label.txt (MVSA), pred_test.txt (an unlabelled test.csv)
+    pred_test.seed.csv   for a test.csv, labelled or not: that file with its tag column filled in, the
+                          seed notebook's output form (cache.classification.write_seed_form)
 
 The training loop is the one both tasks share (train/loop.py `fit`), with its checkpoint/: the folder
 must be new, empty, or (with --resume) one of ours, a run that fails before its first epoch removes
@@ -37,7 +39,6 @@ train/tagging.py and data.py are tagging's; its settings are train/classifier_co
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -50,8 +51,10 @@ from mner.cache.classification import (
     ClassData,
     ClassSplit,
     read_classification,
+    seed_form_file,
     split_files,
     write_predictions,
+    write_seed_form,
 )
 from mner.cache.reader import CacheReader
 from mner.cache.spec import TokenSpec
@@ -246,7 +249,7 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
         if reader is None
         else {
             "fingerprint": reader.fingerprint,
-            "spec": dataclasses.asdict(reader.spec),
+            "spec": reader.spec.to_dict(),  # the manifest's form, as extractor_differences compares it
             "models": reader.models,
         },
         "data_report": {
@@ -296,9 +299,14 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
 
     def finish(model) -> None:
         for name, split in data.splits.items():
+            seed_form = name == "test" and has_seed_form(split)
+            if split.labelled and not seed_form:
+                continue
+            predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
             if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
-                predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
                 write_predictions(claim.path / submission_file(name), split.examples, predicted)
+            if seed_form:
+                write_seed_form(seed_form_file(claim.path / submission_file(name)), split.path, predicted)
 
     fitting = Fitting(
         task=SENTENCE_CLASSIFICATION,
@@ -369,6 +377,12 @@ def submission_file(split: str) -> str:
 
 
 SUBMISSION_FILE = submission_file(UNLABELLED_SPLIT)  # the MVSA layout's test_without_label.txt
+
+
+def has_seed_form(split: ClassSplit) -> bool:
+    """Whether `split` was read from a csv file of its own (test.csv, val.csv; not a valid split drawn
+    from train.csv), so its predictions are also written in the seed's form (write_seed_form)."""
+    return split.path.suffix.lower() == ".csv" and split.path.stem in ("test", "val")
 
 
 def param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
@@ -444,6 +458,10 @@ def open_run_cache(run, cache_dir, same_keys: bool) -> CacheReader | None:
     record = run.record
     if record["cache"] is None:
         return None
+    # a record that spelt the spec with every field (empty vision-state fields included) compares as the
+    # manifest's form
+    spec = TokenSpec.from_dict(record["cache"]["spec"]).to_dict()
+    record = {**record, "cache": {**record["cache"], "spec": spec}}
     reader = CacheReader(cache_dir or record["cache_dir"])
     try:
         if same_keys:

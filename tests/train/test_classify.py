@@ -839,6 +839,17 @@ def test_the_bertresnet_seeds_folder_extracts_and_trains_as_it_is(tmp_path):
     assert set(results(run)) >= {"valid", "best_epoch"}
     submission = split_file(run / submission_file("test"))
     assert [row[0] for row in submission] == [str(k) for k in files["test.csv"]]
+    # the seed's output form: its test.csv as written, the tag column filled in with the predictions
+    source = read_csv_rows(folder / "test.csv")
+    seed_form = run / "pred_test.seed.csv"
+    assert read_csv_rows(seed_form) == [source[0]] + [
+        [*row[:3], label] for row, (_, label) in zip(source[1:], submission)
+    ]
+    assert seed_form.read_text(encoding="utf-8") == csv_text(read_csv_rows(seed_form))
+    # predict writes the same beside its --out
+    out = predict_classifier(run, folder / "test.csv", tmp_path / "predicted.txt", device="cpu")
+    assert out.read_bytes() == (run / submission_file("test")).read_bytes()
+    assert (tmp_path / "predicted.seed.csv").read_bytes() == seed_form.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -1030,6 +1041,13 @@ def test_a_csv_folder_trains_with_its_missing_images_counted(csv_cache, tmp_path
     rows = split_file(run / "pred_test.csv")
     assert [r[:2] for r in rows] == [[g, t] for g, t, _, _ in CSV_TEST]
     assert not (run / SUBMISSION_FILE).exists()  # a csv folder has no test_without_label.txt
+    # a labelled test.csv also gets the seed's form: its rows, the tag column holding the predictions
+    want = [["guid", "tag", "text", "image"]] + [
+        [g, p, t, i] for (g, _, t, i), (_, _, p) in zip(CSV_TEST, rows)
+    ]
+    assert read_csv_rows(run / "pred_test.seed.csv") == want
+    _, folder = evaluate_classifier(run, split="test", device="cpu")
+    assert (folder / "pred.seed.csv").read_bytes() == (run / "pred_test.seed.csv").read_bytes()
 
 
 @pytest.mark.slow
