@@ -40,11 +40,11 @@ class ClassifierConfig(Config):
         "global"  # global (the cached global vector) | patches (their mean); xattn reads patches
     )
     # standard: each dimension of the image feature centred and scaled by its mean and std over the train
-    # split's images (recorded in the weights), a fixed affine map, so every head computes the same
-    # functions as over the raw vector. The seed fine-tunes its ResNet, whose features can grow to the
-    # head's scale; a frozen cached vector cannot, and the untrained tiny-resnet's varies 13x less per
-    # dimension than MiniLM's [CLS], so its weights learn that much slower (README, Sentence
-    # classification). none: the raw cached vector, the seed's input.
+    # split's images (kept in the weights); before a linear layer (mlp, xattn) a reparametrisation, the
+    # same functions. The seed fine-tunes its ResNet, whose features can grow to the head's scale; a
+    # frozen cached vector cannot, and the untrained tiny-resnet's varies 13x less per dimension than
+    # MiniLM's [CLS], so its weights learn that much slower (README, Sentence classification, with the
+    # measured runs). none: the raw cached vector, the seed's input.
     image_norm: str = "standard"
     max_length: int = 128  # sub-words per post; longer texts are cut (counted in config.json)
     hidden_size: int = 512  # the seed's hidden size of mlp_both (mlp, attention heads)
@@ -60,10 +60,7 @@ class ClassifierConfig(Config):
     epochs: int = 5  # cell 50: run_bert_resnet_model(epochs=5, mode='both')
     batch_size: int = 4  # cell 21
     lr_encoder: float = 1e-5  # AdamW learning rate of the text encoder; cell 21's learning_rate
-    # of the head. The notebook trains it at 1e-5 too, beside a ResNet it fine-tunes, for 5 MVSA epochs;
-    # from a frozen cache at 1e-5 the head does not learn the image on a small set (README, Sentence
-    # classification, the measured runs), so it keeps its own rate.
-    lr_head: float = 1e-3
+    lr_head: float = 1e-5  # of the head; cell 21's learning_rate too (cell 39: one rate for every parameter)
     weight_decay: float = 0.01  # cell 21; on every parameter, as cell 39's AdamW(model.parameters())
     schedule: str = "cosine"  # cosine | linear: the decay after warm-up; cell 39's get_scheduler("cosine")
     warmup_ratio: float = 0.0  # cell 21's warmup_steps = 0
@@ -102,13 +99,6 @@ class ClassifierConfig(Config):
                 raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "dict") -> ClassifierConfig:
-        """Build from a dict (a run's config.json "classifier" section); missing keys keep their
-        defaults, but a record without `image_norm` was trained on the raw cached vector and reads as
-        image_norm "none", the model it built."""
-        return super().from_dict({"image_norm": "none", **data}, source)
 
 
 @dataclass

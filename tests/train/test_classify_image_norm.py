@@ -123,10 +123,9 @@ def test_image_statistics_are_those_of_the_train_posts_with_an_image(folder_and_
     np.testing.assert_allclose(std.numpy(), rows.std(0), rtol=1e-4, atol=1e-6)
 
 
-def test_image_norm_defaults_to_standard_and_a_record_without_it_reads_as_none():
+def test_image_norm_defaults_to_standard_and_names_a_bad_value():
     assert ClassifierConfig().image_norm == "standard"
-    assert ClassifierConfig.from_dict({}, "config.json").image_norm == "none"
-    assert ClassifierConfig.from_dict({"image_norm": "standard"}, "config.json").image_norm == "standard"
+    assert ClassifierConfig.from_dict({"image_norm": "none"}, "config.json").image_norm == "none"
     with pytest.raises(ValueError, match=r"^classifier.image_norm must be one of standard, none; got 'l2'$"):
         ClassifierConfig(image_norm="l2")
     with pytest.raises(ValueError, match="unknown image_norm 'l2'; known: standard, none"):
@@ -143,8 +142,9 @@ def test_a_text_mode_model_holds_no_statistics():
 def test_at_the_defaults_both_learns_the_image_that_text_cannot_see(tmp_path):
     """The check as a new user runs it: `mner demo-data --classification --posts 500` (seed 13; the
     label is in every image and in 40% of the texts), the untrained tiny-resnet, every classifier default
-    but 4 epochs. Measured (README, Sentence classification): both MARGIN_BOTH test accuracy, text
-    MARGIN_TEXT; with the seed's raw vector (image_norm none) both stayed near text."""
+    but 4 epochs. Measured (README, Sentence classification): both 1.000 test accuracy, text 0.613 (a
+    margin of 0.387; 0.2 leaves room for another machine's numerics); at the earlier defaults, with the
+    seed's raw vector, both reached 0.427 against text's 0.573."""
     demo = make_mvsa_demo(tmp_path / "demo", seed=13, n=500)
     cache = extract(demo, tmp_path / "cache")
     accuracy = {}
