@@ -168,8 +168,9 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
 
     Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), and for a split
     read from its own csv file (test.csv, val.csv) also pred.seed.csv, that file with the tag column
-    filled in (the seed's output form, write_seed_form); never the training-time files. Returns (classification_scores, that folder). Raises ValueError for a split
-    that is absent or unlabelled, or a cache that is not the one the run was trained on.
+    filled in (the seed's output form, write_seed_form); never the training-time files. Returns
+    (classification_scores, that folder). Raises ValueError for a split that is absent or unlabelled,
+    or a cache that is not the one the run was trained on.
     """
     # Imported here: the classifier's model code is classification's (a tagging evaluation never loads it).
     from mner.cache.classification import (
