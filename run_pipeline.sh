@@ -110,8 +110,8 @@ run_demo() {
 }
 
 # The classify demo's runs: run folder, mode, head. text never opens the cache. All share
-# configs/classify/demo.toml; the cnn head (convolutions over the joined vector) gets the default head
-# learning rate, which it needs (it does not learn at the demo's 1e-2).
+# configs/classify/demo.toml; the cnn head (convolutions over the joined vector) gets a head learning
+# rate of 1e-3, which it needs (it does not learn at the demo's 1e-2).
 CLASSIFY_RUNS=(
   "text text mlp"
   "image image mlp"

@@ -51,7 +51,6 @@ import transformers
 from bench_train import forever, step_in_turns  # this folder: both run as scripts from it
 from torch.utils.data import DataLoader
 from torchvision.models import resnet
-from transformers import get_linear_schedule_with_warmup
 
 from mner.cache.classification import ClassDataConfig, ClassSplit, Example, read_classification
 from mner.cache.datasets import DataConfig
@@ -64,7 +63,7 @@ from mner.extract.resnet import ResNetEncoder, load_resnet, preprocess_for_resne
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime, seed_everything
 from mner.train.engine.classify import ClassifierConfig, collate_posts, param_groups, post_loader
-from mner.train.engine.loop import train_step
+from mner.train.engine.loop import SCHEDULES, train_step
 from mner.train.zoo.classifier_model import ClassifierHead, SentenceClassifier
 from mner.train.zoo.text import load_encoder, load_tokenizer, resolve_text_encoder
 
@@ -181,7 +180,9 @@ class ModeRun:
             c.dropout,
             c.attention_heads,
         )
-        self.model = SentenceClassifier(encoder, head, c.text_pool).to(runtime.device)
+        self.model = SentenceClassifier(
+            encoder, head, c.text_pool, image_norm=c.image_norm, image_dim=reader.spec.global_dim
+        ).to(runtime.device)  # identity statistics: the step's cost, not its values, is timed
         self.model.train()
         if mode == "cached":
             loader = post_loader(split, reader, labels, tokenizer, c, True, c.seed)
@@ -200,7 +201,7 @@ class ModeRun:
         self.batches = forever(loader)
         total = args.warmup + args.steps
         self.optimizer = torch.optim.AdamW(param_groups(self.model, c), weight_decay=c.weight_decay)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, round(c.warmup_ratio * total), total)
+        self.scheduler = SCHEDULES[c.schedule](self.optimizer, round(c.warmup_ratio * total), total)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
         self.times = {"step": [], "data": [], "vision": [], "train": []}
         self.checked = None

@@ -29,10 +29,10 @@ past the first encoding is counted per encoding in `ReadReport.fallbacks`, named
 non-UTF-8 byte a `file:line` error instead.
 
 Split rule. Without `valid.txt` / `val.csv`, a validation split is drawn from train: round(fraction
-* N) examples (Python's round, at least 1; `valid_fraction`, default 0.1), stratified by label so
-that each label's share is kept (largest remainders settle the rounding) and every label keeps at
-least one train example (so a label seen once is never drawn, and the split can come out smaller;
-when every label is seen once it is an error); which examples of a label go is a
+* N) examples (Python's round, at least 1; `valid_fraction`, default 0.2 as in the seed's notebook),
+stratified by label so that each label's share is kept (largest remainders settle the rounding) and
+every label keeps at least one train example (so a label seen once is never drawn, and the split can
+come out smaller; when every label is seen once it is an error); which examples of a label go is a
 `random.Random(seed)` shuffle, labels in sorted order. Both splits keep the train file's order. The
 fraction, the seed and the sizes are recorded in `ReadReport.split_made`. Stratified rather than
 plain random because MVSA's labels are unbalanced (neutral is rare) and a small valid split drawn
@@ -149,7 +149,9 @@ class ClassDataConfig:
 
     data_dir: str  # folder holding the split files and data/
     layout: str = "auto"  # auto | mvsa | csv; auto: train.txt -> mvsa, train.csv -> csv
-    valid_fraction: float = 0.1  # share of train drawn as valid when the folder has no valid split
+    # share of train drawn as valid when the folder has no valid split; the BertResNet notebook's
+    # train_test_split(df_train, test_size=0.2, random_state=42) (TOMYUE/BertResNet@0d5c628, cell 10)
+    valid_fraction: float = 0.2
     seed: int = 0  # seeds that draw
     encodings: tuple[str, ...] = DEFAULT_ENCODINGS  # tried in order after a BOM is stripped
 
@@ -297,6 +299,45 @@ def write_predictions(path: str | Path, examples: Sequence[Example], labels: Seq
             if not isinstance(value, str) or not value or value != value.strip():
                 raise ValueError(f"guid {example.guid!r}: {what} {value!r} is empty or padded")
         rows.append([example.guid, label])
+    return write_atomic(path, csv_text(rows))
+
+
+def seed_form_file(path: str | Path) -> Path:
+    """Where the seed's output form goes beside the `guid,tag` (or `guid,gold,pred`) file `path`:
+    pred_test.txt -> pred_test.seed.csv."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.seed.csv")
+
+
+def write_seed_form(
+    path: str | Path, source: str | Path, labels: Sequence[str], encodings: Sequence[str] = DEFAULT_ENCODINGS
+) -> Path:
+    """The BertResNet seed's output form of a csv split file: `source` as read, every column in its
+    order and every field as written (texts unstripped), with the tag column filled in by `labels`.
+    The seed's notebook writes its test.csv so (TOMYUE/BertResNet@0d5c628, BertResNet.ipynb cell 53:
+    `df_test.at[i, 'tag'] = label; df_test.to_csv(..., index=False)`); like pandas' `to_csv`, fields
+    are quoted only where needed (csv_text), in UTF-8 with "\n" line ends.
+
+    Args:
+        path: the output file (replaced atomically).
+        source: the csv split file the predictions are for (its tag column is `tag`, or the seed's).
+        labels: one predicted label per post of `source`, in file order (blank records are skipped,
+            as the reader skips them).
+    Returns:
+        path as a Path.
+    Raises:
+        ValueError when the counts differ; a DatasetError for a file the reader refuses.
+    """
+    source = Path(source)
+    encodings = (encodings,) if isinstance(encodings, str) else tuple(encodings)
+    reader = _Reader(source.parent, encodings, ReadReport("csv", encodings))
+    (_, header), *records = reader.records(source)
+    if len(records) != len(labels):
+        raise ValueError(f"{source} holds {len(records)} posts but {len(labels)} labels were given")
+    tag = [_CSV_SEED_COLUMNS.get(cell.strip(), cell.strip()) for cell in header].index("tag")
+    rows = [header]
+    for (_, row), label in zip(records, labels):
+        rows.append([*row[:tag], label, *row[tag + 1 :]])
     return write_atomic(path, csv_text(rows))
 
 

@@ -21,8 +21,10 @@ from mner.cache.classification import (
     is_classification_folder,
     read_classification,
     read_split_file,
+    seed_form_file,
     split_train,
     write_predictions,
+    write_seed_form,
 )
 from mner.cache.conll import DatasetError
 
@@ -172,7 +174,7 @@ def test_layout_detection_and_config_errors(tmp_path):
     assert ClassDataConfig(data_dir=tmp_path, encodings="utf-8").to_dict() == {
         "data_dir": str(tmp_path),
         "layout": "auto",
-        "valid_fraction": 0.1,
+        "valid_fraction": 0.2,
         "seed": 0,
         "encodings": ["utf-8"],
     }
@@ -614,3 +616,54 @@ def test_the_readme_describes_the_classification_folders_as_read_by_train_classi
     paragraph = readme[readme.index("**Sentence classification data**") :].split("\n\n")[0]
     assert "not built yet" not in paragraph
     assert "`mner train-classifier`" in paragraph
+
+
+# The first records of TOMYUE/BertResNet@0d5c628's test.csv as they are (texts end in " \n", tags
+# `null`), with records 76 and 110's doubled quotes, a comma and a non-ASCII text added.
+SEED_TEST_CSV = (
+    "text_id,text,img_path,tag\n"
+    '8,"Energetic training today with our San Antonio New Dollars/New Partners trainees \n",data/img/8.jpg,null\n'
+    '1576,"Let your voice be heard! 18+ #endsuicide #blithe #selfharm #thinspo #bonespo #edo #hurt #cut \n",'
+    "data/img/1576.jpg,null\n"
+    '116,"#Broadway #Play ""#Disgraced"" #Pulitzer #Prize \n",data/img/116.jpg,null\n'
+    '600,""" drink water whenever you think of food"" #empty #oops \n",data/img/600.jpg,null\n'
+    '4912,"a comma, and ü",data/img/4912.jpg,null\n'
+)
+
+
+def test_the_seed_form_is_what_the_seeds_notebook_writes(tmp_path):
+    """The oracle is the notebook itself (BertResNet.ipynb cell 53): pandas reads test.csv, fills the tag
+    column and writes it with `to_csv(index=False)`."""
+    pd = pytest.importorskip("pandas")
+    source = write(tmp_path / "test.csv", SEED_TEST_CSV)
+    labels = ["positive", "negative", "neutral", "positive", "negative"]
+    out = write_seed_form(tmp_path / "pred_test.seed.csv", source, labels)
+    frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    for i, label in enumerate(labels):
+        frame.at[i, "tag"] = label
+    assert out.read_text(encoding="utf-8") == frame.to_csv(index=False, lineterminator="\n")
+    back = read_split_file(out)  # and it reads back as the same posts, now labelled
+    assert [(e.guid, e.label, e.text, e.image) for e in back.examples] == [
+        (e.guid, label, e.text, e.image) for e, label in zip(read_split_file(source).examples, labels)
+    ]
+
+
+def test_the_seed_form_keeps_every_column_in_its_order_and_every_field_as_written(tmp_path):
+    source = write(
+        tmp_path / "in" / "test.csv",
+        "Unnamed: 0,tag,img_path,text_id,text\r\n"
+        '0,null,data/img/1.jpg,1,"  padded text \n"\r\n'
+        "\r\n"
+        "1,,,2,no image\r\n",
+    )
+    out = write_seed_form(tmp_path / "seed.csv", source, ["a", "b"])
+    assert out.read_bytes() == (
+        b'Unnamed: 0,tag,img_path,text_id,text\n0,a,data/img/1.jpg,1,"  padded text \n"\n1,b,,2,no image\n'
+    )
+    with pytest.raises(ValueError, match=r"test.csv holds 2 posts but 3 labels were given$"):
+        write_seed_form(tmp_path / "bad.csv", source, ["a", "b", "c"])
+
+
+def test_the_seed_form_file_lies_beside_the_submission_file(tmp_path):
+    assert seed_form_file(tmp_path / "pred_test.txt") == tmp_path / "pred_test.seed.csv"
+    assert seed_form_file("out/pred.csv") == Path("out/pred.seed.csv")

@@ -32,7 +32,7 @@ def test_reader_takes_the_demo_and_counts_its_cp1252_texts(tmp_path):
     meta = json.loads((folder / "demo.json").read_text(encoding="utf-8"))
     data = read_classification(ClassDataConfig(str(folder)))
     assert list(data.splits) == ["train", "valid", "test", "test_without_label"]
-    assert data.labels == LABELS and data.report.split_made["valid"] == 4  # round(0.1 * 42)
+    assert data.labels == LABELS and data.report.split_made["valid"] == 8  # round(0.2 * 42)
     unlabelled = data.splits["test_without_label"]
     assert [e.guid for e in unlabelled.examples] == meta["splits"]["test_without_label"]
     assert all(e.label is None for e in unlabelled.examples)

@@ -7,6 +7,9 @@ The data is a classification folder (cache/classification.py: MVSA `train.txt` .
 `mode` text trains on the text alone and never opens the cache; image reads only the cache (no text
 encoder); both reads the two. The model is train/zoo/classifier_model.py's.
 
+With image_norm "standard" (the default) the image feature is standardised with the train split's
+per-dimension statistics (`image_statistics`), held in the model's buffers.
+
 The best epoch is chosen on the valid split (`select`: macro-F1 by default, or accuracy); its
 weights are reloaded at the end to score valid and test. The run folder:
 
@@ -21,6 +24,8 @@ weights are reloaded at the end to score valid and test. The run folder:
     pred_<split>.csv     guid,gold,pred per post of valid / test, in file order
     pred_<split>.txt     the seed's submission file (guid,tag in the input's order) of an unlabelled split:
                           pred_test_without_label.txt (MVSA), pred_test.txt (an unlabelled test.csv)
+    pred_test.seed.csv   for a test.csv, labelled or not: that file with its tag column filled in, the
+                          seed notebook's output form (cache.classification.write_seed_form)
 
 The training loop is the one both tasks share (train/engine/loop.py `fit`), with its checkpoint/: the folder
 must be new, empty, or (with --resume) one of ours, a run that fails before its first epoch removes
@@ -34,7 +39,6 @@ train/engine/tagging.py and data.py are tagging's; its settings are train/engine
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -47,8 +51,10 @@ from mner.cache.classification import (
     ClassData,
     ClassSplit,
     read_classification,
+    seed_form_file,
     split_files,
     write_predictions,
+    write_seed_form,
 )
 from mner.cache.reader import CacheReader
 from mner.cache.spec import TokenSpec
@@ -72,7 +78,6 @@ from mner.train.zoo.classifier_model import (
     SentenceClassifier,
     reads_tokens,
 )
-from mner.train.zoo.model import decayed_parameters
 from mner.train.zoo.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
 
 log = logging.getLogger(__name__)
@@ -227,6 +232,8 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
     encoder_dir = resolve_text_encoder(c.text_encoder) if c.mode != "image" else None
     weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
     model, tokenizer = build_classifier(c, len(labels), encoder_dir, reader.spec if reader else None, weights)
+    if model.standardises:
+        model.set_image_statistics(*image_statistics(data.splits["train"], reader, c))
     model = model.to(runtime.device)
 
     scored = [name for name in ("valid", "test") if name in data.splits and data.splits[name].labelled]
@@ -242,7 +249,7 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
         if reader is None
         else {
             "fingerprint": reader.fingerprint,
-            "spec": dataclasses.asdict(reader.spec),
+            "spec": reader.spec.to_dict(),  # the manifest's form, as extractor_differences compares it
             "models": reader.models,
         },
         "data_report": {
@@ -292,9 +299,14 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
 
     def finish(model) -> None:
         for name, split in data.splits.items():
+            seed_form = name == "test" and has_seed_form(split)
+            if split.labelled and not seed_form:
+                continue
+            predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
             if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
-                predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
                 write_predictions(claim.path / submission_file(name), split.examples, predicted)
+            if seed_form:
+                write_seed_form(seed_form_file(claim.path / submission_file(name)), split.path, predicted)
 
     fitting = Fitting(
         task=SENTENCE_CLASSIFICATION,
@@ -308,6 +320,7 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
         scored=tuple(scored),
         sampler=sampler,
         generator=train_loader.generator,
+        schedule=c.schedule,
         results={"select": c.select},
         finish=finish,
     )
@@ -330,7 +343,32 @@ def build_classifier(
     head = ClassifierHead(
         c.head, c.mode, text_dim, image_dim, num_labels, c.hidden_size, c.dropout, c.attention_heads
     )
-    return SentenceClassifier(encoder, head, c.text_pool, class_weights), tokenizer
+    model = SentenceClassifier(encoder, head, c.text_pool, class_weights, c.image_norm, image_dim)
+    return model, tokenizer
+
+
+def image_statistics(
+    train: ClassSplit, reader: CacheReader, c: ClassifierConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-dimension mean and (population) std (D,) of the image feature the head of `c` reads,
+    over the train posts with a usable image (every patch token of each for xattn); (0, 1) when none has
+    one. Accumulated in float64."""
+    posts = _Posts(train, reader, {}, reads_tokens(c.head, c.mode), c.image_feature == "patches")
+    total = squares = None
+    count = 0
+    for item in posts:
+        if not item["has_image"]:
+            continue
+        rows = item["image"].double().reshape(-1, item["image"].shape[-1])  # (1 or P, D)
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        squares = (rows**2).sum(0) if squares is None else squares + (rows**2).sum(0)
+        count += rows.shape[0]
+    if count == 0:
+        dim = reader.spec.patch_dim if posts.tokens or posts.patches else reader.spec.global_dim
+        return torch.zeros(dim), torch.ones(dim)
+    mean = total / count
+    std = (squares / count - mean**2).clamp_min(0).sqrt()
+    return mean.float(), std.float()
 
 
 def submission_file(split: str) -> str:
@@ -341,18 +379,20 @@ def submission_file(split: str) -> str:
 SUBMISSION_FILE = submission_file(UNLABELLED_SPLIT)  # the MVSA layout's test_without_label.txt
 
 
+def has_seed_form(split: ClassSplit) -> bool:
+    """Whether `split` was read from a csv file of its own (test.csv, val.csv; not a valid split drawn
+    from train.csv), so its predictions are also written in the seed's form (write_seed_form)."""
+    return split.path.suffix.lower() == ".csv" and split.path.stem in ("test", "val")
+
+
 def param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
-    """AdamW groups: encoder at lr_encoder, head at lr_head; weight decay on weight matrices only."""
-    decayed = decayed_parameters(model)
+    """AdamW groups: encoder at lr_encoder, head at lr_head, weight decay on every parameter (biases and
+    LayerNorm too), as the BertResNet notebook's AdamW(model.parameters(), weight_decay=0.01) (cell 39)."""
     groups = []
     for part, lr in (("encoder.", c.lr_encoder), ("head.", c.lr_head)):
         params = [p for name, p in model.named_parameters() if name.startswith(part) and p.requires_grad]
-        for chosen, decay in (
-            ([p for p in params if id(p) in decayed], c.weight_decay),
-            ([p for p in params if id(p) not in decayed], 0.0),
-        ):
-            if chosen:
-                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": c.weight_decay})
     return groups
 
 
@@ -418,6 +458,10 @@ def open_run_cache(run, cache_dir, same_keys: bool) -> CacheReader | None:
     record = run.record
     if record["cache"] is None:
         return None
+    # a record that spelt the spec with every field (empty vision-state fields included) compares as the
+    # manifest's form
+    spec = TokenSpec.from_dict(record["cache"]["spec"]).to_dict()
+    record = {**record, "cache": {**record["cache"], "spec": spec}}
     reader = CacheReader(cache_dir or record["cache_dir"])
     try:
         if same_keys:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from mner.runtime import FolderClaim, ProgressLog, Runtime, seed_everything, start_runtime, to_device
 from mner.train.engine.checkpoint import (
@@ -58,6 +58,9 @@ from mner.train.engine.runs import (
 from mner.train.zoo.model import MNERModel
 
 log = logging.getLogger(__name__)
+
+# name -> (optimizer, warm-up steps, total steps) -> LR scheduler
+SCHEDULES = {"linear": get_linear_schedule_with_warmup, "cosine": get_cosine_schedule_with_warmup}
 
 
 class NonFiniteLoss(ValueError):
@@ -169,6 +172,7 @@ class Fitting:
     sampler: object = None  # a DistributedSampler, given each epoch's number; None: the loader shuffles
     generator: torch.Generator | None = None  # the loader's shuffling state, checkpointed for resume
     grad_accum: int = 1  # batches per optimiser step
+    schedule: str = "linear"  # the learning-rate schedule after warm-up (make_optimizer's SCHEDULES)
     results: dict = field(default_factory=dict)  # results.json keys after best_epoch and epochs_run
     finish: object = None  # (model) -> None: more files of the best model, on rank 0
 
@@ -183,7 +187,7 @@ def fit(job: Fitting, runtime: Runtime, run_dir: Path, checkpoint: Path | None, 
     model, s, task = job.model, job.settings, job.task
     steps_per_epoch = optimizer_steps(len(job.loader), job.grad_accum)
     optimizer, scheduler, scaler = make_optimizer(
-        job.param_groups, s.weight_decay, s.warmup_ratio, s.epochs * steps_per_epoch, runtime
+        job.param_groups, s.weight_decay, s.warmup_ratio, s.epochs * steps_per_epoch, runtime, job.schedule
     )
     metric = task.metric_name(job.select)
     progress = Progress()
@@ -307,15 +311,23 @@ def build_optimizer(model: MNERModel, train: TrainConfig, total_steps: int, runt
 
 
 def make_optimizer(
-    groups: list[dict], weight_decay: float, warmup_ratio: float, total_steps: int, runtime: Runtime
+    groups: list[dict],
+    weight_decay: float,
+    warmup_ratio: float,
+    total_steps: int,
+    runtime: Runtime,
+    schedule: str = "linear",
 ) -> tuple:
     """(AdamW over the parameter groups, its LR schedule, the AMP grad scaler).
 
-    The schedule warms up linearly from 0 over `warmup_ratio` of `total_steps`, then decays linearly to
-    0 at the last step (the BERT fine-tuning schedule). The scaler only scales under fp16 autocast.
+    The schedule warms up linearly from 0 over `warmup_ratio` of `total_steps`, then decays to 0 at the
+    last step: linearly (`linear`, the BERT fine-tuning schedule) or along a half cosine (`cosine`,
+    transformers' get_cosine_schedule_with_warmup). The scaler only scales under fp16 autocast.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(warmup_ratio * total_steps), total_steps)
+    scheduler = SCHEDULES[schedule](optimizer, round(warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     return optimizer, scheduler, scaler
 
@@ -329,6 +341,7 @@ def train_step(
 
     `model` may be the DDP wrapper; its forward returns {"loss": scalar, ...}; under DDP only the last
     batch's backward all-reduces the summed gradients.
+    `max_grad_norm` 0: no clipping.
     Raises NonFiniteLoss, before the optimiser steps, when the loss is NaN or infinite on any rank,
     or the gradient norm is in full precision (under fp16 the scaler skips such steps by design).
     """
@@ -346,7 +359,9 @@ def train_step(
             scaler.scale(loss / len(batches)).backward()
         losses.append(loss.item())
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    # max_grad_norm 0 clips nothing (the classifier's default, as the BertResNet notebook); the norm is
+    # still measured for the finiteness check
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     if not scaler.is_enabled():
         _check_finite("gradient norm", norm, scheduler, runtime)
     scaler.step(optimizer)

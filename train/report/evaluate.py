@@ -166,14 +166,23 @@ def format_scores(scores: dict) -> str:
 def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=None, device: str = "auto"):
     """Score a classifier run's best model on a labelled split of its data folder (or `data_dir`).
 
-    Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), never the
-    training-time files. Returns (classification_scores, that folder). Raises ValueError for a split
-    that is absent or unlabelled, or a cache that is not the one the run was trained on.
+    Writes RUN/eval/<split>-<UTC time>/results.json and pred.csv (guid,gold,pred), and for a split
+    read from its own csv file (test.csv, val.csv) also pred.seed.csv, that file with the tag column
+    filled in (the seed's output form, write_seed_form); never the training-time files. Returns
+    (classification_scores, that folder). Raises ValueError for a split that is absent or unlabelled,
+    or a cache that is not the one the run was trained on.
     """
     # Imported here: the classifier's model code is classification's (a tagging evaluation never loads it).
-    from mner.cache.classification import ClassDataConfig, read_classification, split_files
+    from mner.cache.classification import (
+        ClassDataConfig,
+        read_classification,
+        seed_form_file,
+        split_files,
+        write_seed_form,
+    )
     from mner.train.engine.classify import (
         check_guids_cached,
+        has_seed_form,
         load_classifier_run,
         open_run_cache,
         score_split,
@@ -217,4 +226,8 @@ def evaluate_classifier(run_dir, split: str = "test", cache_dir=None, data_dir=N
     out = new_eval_folder(run_dir, split)
     write_json(out / RESULTS_FILE, {split: scores})
     write_pred_csv(out / "pred.csv", data.splits[split], predicted)
+    if has_seed_form(data.splits[split]):
+        write_seed_form(
+            seed_form_file(out / "pred.csv"), data.splits[split].path, predicted, stored["encodings"]
+        )
     return scores, out

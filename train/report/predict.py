@@ -284,13 +284,15 @@ def _extract(
 
 def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: str = "auto") -> Path:
     """Label the posts of `input_file` (a split file of a classification folder, read_split_file) with a
-    classifier run; writes `out_file`, the seed's submission format (guid,tag in the input's order).
+    classifier run; writes `out_file`, the seed's submission format (guid,tag in the input's order), and
+    for a csv input also `<out_file stem>.seed.csv`, the input with its tag column filled in (the seed's
+    output form, write_seed_form).
 
     Their images come from `cache_dir` (else the run's cache), which must hold every guid and have been
     extracted with the run's extractor; text mode reads no cache. Raises ValueError otherwise, or when
     `out_file` would overwrite the input or a file of the run.
     """
-    from mner.cache.classification import read_split_file, write_predictions
+    from mner.cache.classification import read_split_file, seed_form_file, write_predictions, write_seed_form
     from mner.cache.manifest import extract_command
     from mner.train.engine.classify import (
         check_guids_cached,
@@ -300,9 +302,11 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
     )
 
     run_dir = Path(run_dir)
-    refuse_inputs_as_output(
-        out_file, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
-    )
+    seed_form = Path(input_file).suffix.lower() == ".csv"
+    for out in (out_file, seed_form_file(out_file)) if seed_form else (out_file,):
+        refuse_inputs_as_output(
+            out, "--out", files=[("the input", input_file)], folders=[("the run", run_dir)]
+        )
     split = read_split_file(input_file)
     run, c, model, tokenizer, runtime = load_classifier_run(run_dir, device)
     reader = open_run_cache(run, cache_dir, same_keys=False)
@@ -319,4 +323,6 @@ def predict_classifier(run_dir, input_file, out_file, cache_dir=None, device: st
         if reader is not None:
             reader.close()
         runtime.close()
+    if seed_form:
+        write_seed_form(seed_form_file(out_file), split.path, predicted)
     return write_predictions(out_file, split.examples, predicted)

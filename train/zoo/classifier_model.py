@@ -21,6 +21,10 @@ Heads (`head`), as in the seed's notebook:
 - `xattn` (ours): for both, t attends to the patch tokens projected to Dt (one multi-head attention
   layer, `heads` heads), t + attended goes through LayerNorm -> Linear(Dt, L); the single modes as `mlp`.
 
+Image normalisation (`image_norm`). "standard" maps the image feature x (each patch token for
+`xattn`) to (x - mean) / std per dimension, with the train split's statistics held as buffers (so
+they travel in model.safetensors to evaluate and predict); "none" feeds x as it is, as the seed does.
+
 Missing images. A post whose image is missing or unreadable has has_image False: its image feature
 is zeroed, its attention weight on the image is exactly 0 (score -inf) and `xattn` skips the
 attention, so such a post gets, bitwise, what the head gives with no image whatever the cache holds
@@ -32,7 +36,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mner.train.engine.classifier_config import CLASS_HEADS, MODES, TEXT_POOLS
+from mner.train.engine.classifier_config import CLASS_HEADS, IMAGE_NORMS, MODES, TEXT_POOLS
+
+MIN_STD = 1e-6  # a train std below this leaves its dimension unscaled (SentenceClassifier)
 
 
 def reads_tokens(head: str, mode: str) -> bool:
@@ -164,11 +170,13 @@ def pool_text(hidden: Tensor, attention_mask: Tensor, how: str) -> Tensor:
 
 
 class SentenceClassifier(nn.Module):
-    """Text encoder (None in image mode) + ClassifierHead; forward(batch) -> {"logits", "loss"?}.
+    """Text encoder (None in image mode) + image normalisation + ClassifierHead; forward(batch) ->
+    {"logits", "loss"?}.
 
     batch: input_ids / attention_mask (B, S) unless mode is image; image (B, Di) or (B, P, Dp) and
     has_image (B,) unless mode is text; labels (B,) for the loss. class_weights (L,) or None weight
-    the cross-entropy.
+    the cross-entropy. image_norm "standard" with image_dim D > 0 holds image_mean / image_std (D,),
+    identity until `set_image_statistics`.
     """
 
     def __init__(
@@ -177,10 +185,27 @@ class SentenceClassifier(nn.Module):
         head: ClassifierHead,
         text_pool: str,
         class_weights: Tensor | None = None,
+        image_norm: str = "none",
+        image_dim: int = 0,
     ):
         super().__init__()
+        if image_norm not in IMAGE_NORMS:
+            raise ValueError(f"unknown image_norm {image_norm!r}; known: {', '.join(IMAGE_NORMS)}")
         self.encoder, self.head, self.text_pool = encoder, head, text_pool
         self.register_buffer("class_weights", class_weights, persistent=False)
+        self.standardises = image_norm == "standard" and image_dim > 0
+        if self.standardises:
+            self.register_buffer("image_mean", torch.zeros(image_dim))
+            self.register_buffer("image_std", torch.ones(image_dim))
+
+    @torch.no_grad()
+    def set_image_statistics(self, mean: Tensor, std: Tensor) -> None:
+        """The train split's per-dimension mean and std (D,) of the image feature; a dimension whose
+        std is below MIN_STD (constant over train) is only centred, so that an image unlike every train
+        image cannot blow it up."""
+        assert self.standardises and mean.shape == std.shape == self.image_mean.shape
+        self.image_mean.copy_(mean)
+        self.image_std.copy_(torch.where(std < MIN_STD, torch.ones_like(std), std))
 
     def forward(self, batch: dict) -> dict:
         text = None
@@ -189,7 +214,10 @@ class SentenceClassifier(nn.Module):
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state  # (B, S, Dt)
             text = pool_text(hidden, batch["attention_mask"], self.text_pool)
-        logits = self.head(text, batch.get("image"), batch.get("has_image"))  # (B, L)
+        image = batch.get("image")
+        if image is not None and self.standardises:
+            image = (image - self.image_mean) / self.image_std  # (B, Di) or (B, P, Dp)
+        logits = self.head(text, image, batch.get("has_image"))  # (B, L)
         out = {"logits": logits}
         if "labels" in batch:
             out["loss"] = nn.functional.cross_entropy(

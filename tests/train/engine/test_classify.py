@@ -65,7 +65,7 @@ from tests.cache.factories import make_cache
 REPO = Path(__file__).resolve().parents[3]
 # configs/classify/demo.toml's settings, with tiny-bert's learning rate (a random 2-layer BERT needs a
 # larger step than MiniLM to learn the cue phrases in 8 epochs).
-DEMO_SETTINGS = dict(epochs=8, patience=8, lr_head=1e-2, lr_encoder=1e-3, device="cpu")
+DEMO_SETTINGS = dict(epochs=8, patience=8, batch_size=16, lr_head=1e-2, lr_encoder=1e-3, device="cpu")
 # Small, fast settings for the runs whose scores do not matter.
 QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, device="cpu")
 
@@ -488,7 +488,9 @@ def test_sentence_classifier_loss_is_the_weighted_cross_entropy():
         ("attention_heads", 0, "classifier.attention_heads must be >= 1"),
         ("lr_head", 0.0, "classifier.lr_head must be > 0"),
         ("lr_encoder", -1e-5, "classifier.lr_encoder must be > 0"),
-        ("max_grad_norm", 0.0, "classifier.max_grad_norm must be > 0"),
+        ("max_grad_norm", -1.0, "classifier.max_grad_norm must be >= 0, got -1.0"),
+        ("image_norm", "l2", "classifier.image_norm must be one of standard, none; got 'l2'"),
+        ("schedule", "step", "classifier.schedule must be one of cosine, linear; got 'step'"),
         ("lr_head", float("nan"), "classifier.lr_head must be a finite number"),
         ("lr_head", float("inf"), "classifier.lr_head must be a finite number"),
         ("lr_encoder", float("-inf"), "classifier.lr_encoder must be a finite number"),
@@ -837,6 +839,17 @@ def test_the_bertresnet_seeds_folder_extracts_and_trains_as_it_is(tmp_path):
     assert set(results(run)) >= {"valid", "best_epoch"}
     submission = split_file(run / submission_file("test"))
     assert [row[0] for row in submission] == [str(k) for k in files["test.csv"]]
+    # the seed's output form: its test.csv as written, the tag column filled in with the predictions
+    source = read_csv_rows(folder / "test.csv")
+    seed_form = run / "pred_test.seed.csv"
+    assert read_csv_rows(seed_form) == [source[0]] + [
+        [*row[:3], label] for row, (_, label) in zip(source[1:], submission)
+    ]
+    assert seed_form.read_text(encoding="utf-8") == csv_text(read_csv_rows(seed_form))
+    # predict writes the same beside its --out
+    out = predict_classifier(run, folder / "test.csv", tmp_path / "predicted.txt", device="cpu")
+    assert out.read_bytes() == (run / submission_file("test")).read_bytes()
+    assert (tmp_path / "predicted.seed.csv").read_bytes() == seed_form.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -1030,6 +1043,13 @@ def test_a_csv_folder_trains_with_its_missing_images_counted(csv_cache, tmp_path
     rows = split_file(run / "pred_test.csv")
     assert [r[:2] for r in rows] == [[g, t] for g, t, _, _ in CSV_TEST]
     assert not (run / SUBMISSION_FILE).exists()  # a csv folder has no test_without_label.txt
+    # a labelled test.csv also gets the seed's form: its rows, the tag column holding the predictions
+    want = [["guid", "tag", "text", "image"]] + [
+        [g, p, t, i] for (g, _, t, i), (_, _, p) in zip(CSV_TEST, rows)
+    ]
+    assert read_csv_rows(run / "pred_test.seed.csv") == want
+    _, folder = evaluate_classifier(run, split="test", device="cpu")
+    assert (folder / "pred.seed.csv").read_bytes() == (run / "pred_test.seed.csv").read_bytes()
 
 
 @pytest.mark.slow
