@@ -17,7 +17,7 @@ from mner.train.engine.classifier_config import ClassifierConfig, ClassifierRunC
 from mner.train.engine.classify import image_statistics, train_classifier
 from mner.train.zoo.classifier_model import MIN_STD, ClassifierHead, SentenceClassifier
 from tests.cache.factories import make_cache
-from tests.train.test_classify import extract
+from tests.train.engine.test_classify import extract
 
 B, D, NL = 64, 5, 3  # posts, image width, labels
 
