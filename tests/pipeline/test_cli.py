@@ -751,14 +751,17 @@ def test_ablate_list_needs_no_folder_and_a_run_needs_out():
 
 
 def test_models_lists_every_model_file_with_its_seed_and_what_it_adds():
-    from mner.train.engine.config import model_names
-    from mner.train.engine.config_files import describe_model
+    from mner import configs
 
+    names = sorted(path.stem for path in configs.path("models").glob("*.toml"))
     lines = ok("models").output.splitlines()
     assert lines[0].split() == ["name", "seed", "adds"]
-    assert [line.split()[0] for line in lines[1:]] == list(model_names())
-    for line, name in zip(lines[1:], model_names()):
-        seed, adds = describe_model(name)
+    assert [line.split()[0] for line in lines[1:]] == names
+    for line, name in zip(lines[1:], names):
+        # The file's first two comment lines, read here on their own: "# seed: ...", "# adds: ...".
+        first, second = configs.path("models", f"{name}.toml").read_text(encoding="utf-8").splitlines()[:2]
+        seed = first.removeprefix("#").strip().removeprefix("seed:").strip()
+        adds = second.removeprefix("#").strip().removeprefix("adds:").strip()
         assert line.startswith(f"{name} ") and f"  {seed}  " in line and line.endswith(f"  {adds}")
     afdvqf = next(line for line in lines if line.startswith("afdvqf "))
     assert "001 AFDVQF" in afdvqf and "adaptive fusion (two learnable scalar weights)" in afdvqf
