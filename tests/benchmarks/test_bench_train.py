@@ -1,4 +1,4 @@
-"""benchmarks/bench_train.py --model: the zoo table from measured steps (issue 11 section 5)."""
+"""benchmarks/bench_train.py --model: the zoo table from measured steps."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their siblings as top-level modules
 
 import bench_train  # noqa: E402
+
+# The benchmark script's own data and cache are built once per module: outside the inner loop.
+pytestmark = pytest.mark.slow
 
 COLUMNS = ("model", "encoder", "tokens", "ms/step", "x bert-crf", "peak RSS", "loader", "lazy/RAM")
 

@@ -243,9 +243,8 @@ def textured_image(width: int = 300, height: int = 200, seed: int = 0) -> Image.
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[] if n == "resnet50" else pytest.mark.slow) for n in RESNETS]
-)
+@pytest.mark.slow  # builds each torchvision ResNet at full size
+@pytest.mark.parametrize("name", RESNETS)
 def test_resnet_grid_and_avgpool_are_torchvisions(tmp_path, name):
     """The stored tokens against torchvision's own computations: its ImageNet transform, its layer4 output
     (feature_extraction) and its forward up to avgpool (fc replaced by Identity)."""

@@ -105,6 +105,7 @@ def test_loss_falls_on_a_fixed_batch(name):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow  # trains every model twice (~17 s of the inner loop); the slow suite keeps it
 @pytest.mark.parametrize("name", MODELS)
 def test_same_seed_builds_and_trains_identically(name):
     cfg = config(name)  # dropout on: its draws must repeat too
