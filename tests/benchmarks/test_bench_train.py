@@ -148,3 +148,27 @@ def test_the_script_prints_the_zoo_table_with_the_reference_added():
     rows = [line.split()[0] for line in lines[start + 2 : start + 4]]
     assert rows == ["bert-crf", "afner"]
     assert lines[start + 2].split("|")[1].split()[1] == "1.00"
+
+
+def test_zoo_table_cells_from_hand_made_timings():
+    """Steps with known medians give the ratios and cells computed here by hand: bert-crf 0.2 s, afner
+    0.5 s lazy and 0.4 s in RAM -> x bert-crf 2.50, lazy/RAM 1.250."""
+    timed = {
+        "runs": [
+            {"model": "bert-crf", "store": "lazy", "step_median_s": 0.2, "loader_share": 0.01},
+            {"model": "afner", "store": "lazy", "step_median_s": 0.5, "loader_share": 0.03},
+            {"model": "afner", "store": "ram", "step_median_s": 0.4, "loader_share": 0.02},
+        ]
+    }
+    memory = {"bert-crf": {"peak_rss_mib": 100.0}, "afner": {"peak_rss_mib": 150.0}}
+    rows = bench_train.zoo_rows(timed, memory, "tiny-bert", "tiny")
+    assert [(r["model"], r["ratio_to_reference"], r["lazy_over_ram"]) for r in rows] == [
+        ("bert-crf", 1.0, None),
+        ("afner", 2.5, 1.25),
+    ]
+    _, _, crf_line, afner_line = bench_train.zoo_table(rows)
+    crf_cells = [cell.split() for cell in crf_line.split("|")]
+    afner_cells = [cell.split() for cell in afner_line.split("|")]
+    assert crf_cells[1] == ["200.0", "1.00"] and afner_cells[1] == ["500.0", "2.50"]
+    assert crf_cells[3][0] == "1.0%" and afner_cells[3][0] == "3.0%"
+    assert crf_cells[4] == ["-", "-"] and afner_cells[4][0] == "1.250"
