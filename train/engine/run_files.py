@@ -188,6 +188,15 @@ def load_run(run_dir) -> Run:
     return Run(Path(run_dir), record, task)
 
 
+def load_run_of(run_dir, task, why: str) -> Run:
+    """`load_run`, refusing a run of another task: "<run_dir> is a <its kind>: <why>" (why says which
+    command takes such a run)."""
+    run = load_run(run_dir)
+    if run.task is not task:
+        raise ValueError(f"{run_dir} is a {run.task.kind}: {why}")
+    return run
+
+
 def task_of(record: dict) -> str | None:
     """The task a run record names: its "task", else its model's (a tagging record keeps it there)."""
     model = record.get("model")

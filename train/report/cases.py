@@ -32,7 +32,7 @@ from mner.cache.manifest import MANIFEST_NAME
 from mner.cache.reader import CacheReader
 from mner.runtime import SettingError, claim_folder, refuse_inputs_as_output, write_atomic
 from mner.train.engine.metrics import entities
-from mner.train.engine.run_files import check_data_files, load_run, run_config, unfinished
+from mner.train.engine.run_files import check_data_files, load_run_of, run_config, unfinished
 from mner.train.engine.tasks import TOKEN_TAGGING
 from mner.train.report.case_pages import case_page, case_picture, case_png, summary_line, type_colours
 from mner.train.report.significance import read_predictions
@@ -246,13 +246,11 @@ def _write(cfg: CasesConfig) -> tuple[Path, dict]:
 
 def _tagging_run(run_dir: Path) -> dict:
     """The record of a tagging run; ValueError for a classifier run or a folder that is no run."""
-    run = load_run(run_dir)
-    if run.task is not TOKEN_TAGGING:
-        raise ValueError(
-            f"{run_dir} is a {run.task.kind}: cases compares tagging runs only (their pred_<split>.conll "
-            "of tagged words); compare classifier runs with `mner results`"
-        )
-    return run.record
+    why = (
+        "cases compares tagging runs only (their pred_<split>.conll of tagged words); compare classifier "
+        "runs with `mner results`"
+    )
+    return load_run_of(run_dir, TOKEN_TAGGING, why).record
 
 
 def _pred_file(run_dir: Path, split: str) -> Path:

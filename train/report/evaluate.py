@@ -26,6 +26,7 @@ from mner.train.engine.run_files import (
     inference_amp,
     is_recorded_folder,
     load_run,
+    load_run_of,
     new_eval_folder,
     run_config,
     warn_if_unfinished,
@@ -97,12 +98,11 @@ def evaluate_run(
     training-time results.json and pred_<split>.conll are left as they are.
     """
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
-    if run.task is not TOKEN_TAGGING:
-        raise ValueError(
-            f"{run_dir} is a {run.task.kind}: it is scored by evaluate_classifier "
-            "(`mner evaluate` picks it by the run's task)"
-        )
+    run = load_run_of(
+        run_dir,
+        TOKEN_TAGGING,
+        "it is scored by evaluate_classifier (`mner evaluate` picks it by the run's task)",
+    )
     record = run.record
     warn_if_unfinished(run_dir)
     cfg = run_config(record)

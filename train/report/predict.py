@@ -46,7 +46,13 @@ from mner.train.engine.decode import (
     truncated_per_post,
 )
 from mner.train.engine.metrics import entities
-from mner.train.engine.run_files import extractor_differences, inference_amp, load_run, run_config
+from mner.train.engine.run_files import (
+    extractor_differences,
+    inference_amp,
+    load_run,
+    load_run_of,
+    run_config,
+)
 from mner.train.engine.runs import load_run_model
 from mner.train.engine.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
 
@@ -168,13 +174,8 @@ def predict(
 
 def _tagging_record(run_dir: Path) -> dict:
     """The record of the tagging run in `run_dir` (a classifier run is predicted by train.classify)."""
-    run = load_run(run_dir)
-    if run.task is not TOKEN_TAGGING:
-        raise ValueError(
-            f"{run_dir} is a {run.task.kind}: it labels posts with predict_classifier "
-            "(`mner predict` picks it by the run's task)"
-        )
-    return run.record
+    why = "it labels posts with predict_classifier (`mner predict` picks it by the run's task)"
+    return load_run_of(run_dir, TOKEN_TAGGING, why).record
 
 
 def _refuse_inputs_as_output(out_file: Path, split: Split, image_dir: Path | None, run_dir: Path) -> None:
