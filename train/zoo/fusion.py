@@ -45,11 +45,12 @@ def masked_attention(attention: nn.MultiheadAttention, query, keys, key_mask) ->
     return torch.where(has_key[:, None, None], out, torch.zeros_like(out))
 
 
-def feed_forward(width: int, dropout: float) -> nn.Sequential:
-    """The position-wise FFN of a QGF layer: Linear(D, 4D) -> GELU -> Dropout -> Linear(4D, D) -> Dropout."""
+def feed_forward(width: int, dropout: float, activation: type[nn.Module] = nn.GELU) -> nn.Sequential:
+    """The position-wise FFN of a QGF layer: Linear(D, 4D) -> GELU -> Dropout -> Linear(4D, D) -> Dropout
+    (MANGO's CrossAttentionBlock has the same with ReLU)."""
     return nn.Sequential(
         nn.Linear(width, 4 * width),
-        nn.GELU(),
+        activation(),
         nn.Dropout(dropout),
         nn.Linear(4 * width, width),
         nn.Dropout(dropout),

@@ -46,22 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.train.zoo.fusion import masked_attention
+from mner.train.zoo.fusion import feed_forward, masked_attention
 from mner.train.zoo.losses import AuxLoss, LossInputs, info_nce, masked_mean
 
 if TYPE_CHECKING:
     from mner.train.engine.config import ModelConfig
-
-
-def _ffn(width: int, dropout: float) -> nn.Sequential:
-    """The feed-forward of the original's CrossAttentionBlock: D -> 4D -> ReLU -> D, dropout after each."""
-    return nn.Sequential(
-        nn.Linear(width, 4 * width),
-        nn.ReLU(),
-        nn.Dropout(dropout),
-        nn.Linear(4 * width, width),
-        nn.Dropout(dropout),
-    )
 
 
 class VisualResampler(nn.Module):
@@ -94,7 +83,8 @@ class MangoBlock(nn.Module):
         super().__init__()
         self.self_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.cross_attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
-        self.ffn = _ffn(width, dropout)
+        # The original's CrossAttentionBlock FFN: D -> 4D -> ReLU -> D, dropout after each.
+        self.ffn = feed_forward(width, dropout, nn.ReLU)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
