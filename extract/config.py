@@ -171,7 +171,7 @@ class ExtractConfig:
         """K >= 0; a ResNet trains layer4 (K = 1) or nothing. CLIP's layer count is checked once it loads."""
         K = self.vision_trainable_blocks
         if isinstance(K, bool) or not isinstance(K, int) or K < 0:
-            raise ValueError(f"vision_trainable_blocks must be an integer >= 0, got {K!r}")
+            raise SettingError("{vision_trainable_blocks} must be an integer >= 0, got {got}", got=repr(K))
         if self.vision != CLIP_VISION and K > 1:
             raise ValueError(
                 f"--vision-trainable-blocks {K} is not possible with --vision {self.vision}: a ResNet stores "

@@ -211,3 +211,15 @@ def test_crash_then_rerun_equals_uninterrupted_run(data, tmp_path, monkeypatch):
                 assert np.array_equal(getattr(a, name), getattr(b, name)), (key, name)
     assert (out / BLOCKS_FILE).read_bytes() == (reference / BLOCKS_FILE).read_bytes()
     assert read_manifest(out)["vision_blocks"] == read_manifest(reference)["vision_blocks"]
+
+
+def test_the_cli_names_the_flag_of_a_negative_block_count(tmp_path):
+    from click.testing import CliRunner
+
+    from mner.cli import main
+
+    args = ["extract-features", "--data-dir", str(tmp_path), "--vision-trainable-blocks", "-1"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "c")])
+    assert result.exit_code == 1
+    assert "Error: --vision-trainable-blocks must be an integer >= 0, got -1" in result.output
+    assert not (tmp_path / "c").exists()
