@@ -2,6 +2,7 @@
 weights in the cache, checked against the vision models run directly."""
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -188,15 +189,21 @@ def test_crash_then_rerun_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     reference = extract(data, tmp_path / "reference", vision_trainable_blocks=2)
     real, calls, crashed = mner.extract.run.encode_batch, [], []
 
+    out = tmp_path / "crashed"
+
     def crash_on_second_batch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2 and not crashed:
+            # The background writer finishes shard 0 on its own thread: crash once it has, so the test
+            # does not depend on how fast that thread runs.
+            deadline = time.monotonic() + 60
+            while not (out / "shard-00000.h5").is_file() and time.monotonic() < deadline:
+                time.sleep(0.05)
             crashed.append(1)
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mner.extract.run, "encode_batch", crash_on_second_batch)
-    out = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract(data, out, vision_trainable_blocks=2)
     assert (out / "shard-00000.h5").is_file() and not (out / "manifest.json").exists()
