@@ -216,6 +216,11 @@ class CacheReader:
             )
         self._checked[shard] = stat
 
+    def vision_blocks_config(self) -> dict | None:
+        """The vision blocks' module config the manifest records, without reading their weights; None
+        for a cache that stores no vision state."""
+        return None if self._vision_blocks is None else self._vision_blocks["config"]
+
     def vision_blocks(self) -> tuple[dict, dict]:
         """(config, arrays) of the vision blocks stage two runs on each record's `vision_state`: the
         module config the manifest records ({"kind": "clip" | "resnet", "blocks": K, ...}) and the

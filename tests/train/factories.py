@@ -42,6 +42,19 @@ def tiny_spec(**changes) -> TokenSpec:
     return dataclasses.replace(TINY_SPEC, **changes)
 
 
+# IFAformer's vision tower (model.fusion "two_tower") pairs with tiny-bert layer for layer: a CLIP
+# encoder config of its shape (2 layers, width 32, 2 heads), as a K = all cache records it, and the spec
+# of a cache whose vision_state is that tower's embedding output (P = 5 tokens of width 32).
+TOWER_BLOCKS = {
+    "kind": "clip", "blocks": 2, "layers": 2, "hidden_size": 32, "intermediate_size": 64,
+    "num_attention_heads": 2, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
+    "projection_dim": None,
+}  # fmt: skip
+TOWER_SPEC = dataclasses.replace(
+    TINY_SPEC, vision_state_shape=(5, 32), vision_state_source="vision_model.hidden_states[0] (synthetic)"
+)
+
+
 def tiny_config(**changes) -> ModelConfig:
     """ModelConfig for tests: tiny-bert (width 32), 2 heads, 2 slots per type, short max_length."""
     fields = dict(text_encoder="tiny-bert", qfnet_heads=2, slots_per_type=2, max_length=32)
@@ -146,14 +159,16 @@ def make_batch(
     max_length: int = 32,
     with_visual: bool = True,
     labels: Sequence[str] = LABELS,
+    vision_state: bool = False,
 ) -> dict:
     """The batch dict of `posts` (default make_posts(4, seed)) through PostDataset and the real collate.
 
-    With with_visual, records come from make_reader(posts, spec, seed, statuses, absent).
+    With with_visual, records come from make_reader(posts, spec, seed, statuses, absent); with
+    vision_state (a spec that has one), the batch carries it.
     """
     posts = make_posts(4, seed) if posts is None else posts
     reader = make_reader(posts, spec, seed, statuses, absent) if with_visual else None
-    dataset = PostDataset(posts, reader)
+    dataset = PostDataset(posts, reader, vision_state=vision_state)
     collate = Collate(tiny_tokenizer(), labels, max_length, with_visual)
     return collate([dataset[i] for i in range(len(dataset))])
 
@@ -162,6 +177,19 @@ def tiny_model(spec: TokenSpec | None = None, seed: int = 0, **changes) -> MNERM
     """MNERModel on tiny-bert with LABELS, initialised from `seed` (text-only when changes say so)."""
     cfg = tiny_config(**changes)
     torch.manual_seed(seed)
-    return MNERModel(
-        cfg, LABELS, None if cfg.text_only else (spec or tiny_spec()), cfg.text_encoder, NUM_DETECTOR_CLASSES
-    )
+    return model_of(cfg, spec)
+
+
+def spec_of(cfg: ModelConfig) -> TokenSpec | None:
+    """The factory spec a model of `cfg` reads: None text-only, TOWER_SPEC for two towers, else tiny_spec()."""
+    if cfg.text_only:
+        return None
+    return TOWER_SPEC if cfg.fusion == "two_tower" else tiny_spec()
+
+
+def model_of(cfg: ModelConfig, spec: TokenSpec | None = None) -> MNERModel:
+    """MNERModel of `cfg` with LABELS over the factory spec (spec_of), unseeded; a two-tower model gets
+    TOWER_BLOCKS, freshly initialised."""
+    spec = spec or spec_of(cfg)
+    blocks = TOWER_BLOCKS if cfg.reads_vision_state else None
+    return MNERModel(cfg, LABELS, spec, cfg.text_encoder, NUM_DETECTOR_CLASSES, vision_blocks=blocks)

@@ -34,6 +34,9 @@ ALIGNMENT_POOLINGS = ("cls", "mean")
 
 # The learning rates the emission layer may train at (ModelConfig.emission_lr): train.lr_<name>.
 EMISSION_LRS = ("fusion", "crf")
+# Fusions that feed the image into the text encoder's first layer (IFAformer's two forms), so no
+# encoder layer's output is a function of the text alone.
+IMAGE_IN_EVERY_LAYER = ("single_stream", "two_tower")
 
 # Readable names of the value types a config field may hold, for error messages.
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -97,7 +100,9 @@ class ModelConfig(Config):
     # "minilm", "tiny-bert" (tests) or a local Hugging Face folder (BERT/RoBERTa/XLM-R)
     text_encoder: str = "minilm"
     task: str = "tagging"  # registry name: tagging (one BIO tag per word) (train/engine/tasks.py)
-    fusion: str = "qgf"  # registry name: qgf | concat | gated | mango | single_stream (train/zoo/fusion.py)
+    fusion: str = (
+        "qgf"  # registry name: qgf | concat | gated | mango | single_stream | two_tower (registry.py)
+    )
     qfnet_layers: int = 2  # query-guided fusion layers (AFNER, AFDVQF); the gated fusion stacks as many
     qfnet_heads: int = 4  # attention heads in every fusion attention; must divide the text width
     slots_per_type: int = 4  # learnable query slots per entity type (QGF)
@@ -128,7 +133,8 @@ class ModelConfig(Config):
     text_frozen_layers: int = 0
     # the last N vision blocks train (at train.lr_vision) on the state the cache stores before them
     # (`extract-features --vision-trainable-blocks K`, N <= K; train/zoo/vision_blocks.py). 0: the cached
-    # tokens are read as they are, frozen
+    # tokens are read as they are, frozen; -1: all K. With fusion "two_tower" the whole tower always runs
+    # and N counts its top layers that train
     vision_trainable_blocks: int = 0
     # --- model zoo: switches the seeds' models differ by; each is off at the AFDVQF value
     # region tokens add embeddings of the detector's label, score and box (AFNER, AFDVQF)
@@ -263,16 +269,16 @@ class ModelConfig(Config):
             )
         if self.text_frozen_layers < 0:
             raise ValueError(f"model.text_frozen_layers must be >= 0, got {self.text_frozen_layers}")
-        if self.text_frozen_layers and self.fusion == "single_stream":
+        if self.text_frozen_layers and self.fusion in IMAGE_IN_EVERY_LAYER:
             # IFAformer's image enters the encoder's first layer, so no layer's output is text alone.
             raise ValueError(
                 f"model.text_frozen_layers = {self.text_frozen_layers} freezes text encoder layers whose "
-                "output is computed once from the text, but model.fusion = 'single_stream' (IFAformer) "
+                f"output is computed once from the text, but model.fusion = {self.fusion!r} (IFAformer) "
                 "feeds the image into every encoder layer; set model.text_frozen_layers = 0"
             )
-        if self.vision_trainable_blocks < 0:
+        if self.vision_trainable_blocks < -1:
             raise ValueError(
-                f"model.vision_trainable_blocks must be >= 0, got {self.vision_trainable_blocks}"
+                f"model.vision_trainable_blocks must be >= 0, or -1 for all, got {self.vision_trainable_blocks}"
             )
         if self.vision_trainable_blocks and self.text_only:
             raise ValueError(
@@ -282,6 +288,12 @@ class ModelConfig(Config):
         if self.max_length < 3:
             # [CLS] + one sub-word + [SEP]: anything shorter cannot show the encoder a single word.
             raise ValueError(f"model.max_length must be >= 3, got {self.max_length}")
+
+    @property
+    def reads_vision_state(self) -> bool:
+        """Whether the model reads the state the cache stores before the last vision blocks: it trains
+        some of them, or it is IFAformer's two towers, whose vision tower always runs beside the text."""
+        return not self.text_only and (self.vision_trainable_blocks != 0 or self.fusion == "two_tower")
 
     def _check_queries(self) -> None:
         if not self.typed_queries and self.fusion != "qgf":

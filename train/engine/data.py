@@ -60,7 +60,7 @@ class PostDataset(Dataset):
         """
         Args:
             posts: the posts, in the order items are returned.
-            vision_state: add each record's vision_state (for model.vision_trainable_blocks > 0 only:
+            vision_state: add each record's vision_state (for a model that reads_vision_state only:
                 the other models never pay for collating it).
             text_states: the split's text-state cache (cache.text_states.TextStates, rows in the order
                 of `posts`); its sub-words and states join each item as "text_ids" and "text_states".
@@ -291,7 +291,7 @@ def make_loader(
     A text-only model never reads the cache, even when a reader is given. With `text_states` (the
     split's text-state cache) the batches carry "text_states" (B, S, D), the frozen bottom's output. Shuffling draws from a
     generator seeded with train_cfg.seed, so the order of a run is reproducible. With
-    model.vision_trainable_blocks > 0 they carry "vision_state" (B, P, Dp) | (B, C3, H3, W3) float32.
+    model.reads_vision_state they carry "vision_state" (B, P, Dp) | (B, C3, H3, W3) float32.
     """
     with_visual = not model_cfg.text_only
     if with_visual and reader is None:
@@ -303,7 +303,7 @@ def make_loader(
         reader if with_visual else None,
         path=split.path,
         text_states=text_states,
-        vision_state=with_visual and model_cfg.vision_trainable_blocks > 0,
+        vision_state=model_cfg.reads_vision_state,
     )
     generator = torch.Generator().manual_seed(train_cfg.seed) if shuffle else None
     return DataLoader(

@@ -34,7 +34,7 @@ from mner.train.engine.run_files import (
 )
 from mner.train.zoo.model import MNERModel
 from mner.train.zoo.registry import TASKS
-from mner.train.zoo.text import load_tokenizer, resolve_text_encoder
+from mner.train.zoo.text import load_tokenizer, resolve_text_encoder, text_layer_count
 from mner.train.zoo.visual import check_regions
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,14 @@ def vision_blocks_of(
     (None for k = 0). A cache that stores the state before fewer than k blocks is refused with the
     `mner extract-features` command that makes one for `data_dir`: the blocks never silently stay frozen."""
     k = model_cfg.vision_trainable_blocks
-    if not k or reader is None:
+    if reader is None or not model_cfg.reads_vision_state:
         return None
     stored = reader.trainable_blocks
+    if model_cfg.fusion == "two_tower":
+        _check_tower_state(reader, data_dir, model_cfg.text_encoder)
+        return reader.vision_blocks()
+    if k == -1:
+        k = max(stored, 1)  # all the cache stores; a cache that stores none is refused below
     if k > stored:
         if reader.config.get("vision", "clip") != "clip" and k > 1:
             raise ValueError(
@@ -114,6 +119,33 @@ def vision_blocks_of(
             f"<= {stored}"
         )
     return reader.vision_blocks()
+
+
+def _check_tower_state(reader: CacheReader, data_dir, text_encoder: str) -> None:
+    """Refuse, with the command that makes one, a cache that does not store a CLIP's embedding output,
+    which IFAformer's vision tower (model.fusion "two_tower") runs from."""
+    if reader.config.get("vision", "clip") != "clip":
+        raise ValueError(
+            f"model.fusion = 'two_tower' (IFAformer) runs a CLIP vision tower, but the cache {reader.cache_dir} "
+            "holds a ResNet's features; extract the data with --vision clip"
+        )
+    stored = reader.trainable_blocks
+    layers = reader.vision_blocks_config()["layers"] if stored else None  # the CLIP's depth
+    if stored and stored == layers:
+        return
+    # The tower pairs with the text encoder layer for layer, so a CLIP for it has the encoder's depth.
+    depth = layers or text_layer_count(text_encoder)
+    held = (
+        f"stores the input of its last {stored} of {layers} layers only"
+        if stored
+        else "stores no vision state (extracted without --vision-trainable-blocks)"
+    )
+    raise ValueError(
+        f"model.fusion = 'two_tower' (IFAformer) runs the whole vision tower beside the text encoder's layers, "
+        f"from the embedding output the cache stores, but the cache {reader.cache_dir} {held}; extract one "
+        f"with `{_extract_blocks(reader, depth, data_dir)}` and train on it, or use the single stream "
+        "(--model ifaformer-single)"
+    )
 
 
 def _extract_blocks(reader: CacheReader, k: int, data_dir) -> str:

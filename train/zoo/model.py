@@ -39,6 +39,7 @@ from mner.train.zoo.text import (
     text_top,
     type_prompt_states,
 )
+from mner.train.zoo.two_tower import check_towers, dead_parameters
 from mner.train.zoo.vision_blocks import VisionBlocks
 from mner.train.zoo.visual import VisualTokenBuilder
 
@@ -123,6 +124,9 @@ class MNERModel(nn.Module):
             )
         if cfg.text_only:
             self.visual = self.fusion = None
+        elif cfg.fusion == "two_tower":
+            # IFAformer's vision tower reads the cache's embedding output itself: no visual tokens.
+            self.visual, self.fusion = None, build_fusion(cfg, width, self.types)
         else:
             if spec is None:
                 raise ValueError(
@@ -147,6 +151,16 @@ class MNERModel(nn.Module):
         self.aux_losses = nn.ModuleDict()
         for name, weight in AUX_LOSSES.weights.items():
             loss = AUX_LOSSES.get(name)
+            if (
+                getattr(cfg, weight) > 0
+                and loss.needs_image
+                and self.fusion is not None
+                and self.visual is None
+            ):
+                raise ValueError(
+                    f"model.{weight} > 0 reads visual tokens, which model.fusion = {cfg.fusion!r} does not "
+                    f"build (its vision tower reads the cache's state itself); set model.{weight} = 0"
+                )
             if getattr(cfg, weight) > 0 and not (loss.needs_image and cfg.text_only):
                 self.aux_losses[name] = loss(cfg, width)
                 if getattr(loss, "needs_slots", False) and not getattr(self.fusion, "exposes_slots", False):
@@ -166,13 +180,15 @@ class MNERModel(nn.Module):
         fork of the random state, so every other module starts from the weights of the same model with
         0, and training draws the same random numbers."""
         k = self.cfg.vision_trainable_blocks
-        if not k:
+        if not self.cfg.reads_vision_state:
             return None
         if config is None:
             raise ValueError(
                 f"model.vision_trainable_blocks = {k} needs the vision blocks of a cache extracted with "
                 "--vision-trainable-blocks; pass the cache's vision blocks config"
             )
+        if self.visual is None:
+            return self._build_tower(config, weights)
         if not self.cfg.use_patches and self.visual.global_proj is None:
             # The blocks make the patch tokens and the global embedding: with neither read they learn nothing.
             raise ValueError(
@@ -181,12 +197,35 @@ class MNERModel(nn.Module):
                 "no global embedding; set model.vision_trainable_blocks = 0"
             )
         with torch.random.fork_rng(devices=[]):
-            blocks = VisionBlocks(config, weights, blocks=k)
+            blocks = VisionBlocks(config, weights, blocks=None if k == -1 else k)
         if self.visual.global_proj is None:
             # A fusion that reads no global embedding gives these no gradient: they stay as stored.
             for parameter in blocks.global_parameters():
                 parameter.requires_grad_(False)
         return blocks
+
+    def _build_tower(self, config: dict, weights: dict | None) -> VisionBlocks:
+        """IFAformer's vision tower (model.fusion "two_tower"): the cache's whole CLIP encoder, every layer
+        run beside its text layer; the top model.vision_trainable_blocks of them train (-1: all, 0: none),
+        the others, the pooled-CLS head and the parameters no output depends on stay as stored."""
+        check_towers(self.encoder, config, self.cfg.text_encoder)
+        stored = config["blocks"]
+        k = stored if self.cfg.vision_trainable_blocks == -1 else self.cfg.vision_trainable_blocks
+        if k > stored:
+            raise ValueError(
+                f"model.vision_trainable_blocks = {k} is more than the {stored} layers of the cache's vision "
+                f"tower; set it to at most {stored} (-1: all)"
+            )
+        with torch.random.fork_rng(devices=[]):
+            tower = VisionBlocks(config, weights)  # all K layers in tower.layers
+        frozen = [
+            *(p for layer in tower.layers[: stored - k] for p in layer.parameters()),
+            *tower.global_parameters(),
+            *dead_parameters(tower.layers),
+        ]
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        return tower
 
     @property
     def head(self) -> Head:
@@ -272,7 +311,11 @@ class MNERModel(nn.Module):
         words = word_states(states, batch["first_subword"])  # (B, T, D)
         visual = visual_mask = pooled = None
         fused = words
-        if self.fusion is not None:
+        if getattr(self.fusion, "two_tower", False):
+            # IFAformer: a vision tower and the text layers exchange keys and values (train/zoo/two_tower.py)
+            image_mask = batch["image_mask"] if image_mask is None else image_mask  # (B,)
+            fused = self.fusion.encode(self.encoder, self.vision_blocks.layers, batch, words, image_mask)
+        elif self.fusion is not None:
             image_mask = batch["image_mask"] if image_mask is None else image_mask  # (B,)
             tokens = self.vision_inputs(batch, image_mask)  # the blocks run once for both readers
             visual, visual_mask = self.visual(tokens, image_mask)  # (B, V, D), (B, V)

@@ -60,6 +60,8 @@ FUSIONS = Registry(
         "mango": "mner.train.zoo.mango:MangoFusion",  # MANGO: resampler -> 7-block stack -> gated relevance
         # IFAformer: visual tokens appended to the encoder's input, one stream (train/zoo/ifaformer.py)
         "single_stream": "mner.train.zoo.ifaformer:SingleStreamFusion",
+        # IFAformer as DeepKE: a vision tower and the text layers exchange keys and values (two_tower.py)
+        "two_tower": "mner.train.zoo.two_tower:TwoTowerFusion",
     },
 )
 

@@ -80,6 +80,15 @@ def encoder_positions(folder: Path) -> int | None:
     return positions
 
 
+def text_layer_count(name_or_path: str | Path) -> int:
+    """The number of transformer layers of the text encoder `name_or_path` (its config alone is read)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        resolve_text_encoder(name_or_path), local_files_only=True
+    ).num_hidden_layers
+
+
 def check_max_length(folder: Path, max_length: int, key: str) -> None:
     """Refuse a sub-word budget past the encoder's position table before anything is built or trained.
 

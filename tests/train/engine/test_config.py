@@ -129,11 +129,11 @@ def test_missing_config_file(tmp_path):
         ),
         (
             "model.fusion=mlp",
-            "model.fusion must be one of qgf, concat, gated, mango, single_stream; got 'mlp'",
+            "model.fusion must be one of qgf, concat, gated, mango, single_stream, two_tower; got 'mlp'",
         ),
         (
             "model.fusion=adaptive",
-            "model.fusion must be one of qgf, concat, gated, mango, single_stream; got 'adaptive'",
+            "model.fusion must be one of qgf, concat, gated, mango, single_stream, two_tower; got 'adaptive'",
         ),
         (
             "model.fusion=gated",
@@ -233,7 +233,8 @@ def test_a_record_is_read_as_it_is_written():
     """No name is upgraded: a fusion the registry does not hold is refused, whatever wrote the record."""
     record = {**ModelConfig().to_dict(), "fusion": "adaptive"}
     with pytest.raises(
-        ValueError, match=re.escape("model.fusion must be one of qgf, concat, gated, mango, single_stream")
+        ValueError,
+        match=re.escape("model.fusion must be one of qgf, concat, gated, mango, single_stream, two_tower"),
     ):
         ModelConfig.from_dict(record)
         RunConfig(ModelConfig(), TrainConfig(), "/c", DATA, "")

@@ -300,7 +300,10 @@ def test_a_run_evaluates_predicts_and_resumes_as_it_trained(data, tmp_path, monk
 
 def test_settings_that_train_nothing_are_refused(data):
     for changes, message in (
-        ({"vision_trainable_blocks": -1}, "model.vision_trainable_blocks must be >= 0, got -1"),
+        (
+            {"vision_trainable_blocks": -2},
+            "model.vision_trainable_blocks must be >= 0, or -1 for all, got -2",
+        ),
         (
             {"vision_trainable_blocks": 2, "text_only": True},
             "model.vision_trainable_blocks = 2 trains vision blocks, but model.text_only = true reads no "

@@ -227,9 +227,9 @@ def test_the_fusion_is_not_called_as_a_late_fusion():
 
 
 def test_the_model_file_is_a_commented_diff_over_the_base():
-    assert describe_model("ifaformer")[0] == "002 IFAformer"
-    model, train = load_run_config(model="ifaformer")
-    assert model.name == "ifaformer"
+    assert describe_model("ifaformer-single")[0].startswith("002 IFAformer, single-stream form")
+    model, train = load_run_config(model="ifaformer-single")
+    assert model.name == "ifaformer-single"
     assert (model.fusion, model.adaptive_gate, model.alignment_loss_weight, model.image_dropout) == (
         "single_stream",
         False,
