@@ -86,9 +86,13 @@ run_demo() {
   local names=() name model epochs extra source
   echo "== 1/5 demo data (seeded; an entity's type is visible only in its image)"
   mner demo-data --out "$out/data"
-  echo "== 2/5 stage one: extract-features with UNTRAINED random tiny-clip + tiny-frcnn"
+  echo "== 2/5 stage one: extract-features with UNTRAINED random demo-clip + tiny-frcnn"
   if [ -f "$out/cache/manifest.json" ]; then echo "   a cache exists at $out/cache: completed shards are reused"; fi
-  mner extract-features --data-dir "$out/data" --clip tiny-clip --detector tiny-frcnn --out "$out/cache"
+  # demo-clip has MiniLM's 6 layers of 384, so IFAformer's vision tower pairs with the text encoder; the
+  # cache stores its embedding output (--vision-trainable-blocks 6: all), which IFAformer's tower runs from
+  # and from which MANGO trains CLIP's last 2 blocks.
+  mner extract-features --data-dir "$out/data" --clip demo-clip --detector tiny-frcnn \
+    --vision-trainable-blocks 6 --out "$out/cache"
   mner cache verify "$out/cache" --data-dir "$out/data"
   echo "== 3/5 stage two: one run per model, all from the one cache (text-only never opens it)"
   rm -rf "$out/runs/multimodal"  # the folder of the demo's earlier two-run form

@@ -22,9 +22,7 @@ from transformers import (
 
 from mner.cache.checksums import file_sha256
 from mner.configs.presets import materialise, preset_dir
-from mner.extract.config import (
-    TINY_CLIP,
-)
+from mner.extract.config import CLIP_PRESETS, DEMO_CLIP, TINY_CLIP
 from mner.extract.weights import (
     PRESET_MARKER,
     PRESET_VERSION,
@@ -147,7 +145,7 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu") -> ClipEnco
     A full CLIPModel folder contributes its vision tower and visual_projection; a CLIP-vision folder is
     read as CLIPVisionModelWithProjection when its weights hold a visual_projection, else CLIPVisionModel.
     """
-    folder = materialise_tiny_clip() if name_or_path == TINY_CLIP else Path(name_or_path).expanduser()
+    folder = materialise_clip_preset(name_or_path) if name_or_path in CLIP_PRESETS else Path(name_or_path).expanduser()
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(
@@ -206,7 +204,7 @@ def _finish_clip(name_or_path, folder, vision, projection, class_name, processor
     patch_source = "vision_model.last_hidden_state (CLS first)"
     global_source = "image_embeds (visual_projection)" if projection is not None else "pooler_output"
     info = {
-        "name": TINY_CLIP if name_or_path == TINY_CLIP else folder.resolve().name,
+        "name": name_or_path if name_or_path in CLIP_PRESETS else folder.resolve().name,
         "path": str(folder.resolve()),
         "class": class_name,
         "sha256": {p.name: file_sha256(p) for p in weight_files(folder)},
@@ -232,18 +230,25 @@ def _finish_clip(name_or_path, folder, vision, projection, class_name, processor
     return encoder.to(torch.device(device))
 
 
-def materialise_tiny_clip(root: Path | None = None) -> Path:
-    """Write the seeded random tiny CLIP vision model + processor (64 px, 16 px patches -> 17 tokens)."""
+# The presets' encoders, seeded: (hidden size, MLP size, layers, heads, projection), all at 64 px with
+# 16 px patches (17 tokens).
+_PRESETS = {TINY_CLIP: (32, 64, 2, 2, 32), DEMO_CLIP: (384, 1536, 6, 12, 384)}
+
+
+def materialise_clip_preset(name: str = TINY_CLIP, root: Path | None = None) -> Path:
+    """Write the seeded random CLIP vision model + processor of preset `name` once and return its folder:
+    tiny-clip (2 layers of 32), demo-clip (MiniLM's 6 layers of 384, 12 heads)."""
+    hidden, mlp, layers, heads, projection = _PRESETS[name]
 
     def write(folder: Path) -> None:
         config = CLIPVisionConfig(
             image_size=64,
             patch_size=16,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            projection_dim=32,
+            hidden_size=hidden,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            projection_dim=projection,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -252,6 +257,6 @@ def materialise_tiny_clip(root: Path | None = None) -> Path:
         CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
             folder
         )
-        (folder / PRESET_MARKER).write_text(json.dumps({"preset": TINY_CLIP, "untrained": True}))
+        (folder / PRESET_MARKER).write_text(json.dumps({"preset": name, "untrained": True}))
 
-    return materialise((root or preset_dir()) / f"{TINY_CLIP}.v{PRESET_VERSION}", write, is_dir=True)
+    return materialise((root or preset_dir()) / f"{name}.v{PRESET_VERSION}", write, is_dir=True)

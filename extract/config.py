@@ -20,6 +20,10 @@ DETECTORS = (
     "none",
 )
 TINY_CLIP = "tiny-clip"
+# The demo's CLIP: untrained too, with the bundled MiniLM's depth, width and heads (6 layers of 384, 12
+# heads), so IFAformer's two towers pair with the default text encoder layer for layer.
+DEMO_CLIP = "demo-clip"
+CLIP_PRESETS = (TINY_CLIP, DEMO_CLIP)
 TINY_FRCNN = "tiny-frcnn"
 NO_DETECTOR = "none"  # no region tokens: the cache's region datasets hold K = 0 rows
 # Visual backbones understood by `extract.models.load_vision`: "clip" reads the --clip folder; the
@@ -87,7 +91,7 @@ class ExtractConfig:
             value = getattr(self, name)
             if value:
                 setattr(self, name, str(Path(value).expanduser().absolute()))
-        if self.clip and self.clip != TINY_CLIP:
+        if self.clip and self.clip not in CLIP_PRESETS:
             self.clip = str(Path(self.clip).expanduser().absolute())
         self.splits = tuple(self.splits)
         if not self.out:
@@ -203,7 +207,7 @@ class ExtractConfig:
         self.data.resolve()  # the data folder or named dataset exists
         if (
             self.vision == CLIP_VISION
-            and self.clip != TINY_CLIP
+            and self.clip not in CLIP_PRESETS
             and not (Path(self.clip) / "config.json").is_file()
         ):
             raise ValueError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mner.extract.config import TINY_CLIP, ExtractConfig
+from mner.extract.config import CLIP_PRESETS, ExtractConfig
 from mner.extract.run import extract_features
 
 
@@ -29,7 +29,7 @@ def extract_from_record(recorded: dict, origin: str, **overrides) -> Path:
     """
     for name in ("clip", "detector_ckpt"):
         value = recorded.get(name)
-        if value and value != TINY_CLIP and not Path(value).expanduser().exists():
+        if value and value not in CLIP_PRESETS and not Path(value).expanduser().exists():
             raise ValueError(
                 f"{origin} was trained on tokens from {name} {value}, which does not exist here; "
                 "predict re-extracts the images and needs the same local weights"

@@ -50,7 +50,8 @@ def demo_data_cmd(out, seed, classification, posts):
 @data_options
 @click.option(
     "--clip",
-    help="Local Hugging Face CLIP or CLIP-vision folder, or the untrained preset tiny-clip "
+    help="Local Hugging Face CLIP or CLIP-vision folder, or an untrained preset: tiny-clip, or demo-clip "
+    "(the bundled MiniLM's 6 layers of 384, so IFAformer's towers pair with it) "
     "[default: tiny-clip with --data-dir; required with --dataset].",
 )
 @click.option(

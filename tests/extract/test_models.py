@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from mner.cache.datasets import DataConfig
-from mner.extract.clip import load_clip, materialise_tiny_clip
+from mner.extract.clip import load_clip, materialise_clip_preset
 from mner.extract.config import RESNETS, ExtractConfig
 from mner.extract.detector import build_detector, materialise_tiny_frcnn
 from mner.extract.resnet import load_resnet, materialise_tiny_resnet
@@ -72,9 +72,23 @@ def some_images():
     ]
 
 
+def test_demo_clip_preset_has_the_bundled_text_encoders_shape(preset_dir):
+    """demo-clip pairs with MiniLM layer for layer (IFAformer's two towers need equal depth, width, heads)."""
+    from transformers import AutoConfig
+
+    from mner.train.zoo.text import resolve_text_encoder
+
+    clip = load_clip("demo-clip")
+    text = AutoConfig.from_pretrained(resolve_text_encoder("minilm"), local_files_only=True)
+    shape = ("num_hidden_layers", "hidden_size", "num_attention_heads")
+    assert [getattr(clip.vision.config, n) for n in shape] == [getattr(text, n) for n in shape] == [6, 384, 12]
+    assert clip.info["name"] == "demo-clip" and clip.info["untrained"] is True
+    assert clip.num_patches == 17 and materialise_clip_preset("demo-clip").parent == preset_dir
+
+
 def test_tiny_clip_preset_matches_the_saved_model(preset_dir):
     clip = load_clip("tiny-clip")
-    folder = materialise_tiny_clip()
+    folder = materialise_clip_preset()
     assert folder.parent == preset_dir
     assert (clip.num_patches, clip.patch_dim, clip.global_dim) == (17, 32, 32)  # 1 + (64 / 16)^2 tokens
     assert clip.info["untrained"] is True
