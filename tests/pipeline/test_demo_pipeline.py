@@ -84,6 +84,7 @@ def demo(tmp_path_factory):
             num_workers=0,
             device="cpu",
             topk=8,
+            vision_trainable_blocks=2,  # as run_pipeline.sh: the state mango's default trains from
         )
     )  # topk 8 instead of 20: fewer region tokens, same signal, a faster test
     return data_dir, cache_dir
