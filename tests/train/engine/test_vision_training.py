@@ -344,6 +344,10 @@ def test_mango_as_its_file_sets_it_trains_the_last_two_clip_blocks_and_predicts(
     for layer in (0, 1):
         name = f"layers.{layer}.self_attn.q_proj.weight"
         assert not torch.equal(weights[f"vision_blocks.{name}"], torch.from_numpy(stored[name])), name
+    # MANGO reads the CLS token, not CLIP's pooled output: post_layernorm gets no gradient and stays as
+    # stored (the original's unfreeze_last_vision_blocks unfreezes the encoder layers alone).
+    name = "post_layernorm.weight"
+    assert torch.equal(weights[f"vision_blocks.{name}"], torch.from_numpy(stored[name]))
     out = predict(run, data["data"] / "valid.txt", data["data"] / "images", tmp_path / "valid.pred")
     pred = [line.split(" ")[2] for line in (run / "pred_valid.conll").read_text().split("\n") if line]
     assert [tag for post in read_split(out).posts for tag in post.tags] == pred
