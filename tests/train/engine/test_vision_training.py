@@ -30,6 +30,8 @@ from mner.train.engine.data import PostDataset, make_loader
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.run_files import make_record
 from mner.train.engine.runs import build_model, vision_blocks_of
+from mner.train.report.ablate import run_ablation
+from mner.train.report.ablation_config import AblationConfig
 from mner.train.report.evaluate import evaluate_run
 from mner.train.report.predict import predict as predict_without_stage_one
 from mner.train.zoo.model import decayed_parameters
@@ -351,6 +353,28 @@ def test_mango_as_its_file_sets_it_trains_the_last_two_clip_blocks_and_predicts(
     out = predict(run, data["data"] / "valid.txt", data["data"] / "images", tmp_path / "valid.pred")
     pred = [line.split(" ")[2] for line in (run / "pred_valid.conll").read_text().split("\n") if line]
     assert [tag for post in read_split(out).posts for tag in post.tags] == pred
+
+
+def test_an_ablation_of_mango_trains_its_blocks_in_every_arm_that_reads_the_image(data, tmp_path):
+    """`mner ablate --model mango` on a cache that stores the blocks' input: full and no_preserve train
+    MANGO's 2 blocks, text_only (which reads no image) drops them and never opens the cache."""
+    cfg = AblationConfig(
+        cache_dir=str(data["k2"]),
+        data=DataConfig(data_dir=str(data["data"])),
+        text_encoder="tiny-bert",
+        experiments=["full", "no_preserve", "text_only"],
+        seeds=1,
+        out_dir=str(tmp_path / "ablation"),
+        overrides=[f"model.{key}={value}" for key, value in TINY.items() if key != "text_encoder"]
+        + ["train.batch_size=4", "train.device=cpu"],
+        epochs=1,
+        model="mango",
+    )
+    run_ablation(cfg)
+    for arm, blocks in (("full", 2), ("no_preserve", 2), ("text_only", 0)):
+        record = json.loads((tmp_path / "ablation" / arm / "seed1" / "config.json").read_text())
+        assert (record["model"]["name"], record["model"]["vision_trainable_blocks"]) == ("mango", blocks)
+        assert (record["cache"] is None) == (arm == "text_only"), arm
 
 
 def test_settings_that_train_nothing_are_refused(data):
