@@ -56,9 +56,11 @@ def describe_model(name: str) -> tuple[str, str]:
 def model_setting(name: str, section: str, key: str):
     """What configs/models/<name>.toml sets `section.key` to; None when the file leaves it to the base or
     there is no such model file (a name recorded by a run of a model since removed)."""
-    if not configs.path(MODELS_DIR, f"{name}.toml").is_file():
+    try:
+        path = model_file(name)
+    except ValueError:
         return None
-    return configs.load_toml(model_file(name)).get(section, {}).get(key)
+    return configs.load_toml(path).get(section, {}).get(key)
 
 
 def _strip_label(text: str, label: str) -> str:
