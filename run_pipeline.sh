@@ -88,7 +88,9 @@ run_demo() {
   mner demo-data --out "$out/data"
   echo "== 2/5 stage one: extract-features with UNTRAINED random tiny-clip + tiny-frcnn"
   if [ -f "$out/cache/manifest.json" ]; then echo "   a cache exists at $out/cache: completed shards are reused"; fi
-  mner extract-features --data-dir "$out/data" --clip tiny-clip --detector tiny-frcnn --out "$out/cache"
+  # --vision-trainable-blocks 2 stores the state before tiny-clip's 2 layers, which mango trains by default
+  mner extract-features --data-dir "$out/data" --clip tiny-clip --detector tiny-frcnn \
+    --vision-trainable-blocks 2 --out "$out/cache"
   mner cache verify "$out/cache" --data-dir "$out/data"
   echo "== 3/5 stage two: one run per model, all from the one cache (text-only never opens it)"
   rm -rf "$out/runs/multimodal"  # the folder of the demo's earlier two-run form

@@ -427,6 +427,7 @@ def test_all_names_every_registry_experiment_that_changes_the_model():
     assert _config(experiments=["all"], model="afner").experiments == expected
     mango = _config(experiments=["all"], model="mango").experiments
     assert set(mango_only) <= set(mango) and "no_slot_type" not in mango
+    assert "text_only" in mango  # its file's vision blocks give way to text_only, not refuse it
     with pytest.raises(ValueError, match=r"^experiment 'all' already names every experiment; give it alone$"):
         _config(experiments=["all", "full"])
 
