@@ -90,6 +90,7 @@ from mner.train.engine.config import ModelConfig, TrainConfig, model_names
 from mner.train.engine.config_files import load_run_config
 from mner.train.engine.data import Collate, PostDataset, make_loader
 from mner.train.engine.loop import build_optimizer, train_step
+from mner.train.engine.runs import vision_blocks_of
 from mner.train.zoo.model import MNERModel
 from mner.train.zoo.text import load_tokenizer, minilm_dir, resolve_text_encoder
 
@@ -113,8 +114,10 @@ _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spe
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def make_data(work: Path, images: int, device: str, full: bool) -> dict:
-    """The demo data folder, a tiny-preset cache and (if `full`) a ViT-B/32 + R50-FPN cache of it."""
+def make_data(work: Path, images: int, device: str, full: bool, vision_blocks: int = 0) -> dict:
+    """The demo data folder, a tiny-preset cache and (if `full`) a ViT-B/32 + R50-FPN cache of it;
+    `vision_blocks`: the caches store the state before the vision model's last K blocks (the most a
+    measured model trains: MANGO's 2)."""
     data = build_demo(
         DemoConfig(out_dir=str(work / "data"), n_train=images, n_valid=1, n_test=1, image_size=500)
     )
@@ -123,6 +126,7 @@ def make_data(work: Path, images: int, device: str, full: bool) -> dict:
         "splits": ("train",),
         "num_workers": 0,
         "device": device,
+        "vision_trainable_blocks": vision_blocks,
     }
     caches = {"tiny": ExtractConfig(out=str(work / "cache-tiny"), **common)}
     if full:
@@ -414,8 +418,12 @@ class ModelRun:
         num_classes = len(reader.models["detector"]["categories"]) if reader is not None else 91
         loader = make_loader(split, reader, tokenizer, labels, model_cfg, self.train_cfg, shuffle=True)
         self.batches = forever(loader)
+        # The vision blocks the model trains (MANGO's last 2), as a run builds them from its cache.
+        blocks, weights = vision_blocks_of(model_cfg, reader, job["data_dir"]) or (None, None)
         torch.manual_seed(job["seed"])
-        self.model = MNERModel(model_cfg, labels, spec, encoder_dir, num_classes).to(runtime.device)
+        self.model = MNERModel(
+            model_cfg, labels, spec, encoder_dir, num_classes, vision_blocks=blocks, vision_weights=weights
+        ).to(runtime.device)
         self.model.train()
         self.model.epoch = 1  # as the loop sets it: the first epoch (MANGO's alignment warm-up)
         self.optimizer, self.scheduler, self.scaler = build_optimizer(
@@ -869,7 +877,10 @@ def main() -> None:
             flush=True,
         )
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        made = make_data(Path(tmp), args.images, args.device, args.full)
+        blocks = max(
+            (load_run_config(model=name)[0].vision_trainable_blocks for name in args.model or ()), default=0
+        )
+        made = make_data(Path(tmp), args.images, args.device, args.full, blocks)
         encoders = {name: encoder_path(name, Path(tmp)) for name in args.encoder}
         if args.model is not None:
             rows = [

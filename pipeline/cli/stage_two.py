@@ -200,6 +200,12 @@ def train_from_cache_cmd(
     help="torch intra-op threads; 0: the CPUs this process may use (affinity, cgroup quota). Two "
     "trainings side by side on a small machine: give each its share [default: from config, 0].",
 )
+@click.option(
+    "--text-cache",
+    type=click.Path(file_okay=False),
+    help="Root folder of the text-state caches that classifier.text_frozen_layers > 0 computes once and "
+    "reads [default: $MNER_TEXT_CACHE, else ~/.cache/mner/text-states].",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
 @user_errors
@@ -219,6 +225,7 @@ def train_classifier_cmd(
     config_file,
     overrides,
     threads,
+    text_cache,
     out,
     resume,
 ):
@@ -234,6 +241,8 @@ def train_classifier_cmd(
           --detector none --out cache/mvsa
       mner train-classifier --data-dir mvsa --mode text --out runs/mvsa_text
       mner train-classifier --data-dir mvsa --cache cache/mvsa --mode both --head cnn --out runs/mvsa_cnn
+      mner train-classifier --data-dir mvsa --mode text --set classifier.text_frozen_layers=4 \\
+          --out runs/mvsa_top2
     """
     from mner.train.engine.classify import train_classifier
 
@@ -253,7 +262,12 @@ def train_classifier_cmd(
     data = ClassDataConfig(data_dir, valid_fraction=valid_fraction, seed=split_seed)
     # --mode text never opens --cache (train_classifier records none)
     cfg = ClassifierRunConfig(
-        data=data, out_dir=out, classifier=classifier, cache_dir=cache_dir, resume=resume
+        data=data,
+        out_dir=out,
+        classifier=classifier,
+        cache_dir=cache_dir,
+        resume=resume,
+        text_cache=text_cache,
     )
     run_dir = train_classifier(cfg)
     click.echo(f"run written to {run_dir}")

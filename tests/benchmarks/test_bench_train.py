@@ -172,3 +172,15 @@ def test_zoo_table_cells_from_hand_made_timings():
     assert crf_cells[1] == ["200.0", "1.00"] and afner_cells[1] == ["500.0", "2.50"]
     assert crf_cells[3][0] == "1.0%" and afner_cells[3][0] == "3.0%"
     assert crf_cells[4] == ["-", "-"] and afner_cells[4][0] == "1.250"
+
+
+def test_mango_is_timed_with_its_vision_blocks_on_a_cache_that_stores_their_input(made, tmp_path):
+    """MANGO trains its last 2 CLIP blocks by default: the script extracts the state before them when a
+    measured model needs it and times the step with the blocks; on a cache without it the model is
+    refused (never timed frozen)."""
+    runs = [{"model": "mango", "store": "lazy"}]
+    with pytest.raises(ValueError, match="stores no vision state"):
+        bench_train.run_zoo_worker(_job(made, runs, steps=1))
+    with_state = bench_train.make_data(tmp_path, images=4, device="cpu", full=False, vision_blocks=2)
+    (timed,) = bench_train.run_zoo_worker(_job(with_state, runs, steps=1))["runs"]
+    assert timed["model"] == "mango" and timed["step_median_s"] > 0

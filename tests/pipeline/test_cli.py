@@ -32,6 +32,7 @@ from mner.extract.config import DETECTORS
 from mner.train.engine.config import ModelConfig
 from mner.train.report.ablation_config import ABLATIONS
 from mner.train.zoo.text import PRESETS
+from tests.train.factories import make_cache
 from tests.train.run_factories import make_data, make_images, make_prediction_pair
 
 # Every leaf command, as the words typed after `mner`.
@@ -580,6 +581,32 @@ def test_multimodal_training_without_a_cache(data_folder, tmp_path):
     assert (
         line == "Error: --cache is required unless model.text_only is true (pass --cache DIR, or --text-only)"
     )
+
+
+def test_mango_on_a_cache_without_the_vision_state_is_refused_with_the_command_that_makes_one(tmp_path):
+    """--model mango trains CLIP's last 2 blocks by default: a cache extracted without
+    --vision-trainable-blocks is refused (never trained frozen), naming where the 2 came from, before
+    the run folder exists; the same value from --set is named as the user's."""
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    common = ["train-from-cache", "--cache", cache_dir, "--data-dir", data_dir, "--text-encoder", "tiny-bert"]
+    extract = (
+        f"`mner extract-features --data-dir {data_dir} --out NEW_CACHE --clip tiny-clip --detector tiny-frcnn "
+        "--vision-trainable-blocks 2` and train on it, or set model.vision_trainable_blocks <= 0"
+    )
+    stored = (
+        f"trains the last 2 vision blocks on the state the cache stores before them, but the cache "
+        f"{cache_dir} stores no vision state (extracted without --vision-trainable-blocks); extract one with "
+    )
+    line = user_error(*common, "--model", "mango", "--out", tmp_path / "mango")
+    assert line == (
+        "Error: model.vision_trainable_blocks = 2 (model mango's default, configs/models/mango.toml) "
+        + stored
+        + extract
+    )
+    line = user_error(*common, "--set", "model.vision_trainable_blocks=2", "--out", tmp_path / "set")
+    assert line == "Error: model.vision_trainable_blocks = 2 " + stored + extract
+    assert not (tmp_path / "mango").exists() and not (tmp_path / "set").exists()
 
 
 def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path):

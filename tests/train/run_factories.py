@@ -134,8 +134,9 @@ def make_images(image_dir: Path, keys, size: tuple[int, int] = (40, 32)) -> Path
     return image_dir
 
 
-def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
-    """A real cache of data_dir's images through extract_features with the tiny-clip / tiny-frcnn presets."""
+def extract_cache(tmp_path: Path, data_dir: Path, **changes) -> Path:
+    """A real cache of data_dir's images through extract_features with the tiny-clip / tiny-frcnn presets;
+    `changes`: other ExtractConfig fields (vision_trainable_blocks=2)."""
     from mner.extract.config import ExtractConfig
     from mner.extract.run import extract_features
 
@@ -145,6 +146,7 @@ def extract_cache(tmp_path: Path, data_dir: Path) -> Path:
         num_workers=0,
         device="cpu",
         topk=4,
+        **changes,
     )
     return extract_features(cfg)
 

@@ -48,6 +48,11 @@ class ClassifierConfig(Config):
     # measured runs). none: the raw cached vector, the seed's input.
     image_norm: str = "standard"
     max_length: int = 128  # sub-words per post; longer texts are cut (counted in config.json)
+    # The text encoder's embeddings and bottom N layers frozen (eval mode, no gradient): their output is
+    # computed once per split into a text-state cache (train/engine/text_states.py, as
+    # model.text_frozen_layers) and only the top layers and the head train. 0: the whole encoder trains.
+    # Mode image has no text encoder: nothing to freeze.
+    text_frozen_layers: int = 0
     hidden_size: int = 512  # the seed's hidden size of mlp_both (mlp, attention heads)
     attention_heads: int = 4  # heads of the xattn layer
     dropout: float = 0.0  # after mlp_both's ReLU, and in xattn; the notebook's TwoInputMLP has none (cell 32)
@@ -95,7 +100,7 @@ class ClassifierConfig(Config):
                 raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "seed", "threads"):
+        for name in ("weight_decay", "max_grad_norm", "seed", "threads", "text_frozen_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -111,6 +116,9 @@ class ClassifierRunConfig:
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     cache_dir: str | None = None  # the feature cache; required unless classifier.mode is text (then unused)
     resume: bool = False  # continue a run of ours from its checkpoint/
+    # root folder of the text-state caches (classifier.text_frozen_layers > 0); None: $MNER_TEXT_CACHE,
+    # else ~/.cache/mner/text-states (cache/text_states.py)
+    text_cache: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.data, ClassDataConfig):
@@ -130,6 +138,7 @@ class ClassifierRunConfig:
             "classifier": self.classifier.to_dict(),
             "cache_dir": self.cache_dir,
             "resume": self.resume,
+            "text_cache": self.text_cache,
         }
 
 

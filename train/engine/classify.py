@@ -17,7 +17,8 @@ weights are reloaded at the end to score valid and test. The run folder:
                           "encoder_dir", "cache" (fingerprint, spec; null in text mode), "data_report",
                           "data_files" (sha256 of each split file: evaluate refuses a folder changed
                           since, runs.check_data_files), "no_image" (posts per split without a usable
-                          image), "truncated_posts"}
+                          image), "truncated_posts", "text_cache", "text_states" ({split: the
+                          text-state cache read with classifier.text_frozen_layers > 0; {} without)}
     model.safetensors    the best epoch's weights
     metrics.jsonl        one line per epoch: train loss, valid accuracy / macro-F1, best, seconds
     results.json         {"best_epoch", "epochs_run", <split>: classification_scores} for valid, test
@@ -42,9 +43,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from mner.cache.classification import (
     UNLABELLED_SPLIT,
@@ -60,6 +60,7 @@ from mner.cache.reader import CacheReader
 from mner.cache.spec import TokenSpec
 from mner.cache.verify import image_size_mismatches
 from mner.runtime import start_runtime, to_device
+from mner.train.engine.class_data import ClassPosts, class_text_posts, post_loader
 from mner.train.engine.classifier_config import ClassifierConfig, ClassifierRunConfig
 from mner.train.engine.loop import Fitting, run_training
 from mner.train.engine.run_files import (
@@ -73,6 +74,11 @@ from mner.train.engine.run_files import (
 )
 from mner.train.engine.runs import load_run_model, prepare_folder, report_images
 from mner.train.engine.tasks import SENTENCE_CLASSIFICATION
+from mner.train.engine.text_states import (
+    TextStateBuild,
+    check_text_cache_root,
+    prepare_text_states,
+)
 from mner.train.zoo.classifier_model import (
     ClassifierHead,
     SentenceClassifier,
@@ -88,79 +94,6 @@ CLASS_RUNTIME_SETTINGS = frozenset(
     {"classifier.epochs", "classifier.patience", "classifier.device", "classifier.threads"}
 )
 _SHOWN_GUIDS = 5  # guids named in a warning about many posts
-
-
-# ------------------------------------------------------------------------------------------ data
-
-
-class _Posts(torch.utils.data.Dataset):
-    """The examples of one split with their image features (read lazily from the cache)."""
-
-    def __init__(
-        self, split: ClassSplit, reader: CacheReader | None, label_ids: dict, tokens: bool, patches: bool
-    ):
-        self.examples = split.examples
-        self.reader, self.label_ids, self.tokens, self.patches = reader, label_ids, tokens, patches
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
-        item = {"text": example.text, "label": self.label_ids.get(example.label, -100)}
-        if self.reader is not None:
-            record = self.reader.get(example.guid)
-            if self.tokens:
-                image = record.patch_tokens  # (P, Dp)
-            elif self.patches:
-                image = record.patch_tokens.astype(np.float32).mean(0)  # (Dp,)
-            else:
-                image = record.global_embed  # (Dg,)
-            item.update(
-                image=torch.from_numpy(np.asarray(image, dtype=np.float32)), has_image=record.status == "ok"
-            )
-        return item
-
-
-def collate_posts(tokenizer, max_length: int):
-    """The classifier's collate: labels (B,), the tokenised texts (B, S), the image features."""
-
-    def collate(items: list[dict]) -> dict:
-        batch = {"labels": torch.tensor([item["label"] for item in items])}
-        if tokenizer is not None:
-            encoded = tokenizer(
-                [item["text"] for item in items],
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            )
-            batch.update(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])  # (B, S)
-        if "image" in items[0]:
-            batch["image"] = torch.stack([item["image"] for item in items])  # (B, Di) or (B, P, Dp)
-            batch["has_image"] = torch.tensor([item["has_image"] for item in items])  # (B,)
-        return batch
-
-    return collate
-
-
-def post_loader(
-    split, reader, labels: list[str], tokenizer, cfg: ClassifierConfig, shuffle: bool, seed: int, sampler=None
-):
-    """Batches of `split` for the classifier of `cfg` (label ids from the run's label list), shuffled
-    by a generator seeded with `seed`, or drawn by `sampler` (a rank's DistributedSampler)."""
-    label_ids = {label: i for i, label in enumerate(labels)}
-    tokens = reads_tokens(cfg.head, cfg.mode)
-    posts = _Posts(split, reader, label_ids, tokens, cfg.image_feature == "patches")
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        posts,
-        batch_size=cfg.batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        generator=generator,
-        collate_fn=collate_posts(tokenizer, cfg.max_length),
-    )
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -276,6 +209,8 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
     checkpoint = prepare_folder(
         claim, cfg.resume, record, runtime, SENTENCE_CLASSIFICATION.resume_keys, CLASS_RUNTIME_SETTINGS
     )
+    text_states = text_states_of(cfg, model, data, tokenizer, encoder_dir, runtime)
+    record["text_states"] = {name: str(states.folder) for name, states in text_states.items()}
     if runtime.is_main:
         write_json(claim.path / CONFIG_FILE, record)
 
@@ -284,25 +219,37 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
     sampler = None
     if runtime.world_size > 1:
         sampler = DistributedSampler(
-            _Posts(data.splits["train"], None, {}, False, False),
+            ClassPosts(data.splits["train"], None, {}, False, False),
             num_replicas=runtime.world_size,
             rank=runtime.rank,
             shuffle=True,
             seed=c.seed,
         )
     train_loader = post_loader(
-        data.splits["train"], reader, labels, tokenizer, c, sampler is None, c.seed, sampler
+        data.splits["train"],
+        reader,
+        labels,
+        tokenizer,
+        c,
+        sampler is None,
+        c.seed,
+        sampler,
+        text_states.get("train"),
     )
 
     def score(model, name: str):
-        return score_split(model, data.splits[name], reader, tokenizer, c, runtime, labels)
+        return score_split(
+            model, data.splits[name], reader, tokenizer, c, runtime, labels, text_states.get(name)
+        )
 
     def finish(model) -> None:
         for name, split in data.splits.items():
             seed_form = name == "test" and has_seed_form(split)
             if split.labelled and not seed_form:
                 continue
-            predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
+            predicted = predict_split(
+                model, split, reader, tokenizer, c, runtime, labels, text_states.get(name)
+            )
             if not split.labelled:  # test_without_label.txt, or a test.csv whose tags are all empty / null
                 write_predictions(claim.path / submission_file(name), split.examples, predicted)
             if seed_form:
@@ -343,7 +290,16 @@ def build_classifier(
     head = ClassifierHead(
         c.head, c.mode, text_dim, image_dim, num_labels, c.hidden_size, c.dropout, c.attention_heads
     )
-    model = SentenceClassifier(encoder, head, c.text_pool, class_weights, c.image_norm, image_dim)
+    model = SentenceClassifier(
+        encoder,
+        head,
+        c.text_pool,
+        class_weights,
+        c.image_norm,
+        image_dim,
+        c.text_frozen_layers,
+        c.text_encoder,
+    )
     return model, tokenizer
 
 
@@ -353,7 +309,7 @@ def image_statistics(
     """The per-dimension mean and (population) std (D,) of the image feature the head of `c` reads,
     over the train posts with a usable image (every patch token of each for xattn); (0, 1) when none has
     one. Accumulated in float64."""
-    posts = _Posts(train, reader, {}, reads_tokens(c.head, c.mode), c.image_feature == "patches")
+    posts = ClassPosts(train, reader, {}, reads_tokens(c.head, c.mode), c.image_feature == "patches")
     total = squares = None
     count = 0
     for item in posts:
@@ -412,19 +368,69 @@ def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:
     }
 
 
+def text_states_of(cfg: ClassifierRunConfig, model, data: ClassData, tokenizer, encoder_dir, runtime) -> dict:
+    """{split: its text-state cache} with classifier.text_frozen_layers > 0 and a text encoder (built
+    once, then reused by every run of the same encoder, tokenizer, max_length, N and texts); {} otherwise."""
+    if not model.frozen_layers:
+        return {}
+    root = text_cache_root_of(cfg)
+    return {
+        name: prepare_text_states(
+            model.encoder,
+            model.frozen_layers,
+            class_text_posts(split, tokenizer, cfg.classifier.max_length),
+            encoder_dir,
+            root,
+            runtime,
+        )
+        for name, split in data.splits.items()
+    }
+
+
+def text_cache_root_of(cfg: ClassifierRunConfig, out_dir=None) -> Path:
+    """The run's text-state root, refused inside one of its input or output folders (`out_dir`: the
+    folder that holds the run, the run folder itself by default)."""
+    return check_text_cache_root(
+        cfg.text_cache,
+        [
+            ("the feature cache", cfg.cache_dir),
+            ("the data folder", cfg.data.data_dir),
+            ("the run folder", cfg.out_dir if out_dir is None else out_dir),
+        ],
+    )
+
+
+def text_state_build(cfg: ClassifierRunConfig, out_dir) -> TextStateBuild | None:
+    """The text-state caches a classifier run of `cfg` reads (None with classifier.text_frozen_layers = 0
+    or in mode image), for an ablation to build before its first arm; `out_dir` is the ablation folder."""
+    c = cfg.classifier
+    if not c.text_frozen_layers or c.mode == "image":
+        return None
+    encoder_dir = resolve_text_encoder(c.text_encoder)
+    tokenizer = load_tokenizer(encoder_dir)
+    data = read_classification(cfg.data)
+    posts = [class_text_posts(split, tokenizer, c.max_length) for split in data.splits.values()]
+    return TextStateBuild(
+        encoder_dir, c.text_frozen_layers, posts, text_cache_root_of(cfg, out_dir), c.device
+    )
+
+
 @torch.no_grad()
-def predict_split(model, split, reader, tokenizer, c, runtime, labels) -> list[str]:
-    """The predicted label of every example of `split`, in file order."""
+def predict_split(model, split, reader, tokenizer, c, runtime, labels, text_states=None) -> list[str]:
+    """The predicted label of every example of `split`, in file order; with classifier.text_frozen_layers
+    > 0 the frozen bottom's states are read from `text_states` (the split's cache) or computed here."""
     model.eval()
     predicted = []
-    for batch in post_loader(split, reader, labels, tokenizer, c, False, c.seed):
+    for batch in post_loader(split, reader, labels, tokenizer, c, False, c.seed, text_states=text_states):
         logits = model(to_device({k: v for k, v in batch.items() if k != "labels"}, runtime.device))["logits"]
         predicted.extend(labels[i] for i in logits.argmax(1).tolist())
     return predicted
 
 
-def score_split(model, split, reader, tokenizer, c, runtime, labels) -> tuple[list[str], dict]:
-    predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels)
+def score_split(
+    model, split, reader, tokenizer, c, runtime, labels, text_states=None
+) -> tuple[list[str], dict]:
+    predicted = predict_split(model, split, reader, tokenizer, c, runtime, labels, text_states)
     return predicted, SENTENCE_CLASSIFICATION.score([e.label for e in split.examples], predicted, labels)
 
 

@@ -53,6 +53,16 @@ def describe_model(name: str) -> tuple[str, str]:
     return seed, adds
 
 
+def model_setting(name: str, section: str, key: str):
+    """What configs/models/<name>.toml sets `section.key` to; None when the file leaves it to the base or
+    there is no such model file (a name recorded by a run of a model since removed)."""
+    try:
+        path = model_file(name)
+    except ValueError:
+        return None
+    return configs.load_toml(path).get(section, {}).get(key)
+
+
 def _strip_label(text: str, label: str) -> str:
     """ "seed: 000 AFNER" -> "000 AFNER" (label "seed"); text without the label as it is."""
     head, colon, rest = text.partition(":")
@@ -107,7 +117,19 @@ def load_run_config(
     if said != name:
         raise ValueError(f"{path}: model.name is {said!r}, but this file is the model {name!r}; drop the key")
     merged["model"]["name"] = name
+    _text_only_reads_no_vision_blocks(merged["model"], layers)
     return ModelConfig(**merged["model"]), TrainConfig(**merged["train"])
+
+
+def _text_only_reads_no_vision_blocks(model: dict, layers: list[tuple[dict, str]]) -> None:
+    """A model file's vision blocks (MANGO's last 2) belong to the image, which model.text_only = true
+    never reads (as it reads none of the file's other image settings): the file's value gives way to 0,
+    so `--model mango --text-only` and the text_only ablation arm of MANGO are text-only runs. A value set
+    after the file (an experiment, --set) stays, and ModelConfig refuses it beside text_only."""
+    key = "vision_trainable_blocks"
+    after_the_file = any(key in data.get("model", {}) for data, _ in layers[2:])
+    if model.get("text_only") and not after_the_file and key in layers[1][0].get("model", {}):
+        model[key] = 0
 
 
 def merge_layers(sections: dict[str, type[Config]], layers: list[tuple[dict, str]]) -> dict[str, dict]:

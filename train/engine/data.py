@@ -176,9 +176,7 @@ class Collate:
         if self.with_visual:
             batch.update(_collate_visual(items))
         if "text_states" in items[0]:
-            batch["text_states"] = _collate_text_states(
-                items, encoded["input_ids"], encoded["attention_mask"]
-            )
+            batch["text_states"] = collate_text_states(items, encoded["input_ids"], encoded["attention_mask"])
         return batch
 
     def _label_ids(self, item: dict) -> list[int]:
@@ -238,7 +236,7 @@ def subword_budget(tokenizer, max_length: int) -> int:
     return max_length - tokenizer.num_special_tokens_to_add(pair=False)
 
 
-def _collate_text_states(
+def collate_text_states(
     items: list[dict], input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """The cached frozen states (B, S, D) at each post's real sub-words, zero on padding (the top layers

@@ -21,6 +21,7 @@ from mner.cache.spec import TokenSpec
 from mner.runtime import FolderClaim, Runtime
 from mner.train.engine.checkpoint import find_checkpoint, load_weights
 from mner.train.engine.config import RUNTIME_SETTINGS, ModelConfig
+from mner.train.engine.config_files import model_setting
 from mner.train.engine.run_files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -100,10 +101,14 @@ def vision_blocks_of(
     if k == -1:
         k = max(stored, 1)  # all the cache stores; a cache that stores none is refused below
     if k > stored:
+        # A model file's default is named as such: the user may never have typed the setting.
+        name = model_cfg.name
+        said = model_setting(name, "model", "vision_trainable_blocks") == k
+        origin = f" (model {name}'s default, configs/models/{name}.toml)" if said else ""
         if reader.config.get("vision", "clip") != "clip" and k > 1:
             raise ValueError(
-                f"model.vision_trainable_blocks = {k}, but the cache {reader.cache_dir} is a ResNet's, whose "
-                "stage two trains layer4 alone (its stages differ in width and stride); set "
+                f"model.vision_trainable_blocks = {k}{origin}, but the cache {reader.cache_dir} is a ResNet's, "
+                "whose stage two trains layer4 alone (its stages differ in width and stride); set "
                 "model.vision_trainable_blocks = 1"
                 + ("" if stored else f" on a cache made by `{_extract_blocks(reader, 1, data_dir)}`")
             )
@@ -113,8 +118,8 @@ def vision_blocks_of(
             else "stores no vision state (extracted without --vision-trainable-blocks)"
         )
         raise ValueError(
-            f"model.vision_trainable_blocks = {k} trains the last {k} vision blocks on the state the cache "
-            f"stores before them, but the cache {reader.cache_dir} {held}; extract one with "
+            f"model.vision_trainable_blocks = {k}{origin} trains the last {k} vision blocks on the state the "
+            f"cache stores before them, but the cache {reader.cache_dir} {held}; extract one with "
             f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set model.vision_trainable_blocks "
             f"<= {stored}"
         )

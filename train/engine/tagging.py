@@ -28,7 +28,12 @@ from mner.train.engine.runs import (
     report_images,
     vision_blocks_of,
 )
-from mner.train.engine.text_states import check_text_cache_root, prepare_text_states
+from mner.train.engine.text_states import (
+    TextStateBuild,
+    check_text_cache_root,
+    prepare_text_states,
+    tagging_posts,
+)
 from mner.train.zoo.registry import TASKS
 from mner.train.zoo.text import check_max_length, load_tokenizer, resolve_text_encoder
 
@@ -43,12 +48,7 @@ def prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tup
     encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
     check_max_length(encoder_dir, cfg.model.max_length, "model.max_length")
     source = cfg.data.resolve()
-    splits = {name: source.read(name) for name in ("train", "valid")}
-    if source.split_path("test").is_file():
-        splits["test"] = source.read("test")
-    labels = task.label_names(splits["train"])
-    # Checked before anything is built: a tag unknown to the model would only fail after a full epoch.
-    check_tags(splits, labels)
+    splits, labels = read_splits(source, task)
     reader = open_cache(cfg.cache_dir, cfg.model.text_only, cfg.train.cache_in_memory)
     if reader is not None:
         check_cache_keys(list(splits.values()), reader)
@@ -127,24 +127,63 @@ def prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tup
     return fitting, checkpoint
 
 
+def read_splits(source, task) -> tuple[dict, list[str]]:
+    """({split: Split} of train, valid and test when there is one, the label names of train), every tag
+    checked against them before anything is built: a tag unknown to the model would only fail after a
+    full epoch."""
+    splits = {name: source.read(name) for name in ("train", "valid")}
+    if source.split_path("test").is_file():
+        splits["test"] = source.read("test")
+    labels = task.label_names(splits["train"])
+    check_tags(splits, labels)
+    return splits, labels
+
+
 def text_states_of(cfg: RunConfig, model, splits, tokenizer, labels, encoder_dir, source, runtime) -> dict:
     """{split: its text-state cache} with model.text_frozen_layers > 0 (built once, then reused by every
     run of the same encoder, tokenizer, max_length, N and split file); {} otherwise."""
     frozen = cfg.model.text_frozen_layers
     if not frozen:
         return {}
-    root = check_text_cache_root(
+    root = text_cache_root_of(cfg, source)
+    return {
+        name: prepare_text_states(
+            model.encoder,
+            frozen,
+            tagging_posts(split, tokenizer, labels, cfg.model.max_length),
+            encoder_dir,
+            root,
+            runtime,
+        )
+        for name, split in splits.items()
+    }
+
+
+def text_cache_root_of(cfg: RunConfig, source, out_dir=None) -> Path:
+    """The run's text-state root, refused inside one of its input or output folders (`out_dir`: the
+    folder that holds the run, the run folder itself by default)."""
+    return check_text_cache_root(
         cfg.text_cache,
         [
             ("the feature cache", cfg.cache_dir),
             ("the data folder", source.data_dir),
             ("the image folder", source.image_dir),
-            ("the run folder", cfg.out_dir),
+            ("the run folder", cfg.out_dir if out_dir is None else out_dir),
         ],
     )
-    return {
-        name: prepare_text_states(
-            model.encoder, frozen, split, tokenizer, labels, cfg.model.max_length, encoder_dir, root, runtime
-        )
-        for name, split in splits.items()
-    }
+
+
+def text_state_build(cfg: RunConfig, out_dir) -> TextStateBuild | None:
+    """The text-state caches a tagging run of `cfg` reads (None with model.text_frozen_layers = 0), for
+    an ablation to build before its first arm; `out_dir` is the ablation folder (no cache inside it)."""
+    frozen = cfg.model.text_frozen_layers
+    if not frozen:
+        return None
+    task = TASKS.get(cfg.model.task)
+    encoder_dir = resolve_text_encoder(cfg.model.text_encoder)
+    source = cfg.data.resolve()
+    splits, labels = read_splits(source, task)
+    tokenizer = load_tokenizer(encoder_dir)
+    posts = [tagging_posts(split, tokenizer, labels, cfg.model.max_length) for split in splits.values()]
+    root = text_cache_root_of(cfg, source, out_dir)
+    return TextStateBuild(encoder_dir, frozen, posts, root, cfg.train.device)

@@ -134,18 +134,17 @@ def _run(cfg: AblationConfig | ClassAblationConfig) -> tuple[Path, str | None]:
     record = cfg.plan()
     claim = claim_ablation(out, record, cfg.keys(), cfg.what)
     main = int(os.environ.get("RANK", "0")) == 0
+
+    def finished(run_dir: Path) -> bool:
+        return is_run_folder(run_dir, cfg.task.name) and (run_dir / RESULTS_FILE).is_file()
+
     try:
-        rows = train_arms(
-            claim,
-            record,
-            cfg.runs(),
-            finished=lambda run_dir: (
-                is_run_folder(run_dir, cfg.task.name) and (run_dir / RESULTS_FILE).is_file()
-            ),
-            train=cfg.train_arm,
-            row=row,
-            main=main,
-        )
+        if main:
+            pending = [
+                name for name, seed in cfg.runs() if not finished(out / arm_folder(name) / f"seed{seed}")
+            ]
+            build_text_states_first(cfg, out, pending)
+        rows = train_arms(claim, record, cfg.runs(), finished, cfg.train_arm, row, main)
         table = pd.DataFrame(rows)
         md_path, summary = out / ABLATION_MD, None
         if main:
@@ -157,6 +156,25 @@ def _run(cfg: AblationConfig | ClassAblationConfig) -> tuple[Path, str | None]:
         return md_path, summary
     finally:
         claim.unlock()
+
+
+def build_text_states_first(cfg: AblationConfig | ClassAblationConfig, out: Path, arms: list[str]) -> None:
+    """Build the text-state caches that the `arms` (names, with repeats) read, each once, before the
+    first arm trains (model.text_frozen_layers or classifier.text_frozen_layers > 0), and log each with
+    the seconds it took; arms that freeze nothing build nothing. Every arm and seed then reads them.
+
+    Rank 0 alone builds (under torchrun the other ranks wait for it in their first run's start).
+    """
+    builds = [build for name in dict.fromkeys(arms) if (build := cfg.text_state_build(name, out)) is not None]
+    if not builds:
+        return
+    from mner.train.engine.text_states import build_text_states  # torch
+
+    for folder, seconds in build_text_states(builds):
+        if seconds is None:
+            log.info("text-state cache %s: built earlier, read by the arms", folder)
+        else:
+            log.info("text-state cache built before the first arm in %.1f s: %s", seconds, folder)
 
 
 def claim_ablation(out: Path, record: dict, keys: tuple[str, ...], what: str) -> FolderClaim:

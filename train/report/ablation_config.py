@@ -169,6 +169,14 @@ class AblationConfig:
     def train_arm(self, name: str, seed: int, run_dir: Path) -> None:
         _train_tagger(self, name, seed, run_dir)
 
+    def text_state_build(self, name: str, out: Path):
+        """The text-state caches arm `name` reads (model.text_frozen_layers > 0; None otherwise), for
+        run_ablation to build before the first arm (`out`: the ablation folder)."""
+        from mner.train.engine.tagging import text_state_build  # torch
+
+        arm = next(arm for arm in self.arms() if arm.name == name)
+        return text_state_build(_run_config(self, arm, 0, out), out)
+
     def arms(self) -> list[Arm]:
         """Every experiment crossed with every grid point, in order (the grid's last axis fastest)."""
         arms, points = [], grid_points(self.grid)

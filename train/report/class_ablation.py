@@ -108,6 +108,16 @@ class ClassAblationConfig:
             ClassifierRunConfig(data=self.data, out_dir=str(run_dir), classifier=c, cache_dir=self.cache_dir)
         )
 
+    def text_state_build(self, experiment: str, out: Path):
+        """The text-state caches arm `experiment` reads (classifier.text_frozen_layers > 0 with a text
+        encoder; None otherwise), for run_ablation to build before the first arm (`out`: the ablation
+        folder)."""
+        from mner.train.engine.classify import text_state_build  # torch
+
+        c = self.arm_config(experiment, seed=0)
+        run = ClassifierRunConfig(data=self.data, out_dir=str(out), classifier=c, cache_dir=self.cache_dir)
+        return text_state_build(run, out)
+
     def arm_config(self, experiment: str, seed: int):
         """The classifier config of one arm and seed: the file, the overrides, the arm's diff, the seed
         and --epochs."""

@@ -35,7 +35,7 @@ from mner.train.engine.run_files import (
 from mner.train.engine.runs import check_cache_keys, encoder_dir_of, load_run_model, open_cache
 from mner.train.engine.scores import format_entity_scores, write_pred_csv
 from mner.train.engine.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING
-from mner.train.engine.text_states import find_text_states
+from mner.train.engine.text_states import find_text_states, tagging_posts
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,8 @@ def evaluate_run(
     if cfg.model.text_frozen_layers and long_posts == "truncate":
         text_states = find_text_states(
             encoder_dir_of(record),
-            tokenizer,
-            cfg.model.max_length,
             cfg.model.text_frozen_layers,
-            data,
+            tagging_posts(data, tokenizer, record["label_names"], cfg.model.max_length),
             text_cache if text_cache is not None else cfg.text_cache,
         )
         log.info(

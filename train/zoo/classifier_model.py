@@ -25,6 +25,11 @@ Image normalisation (`image_norm`). "standard" maps the image feature x (each pa
 `xattn`) to (x - mean) / std per dimension, with the train split's statistics held as buffers (so
 they travel in model.safetensors to evaluate and predict); "none" feeds x as it is, as the seed does.
 
+Frozen text prefix (`text_frozen_layers` N > 0): the encoder's embeddings and bottom N layers get no
+gradient and stay in eval mode; the top layers run over the batch's cached states after layer N
+(train/engine/text_states.py), or over that prefix computed here (zoo/text.py `subword_states`, shared
+with the tagger).
+
 Missing images. A post whose image is missing or unreadable has has_image False: its image feature
 is zeroed, its attention weight on the image is exactly 0 (score -inf) and `xattn` skips the
 attention, so such a post gets, bitwise, what the head gives with no image whatever the cache holds
@@ -37,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from mner.train.engine.classifier_config import CLASS_HEADS, IMAGE_NORMS, MODES, TEXT_POOLS
+from mner.train.zoo.text import freeze_text_prefix, prefix_eval, subword_states
 
 MIN_STD = 1e-6  # a train std below this leaves its dimension unscaled (SentenceClassifier)
 
@@ -174,9 +180,11 @@ class SentenceClassifier(nn.Module):
     {"logits", "loss"?}.
 
     batch: input_ids / attention_mask (B, S) unless mode is image; image (B, Di) or (B, P, Dp) and
-    has_image (B,) unless mode is text; labels (B,) for the loss. class_weights (L,) or None weight
-    the cross-entropy. image_norm "standard" with image_dim D > 0 holds image_mean / image_std (D,),
-    identity until `set_image_statistics`.
+    has_image (B,) unless mode is text; labels (B,) for the loss; with frozen_layers N > 0, optionally
+    text_states (B, S, Dt), the states after the encoder's layer N read from the text-state cache
+    (computed here without them). class_weights (L,) or None weight the cross-entropy. image_norm
+    "standard" with image_dim D > 0 holds image_mean / image_std (D,), identity until
+    `set_image_statistics`.
     """
 
     def __init__(
@@ -187,11 +195,19 @@ class SentenceClassifier(nn.Module):
         class_weights: Tensor | None = None,
         image_norm: str = "none",
         image_dim: int = 0,
+        frozen_layers: int = 0,
+        encoder_name: str = "",
     ):
+        """frozen_layers: classifier.text_frozen_layers, the encoder's bottom layers frozen (eval mode, no
+        gradient); encoder_name: classifier.text_encoder, named when the encoder cannot be split so."""
         super().__init__()
         if image_norm not in IMAGE_NORMS:
             raise ValueError(f"unknown image_norm {image_norm!r}; known: {', '.join(IMAGE_NORMS)}")
         self.encoder, self.head, self.text_pool = encoder, head, text_pool
+        # Image mode has no text encoder: nothing to freeze.
+        self.frozen_layers = frozen_layers if encoder is not None else 0
+        if self.frozen_layers:
+            freeze_text_prefix(encoder, self.frozen_layers, encoder_name, "classifier.text_frozen_layers")
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.standardises = image_norm == "standard" and image_dim > 0
         if self.standardises:
@@ -207,12 +223,18 @@ class SentenceClassifier(nn.Module):
         self.image_mean.copy_(mean)
         self.image_std.copy_(torch.where(std < MIN_STD, torch.ones_like(std), std))
 
+    def train(self, mode: bool = True) -> SentenceClassifier:
+        """Train or eval mode; the frozen bottom of the text encoder stays in eval mode (no dropout),
+        so its output is the text-state cache's."""
+        super().train(mode)
+        if self.frozen_layers:
+            prefix_eval(self.encoder, self.frozen_layers)
+        return self
+
     def forward(self, batch: dict) -> dict:
         text = None
         if self.encoder is not None:
-            hidden = self.encoder(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state  # (B, S, Dt)
+            hidden = subword_states(self.encoder, self.frozen_layers, batch)  # (B, S, Dt)
             text = pool_text(hidden, batch["attention_mask"], self.text_pool)
         image = batch.get("image")
         if image is not None and self.standardises:

@@ -26,9 +26,11 @@ LossInputs.fusion_state. A post with no usable image gets no gated update and re
 is bitwise the one the model gives with no image.
 
 Deviations from the original, each with its reason (README models table):
-- forced by the cache: its dual-granularity trainable vision encoder and "选择性解冻CLIP" (nothing before
-  the cache trains; clip_lr has no parameters); "视觉编码器预热" (the README's first epochs of text-only
-  training) trains nothing here either, and the original code has no such step.
+- forced by the cache: its optional dual-granularity vision encoder (--use_dual_granularity) reads the
+  pixels. CLIP's last 2 blocks train at clip_lr 1e-5 (the README's "选择性解冻CLIP的最后2个block",
+  model.vision_trainable_blocks = 2) on the state the cache stores before them.
+- "视觉编码器预热" (the README's first epochs of text-only training) is not done: the original code has no
+  such step.
 - the original's align warm-up reads `current_epoch`, which its train.py never sets (always 0): its
   alignment loss is always 0, a bug; here the loop sets model.epoch, so the README's 5-epoch warm-up runs.
 - sparsity is the mean over the words of posts with an image; the original's rel.mean() also averages

@@ -31,12 +31,11 @@ from mner.train.zoo.heads import Head
 from mner.train.zoo.losses import LossInputs, type_presence
 from mner.train.zoo.registry import AUX_LOSSES, HEADS, TASKS
 from mner.train.zoo.text import (
-    encoder_layers,
-    frozen_modules,
+    freeze_text_prefix,
     load_encoder,
     load_tokenizer,
-    text_prefix,
-    text_top,
+    prefix_eval,
+    subword_states,
     type_prompt_states,
 )
 from mner.train.zoo.two_tower import check_towers, dead_parameters
@@ -113,9 +112,7 @@ class MNERModel(nn.Module):
         self.encoder = load_encoder(encoder_dir)
         self.frozen_layers = cfg.text_frozen_layers
         if self.frozen_layers:
-            encoder_layers(self.encoder, self.frozen_layers, cfg.text_encoder)
-            for module in frozen_modules(self.encoder, self.frozen_layers):
-                module.requires_grad_(False)
+            freeze_text_prefix(self.encoder, self.frozen_layers, cfg.text_encoder)
         width = self.encoder.config.hidden_size
         if width % cfg.qfnet_heads:
             raise ValueError(
@@ -237,8 +234,7 @@ class MNERModel(nn.Module):
         so its output is the text-state cache's."""
         super().train(mode)
         if self.frozen_layers:
-            for module in frozen_modules(self.encoder, self.frozen_layers):
-                module.eval()
+            prefix_eval(self.encoder, self.frozen_layers)
         return self
 
     def encode_text(self, batch: dict) -> torch.Tensor:
@@ -248,22 +244,8 @@ class MNERModel(nn.Module):
         model.text_frozen_layers = N the top layers run over batch["text_states"] (B, S, D), the states
         after layer N read from the text-state cache, or over the frozen bottom computed here without it.
         """
-        return word_states(self._subword_states(batch), batch["first_subword"])  # (B, T, D)
-
-    def _subword_states(self, batch: dict) -> torch.Tensor:
-        """The encoder's last hidden states (B, S, D), [CLS] first."""
-        if self.frozen_layers:
-            hidden = batch.get("text_states")
-            if hidden is None:
-                hidden = text_prefix(
-                    self.encoder, self.frozen_layers, batch["input_ids"], batch["attention_mask"]
-                )  # (B, S, D)
-            states = text_top(self.encoder, self.frozen_layers, hidden, batch["attention_mask"])  # (B, S, D)
-        else:
-            states = self.encoder(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state  # (B, S, D)
-        return states
+        states = subword_states(self.encoder, self.frozen_layers, batch)  # (B, S, D)
+        return word_states(states, batch["first_subword"])  # (B, T, D)
 
     def encode_visual(
         self, batch: dict, image_mask: torch.Tensor | None = None
@@ -304,7 +286,7 @@ class MNERModel(nn.Module):
         Dropout acts on the fused states before the emission layer, or, for a fusion that `drops_text`
         (QGF, as its originals), on the encoder's states before the fusion (and the losses) instead.
         """
-        states = self._subword_states(batch)  # (B, S, D)
+        states = subword_states(self.encoder, self.frozen_layers, batch)  # (B, S, D)
         drops_text = getattr(self.fusion, "drops_text", False)
         if drops_text:
             states = self.dropout(states)

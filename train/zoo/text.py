@@ -169,13 +169,17 @@ def type_prompt_states(encoder: torch.nn.Module, tokenizer, types: Sequence[str]
     return states[torch.arange(len(types), device=device), where]  # (E, D)
 
 
-def encoder_layers(encoder: torch.nn.Module, frozen: int, name: str) -> torch.nn.ModuleList:
+def encoder_layers(
+    encoder: torch.nn.Module, frozen: int, name: str, setting: str = "model.text_frozen_layers"
+) -> torch.nn.ModuleList:
     """The transformer layers of a BERT-family encoder, checked to have at least `frozen` of them.
 
     Args:
         encoder: the Hugging Face base model (BertModel, RobertaModel, ...).
-        frozen: model.text_frozen_layers, > 0.
+        frozen: the setting's value, > 0.
         name: the encoder as the user named it (model.text_encoder), for the messages.
+        setting: the setting that asks for it (model.text_frozen_layers, classifier.text_frozen_layers),
+            named in the messages.
     Raises:
         ValueError for an encoder without BERT's .embeddings / .encoder.layer split, or with fewer layers.
     """
@@ -184,13 +188,13 @@ def encoder_layers(encoder: torch.nn.Module, frozen: int, name: str) -> torch.nn
         layers, torch.nn.ModuleList
     ):
         raise ValueError(
-            f"model.text_frozen_layers = {frozen} runs the text encoder's embeddings and layers apart, which "
+            f"{setting} = {frozen} runs the text encoder's embeddings and layers apart, which "
             f"a {type(encoder).__name__} ({name}) does not expose (.embeddings, .encoder.layer); use a BERT or "
-            "RoBERTa-family encoder or set model.text_frozen_layers = 0"
+            f"RoBERTa-family encoder or set {setting} = 0"
         )
     if frozen > len(layers):
         raise ValueError(
-            f"model.text_frozen_layers = {frozen} is more than the {len(layers)} layers of text encoder "
+            f"{setting} = {frozen} is more than the {len(layers)} layers of text encoder "
             f"{name}; set it to at most {len(layers)}"
         )
     return layers
@@ -199,6 +203,40 @@ def encoder_layers(encoder: torch.nn.Module, frozen: int, name: str) -> torch.nn
 def frozen_modules(encoder: torch.nn.Module, frozen: int) -> list[torch.nn.Module]:
     """The embeddings and the bottom `frozen` layers (checked by `encoder_layers` first)."""
     return [encoder.embeddings, *encoder.encoder.layer[:frozen]]
+
+
+def freeze_text_prefix(
+    encoder: torch.nn.Module, frozen: int, name: str, setting: str = "model.text_frozen_layers"
+) -> None:
+    """Check (`encoder_layers`) and freeze the embeddings and the bottom `frozen` layers: no gradient.
+    The model that holds them keeps them in eval mode with `prefix_eval`."""
+    encoder_layers(encoder, frozen, name, setting)
+    for module in frozen_modules(encoder, frozen):
+        module.requires_grad_(False)
+
+
+def prefix_eval(encoder: torch.nn.Module, frozen: int) -> None:
+    """Put the frozen bottom back in eval mode (no dropout) after a model's `train()`, so that its
+    output is the text-state cache's."""
+    for module in frozen_modules(encoder, frozen):
+        module.eval()
+
+
+def subword_states(encoder: torch.nn.Module, frozen: int, batch: dict) -> torch.Tensor:
+    """The encoder's last hidden states (B, S, D), [CLS] first, of batch["input_ids"] /
+    batch["attention_mask"] (B, S).
+
+    With `frozen` > 0 the top layers run over batch["text_states"] (B, S, D), the states after layer
+    `frozen` read from the text-state cache, or over `text_prefix` computed here when the batch has none.
+    """
+    if not frozen:
+        return encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state  # (B, S, D)
+    hidden = batch.get("text_states")
+    if hidden is None:
+        hidden = text_prefix(encoder, frozen, batch["input_ids"], batch["attention_mask"])  # (B, S, D)
+    return text_top(encoder, frozen, hidden, batch["attention_mask"])  # (B, S, D)
 
 
 def text_prefix(

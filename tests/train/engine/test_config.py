@@ -340,6 +340,25 @@ def test_every_model_file_describes_itself_and_loads():
     assert model == dataclasses.replace(ModelConfig(), **configs.load_toml(model_file("afdvqf"))["model"])
 
 
+def test_text_only_drops_the_vision_blocks_a_model_file_trains_and_refuses_them_set_after_it():
+    """MANGO's file trains its last 2 CLIP blocks; --text-only (and the text_only ablation arm) reads no
+    image, so the file's value gives way to 0. Set after the file, the blocks and text_only conflict."""
+    from mner.train.report.ablation_config import experiment_file
+
+    assert load_run_config(model="mango")[0].vision_trainable_blocks == 2
+    for changes in ({"overrides": ["model.text_only=true"]}, {"config_file": experiment_file("text_only")}):
+        model, _ = load_run_config(model="mango", **changes)
+        assert (model.text_only, model.vision_trainable_blocks, model.fusion) == (True, 0, "mango"), changes
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "model.vision_trainable_blocks = 1 trains vision blocks, but model.text_only = true reads no "
+            "image; set model.vision_trainable_blocks = 0"
+        ),
+    ):
+        load_run_config(model="mango", overrides=["model.text_only=true", "model.vision_trainable_blocks=1"])
+
+
 def test_describe_model_strips_labels_and_needs_two_comment_lines(tmp_path, monkeypatch):
     from mner.train.engine.config_files import describe_model
 

@@ -18,7 +18,7 @@ from mner.cache.conll import read_split
 from mner.train.engine.metrics import entities, entity_scores
 from mner.train.zoo.text import resolve_text_encoder
 from tests.train.factories import make_cache
-from tests.train.run_factories import make_data, run_config
+from tests.train.run_factories import extract_cache, make_data, make_images, run_config
 
 # Subprocess / end-to-end: outside the `pytest -m "not slow"` inner loop.
 pytestmark = pytest.mark.slow
@@ -157,3 +157,61 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
     seeds = [[seed for _, seed in rank_steps] for rank_steps in two_steps]
     assert all(a != b for a, b in zip(*seeds))
     assert len({seeds[0][0], seeds[0][-1]}) == 2  # epoch 1 and epoch 2
+
+
+# As SCRIPT, saving this rank's vision blocks before its first optimiser step and after each one.
+BLOCKS = """
+import json, os, sys
+from safetensors.torch import save_file
+import mner.train.engine.loop as loop
+from mner.train.engine.config import RunConfig
+
+cfg = RunConfig.from_dict(json.load(open(sys.argv[1])))
+rank, real_step = os.environ["RANK"], loop.train_step
+
+def save(model, when):
+    blocks = getattr(model, "module", model).vision_blocks
+    state = {k: v.detach().clone().contiguous() for k, v in blocks.state_dict().items()}
+    save_file(state, os.path.join(cfg.out_dir, f"blocks.{when}.{rank}.safetensors"))
+
+def recording_step(model, *args, **kwargs):
+    if not os.path.exists(os.path.join(cfg.out_dir, f"blocks.start.{rank}.safetensors")):
+        save(model, "start")
+    loss = real_step(model, *args, **kwargs)
+    save(model, "end")
+    return loss
+
+loop.train_step = recording_step
+loop.train_from_cache(cfg)
+"""
+
+
+def test_two_processes_all_reduce_the_vision_blocks_gradients(tmp_path):
+    """k = 1 of a cache storing the state before tiny-clip's 2 layers, 2 gloo ranks, each on its own half
+    of every batch: after training both ranks hold bitwise the same trained block (its gradients are
+    all-reduced; unreduced, each rank's own posts would pull it apart), moved from where it started, and
+    the frozen block before it as the cache stores it."""
+    data_dir, posts = make_data(tmp_path, n_train=8, n_valid=4, n_test=None)
+    make_images(data_dir / "images", [post.key for post in posts])
+    cache_dir = extract_cache(tmp_path, data_dir, vision_trainable_blocks=2)
+    cfg = run_config(
+        tmp_path / "run", cache_dir, data_dir, epochs=2, train={"batch_size": 2}, vision_trainable_blocks=1
+    )
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "blocks.py").write_text(BLOCKS)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", str(tmp_path / "blocks.py"), str(tmp_path / "cfg.json"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    start, end = ([load_file(str(run_dir / f"blocks.{when}.{rank}.safetensors")) for rank in (0, 1)]
+                  for when in ("start", "end"))  # fmt: skip
+    assert {name.split(".")[0] for name in end[0]} >= {"frozen", "layers"}
+    for name in end[0]:
+        assert torch.equal(start[0][name], start[1][name]), name
+        assert torch.equal(end[0][name], end[1][name]), name
+        assert torch.equal(end[0][name], start[0][name]) != name.startswith("layers."), name

@@ -3,6 +3,7 @@ so training that reads them trains the same model."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -14,8 +15,14 @@ from mner.cache.datasets import resolve_data
 from mner.cache.text_states import MARKER_FILE, STATES_FILE, open_text_states
 from mner.runtime import resolve_runtime
 from mner.train.engine.loop import train_from_cache
-from mner.train.engine.text_states import compute_text_states, prepare_text_states, text_state_parts
+from mner.train.engine.text_states import (
+    compute_text_states,
+    prepare_text_states,
+    tagging_posts,
+    text_state_parts,
+)
 from mner.train.zoo.text import load_encoder, load_tokenizer, resolve_text_encoder
+from tests.cache.factories import make_cache as make_feature_cache
 from tests.train.factories import make_cache
 from tests.train.run_factories import make_data, run_config, single_thread  # noqa: F401 (autouse)
 
@@ -68,8 +75,9 @@ def test_cached_states_are_the_frozen_bottoms_output_and_a_second_run_reuses_the
     tokenizer, encoder = load_tokenizer(folder), load_encoder(folder).eval()
     runtime = resolve_runtime("cpu", "off")
     labels = ["O", "B-LOC", "B-PER"]
-    states = prepare_text_states(encoder, 1, split, tokenizer, labels, 32, folder, tmp_path / "tc", runtime)
-    rows = list(compute_text_states(encoder, 1, split, tokenizer, labels, 32, runtime.device))
+    posts = tagging_posts(split, tokenizer, labels, 32)
+    states = prepare_text_states(encoder, 1, posts, folder, tmp_path / "tc", runtime)
+    rows = list(compute_text_states(encoder, 1, posts, runtime.device))
     assert states.keys == [post.key for post in split.posts] == [key for key, _, _ in rows]
     for index, (key, ids, expected) in enumerate(rows):
         got_ids, got = states.get(index, key)
@@ -78,10 +86,10 @@ def test_cached_states_are_the_frozen_bottoms_output_and_a_second_run_reuses_the
         assert got_ids.tolist() == ids.tolist()
         assert got_ids[0] == tokenizer.cls_token_id and got_ids[-1] == tokenizer.sep_token_id
     written = (states.folder / STATES_FILE).stat().st_mtime_ns
-    again = prepare_text_states(encoder, 1, split, tokenizer, labels, 32, folder, tmp_path / "tc", runtime)
+    again = prepare_text_states(encoder, 1, posts, folder, tmp_path / "tc", runtime)
     assert again.folder == states.folder and (states.folder / STATES_FILE).stat().st_mtime_ns == written
     # Another N is another cache, beside it.
-    other = prepare_text_states(encoder, 2, split, tokenizer, labels, 32, folder, tmp_path / "tc", runtime)
+    other = prepare_text_states(encoder, 2, posts, folder, tmp_path / "tc", runtime)
     assert other.folder != states.folder and other.parts["frozen_layers"] == 2
 
 
@@ -90,25 +98,18 @@ def test_a_changed_split_file_or_setting_is_another_fingerprint_and_a_stale_fold
     split = resolve_data(data_dir).read("valid")
     folder = resolve_text_encoder("tiny-bert")
     tokenizer = load_tokenizer(folder)
-    parts = text_state_parts(folder, tokenizer, 32, 1, split)
-    assert text_state_parts(folder, tokenizer, 24, 1, split) != parts
+    labels = ["O", "B-LOC", "B-PER"]
+    parts = text_state_parts(folder, 1, tagging_posts(split, tokenizer, labels, 32))
+    assert text_state_parts(folder, 1, tagging_posts(split, tokenizer, labels, 24)) != parts
     with open(split.path, "a", encoding="utf-8") as f:
         f.write("\n")
     assert (
-        text_state_parts(folder, tokenizer, 32, 1, split)["data_file"]["sha256"]
+        text_state_parts(folder, 1, tagging_posts(split, tokenizer, labels, 32))["data_file"]["sha256"]
         != parts["data_file"]["sha256"]
     )
     runtime = resolve_runtime("cpu", "off")
     states = prepare_text_states(
-        load_encoder(folder).eval(),
-        1,
-        split,
-        tokenizer,
-        ["O", "B-LOC", "B-PER"],
-        32,
-        folder,
-        tmp_path,
-        runtime,
+        load_encoder(folder).eval(), 1, tagging_posts(split, tokenizer, labels, 32), folder, tmp_path, runtime
     )
     with pytest.raises(
         ValueError,
@@ -189,3 +190,148 @@ def test_resume_reads_the_cache_it_was_started_with(tmp_path, monkeypatch):
     train_from_cache(cfg)
     assert {f.name: (f / STATES_FILE).stat().st_mtime_ns for f in (tmp_path / "tc").iterdir()} == built
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------------------ classifier
+
+# Learning rates that move the tiny model in 2 epochs, low enough for the 1e-6 comparison below.
+CLASSIFY = dict(
+    text_encoder="tiny-bert", batch_size=4, max_length=32, device="cpu", lr_head=1e-3, lr_encoder=1e-4
+)
+
+
+def classifier_config(demo, out, cache=None, text_cache=None, **settings):
+    from mner.cache.classification import ClassDataConfig
+    from mner.train.engine.classifier_config import ClassifierConfig, ClassifierRunConfig
+
+    return ClassifierRunConfig(
+        data=ClassDataConfig(str(demo)),
+        out_dir=str(out),
+        classifier=ClassifierConfig(**{**CLASSIFY, **settings}),
+        cache_dir=None if cache is None else str(cache),
+        text_cache=None if text_cache is None else str(text_cache),
+    )
+
+
+def mvsa_demo(tmp_path, with_cache: bool):
+    """A classification folder (train, a valid split drawn from train.txt, test, test_without_label) and,
+    with `with_cache`, a synthetic feature cache of its guids."""
+    from mner.cache.classification import ClassDataConfig, read_classification
+    from mner.demo.classification import make_mvsa_demo
+
+    demo = make_mvsa_demo(tmp_path / "demo", seed=0, n=24)
+    if not with_cache:
+        return demo, None
+    data = read_classification(ClassDataConfig(str(demo)))
+    guids = {e.guid for split in data.splits.values() for e in split.examples}
+    return demo, make_feature_cache(tmp_path, keys=sorted(guids), statuses={})
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(mode="text", text_pool="mean"), dict(mode="both", text_pool="cls", head="attention")],
+    ids=["text-mean", "both-cls"],
+)
+def test_classifier_training_from_the_cache_equals_training_with_the_frozen_layers_in_the_loop(
+    tmp_path, monkeypatch, settings
+):
+    """To 1e-6, not bitwise: the loop pads a post's batch to other lengths than the build did, and a
+    softmax over a row with more masked keys sums its (equal) terms in another order, which moves the
+    frozen states by ~1e-8; Adam turns that into ~1e-7 after these 8 steps (more at higher learning
+    rates, whose updates of near-zero gradients it normalises). The predictions are the same."""
+    import mner.train.engine.classify as classify
+    from mner.train.engine.classify import train_classifier
+
+    demo, cache = mvsa_demo(tmp_path, settings["mode"] == "both")
+    common = dict(epochs=2, seed=3, text_frozen_layers=1, dropout=0.1, **settings)
+    cached = train_classifier(classifier_config(demo, tmp_path / "cached", cache, tmp_path / "tc", **common))
+    # train, valid (drawn from train.txt: its own texts, its own cache), test, test_without_label
+    folders = sorted((tmp_path / "tc").iterdir())
+    assert len(folders) == 4 and all((f / MARKER_FILE).is_file() for f in folders)
+    record = json.loads((cached / "config.json").read_text())
+    assert set(record["text_states"]) == {"train", "valid", "test", "test_without_label"}
+    with monkeypatch.context() as patch:
+        patch.setattr(classify, "text_states_of", lambda *args, **kwargs: {})
+        loop = train_classifier(classifier_config(demo, tmp_path / "loop", cache, **common))
+
+    a, b = load_file(cached / "model.safetensors"), load_file(loop / "model.safetensors")
+    assert a.keys() == b.keys()
+    start = load_encoder("tiny-bert").state_dict()
+    moved = load_file(cached / "checkpoint" / "model.safetensors")
+    # The top layer trained and the bottom did not: the test compares models that learned something.
+    assert not torch.equal(
+        moved["encoder.encoder.layer.1.output.dense.weight"], start["encoder.layer.1.output.dense.weight"]
+    )
+    assert torch.equal(
+        moved["encoder.encoder.layer.0.output.dense.weight"], start["encoder.layer.0.output.dense.weight"]
+    )
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    for x, y in zip(epochs(cached), epochs(loop), strict=True):
+        assert x == {**y, "train_loss": pytest.approx(y["train_loss"], rel=0, abs=1e-6)}
+    for name in ("pred_valid.csv", "pred_test.csv", "pred_test_without_label.txt"):
+        assert (cached / name).read_text() == (loop / name).read_text(), name
+
+
+def epochs(run) -> list[dict]:
+    """metrics.jsonl less the seconds."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def test_classifier_evaluate_and_predict_compute_the_frozen_layers_and_resume_reads_the_cache(
+    tmp_path, monkeypatch
+):
+    from mner.train.engine.classify import train_classifier
+    from mner.train.report.evaluate import evaluate_classifier
+    from mner.train.report.predict import predict_classifier
+
+    demo, _ = mvsa_demo(tmp_path, with_cache=False)
+    cfg = classifier_config(
+        demo, tmp_path / "run", None, tmp_path / "tc", mode="text", epochs=1, text_frozen_layers=2
+    )
+    run = train_classifier(cfg)
+    recorded = json.loads((run / "results.json").read_text())["test"]
+    scores, _ = evaluate_classifier(run, split="test")  # the frozen bottom computed here, no cache read
+    assert scores == recorded
+    out = predict_classifier(run, demo / "test_without_label.txt", tmp_path / "pred.txt")
+    assert out.read_text() == (run / "pred_test_without_label.txt").read_text()
+
+    built = {f.name: (f / STATES_FILE).stat().st_mtime_ns for f in (tmp_path / "tc").iterdir()}
+    monkeypatch.setattr(
+        "mner.train.engine.text_states.compute_text_states",
+        lambda *a, **k: pytest.fail("the cache was built again"),
+    )
+    cfg.resume, cfg.classifier.epochs = True, 2
+    train_classifier(cfg)
+    assert {f.name: (f / STATES_FILE).stat().st_mtime_ns for f in (tmp_path / "tc").iterdir()} == built
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_classifier_frozen_layers_are_refused_past_the_depth_without_a_bert_split_and_below_zero(tmp_path):
+    from mner.train.engine.classifier_config import ClassifierConfig
+    from mner.train.engine.classify import train_classifier
+    from mner.train.zoo.classifier_model import ClassifierHead, SentenceClassifier
+
+    with pytest.raises(ValueError, match=re.escape("classifier.text_frozen_layers must be >= 0, got -1")):
+        ClassifierConfig(text_frozen_layers=-1)
+    head = ClassifierHead("mlp", "text", 2, 0, 3)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "classifier.text_frozen_layers = 1 runs the text encoder's embeddings and layers apart, which a "
+            "Linear (x) does not expose (.embeddings, .encoder.layer); use a BERT or RoBERTa-family encoder "
+            "or set classifier.text_frozen_layers = 0"
+        ),
+    ):
+        SentenceClassifier(torch.nn.Linear(2, 2), head, "cls", frozen_layers=1, encoder_name="x")
+    demo, _ = mvsa_demo(tmp_path, with_cache=False)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "classifier.text_frozen_layers = 3 is more than the 2 layers of text encoder tiny-bert; set it "
+            "to at most 2"
+        ),
+    ):
+        train_classifier(classifier_config(demo, tmp_path / "run", mode="text", text_frozen_layers=3))
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import shutil
 
@@ -22,13 +23,15 @@ from mner.cache.reader import CacheReader
 from mner.extract.config import ExtractConfig
 from mner.extract.reextract import extract_from_record
 from mner.extract.run import extract_features
-from mner.runtime import resolve_runtime
-from mner.train.engine.config import ModelConfig, TrainConfig, model_names
+from mner.runtime import Runtime, resolve_runtime
+from mner.train.engine.config import ModelConfig, RunConfig, TrainConfig, model_names
 from mner.train.engine.config_files import load_run_config
 from mner.train.engine.data import PostDataset, make_loader
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.run_files import make_record
 from mner.train.engine.runs import build_model, vision_blocks_of
+from mner.train.report.ablate import run_ablation
+from mner.train.report.ablation_config import AblationConfig
 from mner.train.report.evaluate import evaluate_run
 from mner.train.report.predict import predict as predict_without_stage_one
 from mner.train.zoo.model import decayed_parameters
@@ -174,6 +177,33 @@ def test_the_blocks_learn_from_the_loss_at_lr_vision(data, cache, k, fusion):
     assert any(n.endswith(".bias") for n in trained) and any("norm" in n or "bn" in n for n in trained)
 
 
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_training_step_moves_the_trained_block_and_not_the_frozen_one(data, amp):
+    """k = 1 on the K = 2 cache through the loop's own optimiser and train_step: after one step every
+    parameter of the trained block has moved, the frozen block before it and the global embedding's
+    post_layernorm (qgf reads no global embedding) are bitwise the cache's. bf16: under the step's
+    autocast (the CPU one here; the loop autocasts on CUDA only) the block runs in bf16, the loss is
+    finite and the step still reaches the block."""
+    model, batch = model_and_batch(data, "k2", vision_trainable_blocks=1, **NO_DROPOUT)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=amp)
+    train = TrainConfig(warmup_ratio=0.0)  # no warm-up: the first step has the full lr_vision
+    optimizer, scheduler, scaler = loop.build_optimizer(model, train, 10, runtime)
+    blocks = model.vision_blocks
+    before = {name: p.detach().clone() for name, p in blocks.named_parameters()}
+    ran = []  # dtype of the trained block's MLP output in the step
+    hook = blocks.layers[0].mlp.fc1.register_forward_hook(lambda module, args, out: ran.append(out.dtype))
+    loss = loop.train_step(model.train(), batch, optimizer, scheduler, scaler, train.max_grad_norm, runtime)
+    hook.remove()
+    assert math.isfinite(loss) and ran == [amp or torch.float32]
+    after = dict(blocks.named_parameters())
+    for name in ("frozen", "layers", "post_layernorm"):
+        assert any(n.startswith(f"{name}.") for n in after), name  # every part is checked below
+    for name, parameter in after.items():
+        moved = not torch.equal(parameter, before[name])
+        assert moved == name.startswith("layers."), name
+        assert parameter.requires_grad == moved, name
+
+
 def test_a_cache_without_the_state_is_refused_with_the_command_that_makes_one(data):
     data_dir = data["data"]
     clip = CacheReader(data["k0"]).config["clip"]
@@ -296,6 +326,55 @@ def test_a_run_evaluates_predicts_and_resumes_as_it_trained(data, tmp_path, monk
     x, y = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(x[key], y[key]) for key in x)
     shutil.rmtree(killed)
+
+
+def test_mango_as_its_file_sets_it_trains_the_last_two_clip_blocks_and_predicts(data, tmp_path):
+    """`--model mango` as users get it (its file; tiny sizes): on a cache that stores the state before
+    tiny-clip's 2 layers, both layers train at train.lr_vision 1e-5, and predict, which re-extracts the
+    images with that state, tags valid as training did."""
+    sizes = [f"model.{key}={value}" for key, value in TINY.items()]
+    model_cfg, train_cfg = load_run_config(
+        model="mango", overrides=[*sizes, "train.epochs=1", "train.batch_size=4", "train.device=cpu"]
+    )
+    assert (model_cfg.vision_trainable_blocks, train_cfg.lr_vision) == (2, 1e-5)
+    source = DataConfig(data_dir=str(data["data"]))
+    run = train_from_cache(RunConfig(model_cfg, train_cfg, str(data["k2"]), source, str(tmp_path / "mango")))
+    record = json.loads((run / "config.json").read_text())
+    assert record["model"]["vision_trainable_blocks"] == record["cache"]["vision_blocks"]["blocks"] == 2
+    weights, stored = load_file(run / "model.safetensors"), CacheReader(data["k2"]).vision_blocks()[1]
+    assert not any(name.startswith("vision_blocks.frozen.") for name in weights)
+    for layer in (0, 1):
+        name = f"layers.{layer}.self_attn.q_proj.weight"
+        assert not torch.equal(weights[f"vision_blocks.{name}"], torch.from_numpy(stored[name])), name
+    # MANGO reads the CLS token, not CLIP's pooled output: post_layernorm gets no gradient and stays as
+    # stored (the original's unfreeze_last_vision_blocks unfreezes the encoder layers alone).
+    name = "post_layernorm.weight"
+    assert torch.equal(weights[f"vision_blocks.{name}"], torch.from_numpy(stored[name]))
+    out = predict(run, data["data"] / "valid.txt", data["data"] / "images", tmp_path / "valid.pred")
+    pred = [line.split(" ")[2] for line in (run / "pred_valid.conll").read_text().split("\n") if line]
+    assert [tag for post in read_split(out).posts for tag in post.tags] == pred
+
+
+def test_an_ablation_of_mango_trains_its_blocks_in_every_arm_that_reads_the_image(data, tmp_path):
+    """`mner ablate --model mango` on a cache that stores the blocks' input: full and no_preserve train
+    MANGO's 2 blocks, text_only (which reads no image) drops them and never opens the cache."""
+    cfg = AblationConfig(
+        cache_dir=str(data["k2"]),
+        data=DataConfig(data_dir=str(data["data"])),
+        text_encoder="tiny-bert",
+        experiments=["full", "no_preserve", "text_only"],
+        seeds=1,
+        out_dir=str(tmp_path / "ablation"),
+        overrides=[f"model.{key}={value}" for key, value in TINY.items() if key != "text_encoder"]
+        + ["train.batch_size=4", "train.device=cpu"],
+        epochs=1,
+        model="mango",
+    )
+    run_ablation(cfg)
+    for arm, blocks in (("full", 2), ("no_preserve", 2), ("text_only", 0)):
+        record = json.loads((tmp_path / "ablation" / arm / "seed1" / "config.json").read_text())
+        assert (record["model"]["name"], record["model"]["vision_trainable_blocks"]) == ("mango", blocks)
+        assert (record["cache"] is None) == (arm == "text_only"), arm
 
 
 def test_settings_that_train_nothing_are_refused(data):

@@ -427,6 +427,7 @@ def test_all_names_every_registry_experiment_that_changes_the_model():
     assert _config(experiments=["all"], model="afner").experiments == expected
     mango = _config(experiments=["all"], model="mango").experiments
     assert set(mango_only) <= set(mango) and "no_slot_type" not in mango
+    assert "text_only" in mango  # its file's vision blocks give way to text_only, not refuse it
     with pytest.raises(ValueError, match=r"^experiment 'all' already names every experiment; give it alone$"):
         _config(experiments=["all", "full"])
 
@@ -860,3 +861,141 @@ def test_arms_that_train_the_same_classifier_are_refused(mvsa, tmp_path):
     ):
         run_ablation(_class_config(mvsa, tmp_path / "o", experiments=["base", "mode=both"], cache_dir="c"))
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ text states
+
+
+def _record_builds_and_training(tmp_path, monkeypatch, train_module, train_name) -> list:
+    """Events in order: ("build", split) for every text-state cache computed, ("train", run folder) for
+    every run started (which then stops the ablation). The caches go to a root of the test's own: the
+    data of make_data and the mvsa fixture are the same in every test, and so would their caches be."""
+    import mner.train.engine.text_states as text_states
+
+    monkeypatch.setenv("MNER_TEXT_CACHE", str(tmp_path / "text-states"))
+
+    events, compute = [], text_states.compute_text_states
+
+    def counting(encoder, frozen, posts, device):
+        events.append(("build", posts.name))
+        return compute(encoder, frozen, posts, device)
+
+    def train(run_cfg):
+        events.append(("train", run_cfg.out_dir))
+        raise Trained
+
+    monkeypatch.setattr(text_states, "compute_text_states", counting)
+    monkeypatch.setattr(train_module, train_name, train)
+    return events
+
+
+def test_ablate_builds_the_shared_text_states_once_before_the_first_arm(tmp_path, monkeypatch, caplog):
+    import logging
+
+    data_dir, _ = make_data(tmp_path)
+    events = _record_builds_and_training(tmp_path, monkeypatch, loop, "train_from_cache")
+    base = dict(
+        cache_dir=None,
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=[],
+        seeds=2,
+        overrides=[*OVERRIDES, "model.text_only=true", "model.text_frozen_layers=1"],
+        epochs=1,
+        bootstrap=0,
+    )
+    # Two arms (x 2 seeds) share N = 1: each split's cache is built once, all before the first run.
+    with caplog.at_level(logging.INFO, logger="mner.train.report.ablate"):
+        with pytest.raises(Trained):
+            run_ablation(AblationConfig(**base, grid=["model.dropout=0.1,0.2"], out_dir=str(tmp_path / "a")))
+    assert events[:3] == [("build", "train"), ("build", "valid"), ("build", "test")]
+    assert events[3:] == [("train", str(tmp_path / "a" / "model.dropout=0.1" / "seed1"))]
+    built = [r.getMessage() for r in caplog.records if "built before the first arm" in r.getMessage()]
+    assert len(built) == 3 and all(
+        re.match(r"text-state cache built before the first arm in \d+\.\d s: ", m) for m in built
+    )
+    # A second ablation reads them: nothing is computed again.
+    events.clear()
+    with pytest.raises(Trained):
+        run_ablation(AblationConfig(**base, grid=["model.dropout=0.3"], out_dir=str(tmp_path / "b")))
+    assert [kind for kind, _ in events] == ["train"]
+    # Arms that freeze nothing build nothing.
+    events.clear()
+    no_freeze = {**base, "overrides": [*OVERRIDES, "model.text_only=true"]}
+    with pytest.raises(Trained):
+        run_ablation(AblationConfig(**no_freeze, grid=["model.dropout=0.1,0.2"], out_dir=str(tmp_path / "c")))
+    assert [kind for kind, _ in events] == ["train"]
+
+
+def test_classifier_ablate_builds_the_text_states_before_the_first_arm_and_not_for_n0(
+    mvsa, tmp_path, monkeypatch
+):
+    events = _record_builds_and_training(tmp_path, monkeypatch, classify, "train_classifier")
+    overrides = ["classifier.text_encoder=tiny-bert", "classifier.mode=text", "classifier.max_length=32"]
+    # base (N = 0) first: it builds nothing, and the N = 1 arms' caches are still built before it trains.
+    cfg = _class_config(
+        mvsa,
+        tmp_path / "a",
+        experiments=["base", "text_frozen_layers=1", "text_frozen_layers=1,dropout=0.2"],
+        overrides=overrides,
+    )
+    with pytest.raises(Trained):
+        run_ablation(cfg)
+    splits = ["train", "valid", "test", "test_without_label"]
+    assert events == [
+        *(("build", name) for name in splits),
+        ("train", str(tmp_path / "a" / "base" / "seed1")),
+    ]
+    events.clear()
+    with pytest.raises(Trained):
+        run_ablation(
+            _class_config(mvsa, tmp_path / "b", experiments=["base", "dropout=0.2"], overrides=overrides)
+        )
+    assert [kind for kind, _ in events] == ["train"]
+
+
+def test_the_arms_read_the_text_states_ablate_built(tmp_path, mvsa, monkeypatch):
+    """The caches built before the first arm are the ones its training looks for (same fingerprint):
+    the runs compute nothing again, for either task."""
+    import mner.train.engine.text_states as text_states
+
+    computed, compute = [], text_states.compute_text_states
+
+    def counting(encoder, frozen, posts, device):
+        computed.append(posts.name)
+        return compute(encoder, frozen, posts, device)
+
+    monkeypatch.setattr(text_states, "compute_text_states", counting)
+    monkeypatch.setenv("MNER_TEXT_CACHE", str(tmp_path / "text-states"))  # of its own, as above
+    data_dir, _ = make_data(tmp_path)
+    tagging = AblationConfig(
+        cache_dir=None,
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=["full"],
+        seeds=1,
+        overrides=[*OVERRIDES, "model.text_only=true", "model.text_frozen_layers=1"],
+        epochs=1,
+        bootstrap=0,
+        out_dir=str(tmp_path / "tagging"),
+    )
+    run_ablation(tagging)
+    assert computed == ["train", "valid", "test"]
+    record = json.loads((tmp_path / "tagging" / "full" / "seed1" / "config.json").read_text())
+    assert len(set(record["text_states"].values())) == 3
+    computed.clear()
+    run_ablation(
+        _class_config(
+            mvsa,
+            tmp_path / "classifier",
+            experiments=["text_frozen_layers=1"],
+            overrides=[
+                "classifier.text_encoder=tiny-bert",
+                "classifier.mode=text",
+                "classifier.max_length=32",
+            ],
+            epochs=1,
+            bootstrap=0,
+        )
+    )
+    assert computed == ["train", "valid", "test", "test_without_label"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -202,7 +203,12 @@ def test_weights_zero_build_no_mango_loss_and_the_model_file_builds_the_original
     model_cfg, train_cfg = load_run_config(
         config_file=configs.path("models", "mango.toml"), overrides=["model.text_encoder=tiny-bert"]
     )
-    model = MNERModel(model_cfg, LABELS, tiny_spec(), "tiny-bert", NUM_DETECTOR_CLASSES)
+    # The README's "选择性解冻CLIP的最后2个block" at config.py's clip_lr 1e-5.
+    assert (model_cfg.vision_trainable_blocks, train_cfg.lr_vision) == (2, 1e-5)
+    # The blocks run on the state a cache stores before them (tests/train/engine/test_vision_training.py
+    # trains the model file as it is); the losses and inits checked here read the cached tokens alone.
+    cached_tokens = dataclasses.replace(model_cfg, vision_trainable_blocks=0)
+    model = MNERModel(cached_tokens, LABELS, tiny_spec(), "tiny-bert", NUM_DETECTOR_CLASSES)
     assert set(model.aux_losses) == {"mango_align", "mango_preserve", "mango_nce", "mango_sparsity"}
     # liguochun0304/AFDVQF@a20bc9e config.py and model.py's GatedConcatFusion defaults
     assert (model_cfg.image_dropout, model_cfg.dropout, train_cfg.max_grad_norm) == (0.3, 0.3, 2.0)

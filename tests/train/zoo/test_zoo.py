@@ -31,6 +31,11 @@ TINY = [
 ]
 # Off for the bitwise and loss checks: dropout and image dropout draw random numbers in training.
 NO_DROPOUT = ["model.dropout=0.0", "model.image_dropout=0.0"]
+# These invariants are of the models over cached tokens (tiny_spec, make_batch: no cache folder), and a
+# model's trainable vision blocks (MANGO's last 2) run on the state a cache stores before them: here they
+# are off. tests/train/engine/test_vision_training.py runs every model of the zoo with its blocks on a
+# cache that stores that state.
+CACHED_TOKENS = ["model.vision_trainable_blocks=0"]
 
 
 def tiny(name: str) -> list[str]:
@@ -39,7 +44,7 @@ def tiny(name: str) -> list[str]:
 
 
 def config(name: str, *overrides: str) -> ModelConfig:
-    return load_run_config(model=name, overrides=[*tiny(name), *overrides])[0]
+    return load_run_config(model=name, overrides=[*tiny(name), *CACHED_TOKENS, *overrides])[0]
 
 
 def train_steps(model: MNERModel, batch: dict, train_cfg: TrainConfig, steps: int) -> list[float]:
@@ -202,7 +207,10 @@ def test_each_ablation_is_a_one_key_diff_that_changes_exactly_that_key(ablation)
             if getattr(base[index], f.name) != getattr(changed[index], f.name)
         }
         assert base[1 - index] == changed[1 - index], name
-        assert differ <= {key}, (name, differ)
+        # text_only also drops the vision blocks a model file trains (MANGO's): they belong to the image
+        drops = {"vision_trainable_blocks"} if key == "text_only" else set()
+        assert differ <= {key} | drops, (name, differ)
+        assert all(getattr(changed[index], field) == 0 for field in differ & drops), name
         if differ:
             assert getattr(changed[index], key) == value
             applies.append(name)
