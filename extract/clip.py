@@ -145,7 +145,11 @@ def load_clip(name_or_path: str, device: str | torch.device = "cpu") -> ClipEnco
     A full CLIPModel folder contributes its vision tower and visual_projection; a CLIP-vision folder is
     read as CLIPVisionModelWithProjection when its weights hold a visual_projection, else CLIPVisionModel.
     """
-    folder = materialise_clip_preset(name_or_path) if name_or_path in CLIP_PRESETS else Path(name_or_path).expanduser()
+    folder = (
+        materialise_clip_preset(name_or_path)
+        if name_or_path in CLIP_PRESETS
+        else Path(name_or_path).expanduser()
+    )
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(

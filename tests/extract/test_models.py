@@ -81,7 +81,9 @@ def test_demo_clip_preset_has_the_bundled_text_encoders_shape(preset_dir):
     clip = load_clip("demo-clip")
     text = AutoConfig.from_pretrained(resolve_text_encoder("minilm"), local_files_only=True)
     shape = ("num_hidden_layers", "hidden_size", "num_attention_heads")
-    assert [getattr(clip.vision.config, n) for n in shape] == [getattr(text, n) for n in shape] == [6, 384, 12]
+    assert (
+        [getattr(clip.vision.config, n) for n in shape] == [getattr(text, n) for n in shape] == [6, 384, 12]
+    )
     assert clip.info["name"] == "demo-clip" and clip.info["untrained"] is True
     assert clip.num_patches == 17 and materialise_clip_preset("demo-clip").parent == preset_dir
 

@@ -55,7 +55,8 @@ COMMANDS = [
 DOCUMENTED_NONE_DEFAULTS = {
     ("extract-features",): [
         "--score-thr FLOAT Detector score threshold [default: 0.2; 0.0 for tiny-frcnn]",
-        "the untrained preset tiny-clip [default: tiny-clip with --data-dir; required with --dataset]",
+        "or an untrained preset: tiny-clip, or demo-clip (the bundled MiniLM's 6 layers of 384, so IFAformer's towers "
+        "pair with it) [default: tiny-clip with --data-dir; required with --dataset]",
         "none: no region tokens) [default: tiny-frcnn with --data-dir; required with --dataset]",
     ],
     ("train-from-cache",): [

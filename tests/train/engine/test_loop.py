@@ -338,11 +338,13 @@ def test_weight_decay_follows_the_bert_recipe(fusion):
     from mner.runtime import resolve_runtime
     from tests.train.factories import tiny_model
 
-    model = tiny_model(fusion=fusion, adaptive_gate=fusion == "qgf")
+    # IFAformer's two towers read no visual tokens (no alignment loss) and train their whole vision tower.
+    tower = {"alignment_loss_weight": 0.0, "vision_trainable_blocks": -1} if fusion == "two_tower" else {}
+    model = tiny_model(fusion=fusion, adaptive_gate=fusion == "qgf", **tower)
     train = TrainConfig(weight_decay=0.05)
     optimizer, _, _ = loop.build_optimizer(model, train, 10, resolve_runtime("cpu", "off"))
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
-    names = dict(model.named_parameters())
+    names = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert set(decay_of) == {id(p) for p in names.values()}
     expected = {name: 0.05 if _expected_decay(name, p) else 0.0 for name, p in names.items()}
     assert {name: decay_of[id(p)] for name, p in names.items()} == expected
@@ -355,6 +357,9 @@ def test_weight_decay_follows_the_bert_recipe(fusion):
         assert any(name.endswith("slots") for name in excluded)
     if fusion == "mango":
         assert "fusion.resampler.queries" in excluded
+    if fusion == "two_tower":
+        assert "vision_blocks.layers.0.layer_norm1.weight" in excluded
+        assert expected["vision_blocks.layers.0.self_attn.q_proj.weight"] == 0.05
 
 
 def _users_folder(folder: Path) -> Path:
