@@ -66,6 +66,14 @@ class ClassifierConfig(Config):
     schedule: str = "cosine"  # cosine | linear: the decay after warm-up; cell 39's get_scheduler("cosine")
     warmup_ratio: float = 0.0  # cell 21's warmup_steps = 0
     max_grad_norm: float = 0.0  # gradient clipping (global L2 norm); 0: none, as cell 39
+    # The vision blocks that train on the state the cache stores before them (`mner extract-features
+    # --vision-trainable-blocks K`; train/zoo/vision_blocks.py): cell 33's BertResNetModel fine-tunes its
+    # whole ResNet (cell 39 hands model.parameters() to AdamW). From a ResNet cache 1 trains layer4, the
+    # most a cache allows (it stores layer3's output, so the stages below stay frozen); from a CLIP cache
+    # 1..K of its last layers. 0 reads the cached vector as it is. Image and both modes refuse a cache
+    # without the state, with the command that makes one; text mode reads no image and ignores it.
+    vision_trainable_blocks: int = 1
+    lr_vision: float = 1e-5  # of the vision blocks; cell 21's learning_rate, cell 39's one rate
     patience: int = 3  # stop after this many epochs without a better valid score
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -90,16 +98,21 @@ class ClassifierConfig(Config):
         for name in ("max_length", "hidden_size", "attention_heads", "epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"classifier.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_encoder", "lr_head"):
+        for name in ("lr_encoder", "lr_head", "lr_vision"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "seed", "threads"):
+        for name in ("weight_decay", "max_grad_norm", "seed", "threads", "vision_trainable_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
+
+    @property
+    def trained_blocks(self) -> int:
+        """The vision blocks that train: vision_trainable_blocks, 0 in text mode (no image is read)."""
+        return 0 if self.mode == "text" else self.vision_trainable_blocks
 
 
 @dataclass

@@ -25,6 +25,14 @@ Image normalisation (`image_norm`). "standard" maps the image feature x (each pa
 `xattn`) to (x - mean) / std per dimension, with the train split's statistics held as buffers (so
 they travel in model.safetensors to evaluate and predict); "none" feeds x as it is, as the seed does.
 
+Trainable vision blocks (`vision_trainable_blocks` k > 0, train/zoo/vision_blocks.py). The seed fine-tunes
+its whole ResNet; from a cache that stores the state before the last k blocks (a ResNet's layer3 map)
+those blocks run at every step on batch["vision_state"] and the image feature is made from their
+output (the grid's mean, which is the avgpool vector, or the patch tokens), for the posts that have an
+image. Before any step, in eval mode, that is the cached feature to float16 rounding. "standard" keeps
+the statistics of the cached, frozen features for the blocks' output: the same map as the frozen model
+at the first step, which the blocks then learn under, as any layer learns under the one after it.
+
 Missing images. A post whose image is missing or unreadable has has_image False: its image feature
 is zeroed, its attention weight on the image is exactly 0 (score -inf) and `xattn` skips the
 attention, so such a post gets, bitwise, what the head gives with no image whatever the cache holds
@@ -36,7 +44,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mner.train.engine.classifier_config import CLASS_HEADS, IMAGE_NORMS, MODES, TEXT_POOLS
+from mner.train.engine.classifier_config import CLASS_HEADS, IMAGE_FEATURES, IMAGE_NORMS, MODES, TEXT_POOLS
+from mner.train.zoo.vision_blocks import VisionBlocks
 
 MIN_STD = 1e-6  # a train std below this leaves its dimension unscaled (SentenceClassifier)
 
@@ -187,16 +196,26 @@ class SentenceClassifier(nn.Module):
         class_weights: Tensor | None = None,
         image_norm: str = "none",
         image_dim: int = 0,
+        vision_blocks: VisionBlocks | None = None,
+        image_feature: str = "global",
     ):
+        """vision_blocks: the trainable blocks that make the image feature from batch["vision_state"]
+        (None: the batch's cached feature is read as it is); image_feature: which feature of their output
+        the head reads when it reads one vector (IMAGE_FEATURES; xattn reads the patch tokens)."""
         super().__init__()
         if image_norm not in IMAGE_NORMS:
             raise ValueError(f"unknown image_norm {image_norm!r}; known: {', '.join(IMAGE_NORMS)}")
+        if image_feature not in IMAGE_FEATURES:
+            raise ValueError(f"unknown image_feature {image_feature!r}; known: {', '.join(IMAGE_FEATURES)}")
         self.encoder, self.head, self.text_pool = encoder, head, text_pool
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.standardises = image_norm == "standard" and image_dim > 0
         if self.standardises:
             self.register_buffer("image_mean", torch.zeros(image_dim))
             self.register_buffer("image_std", torch.ones(image_dim))
+        self.image_feature = image_feature
+        # Registered last: the modules above keep the parameter names (and checkpoints) of a model without.
+        self.vision_blocks = vision_blocks
 
     @torch.no_grad()
     def set_image_statistics(self, mean: Tensor, std: Tensor) -> None:
@@ -215,6 +234,8 @@ class SentenceClassifier(nn.Module):
             ).last_hidden_state  # (B, S, Dt)
             text = pool_text(hidden, batch["attention_mask"], self.text_pool)
         image = batch.get("image")
+        if image is not None and self.vision_blocks is not None:
+            image = self.block_image(batch)
         if image is not None and self.standardises:
             image = (image - self.image_mean) / self.image_std  # (B, Di) or (B, P, Dp)
         logits = self.head(text, image, batch.get("has_image"))  # (B, L)
@@ -224,3 +245,20 @@ class SentenceClassifier(nn.Module):
                 logits.float(), batch["labels"], weight=self.class_weights
             )
         return out
+
+    def block_image(self, batch: dict) -> Tensor:
+        """The image feature the head reads, made by the vision blocks over batch["vision_state"] for the
+        posts with has_image (B,) True and zero for the others, as the cache stores a missing image: the
+        shape of batch["image"], (B, Di) or (B, P, Dp)."""
+        cached = batch["image"]
+        rows = batch["has_image"].nonzero().squeeze(1)  # (B',) posts whose image is read
+        if not len(rows):
+            return torch.zeros_like(cached)
+        patches, pooled = self.vision_blocks(batch["vision_state"][rows])  # (B', P, Dp), (B', Dg)
+        if self.head.reads_tokens:
+            made = patches
+        elif self.image_feature == "patches":
+            made = patches.mean(1)  # (B', Dp)
+        else:
+            made = pooled  # (B', Dg)
+        return made.new_zeros(cached.shape).index_copy(0, rows, made)
