@@ -305,7 +305,15 @@ def build_classifier(
         reads_global = c.image_feature == "global" and not reads_tokens(c.head, c.mode)
         blocks = build_vision_blocks(vision_blocks, vision_weights, c.trained_blocks, reads_global)
     model = SentenceClassifier(
-        encoder, head, c.text_pool, class_weights, c.image_norm, image_dim, blocks, c.image_feature
+        encoder,
+        head,
+        c.text_pool,
+        class_weights,
+        c.image_norm,
+        image_dim,
+        blocks,
+        c.image_feature,
+        c.vision_batchnorm,
     )
     return model, tokenizer
 

@@ -31,7 +31,10 @@ those blocks run at every step on batch["vision_state"] and the image feature is
 output (the grid's mean, which is the avgpool vector, or the patch tokens), for the posts that have an
 image. Before any step, in eval mode, that is the cached feature to float16 rounding. "standard" keeps
 the statistics of the cached, frozen features for the blocks' output: the same map as the frozen model
-at the first step, which the blocks then learn under, as any layer learns under the one after it.
+at the first step, which the blocks then learn under, as any layer learns under the one after it. So
+that the first training step is also that map's input, the blocks' BatchNorm layers keep their stored
+statistics while training (`vision_batchnorm` "stored"; "batch" uses each batch's, as the notebook's
+model.train() does).
 
 Missing images. A post whose image is missing or unreadable has has_image False: its image feature
 is zeroed, its attention weight on the image is exactly 0 (score -inf) and `xattn` skips the
@@ -44,7 +47,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mner.train.engine.classifier_config import CLASS_HEADS, IMAGE_FEATURES, IMAGE_NORMS, MODES, TEXT_POOLS
+from mner.train.engine.classifier_config import (
+    CLASS_HEADS,
+    IMAGE_FEATURES,
+    IMAGE_NORMS,
+    MODES,
+    TEXT_POOLS,
+    VISION_BATCHNORMS,
+)
 from mner.train.zoo.vision_blocks import VisionBlocks
 
 MIN_STD = 1e-6  # a train std below this leaves its dimension unscaled (SentenceClassifier)
@@ -198,13 +208,20 @@ class SentenceClassifier(nn.Module):
         image_dim: int = 0,
         vision_blocks: VisionBlocks | None = None,
         image_feature: str = "global",
+        vision_batchnorm: str = "stored",
     ):
         """vision_blocks: the trainable blocks that make the image feature from batch["vision_state"]
         (None: the batch's cached feature is read as it is); image_feature: which feature of their output
-        the head reads when it reads one vector (IMAGE_FEATURES; xattn reads the patch tokens)."""
+        the head reads when it reads one vector (IMAGE_FEATURES; xattn reads the patch tokens);
+        vision_batchnorm: the blocks' BatchNorm in training, on its stored statistics or the batch's
+        (VISION_BATCHNORMS)."""
         super().__init__()
         if image_norm not in IMAGE_NORMS:
             raise ValueError(f"unknown image_norm {image_norm!r}; known: {', '.join(IMAGE_NORMS)}")
+        if vision_batchnorm not in VISION_BATCHNORMS:
+            raise ValueError(
+                f"unknown vision_batchnorm {vision_batchnorm!r}; known: {', '.join(VISION_BATCHNORMS)}"
+            )
         if image_feature not in IMAGE_FEATURES:
             raise ValueError(f"unknown image_feature {image_feature!r}; known: {', '.join(IMAGE_FEATURES)}")
         self.encoder, self.head, self.text_pool = encoder, head, text_pool
@@ -213,9 +230,19 @@ class SentenceClassifier(nn.Module):
         if self.standardises:
             self.register_buffer("image_mean", torch.zeros(image_dim))
             self.register_buffer("image_std", torch.ones(image_dim))
-        self.image_feature = image_feature
+        self.image_feature, self.vision_batchnorm = image_feature, vision_batchnorm
         # Registered last: the modules above keep the parameter names (and checkpoints) of a model without.
         self.vision_blocks = vision_blocks
+
+    def train(self, mode: bool = True) -> SentenceClassifier:
+        """Train or eval mode; with vision_batchnorm "stored" the blocks' BatchNorm layers stay in eval
+        mode (their stored running statistics, neither updated nor replaced by the batch's)."""
+        super().train(mode)
+        if self.vision_blocks is not None and self.vision_batchnorm == "stored":
+            for module in self.vision_blocks.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     @torch.no_grad()
     def set_image_statistics(self, mean: Tensor, std: Tensor) -> None:

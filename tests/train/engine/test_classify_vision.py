@@ -182,6 +182,37 @@ def test_before_any_step_the_blocks_give_the_frozen_models_logits(demo, settings
     assert (control - b).abs().max() > 100 * (a - b).abs().max()
 
 
+def test_in_training_batchnorm_keeps_its_stored_statistics_unless_batch(demo):
+    """vision_batchnorm "stored" (the default): a training forward is the evaluation forward, so the
+    first step's loss is the frozen model's, and BatchNorm's statistics stay as stored; "batch" (the
+    notebook's model.train()) normalises by the batch and updates them, which moves the loss. Image mode:
+    no text encoder, whose dropout would draw other masks in each forward."""
+    stored, batch, _ = model_and_batch(demo, mode="image")
+    frozen, same, _ = model_and_batch(demo, mode="image", vision_trainable_blocks=0)
+    norms = [m for m in stored.vision_blocks.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    stored.train(), frozen.train()
+    with torch.no_grad():
+        loss = stored(batch)["loss"]
+        torch.testing.assert_close(loss, frozen(same)["loss"], rtol=0, atol=1e-3)
+    assert norms and all(not m.training for m in norms) and stored.head.training
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    assert torch.equal(stored.eval()(batch)["loss"], loss)
+
+    moving, batch, _ = model_and_batch(demo, mode="image", vision_batchnorm="batch")
+    norms = [m for m in moving.vision_blocks.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    moving.train()
+    with torch.no_grad():
+        moved = moving(batch)["loss"]
+    assert all(m.training for m in norms)
+    assert not all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    assert (moved - loss).abs() > 0.1
+    with pytest.raises(
+        ValueError, match=r"^classifier.vision_batchnorm must be one of stored, batch; got 'x'$"
+    ):
+        ClassifierConfig(vision_batchnorm="x")
+
+
 def test_a_cache_without_the_state_is_refused_with_the_command_that_makes_one(demo, tmp_path):
     """The default k = 1, image and both modes: the CLI's error is the exact message, naming the
     extraction that stores layer3's map; nothing is created. Text mode trains on the same cache."""
