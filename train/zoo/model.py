@@ -38,7 +38,7 @@ from mner.train.zoo.text import (
     subword_states,
     type_prompt_states,
 )
-from mner.train.zoo.vision_blocks import VisionBlocks
+from mner.train.zoo.vision_blocks import VisionBlocks, build_vision_blocks
 from mner.train.zoo.visual import VisualTokenBuilder
 
 # What a text-only model reads of its config: model.text_only builds no visual token builder, no
@@ -159,9 +159,8 @@ class MNERModel(nn.Module):
         self.vision_blocks = self._build_vision_blocks(vision_blocks, vision_weights)
 
     def _build_vision_blocks(self, config: dict | None, weights: dict | None) -> VisionBlocks | None:
-        """The trainable vision blocks of cfg.vision_trainable_blocks (None for 0). Built last and on a
-        fork of the random state, so every other module starts from the weights of the same model with
-        0, and training draws the same random numbers."""
+        """The trainable vision blocks of cfg.vision_trainable_blocks (None for 0), built last
+        (`build_vision_blocks`: every other module starts from the weights of the same model with 0)."""
         k = self.cfg.vision_trainable_blocks
         if not k:
             return None
@@ -177,13 +176,7 @@ class MNERModel(nn.Module):
                 f"global embedding, but model.use_patches is false and model.fusion {self.cfg.fusion!r} reads "
                 "no global embedding; set model.vision_trainable_blocks = 0"
             )
-        with torch.random.fork_rng(devices=[]):
-            blocks = VisionBlocks(config, weights, blocks=k)
-        if self.visual.global_proj is None:
-            # A fusion that reads no global embedding gives these no gradient: they stay as stored.
-            for parameter in blocks.global_parameters():
-                parameter.requires_grad_(False)
-        return blocks
+        return build_vision_blocks(config, weights, k, reads_global=self.visual.global_proj is not None)
 
     @property
     def head(self) -> Head:
