@@ -132,8 +132,10 @@ run_classify() {
   local names=() name mode head extra
   echo "== 1/4 demo data (seeded MVSA style; the label is in every image and in 40% of the texts)"
   mner demo-data --classification --out "$out/data"
-  echo "== 2/4 stage one: extract-features with the UNTRAINED random tiny-resnet, no detector"
-  mner extract-features --data-dir "$out/data" --vision tiny-resnet --detector none --out "$out/cache"
+  echo "== 2/4 stage one: extract-features with the UNTRAINED random tiny-resnet, no detector, layer3's map"
+  echo "   stored so that the classifier's layer4 trains (its default, classifier.vision_trainable_blocks = 1)"
+  mner extract-features --data-dir "$out/data" --vision tiny-resnet --detector none --vision-trainable-blocks 1 \
+    --out "$out/cache"
   mner cache verify "$out/cache"
   echo "== 3/4 stage two: train-classifier per mode and head, all from the one cache"
   for row in "${CLASSIFY_RUNS[@]}"; do

@@ -62,7 +62,7 @@ from mner.extract.models import model_info
 from mner.extract.resnet import ResNetEncoder, load_resnet, preprocess_for_resnet
 from mner.extract.run import extract_features
 from mner.runtime import resolve_runtime, seed_everything
-from mner.train.engine.class_data import collate_posts, post_loader
+from mner.train.engine.classifier_data import collate_posts, post_loader
 from mner.train.engine.classify import ClassifierConfig, param_groups
 from mner.train.engine.loop import SCHEDULES, train_step
 from mner.train.zoo.classifier_model import ClassifierHead, SentenceClassifier
@@ -164,6 +164,7 @@ class ModeRun:
             batch_size=args.batch_size,
             seed=args.seed,
             device=args.device,
+            vision_trainable_blocks=0,  # both ways a frozen ResNet: the cached avgpool vector is read as it is
         )
         self.cfg = c
         label_ids = {label: i for i, label in enumerate(labels)}

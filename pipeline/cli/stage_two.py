@@ -137,7 +137,9 @@ def train_from_cache_cmd(
     "--cache",
     "cache_dir",
     type=click.Path(file_okay=False),
-    help="Feature cache from `extract-features --data-dir` on the same folder (not read with --mode text).",
+    help="Feature cache from `extract-features --data-dir` on the same folder, with --vision-trainable-blocks 1 "
+    "for the default classifier.vision_trainable_blocks = 1, which trains the ResNet's layer4 (not read with "
+    "--mode text).",
 )
 @click.option(
     "--mode",
@@ -238,7 +240,7 @@ def train_classifier_cmd(
     \b
     Example:
       mner extract-features --data-dir mvsa --vision resnet50 --vision-ckpt resnet50.pth \\
-          --detector none --out cache/mvsa
+          --detector none --vision-trainable-blocks 1 --out cache/mvsa
       mner train-classifier --data-dir mvsa --mode text --out runs/mvsa_text
       mner train-classifier --data-dir mvsa --cache cache/mvsa --mode both --head cnn --out runs/mvsa_cnn
       mner train-classifier --data-dir mvsa --mode text --set classifier.text_frozen_layers=4 \\

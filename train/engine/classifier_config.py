@@ -22,6 +22,7 @@ CLASS_HEADS = SENTENCE_CLASSIFICATION.heads  # the classification task's heads (
 TEXT_POOLS = ("cls", "mean")
 IMAGE_FEATURES = ("global", "patches")
 IMAGE_NORMS = ("standard", "none")
+VISION_BATCHNORMS = ("stored", "batch")
 SCHEDULES = ("cosine", "linear")  # train/engine/loop.py's SCHEDULES
 CLASS_WEIGHTS = ("none", "balanced")
 SELECT = SENTENCE_CLASSIFICATION.selects
@@ -71,6 +72,20 @@ class ClassifierConfig(Config):
     schedule: str = "cosine"  # cosine | linear: the decay after warm-up; cell 39's get_scheduler("cosine")
     warmup_ratio: float = 0.0  # cell 21's warmup_steps = 0
     max_grad_norm: float = 0.0  # gradient clipping (global L2 norm); 0: none, as cell 39
+    # The vision blocks that train on the state the cache stores before them (`mner extract-features
+    # --vision-trainable-blocks K`; train/zoo/vision_blocks.py): cell 33's BertResNetModel fine-tunes its
+    # whole ResNet (cell 39 hands model.parameters() to AdamW). From a ResNet cache 1 trains layer4, the
+    # most a cache allows (it stores layer3's output, so the stages below stay frozen); from a CLIP cache
+    # 1..K of its last layers. 0 reads the cached vector as it is. Image and both modes refuse a cache
+    # without the state, with the command that makes one; text mode reads no image and ignores it.
+    vision_trainable_blocks: int = 1
+    lr_vision: float = 1e-5  # of the vision blocks; cell 21's learning_rate, cell 39's one rate
+    # The BatchNorm layers of the trained blocks while training. stored: their stored running statistics
+    # (as in evaluation), so the first step computes the frozen model's output, on which image_norm
+    # "standard"'s statistics were taken. batch: each batch's own statistics, as cell 39's model.train();
+    # with the standardisation that puts layer4's output on another scale (measured on the classify demo,
+    # one epoch: train loss 121 against 0.17, valid accuracy 0.36 against 1.00; README).
+    vision_batchnorm: str = "stored"
     patience: int = 3  # stop after this many epochs without a better valid score
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -84,6 +99,7 @@ class ClassifierConfig(Config):
             ("text_pool", TEXT_POOLS),
             ("image_feature", IMAGE_FEATURES),
             ("image_norm", IMAGE_NORMS),
+            ("vision_batchnorm", VISION_BATCHNORMS),
             ("schedule", SCHEDULES),
             ("class_weights", CLASS_WEIGHTS),
             ("select", SELECT),
@@ -95,16 +111,28 @@ class ClassifierConfig(Config):
         for name in ("max_length", "hidden_size", "attention_heads", "epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"classifier.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_encoder", "lr_head"):
+        for name in ("lr_encoder", "lr_head", "lr_vision"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"classifier.{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("classifier.dropout and classifier.warmup_ratio must be in [0, 1)")
-        for name in ("weight_decay", "max_grad_norm", "seed", "threads", "text_frozen_layers"):
+        for name in (
+            "weight_decay",
+            "max_grad_norm",
+            "seed",
+            "threads",
+            "text_frozen_layers",
+            "vision_trainable_blocks",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"classifier.{name} must be >= 0, got {getattr(self, name)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"classifier.device must be auto, cpu, mps, cuda or cuda:N; got {self.device!r}")
+
+    @property
+    def trained_blocks(self) -> int:
+        """The vision blocks that train: vision_trainable_blocks, 0 in text mode (no image is read)."""
+        return 0 if self.mode == "text" else self.vision_trainable_blocks
 
 
 @dataclass

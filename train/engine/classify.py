@@ -8,7 +8,13 @@ The data is a classification folder (cache/classification.py: MVSA `train.txt` .
 encoder); both reads the two. The model is train/zoo/classifier_model.py's.
 
 With image_norm "standard" (the default) the image feature is standardised with the train split's
-per-dimension statistics (`image_statistics`), held in the model's buffers.
+per-dimension statistics (classifier_data.image_statistics), held in the model's buffers.
+
+With classifier.vision_trainable_blocks = k > 0 (the default 1: layer4 of a ResNet cache) the cache must
+store the state before the last k vision blocks (`extract-features --vision-trainable-blocks k`; refused
+otherwise by runs.trainable_vision_blocks, the rule tagging applies): the batches carry it, the blocks
+train at classifier.lr_vision, and config.json's "cache" holds their config ("vision_blocks") so that
+evaluate and predict rebuild them; their trained weights are in model.safetensors.
 
 The best epoch is chosen on the valid split (`select`: macro-F1 by default, or accuracy); its
 weights are reloaded at the end to score valid and test. The run folder:
@@ -34,8 +40,9 @@ what it created, a killed one continues with --resume, and torchrun trains on ev
 non-finite loss stops training naming the epoch and step. `mner evaluate` and `mner predict` of a
 classifier run are train/report/evaluate.py's and train/report/predict.py's, through `load_classifier_run`.
 
-The classification task's data, the preparation for the shared loop and the reloading of a run, as
-train/engine/tagging.py and data.py are tagging's; its settings are train/engine/classifier_config.py's.
+The classification task's preparation for the shared loop and the reloading of a run, as
+train/engine/tagging.py is tagging's; its batches are train/engine/classifier_data.py's (as data.py is
+tagging's), its settings train/engine/classifier_config.py's.
 """
 
 from __future__ import annotations
@@ -60,8 +67,13 @@ from mner.cache.reader import CacheReader
 from mner.cache.spec import TokenSpec
 from mner.cache.verify import image_size_mismatches
 from mner.runtime import start_runtime, to_device
-from mner.train.engine.class_data import ClassPosts, class_text_posts, post_loader
 from mner.train.engine.classifier_config import ClassifierConfig, ClassifierRunConfig
+from mner.train.engine.classifier_data import (
+    ClassPosts,
+    image_statistics,
+    post_loader,
+    text_states_of,
+)
 from mner.train.engine.loop import Fitting, run_training
 from mner.train.engine.run_files import (
     CONFIG_FILE,
@@ -72,19 +84,21 @@ from mner.train.engine.run_files import (
     load_run,
     write_json,
 )
-from mner.train.engine.runs import load_run_model, prepare_folder, report_images
-from mner.train.engine.tasks import SENTENCE_CLASSIFICATION
-from mner.train.engine.text_states import (
-    TextStateBuild,
-    check_text_cache_root,
-    prepare_text_states,
+from mner.train.engine.runs import (
+    load_run_model,
+    prepare_folder,
+    record_vision_blocks,
+    report_images,
+    trainable_vision_blocks,
 )
+from mner.train.engine.tasks import SENTENCE_CLASSIFICATION
 from mner.train.zoo.classifier_model import (
     ClassifierHead,
     SentenceClassifier,
     reads_tokens,
 )
 from mner.train.zoo.text import check_max_length, load_encoder, load_tokenizer, resolve_text_encoder
+from mner.train.zoo.vision_blocks import build_vision_blocks
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +175,20 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
     reader = _open_cache(cfg, data)
     if reader is not None:
         resources.callback(reader.close)
+    # Before the folder is made: a cache without the vision state would only leave a half-made run.
+    vision = trainable_vision_blocks(
+        c.trained_blocks, reader, cfg.data.data_dir, "classifier.vision_trainable_blocks"
+    )
     labels = SENTENCE_CLASSIFICATION.label_names(data.labels)
     encoder_dir = resolve_text_encoder(c.text_encoder) if c.mode != "image" else None
     weights = _class_weights(data.splits["train"], labels) if c.class_weights == "balanced" else None
-    model, tokenizer = build_classifier(c, len(labels), encoder_dir, reader.spec if reader else None, weights)
+    model, tokenizer = build_classifier(
+        c, len(labels), encoder_dir, reader.spec if reader else None, weights, *(vision or (None, None))
+    )
     if model.standardises:
+        # From the cached, frozen features also when vision blocks train: their output at the first step
+        # is those features (to float16 rounding), so the first step sees the frozen model's input, and
+        # the statistics stay fixed, a part of the model like its weights (SentenceClassifier).
         model.set_image_statistics(*image_statistics(data.splits["train"], reader, c))
     model = model.to(runtime.device)
 
@@ -204,6 +227,7 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
         "truncated_posts": _truncated(data, tokenizer, c.max_length),
         "class_weights": None if weights is None else dict(zip(labels, weights.tolist())),
     }
+    record_vision_blocks(record, vision)
     if any(record["truncated_posts"].values()):
         log.warning("posts longer than %d sub-words (cut): %s", c.max_length, record["truncated_posts"])
     checkpoint = prepare_folder(
@@ -275,10 +299,18 @@ def _prepare(cfg: ClassifierRunConfig, runtime, claim, resources) -> tuple[Fitti
 
 
 def build_classifier(
-    c: ClassifierConfig, num_labels: int, encoder_dir, spec: TokenSpec | None, class_weights=None
+    c: ClassifierConfig,
+    num_labels: int,
+    encoder_dir,
+    spec: TokenSpec | None,
+    class_weights=None,
+    vision_blocks: dict | None = None,
+    vision_weights: dict | None = None,
 ) -> tuple[SentenceClassifier, object]:
     """(the classifier of config `c`, its tokenizer or None in image mode), sized by the cache's `spec`
-    (None in text mode); the encoder starts from `encoder_dir`'s weights."""
+    (None in text mode); the encoder starts from `encoder_dir`'s weights. With c.trained_blocks > 0 the
+    vision blocks are built from their config `vision_blocks` (the cache's) with `vision_weights` (the
+    cache's, to start training) or freshly initialised (for a run's model.safetensors)."""
     encoder = tokenizer = None
     if c.mode != "image":
         tokenizer, encoder = load_tokenizer(encoder_dir), load_encoder(encoder_dir)
@@ -290,6 +322,11 @@ def build_classifier(
     head = ClassifierHead(
         c.head, c.mode, text_dim, image_dim, num_labels, c.hidden_size, c.dropout, c.attention_heads
     )
+    blocks = None
+    if c.trained_blocks and spec is not None:
+        assert vision_blocks is not None, "trainable_vision_blocks gives the config of the blocks"
+        reads_global = c.image_feature == "global" and not reads_tokens(c.head, c.mode)
+        blocks = build_vision_blocks(vision_blocks, vision_weights, c.trained_blocks, reads_global)
     model = SentenceClassifier(
         encoder,
         head,
@@ -297,34 +334,13 @@ def build_classifier(
         class_weights,
         c.image_norm,
         image_dim,
-        c.text_frozen_layers,
-        c.text_encoder,
+        vision_blocks=blocks,
+        image_feature=c.image_feature,
+        vision_batchnorm=c.vision_batchnorm,
+        frozen_layers=c.text_frozen_layers,
+        encoder_name=c.text_encoder,
     )
     return model, tokenizer
-
-
-def image_statistics(
-    train: ClassSplit, reader: CacheReader, c: ClassifierConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-dimension mean and (population) std (D,) of the image feature the head of `c` reads,
-    over the train posts with a usable image (every patch token of each for xattn); (0, 1) when none has
-    one. Accumulated in float64."""
-    posts = ClassPosts(train, reader, {}, reads_tokens(c.head, c.mode), c.image_feature == "patches")
-    total = squares = None
-    count = 0
-    for item in posts:
-        if not item["has_image"]:
-            continue
-        rows = item["image"].double().reshape(-1, item["image"].shape[-1])  # (1 or P, D)
-        total = rows.sum(0) if total is None else total + rows.sum(0)
-        squares = (rows**2).sum(0) if squares is None else squares + (rows**2).sum(0)
-        count += rows.shape[0]
-    if count == 0:
-        dim = reader.spec.patch_dim if posts.tokens or posts.patches else reader.spec.global_dim
-        return torch.zeros(dim), torch.ones(dim)
-    mean = total / count
-    std = (squares / count - mean**2).clamp_min(0).sqrt()
-    return mean.float(), std.float()
 
 
 def submission_file(split: str) -> str:
@@ -342,10 +358,11 @@ def has_seed_form(split: ClassSplit) -> bool:
 
 
 def param_groups(model: SentenceClassifier, c: ClassifierConfig) -> list[dict]:
-    """AdamW groups: encoder at lr_encoder, head at lr_head, weight decay on every parameter (biases and
-    LayerNorm too), as the BertResNet notebook's AdamW(model.parameters(), weight_decay=0.01) (cell 39)."""
+    """AdamW groups: encoder at lr_encoder, head at lr_head, the trainable vision blocks at lr_vision,
+    weight decay on every parameter (biases, LayerNorm and the ResNet's BatchNorm too), as the BertResNet
+    notebook's AdamW(model.parameters(), weight_decay=0.01) over its text encoder and ResNet (cell 39)."""
     groups = []
-    for part, lr in (("encoder.", c.lr_encoder), ("head.", c.lr_head)):
+    for part, lr in (("encoder.", c.lr_encoder), ("head.", c.lr_head), ("vision_blocks.", c.lr_vision)):
         params = [p for name, p in model.named_parameters() if name.startswith(part) and p.requires_grad]
         if params:
             groups.append({"params": params, "lr": lr, "weight_decay": c.weight_decay})
@@ -366,53 +383,6 @@ def _truncated(data: ClassData, tokenizer, max_length: int) -> dict:
         name: sum(len(ids) > max_length for ids in tokenizer([e.text for e in split.examples])["input_ids"])
         for name, split in data.splits.items()
     }
-
-
-def text_states_of(cfg: ClassifierRunConfig, model, data: ClassData, tokenizer, encoder_dir, runtime) -> dict:
-    """{split: its text-state cache} with classifier.text_frozen_layers > 0 and a text encoder (built
-    once, then reused by every run of the same encoder, tokenizer, max_length, N and texts); {} otherwise."""
-    if not model.frozen_layers:
-        return {}
-    root = text_cache_root_of(cfg)
-    return {
-        name: prepare_text_states(
-            model.encoder,
-            model.frozen_layers,
-            class_text_posts(split, tokenizer, cfg.classifier.max_length),
-            encoder_dir,
-            root,
-            runtime,
-        )
-        for name, split in data.splits.items()
-    }
-
-
-def text_cache_root_of(cfg: ClassifierRunConfig, out_dir=None) -> Path:
-    """The run's text-state root, refused inside one of its input or output folders (`out_dir`: the
-    folder that holds the run, the run folder itself by default)."""
-    return check_text_cache_root(
-        cfg.text_cache,
-        [
-            ("the feature cache", cfg.cache_dir),
-            ("the data folder", cfg.data.data_dir),
-            ("the run folder", cfg.out_dir if out_dir is None else out_dir),
-        ],
-    )
-
-
-def text_state_build(cfg: ClassifierRunConfig, out_dir) -> TextStateBuild | None:
-    """The text-state caches a classifier run of `cfg` reads (None with classifier.text_frozen_layers = 0
-    or in mode image), for an ablation to build before its first arm; `out_dir` is the ablation folder."""
-    c = cfg.classifier
-    if not c.text_frozen_layers or c.mode == "image":
-        return None
-    encoder_dir = resolve_text_encoder(c.text_encoder)
-    tokenizer = load_tokenizer(encoder_dir)
-    data = read_classification(cfg.data)
-    posts = [class_text_posts(split, tokenizer, c.max_length) for split in data.splits.values()]
-    return TextStateBuild(
-        encoder_dir, c.text_frozen_layers, posts, text_cache_root_of(cfg, out_dir), c.device
-    )
 
 
 @torch.no_grad()
@@ -437,9 +407,16 @@ def score_split(
 def rebuild_classifier(record: dict) -> tuple[SentenceClassifier, object]:
     """(a fresh classifier as a run record describes it, its tokenizer or None): the classification
     task's `rebuild` (runs.load_run_model loads the best weights into it)."""
-    c = ClassifierConfig.from_dict(record["classifier"], CONFIG_FILE)
+    c = classifier_settings(record, CONFIG_FILE)
     spec = TokenSpec.from_dict(record["cache"]["spec"]) if record["cache"] else None
-    return build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec)
+    vision = record["cache"].get("vision_blocks") if record["cache"] else None
+    return build_classifier(c, len(record["label_names"]), record["encoder_dir"], spec, None, vision)
+
+
+def classifier_settings(record: dict, source: str) -> ClassifierConfig:
+    """The ClassifierConfig a run record holds. A run recorded before vision_trainable_blocks existed read
+    the cached image vector: its missing key means 0, not today's default."""
+    return ClassifierConfig.from_dict({"vision_trainable_blocks": 0, **record["classifier"]}, source)
 
 
 def load_classifier_run(run_dir, device: str):
@@ -454,7 +431,7 @@ def load_classifier_run(run_dir, device: str):
     except BaseException:
         runtime.close()
         raise
-    c = ClassifierConfig.from_dict(run.record["classifier"], str(run.path / CONFIG_FILE))
+    c = classifier_settings(run.record, str(run.path / CONFIG_FILE))
     return run, c, model, tokenizer, runtime
 
 

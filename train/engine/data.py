@@ -269,8 +269,14 @@ def _collate_visual(items: list[dict]) -> dict:
     batch["region_mask"] = (torch.arange(K)[None, :] < num_regions[:, None]) & image_ok[:, None]  # (B, K)
     batch["image_mask"] = image_ok
     if VISION_STATE in items[0]:
-        batch[VISION_STATE] = torch.from_numpy(np.stack([item[VISION_STATE] for item in items])).float()
+        batch[VISION_STATE] = stack_vision_states(items)
     return batch
+
+
+def stack_vision_states(items: list[dict]) -> torch.Tensor:
+    """The items' "vision_state" arrays (each the record's, float16) as one float32 batch (B, P, Dp) |
+    (B, C3, H3, W3): the batch key of both tasks' models with trainable vision blocks."""
+    return torch.from_numpy(np.stack([item[VISION_STATE] for item in items])).float()
 
 
 def make_loader(

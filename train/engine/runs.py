@@ -88,28 +88,36 @@ def build_model(record: dict, encoder_dir: Path, vision_weights: dict | None = N
 def vision_blocks_of(
     model_cfg: ModelConfig, reader: CacheReader | None, data_dir
 ) -> tuple[dict, dict] | None:
-    """(config, weights) of the vision blocks model.vision_trainable_blocks = k trains, from the cache
-    (None for k = 0). A cache that stores the state before fewer than k blocks is refused with the
-    `mner extract-features` command that makes one for `data_dir`: the blocks never silently stay frozen."""
+    """`trainable_vision_blocks` of the tagging model's model.vision_trainable_blocks."""
     k = model_cfg.vision_trainable_blocks
-    if reader is None or not model_cfg.reads_vision_state:
-        return None
-    stored = reader.trainable_blocks
-    if model_cfg.fusion == "two_tower":
+    if reader is not None and model_cfg.reads_vision_state and model_cfg.fusion == "two_tower":
         _check_tower_state(reader, data_dir, model_cfg.text_encoder)
         return reader.vision_blocks()
+    # A model file's default is named as such: the user may never have typed the setting.
+    name = model_cfg.name
+    said = bool(k) and model_setting(name, "model", "vision_trainable_blocks") == k
+    origin = f" (model {name}'s default, configs/models/{name}.toml)" if said else ""
+    return trainable_vision_blocks(k, reader, data_dir, "model.vision_trainable_blocks", origin)
+
+
+def trainable_vision_blocks(
+    k: int, reader: CacheReader | None, data_dir, setting: str, origin: str = ""
+) -> tuple[dict, dict] | None:
+    """(config, weights) of the last k vision blocks a model trains, from the cache (None for k = 0 or
+    no cache; k = -1: all it stores). The one rule of both tasks: a cache that stores the state before
+    fewer than k blocks, or a ResNet's asked for more than its layer4, is refused naming `setting` (the
+    config key that asked for k) and the `mner extract-features` command that makes one for `data_dir`:
+    the blocks never silently stay frozen."""
+    if not k or reader is None:
+        return None
+    stored = reader.trainable_blocks
     if k == -1:
         k = max(stored, 1)  # all the cache stores; a cache that stores none is refused below
     if k > stored:
-        # A model file's default is named as such: the user may never have typed the setting.
-        name = model_cfg.name
-        said = model_setting(name, "model", "vision_trainable_blocks") == k
-        origin = f" (model {name}'s default, configs/models/{name}.toml)" if said else ""
         if reader.config.get("vision", "clip") != "clip" and k > 1:
             raise ValueError(
-                f"model.vision_trainable_blocks = {k}{origin}, but the cache {reader.cache_dir} is a ResNet's, "
-                "whose stage two trains layer4 alone (its stages differ in width and stride); set "
-                "model.vision_trainable_blocks = 1"
+                f"{setting} = {k}{origin}, but the cache {reader.cache_dir} is a ResNet's, whose "
+                f"stage two trains layer4 alone (its stages differ in width and stride); set {setting} = 1"
                 + ("" if stored else f" on a cache made by `{_extract_blocks(reader, 1, data_dir)}`")
             )
         held = (
@@ -118,10 +126,9 @@ def vision_blocks_of(
             else "stores no vision state (extracted without --vision-trainable-blocks)"
         )
         raise ValueError(
-            f"model.vision_trainable_blocks = {k}{origin} trains the last {k} vision blocks on the state the "
-            f"cache stores before them, but the cache {reader.cache_dir} {held}; extract one with "
-            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set model.vision_trainable_blocks "
-            f"<= {stored}"
+            f"{setting} = {k}{origin} trains the last {k} vision blocks on the state the cache "
+            f"stores before them, but the cache {reader.cache_dir} {held}; extract one with "
+            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set {setting} <= {stored}"
         )
     return reader.vision_blocks()
 
@@ -151,6 +158,13 @@ def _check_tower_state(reader: CacheReader, data_dir, text_encoder: str) -> None
         f"with `{_extract_blocks(reader, depth, data_dir)}` and train on it, or use the single stream "
         "(--model ifaformer-single)"
     )
+
+
+def record_vision_blocks(record: dict, vision: tuple[dict, dict] | None) -> None:
+    """Add the blocks' config (`trainable_vision_blocks`' first item) to the record's "cache": what
+    rebuilds them for evaluate and predict; their trained weights are the run's."""
+    if vision is not None:
+        record["cache"]["vision_blocks"] = vision[0]
 
 
 def _extract_blocks(reader: CacheReader, k: int, data_dir) -> str:

@@ -25,6 +25,7 @@ from mner.train.engine.runs import (
     check_tags,
     open_cache,
     prepare_folder,
+    record_vision_blocks,
     report_images,
     vision_blocks_of,
 )
@@ -57,9 +58,7 @@ def prepare_tagging(cfg: RunConfig, runtime: Runtime, claim: FolderClaim) -> tup
     tokenizer = load_tokenizer(encoder_dir)
 
     record = make_record(cfg, source, labels, encoder_dir, reader)
-    if vision is not None:
-        # What rebuilds the blocks for evaluate and predict; their trained weights are the run's.
-        record["cache"]["vision_blocks"] = vision[0]
+    record_vision_blocks(record, vision)
     record["precision"] = precision_name(runtime)  # what evaluate and predict reproduce
     checkpoint = prepare_folder(claim, cfg.resume, record, runtime)
     record["truncated_words"] = {

@@ -112,7 +112,7 @@ class ClassAblationConfig:
         """The text-state caches arm `experiment` reads (classifier.text_frozen_layers > 0 with a text
         encoder; None otherwise), for run_ablation to build before the first arm (`out`: the ablation
         folder)."""
-        from mner.train.engine.classify import text_state_build  # torch
+        from mner.train.engine.classifier_data import text_state_build  # torch
 
         c = self.arm_config(experiment, seed=0)
         run = ClassifierRunConfig(data=self.data, out_dir=str(out), classifier=c, cache_dir=self.cache_dir)

@@ -30,6 +30,17 @@ gradient and stay in eval mode; the top layers run over the batch's cached state
 (train/engine/text_states.py), or over that prefix computed here (zoo/text.py `subword_states`, shared
 with the tagger).
 
+Trainable vision blocks (`vision_trainable_blocks` k > 0, train/zoo/vision_blocks.py). The seed fine-tunes
+its whole ResNet; from a cache that stores the state before the last k blocks (a ResNet's layer3 map)
+those blocks run at every step on batch["vision_state"] and the image feature is made from their
+output (the grid's mean, which is the avgpool vector, or the patch tokens), for the posts that have an
+image. Before any step, in eval mode, that is the cached feature to float16 rounding. "standard" keeps
+the statistics of the cached, frozen features for the blocks' output: the same map as the frozen model
+at the first step, which the blocks then learn under, as any layer learns under the one after it. So
+that the first training step is also that map's input, the blocks' BatchNorm layers keep their stored
+statistics while training (`vision_batchnorm` "stored"; "batch" uses each batch's, as the notebook's
+model.train() does).
+
 Missing images. A post whose image is missing or unreadable has has_image False: its image feature
 is zeroed, its attention weight on the image is exactly 0 (score -inf) and `xattn` skips the
 attention, so such a post gets, bitwise, what the head gives with no image whatever the cache holds
@@ -41,8 +52,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mner.train.engine.classifier_config import CLASS_HEADS, IMAGE_NORMS, MODES, TEXT_POOLS
+from mner.train.engine.classifier_config import (
+    CLASS_HEADS,
+    IMAGE_FEATURES,
+    IMAGE_NORMS,
+    MODES,
+    TEXT_POOLS,
+    VISION_BATCHNORMS,
+)
 from mner.train.zoo.text import freeze_text_prefix, prefix_eval, subword_states
+from mner.train.zoo.vision_blocks import VisionBlocks
 
 MIN_STD = 1e-6  # a train std below this leaves its dimension unscaled (SentenceClassifier)
 
@@ -195,14 +214,28 @@ class SentenceClassifier(nn.Module):
         class_weights: Tensor | None = None,
         image_norm: str = "none",
         image_dim: int = 0,
+        vision_blocks: VisionBlocks | None = None,
+        image_feature: str = "global",
+        vision_batchnorm: str = "stored",
         frozen_layers: int = 0,
         encoder_name: str = "",
     ):
-        """frozen_layers: classifier.text_frozen_layers, the encoder's bottom layers frozen (eval mode, no
-        gradient); encoder_name: classifier.text_encoder, named when the encoder cannot be split so."""
+        """vision_blocks: the trainable blocks that make the image feature from batch["vision_state"]
+        (None: the batch's cached feature is read as it is); image_feature: which feature of their output
+        the head reads when it reads one vector (IMAGE_FEATURES; xattn reads the patch tokens);
+        vision_batchnorm: the blocks' BatchNorm in training, on its stored statistics or the batch's
+        (VISION_BATCHNORMS); frozen_layers: classifier.text_frozen_layers, the encoder's bottom layers
+        frozen (eval mode, no gradient); encoder_name: classifier.text_encoder, named when the encoder
+        cannot be split so."""
         super().__init__()
         if image_norm not in IMAGE_NORMS:
             raise ValueError(f"unknown image_norm {image_norm!r}; known: {', '.join(IMAGE_NORMS)}")
+        if vision_batchnorm not in VISION_BATCHNORMS:
+            raise ValueError(
+                f"unknown vision_batchnorm {vision_batchnorm!r}; known: {', '.join(VISION_BATCHNORMS)}"
+            )
+        if image_feature not in IMAGE_FEATURES:
+            raise ValueError(f"unknown image_feature {image_feature!r}; known: {', '.join(IMAGE_FEATURES)}")
         self.encoder, self.head, self.text_pool = encoder, head, text_pool
         # Image mode has no text encoder: nothing to freeze.
         self.frozen_layers = frozen_layers if encoder is not None else 0
@@ -213,6 +246,22 @@ class SentenceClassifier(nn.Module):
         if self.standardises:
             self.register_buffer("image_mean", torch.zeros(image_dim))
             self.register_buffer("image_std", torch.ones(image_dim))
+        self.image_feature, self.vision_batchnorm = image_feature, vision_batchnorm
+        # Registered last: the modules above keep the parameter names (and checkpoints) of a model without.
+        self.vision_blocks = vision_blocks
+
+    def train(self, mode: bool = True) -> SentenceClassifier:
+        """Train or eval mode; the frozen bottom of the text encoder stays in eval mode (no dropout), so
+        its output is the text-state cache's; with vision_batchnorm "stored" the blocks' BatchNorm layers
+        stay in eval mode too (their stored running statistics, neither updated nor replaced by the batch's)."""
+        super().train(mode)
+        if self.frozen_layers:
+            prefix_eval(self.encoder, self.frozen_layers)
+        if self.vision_blocks is not None and self.vision_batchnorm == "stored":
+            for module in self.vision_blocks.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     @torch.no_grad()
     def set_image_statistics(self, mean: Tensor, std: Tensor) -> None:
@@ -223,20 +272,14 @@ class SentenceClassifier(nn.Module):
         self.image_mean.copy_(mean)
         self.image_std.copy_(torch.where(std < MIN_STD, torch.ones_like(std), std))
 
-    def train(self, mode: bool = True) -> SentenceClassifier:
-        """Train or eval mode; the frozen bottom of the text encoder stays in eval mode (no dropout),
-        so its output is the text-state cache's."""
-        super().train(mode)
-        if self.frozen_layers:
-            prefix_eval(self.encoder, self.frozen_layers)
-        return self
-
     def forward(self, batch: dict) -> dict:
         text = None
         if self.encoder is not None:
             hidden = subword_states(self.encoder, self.frozen_layers, batch)  # (B, S, Dt)
             text = pool_text(hidden, batch["attention_mask"], self.text_pool)
         image = batch.get("image")
+        if image is not None and self.vision_blocks is not None:
+            image = self.block_image(batch)
         if image is not None and self.standardises:
             image = (image - self.image_mean) / self.image_std  # (B, Di) or (B, P, Dp)
         logits = self.head(text, image, batch.get("has_image"))  # (B, L)
@@ -246,3 +289,20 @@ class SentenceClassifier(nn.Module):
                 logits.float(), batch["labels"], weight=self.class_weights
             )
         return out
+
+    def block_image(self, batch: dict) -> Tensor:
+        """The image feature the head reads, made by the vision blocks over batch["vision_state"] for the
+        posts with has_image (B,) True and zero for the others, as the cache stores a missing image: the
+        shape of batch["image"], (B, Di) or (B, P, Dp)."""
+        cached = batch["image"]
+        rows = batch["has_image"].nonzero().squeeze(1)  # (B',) posts whose image is read
+        if not len(rows):
+            return torch.zeros_like(cached)
+        patches, pooled = self.vision_blocks(batch["vision_state"][rows])  # (B', P, Dp), (B', Dg)
+        if self.head.reads_tokens:
+            made = patches
+        elif self.image_feature == "patches":
+            made = patches.mean(1)  # (B', Dp)
+        else:
+            made = pooled  # (B', Dg)
+        return made.new_zeros(cached.shape).index_copy(0, rows, made)

@@ -39,7 +39,7 @@ from mner.train.zoo.text import (
     type_prompt_states,
 )
 from mner.train.zoo.two_tower import check_towers, dead_parameters
-from mner.train.zoo.vision_blocks import VisionBlocks
+from mner.train.zoo.vision_blocks import VisionBlocks, build_vision_blocks
 from mner.train.zoo.visual import VisualTokenBuilder
 
 # What a text-only model reads of its config: model.text_only builds no visual token builder, no
@@ -173,9 +173,8 @@ class MNERModel(nn.Module):
         self.vision_blocks = self._build_vision_blocks(vision_blocks, vision_weights)
 
     def _build_vision_blocks(self, config: dict | None, weights: dict | None) -> VisionBlocks | None:
-        """The trainable vision blocks of cfg.vision_trainable_blocks (None for 0). Built last and on a
-        fork of the random state, so every other module starts from the weights of the same model with
-        0, and training draws the same random numbers."""
+        """The trainable vision blocks of cfg.vision_trainable_blocks (None for 0), built last
+        (`build_vision_blocks`: every other module starts from the weights of the same model with 0)."""
         k = self.cfg.vision_trainable_blocks
         if not self.cfg.reads_vision_state:
             return None
@@ -193,13 +192,8 @@ class MNERModel(nn.Module):
                 f"global embedding, but model.use_patches is false and model.fusion {self.cfg.fusion!r} reads "
                 "no global embedding; set model.vision_trainable_blocks = 0"
             )
-        with torch.random.fork_rng(devices=[]):
-            blocks = VisionBlocks(config, weights, blocks=None if k == -1 else k)
-        if self.visual.global_proj is None:
-            # A fusion that reads no global embedding gives these no gradient: they stay as stored.
-            for parameter in blocks.global_parameters():
-                parameter.requires_grad_(False)
-        return blocks
+        k = None if k == -1 else k  # -1: all the cache stores
+        return build_vision_blocks(config, weights, k, reads_global=self.visual.global_proj is not None)
 
     def _build_tower(self, config: dict, weights: dict | None) -> VisionBlocks:
         """IFAformer's vision tower (model.fusion "two_tower"): the cache's whole CLIP encoder, every layer
@@ -213,11 +207,9 @@ class MNERModel(nn.Module):
                 f"model.vision_trainable_blocks = {k} is more than the {stored} layers of the cache's vision "
                 f"tower; set it to at most {stored} (-1: all)"
             )
-        with torch.random.fork_rng(devices=[]):
-            tower = VisionBlocks(config, weights)  # all K layers in tower.layers
+        tower = build_vision_blocks(config, weights, None, reads_global=False)  # all K layers in .layers
         frozen = [
             *(p for layer in tower.layers[: stored - k] for p in layer.parameters()),
-            *tower.global_parameters(),
             *dead_parameters(tower.layers),
         ]
         for parameter in frozen:

@@ -31,6 +31,21 @@ from mner.cache.reader import CacheReader
 _RESNET_BLOCKS = {"BasicBlock": resnet.BasicBlock, "Bottleneck": resnet.Bottleneck}
 
 
+def build_vision_blocks(
+    config: dict, weights: dict | None, k: int | None, reads_global: bool
+) -> VisionBlocks:
+    """The last k blocks a model trains (None: all K; both tasks' models build them here): built on a fork of the
+    random state, so every other module of the model starts from the weights of the same model without
+    them, and training draws the same random numbers. A model that reads no global embedding
+    (`reads_global` False) gives CLIP's post_layernorm and projection no gradient: they stay as stored."""
+    with torch.random.fork_rng(devices=[]):
+        blocks = VisionBlocks(config, weights, blocks=k)
+    if not reads_global:
+        for parameter in blocks.global_parameters():
+            parameter.requires_grad_(False)
+    return blocks
+
+
 class VisionBlocks(nn.Module):
     """The last `blocks` vision blocks of a cache, trainable, over its stored `vision_state`.
 

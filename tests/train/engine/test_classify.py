@@ -71,7 +71,8 @@ QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, de
 
 
 def extract(data_dir: Path, out: Path) -> Path:
-    """The classification folder's images through tiny-resnet, no detector (the seed's global vector)."""
+    """The classification folder's images through tiny-resnet, no detector (the seed's global vector),
+    storing layer3's map (--vision-trainable-blocks 1), so that the classifier's default trains layer4."""
     cfg = ExtractConfig(
         data=DataConfig(data_dir=str(data_dir)),
         out=str(out),
@@ -80,6 +81,7 @@ def extract(data_dir: Path, out: Path) -> Path:
         batch_size=8,
         num_workers=0,
         device="cpu",
+        vision_trainable_blocks=1,
     )
     return extract_features(cfg)
 
@@ -872,7 +874,8 @@ def clip_like(small, tmp_path_factory):
 def test_every_head_trains_on_a_cache_whose_patch_and_global_widths_differ(
     small, clip_like, tmp_path, mode, head_name
 ):
-    settings = dict(QUICK, mode=mode, head=head_name, attention_heads=2)
+    # The synthetic cache stores tokens alone, no vision state: the heads read them frozen.
+    settings = dict(QUICK, mode=mode, head=head_name, attention_heads=2, vision_trainable_blocks=0)
     run = train_classifier(run_config(small.demo, tmp_path / "run", clip_like, **settings))
     config = json.loads((run / "config.json").read_text())
     with CacheReader(clip_like) as reader:

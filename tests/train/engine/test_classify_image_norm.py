@@ -14,7 +14,8 @@ from mner.cache.classification import ClassDataConfig, read_classification
 from mner.cache.reader import CacheReader
 from mner.demo.classification import make_mvsa_demo
 from mner.train.engine.classifier_config import ClassifierConfig, ClassifierRunConfig
-from mner.train.engine.classify import image_statistics, train_classifier
+from mner.train.engine.classifier_data import image_statistics
+from mner.train.engine.classify import train_classifier
 from mner.train.zoo.classifier_model import MIN_STD, ClassifierHead, SentenceClassifier
 from tests.cache.factories import make_cache
 from tests.train.engine.test_classify import extract
