@@ -298,6 +298,13 @@ def test_a_run_evaluates_predicts_and_resumes_as_it_trained(data, tmp_path, monk
         weights["vision_blocks.frozen.0.mlp.fc1.weight"], torch.from_numpy(stored["layers.0.mlp.fc1.weight"])
     )
 
+    check_evaluate_predict_resume(data, tmp_path, monkeypatch, straight, model, train)
+
+
+def check_evaluate_predict_resume(data, tmp_path, monkeypatch, straight, model: dict, train: dict) -> None:
+    """The run `straight` (2 epochs on data["k2"] with `model` and `train`): evaluate reproduces its test
+    scores; predict (which re-extracts the images with the state) tags valid as training did; a kill after
+    epoch 2's metrics, resumed, equals it."""
     trained = json.loads((straight / "results.json").read_text())
     assert evaluate_run(straight, split="test") == trained["test"]
     out = predict(straight, data["data"] / "valid.txt", data["data"] / "images", tmp_path / "valid.pred")

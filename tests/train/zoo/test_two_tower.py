@@ -210,3 +210,23 @@ def test_refusals(data, tmp_path):
             "minilm",
             vision_blocks=blocks,
         )
+
+
+def test_a_run_evaluates_predicts_and_resumes_as_it_trained(data, tmp_path, monkeypatch):
+    """ifaformer's two towers through train_from_cache: the whole tower trains (its live weights moved,
+    the dead ones are the cache's), evaluate, predict on re-extracted images and a resume match the run."""
+    from safetensors.torch import load_file
+
+    from mner.train.engine.loop import train_from_cache
+
+    model = {**TWO_TOWER, "vision_trainable_blocks": -1}
+    train = {"lr_vision": 1e-3}
+    straight = train_from_cache(
+        run_config(tmp_path / "straight", data["k2"], data["data"], epochs=2, train=train, **model)
+    )
+    weights = load_file(straight / "model.safetensors")
+    stored = CacheReader(data["k2"]).vision_blocks()[1]
+    for name, moved in (("layers.0.mlp.fc1.weight", True), ("layers.1.self_attn.k_proj.weight", True),
+                        ("layers.1.mlp.fc1.weight", False)):  # fmt: skip
+        assert torch.equal(weights[f"vision_blocks.{name}"], torch.from_numpy(stored[name])) != moved, name
+    vision.check_evaluate_predict_resume(data, tmp_path, monkeypatch, straight, model, train)
