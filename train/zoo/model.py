@@ -72,6 +72,16 @@ def used_settings(cfg: ModelConfig) -> dict:
     if cfg.text_only:
         image_free = {w for n, w in AUX_LOSSES.weights.items() if not AUX_LOSSES.get(n).needs_image}
         return {key: value for key, value in settings.items() if key in {*_TEXT_PATH, *image_free}}
+    if cfg.fusion == "two_tower":
+        # IFAformer's towers read the cache's state alone: no visual token builder, patch or region switch.
+        read = {
+            *_TEXT_PATH,
+            "fusion",
+            "image_dropout",
+            "vision_trainable_blocks",
+            *AUX_LOSSES.weights.values(),
+        }
+        return {key: value for key, value in settings.items() if key in read}
     if cfg.fusion != "mango":
         for key in _MANGO_ONLY:
             del settings[key]

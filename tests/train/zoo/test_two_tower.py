@@ -230,3 +230,15 @@ def test_a_run_evaluates_predicts_and_resumes_as_it_trained(data, tmp_path, monk
                         ("layers.1.mlp.fc1.weight", False)):  # fmt: skip
         assert torch.equal(weights[f"vision_blocks.{name}"], torch.from_numpy(stored[name])) != moved, name
     vision.check_evaluate_predict_resume(data, tmp_path, monkeypatch, straight, model, train)
+
+
+def test_the_token_switches_are_no_ops_for_the_towers():
+    """An ablation arm that only switches cached tokens (no_patch, no_region) trains the same two-tower
+    model, so it is named a no-op; the tower's own settings are not."""
+    from mner.train.zoo.model import used_settings
+
+    base = ModelConfig(**TWO_TOWER)
+    for change in ({"use_patches": False}, {"use_regions": False}, {"visual_builder": "dual"}):
+        assert used_settings(ModelConfig(**{**TWO_TOWER, **change})) == used_settings(base), change
+    for change in ({"vision_trainable_blocks": 1}, {"max_length": 30}, {"dropout": 0.3}):
+        assert used_settings(ModelConfig(**{**TWO_TOWER, **change})) != used_settings(base), change
