@@ -111,7 +111,9 @@ def trainable_vision_blocks(
     if not k or reader is None:
         return None
     stored = reader.trainable_blocks
+    asked = f"{k}"
     if k == -1:
+        asked = "-1 (all the cache stores)"
         k = max(stored, 1)  # all the cache stores; a cache that stores none is refused below
     if k > stored:
         if reader.config.get("vision", "clip") != "clip" and k > 1:
@@ -125,10 +127,12 @@ def trainable_vision_blocks(
             if stored
             else "stores no vision state (extracted without --vision-trainable-blocks)"
         )
+        # The way out is a value the cache takes: "<= 0" would include -1, refused here again.
         raise ValueError(
-            f"{setting} = {k}{origin} trains the last {k} vision blocks on the state the cache "
+            f"{setting} = {asked}{origin} trains the last {k} vision blocks on the state the cache "
             f"stores before them, but the cache {reader.cache_dir} {held}; extract one with "
-            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set {setting} <= {stored}"
+            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set {setting} "
+            + (f"<= {stored}" if stored else "= 0")
         )
     return reader.vision_blocks()
 
