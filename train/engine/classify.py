@@ -135,6 +135,18 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
     )
 
 
+def check_vision_state(cfg: ClassifierRunConfig) -> None:
+    """Refuse a cache without the vision state the run's trained blocks start from, as the run itself
+    does (runs.trainable_vision_blocks): what an ablation checks of each arm before its first."""
+    c = cfg.classifier
+    if not c.trained_blocks or cfg.cache_dir is None:
+        return  # no blocks train; a both / image run without a cache is refused by the run itself
+    with CacheReader(cfg.cache_dir) as reader:
+        trainable_vision_blocks(
+            c.trained_blocks, reader, cfg.data.data_dir, "classifier.vision_trainable_blocks", load=False
+        )
+
+
 def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None:
     """The cache (None in text mode, never opened), refused when it lacks a post's guid."""
     if cfg.classifier.mode == "text":

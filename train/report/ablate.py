@@ -143,6 +143,8 @@ def _run(cfg: AblationConfig | ClassAblationConfig) -> tuple[Path, str | None]:
             pending = [
                 name for name, seed in cfg.runs() if not finished(out / arm_folder(name) / f"seed{seed}")
             ]
+            for name in dict.fromkeys(pending):
+                cfg.check_arm(name)  # a cache an arm cannot train on fails now, not after the arms before it
             build_text_states_first(cfg, out, pending)
         rows = train_arms(claim, record, cfg.runs(), finished, cfg.train_arm, row, main)
         table = pd.DataFrame(rows)
