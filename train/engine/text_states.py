@@ -253,7 +253,10 @@ def check_text_cache_root(root, inputs: list[tuple[str, str | Path | None]]) -> 
     input or output folders (the image cache, the data, the run): it is never written there uninvited."""
     chosen = text_cache_root(root).resolve()
     # Named as the user set it: a command without --text-cache (ablate) reads the environment.
-    flag = "--text-cache" if root is not None or not os.environ.get(ROOT_VARIABLE) else f"${ROOT_VARIABLE}"
+    if root is not None:
+        flag = "--text-cache"
+    else:
+        flag = f"${ROOT_VARIABLE}" if os.environ.get(ROOT_VARIABLE) else "the default --text-cache"
     for what, folder in inputs:
         if folder is None:
             continue

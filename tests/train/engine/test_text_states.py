@@ -138,12 +138,19 @@ def test_a_text_cache_inside_the_image_cache_or_data_folder_is_refused(tmp_path)
 
 
 def test_a_text_cache_root_from_the_environment_is_named_as_such(tmp_path, monkeypatch):
-    # `mner ablate` has no --text-cache: a root it refuses came from $MNER_TEXT_CACHE, which the message names.
+    # `mner ablate` has no --text-cache: a root it refuses came from $MNER_TEXT_CACHE or the default, which
+    # the message names as such.
     data = tmp_path / "data"
     data.mkdir()
     monkeypatch.setenv("MNER_TEXT_CACHE", str(data / "states"))
     with pytest.raises(
         ValueError, match=re.escape(f"$MNER_TEXT_CACHE {(data / 'states').resolve()} is inside")
+    ):
+        check_text_cache_root(None, [("the data folder", data)])
+    monkeypatch.delenv("MNER_TEXT_CACHE")
+    monkeypatch.setattr("mner.cache.text_states.DEFAULT_ROOT", data / "default")
+    with pytest.raises(
+        ValueError, match=re.escape(f"the default --text-cache {(data / 'default').resolve()} is")
     ):
         check_text_cache_root(None, [("the data folder", data)])
     assert (
