@@ -1001,9 +1001,14 @@ def test_the_arms_read_the_text_states_ablate_built(tmp_path, mvsa, monkeypatch)
     assert computed == ["train", "valid", "test", "test_without_label"]
 
 
-def test_an_arm_needing_vision_state_the_cache_lacks_is_refused_before_the_first_arm(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_arm_needing_vision_state_the_cache_lacks_is_refused_before_the_first_arm(
+    rank, tmp_path, monkeypatch
+):
     # mango trains CLIP's last 2 blocks by default: on a cache without their state it is refused before
-    # bert-crf, listed first, spends its training time, and no folder is left.
+    # bert-crf, listed first, spends its training time, and no folder is left; on every torchrun rank, so
+    # that no rank starts a first arm the others never join.
+    monkeypatch.setenv("RANK", rank)
     data_dir, posts = make_data(tmp_path)
     cache_dir = make_cache(tmp_path, posts)
     started = _stop_at_training(monkeypatch)
