@@ -21,8 +21,8 @@ weights are reloaded at the end to score valid and test. The run folder:
 
     config.json          {"task": "classification", "classifier", "data", "cache_dir", "label_names",
                           "encoder_dir", "cache" (fingerprint, spec; null in text mode), "data_report",
-                          "data_files" (sha256 of each split file: evaluate refuses a folder changed
-                          since, runs.check_data_files), "no_image" (posts per split without a usable
+                          "data_files" (sha256 of each split file, and "data/" of the MVSA texts:
+                          evaluate refuses a folder changed since, runs.check_data_files), "no_image" (posts per split without a usable
                           image), "truncated_posts", "text_cache", "text_states" ({split: the
                           text-state cache read with classifier.text_frozen_layers > 0; {} without)}
     model.safetensors    the best epoch's weights
