@@ -574,10 +574,11 @@ def _check_labels_in_train(split: ClassSplit, train: ClassSplit) -> None:
 
 
 def split_files(folder: str | Path) -> list[Path]:
-    """Every file a classification folder's splits may be read from (both layouts, present or not):
-    what a run records the sha256 of, and compares again before it reads the folder anew."""
+    """Every file a classification folder's splits may be read from (both layouts, present or not),
+    and the MVSA texts' folder data/: what a run records the sha256 of, and compares again before it
+    reads the folder anew."""
     folder = Path(folder).expanduser()
-    names = (*_MVSA_FILES.values(), UNLABELLED_FILE, *_CSV_FILES.values())
+    names = (*_MVSA_FILES.values(), UNLABELLED_FILE, *_CSV_FILES.values(), TEXT_DIR)
     return [folder / name for name in names]
 
 

@@ -593,7 +593,7 @@ def test_mango_on_a_cache_without_the_vision_state_is_refused_with_the_command_t
     common = ["train-from-cache", "--cache", cache_dir, "--data-dir", data_dir, "--text-encoder", "tiny-bert"]
     extract = (
         f"`mner extract-features --data-dir {data_dir} --out NEW_CACHE --clip tiny-clip --detector tiny-frcnn "
-        "--vision-trainable-blocks 2` and train on it, or set model.vision_trainable_blocks <= 0"
+        "--vision-trainable-blocks 2` and train on it, or set model.vision_trainable_blocks = 0"
     )
     stored = (
         f"trains the last 2 vision blocks on the state the cache stores before them, but the cache "

@@ -21,8 +21,8 @@ weights are reloaded at the end to score valid and test. The run folder:
 
     config.json          {"task": "classification", "classifier", "data", "cache_dir", "label_names",
                           "encoder_dir", "cache" (fingerprint, spec; null in text mode), "data_report",
-                          "data_files" (sha256 of each split file: evaluate refuses a folder changed
-                          since, runs.check_data_files), "no_image" (posts per split without a usable
+                          "data_files" (sha256 of each split file, and "data/" of the MVSA texts:
+                          evaluate refuses a folder changed since, runs.check_data_files), "no_image" (posts per split without a usable
                           image), "truncated_posts", "text_cache", "text_states" ({split: the
                           text-state cache read with classifier.text_frozen_layers > 0; {} without)}
     model.safetensors    the best epoch's weights
@@ -133,6 +133,18 @@ def train_classifier(cfg: ClassifierRunConfig) -> Path:
         start=lambda: start_runtime(c.device, "off", hint="--set classifier.device=cpu", threads=c.threads),
         prepare=lambda runtime, resources: _prepare(cfg, runtime, claim, resources),
     )
+
+
+def check_vision_state(cfg: ClassifierRunConfig) -> None:
+    """Refuse a cache without the vision state the run's trained blocks start from, as the run itself
+    does (runs.trainable_vision_blocks): what an ablation checks of each arm before its first."""
+    c = cfg.classifier
+    if not c.trained_blocks or cfg.cache_dir is None:
+        return  # no blocks train; a both / image run without a cache is refused by the run itself
+    with CacheReader(cfg.cache_dir) as reader:
+        trainable_vision_blocks(
+            c.trained_blocks, reader, cfg.data.data_dir, "classifier.vision_trainable_blocks", load=False
+        )
 
 
 def _open_cache(cfg: ClassifierRunConfig, data: ClassData) -> CacheReader | None:

@@ -295,6 +295,13 @@ class ModelConfig(Config):
         some of them, or it is IFAformer's two towers, whose vision tower always runs beside the text."""
         return not self.text_only and (self.vision_trainable_blocks != 0 or self.fusion == "two_tower")
 
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the model reads the cache's patch and region tokens: not text-only, and not IFAformer's
+        two towers, which run from the stored vision state alone (model.use_patches / use_regions do not
+        apply to them)."""
+        return not self.text_only and self.fusion != "two_tower"
+
     def _check_queries(self) -> None:
         if not self.typed_queries and self.fusion != "qgf":
             raise ValueError(

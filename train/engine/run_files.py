@@ -27,6 +27,7 @@ one of its runs (`claim_run_folder`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -96,8 +97,18 @@ def make_record(cfg: RunConfig, source: DataSource, labels: list[str], encoder_d
 
 def data_files_record(files: Iterable[Path]) -> dict[str, str]:
     """config.json "data_files": {file name: sha256} of each split file that exists, both tasks; what
-    `check_data_files` compares the data folder with when a command reads the run's data again."""
-    return {path.name: file_sha256(path) for path in files if path.is_file()}
+    `check_data_files` compares the data folder with when a command reads the run's data again. A folder
+    among `files` (an MVSA folder's data/, one text file per post) is recorded as "NAME/": the sha256 of
+    its .txt files' names and sha256s, so an edited text counts as changed data."""
+    record = {path.name: file_sha256(path) for path in files if path.is_file()}
+    record.update({f"{path.name}/": _texts_sha256(path) for path in files if path.is_dir()})
+    return record
+
+
+def _texts_sha256(folder: Path) -> str:
+    """sha256 of the lines `name<TAB>sha256` of the .txt files directly in `folder`, sorted by name."""
+    lines = "".join(f"{p.name}\t{file_sha256(p)}\n" for p in sorted(folder.glob("*.txt")) if p.is_file())
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
 # What to do about a changed data folder, as evaluate says it (both tasks).
@@ -124,6 +135,8 @@ def check_data_files(record: dict, files: Iterable[Path], run_dir, fix: str = SC
         return
     files = list(files)
     found = data_files_record(files)
+    # A run recorded before its texts folder was recorded still has its split files compared.
+    found = {name: sha for name, sha in found.items() if not name.endswith("/") or name in recorded}
     folder = files[0].parent if files else run_dir
     differs = [
         f"{name} {'changed' if name in found else 'is gone'}" if name in recorded else f"{name} is new"

@@ -86,32 +86,36 @@ def build_model(record: dict, encoder_dir: Path, vision_weights: dict | None = N
 
 
 def vision_blocks_of(
-    model_cfg: ModelConfig, reader: CacheReader | None, data_dir
+    model_cfg: ModelConfig, reader: CacheReader | None, data_dir, load: bool = True
 ) -> tuple[dict, dict] | None:
-    """`trainable_vision_blocks` of the tagging model's model.vision_trainable_blocks."""
+    """`trainable_vision_blocks` of the tagging model's model.vision_trainable_blocks (`load` False:
+    the checks alone, None)."""
     k = model_cfg.vision_trainable_blocks
     if reader is not None and model_cfg.reads_vision_state and model_cfg.fusion == "two_tower":
         _check_tower_state(reader, data_dir, model_cfg.text_encoder)
-        return reader.vision_blocks()
+        return reader.vision_blocks() if load else None
     # A model file's default is named as such: the user may never have typed the setting.
     name = model_cfg.name
     said = bool(k) and model_setting(name, "model", "vision_trainable_blocks") == k
     origin = f" (model {name}'s default, configs/models/{name}.toml)" if said else ""
-    return trainable_vision_blocks(k, reader, data_dir, "model.vision_trainable_blocks", origin)
+    return trainable_vision_blocks(k, reader, data_dir, "model.vision_trainable_blocks", origin, load)
 
 
 def trainable_vision_blocks(
-    k: int, reader: CacheReader | None, data_dir, setting: str, origin: str = ""
+    k: int, reader: CacheReader | None, data_dir, setting: str, origin: str = "", load: bool = True
 ) -> tuple[dict, dict] | None:
     """(config, weights) of the last k vision blocks a model trains, from the cache (None for k = 0 or
     no cache; k = -1: all it stores). The one rule of both tasks: a cache that stores the state before
     fewer than k blocks, or a ResNet's asked for more than its layer4, is refused naming `setting` (the
     config key that asked for k) and the `mner extract-features` command that makes one for `data_dir`:
-    the blocks never silently stay frozen."""
+    the blocks never silently stay frozen. `load` False: the checks alone (an ablation's, before its
+    first arm), None."""
     if not k or reader is None:
         return None
     stored = reader.trainable_blocks
+    asked = f"{k}"
     if k == -1:
+        asked = "-1 (all the cache stores)"
         k = max(stored, 1)  # all the cache stores; a cache that stores none is refused below
     if k > stored:
         if reader.config.get("vision", "clip") != "clip" and k > 1:
@@ -125,12 +129,14 @@ def trainable_vision_blocks(
             if stored
             else "stores no vision state (extracted without --vision-trainable-blocks)"
         )
+        # The way out is a value the cache takes: "<= 0" would include -1, refused here again.
         raise ValueError(
-            f"{setting} = {k}{origin} trains the last {k} vision blocks on the state the cache "
+            f"{setting} = {asked}{origin} trains the last {k} vision blocks on the state the cache "
             f"stores before them, but the cache {reader.cache_dir} {held}; extract one with "
-            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set {setting} <= {stored}"
+            f"`{_extract_blocks(reader, k, data_dir)}` and train on it, or set {setting} "
+            + (f"<= {stored}" if stored else "= 0")
         )
-    return reader.vision_blocks()
+    return reader.vision_blocks() if load else None
 
 
 def _check_tower_state(reader: CacheReader, data_dir, text_encoder: str) -> None:

@@ -158,6 +158,15 @@ def text_states_of(cfg: RunConfig, model, splits, tokenizer, labels, encoder_dir
     }
 
 
+def check_vision_state(cfg: RunConfig) -> None:
+    """Refuse a cache without the vision state the run's model reads, as the run itself does
+    (runs.vision_blocks_of): what an ablation checks of each arm before its first."""
+    if not cfg.model.reads_vision_state or cfg.cache_dir is None:
+        return  # no vision state read; a multimodal run without a cache is refused by the run itself
+    with open_cache(cfg.cache_dir, cfg.model.text_only) as reader:
+        vision_blocks_of(cfg.model, reader, cfg.data.resolve().data_dir, load=False)
+
+
 def text_cache_root_of(cfg: RunConfig, source, out_dir=None) -> Path:
     """The run's text-state root, refused inside one of its input or output folders (`out_dir`: the
     folder that holds the run, the run folder itself by default)."""

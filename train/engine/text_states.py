@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import transformers
 from mner.cache.checksums import file_sha256
 from mner.cache.conll import Split
 from mner.cache.text_states import (
+    ROOT_VARIABLE,
     TEXT_STATES_SCHEMA,
     TextStates,
     is_text_state_folder,
@@ -250,13 +252,18 @@ def check_text_cache_root(root, inputs: list[tuple[str, str | Path | None]]) -> 
     """The text-state root, refused (ValueError naming both) when it lies inside one of the command's
     input or output folders (the image cache, the data, the run): it is never written there uninvited."""
     chosen = text_cache_root(root).resolve()
+    # Named as the user set it: a command without --text-cache (ablate) reads the environment.
+    if root is not None:
+        flag = "--text-cache"
+    else:
+        flag = f"${ROOT_VARIABLE}" if os.environ.get(ROOT_VARIABLE) else "the default --text-cache"
     for what, folder in inputs:
         if folder is None:
             continue
         folder = Path(folder).expanduser().resolve()
         if chosen == folder or chosen.is_relative_to(folder):
             raise ValueError(
-                f"--text-cache {chosen} is inside {what} {folder}; text-state caches are kept apart from "
+                f"{flag} {chosen} is inside {what} {folder}; text-state caches are kept apart from "
                 "it, so choose a folder outside it"
             )
     return chosen

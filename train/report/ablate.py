@@ -139,10 +139,12 @@ def _run(cfg: AblationConfig | ClassAblationConfig) -> tuple[Path, str | None]:
         return is_run_folder(run_dir, cfg.task.name) and (run_dir / RESULTS_FILE).is_file()
 
     try:
+        pending = [name for name, seed in cfg.runs() if not finished(out / arm_folder(name) / f"seed{seed}")]
+        # A cache an arm cannot train on fails now, not after the arms before it; on every rank (read-only),
+        # so that none goes on into a first arm the others never start.
+        for name in dict.fromkeys(pending):
+            cfg.check_arm(name)
         if main:
-            pending = [
-                name for name, seed in cfg.runs() if not finished(out / arm_folder(name) / f"seed{seed}")
-            ]
             build_text_states_first(cfg, out, pending)
         rows = train_arms(claim, record, cfg.runs(), finished, cfg.train_arm, row, main)
         table = pd.DataFrame(rows)

@@ -169,6 +169,14 @@ class AblationConfig:
     def train_arm(self, name: str, seed: int, run_dir: Path) -> None:
         _train_tagger(self, name, seed, run_dir)
 
+    def check_arm(self, name: str) -> None:
+        """Refuse, before the first arm trains, arm `name` on a cache without the vision state its model
+        reads (mango's 2 blocks, IFAformer's tower), as its run would when its turn came."""
+        from mner.train.engine.tagging import check_vision_state  # torch
+
+        arm = next(arm for arm in self.arms() if arm.name == name)
+        check_vision_state(_run_config(self, arm, 0, Path(self.out_dir)))
+
     def text_state_build(self, name: str, out: Path):
         """The text-state caches arm `name` reads (model.text_frozen_layers > 0; None otherwise), for
         run_ablation to build before the first arm (`out`: the ablation folder)."""

@@ -108,6 +108,16 @@ class ClassAblationConfig:
             ClassifierRunConfig(data=self.data, out_dir=str(run_dir), classifier=c, cache_dir=self.cache_dir)
         )
 
+    def check_arm(self, experiment: str) -> None:
+        """Refuse, before the first arm trains, arm `experiment` on a cache without the layer3 map its
+        trained layer4 starts from, as its run would when its turn came."""
+        from mner.train.engine.classify import check_vision_state  # torch
+
+        c = self.arm_config(experiment, seed=0)
+        check_vision_state(
+            ClassifierRunConfig(data=self.data, out_dir=self.out_dir, classifier=c, cache_dir=self.cache_dir)
+        )
+
     def text_state_build(self, experiment: str, out: Path):
         """The text-state caches arm `experiment` reads (classifier.text_frozen_layers > 0 with a text
         encoder; None otherwise), for run_ablation to build before the first arm (`out`: the ablation

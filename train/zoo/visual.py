@@ -39,8 +39,9 @@ RESAMPLER_HEADS = 8
 
 
 def check_regions(cfg: ModelConfig, spec: TokenSpec, cache_dir: str | None = None) -> None:
-    """Refuse region tokens from a cache extracted with --detector none (K = 0: there are none to use)."""
-    if cfg.use_regions and not spec.has_regions:
+    """Refuse region tokens from a cache extracted with --detector none (K = 0: there are none to use),
+    for a model that reads them (`ModelConfig.reads_tokens`)."""
+    if cfg.reads_tokens and cfg.use_regions and not spec.has_regions:
         where = f"the cache {cache_dir}" if cache_dir else "the cache"
         raise ValueError(
             f"{where} holds no region tokens (extracted with --detector none); set model.use_regions = false"

@@ -1126,7 +1126,7 @@ def test_evaluate_refuses_the_runs_data_folder_changed_since_training(demo_runs,
     data = shutil.copytree(demo_runs.demo, tmp_path / "data")
     run = shutil.copytree(demo_runs.text, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
-    assert set(config["data_files"]) == {"train.txt", "test.txt", UNLABELLED_FILE}
+    assert set(config["data_files"]) == {"train.txt", "test.txt", UNLABELLED_FILE, "data/"}
     config["data"]["data_dir"] = str(data)
     (run / "config.json").write_text(json.dumps(config))
     scores, _ = evaluate_classifier(run, split="valid", device="cpu")

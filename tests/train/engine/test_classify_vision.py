@@ -223,7 +223,7 @@ def test_a_cache_without_the_state_is_refused_with_the_command_that_makes_one(de
     want = (
         f"Error: {SETTING} = 1 trains the last 1 vision blocks on the state the cache stores before them, "
         f"but the cache {demo.k0} stores no vision state (extracted without --vision-trainable-blocks); "
-        f"extract one with `{command}` and train on it, or set {SETTING} <= 0\n"
+        f"extract one with `{command}` and train on it, or set {SETTING} = 0\n"
     )
     for mode in ("image", "both"):
         out = tmp_path / mode

@@ -157,6 +157,28 @@ def test_check_data_files_names_what_changed_since_training(tmp_path):
     assert not is_recorded_folder(str(data), tmp_path)
 
 
+def test_check_data_files_covers_the_texts_of_a_folder_of_post_files(tmp_path):
+    # An MVSA folder keeps each post's text in data/<guid>.txt: an edited text is changed data, as an
+    # edited split file is; an image beside it is the feature cache's to check.
+    data = tmp_path / "mvsa"
+    (data / "data").mkdir(parents=True)
+    (data / "train.txt").write_text("guid,tag\n1,positive\n")
+    (data / "data" / "1.txt").write_text("a dog\n")
+    (data / "data" / "1.jpg").write_bytes(b"jpeg")
+    files = [data / "train.txt", data / "data"]
+    record = {"data_files": data_files_record(files)}
+    assert set(record["data_files"]) == {"train.txt", "data/"}
+    (data / "data" / "1.jpg").write_bytes(b"other jpeg")
+    check_data_files(record, files, tmp_path / "run")
+    (data / "data" / "1.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match=r"changed since .* was trained: data/ changed \(sha256 recorded"):
+        check_data_files(record, files, tmp_path / "run")
+    # a run recorded before the texts were: its split files are still compared, the texts are not
+    check_data_files(
+        {"data_files": {"train.txt": record["data_files"]["train.txt"]}}, files, tmp_path / "run"
+    )
+
+
 def test_load_run_names_the_task_of_either_kind_of_run_and_refuses_what_is_no_run(tmp_path):
     from mner.train.engine.run_files import RECORD_KEYS, is_run_folder, load_run, recorded_task
     from mner.train.engine.tasks import SENTENCE_CLASSIFICATION, TOKEN_TAGGING

@@ -16,6 +16,7 @@ from mner.cache.text_states import MARKER_FILE, STATES_FILE, open_text_states
 from mner.runtime import resolve_runtime
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.text_states import (
+    check_text_cache_root,
     compute_text_states,
     prepare_text_states,
     tagging_posts,
@@ -134,6 +135,28 @@ def test_a_text_cache_inside_the_image_cache_or_data_folder_is_refused(tmp_path)
     ):
         train_from_cache(cfg)
     assert not (cache_dir / "states").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_text_cache_root_from_the_environment_is_named_as_such(tmp_path, monkeypatch):
+    # `mner ablate` has no --text-cache: a root it refuses came from $MNER_TEXT_CACHE or the default, which
+    # the message names as such.
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setenv("MNER_TEXT_CACHE", str(data / "states"))
+    with pytest.raises(
+        ValueError, match=re.escape(f"$MNER_TEXT_CACHE {(data / 'states').resolve()} is inside")
+    ):
+        check_text_cache_root(None, [("the data folder", data)])
+    monkeypatch.delenv("MNER_TEXT_CACHE")
+    monkeypatch.setattr("mner.cache.text_states.DEFAULT_ROOT", data / "default")
+    with pytest.raises(
+        ValueError, match=re.escape(f"the default --text-cache {(data / 'default').resolve()} is")
+    ):
+        check_text_cache_root(None, [("the data folder", data)])
+    assert (
+        check_text_cache_root(tmp_path / "elsewhere", [("the data folder", data)])
+        == (tmp_path / "elsewhere").resolve()
+    )
 
 
 def test_evaluate_reads_the_splits_cache_and_predict_computes_the_frozen_layers(tmp_path, caplog):

@@ -212,16 +212,20 @@ def test_a_cache_without_the_state_is_refused_with_the_command_that_makes_one(da
         "--detector tiny-frcnn --region-features frcnn --topk 4 --score-thr 0.0 --nms-iou 0.5 "
         "--vision-trainable-blocks {k}"
     )
-    for cache, k, held in (
-        ("k0", 1, "stores no vision state (extracted without --vision-trainable-blocks)"),
-        ("k2", 3, "stores the state before the last 2 only (--vision-trainable-blocks 2)"),
+    # The value asked is named as given (-1: all), and the way out is a value the cache can take:
+    # -1 on a cache without state would be refused again.
+    none = "stores no vision state (extracted without --vision-trainable-blocks)"
+    for cache, k, asked, n, held, fix in (
+        ("k0", 1, "1", "1", none, "= 0"),
+        ("k0", -1, "-1 (all the cache stores)", "1", none, "= 0"),
+        ("k2", 3, "3", "3", "stores the state before the last 2 only (--vision-trainable-blocks 2)", "<= 2"),
     ):
         with pytest.raises(ValueError) as refused:
             model_and_batch(data, cache, vision_trainable_blocks=k)
         assert str(refused.value) == (
-            f"model.vision_trainable_blocks = {k} trains the last {k} vision blocks on the state the cache "
+            f"model.vision_trainable_blocks = {asked} trains the last {n} vision blocks on the state the cache "
             f"stores before them, but the cache {data[cache]} {held}; extract one with "
-            f"`{command.format(k=k)}` and train on it, or set model.vision_trainable_blocks <= {k - 1 if k == 3 else 0}"
+            f"`{command.format(k=n)}` and train on it, or set model.vision_trainable_blocks {fix}"
         )
     with pytest.raises(ValueError, match=re.escape("is a ResNet's, whose stage two trains layer4 alone")):
         model_and_batch(data, "resnet", vision_trainable_blocks=2, use_regions=False)

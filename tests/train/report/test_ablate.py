@@ -999,3 +999,56 @@ def test_the_arms_read_the_text_states_ablate_built(tmp_path, mvsa, monkeypatch)
         )
     )
     assert computed == ["train", "valid", "test", "test_without_label"]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_arm_needing_vision_state_the_cache_lacks_is_refused_before_the_first_arm(
+    rank, tmp_path, monkeypatch
+):
+    # mango trains CLIP's last 2 blocks by default: on a cache without their state it is refused before
+    # bert-crf, listed first, spends its training time, and no folder is left; on every torchrun rank, so
+    # that no rank starts a first arm the others never join.
+    monkeypatch.setenv("RANK", rank)
+    data_dir, posts = make_data(tmp_path)
+    cache_dir = make_cache(tmp_path, posts)
+    started = _stop_at_training(monkeypatch)
+    cfg = AblationConfig(
+        cache_dir=str(cache_dir),
+        data=DataConfig(data_dir=str(data_dir)),
+        text_encoder="tiny-bert",
+        experiments=["model=bert-crf", "model=mango"],
+        seeds=1,
+        out_dir=str(tmp_path / "out"),
+        overrides=OVERRIDES,
+    )
+    with pytest.raises(
+        ValueError, match=re.escape("(model mango's default, configs/models/mango.toml) trains")
+    ):
+        run_ablation(cfg)
+    assert started == [] and not (tmp_path / "out").exists()
+
+
+def test_classifier_an_arm_needing_layer3s_map_the_cache_lacks_is_refused_before_the_first_arm(
+    mvsa, tmp_path, monkeypatch
+):
+    from mner.extract.config import ExtractConfig
+    from mner.extract.run import extract_features
+
+    k0 = extract_features(
+        ExtractConfig(
+            data=DataConfig(data_dir=str(mvsa)),
+            out=str(tmp_path / "k0"),
+            vision="tiny-resnet",
+            detector="none",
+            batch_size=8,
+            num_workers=0,
+            device="cpu",
+        )
+    )
+    started = _stop_at_classifier_training(monkeypatch)
+    cfg = _class_config(mvsa, tmp_path / "out", cache_dir=str(k0), experiments=["mode=text", "mode=both"])
+    with pytest.raises(
+        ValueError, match=re.escape("classifier.vision_trainable_blocks = 1 trains the last 1")
+    ):
+        run_ablation(cfg)
+    assert started == [] and not (tmp_path / "out").exists()

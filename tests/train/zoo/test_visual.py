@@ -13,7 +13,7 @@ from mner.cache.reader import CacheReader
 from mner.train.engine.config import ModelConfig
 from mner.train.engine.loop import train_from_cache
 from mner.train.engine.runs import build_model
-from mner.train.zoo.visual import VisualTokenBuilder
+from mner.train.zoo.visual import VisualTokenBuilder, check_regions
 from tests.cache.factories import NO_REGION_SPEC
 from tests.train.factories import LABELS, make_batch, make_posts, tiny_config, tiny_model, tiny_spec
 from tests.train.run_factories import make_data, make_images, run_config, single_thread  # noqa: F401 (autouse fixture)
@@ -34,6 +34,18 @@ def test_use_regions_on_a_cache_without_regions_is_refused_naming_it():
         build_model(no_region_record("/caches/plain"), "tiny-bert")
     with pytest.raises(ValueError, match="^the cache holds no region tokens"):
         tiny_model(NO_REGION_SPEC)  # the builder itself refuses too, without a folder to name
+
+
+def test_two_towers_read_no_region_tokens_so_a_cache_without_them_is_not_refused():
+    # IFAformer's towers run from the cache's stored vision state alone (model.used_settings has no
+    # use_regions for them): demanding model.use_regions = false would change nothing it reads.
+    cfg = tiny_config(fusion="two_tower", adaptive_gate=False)
+    assert cfg.use_regions
+    check_regions(cfg, NO_REGION_SPEC, "/caches/plain")
+    with pytest.raises(ValueError, match="^the cache /caches/plain holds no region tokens"):
+        check_regions(
+            tiny_config(fusion="single_stream", adaptive_gate=False), NO_REGION_SPEC, "/caches/plain"
+        )
 
 
 def test_a_patch_only_model_takes_a_batch_without_regions():
