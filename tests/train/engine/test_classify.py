@@ -70,9 +70,10 @@ DEMO_SETTINGS = dict(epochs=8, patience=8, batch_size=16, lr_head=1e-2, lr_encod
 QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, device="cpu")
 
 
-def extract(data_dir: Path, out: Path) -> Path:
+def extract(data_dir: Path, out: Path, blocks: int = 1) -> Path:
     """The classification folder's images through tiny-resnet, no detector (the seed's global vector),
-    storing layer3's map (--vision-trainable-blocks 1), so that the classifier's default trains layer4."""
+    storing layer3's map (--vision-trainable-blocks 1, `blocks`), so that the classifier's default trains
+    layer4; blocks = 0 stores none."""
     cfg = ExtractConfig(
         data=DataConfig(data_dir=str(data_dir)),
         out=str(out),
@@ -81,7 +82,7 @@ def extract(data_dir: Path, out: Path) -> Path:
         batch_size=8,
         num_workers=0,
         device="cpu",
-        vision_trainable_blocks=1,
+        vision_trainable_blocks=blocks,
     )
     return extract_features(cfg)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,12 +16,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mner.cache.classification import UNLABELLED_FILE, ClassDataConfig, read_classification
-from mner.cache.datasets import DataConfig
 from mner.cache.reader import CacheReader
 from mner.cli import main
 from mner.demo.classification import make_mvsa_demo
-from mner.extract.config import ExtractConfig
-from mner.extract.run import extract_features
 from mner.runtime import Runtime
 from mner.train.engine.classifier_config import ClassifierConfig, ClassifierRunConfig
 from mner.train.engine.classifier_data import image_statistics, post_loader
@@ -38,25 +34,11 @@ from mner.train.engine.runs import trainable_vision_blocks
 from mner.train.report.evaluate import evaluate_classifier
 from mner.train.report.predict import predict_classifier
 from mner.train.zoo.text import resolve_text_encoder
+from tests.train.engine.test_classify import extract
 from tests.train.run_factories import single_thread  # noqa: F401 (autouse fixture)
 
 SETTING = "classifier.vision_trainable_blocks"
 QUICK = dict(text_encoder="tiny-bert", epochs=1, batch_size=8, max_length=32, device="cpu")
-
-
-def extract(data_dir: Path, out: Path, blocks: int) -> Path:
-    """The folder's images through tiny-resnet, no detector, storing layer3's map with blocks = 1."""
-    cfg = ExtractConfig(
-        data=DataConfig(data_dir=str(data_dir)),
-        out=str(out),
-        vision="tiny-resnet",
-        detector="none",
-        batch_size=8,
-        num_workers=0,
-        device="cpu",
-        vision_trainable_blocks=blocks,
-    )
-    return extract_features(cfg)
 
 
 @pytest.fixture(scope="module")
