@@ -1,7 +1,7 @@
 """IFAformer as DeepKE builds it: a vision tower whose layers exchange keys and values with the text layers.
 
 zjunlp/DeepKE@568edd4, src/deepke/name_entity_re/multimodal/models/modeling_IFA.py (IFAEncoder.forward,
-:579-650; CLIPAttention.forward :228-290; BertSelfAttention.forward :327-383). The two towers have the
+:575-658; CLIPAttention.forward :226-290; BertSelfAttention.forward :328-381). The two towers have the
 same depth, width and head count (DeepKE asserts the depth and hard-codes 12 heads; here all three are
 checked). For layer i = 0..L-1, vision first:
 
