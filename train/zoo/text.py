@@ -183,19 +183,27 @@ def encoder_layers(
     Raises:
         ValueError for an encoder without BERT's .embeddings / .encoder.layer split, or with fewer layers.
     """
+    layers = split_layers(encoder, f"{setting} = {frozen}", name, f" or set {setting} = 0")
+    if frozen > len(layers):
+        raise ValueError(
+            f"{setting} = {frozen} is more than the {len(layers)} layers of text encoder "
+            f"{name}; set it to at most {len(layers)}"
+        )
+    return layers
+
+
+def split_layers(encoder: torch.nn.Module, asked: str, name: str, way_out: str = "") -> torch.nn.ModuleList:
+    """The transformer layers of a BERT-family encoder that `asked` (a setting, in the user's words) runs
+    apart from its embeddings; ValueError naming it, the encoder's class and `name` (as the user named the
+    encoder) for one without BERT's .embeddings / .encoder.layer split, ending with `way_out`."""
     layers = getattr(getattr(encoder, "encoder", None), "layer", None)
     if not isinstance(getattr(encoder, "embeddings", None), torch.nn.Module) or not isinstance(
         layers, torch.nn.ModuleList
     ):
         raise ValueError(
-            f"{setting} = {frozen} runs the text encoder's embeddings and layers apart, which "
+            f"{asked} runs the text encoder's embeddings and layers apart, which "
             f"a {type(encoder).__name__} ({name}) does not expose (.embeddings, .encoder.layer); use a BERT or "
-            f"RoBERTa-family encoder or set {setting} = 0"
-        )
-    if frozen > len(layers):
-        raise ValueError(
-            f"{setting} = {frozen} is more than the {len(layers)} layers of text encoder "
-            f"{name}; set it to at most {len(layers)}"
+            f"RoBERTa-family encoder{way_out}"
         )
     return layers
 

@@ -47,6 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mner.train.zoo.text import split_layers
+
 if TYPE_CHECKING:
     from mner.train.engine.config import ModelConfig
 
@@ -198,15 +200,7 @@ def check_towers(encoder: nn.Module, blocks: dict, text_encoder: str) -> None:
 
     blocks: the cache's vision blocks config; it must store the embedding output of a CLIP.
     """
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if not isinstance(getattr(encoder, "embeddings", None), nn.Module) or not isinstance(
-        layers, nn.ModuleList
-    ):
-        raise ValueError(
-            f"model.fusion = 'two_tower' runs the text encoder's embeddings and layers apart, which a "
-            f"{type(encoder).__name__} ({text_encoder}) does not expose (.embeddings, .encoder.layer); use a "
-            "BERT or RoBERTa-family encoder"
-        )
+    layers = split_layers(encoder, "model.fusion = 'two_tower'", text_encoder)
     if blocks.get("kind") != "clip" or blocks.get("blocks") != blocks.get("layers"):
         raise ValueError(
             "model.fusion = 'two_tower' (IFAformer) runs a whole CLIP vision tower from the embedding output "
