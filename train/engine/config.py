@@ -144,6 +144,9 @@ class ModelConfig(Config):
     slot_type_loss_weight: float = 0.0
     label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
     emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
+    # a LayerNorm before the emission layer, whose weights start at N(0, 0.02) and bias 0 (MANGO's
+    # classifier, LayerNorm + Linear, liguochun0304/AFDVQF@d3b9439 model.py); false: the Linear alone
+    emission_norm: bool = False
     bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model
     # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden); with bilstm only
     lstm_hidden: int = 256

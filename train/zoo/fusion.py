@@ -123,6 +123,7 @@ class QueryGuidedFusion(nn.Module):
     # The originals drop out the encoder's states before the fusion (base_model.py:147 in
     # liguochun0304/AFDVQF@e0b3496) and feed the fused states to the emission layer undropped.
     drops_text = True
+    drops_fused = False
 
     def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str]):
         super().__init__()

@@ -10,6 +10,8 @@ config.py, the README's commit), their wiring from the last model.py that used t
     words (B, T, D) --stack_layers x MangoBlock--> h (B, T, D): self-attn, cross-attn to the Q tokens, FFN
     words, h --GatedRelevanceFusion--> words + alpha * g * proj([LN(words); LN(h) * rel])
         rel = sigmoid(rel_head([LN(words); LN(h)]) / rel_temp)  (B, T, 1), rel_head a 2-layer MLP
+    dropout on the words before all this and on the fused states after it; the model's classifier is
+    LayerNorm + Linear (model.emission_norm), the softmax head's emissions divided by 2.5
 
 Losses (registry.AUX_LOSSES, weights model.<name>_lambda; 0 is off):
     mango_align     sum_t w_t (1 - cos(words_t, fused_t) + 0.3 |fused_t - words_t|^2 / D) / (sum_t w_t + 1e-6),
@@ -149,6 +151,11 @@ class MangoFusion(nn.Module):
     # VisualTokenBuilder builds the projection of the cached CLIP global embedding: mango_nce contrasts
     # the text with it (the seed's clip_proj(v_cls)); the fusion itself does not read it.
     uses_pooled = True
+    # The original drops out the encoder's states before the fusion and the losses, `txt =
+    # self.dropout(txt)`, and the fused states again before the classifier, `fused = self.dropout(fused)`
+    # (liguochun0304/AFDVQF@d3b9439 model.py:355, :429): a post without an image passes both.
+    drops_text = True
+    drops_fused = True
 
     def __init__(self, cfg: ModelConfig, width: int, entity_types: Sequence[str] = ()):
         super().__init__()

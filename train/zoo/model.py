@@ -53,6 +53,7 @@ _TEXT_PATH = (
     "dropout",
     "label_smoothing",
     "emission_temperature",
+    "emission_norm",
     "bilstm",
     "lstm_hidden",
     "text_only",
@@ -149,7 +150,13 @@ class MNERModel(nn.Module):
             nn.LSTM(width, cfg.lstm_hidden, batch_first=True, bidirectional=True) if cfg.bilstm else None
         )
         self.dropout = nn.Dropout(cfg.dropout)
-        self.emission = nn.Linear(2 * cfg.lstm_hidden if cfg.bilstm else width, len(self.label_names))
+        emission_width = 2 * cfg.lstm_hidden if cfg.bilstm else width
+        self.emission = nn.Linear(emission_width, len(self.label_names))
+        # model.emission_norm: MANGO's classifier, LayerNorm + Linear with the Linear at N(0, 0.02), bias 0
+        self.emission_norm = nn.LayerNorm(emission_width) if cfg.emission_norm else None
+        if cfg.emission_norm:
+            nn.init.normal_(self.emission.weight, std=0.02)
+            nn.init.zeros_(self.emission.bias)
         # Registered under its registry name, so checkpoint keys name the head that made them
         # (crf.crf.transitions, as before the registry) and another head's weights fail to load.
         self._head_attr = cfg.head.replace("-", "_")
@@ -285,11 +292,13 @@ class MNERModel(nn.Module):
         also for a fusion that does not use it) and the encoder's [CLS] state (B, D), for the given
         image mask.
 
-        Dropout acts on the fused states before the emission layer, or, for a fusion that `drops_text`
-        (QGF, as its originals), on the encoder's states before the fusion (and the losses) instead.
+        Dropout acts on the fused states before the emission layer, unless the fusion says otherwise, as
+        its original does: `drops_text`, on the encoder's states before the fusion (and the losses) too;
+        `drops_fused` false, not on the fused states (QGF drops the text only, MANGO both).
         """
         states = subword_states(self.encoder, self.frozen_layers, batch)  # (B, S, D)
         drops_text = getattr(self.fusion, "drops_text", False)
+        drops_fused = getattr(self.fusion, "drops_fused", True)
         if drops_text:
             states = self.dropout(states)
         words = word_states(states, batch["first_subword"])  # (B, T, D)
@@ -312,7 +321,11 @@ class MNERModel(nn.Module):
         if self.bilstm is not None:
             fused = self._bilstm(fused, batch["word_mask"])  # (B, T, 2H)
         # The CRF's log-sum-exp runs in float32 even under autocast: fp16 would round the partition.
-        emissions = self.emission(fused if drops_text else self.dropout(fused)).float()  # (B, T, L)
+        if drops_fused:
+            fused = self.dropout(fused)
+        if self.emission_norm is not None:
+            fused = self.emission_norm(fused)
+        emissions = self.emission(fused).float()  # (B, T, L)
         return emissions, words, visual, visual_mask, pooled, states[:, 0]
 
     def _bilstm(self, states: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
@@ -401,7 +414,9 @@ class MNERModel(nn.Module):
                 part = "encoder"
             elif name.startswith("vision_blocks."):
                 part = "vision"
-            elif name.startswith("crf.") or (name.startswith("emission.") and self.cfg.emission_lr == "crf"):
+            elif name.startswith("crf.") or (
+                name.startswith(("emission.", "emission_norm.")) and self.cfg.emission_lr == "crf"
+            ):
                 part = "crf"
             else:
                 part = "fusion"

@@ -10,7 +10,8 @@ model's total loss must equal the weighted sum of the reference's terms. The ori
   AdaptiveFusionLayer (model/query_guided_fusion.py), the patch and region tokens of
   DualVisionTokenExtractor (model/dual_vision_extractor.py) and contrastive_loss (model/loss_functions.py);
 - the softmax head (MANGO's README, "实体分类损失"): ce = cross_entropy(emissions / T, reduction="none"),
-  loss = (ce * mask).sum() / mask.sum(), a token mean;
+  loss = (ce * mask).sum() / mask.sum(), a token mean; MANGO's classifier is LayerNorm + Linear
+  (liguochun0304/AFDVQF@d3b9439 model.py:313-318);
 - the BiLSTM (MANGO, liguochun0304/AFDVQF@d3b9439 model.py, "（可选）BiLSTM pack"): pack_padded_sequence
   of the states by post length, a bidirectional nn.LSTM, pad_packed_sequence.
 
@@ -177,6 +178,7 @@ def test_mango_fusion_and_every_loss_term_are_the_originals():
         alignment_loss_weight=0.0,
         head="softmax",
         emission_temperature=2.5,
+        emission_norm=True,
         stack_layers=2,
         resampler_queries=4,
         rel_temp=2.0,
@@ -225,13 +227,18 @@ def test_mango_fusion_and_every_loss_term_are_the_originals():
     v_global = F.normalize(model.visual.patch_proj(batch["patch_tokens"][:, 0]), dim=-1)  # clip_proj(CLS)
     nce = info_nce(txt_pool, v_global, tau=0.15)
     sparsity = (rel.squeeze(-1) * mask).sum() / mask.sum()  # over the words (see mango.py's deviations)
-    emissions = model.emission(fused) / 2.5
+    # the classifier (@d3b9439 model.py:313-318): LayerNorm, then Linear
+    classifier = nn.Sequential(nn.LayerNorm(fused.shape[-1]), nn.Linear(fused.shape[-1], len(LABELS)))
+    classifier[0].load_state_dict(model.emission_norm.state_dict())
+    classifier[1].load_state_dict(model.emission.state_dict())
+    logits = classifier(fused)
+    emissions = logits / 2.5
     B, T, L = emissions.shape
     ce = F.cross_entropy(emissions.view(-1, L), tags.view(-1), reduction="none").view(B, T)
     ce = (ce * mask).sum() / mask.sum()
 
     emitted = model._emissions(batch, batch["image_mask"])[0]
-    torch.testing.assert_close(emitted, model.emission(fused), atol=TOL, rtol=0)
+    torch.testing.assert_close(emitted, logits, atol=TOL, rtol=0)
     got = model(batch)  # eval mode: the text encoder's own dropout is off
     terms = {"softmax": ce, "mango_align": align, "mango_preserve": preserve, "mango_nce": nce}
     terms["mango_sparsity"] = sparsity

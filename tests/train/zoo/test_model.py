@@ -190,6 +190,52 @@ def test_emission_lr_crf_moves_the_emission_layer_to_the_crf_group():
     assert id(model.emission.weight) not in {id(p) for p in groups["fusion"]["params"]}
 
 
+def test_emission_norm_is_a_layernorm_before_the_emission_layer_at_mangos_init():
+    batch = make_batch(make_posts(3), with_visual=False)
+    plain = tiny_model(seed=4, text_only=True, dropout=0.0)
+    assert plain.emission_norm is None
+    model = tiny_model(seed=4, text_only=True, dropout=0.0, emission_norm=True, bilstm=True, lstm_hidden=6)
+    model.eval()
+    # after the BiLSTM when there is one: the norm is as wide as the emission layer's input
+    assert model.emission_norm.normalized_shape == (12,) == (model.emission.in_features,)
+    # the original's "温和初始化": N(0, 0.02) weights, zero bias (a std far from PyTorch's default here)
+    assert model.emission.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert plain.emission.weight.std().item() > 0.04
+    assert torch.all(model.emission.bias == 0) and not torch.all(plain.emission.bias == 0)
+    with torch.no_grad():
+        model.emission_norm.weight.uniform_(0.5, 1.5)
+        model.emission_norm.bias.uniform_(-0.5, 0.5)
+        states = model._bilstm(model.encode_text(batch), batch["word_mask"])  # (B, T, 12)
+        want = model.emission(
+            F.layer_norm(states, (12,), model.emission_norm.weight, model.emission_norm.bias)
+        )
+        torch.testing.assert_close(model._emissions(batch, None)[0], want, atol=1e-6, rtol=0)
+    # not weight-decayed, and with emission_lr "crf" it trains with the emission layer
+    crf = tiny_model(text_only=True, emission_norm=True, emission_lr="crf")
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in crf.param_groups(TrainConfig())}
+    assert {id(crf.emission_norm.weight), id(crf.emission_norm.bias)} <= groups["crf_no_decay"]
+
+
+@pytest.mark.parametrize(
+    "changes, before, after",
+    [
+        (dict(text_only=True), False, True),  # the text baselines: the emission layer's input only
+        (dict(), True, False),  # query-guided fusion (AFNER, AFDVQF): the encoder's states only
+        (dict(fusion="mango", adaptive_gate=False), True, True),  # MANGO: both, as @d3b9439
+    ],
+)
+def test_dropout_acts_where_each_original_puts_it(changes, before, after):
+    batch = make_batch(make_posts(3))
+    model = tiny_model(**changes).train()
+    seen = []
+    model.dropout.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    model._emissions(batch, None)
+    B, S = batch["input_ids"].shape
+    T = batch["word_mask"].shape[1]
+    D = model.encoder.config.hidden_size
+    assert seen == [(B, S, D)] * before + [(B, T, D)] * after
+
+
 def test_an_unknown_emission_lr_is_refused():
     with pytest.raises(
         ValueError, match=re.escape("model.emission_lr must be one of 'fusion', 'crf', got 'head'")

@@ -105,10 +105,11 @@ def test_loss_falls_on_a_fixed_batch(name):
     batch = batch_for(cfg)
     # MANGO's 7-block stack is too deep for 5e-3 on a 32-wide model (the loss stalls near half); its
     # own file trains the fusion at 3e-4, so 1e-3 is still its fast setting. Its emissions are divided
-    # by the original's temperature 2.5, which slows the cross-entropy's fall: it gets more steps.
+    # by the original's temperature 2.5 and read through its classifier, whose weights start at N(0, 0.02)
+    # (model.emission_norm), both of which slow the cross-entropy's fall: it gets more steps.
     mango = cfg.fusion == "mango"
     train_cfg = TrainConfig(lr_encoder=1e-3, lr_fusion=1e-3 if mango else 5e-3, lr_crf=1e-2)
-    losses = train_steps(model, batch, train_cfg, 40 if mango else 20)
+    losses = train_steps(model, batch, train_cfg, 80 if mango else 20)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
