@@ -20,6 +20,19 @@ def preset_dir() -> Path:
     return Path(os.environ.get(PRESET_DIR_ENV, "~/.cache/mner/presets")).expanduser()
 
 
+def save_model(model, folder: Path) -> None:
+    """Save a Hugging Face model's config.json and model.safetensors into `folder` from any process.
+
+    The bytes are those `model.save_pretrained(folder)` writes, but save_pretrained writes nothing on a
+    torch.distributed rank other than 0 (transformers' should_save_on_this_rank), and a preset is
+    written by whichever process gets there first: under torchrun that may be rank 1, whose empty
+    folder would then be renamed into place as the preset for good."""
+    from safetensors.torch import save_model as save_weights
+
+    model.config.save_pretrained(folder)
+    save_weights(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def materialise(target: Path, write: Callable[[Path], None], is_dir: bool) -> Path:
     """Write a preset at `target` once, atomically: `write` fills a private temporary path that is
     renamed into place, so concurrent processes (DDP ranks, test workers) never see half a preset;

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from mner.cache.checksums import file_sha256
-from mner.configs.presets import materialise, preset_dir
+from mner.configs.presets import materialise, preset_dir, save_model
 from mner.extract.config import CLIP_PRESETS, DEMO_CLIP, TINY_CLIP
 from mner.extract.weights import (
     PRESET_MARKER,
@@ -257,7 +257,7 @@ def materialise_clip_preset(name: str = TINY_CLIP, root: Path | None = None) -> 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = CLIPVisionModelWithProjection(config)
-        model.save_pretrained(folder)
+        save_model(model, folder)
         CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(
             folder
         )

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from mner.extract.resnet import load_resnet, materialise_tiny_resnet
 from mner.extract.run import extract_features, summarize
 from mner.runtime import LOCK_NAME
 from tests.cache.factories import flip_token_byte
+from tests.torchrun import tail, torchrun
 
 # Used by the subprocess tests: extraction as a user runs it, configured by one JSON argument.
 RUNNER = """
@@ -300,34 +300,20 @@ def test_two_extractions_into_one_folder_one_refused(shared_data, reference_cach
 def test_torchrun_two_processes_equal_one(shared_data, reference_cache, tmp_path):
     script = tmp_path / "run_extract.py"
     script.write_text(RUNNER)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "two"
     cfg = {"data_dir": str(shared_data.data_dir), "out": str(out), **SHARED}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-
-    def torchrun(timeout=300):
-        return subprocess.run(
-            [*command, str(script), json.dumps(cfg)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    result = torchrun()
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(script, json.dumps(cfg))
+    assert result.returncode == 0, tail(result)
     assert_same_cache(out, reference_cache)
     # Into the existing folder: rank 0 locks it at once, and rank 1 re-extracts its damaged shard.
     flip_token_byte(out / "shard-00001.h5")
-    result = torchrun()
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(script, json.dumps(cfg))
+    assert result.returncode == 0, tail(result)
     assert "shard-00001.h5 has a sha256 other than manifest.json records" in result.stderr
     assert_same_cache(out, reference_cache)
     # A locked folder stops every rank with the refusal (none waits at a barrier).
     with lock_folder(out):
-        result = torchrun(timeout=120)
+        result = torchrun(script, json.dumps(cfg), timeout=120)
     assert result.returncode != 0
     assert result.stderr.count(f"ValueError: {out} is being written by another `mner extract-features`") == 2
 

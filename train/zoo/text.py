@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-from mner.configs.presets import materialise, preset_dir
+from mner.configs.presets import materialise, preset_dir, save_model
 from mner.runtime import quiet_library_progress
 
 # Presets resolved by name rather than as folders.
@@ -302,6 +302,6 @@ def _tiny_bert() -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_BERT_SEED)
             model = BertModel(config)
-        model.save_pretrained(folder)
+        save_model(model, folder)
 
     return materialise(preset_dir() / "tiny-bert", write, is_dir=True)

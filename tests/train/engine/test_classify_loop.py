@@ -5,10 +5,6 @@ folder."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -23,6 +19,7 @@ from mner.train.engine.classify import ClassifierConfig, ClassifierRunConfig, tr
 from mner.train.engine.scores import read_pred_csv
 from mner.train.report.evaluate import evaluate_classifier
 from mner.train.report.results import results_table
+from tests.torchrun import tail, torchrun
 
 # End-to-end training runs: outside the `pytest -m "not slow"` inner loop.
 pytestmark = pytest.mark.slow
@@ -137,23 +134,12 @@ train_classifier(ClassifierRunConfig(
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run_writes_one_sane_classifier_run(demo, tmp_path):
     cfg = config(demo.folder, tmp_path / "run", epochs=2)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "script.py").write_text(SCRIPT)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(tmp_path / "script.py"), str(tmp_path / "cfg.json"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(tmp_path / "script.py", str(tmp_path / "cfg.json"))
+    assert done.returncode == 0, tail(done)
 
     run = tmp_path / "run"
     # Rank 0 alone writes: one line per epoch, not one per rank.

@@ -4,12 +4,8 @@ train as one process does at the same global batch (per-step losses and final we
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from safetensors.torch import load_file
 from mner.cache.conll import read_split
 from mner.train.engine.metrics import entities, entity_scores
 from mner.train.zoo.text import resolve_text_encoder
+from tests.torchrun import tail, torchrun
 from tests.train.factories import make_cache
 from tests.train.run_factories import extract_cache, make_data, make_images, run_config
 
@@ -35,25 +32,14 @@ train_from_cache(cfg)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run_writes_one_sane_run_folder(tmp_path):
     data_dir, posts = make_data(tmp_path, n_train=10, n_valid=5, n_test=3)
     cache_dir = make_cache(tmp_path, posts)
     cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=2)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "script.py").write_text(SCRIPT)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(tmp_path / "script.py"), str(tmp_path / "cfg.json"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(tmp_path / "script.py", str(tmp_path / "cfg.json"))
+    assert done.returncode == 0, tail(done)
 
     run_dir = tmp_path / "run"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -107,14 +93,10 @@ def _train(tmp_path, name: str, processes: int, cfg) -> tuple[list[list[float]],
     cfg.out_dir = str(run_dir)
     (tmp_path / f"{name}.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "recording.py").write_text(RECORDING)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        str(tmp_path / "recording.py"), str(tmp_path / f"{name}.json"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(
+        tmp_path / "recording.py", str(tmp_path / f"{name}.json"), processes=processes, timeout=600
+    )
+    assert done.returncode == 0, tail(done)
     steps = [json.loads((run_dir / f"steps.{rank}.json").read_text()) for rank in range(processes)]
     return steps, load_file(str(run_dir / "model.safetensors"))
 
@@ -213,13 +195,8 @@ def test_two_processes_all_reduce_the_vision_blocks_gradients(tmp_path, model, t
     cfg = run_config(tmp_path / "run", cache_dir, data_dir, epochs=2, train={"batch_size": 2}, **model)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "blocks.py").write_text(BLOCKS)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(tmp_path / "blocks.py"), str(tmp_path / "cfg.json"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(tmp_path / "blocks.py", str(tmp_path / "cfg.json"))
+    assert done.returncode == 0, tail(done)
 
     run_dir = tmp_path / "run"
     start, end = ([load_file(str(run_dir / f"blocks.{when}.{rank}.safetensors")) for rank in (0, 1)]
