@@ -125,7 +125,7 @@ class ModelConfig(Config):
     # DeepKE's IFAformer: its `fc` is in the CRF's group, modules/train.py multiModal_before_train)
     emission_lr: str = "fusion"
     head: str = "crf"  # registry name: crf (train/zoo/heads.py); must be one the task allows
-    bio_constraints: bool = True  # forbid illegal BIO transitions (O -> I-X, B-X -> I-Y, ...) at decode
+    bio_constraints: bool = True  # no illegal BIO move (O -> I-X, ...) at decode, either head (heads.py)
     # sub-words per post given to the encoder, specials included; later words are predicted O
     max_length: int = 128
     # the embeddings and the bottom N text encoder layers are frozen (eval mode, no gradient); their
@@ -144,8 +144,7 @@ class ModelConfig(Config):
     slot_type_loss_weight: float = 0.0
     label_smoothing: float = 0.0  # softmax head only: cross-entropy label smoothing, in [0, 1)
     emission_temperature: float = 1.0  # softmax head only: emissions are divided by it in the loss
-    # a LayerNorm before the emission layer, whose weights start at N(0, 0.02) and bias 0 (MANGO's
-    # classifier, LayerNorm + Linear, liguochun0304/AFDVQF@d3b9439 model.py); false: the Linear alone
+    # a LayerNorm before the emission layer, whose weights start at N(0, 0.02), bias 0 (MANGO's classifier)
     emission_norm: bool = False
     bilstm: bool = False  # a BiLSTM between the (fused) word states and the emission layer, any model
     # BiLSTM width per direction (the emission layer reads 2 * lstm_hidden); with bilstm only

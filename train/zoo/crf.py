@@ -62,37 +62,52 @@ class CRF(nn.Module):
 
     @torch.no_grad()
     def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-        """Viterbi: the best (BIO-legal, when constrained) tag path of each post.
-
-        Args:
-            emissions: (B, T, L); mask: (B, T) bool, a prefix of True per post (mask[:, 0] may be False
-                for a post with no word; it decodes to []).
-        Returns:
-            B lists of label ids, each as long as the post's True mask prefix.
-        """
-        B, T, L = emissions.shape
+        """Viterbi (see `viterbi`) under the learned transitions, BIO-illegal moves forbidden when
+        constrained: the best tag path of each post, as long as its True mask prefix."""
         forbid = torch.tensor(float("-inf"), dtype=emissions.dtype, device=emissions.device)
         transitions = torch.where(self.allowed, self.crf.transitions, forbid)  # (L, L)
         start = torch.where(self.allowed_start, self.crf.start_transitions, forbid)  # (L,)
-        score = start + emissions[:, 0]  # (B, L)
-        backpointers = []
-        for t in range(1, T):
-            # candidates[b, i, j]: best path ending in i at t-1, then moving to j at t.
-            candidates = score[:, :, None] + transitions[None] + emissions[:, t, None, :]  # (B, L, L)
-            best, previous = candidates.max(dim=1)  # (B, L)
-            score = torch.where(mask[:, t, None], best, score)
-            backpointers.append(previous)
-        score = score + self.crf.end_transitions  # (B, L)
-        lengths = mask.sum(dim=1).tolist()
-        last = score.argmax(dim=1).tolist()
-        # One transfer, then plain lists: backtracking is sequential and cheap on the CPU.
-        history = (
-            torch.stack(backpointers, dim=1).tolist() if backpointers else [[] for _ in range(B)]
-        )  # (B, T-1, L)
-        paths = []
-        for b in range(B):
-            path = [last[b]]
-            for t in range(lengths[b] - 1, 0, -1):
-                path.append(history[b][t - 1][path[-1]])
-            paths.append(path[::-1][: lengths[b]])
-        return paths
+        return viterbi(emissions, mask, transitions, start, self.crf.end_transitions)
+
+
+@torch.no_grad()
+def viterbi(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    transitions: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+) -> list[list[int]]:
+    """The best tag path of each post: argmax over paths of start[y_1] + sum_t emissions[t, y_t] +
+    sum_t transitions[y_{t-1}, y_t] + end[y_n]; a -inf score forbids a move.
+
+    Args:
+        emissions: (B, T, L); mask: (B, T) bool, a prefix of True per post (mask[:, 0] may be False
+            for a post with no word; it decodes to []); transitions (L, L), [i, j] for i -> j;
+            start (L,) and end (L,).
+    Returns:
+        B lists of label ids, each as long as the post's True mask prefix.
+    """
+    B, T, L = emissions.shape
+    score = start + emissions[:, 0]  # (B, L)
+    backpointers = []
+    for t in range(1, T):
+        # candidates[b, i, j]: best path ending in i at t-1, then moving to j at t.
+        candidates = score[:, :, None] + transitions[None] + emissions[:, t, None, :]  # (B, L, L)
+        best, previous = candidates.max(dim=1)  # (B, L)
+        score = torch.where(mask[:, t, None], best, score)
+        backpointers.append(previous)
+    score = score + end  # (B, L)
+    lengths = mask.sum(dim=1).tolist()
+    last = score.argmax(dim=1).tolist()
+    # One transfer, then plain lists: backtracking is sequential and cheap on the CPU.
+    history = (
+        torch.stack(backpointers, dim=1).tolist() if backpointers else [[] for _ in range(B)]
+    )  # (B, T-1, L)
+    paths = []
+    for b in range(B):
+        path = [last[b]]
+        for t in range(lengths[b] - 1, 0, -1):
+            path.append(history[b][t - 1][path[-1]])
+        paths.append(path[::-1][: lengths[b]])
+    return paths

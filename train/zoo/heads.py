@@ -12,7 +12,10 @@ Every head has the same two methods, so the model never asks which one it holds:
 - softmax: per-word cross-entropy of emissions / model.emission_temperature with
   model.label_smoothing, averaged over every word of the batch (MANGO's `(ce * mask).sum() /
   mask.sum()`: a token mean, so its scale does not grow with post length next to MANGO's auxiliary
-  weights); decode is the argmax per word (no BIO repair). Any model may use it.
+  weights); decode is each word's argmax (MANGO's `emissions.argmax(dim=-1)`) or, with
+  model.bio_constraints, the most probable BIO-legal path of the per-word distributions
+  softmax(emissions / T) (Viterbi over their log-probabilities, no learned transitions). Any model may
+  use it.
 
 A BiLSTM before the emission layer is not a head but the model switch model.bilstm, so it
 combines with either head (bert-bilstm-crf = text_only + bilstm + crf).
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.train.zoo.crf import CRF
+from mner.train.zoo.crf import CRF, allowed_transitions, viterbi
 
 if TYPE_CHECKING:
     from mner.train.engine.config import ModelConfig
@@ -53,12 +56,18 @@ class CRFHead(CRF):
 
 
 class SoftmaxHead(nn.Module):
-    """Independent per-word classification: cross-entropy loss, argmax decode. No parameters."""
+    """Independent per-word classification: cross-entropy loss; argmax decode, or the most probable
+    BIO-legal path with model.bio_constraints. No parameters."""
 
     def __init__(self, cfg: ModelConfig, label_names: Sequence[str]):
         super().__init__()
         self.label_smoothing = cfg.label_smoothing
         self.temperature = cfg.emission_temperature
+        self.constrained = cfg.bio_constraints
+        allowed, start = allowed_transitions(label_names)
+        # Derived from the labels, so not saved in checkpoints (persistent=False), as the CRF's.
+        self.register_buffer("allowed", allowed, persistent=False)
+        self.register_buffer("allowed_start", start, persistent=False)
 
     def loss(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """() mean over the True mask positions of the batch of the word's smoothed cross-entropy.
@@ -75,7 +84,16 @@ class SoftmaxHead(nn.Module):
         weights = mask.to(per_word.dtype)
         return (per_word * weights).sum() / weights.sum().clamp(min=1)  # ()
 
+    @torch.no_grad()
     def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-        """The best label of every True mask position (mask must be a prefix per post)."""
-        best = emissions.argmax(dim=-1)  # (B, T)
-        return [row[: int(n)].tolist() for row, n in zip(best, mask.sum(dim=1))]
+        """The label ids of every True mask position (mask must be a prefix per post): each word's best,
+        or, constrained, the path of legal moves with the highest sum of log-probabilities."""
+        if not self.constrained:
+            best = emissions.argmax(dim=-1)  # (B, T)
+            return [row[: int(n)].tolist() for row, n in zip(best, mask.sum(dim=1))]
+        log_p = F.log_softmax(emissions.float() / self.temperature, dim=-1)  # (B, T, L)
+        zero = log_p.new_zeros(())
+        forbid = log_p.new_tensor(float("-inf"))
+        transitions = torch.where(self.allowed, zero, forbid)  # (L, L)
+        start = torch.where(self.allowed_start, zero, forbid)  # (L,)
+        return viterbi(log_p, mask, transitions, start, log_p.new_zeros(log_p.shape[-1]))

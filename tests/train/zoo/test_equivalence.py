@@ -41,6 +41,10 @@ from tests.train.factories import (
     tiny_spec,
     tiny_tokenizer,
 )
+from tests.train.zoo.test_crf import legal
+from tests.train.zoo.test_zoo import batch_for as zoo_batch
+from tests.train.zoo.test_zoo import build as zoo_build
+from tests.train.zoo.test_zoo import config as zoo_config
 
 TOL = 1e-5
 
@@ -246,6 +250,25 @@ def test_mango_fusion_and_every_loss_term_are_the_originals():
         assert got[f"{name}_loss"].item() == pytest.approx(expected.item(), abs=TOL), name
     total = ce + 0.2 * align + 0.05 * preserve + 0.02 * nce + 0.01 * sparsity
     assert got["loss"].item() == pytest.approx(total.item(), abs=TOL)
+
+
+@pytest.mark.parametrize("name", ["mango", "bert-softmax"])
+def test_the_softmax_models_decode_each_words_argmax_as_mango_does(name):
+    """As their files build them: `emissions.argmax(dim=-1)` (@d3b9439 model.py:514); model.bio_constraints
+    switches to the constrained decode (tested against enumeration in test_heads.py)."""
+    cfg = zoo_config(name, "model.dropout=0.0", "model.image_dropout=0.0")
+    model = zoo_build(cfg).eval()
+    batch = zoo_batch(cfg, n=6)
+    with torch.no_grad():
+        emissions = model._emissions(batch, None)[0]  # (B, T, L)
+    lengths = batch["word_mask"].sum(dim=1).tolist()
+    argmax = [emissions[b, :n].argmax(-1).tolist() for b, n in enumerate(lengths)]
+    assert [path[:n] for path, n in zip(model.decode(batch), lengths)] == argmax
+    assert any(not legal(LABELS, path) for path in argmax)  # so a constrained decode would differ
+    model.head.constrained = True
+    assert [path[:n] for path, n in zip(model.decode(batch), lengths)] == model.head.decode(
+        emissions, batch["word_mask"]
+    )
 
 
 # ------------------------------------- AFNER (liguochun0304/AFDVQF@e0b3496) and AFDVQF (@034b93f)

@@ -1,5 +1,6 @@
 """Every head of registry.HEADS: a scalar batch loss and a decode as long as each post's mask."""
 
+import itertools
 import math
 import re
 
@@ -8,6 +9,7 @@ import torch
 
 from mner.train.zoo.registry import HEADS
 from tests.train.factories import LABELS, tiny_config
+from tests.train.zoo.test_crf import legal
 
 
 @pytest.mark.parametrize("name", HEADS.names)
@@ -42,8 +44,10 @@ def test_crf_head_is_the_crf():
 def test_softmax_head_is_smoothed_cross_entropy_by_hand(smoothing, temperature):
     """Per word: -(1 - s) log p(gold) - s/L sum_l log p(l), p = softmax(emissions / temperature);
     averaged over every word of the batch (MANGO's `(ce * mask).sum() / mask.sum()`), so a long post
-    weighs by its words, not as one post. Decode is the per-word argmax."""
-    cfg = tiny_config(head="softmax", label_smoothing=smoothing, emission_temperature=temperature)
+    weighs by its words, not as one post. Decode without BIO constraints is the per-word argmax."""
+    cfg = tiny_config(
+        head="softmax", label_smoothing=smoothing, emission_temperature=temperature, bio_constraints=False
+    )
     head = HEADS.get("softmax")(cfg, LABELS)
     torch.manual_seed(1)
     B, T, L = 2, 4, len(LABELS)
@@ -79,3 +83,23 @@ def test_softmax_head_is_smoothed_cross_entropy_by_hand(smoothing, temperature):
 def test_softmax_knobs_are_refused_where_they_would_do_nothing(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         tiny_config(**changes)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("seed", range(3))
+def test_constrained_softmax_decode_is_the_most_probable_legal_path(seed, temperature):
+    """model.bio_constraints on a softmax head: the legal path with the highest product of the per-word
+    probabilities softmax(emissions / T), found here by enumerating every path."""
+    head = HEADS.get("softmax")(tiny_config(head="softmax", emission_temperature=temperature), LABELS)
+    torch.manual_seed(seed)
+    emissions = torch.randn(3, 4, len(LABELS)) * 3  # (B, T, L)
+    emissions[:, :, 2] += 2.0  # I-LOC often each word's best: its argmax path is often illegal
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    log_p = torch.log_softmax(emissions / temperature, dim=-1)
+    decoded = head.decode(emissions, mask)
+    for b, length in enumerate([4, 3, 1]):
+        paths = [p for p in itertools.product(range(len(LABELS)), repeat=length) if legal(LABELS, p)]
+        best = max(paths, key=lambda p: sum(log_p[b, t, tag].item() for t, tag in enumerate(p)))
+        assert decoded[b] == list(best)
+    argmax = [emissions[b, :n].argmax(-1).tolist() for b, n in enumerate([4, 3, 1])]
+    assert any(not legal(LABELS, path) for path in argmax)  # the constraint had something to repair
