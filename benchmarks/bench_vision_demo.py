@@ -10,25 +10,35 @@ for each (model, seed) the paired bootstrap of `mner results` of the trained run
 one (dF1 in points, CI95, p).
 
     python benchmarks/bench_vision_demo.py                    # seeds 1 2, into a temporary folder
-    python benchmarks/bench_vision_demo.py --out /tmp/vd --seeds 1 2 --threads 2
+    python benchmarks/bench_vision_demo.py --out /tmp/vd --seeds 1 2 --threads 2 --models mango
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (model, epochs, extra options) as run_pipeline.sh's DEMO_RUNS give them.
-MODELS = {
-    "mango": (3, ["--set", "model.gate_alpha_init=1.0", "--set", "model.gate_bias_init=0.0",
-                  "--set", "train.grad_accum=1"]),
-    "ifaformer": (3, ["--set", "train.batch_size=16"]),
-}  # fmt: skip
+MODELS = ("mango", "ifaformer")
+
+
+def demo_runs() -> dict[str, tuple[int, list[str]]]:
+    """{model: (epochs, extra options)} as run_pipeline.sh's DEMO_RUNS rows give them (its one copy)."""
+    script = (ROOT / "run_pipeline.sh").read_text(encoding="utf-8")
+    rows = re.search(r"^DEMO_RUNS=\((.*?)^\)", script, re.S | re.M)
+    if rows is None:
+        sys.exit("run_pipeline.sh has no DEMO_RUNS=( ... ) table")
+    runs = {}
+    for row in re.findall(r'^\s*"([^"]+)"', rows.group(1), re.M):
+        _, model, epochs, *extra = shlex.split(row)
+        runs[model] = (int(epochs), extra)
+    return runs
 
 
 def mner(*args: str) -> str:
@@ -45,7 +55,9 @@ def main() -> None:
     parser.add_argument("--out", help="work folder (default: a temporary one)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
+    settings = demo_runs()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         data, cache = out / "data", out / "cache"
@@ -53,7 +65,8 @@ def main() -> None:
         mner("extract-features", "--data-dir", str(data), "--clip", "demo-clip", "--detector", "tiny-frcnn",
              "--vision-trainable-blocks", "6", "--out", str(cache))  # fmt: skip
         rows = []
-        for model, (epochs, extra) in MODELS.items():
+        for model in args.models:
+            epochs, extra = settings[model]
             for seed in args.seeds:
                 runs = {}
                 for arm, blocks in (
