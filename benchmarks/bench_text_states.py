@@ -12,14 +12,20 @@ model) reads it. Measured per run:
                  line to its "train: frozen text states read from" line (train split only), and the same
                  for valid
     cache MiB    the text-state folders of that N on disk
+    legal F1     a softmax-head model (mango, bert-softmax decode each word's argmax): its best model's
+                 dev F1 decoded again with model.bio_constraints, the most probable BIO-legal path
 
-A multimodal model needs a feature cache: the folder's images are extracted once with the tiny presets
-(on the shared Twitter data every image is missing, so the multimodal model trains as text alone in
-effect, and says so; its step still runs its fusion over the empty visual tokens).
+A multimodal model needs a feature cache: the folder's images are extracted once with the untrained
+demo-clip (MiniLM's shape, so IFAformer's towers pair with it), storing its embedding output (MANGO's
+last 2 blocks and IFAformer's tower train from it), and tiny-frcnn. On the shared Twitter data every
+image is missing, so the multimodal model trains as text alone in effect, and says so. Every run trains
+all its epochs (train.patience = epochs, at least the default 3).
 
     python benchmarks/bench_text_states.py --data ../shared/data/twitter2017 --epochs 1 --seeds 1
     python benchmarks/bench_text_states.py --data ../shared/data/twitter2017 --models bert-crf afdvqf \\
         --frozen 0 2 4 5 --epochs 2 --seeds 1 2
+    python benchmarks/bench_text_states.py --data ../shared/data/twitter2017 --models bert-crf \\
+        bert-bilstm-crf bert-softmax afdvqf mango ifaformer --frozen 0 --epochs 10 --seeds 1 --threads 1
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mner.train.engine.config_files import load_run_config
+
 
 def run(command: list[str], env: dict) -> tuple[int, list[tuple[float, str]]]:
     """Run `command`, returning its exit code and every output line with the seconds it arrived at."""
@@ -47,6 +55,31 @@ def between(lines: list[tuple[float, str]], first: str, then: str) -> float | No
     starts = [t for t, line in lines if first in line]
     ends = [t for t, line in lines if then in line]
     return ends[0] - starts[0] if starts and ends else None
+
+
+def legal_path_f1(run_dir: Path, data_dir: Path, cache_dir: Path | None) -> float:
+    """Dev micro F1 of a finished run's best model decoded with BIO constraints (a softmax head)."""
+    import torch
+
+    from mner.cache.datasets import resolve_data
+    from mner.cache.reader import CacheReader
+    from mner.runtime import resolve_runtime
+    from mner.train.engine.data import make_loader
+    from mner.train.engine.metrics import entity_scores
+    from mner.train.engine.run_files import read_record, run_config
+    from mner.train.engine.runs import load_run_model
+
+    record = read_record(run_dir)
+    cfg, labels = run_config(record), record["label_names"]
+    model, tokenizer = load_run_model(run_dir, record, resolve_runtime("cpu", "off"))
+    model.head.constrained = True
+    split = resolve_data(data_dir=data_dir).read("valid")
+    reader = None if cfg.model.text_only else CacheReader(cache_dir)
+    predicted = []
+    with torch.no_grad():
+        for batch in make_loader(split, reader, tokenizer, labels, cfg.model, cfg.train, shuffle=False):
+            predicted.extend([labels[i] for i in ids] for ids in model.decode(batch))
+    return entity_scores([list(post.tags) for post in split.posts], predicted)["micro"]["f1"]
 
 
 def folder_mib(folder: Path) -> float:
@@ -74,22 +107,24 @@ def main() -> None:
             (data / name).write_bytes((Path(args.data) / name).read_bytes())
         cache = work / "cache"
         if any(model != "bert-crf" for model in args.models):
-            rc, lines = run([*mner, "extract-features", "--data-dir", str(data), "--clip", "tiny-clip",
-                             "--detector", "tiny-frcnn", "--out", str(cache)], env)  # fmt: skip
+            rc, lines = run([*mner, "extract-features", "--data-dir", str(data), "--clip", "demo-clip",
+                             "--detector", "tiny-frcnn", "--vision-trainable-blocks", "6", "--out", str(cache)],
+                            env)  # fmt: skip
             if rc != 0:
                 sys.exit("\n".join(line for _, line in lines[-20:]))
         rows = []
         for frozen in args.frozen:
             before = set((work / "text-states").glob("*")) if (work / "text-states").exists() else set()
             for model in args.models:
-                epochs, f1s, builds = [], [], {}
+                epochs, f1s, legal, builds = [], [], [], {}
+                softmax = load_run_config(model=model)[0].head == "softmax"
                 for seed in args.seeds:
                     out = work / "runs" / f"{model}-{frozen}-{seed}"
                     source = ["--text-only"] if model == "bert-crf" else ["--cache", str(cache)]
                     command = [*mner, "train-from-cache", "--model", model, "--data-dir", str(data), *source,
                                "--epochs", str(args.epochs), "--seed", str(seed), "--threads", str(args.threads),
                                "--set", f"model.text_frozen_layers={frozen}", "--set", "train.device=cpu",
-                               "--out", str(out)]  # fmt: skip
+                               "--set", f"train.patience={max(3, args.epochs)}", "--out", str(out)]  # fmt: skip
                     rc, lines = run(command, env)
                     if rc != 0:
                         sys.exit(
@@ -103,12 +138,15 @@ def main() -> None:
                     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
                     epochs.append(statistics.mean(m["seconds"] for m in metrics))
                     f1s.append(json.loads((out / "results.json").read_text())["valid"]["micro"]["f1"])
+                    if softmax:
+                        legal.append(legal_path_f1(out, data, None if model == "bert-softmax" else cache))
                 rows.append(
                     {
                         "model": model,
                         "N": frozen,
                         "epoch": statistics.mean(epochs),
                         "f1": f1s,
+                        "legal": legal,
                         "builds": builds,
                     }
                 )
@@ -116,15 +154,19 @@ def main() -> None:
             rows[-1]["mib"] = sum(folder_mib(f) for f in after - before)
     base = {row["model"]: row["epoch"] for row in rows if row["N"] == 0}
     print(f"{args.data}: {args.epochs} epoch(s), seeds {args.seeds}, threads {args.threads or 'auto'}")
-    print("| model | N | epoch s | x N=0 | dev F1 (each seed) | mean | build s (train / valid) | cache MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | N | epoch s | x N=0 | dev F1 (each seed) | mean | legal F1 | build s (train / valid) "
+        "| cache MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ratio = f"{row['epoch'] / base[row['model']]:.2f}" if row["model"] in base else "-"
         each = " / ".join(f"{100 * f:.2f}" for f in row["f1"])
         build = " / ".join(f"{row['builds'][s]:.1f}" for s in ("train", "valid") if s in row["builds"]) or "-"
         mib = f"{row['mib']:.0f}" if row.get("mib") else "-"
+        legal = f"{100 * statistics.mean(row['legal']):.2f}" if row["legal"] else "-"
         print(f"| {row['model']} | {row['N']} | {row['epoch']:.1f} | {ratio} | {each} | "
-              f"{100 * statistics.mean(row['f1']):.2f} | {build} | {mib} |")  # fmt: skip
+              f"{100 * statistics.mean(row['f1']):.2f} | {legal} | {build} | {mib} |")  # fmt: skip
 
 
 if __name__ == "__main__":
