@@ -36,18 +36,23 @@ def allowed_transitions(label_names: Sequence[str]) -> tuple[torch.Tensor, torch
     return allowed, start
 
 
+def register_bio_masks(module: nn.Module, label_names: Sequence[str], constrained: bool = True) -> None:
+    """Give `module` the buffers `allowed` (L, L) and `allowed_start` (L,) of `allowed_transitions` (all
+    True when not `constrained`), for `viterbi`; derived from the labels, so not saved in checkpoints."""
+    allowed, start = allowed_transitions(label_names)
+    if not constrained:
+        allowed, start = torch.ones_like(allowed), torch.ones_like(start)
+    module.register_buffer("allowed", allowed, persistent=False)
+    module.register_buffer("allowed_start", start, persistent=False)
+
+
 class CRF(nn.Module):
     """CRF over label ids; `nll` for training, `decode` (Viterbi) for prediction."""
 
     def __init__(self, label_names: Sequence[str], bio_constraints: bool = True):
         super().__init__()
         self.crf = torchcrf.CRF(len(label_names), batch_first=True)
-        allowed, start = allowed_transitions(label_names)
-        if not bio_constraints:
-            allowed, start = torch.ones_like(allowed), torch.ones_like(start)
-        # Derived from the labels, so not saved in checkpoints (persistent=False).
-        self.register_buffer("allowed", allowed, persistent=False)
-        self.register_buffer("allowed_start", start, persistent=False)
+        register_bio_masks(self, label_names, bio_constraints)
 
     def nll(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of the gold tags, per post.
@@ -64,10 +69,11 @@ class CRF(nn.Module):
     def decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
         """Viterbi (see `viterbi`) under the learned transitions, BIO-illegal moves forbidden when
         constrained: the best tag path of each post, as long as its True mask prefix."""
-        forbid = torch.tensor(float("-inf"), dtype=emissions.dtype, device=emissions.device)
-        transitions = torch.where(self.allowed, self.crf.transitions, forbid)  # (L, L)
-        start = torch.where(self.allowed_start, self.crf.start_transitions, forbid)  # (L,)
-        return viterbi(emissions, mask, transitions, start, self.crf.end_transitions)
+        crf = self.crf
+        return viterbi(
+            emissions, mask, crf.transitions, crf.start_transitions, crf.end_transitions, self.allowed,
+            self.allowed_start,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -77,19 +83,24 @@ def viterbi(
     transitions: torch.Tensor,
     start: torch.Tensor,
     end: torch.Tensor,
+    allowed: torch.Tensor,
+    allowed_start: torch.Tensor,
 ) -> list[list[int]]:
-    """The best tag path of each post: argmax over paths of start[y_1] + sum_t emissions[t, y_t] +
-    sum_t transitions[y_{t-1}, y_t] + end[y_n]; a -inf score forbids a move.
+    """The best tag path of each post among those whose moves `allowed` and `allowed_start` permit
+    (`register_bio_masks`): argmax of start[y_1] + sum_t emissions[t, y_t] + sum_t transitions[y_{t-1},
+    y_t] + end[y_n].
 
     Args:
         emissions: (B, T, L); mask: (B, T) bool, a prefix of True per post (mask[:, 0] may be False
             for a post with no word; it decodes to []); transitions (L, L), [i, j] for i -> j;
-            start (L,) and end (L,).
+            start (L,) and end (L,); allowed (L, L) and allowed_start (L,) bool.
     Returns:
         B lists of label ids, each as long as the post's True mask prefix.
     """
     B, T, L = emissions.shape
-    score = start + emissions[:, 0]  # (B, L)
+    forbid = torch.tensor(float("-inf"), dtype=emissions.dtype, device=emissions.device)
+    transitions = torch.where(allowed, transitions, forbid)  # (L, L)
+    score = torch.where(allowed_start, start, forbid) + emissions[:, 0]  # (B, L)
     backpointers = []
     for t in range(1, T):
         # candidates[b, i, j]: best path ending in i at t-1, then moving to j at t.

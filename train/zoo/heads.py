@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.train.zoo.crf import CRF, allowed_transitions, viterbi
+from mner.train.zoo.crf import CRF, register_bio_masks, viterbi
 
 if TYPE_CHECKING:
     from mner.train.engine.config import ModelConfig
@@ -63,11 +63,10 @@ class SoftmaxHead(nn.Module):
         super().__init__()
         self.label_smoothing = cfg.label_smoothing
         self.temperature = cfg.emission_temperature
+        # The decode reads the masks only when constrained; they are BIO's either way, so that a loaded
+        # model can be decoded constrained by setting this flag (bench_text_states does).
         self.constrained = cfg.bio_constraints
-        allowed, start = allowed_transitions(label_names)
-        # Derived from the labels, so not saved in checkpoints (persistent=False), as the CRF's.
-        self.register_buffer("allowed", allowed, persistent=False)
-        self.register_buffer("allowed_start", start, persistent=False)
+        register_bio_masks(self, label_names)
 
     def loss(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """() mean over the True mask positions of the batch of the word's smoothed cross-entropy.
@@ -92,8 +91,6 @@ class SoftmaxHead(nn.Module):
             best = emissions.argmax(dim=-1)  # (B, T)
             return [row[: int(n)].tolist() for row, n in zip(best, mask.sum(dim=1))]
         log_p = F.log_softmax(emissions.float() / self.temperature, dim=-1)  # (B, T, L)
-        zero = log_p.new_zeros(())
-        forbid = log_p.new_tensor(float("-inf"))
-        transitions = torch.where(self.allowed, zero, forbid)  # (L, L)
-        start = torch.where(self.allowed_start, zero, forbid)  # (L,)
-        return viterbi(log_p, mask, transitions, start, log_p.new_zeros(log_p.shape[-1]))
+        L = log_p.shape[-1]
+        free = log_p.new_zeros(L)  # no start, move or end score: only the masks shape the path
+        return viterbi(log_p, mask, log_p.new_zeros(L, L), free, free, self.allowed, self.allowed_start)
