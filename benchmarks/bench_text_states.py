@@ -57,29 +57,23 @@ def between(lines: list[tuple[float, str]], first: str, then: str) -> float | No
     return ends[0] - starts[0] if starts and ends else None
 
 
-def legal_path_f1(run_dir: Path, data_dir: Path, cache_dir: Path | None) -> float:
-    """Dev micro F1 of a finished run's best model decoded with BIO constraints (a softmax head)."""
-    import torch
-
+def legal_path_f1(run_dir: Path, data_dir: Path) -> float:
+    """Dev micro F1 of a finished run's best model (a softmax head) decoded with BIO constraints."""
     from mner.cache.datasets import resolve_data
     from mner.cache.reader import CacheReader
     from mner.runtime import resolve_runtime
-    from mner.train.engine.data import make_loader
-    from mner.train.engine.metrics import entity_scores
+    from mner.train.engine.decode import decode_and_score
     from mner.train.engine.run_files import read_record, run_config
     from mner.train.engine.runs import load_run_model
 
     record = read_record(run_dir)
-    cfg, labels = run_config(record), record["label_names"]
-    model, tokenizer = load_run_model(run_dir, record, resolve_runtime("cpu", "off"))
+    cfg, runtime = run_config(record), resolve_runtime("cpu", "off")
+    model, tokenizer = load_run_model(run_dir, record, runtime)
     model.head.constrained = True
     split = resolve_data(data_dir=data_dir).read("valid")
-    reader = None if cfg.model.text_only else CacheReader(cache_dir)
-    predicted = []
-    with torch.no_grad():
-        for batch in make_loader(split, reader, tokenizer, labels, cfg.model, cfg.train, shuffle=False):
-            predicted.extend([labels[i] for i in ids] for ids in model.decode(batch))
-    return entity_scores([list(post.tags) for post in split.posts], predicted)["micro"]["f1"]
+    reader = None if cfg.model.text_only else CacheReader(record["cache"]["dir"])
+    _, scores = decode_and_score(model, split, reader, tokenizer, record["label_names"], cfg, runtime)
+    return scores["micro"]["f1"]
 
 
 def folder_mib(folder: Path) -> float:
@@ -139,7 +133,7 @@ def main() -> None:
                     epochs.append(statistics.mean(m["seconds"] for m in metrics))
                     f1s.append(json.loads((out / "results.json").read_text())["valid"]["micro"]["f1"])
                     if softmax:
-                        legal.append(legal_path_f1(out, data, None if model == "bert-softmax" else cache))
+                        legal.append(legal_path_f1(out, data))
                 rows.append(
                     {
                         "model": model,
